@@ -1,0 +1,10 @@
+//! Pieces every daemon of the project shares, so that they behave alike.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod daemon;
+pub mod grpc;
+pub mod units;
+
+pub use config::{ConfigError, SourceFile};
+pub use units::{Duration, Size};
