@@ -1,0 +1,1 @@
+//! fdkeeper (stub until its issue lands).

@@ -1,0 +1,3 @@
+//! The fdkeeper binary.
+
+fn main() {}

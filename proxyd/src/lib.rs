@@ -1,0 +1,1 @@
+//! proxyd (stub until its issue lands).

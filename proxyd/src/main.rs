@@ -1,0 +1,3 @@
+//! The proxyd binary.
+
+fn main() {}

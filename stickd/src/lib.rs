@@ -1,0 +1,1 @@
+//! stickd (stub until its issue lands).

@@ -1,0 +1,3 @@
+//! The stickd binary.
+
+fn main() {}

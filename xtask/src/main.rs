@@ -1,0 +1,3 @@
+//! cargo xtask: test, e2e, demo, bench.
+
+fn main() {}
