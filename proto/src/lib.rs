@@ -30,3 +30,10 @@ pub mod proxyd {
         }
     }
 }
+
+/// stickd's local API (proxyd, operators) and its peer replication protocol.
+pub mod stick {
+    pub mod v1 {
+        tonic::include_proto!("stick.v1");
+    }
+}
