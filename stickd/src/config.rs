@@ -1,0 +1,383 @@
+//! stickd.toml: storage, sockets, peers and table definitions, validated before anything is bound.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::config::Spanned;
+use common::{ConfigError, SourceFile};
+use serde::Deserialize;
+
+/// The file as written. Only [`Config`] (validated) leaves this module.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    data_dir: PathBuf,
+    /// Local gRPC unix socket (proxyd and operators).
+    socket: PathBuf,
+    /// Peer gRPC listen address; defaults to the local peer's own `address`.
+    listen: Option<Spanned<String>>,
+    /// How often sled flushes to disk (the durability window).
+    #[serde(default = "default_flush")]
+    flush_interval: common::Duration,
+    /// How many of our own changes the log keeps for incremental catch-up.
+    #[serde(default = "default_log_keep")]
+    log_keep: u64,
+    #[serde(default = "default_heartbeat")]
+    heartbeat: common::Duration,
+    #[serde(default)]
+    peers: Vec<RawPeer>,
+    #[serde(default)]
+    tables: Vec<RawTable>,
+    tls: Option<Tls>,
+}
+
+fn default_flush() -> common::Duration {
+    common::Duration(Duration::from_millis(500))
+}
+fn default_log_keep() -> u64 {
+    1_000_000
+}
+fn default_heartbeat() -> common::Duration {
+    common::Duration(Duration::from_secs(1))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: Spanned<String>,
+    address: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    name: Spanned<String>,
+    #[serde(rename = "type")]
+    kind: Spanned<String>,
+    len: Option<Spanned<u32>>,
+    size: Spanned<common::Size>,
+    expire: Spanned<common::Duration>,
+}
+
+/// mTLS between peers: our certificate and key, and the CA that signs every peer's certificate.
+/// Client certificates are required.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// Key type of a table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KeyType {
+    Ip,
+    Ipv6,
+    Integer,
+    /// Text of at most `len` bytes.
+    String { len: u32 },
+}
+
+impl KeyType {
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyType::Ip => "ip",
+            KeyType::Ipv6 => "ipv6",
+            KeyType::Integer => "integer",
+            KeyType::String { .. } => "string",
+        }
+    }
+
+    pub fn len(self) -> u32 {
+        match self {
+            KeyType::String { len } => len,
+            _ => 0,
+        }
+    }
+}
+
+/// One stick table's definition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableDef {
+    pub name: String,
+    pub key: KeyType,
+    /// Maximum number of entries (tombstones included); the nearest to expiry go first.
+    pub size: u64,
+    pub expire: Duration,
+}
+
+impl TableDef {
+    /// The definition as HAProxy would write it, for mismatch reports.
+    pub fn describe(&self) -> String {
+        let len = match self.key {
+            KeyType::String { len } => format!(" len {len}"),
+            _ => String::new(),
+        };
+        format!(
+            "type {}{len} size {} expire {}",
+            self.key.name(),
+            self.size,
+            common::Duration(self.expire)
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    /// `host:port` as written (resolved at connect time).
+    pub address: String,
+}
+
+/// A validated configuration, with the local peer's name resolved.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub local: String,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    pub listen: SocketAddr,
+    pub flush_interval: Duration,
+    pub log_keep: u64,
+    pub heartbeat: Duration,
+    /// Every other peer (the local one excluded).
+    pub peers: Vec<Peer>,
+    pub tables: Vec<TableDef>,
+    pub tls: Option<Tls>,
+}
+
+impl Config {
+    /// Reads and validates `path`; `local` overrides the hostname as the local peer's name.
+    pub fn load(path: &Path, local: Option<&str>) -> Result<Config, ConfigError> {
+        let src = SourceFile::read(path)?;
+        Self::from_source(&src, local)
+    }
+
+    /// Parses and validates a config already read (tests, xtask).
+    pub fn from_source(src: &SourceFile, local: Option<&str>) -> Result<Config, ConfigError> {
+        let raw: Raw = src.parse()?;
+        let local = match local {
+            Some(l) => l.to_owned(),
+            None => hostname().map_err(|e| {
+                src.error(format!("cannot read the hostname for the local peer name: {e}"))
+            })?,
+        };
+        validate(src, raw, local)
+    }
+
+    pub fn table(&self, name: &str) -> Option<&TableDef> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+}
+
+fn hostname() -> std::io::Result<String> {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    Ok(h.trim().to_owned())
+}
+
+fn validate(src: &SourceFile, raw: Raw, local: String) -> Result<Config, ConfigError> {
+    if raw.data_dir.as_os_str().is_empty() {
+        return Err(src.error("data_dir must not be empty"));
+    }
+    if raw.socket.as_os_str().is_empty() {
+        return Err(src.error("socket must not be empty"));
+    }
+    if raw.flush_interval.0.is_zero() {
+        return Err(src.error("flush_interval must be above zero"));
+    }
+    if raw.heartbeat.0.is_zero() {
+        return Err(src.error("heartbeat must be above zero"));
+    }
+    if raw.log_keep < 1000 {
+        return Err(src.error("log_keep must be at least 1000"));
+    }
+    let mut names = HashSet::new();
+    let mut peers = Vec::new();
+    let mut own_address = None;
+    for p in raw.peers {
+        let name = p.name.get_ref().trim();
+        if name.is_empty() || name.len() > 64 {
+            return Err(src.error_at(p.name.span(), "peer name must be 1 to 64 characters"));
+        }
+        if !names.insert(name.to_owned()) {
+            return Err(src.error_at(p.name.span(), format!("peer '{name}' is defined twice")));
+        }
+        let address = p.address.get_ref().trim();
+        if address.rsplit_once(':').is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err()) {
+            return Err(src.error_at(
+                p.address.span(),
+                format!("peer address '{address}' is not host:port"),
+            ));
+        }
+        if name == local {
+            own_address = Some((address.to_owned(), p.address.span()));
+        } else {
+            peers.push(Peer {
+                name: name.to_owned(),
+                address: address.to_owned(),
+            });
+        }
+    }
+    let Some((own_address, own_span)) = own_address else {
+        let known: Vec<_> = names.into_iter().collect();
+        return Err(src.error(format!(
+            "local peer '{local}' is not among the configured peers ({}); pass -L NAME",
+            if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+        )));
+    };
+    let listen = match &raw.listen {
+        Some(l) => l
+            .get_ref()
+            .parse::<SocketAddr>()
+            .map_err(|e| src.error_at(l.span(), format!("listen '{}': {e}", l.get_ref())))?,
+        None => own_address.parse::<SocketAddr>().map_err(|e| {
+            src.error_at(
+                own_span,
+                format!("local peer address '{own_address}' is not an IP:port ({e}); set listen"),
+            )
+        })?,
+    };
+    let mut tables = Vec::new();
+    let mut table_names = HashSet::new();
+    for t in raw.tables {
+        let name = t.name.get_ref().trim().to_owned();
+        if name.is_empty() || name.len() > 128 {
+            return Err(src.error_at(t.name.span(), "table name must be 1 to 128 characters"));
+        }
+        if !table_names.insert(name.clone()) {
+            return Err(src.error_at(t.name.span(), format!("table '{name}' is defined twice")));
+        }
+        let key = match (t.kind.get_ref().as_str(), &t.len) {
+            ("string", Some(len)) if (1..=4096).contains(len.get_ref()) => KeyType::String {
+                len: *len.get_ref(),
+            },
+            ("string", Some(len)) => {
+                return Err(src.error_at(len.span(), "len must be between 1 and 4096"));
+            }
+            ("string", None) => KeyType::String { len: 32 },
+            (_, Some(len)) => {
+                return Err(src.error_at(len.span(), "len applies to string tables only"));
+            }
+            ("ip", None) => KeyType::Ip,
+            ("ipv6", None) => KeyType::Ipv6,
+            ("integer", None) => KeyType::Integer,
+            (other, None) => {
+                return Err(src.error_at(
+                    t.kind.span(),
+                    format!("unknown table type '{other}' (expected ip, ipv6, integer or string)"),
+                ));
+            }
+        };
+        let size = t.size.get_ref().0;
+        if size == 0 {
+            return Err(src.error_at(t.size.span(), "size must be above zero"));
+        }
+        let expire = t.expire.get_ref().0;
+        if expire < Duration::from_millis(1) {
+            return Err(src.error_at(t.expire.span(), "expire must be at least 1ms"));
+        }
+        tables.push(TableDef {
+            name,
+            key,
+            size,
+            expire,
+        });
+    }
+    if let Some(tls) = &raw.tls {
+        for (what, p) in [("cert", &tls.cert), ("key", &tls.key), ("ca", &tls.ca)] {
+            if !p.is_file() {
+                return Err(src.error(format!("tls.{what} '{}' is not a readable file", p.display())));
+            }
+        }
+    }
+    Ok(Config {
+        path: src.path.clone(),
+        local,
+        data_dir: raw.data_dir,
+        socket: raw.socket,
+        listen,
+        flush_interval: raw.flush_interval.0,
+        log_keep: raw.log_keep,
+        heartbeat: raw.heartbeat.0,
+        peers,
+        tables,
+        tls: raw.tls,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+data_dir = "/tmp/x"
+socket = "/tmp/x.sock"
+
+[[peers]]
+name = "a"
+address = "127.0.0.1:10000"
+
+[[peers]]
+name = "b"
+address = "127.0.0.2:10000"
+
+[[tables]]
+name = "web"
+type = "string"
+len = 32
+size = "5k"
+expire = "5m"
+"#;
+
+    fn load(text: &str, local: &str) -> Result<Config, ConfigError> {
+        Config::from_source(&SourceFile::from_text("s.toml", text), Some(local))
+    }
+
+    #[test]
+    fn good_config_resolves_local_peer_and_listen() {
+        let c = load(GOOD, "a").expect("valid");
+        assert_eq!(c.local, "a");
+        assert_eq!(c.listen, "127.0.0.1:10000".parse().expect("addr"));
+        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.peers[0].name, "b");
+        assert_eq!(c.tables[0].size, 5120);
+        assert_eq!(c.tables[0].key, KeyType::String { len: 32 });
+        assert_eq!(c.tables[0].expire, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn unknown_local_peer_is_refused() {
+        let err = load(GOOD, "zz").expect_err("zz is not a peer");
+        assert!(err.to_string().contains("local peer 'zz'"), "{err}");
+    }
+
+    #[test]
+    fn bad_type_names_its_line() {
+        let text = GOOD.replace("\"string\"", "\"float\"").replace("len = 32\n", "");
+        let err = load(&text, "a").expect_err("bad type");
+        assert_eq!(err.at.map(|a| a.0), Some(15), "{err}");
+        assert!(err.reason.contains("float"), "{err}");
+    }
+
+    #[test]
+    fn len_on_ip_table_is_refused() {
+        let err = load(&GOOD.replace("\"string\"", "\"ip\""), "a").expect_err("len on ip");
+        assert!(err.reason.contains("len applies"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let err = load(&format!("{GOOD}\nbogus = 1\n"), "a").expect_err("unknown key");
+        assert!(err.reason.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_peer_is_refused() {
+        let text = GOOD.replace("name = \"b\"", "name = \"a\"");
+        let err = load(&text, "a").expect_err("duplicate");
+        assert!(err.reason.contains("twice"), "{err}");
+    }
+}

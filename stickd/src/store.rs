@@ -1,0 +1,1195 @@
+//! The stick tables: in-memory maps backed by sled, the local change log, LWW merge and expiry.
+//!
+//! Every table lives twice: a `HashMap` that answers reads and a sled tree that survives restarts.
+//! Local changes get a sequence number in the `log` tree (what peers replay); remote changes are
+//! merged by last-writer-wins on (HLC version, origin name) and are not logged again, because every
+//! node pushes only its own changes to every other node (full mesh).
+//!
+//! Durability: sled is flushed every `flush_interval` (500 ms by default) and on shutdown, so a
+//! kill -9 loses at most the writes of the last flush interval plus the flush itself (well under
+//! a second); anything written a second before the kill is on disk.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use proto::stick::v1 as pb;
+use tokio::sync::{broadcast, watch};
+
+use crate::config::{Config, KeyType, TableDef};
+use crate::hlc::Hlc;
+
+/// Entries a watcher may fall behind before it is cut off (and must watch again).
+const WATCH_BUFFER: usize = 16 * 1024;
+/// Longest server name we accept (it is stored with a one-byte length elsewhere in the mesh).
+const MAX_SERVER_LEN: usize = 255;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unknown table '{0}'")]
+    UnknownTable(String),
+    #[error("table '{table}': key '{key}' is not {expected}")]
+    BadKey {
+        table: String,
+        key: String,
+        expected: &'static str,
+    },
+    #[error("table '{table}': key of {len} bytes is longer than the table's len {max} (keys are refused, not truncated)")]
+    KeyTooLong { table: String, len: usize, max: u32 },
+    #[error("table '{table}': key '{key}': {reason}")]
+    BadServer {
+        table: String,
+        key: String,
+        reason: &'static str,
+    },
+    #[error("empty request: {0}")]
+    Empty(&'static str),
+    #[error("storage: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt record in {what}: {reason}")]
+    Corrupt { what: String, reason: String },
+    #[error("the change log no longer holds sequence {0}")]
+    LogGap(u64),
+}
+
+/// What watchers receive: a batch of entries as applied, or a clear.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Changes {
+        table: Arc<str>,
+        entries: Vec<pb::Entry>,
+    },
+    Cleared(pb::TableCleared),
+}
+
+impl Event {
+    pub fn table(&self) -> &str {
+        match self {
+            Event::Changes { table, .. } => table,
+            Event::Cleared(c) => &c.table,
+        }
+    }
+}
+
+/// One entry in memory (the key is the map's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rec {
+    server: String,
+    expires: i64,
+    version: u64,
+    origin: Arc<str>,
+    deleted: bool,
+}
+
+impl Rec {
+    fn to_pb(&self, key: &str, now: i64) -> pb::Entry {
+        pb::Entry {
+            key: key.to_owned(),
+            server: self.server.clone(),
+            expires_unix_ms: self.expires,
+            version: self.version,
+            origin: self.origin.to_string(),
+            deleted: self.deleted,
+            expires_in_ms: self.expires - now,
+        }
+    }
+
+    /// (version, origin): the LWW order. Equal means the very same write.
+    fn newer_than(&self, other: &Rec) -> std::cmp::Ordering {
+        (self.version, &*self.origin).cmp(&(other.version, &*other.origin))
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(18 + self.origin.len() + self.server.len());
+        v.extend_from_slice(&self.version.to_be_bytes());
+        v.extend_from_slice(&self.expires.to_be_bytes());
+        v.push(u8::from(self.deleted));
+        // Origin names are at most 64 bytes (config), so one length byte is enough.
+        v.push(self.origin.len().min(255) as u8);
+        v.extend_from_slice(&self.origin.as_bytes()[..self.origin.len().min(255)]);
+        v.extend_from_slice(self.server.as_bytes());
+        v
+    }
+
+    fn decode(b: &[u8]) -> Result<Rec, String> {
+        if b.len() < 18 {
+            return Err(format!("{} bytes, expected at least 18", b.len()));
+        }
+        let version = u64::from_be_bytes(b[0..8].try_into().map_err(|_| "version")?);
+        let expires = i64::from_be_bytes(b[8..16].try_into().map_err(|_| "expiry")?);
+        let deleted = b[16] != 0;
+        let olen = usize::from(b[17]);
+        let origin = b
+            .get(18..18 + olen)
+            .ok_or("origin runs past the record")?;
+        let server = &b[18 + olen..];
+        Ok(Rec {
+            server: String::from_utf8(server.to_vec()).map_err(|e| e.to_string())?,
+            expires,
+            version,
+            origin: Arc::from(std::str::from_utf8(origin).map_err(|e| e.to_string())?),
+            deleted,
+        })
+    }
+}
+
+struct Table {
+    def: TableDef,
+    tree: sled::Tree,
+    entries: HashMap<String, Rec>,
+    by_expiry: BTreeSet<(i64, String)>,
+    live: u64,
+    cleared_version: u64,
+    cleared_origin: String,
+}
+
+impl Table {
+    fn remove(&mut self, key: &str) -> Result<Option<Rec>, sled::Error> {
+        let old = self.entries.remove(key);
+        if let Some(o) = &old {
+            self.by_expiry.remove(&(o.expires, key.to_owned()));
+            if !o.deleted {
+                self.live -= 1;
+            }
+            self.tree.remove(key.as_bytes())?;
+        }
+        Ok(old)
+    }
+
+    /// Inserts or replaces, keeping the expiry index and the live count right.
+    fn put(&mut self, key: &str, rec: Rec) -> Result<(), sled::Error> {
+        self.tree.insert(key.as_bytes(), rec.encode())?;
+        self.by_expiry.insert((rec.expires, key.to_owned()));
+        if !rec.deleted {
+            self.live += 1;
+        }
+        if let Some(old) = self.entries.insert(key.to_owned(), rec) {
+            self.by_expiry.remove(&(old.expires, key.to_owned()));
+            if !old.deleted {
+                self.live -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn info(&self) -> pb::TableInfo {
+        pb::TableInfo {
+            name: self.def.name.clone(),
+            r#type: self.def.key.name().to_owned(),
+            len: self.def.key.len(),
+            size: self.def.size,
+            expire_ms: u64::try_from(self.def.expire.as_millis()).unwrap_or(u64::MAX),
+            used: self.live,
+            tombstones: self.entries.len() as u64 - self.live,
+            cleared_version: self.cleared_version,
+        }
+    }
+}
+
+struct Inner {
+    tables: HashMap<String, Table>,
+    hlc: Hlc,
+    head: u64,
+}
+
+/// Counters for Stats.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub local_writes: AtomicU64,
+    pub remote_applied: AtomicU64,
+    pub remote_ignored: AtomicU64,
+    pub expired: AtomicU64,
+    pub evicted: AtomicU64,
+    pub watchers: AtomicU64,
+}
+
+/// The node's tables. Cheap to share (`Arc<Store>`); every method is safe to call from any task.
+pub struct Store {
+    local: Arc<str>,
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+    inner: Mutex<Inner>,
+    first_seq: AtomicU64,
+    epoch: u64,
+    log_keep: u64,
+    events: broadcast::Sender<Arc<Event>>,
+    head_tx: watch::Sender<u64>,
+    pub counters: Counters,
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Checks a key against its table's type and returns its canonical text.
+pub fn canonical_key(def: &TableDef, key: &str) -> Result<String, StoreError> {
+    let bad = |expected| StoreError::BadKey {
+        table: def.name.clone(),
+        key: key.chars().take(80).collect(),
+        expected,
+    };
+    match def.key {
+        KeyType::Ip => key
+            .trim()
+            .parse::<Ipv4Addr>()
+            .map(|a| a.to_string())
+            .map_err(|_| bad("an IPv4 address")),
+        KeyType::Ipv6 => match key.trim().parse::<IpAddr>() {
+            Ok(IpAddr::V6(a)) => Ok(a.to_string()),
+            Ok(IpAddr::V4(a)) => Ok(a.to_ipv6_mapped().to_string()),
+            Err(_) => Err(bad("an IPv6 (or IPv4) address")),
+        },
+        KeyType::Integer => key
+            .trim()
+            .parse::<i64>()
+            .map(|n| n.to_string())
+            .map_err(|_| bad("a 64-bit integer")),
+        KeyType::String { len } => {
+            if key.is_empty() {
+                return Err(bad("a non-empty string"));
+            }
+            if key.len() > len as usize {
+                return Err(StoreError::KeyTooLong {
+                    table: def.name.clone(),
+                    len: key.len(),
+                    max: len,
+                });
+            }
+            Ok(key.to_owned())
+        }
+    }
+}
+
+fn check_server(def: &TableDef, key: &str, server: &str) -> Result<(), StoreError> {
+    let reason = if server.is_empty() {
+        "server name must not be empty"
+    } else if server.len() > MAX_SERVER_LEN {
+        "server name is longer than 255 bytes"
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::BadServer {
+        table: def.name.clone(),
+        key: key.to_owned(),
+        reason,
+    })
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    b.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map(u64::from_be_bytes)
+}
+
+/// Sequence number to and from sled keys (big-endian, so that sled's order is numeric).
+fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+impl Store {
+    /// Opens (or creates) the data directory and loads every configured table into memory.
+    /// Tables in sled that are no longer configured are left on disk untouched.
+    pub fn open(config: &Config) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(&config.data_dir)
+            // We flush ourselves on a timer (see `flush`), so the window is ours to state.
+            .flush_every_ms(None)
+            .open()?;
+        let log = db.open_tree("log")?;
+        let meta = db.open_tree("meta")?;
+        let epoch = match meta.get("epoch")?.as_deref().and_then(|b| u64_at(b, 0)) {
+            Some(e) => e,
+            None => {
+                let e: u64 = rand::random::<u64>() | 1;
+                meta.insert("epoch", &e.to_be_bytes())?;
+                e
+            }
+        };
+        let now = now_ms();
+        let mut max_version = 0u64;
+        let mut tables = HashMap::new();
+        for def in &config.tables {
+            let tree = db.open_tree(format!("table/{}", def.name))?;
+            let mut t = Table {
+                def: def.clone(),
+                tree,
+                entries: HashMap::new(),
+                by_expiry: BTreeSet::new(),
+                live: 0,
+                cleared_version: 0,
+                cleared_origin: String::new(),
+            };
+            if let Some(c) = meta.get(format!("cleared/{}", def.name))? {
+                t.cleared_version = u64_at(&c, 0).unwrap_or(0);
+                t.cleared_origin = String::from_utf8_lossy(c.get(8..).unwrap_or_default()).into();
+                max_version = max_version.max(t.cleared_version);
+            }
+            let mut stale = Vec::new();
+            for kv in t.tree.iter() {
+                let (k, v) = kv?;
+                let key = String::from_utf8(k.to_vec()).map_err(|e| StoreError::Corrupt {
+                    what: format!("table '{}'", def.name),
+                    reason: e.to_string(),
+                })?;
+                let rec = Rec::decode(&v).map_err(|reason| StoreError::Corrupt {
+                    what: format!("table '{}' key '{key}'", def.name),
+                    reason,
+                })?;
+                max_version = max_version.max(rec.version);
+                if rec.expires <= now {
+                    stale.push(key);
+                    continue;
+                }
+                t.by_expiry.insert((rec.expires, key.clone()));
+                if !rec.deleted {
+                    t.live += 1;
+                }
+                t.entries.insert(key, rec);
+            }
+            for k in stale {
+                t.tree.remove(k.as_bytes())?;
+            }
+            tables.insert(def.name.clone(), t);
+        }
+        let head = match log.last()? {
+            Some((k, _)) => u64_at(&k, 0).unwrap_or(0),
+            None => meta
+                .get("head")?
+                .as_deref()
+                .and_then(|b| u64_at(b, 0))
+                .unwrap_or(0),
+        };
+        let first = match log.first()? {
+            Some((k, _)) => u64_at(&k, 0).unwrap_or(head + 1),
+            None => head + 1,
+        };
+        let mut hlc = Hlc::default();
+        hlc.observe(max_version);
+        let (events, _) = broadcast::channel(WATCH_BUFFER);
+        let (head_tx, _) = watch::channel(head);
+        Ok(Store {
+            local: Arc::from(config.local.as_str()),
+            db,
+            log,
+            meta,
+            inner: Mutex::new(Inner { tables, hlc, head }),
+            first_seq: AtomicU64::new(first),
+            epoch,
+            log_keep: config.log_keep,
+            events,
+            head_tx,
+            counters: Counters::default(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves maps that are still consistent enough to serve.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn local(&self) -> &str {
+        &self.local
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn head(&self) -> u64 {
+        *self.head_tx.borrow()
+    }
+
+    pub fn first_seq(&self) -> u64 {
+        self.first_seq.load(Ordering::Relaxed)
+    }
+
+    /// Wakes up whenever the log head moves.
+    pub fn subscribe_head(&self) -> watch::Receiver<u64> {
+        self.head_tx.subscribe()
+    }
+
+    pub fn table_defs(&self) -> Vec<TableDef> {
+        let inner = self.lock();
+        let mut v: Vec<_> = inner.tables.values().map(|t| t.def.clone()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Appends a local change to the log (caller holds the lock and bumps `head`).
+    fn append(&self, inner: &mut Inner, change: pb::Change) -> Result<(), sled::Error> {
+        inner.head += 1;
+        let seq = inner.head;
+        let change = pb::Change { seq, ..change };
+        self.log.insert(seq_key(seq), change.encode_to_vec())?;
+        Ok(())
+    }
+
+    fn publish(&self, inner: &Inner, event: Event) {
+        self.head_tx.send_if_modified(|h| {
+            let moved = *h != inner.head;
+            *h = inner.head;
+            moved
+        });
+        // No watcher is not an error.
+        let _ = self.events.send(Arc::new(event));
+    }
+
+    /// Evicts the entries nearest to expiry until one more fits.
+    fn make_room(&self, t: &mut Table) -> Result<(), sled::Error> {
+        while t.entries.len() as u64 >= t.def.size {
+            let Some((_, key)) = t.by_expiry.first().cloned() else {
+                break;
+            };
+            t.remove(&key)?;
+            self.counters.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Stores (key, server) pairs with new versions.
+    pub fn store(&self, table: &str, items: &[pb::StoreItem]) -> Result<Vec<pb::Entry>, StoreError> {
+        if items.is_empty() {
+            return Err(StoreError::Empty("no items"));
+        }
+        let mut inner = self.lock();
+        let def = &inner
+            .tables
+            .get(table)
+            .ok_or_else(|| StoreError::UnknownTable(table.to_owned()))?
+            .def;
+        // Validate the whole batch first: a bad item refuses the batch, nothing half-applied.
+        let mut keyed = Vec::with_capacity(items.len());
+        for it in items {
+            let key = canonical_key(def, &it.key)?;
+            check_server(def, &key, &it.server)?;
+            keyed.push(key);
+        }
+        let expire = i64::try_from(def.expire.as_millis()).unwrap_or(i64::MAX);
+        let now = now_ms();
+        let mut out = Vec::with_capacity(items.len());
+        for (it, key) in items.iter().zip(keyed) {
+            let version = inner.hlc.now(now);
+            let rec = Rec {
+                server: it.server.clone(),
+                expires: if it.expires_unix_ms > 0 {
+                    it.expires_unix_ms
+                } else {
+                    now.saturating_add(expire)
+                },
+                version,
+                origin: self.local.clone(),
+                deleted: false,
+            };
+            let entry = rec.to_pb(&key, now);
+            let t = inner.tables.get_mut(table).ok_or_else(|| StoreError::UnknownTable(table.to_owned()))?;
+            if !t.entries.contains_key(&key) {
+                self.make_room(t)?;
+            }
+            t.put(&key, rec)?;
+            self.append(
+                &mut inner,
+                pb::Change {
+                    seq: 0,
+                    table: table.to_owned(),
+                    kind: Some(pb::change::Kind::Entry(entry.clone())),
+                },
+            )?;
+            out.push(entry);
+        }
+        self.counters
+            .local_writes
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        self.publish(
+            &inner,
+            Event::Changes {
+                table: Arc::from(table),
+                entries: out.clone(),
+            },
+        );
+        Ok(out)
+    }
+
+    /// Refreshes the expiry of live keys; the version stays, so a touch never wins over a store.
+    pub fn touch(&self, table: &str, keys: &[String]) -> Result<u32, StoreError> {
+        if keys.is_empty() {
+            return Err(StoreError::Empty("no keys"));
+        }
+        let mut inner = self.lock();
+        let t = inner
+            .tables
+            .get(table)
+            .ok_or_else(|| StoreError::UnknownTable(table.to_owned()))?;
+        let canon = keys
+            .iter()
+            .map(|k| canonical_key(&t.def, k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let now = now_ms();
+        let expires = now.saturating_add(i64::try_from(t.def.expire.as_millis()).unwrap_or(i64::MAX));
+        let mut changed = Vec::new();
+        for key in canon {
+            let Some(t) = inner.tables.get_mut(table) else { break };
+            let Some(old) = t.entries.get(&key) else { continue };
+            if old.deleted || old.expires <= now || old.expires >= expires {
+                continue;
+            }
+            let rec = Rec { expires, ..old.clone() };
+            let entry = rec.to_pb(&key, now);
+            t.put(&key, rec)?;
+            self.append(
+                &mut inner,
+                pb::Change {
+                    seq: 0,
+                    table: table.to_owned(),
+                    kind: Some(pb::change::Kind::Entry(entry.clone())),
+                },
+            )?;
+            changed.push(entry);
+        }
+        let n = changed.len() as u32;
+        if !changed.is_empty() {
+            self.counters.local_writes.fetch_add(u64::from(n), Ordering::Relaxed);
+            self.publish(
+                &inner,
+                Event::Changes {
+                    table: Arc::from(table),
+                    entries: changed,
+                },
+            );
+        }
+        Ok(n)
+    }
+
+    /// Deletes a key by writing a tombstone (kept for the table's expire, so that it reaches
+    /// every peer and beats older values arriving late). Returns whether a live entry existed.
+    pub fn delete(&self, table: &str, key: &str) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let t = inner
+            .tables
+            .get(table)
+            .ok_or_else(|| StoreError::UnknownTable(table.to_owned()))?;
+        let key = canonical_key(&t.def, key)?;
+        let now = now_ms();
+        let expire = i64::try_from(t.def.expire.as_millis()).unwrap_or(i64::MAX);
+        let version = inner.hlc.now(now);
+        let t = inner
+            .tables
+            .get_mut(table)
+            .ok_or_else(|| StoreError::UnknownTable(table.to_owned()))?;
+        let existed = t
+            .entries
+            .get(&key)
+            .is_some_and(|r| !r.deleted && r.expires > now);
+        let rec = Rec {
+            server: String::new(),
+            expires: now.saturating_add(expire),
+            version,
+            origin: self.local.clone(),
+            deleted: true,
+        };
+        let entry = rec.to_pb(&key, now);
+        if !t.entries.contains_key(&key) {
+            self.make_room(t)?;
+        }
+        t.put(&key, rec)?;
+        self.append(
+            &mut inner,
+            pb::Change {
+                seq: 0,
+                table: table.to_owned(),
+                kind: Some(pb::change::Kind::Entry(entry.clone())),
+            },
+        )?;
+        self.counters.local_writes.fetch_add(1, Ordering::Relaxed);
+        self.publish(
+            &inner,
+            Event::Changes {
+                table: Arc::from(table),
+                entries: vec![entry],
+            },
+        );
+        Ok(existed)
+    }
+
+    /// Clears a table: every entry older than the clear's version goes, here and on every peer.
+    pub fn clear(&self, table: &str) -> Result<(u64, u64), StoreError> {
+        let mut inner = self.lock();
+        if !inner.tables.contains_key(table) {
+            return Err(StoreError::UnknownTable(table.to_owned()));
+        }
+        let version = inner.hlc.now(now_ms());
+        let cleared = pb::TableCleared {
+            table: table.to_owned(),
+            version,
+            origin: self.local.to_string(),
+        };
+        let removed = self.apply_clear(&mut inner, &cleared)?;
+        self.append(
+            &mut inner,
+            pb::Change {
+                seq: 0,
+                table: table.to_owned(),
+                kind: Some(pb::change::Kind::Cleared(cleared.clone())),
+            },
+        )?;
+        self.counters.local_writes.fetch_add(1, Ordering::Relaxed);
+        self.publish(&inner, Event::Cleared(cleared));
+        Ok((removed, version))
+    }
+
+    /// Removes every entry at or below the clear's version; returns how many live ones went.
+    fn apply_clear(&self, inner: &mut Inner, c: &pb::TableCleared) -> Result<u64, StoreError> {
+        let Some(t) = inner.tables.get_mut(&c.table) else {
+            return Ok(0);
+        };
+        if (c.version, c.origin.as_str()) <= (t.cleared_version, t.cleared_origin.as_str()) {
+            return Ok(0);
+        }
+        let doomed: Vec<String> = t
+            .entries
+            .iter()
+            .filter(|(_, r)| r.version <= c.version)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut removed = 0;
+        for k in doomed {
+            if t.remove(&k)?.is_some_and(|r| !r.deleted) {
+                removed += 1;
+            }
+        }
+        t.cleared_version = c.version;
+        t.cleared_origin.clone_from(&c.origin);
+        let mut v = c.version.to_be_bytes().to_vec();
+        v.extend_from_slice(c.origin.as_bytes());
+        self.meta.insert(format!("cleared/{}", c.table), v)?;
+        Ok(removed)
+    }
+
+    /// Merges one entry from a peer by LWW; returns it if it changed anything.
+    fn merge(&self, inner: &mut Inner, table: &str, e: &pb::Entry) -> Result<Option<pb::Entry>, StoreError> {
+        inner.hlc.observe(e.version);
+        let Some(t) = inner.tables.get_mut(table) else {
+            return Ok(None);
+        };
+        let now = now_ms();
+        if e.version <= t.cleared_version || e.expires_unix_ms <= now {
+            return Ok(None);
+        }
+        let key = canonical_key(&t.def, &e.key)?;
+        let rec = Rec {
+            server: e.server.clone(),
+            expires: e.expires_unix_ms,
+            version: e.version,
+            origin: Arc::from(e.origin.as_str()),
+            deleted: e.deleted,
+        };
+        match t.entries.get(&key) {
+            Some(old) => match rec.newer_than(old) {
+                std::cmp::Ordering::Less => return Ok(None),
+                // The same write, touched: the later expiry wins.
+                std::cmp::Ordering::Equal if rec.expires <= old.expires => return Ok(None),
+                _ => {}
+            },
+            None => self.make_room(t)?,
+        }
+        let out = rec.to_pb(&key, now);
+        t.put(&key, rec)?;
+        Ok(Some(out))
+    }
+
+    /// Applies changes received from peer `from`, then records `through` as its position,
+    /// in this order so that a crash never leaves the position ahead of the data.
+    pub fn apply_remote(
+        &self,
+        from: &str,
+        epoch: u64,
+        changes: &[pb::Change],
+        skip_tables: &[String],
+        through: u64,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let mut events: Vec<Event> = Vec::new();
+        for c in changes {
+            if skip_tables.contains(&c.table) {
+                continue;
+            }
+            match &c.kind {
+                Some(pb::change::Kind::Entry(e)) => match self.merge(&mut inner, &c.table, e) {
+                    Ok(Some(e)) => {
+                        self.counters.remote_applied.fetch_add(1, Ordering::Relaxed);
+                        match events.last_mut() {
+                            Some(Event::Changes { table, entries }) if **table == *c.table => {
+                                entries.push(e);
+                            }
+                            _ => events.push(Event::Changes {
+                                table: Arc::from(c.table.as_str()),
+                                entries: vec![e],
+                            }),
+                        }
+                    }
+                    Ok(None) => {
+                        self.counters.remote_ignored.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // A key that does not fit our definition: the handshake should have
+                    // caught it; skip the entry rather than the whole stream.
+                    Err(StoreError::BadKey { .. } | StoreError::KeyTooLong { .. }) => {
+                        self.counters.remote_ignored.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e),
+                },
+                Some(pb::change::Kind::Cleared(cl)) => {
+                    inner.hlc.observe(cl.version);
+                    self.apply_clear(&mut inner, cl)?;
+                    events.push(Event::Cleared(cl.clone()));
+                }
+                None => {}
+            }
+        }
+        self.set_received(from, epoch, through)?;
+        for ev in events {
+            self.publish(&inner, ev);
+        }
+        Ok(())
+    }
+
+    /// Applies one chunk of a peer's snapshot (entries merge by LWW like any change).
+    pub fn apply_snapshot(&self, from: &str, epoch: u64, chunk: &pb::SnapshotChunk) -> Result<(), StoreError> {
+        let mut changes = Vec::with_capacity(chunk.entries.len() + 1);
+        if chunk.cleared_version > 0 {
+            changes.push(pb::Change {
+                seq: 0,
+                table: chunk.table.clone(),
+                kind: Some(pb::change::Kind::Cleared(pb::TableCleared {
+                    table: chunk.table.clone(),
+                    version: chunk.cleared_version,
+                    origin: chunk.cleared_origin.clone(),
+                })),
+            });
+        }
+        for e in &chunk.entries {
+            changes.push(pb::Change {
+                seq: 0,
+                table: chunk.table.clone(),
+                kind: Some(pb::change::Kind::Entry(e.clone())),
+            });
+        }
+        // The position moves only with the last chunk: an interrupted snapshot starts over.
+        let through = if chunk.last {
+            chunk.through_seq
+        } else {
+            self.received(from, epoch)?
+        };
+        self.apply_remote(from, epoch, &changes, &[], through)
+    }
+
+    /// Last sequence of `peer`'s log applied here, if it is still the log of epoch `epoch`.
+    pub fn received(&self, peer: &str, epoch: u64) -> Result<u64, StoreError> {
+        Ok(match self.meta.get(format!("recv/{peer}"))? {
+            Some(v) if u64_at(&v, 0) == Some(epoch) => u64_at(&v, 8).unwrap_or(0),
+            _ => 0,
+        })
+    }
+
+    fn set_received(&self, peer: &str, epoch: u64, seq: u64) -> Result<(), StoreError> {
+        let mut v = epoch.to_be_bytes().to_vec();
+        v.extend_from_slice(&seq.to_be_bytes());
+        self.meta.insert(format!("recv/{peer}"), v)?;
+        Ok(())
+    }
+
+    /// Persists the position `peer` acknowledged in our log (for ShowPeers after a restart).
+    pub fn set_acked(&self, peer: &str, seq: u64) -> Result<(), StoreError> {
+        self.meta.insert(format!("acked/{peer}"), &seq.to_be_bytes())?;
+        Ok(())
+    }
+
+    pub fn acked(&self, peer: &str) -> u64 {
+        self.meta
+            .get(format!("acked/{peer}"))
+            .ok()
+            .flatten()
+            .and_then(|v| u64_at(&v, 0))
+            .unwrap_or(0)
+    }
+
+    /// Up to `max` changes of our log starting at `from`; `LogGap` if the log no longer has `from`.
+    pub fn read_log(&self, from: u64, max: usize) -> Result<Vec<pb::Change>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.log.range(seq_key(from)..).take(max) {
+            let (k, v) = kv?;
+            let seq = u64_at(&k, 0).unwrap_or(0);
+            if out.is_empty() && seq != from {
+                return Err(StoreError::LogGap(from));
+            }
+            let c = pb::Change::decode(&*v).map_err(|e| StoreError::Corrupt {
+                what: format!("log record {seq}"),
+                reason: e.to_string(),
+            })?;
+            out.push(c);
+        }
+        if out.is_empty() && from <= self.head() {
+            return Err(StoreError::LogGap(from));
+        }
+        Ok(out)
+    }
+
+    /// A consistent copy of the given tables and the log head it corresponds to.
+    pub fn snapshot(&self, tables: &[String]) -> (u64, Vec<pb::SnapshotChunk>) {
+        const CHUNK: usize = 4096;
+        let inner = self.lock();
+        let now = now_ms();
+        let mut chunks = Vec::new();
+        for name in tables {
+            let Some(t) = inner.tables.get(name) else { continue };
+            let mut chunk = pb::SnapshotChunk {
+                table: name.clone(),
+                entries: Vec::new(),
+                cleared_version: t.cleared_version,
+                cleared_origin: t.cleared_origin.clone(),
+                last: false,
+                through_seq: 0,
+            };
+            for (k, r) in &t.entries {
+                if r.expires <= now {
+                    continue;
+                }
+                chunk.entries.push(r.to_pb(k, now));
+                if chunk.entries.len() >= CHUNK {
+                    let next = pb::SnapshotChunk {
+                        table: name.clone(),
+                        entries: Vec::with_capacity(CHUNK),
+                        cleared_version: 0,
+                        cleared_origin: String::new(),
+                        last: false,
+                        through_seq: 0,
+                    };
+                    chunks.push(std::mem::replace(&mut chunk, next));
+                }
+            }
+            chunks.push(chunk);
+        }
+        let head = inner.head;
+        if chunks.is_empty() {
+            chunks.push(pb::SnapshotChunk::default());
+        }
+        if let Some(last) = chunks.last_mut() {
+            last.last = true;
+            last.through_seq = head;
+        }
+        (head, chunks)
+    }
+
+    /// Current content of `tables` (all when empty) and a subscription that starts right after it.
+    pub fn watch(
+        &self,
+        tables: &[String],
+    ) -> Result<(Vec<pb::EntryBatch>, broadcast::Receiver<Arc<Event>>), StoreError> {
+        let inner = self.lock();
+        for t in tables {
+            if !inner.tables.contains_key(t) {
+                return Err(StoreError::UnknownTable(t.clone()));
+            }
+        }
+        let now = now_ms();
+        let mut out = Vec::new();
+        let mut names: Vec<&String> = inner.tables.keys().collect();
+        names.sort();
+        for name in names {
+            if !tables.is_empty() && !tables.contains(name) {
+                continue;
+            }
+            let t = &inner.tables[name];
+            let entries: Vec<_> = t
+                .entries
+                .iter()
+                .filter(|(_, r)| r.expires > now)
+                .map(|(k, r)| r.to_pb(k, now))
+                .collect();
+            for part in entries.chunks(1024) {
+                out.push(pb::EntryBatch {
+                    table: name.clone(),
+                    entries: part.to_vec(),
+                });
+            }
+        }
+        Ok((out, self.events.subscribe()))
+    }
+
+    /// Live entries for `keys`.
+    pub fn lookup(&self, table: &str, keys: &[String]) -> Result<Vec<pb::Entry>, StoreError> {
+        let inner = self.lock();
+        let t = inner
+            .tables
+            .get(table)
+            .ok_or_else(|| StoreError::UnknownTable(table.to_owned()))?;
+        let now = now_ms();
+        let mut out = Vec::new();
+        for k in keys {
+            let key = canonical_key(&t.def, k)?;
+            if let Some(r) = t.entries.get(&key).filter(|r| !r.deleted && r.expires > now) {
+                out.push(r.to_pb(&key, now));
+            }
+        }
+        Ok(out)
+    }
+
+    /// HAProxy's `show table`: header and entries sorted by key, filtered, paged.
+    pub fn show(&self, req: &pb::ShowRequest) -> Result<pb::ShowReply, StoreError> {
+        let inner = self.lock();
+        let t = inner
+            .tables
+            .get(&req.table)
+            .ok_or_else(|| StoreError::UnknownTable(req.table.clone()))?;
+        let key = if req.key.is_empty() {
+            None
+        } else {
+            Some(canonical_key(&t.def, &req.key)?)
+        };
+        let now = now_ms();
+        let page = if req.page_size == 0 { 1000 } else { req.page_size as usize };
+        let mut keys: Vec<&String> = t
+            .entries
+            .iter()
+            .filter(|(k, r)| {
+                r.expires > now
+                    && (req.include_deleted || !r.deleted)
+                    && key.as_ref().is_none_or(|want| want == *k)
+                    && (req.server.is_empty() || r.server == req.server)
+                    && (req.page_token.is_empty() || k.as_str() > req.page_token.as_str())
+            })
+            .map(|(k, _)| k)
+            .collect();
+        keys.sort();
+        let more = keys.len() > page;
+        keys.truncate(page);
+        let entries: Vec<_> = keys.iter().map(|k| t.entries[*k].to_pb(k, now)).collect();
+        Ok(pb::ShowReply {
+            table: Some(t.info()),
+            next_page_token: if more {
+                entries.last().map(|e| e.key.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            },
+            entries,
+        })
+    }
+
+    pub fn tables_info(&self) -> Vec<pb::TableInfo> {
+        let inner = self.lock();
+        let mut v: Vec<_> = inner.tables.values().map(Table::info).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Drops expired entries (tombstones included). Not replicated: every node expires the same
+    /// entries by itself because expiry is absolute. Returns how many went.
+    pub fn sweep(&self) -> Result<u64, StoreError> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        let mut n = 0;
+        for t in inner.tables.values_mut() {
+            while let Some((exp, key)) = t.by_expiry.first().cloned() {
+                if exp > now {
+                    break;
+                }
+                t.remove(&key)?;
+                n += 1;
+            }
+        }
+        self.counters.expired.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// Trims the log to `log_keep` records; peers further behind get a snapshot.
+    pub fn trim_log(&self) -> Result<u64, StoreError> {
+        let head = self.head();
+        let first = self.first_seq();
+        if head < first || head - first + 1 <= self.log_keep {
+            return Ok(0);
+        }
+        let new_first = head + 1 - self.log_keep;
+        // Move the mark first: a reader that raced us sees a gap, never a half-deleted range.
+        self.first_seq.store(new_first, Ordering::Relaxed);
+        let mut n = 0;
+        for seq in first..new_first {
+            self.log.remove(seq_key(seq))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Writes everything to disk; returns the bytes flushed.
+    pub async fn flush(&self) -> Result<usize, StoreError> {
+        self.meta.insert("head", &self.head().to_be_bytes())?;
+        Ok(self.db.flush_async().await?)
+    }
+
+    pub fn disk_bytes(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::SourceFile;
+
+    fn config(dir: &std::path::Path, local: &str, extra: &str) -> Config {
+        let text = format!(
+            r#"
+data_dir = "{}"
+socket = "{}/s.sock"
+log_keep = 1000
+[[peers]]
+name = "a"
+address = "127.0.0.1:1"
+[[peers]]
+name = "b"
+address = "127.0.0.2:1"
+[[tables]]
+name = "web"
+type = "string"
+len = 8
+size = "3"
+expire = "5m"
+[[tables]]
+name = "ips"
+type = "ip"
+size = "5k"
+expire = "5m"
+{extra}
+"#,
+            dir.join(local).display(),
+            dir.display()
+        );
+        Config::from_source(&SourceFile::from_text("t.toml", text), Some(local)).expect("config")
+    }
+
+    fn item(key: &str, server: &str) -> pb::StoreItem {
+        pb::StoreItem {
+            key: key.into(),
+            server: server.into(),
+            expires_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn keys_are_checked_and_canonical() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = config(dir.path(), "a", "");
+        let s = Store::open(&c).expect("open");
+        assert!(matches!(s.store("nope", &[item("k", "s")]), Err(StoreError::UnknownTable(_))));
+        assert!(matches!(s.store("web", &[item("123456789", "s")]), Err(StoreError::KeyTooLong { .. })));
+        assert!(matches!(s.store("ips", &[item("10.0.0.300", "s")]), Err(StoreError::BadKey { .. })));
+        assert!(matches!(s.store("web", &[item("k", "")]), Err(StoreError::BadServer { .. })));
+        let e = s.store("ips", &[item(" 10.0.0.1", "app1")]).expect("store");
+        assert_eq!(e[0].key, "10.0.0.1");
+        assert_eq!(s.lookup("ips", &["10.0.0.1".into()]).expect("lookup").len(), 1);
+    }
+
+    #[test]
+    fn full_table_evicts_nearest_expiry_first() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open(&config(dir.path(), "a", "")).expect("open");
+        let far = now_ms() + 600_000;
+        for (k, exp) in [("a", far), ("b", far - 1000), ("c", far + 1000)] {
+            s.store("web", &[pb::StoreItem { key: k.into(), server: "s".into(), expires_unix_ms: exp }])
+                .expect("store");
+        }
+        s.store("web", &[item("d", "s")]).expect("store");
+        let keys: Vec<_> = s.lookup("web", &["a".into(), "b".into(), "c".into(), "d".into()])
+            .expect("lookup")
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        // "d" expires in 5m, sooner than "a" and "c" (10m): "b" was nearest and went.
+        assert_eq!(keys, ["a", "c", "d"]);
+        assert_eq!(s.counters.evicted.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn lww_converges_in_any_order_and_touch_keeps_version() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = Store::open(&config(dir.path(), "a", "")).expect("open a");
+        let b = Store::open(&config(dir.path(), "b", "")).expect("open b");
+        let ea = a.store("web", &[item("k", "s1")]).expect("a");
+        let eb = b.store("web", &[item("k", "s2")]).expect("b");
+        let ca = a.read_log(1, 10).expect("log a");
+        let cb = b.read_log(1, 10).expect("log b");
+        a.apply_remote("b", b.epoch(), &cb, &[], 1).expect("apply");
+        b.apply_remote("a", a.epoch(), &ca, &[], 1).expect("apply");
+        let va = a.lookup("web", &["k".into()]).expect("a");
+        let vb = b.lookup("web", &["k".into()]).expect("b");
+        assert_eq!(va[0].server, vb[0].server);
+        let winner = if (ea[0].version, "a") > (eb[0].version, "b") { "s1" } else { "s2" };
+        assert_eq!(va[0].server, winner);
+        // A touch extends expiry but does not bump the version.
+        let before = va[0].version;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(a.touch("web", &["k".into()]).expect("touch"), 1);
+        let after = a.lookup("web", &["k".into()]).expect("a");
+        assert_eq!(after[0].version, before);
+        assert!(after[0].expires_unix_ms > va[0].expires_unix_ms);
+        assert_eq!(a.received("b", b.epoch()).expect("recv"), 1);
+        assert_eq!(a.received("b", b.epoch() + 1).expect("recv"), 0);
+    }
+
+    #[test]
+    fn delete_and_clear_beat_older_values() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = Store::open(&config(dir.path(), "a", "")).expect("open a");
+        let b = Store::open(&config(dir.path(), "b", "")).expect("open b");
+        b.store("web", &[item("old", "s")]).expect("b");
+        let old = b.read_log(1, 10).expect("log");
+        // a has seen the value, then deletes it; a late duplicate must not resurrect it.
+        a.apply_remote("b", b.epoch(), &old, &[], 1).expect("value");
+        assert_eq!(a.lookup("web", &["old".into()]).expect("a").len(), 1);
+        a.delete("web", "old").expect("delete");
+        a.apply_remote("b", b.epoch(), &old, &[], 1).expect("late old value");
+        assert!(a.lookup("web", &["old".into()]).expect("a").is_empty());
+        a.store("web", &[item("x", "s")]).expect("a");
+        a.clear("web").expect("clear");
+        let log = a.read_log(1, 10).expect("log");
+        b.apply_remote("a", a.epoch(), &log, &[], log.len() as u64).expect("apply");
+        assert!(b.lookup("web", &["old".into(), "x".into()]).expect("b").is_empty());
+    }
+
+    #[test]
+    fn restart_keeps_entries_and_log() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = config(dir.path(), "a", "");
+        {
+            let s = Store::open(&c).expect("open");
+            s.store("ips", &[item("10.0.0.1", "app1"), item("10.0.0.2", "app2")]).expect("store");
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+            rt.block_on(s.flush()).expect("flush");
+        }
+        let s = Store::open(&c).expect("reopen");
+        assert_eq!(s.head(), 2);
+        assert_eq!(s.lookup("ips", &["10.0.0.2".into()]).expect("l")[0].server, "app2");
+        let v = s.store("ips", &[item("10.0.0.3", "x")]).expect("store");
+        assert!(v[0].version > s.read_log(1, 1).expect("log")[0].kind.as_ref().map_or(0, |k| match k {
+            pb::change::Kind::Entry(e) => e.version,
+            pb::change::Kind::Cleared(c) => c.version,
+        }));
+    }
+
+    #[test]
+    fn log_trim_makes_a_gap() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open(&config(dir.path(), "a", "")).expect("open");
+        for i in 0..1500 {
+            s.store("ips", &[item(&format!("10.0.{}.{}", i / 256, i % 256), "s")]).expect("store");
+        }
+        assert_eq!(s.trim_log().expect("trim"), 500);
+        assert!(matches!(s.read_log(3, 10), Err(StoreError::LogGap(3))));
+        assert_eq!(s.read_log(501, 10).expect("read")[0].seq, 501);
+        assert!(s.read_log(1501, 10).expect("at head").is_empty());
+    }
+}
