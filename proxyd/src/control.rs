@@ -1,0 +1,63 @@
+//! The master/worker control channel: one prost message per SOCK_SEQPACKET datagram.
+
+use prost::Message;
+
+use crate::sys::SeqPacket;
+
+pub use proto::proxyd::control::v1 as pb;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("undecodable control message: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("control message without a kind")]
+    Empty,
+}
+
+/// One end of the channel; `S` is what we send, `R` what we receive.
+#[derive(Debug)]
+pub struct Channel<S, R> {
+    sock: SeqPacket,
+    _types: std::marker::PhantomData<fn(S) -> R>,
+}
+
+/// The master's end of a worker's channel.
+pub type MasterEnd = Channel<pb::MasterToWorker, pb::WorkerToMaster>;
+/// The worker's end.
+pub type WorkerEnd = Channel<pb::WorkerToMaster, pb::MasterToWorker>;
+
+impl<S: Message, R: Message + Default> Channel<S, R> {
+    pub fn new(sock: SeqPacket) -> Self {
+        Self {
+            sock,
+            _types: std::marker::PhantomData,
+        }
+    }
+
+    pub fn into_inner(self) -> SeqPacket {
+        self.sock
+    }
+
+    pub async fn send(&self, msg: &S) -> Result<(), ControlError> {
+        Ok(self.sock.send(&msg.encode_to_vec()).await?)
+    }
+
+    /// The next message, or `None` when the other end closed.
+    pub async fn recv(&self) -> Result<Option<R>, ControlError> {
+        match self.sock.recv().await? {
+            None => Ok(None),
+            Some(buf) => Ok(Some(R::decode(buf.as_slice())?)),
+        }
+    }
+}
+
+/// Shorthands for building messages.
+pub fn to_worker(kind: pb::master_to_worker::Kind) -> pb::MasterToWorker {
+    pb::MasterToWorker { kind: Some(kind) }
+}
+
+pub fn to_master(kind: pb::worker_to_master::Kind) -> pb::WorkerToMaster {
+    pb::WorkerToMaster { kind: Some(kind) }
+}

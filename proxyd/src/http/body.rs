@@ -1,0 +1,312 @@
+//! Buffered connection reads and streaming a message body from one side to the other by its
+//! framing (Content-Length, chunked, until close) without ever holding a whole body.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::head::Framing;
+
+/// Longest chunk-size line or trailer line accepted.
+const MAX_LINE: usize = 4096;
+/// Most trailer bytes after the last chunk.
+const MAX_TRAILERS: usize = 16 * 1024;
+/// Flush what was gathered once it is this large.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// A stream with the bytes read from it but not consumed yet.
+#[derive(Debug)]
+pub struct Io<S> {
+    pub stream: S,
+    pub buf: BytesMut,
+}
+
+impl<S: AsyncRead + Unpin> Io<S> {
+    pub fn new(stream: S) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::with_capacity(16 * 1024),
+        }
+    }
+
+    /// Reads more into the buffer; 0 at end of stream; `TimedOut` after `timeout`.
+    pub async fn fill(&mut self, timeout: Duration) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(16 * 1024);
+        }
+        match tokio::time::timeout(timeout, self.stream.read_buf(&mut self.buf)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
+}
+
+/// Why a body could not be forwarded: the side matters for the status and for blame.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("reading the body: {0}")]
+    Read(io::Error),
+    #[error("writing the body: {0}")]
+    Write(io::Error),
+    #[error("bad chunked framing: {0}")]
+    Framing(&'static str),
+}
+
+/// Writes everything in `out` to `dst`.
+pub async fn flush<W: AsyncWrite + Unpin>(
+    dst: &mut W,
+    out: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<(), BodyError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    match tokio::time::timeout(timeout, dst.write_all(out)).await {
+        Ok(Ok(())) => {
+            out.clear();
+            Ok(())
+        }
+        Ok(Err(e)) => Err(BodyError::Write(e)),
+        Err(_) => Err(BodyError::Write(io::ErrorKind::TimedOut.into())),
+    }
+}
+
+/// Forwards one body from `src` to `dst`. `out` holds bytes to send first (the head), so that
+/// a head and a small body leave in one write. Returns with everything flushed.
+pub async fn forward<R, W>(
+    src: &mut Io<R>,
+    dst: &mut W,
+    framing: Framing,
+    out: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<(), BodyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut f = Forwarder {
+        src,
+        dst,
+        out,
+        timeout,
+    };
+    match framing {
+        Framing::Empty => {}
+        Framing::Length(n) => f.exact(n).await?,
+        Framing::Chunked => f.chunked().await?,
+        Framing::UntilClose => f.until_close().await?,
+    }
+    flush(f.dst, f.out, timeout).await
+}
+
+struct Forwarder<'a, R, W> {
+    src: &'a mut Io<R>,
+    dst: &'a mut W,
+    out: &'a mut Vec<u8>,
+    timeout: Duration,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
+    /// Flushes what is gathered (so the peer is never kept waiting) and reads more.
+    async fn more(&mut self) -> Result<usize, BodyError> {
+        flush(self.dst, self.out, self.timeout).await?;
+        self.src.fill(self.timeout).await.map_err(BodyError::Read)
+    }
+
+    async fn more_or_eof(&mut self) -> Result<(), BodyError> {
+        match self.more().await? {
+            0 => Err(BodyError::Read(io::ErrorKind::UnexpectedEof.into())),
+            _ => Ok(()),
+        }
+    }
+
+    fn take(&mut self, n: usize) {
+        self.out.extend_from_slice(&self.src.buf[..n]);
+        self.src.buf.advance(n);
+    }
+
+    async fn exact(&mut self, mut left: u64) -> Result<(), BodyError> {
+        loop {
+            let n = usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(self.src.buf.len());
+            self.take(n);
+            left -= n as u64;
+            if left == 0 {
+                return Ok(());
+            }
+            if self.out.len() >= FLUSH_AT {
+                flush(self.dst, self.out, self.timeout).await?;
+            }
+            self.more_or_eof().await?;
+        }
+    }
+
+    async fn until_close(&mut self) -> Result<(), BodyError> {
+        loop {
+            let n = self.src.buf.len();
+            self.take(n);
+            if self.more().await? == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Length of the next CRLF-terminated line in the buffer, reading as needed.
+    async fn line(&mut self) -> Result<usize, BodyError> {
+        let mut searched = 0;
+        loop {
+            if let Some(p) = self.src.buf[searched..]
+                .windows(2)
+                .position(|w| w == b"\r\n")
+            {
+                let end = searched + p;
+                if self.src.buf[..end]
+                    .iter()
+                    .any(|&b| b == b'\r' || b == b'\n')
+                {
+                    return Err(BodyError::Framing("bare cr or lf in a chunk line"));
+                }
+                return Ok(end + 2);
+            }
+            if self.src.buf.len() > MAX_LINE {
+                return Err(BodyError::Framing("chunk line too long"));
+            }
+            searched = self.src.buf.len().saturating_sub(1);
+            self.more_or_eof().await?;
+        }
+    }
+
+    async fn chunked(&mut self) -> Result<(), BodyError> {
+        loop {
+            let len = self.line().await?;
+            let size = chunk_size(&self.src.buf[..len - 2])?;
+            self.take(len);
+            if size == 0 {
+                break;
+            }
+            self.exact(size).await?;
+            while self.src.buf.len() < 2 {
+                self.more_or_eof().await?;
+            }
+            if &self.src.buf[..2] != b"\r\n" {
+                return Err(BodyError::Framing("chunk data not followed by crlf"));
+            }
+            self.take(2);
+        }
+        // Trailer fields, then the empty line that ends the message.
+        let mut trailers = 0;
+        loop {
+            let len = self.line().await?;
+            trailers += len;
+            if trailers > MAX_TRAILERS {
+                return Err(BodyError::Framing("trailers too large"));
+            }
+            self.take(len);
+            if len == 2 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The size of a chunk from its size line (without CRLF): hex digits, then optional
+/// whitespace and `;extensions`.
+fn chunk_size(line: &[u8]) -> Result<u64, BodyError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(BodyError::Framing("chunk size missing"));
+    }
+    if digits > 15 {
+        return Err(BodyError::Framing("chunk size too large"));
+    }
+    let rest = &line[digits..];
+    let rest_ok = rest.is_empty()
+        || rest
+            .iter()
+            .position(|&b| b != b' ' && b != b'\t')
+            .is_some_and(|p| rest[p] == b';');
+    if !rest_ok {
+        return Err(BodyError::Framing("junk after chunk size"));
+    }
+    let hex = std::str::from_utf8(&line[..digits]).map_err(|_| BodyError::Framing("chunk size"))?;
+    u64::from_str_radix(hex, 16).map_err(|_| BodyError::Framing("chunk size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn run(input: &[u8], framing: Framing) -> (Result<(), BodyError>, Vec<u8>, Vec<u8>) {
+        // A duplex pipe fed in small pieces exercises every partial-read path.
+        let (mut tx, rx) = tokio::io::duplex(7);
+        let data = input.to_vec();
+        let writer = tokio::spawn(async move {
+            for piece in data.chunks(5) {
+                if tx.write_all(piece).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut src = Io::new(rx);
+        let mut dst = Vec::new();
+        let mut out = b"HEAD|".to_vec();
+        let r = forward(
+            &mut src,
+            &mut dst,
+            framing,
+            &mut out,
+            Duration::from_secs(5),
+        )
+        .await;
+        drop(src);
+        writer.await.expect("writer");
+        (r, dst, Vec::new())
+    }
+
+    #[tokio::test]
+    async fn length_body_stops_at_its_end() {
+        let (r, dst, _) = run(b"hello worldNEXT", Framing::Length(11)).await;
+        r.expect("ok");
+        assert_eq!(dst, b"HEAD|hello world");
+    }
+
+    #[tokio::test]
+    async fn truncated_length_body_is_an_error() {
+        let (r, _, _) = run(b"hello", Framing::Length(11)).await;
+        assert!(matches!(r, Err(BodyError::Read(_))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn chunked_body_is_forwarded_verbatim() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-T: 1\r\n\r\n";
+        let mut input = body.to_vec();
+        input.extend_from_slice(b"GET /next");
+        let (r, dst, _) = run(&input, Framing::Chunked).await;
+        r.expect("ok");
+        assert_eq!(&dst[5..], body);
+    }
+
+    #[tokio::test]
+    async fn bad_chunking_is_refused() {
+        for bad in [
+            &b"zz\r\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"5 x\r\nhello\r\n0\r\n\r\n",
+            b"ffffffffffffffffff\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+        ] {
+            let (r, _, _) = run(bad, Framing::Chunked).await;
+            assert!(r.is_err(), "{:?} accepted", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[tokio::test]
+    async fn until_close_reads_everything() {
+        let (r, dst, _) = run(b"all of it", Framing::UntilClose).await;
+        r.expect("ok");
+        assert_eq!(dst, b"HEAD|all of it");
+    }
+}

@@ -1,0 +1,387 @@
+//! One client connection: read a request, pass it to a server of the frontend's backend,
+//! stream the answer back, and keep the connection while both sides want it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Buf;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::body::{self, BodyError, Io};
+use super::head::{self, Framing, HeadError, RequestHead, ResponseHead};
+use super::pool;
+use crate::proxy::{ServerRt, Shared};
+
+/// Request bodies up to this size are read before the server is chosen, so that the request
+/// can be sent again on another connection if a reused one turns out closed.
+const MAX_BUFFERED_BODY: u64 = 64 * 1024;
+/// How often a request is re-sent after a reused server connection failed before answering.
+const MAX_ATTEMPTS: usize = 4;
+
+/// Statuses the proxy answers itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    BadRequest = 400,
+    RequestTimeout = 408,
+    HeadersTooLarge = 431,
+    BadGateway = 502,
+    ServiceUnavailable = 503,
+    GatewayTimeout = 504,
+}
+
+impl Status {
+    fn response(self) -> &'static [u8] {
+        match self {
+            Status::BadRequest => b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 16\r\nConnection: close\r\n\r\n400 bad request\n",
+            Status::RequestTimeout => b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\n408 request timeout\n",
+            Status::HeadersTooLarge => b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 22\r\nConnection: close\r\n\r\n431 headers too large\n",
+            Status::BadGateway => b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 16\r\nConnection: close\r\n\r\n502 bad gateway\n",
+            Status::ServiceUnavailable => b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 24\r\nConnection: close\r\n\r\n503 service unavailable\n",
+            Status::GatewayTimeout => b"HTTP/1.1 504 Gateway Timeout\r\nContent-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\n504 gateway timeout\n",
+        }
+    }
+}
+
+/// What happens to the client connection after one exchange.
+enum Next {
+    KeepAlive,
+    Close,
+    /// Answer with this status, then close.
+    Fail(Status),
+}
+
+/// Serves one accepted client connection until it closes.
+pub async fn serve(shared: Arc<Shared>, frontend: usize, stream: TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "set_nodelay failed");
+    }
+    let mut client = Io::new(stream);
+    let mut first = true;
+    loop {
+        let head = match read_request_head(&shared, &mut client, first).await {
+            Ok(Some(h)) => h,
+            Ok(None) => break,
+            Err(status) => {
+                tracing::debug!(status = status as u16, "refusing request");
+                let _ = client.stream.write_all(status.response()).await;
+                break;
+            }
+        };
+        first = false;
+        let stats = &shared.stats;
+        stats.requests_total.fetch_add(1, Ordering::Relaxed);
+        stats.requests_in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = scopeguard(&shared);
+        match exchange(&shared, frontend, &mut client, head).await {
+            Next::KeepAlive => continue,
+            Next::Close => break,
+            Next::Fail(status) => {
+                tracing::debug!(status = status as u16, "answering with an error");
+                let _ = client.stream.write_all(status.response()).await;
+                break;
+            }
+        }
+    }
+    close_gracefully(client).await;
+}
+
+/// Decrements the in-flight count however the exchange ends (even when cancelled).
+struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .stats
+            .requests_in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn scopeguard(shared: &Shared) -> InFlight<'_> {
+    InFlight(shared)
+}
+
+/// Shuts our side down and reads what the client still sends for a moment, so that the kernel
+/// does not answer unread bytes with a reset that could destroy the last response in flight.
+async fn close_gracefully(mut client: Io<TcpStream>) {
+    if client.stream.shutdown().await.is_err() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        client.buf.clear();
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.fill(left).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Waits for the next complete request head; `Ok(None)` when the client is gone or stayed
+/// idle past the keep-alive timeout.
+async fn read_request_head(
+    shared: &Shared,
+    client: &mut Io<TcpStream>,
+    first: bool,
+) -> Result<Option<RequestHead>, Status> {
+    let d = &shared.config.defaults;
+    let mut started: Option<Instant> = None;
+    loop {
+        if !client.buf.is_empty() {
+            started.get_or_insert_with(Instant::now);
+            match head::parse_request(&client.buf) {
+                Ok(Some(h)) => {
+                    client.buf.advance(h.len);
+                    return Ok(Some(h));
+                }
+                Ok(None) => {}
+                Err(HeadError::TooLarge) => return Err(Status::HeadersTooLarge),
+                Err(HeadError::Malformed(why)) => {
+                    tracing::debug!(reason = why, "malformed request");
+                    return Err(Status::BadRequest);
+                }
+            }
+        }
+        // An idle connection waits for its next request however long the keep-alive timeout
+        // allows, draining or not: closing it early would race the client's next request.
+        let timeout = match started {
+            None if first => d.timeout_http_request,
+            None => d.timeout_http_keep_alive,
+            Some(t) => d.timeout_http_request.saturating_sub(t.elapsed()),
+        };
+        match client.fill(timeout).await {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return match started {
+                    None => Ok(None),
+                    Some(_) => Err(Status::RequestTimeout),
+                };
+            }
+            Err(_) => return Ok(None),
+        }
+    }
+}
+
+/// How the request body travels.
+enum ReqBody {
+    /// Read completely already (possibly empty): the request can be sent again.
+    Buffered(bytes::Bytes),
+    /// Streamed from the client while sending: one attempt, on a new connection.
+    Streamed,
+}
+
+async fn exchange(
+    shared: &Shared,
+    frontend: usize,
+    client: &mut Io<TcpStream>,
+    req: RequestHead,
+) -> Next {
+    let d = &shared.config.defaults;
+    let backend = &shared.backends[shared.config.frontends[frontend].default_backend];
+    if backend.servers.is_empty() {
+        return Next::Fail(Status::ServiceUnavailable);
+    }
+
+    let has_body = !matches!(req.framing, Framing::Empty);
+    if req.expect_continue && has_body {
+        // The proxy takes the body itself, so it answers the expectation itself.
+        if client
+            .stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return Next::Close;
+        }
+    }
+    let body = match req.framing {
+        Framing::Empty => ReqBody::Buffered(bytes::Bytes::new()),
+        Framing::Length(n) if n <= MAX_BUFFERED_BODY => {
+            let n = n as usize;
+            while client.buf.len() < n {
+                match client.fill(d.timeout_client).await {
+                    Ok(0) | Err(_) => return Next::Close,
+                    Ok(_) => {}
+                }
+            }
+            ReqBody::Buffered(client.buf.split_to(n).freeze())
+        }
+        _ => ReqBody::Streamed,
+    };
+
+    let server = &backend.servers[backend.balancer.pick(backend.servers.len())];
+    let span = tracing::debug_span!("request", server = %server.name, method = %req.method);
+    let _enter = span.enter();
+
+    let (mut srv, resp) = match send_request(shared, server, client, &req, body).await {
+        Ok(x) => x,
+        Err(next) => return next,
+    };
+
+    let close =
+        !req.keep_alive || shared.drain.is_cancelled() || resp.framing == Framing::UntilClose;
+    let mut out = resp.downstream(close, req.minor);
+    srv.buf.advance(resp.len);
+    match body::forward(
+        &mut srv,
+        &mut client.stream,
+        resp.framing,
+        &mut out,
+        d.timeout_server,
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(e) => {
+            // The head is on its way to the client: the only honest signal left is to close.
+            tracing::debug!(error = %e, "response body aborted");
+            return Next::Close;
+        }
+    }
+    if resp.keep_alive && srv.buf.is_empty() {
+        server.pool.put(srv.stream);
+    }
+    // The client learned about the close from the response, which is now complete.
+    if close { Next::Close } else { Next::KeepAlive }
+}
+
+/// Sends the request to `server` and reads the response head, retrying on another
+/// connection when a reused one turns out closed before any byte of the answer.
+async fn send_request(
+    shared: &Shared,
+    server: &ServerRt,
+    client: &mut Io<TcpStream>,
+    req: &RequestHead,
+    body: ReqBody,
+) -> Result<(Io<TcpStream>, ResponseHead), Next> {
+    let d = &shared.config.defaults;
+    for _attempt in 0..MAX_ATTEMPTS {
+        let (stream, reused) = match &body {
+            ReqBody::Buffered(_) => match server.pool.take() {
+                Some(s) => (s, true),
+                None => (connect(shared, server).await?, false),
+            },
+            ReqBody::Streamed => (connect(shared, server).await?, false),
+        };
+        let mut srv = Io::new(stream);
+        let mut out = Vec::with_capacity(req.upstream.len() + 1024);
+        out.extend_from_slice(&req.upstream);
+        let sent = match &body {
+            ReqBody::Buffered(b) => {
+                out.extend_from_slice(b);
+                body::flush(&mut srv.stream, &mut out, d.timeout_server).await
+            }
+            ReqBody::Streamed => {
+                body::forward(
+                    client,
+                    &mut srv.stream,
+                    req.framing,
+                    &mut out,
+                    d.timeout_client,
+                )
+                .await
+            }
+        };
+        match sent {
+            Ok(()) => {}
+            Err(BodyError::Write(_)) if reused => continue,
+            Err(BodyError::Write(e)) => {
+                tracing::warn!(error = %e, "sending the request to the server failed");
+                return Err(Next::Fail(Status::BadGateway));
+            }
+            Err(BodyError::Read(e)) => {
+                tracing::debug!(error = %e, "client stopped sending its body");
+                return Err(Next::Close);
+            }
+            Err(BodyError::Framing(why)) => {
+                tracing::debug!(reason = why, "bad request body");
+                return Err(Next::Fail(Status::BadRequest));
+            }
+        }
+        match read_response_head(shared, &mut srv, client, req).await {
+            Ok(resp) => return Ok((srv, resp)),
+            Err(HeadRead::ClosedBeforeAnswer) if reused => {
+                tracing::debug!("reused server connection was closed, sending again");
+                continue;
+            }
+            Err(HeadRead::ClosedBeforeAnswer) => {
+                tracing::warn!("server closed the connection without answering");
+                return Err(Next::Fail(Status::BadGateway));
+            }
+            Err(HeadRead::Timeout) => return Err(Next::Fail(Status::GatewayTimeout)),
+            Err(HeadRead::Bad(why)) => {
+                tracing::warn!(reason = why, "bad response from the server");
+                return Err(Next::Fail(Status::BadGateway));
+            }
+            Err(HeadRead::ClientGone) => return Err(Next::Close),
+        }
+    }
+    tracing::warn!("server kept closing reused connections");
+    Err(Next::Fail(Status::BadGateway))
+}
+
+async fn connect(shared: &Shared, server: &ServerRt) -> Result<TcpStream, Next> {
+    pool::connect(server.address, shared.config.defaults.timeout_connect)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, address = %server.address, "cannot connect to the server");
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                Next::Fail(Status::GatewayTimeout)
+            } else {
+                Next::Fail(Status::BadGateway)
+            }
+        })
+}
+
+enum HeadRead {
+    ClosedBeforeAnswer,
+    Timeout,
+    Bad(&'static str),
+    ClientGone,
+}
+
+/// Reads the final response head, passing informational (1xx) responses to the client.
+async fn read_response_head(
+    shared: &Shared,
+    srv: &mut Io<TcpStream>,
+    client: &mut Io<TcpStream>,
+    req: &RequestHead,
+) -> Result<ResponseHead, HeadRead> {
+    let timeout = shared.config.defaults.timeout_server;
+    let mut got_any = false;
+    loop {
+        if !srv.buf.is_empty() {
+            got_any = true;
+            match head::parse_response(&srv.buf, req.is_head()) {
+                Ok(Some(resp)) if resp.is_informational() => {
+                    let bytes = resp.downstream(false, 1);
+                    srv.buf.advance(resp.len);
+                    // 100 Continue was answered by the proxy already; others go to 1.1 clients.
+                    if resp.status != 100
+                        && req.minor == 1
+                        && client.stream.write_all(&bytes).await.is_err()
+                    {
+                        return Err(HeadRead::ClientGone);
+                    }
+                    continue;
+                }
+                Ok(Some(resp)) => return Ok(resp),
+                Ok(None) => {}
+                Err(HeadError::TooLarge) => return Err(HeadRead::Bad("response head too large")),
+                Err(HeadError::Malformed(why)) => return Err(HeadRead::Bad(why)),
+            }
+        }
+        match srv.fill(timeout).await {
+            Ok(0) if !got_any => return Err(HeadRead::ClosedBeforeAnswer),
+            Ok(0) => return Err(HeadRead::Bad("truncated response head")),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(HeadRead::Timeout),
+            Err(_) if !got_any => return Err(HeadRead::ClosedBeforeAnswer),
+            Err(_) => return Err(HeadRead::Bad("connection reset mid-head")),
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! Parsing request and response heads with httparse, refusing what could smuggle a request,
+//! and rewriting them for the other side (hop-by-hop headers, `Connection`).
+
+/// Largest request or response head (beyond: 431 for requests, 502 for responses).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in one head.
+pub const MAX_HEADERS: usize = 128;
+
+/// How the end of a message body is found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// No body at all.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Responses only: the body ends when the server closes.
+    UntilClose,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadError {
+    /// The head is larger than [`MAX_HEAD`] or has more than [`MAX_HEADERS`] fields.
+    TooLarge,
+    /// Not valid HTTP/1.x, or ambiguous framing.
+    Malformed(&'static str),
+}
+
+/// A complete request head.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub method: String,
+    pub target: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor: u8,
+    /// Bytes of the head in the buffer it was parsed from.
+    pub len: usize,
+    pub framing: Framing,
+    /// The client wants the connection kept open after the response.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue`, which the proxy answers itself.
+    pub expect_continue: bool,
+    /// The head to send to the server: hop-by-hop fields removed.
+    pub upstream: Vec<u8>,
+}
+
+impl RequestHead {
+    pub fn is_head(&self) -> bool {
+        self.method == "HEAD"
+    }
+}
+
+/// A complete response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub minor: u8,
+    pub len: usize,
+    pub framing: Framing,
+    /// The server will keep the connection open (it may go back to the pool).
+    pub keep_alive: bool,
+    /// Status line and end-to-end fields, without the blank line that ends the head.
+    fields: Vec<u8>,
+}
+
+impl ResponseHead {
+    pub fn is_informational(&self) -> bool {
+        (100..200).contains(&self.status)
+    }
+
+    /// The head to send to the client; `close` adds `Connection: close`.
+    pub fn downstream(&self, close: bool, client_minor: u8) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.fields.len() + 32);
+        out.extend_from_slice(&self.fields);
+        if close {
+            out.extend_from_slice(b"Connection: close\r\n");
+        } else if client_minor == 0 {
+            // HTTP/1.0 closes by default: say that we keep it open.
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+}
+
+/// Tokens of every `Connection` field, lower-cased.
+fn connection_tokens(headers: &[httparse::Header<'_>]) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| {
+            String::from_utf8_lossy(h.value)
+                .into_owned()
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Whether a field is hop-by-hop and must not be forwarded.
+fn hop_by_hop(name: &str, tokens: &[String]) -> bool {
+    const ALWAYS: [&str; 6] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+    ];
+    let lower = name.to_ascii_lowercase();
+    if ALWAYS.contains(&lower.as_str()) {
+        return true;
+    }
+    // A `Connection` field may name more hop-by-hop fields, but never the framing ones.
+    !matches!(
+        lower.as_str(),
+        "content-length" | "transfer-encoding" | "host"
+    ) && tokens.iter().any(|t| *t == lower)
+}
+
+/// The single Content-Length of a message: every value (and every comma-separated item)
+/// must be the same number, else the framing is ambiguous.
+fn content_length(headers: &[httparse::Header<'_>]) -> Result<Option<u64>, HeadError> {
+    let mut found: Option<u64> = None;
+    for h in headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+    {
+        let v =
+            std::str::from_utf8(h.value).map_err(|_| HeadError::Malformed("bad content-length"))?;
+        for item in v.split(',') {
+            let item = item.trim();
+            if item.is_empty() || item.len() > 18 || !item.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(HeadError::Malformed("bad content-length"));
+            }
+            let n: u64 = item
+                .parse()
+                .map_err(|_| HeadError::Malformed("bad content-length"))?;
+            match found {
+                Some(prev) if prev != n => {
+                    return Err(HeadError::Malformed("conflicting content-length values"));
+                }
+                _ => found = Some(n),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The transfer codings, lower-cased, in order; `None` without a Transfer-Encoding field.
+fn transfer_codings(headers: &[httparse::Header<'_>]) -> Option<Vec<String>> {
+    let mut codings = None::<Vec<String>>;
+    for h in headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+    {
+        let list = codings.get_or_insert_with(Vec::new);
+        for t in String::from_utf8_lossy(h.value).split(',') {
+            list.push(t.trim().to_ascii_lowercase());
+        }
+    }
+    codings
+}
+
+fn push_field(out: &mut Vec<u8>, h: &httparse::Header<'_>) {
+    out.extend_from_slice(h.name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(h.value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn map_parse_error(e: httparse::Error) -> HeadError {
+    match e {
+        httparse::Error::TooManyHeaders => HeadError::TooLarge,
+        httparse::Error::Version => HeadError::Malformed("unsupported http version"),
+        httparse::Error::HeaderName | httparse::Error::HeaderValue => {
+            HeadError::Malformed("bad header field")
+        }
+        _ => HeadError::Malformed("malformed head"),
+    }
+}
+
+/// Parses a request head at the start of `buf`: `Ok(None)` if more bytes are needed.
+pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf).map_err(map_parse_error)? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial if buf.len() > MAX_HEAD => return Err(HeadError::TooLarge),
+        httparse::Status::Partial => return Ok(None),
+    };
+    if len > MAX_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(HeadError::Malformed("incomplete request line"));
+    };
+    if target.is_empty() {
+        return Err(HeadError::Malformed("empty request target"));
+    }
+    let headers = req.headers;
+    let hosts = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"))
+        .count();
+    if hosts > 1 || (minor == 1 && hosts == 0) {
+        return Err(HeadError::Malformed(
+            "a request needs exactly one host field",
+        ));
+    }
+    let length = content_length(headers)?;
+    let framing = match transfer_codings(headers) {
+        Some(_) if minor == 0 => {
+            return Err(HeadError::Malformed(
+                "transfer-encoding in an http/1.0 request",
+            ));
+        }
+        Some(_) if length.is_some() => {
+            return Err(HeadError::Malformed(
+                "both content-length and transfer-encoding",
+            ));
+        }
+        Some(codings) if codings == ["chunked"] => Framing::Chunked,
+        Some(_) => return Err(HeadError::Malformed("unsupported transfer-encoding")),
+        None => match length {
+            None | Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+        },
+    };
+    let tokens = connection_tokens(headers);
+    let keep_alive = if minor == 1 {
+        !tokens.iter().any(|t| t == "close")
+    } else {
+        tokens.iter().any(|t| t == "keep-alive")
+    };
+    let mut expect_continue = false;
+    let mut upstream = Vec::with_capacity(len + 32);
+    upstream.extend_from_slice(method.as_bytes());
+    upstream.push(b' ');
+    upstream.extend_from_slice(target.as_bytes());
+    upstream.extend_from_slice(if minor == 1 {
+        b" HTTP/1.1\r\n"
+    } else {
+        b" HTTP/1.0\r\n"
+    });
+    for h in headers.iter() {
+        if h.name.eq_ignore_ascii_case("expect") {
+            if h.value.eq_ignore_ascii_case(b"100-continue") {
+                expect_continue = true;
+                continue;
+            }
+            push_field(&mut upstream, h);
+        } else if !hop_by_hop(h.name, &tokens) {
+            push_field(&mut upstream, h);
+        }
+    }
+    if minor == 0 {
+        // Ask an HTTP/1.0 exchange to keep the server connection for the pool.
+        upstream.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    upstream.extend_from_slice(b"\r\n");
+    Ok(Some(RequestHead {
+        method: method.to_owned(),
+        target: target.to_owned(),
+        minor,
+        len,
+        framing,
+        keep_alive,
+        expect_continue,
+        upstream,
+    }))
+}
+
+/// Parses a response head at the start of `buf`; `request_is_head` because a response to HEAD
+/// has no body whatever its fields say.
+pub fn parse_response(
+    buf: &[u8],
+    request_is_head: bool,
+) -> Result<Option<ResponseHead>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf).map_err(map_parse_error)? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial if buf.len() > MAX_HEAD => return Err(HeadError::TooLarge),
+        httparse::Status::Partial => return Ok(None),
+    };
+    let (Some(status), Some(minor)) = (resp.code, resp.version) else {
+        return Err(HeadError::Malformed("incomplete status line"));
+    };
+    if status == 101 {
+        // Upgrade is stripped from every request: a switch is a protocol error here.
+        return Err(HeadError::Malformed("unexpected protocol switch"));
+    }
+    let headers = resp.headers;
+    let length = content_length(headers)?;
+    let codings = transfer_codings(headers);
+    let no_body = request_is_head || (100..200).contains(&status) || status == 204 || status == 304;
+    let framing = if no_body {
+        Framing::Empty
+    } else {
+        match codings {
+            Some(_) if length.is_some() => {
+                return Err(HeadError::Malformed(
+                    "both content-length and transfer-encoding",
+                ));
+            }
+            Some(c) if c.last().map(String::as_str) == Some("chunked") => {
+                if c.iter().filter(|t| *t == "chunked").count() > 1 {
+                    return Err(HeadError::Malformed("chunked applied twice"));
+                }
+                Framing::Chunked
+            }
+            Some(_) => Framing::UntilClose,
+            None => match length {
+                Some(0) => Framing::Empty,
+                Some(n) => Framing::Length(n),
+                None => Framing::UntilClose,
+            },
+        }
+    };
+    let tokens = connection_tokens(headers);
+    let keep_alive = framing != Framing::UntilClose
+        && if minor == 1 {
+            !tokens.iter().any(|t| t == "close")
+        } else {
+            tokens.iter().any(|t| t == "keep-alive")
+        };
+    let mut fields = Vec::with_capacity(len + 32);
+    fields.extend_from_slice(if minor == 1 {
+        b"HTTP/1.1 "
+    } else {
+        b"HTTP/1.0 "
+    });
+    fields.extend_from_slice(status.to_string().as_bytes());
+    fields.push(b' ');
+    fields.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    fields.extend_from_slice(b"\r\n");
+    for h in headers.iter() {
+        if !hop_by_hop(h.name, &tokens) {
+            push_field(&mut fields, h);
+        }
+    }
+    Ok(Some(ResponseHead {
+        status,
+        minor,
+        len,
+        framing,
+        keep_alive,
+        fields,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(s: &str) -> Result<Option<RequestHead>, HeadError> {
+        parse_request(s.as_bytes())
+    }
+
+    #[test]
+    fn simple_get_keeps_alive_and_drops_hop_by_hop_fields() {
+        let h = req("GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\nAccept: */*\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert!(h.keep_alive);
+        assert_eq!(h.framing, Framing::Empty);
+        assert_eq!(
+            String::from_utf8_lossy(&h.upstream),
+            "GET /a HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn partial_then_complete() {
+        assert!(req("GET / HTTP/1.1\r\nHost: x\r\n").expect("ok").is_none());
+        let h = req("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(h.framing, Framing::Length(5));
+        assert_eq!(h.len, 47);
+    }
+
+    #[test]
+    fn smuggling_vectors_are_refused() {
+        for bad in [
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+        ] {
+            assert!(
+                matches!(req(bad), Err(HeadError::Malformed(_))),
+                "{bad:?} accepted"
+            );
+        }
+        // Identical duplicates are harmless and allowed.
+        let h = req("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(h.framing, Framing::Length(3));
+    }
+
+    #[test]
+    fn huge_heads_are_too_large() {
+        let mut s = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
+        while s.len() <= MAX_HEAD {
+            s.push_str("X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        assert_eq!(req(&s).err(), Some(HeadError::TooLarge));
+    }
+
+    #[test]
+    fn http10_closes_unless_asked() {
+        let h = req("GET / HTTP/1.0\r\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert!(!h.keep_alive);
+        let h = req("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn response_framing() {
+        let r = |s: &str, head: bool| {
+            parse_response(s.as_bytes(), head)
+                .expect("ok")
+                .expect("complete")
+        };
+        assert_eq!(
+            r("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", false).framing,
+            Framing::Length(3)
+        );
+        assert_eq!(
+            r("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true).framing,
+            Framing::Empty
+        );
+        assert_eq!(
+            r("HTTP/1.1 204 No Content\r\n\r\n", false).framing,
+            Framing::Empty
+        );
+        assert_eq!(
+            r(
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+                false
+            )
+            .framing,
+            Framing::Empty
+        );
+        assert_eq!(
+            r(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false
+            )
+            .framing,
+            Framing::Chunked
+        );
+        let close = r("HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!(close.framing, Framing::UntilClose);
+        assert!(!close.keep_alive);
+        let c = r(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+            false,
+        );
+        assert!(!c.keep_alive);
+        assert_eq!(
+            String::from_utf8_lossy(&c.downstream(true, 1)),
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n"
+        );
+        assert!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false
+            )
+            .is_err()
+        );
+        assert!(parse_response(b"garbage\r\n\r\n", false).is_err());
+    }
+}
