@@ -3,6 +3,7 @@
 
 mod backend;
 mod harness;
+mod load;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

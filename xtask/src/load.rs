@@ -1,0 +1,744 @@
+//! HTTP/1.1 load generator for e2e and bench: keep-alive and connection-close clients, bounded in
+//! time and count, every response checked, every failure counted by kind.
+
+use std::fmt;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// What to send, how hard and for how long.
+#[derive(Clone, Debug)]
+pub struct LoadConfig {
+    pub target: SocketAddr,
+    /// Clients that reuse one connection for request after request.
+    pub keepalive_clients: usize,
+    /// Clients that open a new connection per request (`Connection: close`).
+    pub close_clients: usize,
+    /// The run stops by itself after this long...
+    pub max_duration: Duration,
+    /// ...or after this many requests, whichever comes first.
+    pub max_requests: u64,
+    /// Connect + send + full response must fit in this.
+    pub request_timeout: Duration,
+    pub path: String,
+    /// A 200 response body must name one of these servers ("server: NAME"); empty accepts any.
+    pub expect_servers: Vec<String>,
+}
+
+impl LoadConfig {
+    pub fn new(target: SocketAddr) -> Self {
+        Self {
+            target,
+            keepalive_clients: 50,
+            close_clients: 50,
+            max_duration: Duration::from_secs(120),
+            max_requests: 5_000_000,
+            request_timeout: Duration::from_secs(5),
+            path: "/".to_owned(),
+            expect_servers: Vec::new(),
+        }
+    }
+}
+
+/// Ways a request can fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailKind {
+    /// connect(2) got ECONNREFUSED: nobody was listening.
+    Refused,
+    /// The connection was reset, or closed before any response byte.
+    Reset,
+    /// No complete response within the request timeout.
+    Timeout,
+    /// A complete response whose status was not 200.
+    BadStatus,
+    /// The connection ended in the middle of the response head or body.
+    Truncated,
+    /// Anything else: malformed response, wrong server in the body, local errors.
+    Other,
+}
+
+const KINDS: [FailKind; 6] = [
+    FailKind::Refused,
+    FailKind::Reset,
+    FailKind::Timeout,
+    FailKind::BadStatus,
+    FailKind::Truncated,
+    FailKind::Other,
+];
+
+impl FailKind {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::Reset => "reset",
+            Self::Timeout => "timeout",
+            Self::BadStatus => "bad status",
+            Self::Truncated => "truncated",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// Failure counts by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Failures([u64; 6]);
+
+impl Failures {
+    pub fn get(&self, kind: FailKind) -> u64 {
+        self.0[kind.index()]
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// Counts since `earlier` (both taken from the same run).
+    pub fn since(&self, earlier: &Failures) -> Failures {
+        let mut out = Failures::default();
+        for (i, v) in out.0.iter_mut().enumerate() {
+            *v = self.0[i].saturating_sub(earlier.0[i]);
+        }
+        out
+    }
+}
+
+impl fmt::Display for Failures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = KINDS
+            .iter()
+            .map(|k| format!("{} {}", k.name(), self.get(*k)))
+            .collect();
+        write!(f, "{}", parts.join(", "))
+    }
+}
+
+/// Live counters shared by the clients and whoever watches the run.
+#[derive(Default)]
+struct Shared {
+    issued: AtomicU64,
+    ok: AtomicU64,
+    failures: [AtomicU64; 6],
+    in_flight: AtomicU64,
+    connections: AtomicU64,
+    close_reconnects: AtomicU64,
+    samples: std::sync::Mutex<Vec<String>>,
+}
+
+/// Counters at one instant of a running load.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Snapshot {
+    pub ok: u64,
+    pub failures: Failures,
+    pub in_flight: u64,
+}
+
+/// Everything a finished run measured.
+#[derive(Clone, Debug)]
+pub struct LoadReport {
+    pub ok: u64,
+    pub failures: Failures,
+    pub elapsed: Duration,
+    /// Connections opened (keep-alive and per-request).
+    pub connections: u64,
+    /// Keep-alive connections the server ended with `Connection: close` (not failures).
+    pub close_reconnects: u64,
+    /// Sorted latencies of successful requests, microseconds.
+    latencies_us: Vec<u32>,
+    /// The first few failures, with their time into the run, for the log.
+    pub samples: Vec<String>,
+}
+
+impl LoadReport {
+    pub fn requests(&self) -> u64 {
+        self.ok + self.failures.total()
+    }
+
+    pub fn rps(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Latency percentile `p` in [0, 100] over successful requests.
+    pub fn latency(&self, p: f64) -> Duration {
+        Duration::from_micros(u64::from(percentile(&self.latencies_us, p)))
+    }
+
+    /// One line with every figure, for the scenario's printout.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} requests ({} ok) in {:.1}s = {:.0} req/s; latency p50 {:.2?} p99 {:.2?} max {:.2?}; \
+             failures: {}; {} connections, {} server-closed keep-alive reconnects",
+            self.requests(),
+            self.ok,
+            self.elapsed.as_secs_f64(),
+            self.rps(),
+            self.latency(50.0),
+            self.latency(99.0),
+            self.latency(100.0),
+            self.failures,
+            self.connections,
+            self.close_reconnects
+        )
+    }
+}
+
+/// Value at percentile `p` of sorted `v` (nearest rank), 0 when empty.
+pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
+    if sorted.is_empty() {
+        return T::default();
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// A running load. Stop it with [`Load::finish`]; dropping it stops the clients too.
+pub struct Load {
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    clients: Vec<JoinHandle<Vec<u32>>>,
+    started: Instant,
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Load {
+    /// Starts every client at once on the current tokio runtime.
+    pub fn start(config: LoadConfig) -> Self {
+        let shared = Arc::new(Shared::default());
+        let stop = CancellationToken::new();
+        let config = Arc::new(config);
+        let started = Instant::now();
+        let deadline = started + config.max_duration;
+        let mut clients = Vec::new();
+        for i in 0..config.keepalive_clients + config.close_clients {
+            let client = Client {
+                config: Arc::clone(&config),
+                shared: Arc::clone(&shared),
+                stop: stop.clone(),
+                keep_alive: i < config.keepalive_clients,
+                deadline,
+                started,
+            };
+            clients.push(tokio::spawn(client.run()));
+        }
+        Self {
+            shared,
+            stop,
+            clients,
+            started,
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let s = &self.shared;
+        let mut failures = Failures::default();
+        for (i, f) in s.failures.iter().enumerate() {
+            failures.0[i] = f.load(Ordering::SeqCst);
+        }
+        Snapshot {
+            ok: s.ok.load(Ordering::SeqCst),
+            failures,
+            in_flight: s.in_flight.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Requests started and not yet answered (a keep-alive client is counted from the moment it
+    /// starts writing a request until its response is complete).
+    pub fn in_flight(&self) -> u64 {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` more requests have succeeded (or `timeout` passes): proof that traffic flows.
+    pub async fn wait_ok(&self, n: u64, timeout: Duration) -> anyhow::Result<()> {
+        let target = self.shared.ok.load(Ordering::SeqCst) + n;
+        let deadline = Instant::now() + timeout;
+        while self.shared.ok.load(Ordering::SeqCst) < target {
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "load: fewer than {n} successful requests within {timeout:?} ({})",
+                    self.snapshot().failures
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops the clients (each finishes its current request) and gathers the figures.
+    pub async fn finish(mut self) -> LoadReport {
+        self.stop.cancel();
+        let mut latencies = Vec::new();
+        for c in std::mem::take(&mut self.clients) {
+            if let Ok(mut l) = c.await {
+                latencies.append(&mut l);
+            }
+        }
+        let elapsed = self.started.elapsed();
+        latencies.sort_unstable();
+        let snap = self.snapshot();
+        let samples = self
+            .shared
+            .samples
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        LoadReport {
+            ok: snap.ok,
+            failures: snap.failures,
+            elapsed,
+            connections: self.shared.connections.load(Ordering::SeqCst),
+            close_reconnects: self.shared.close_reconnects.load(Ordering::SeqCst),
+            latencies_us: latencies,
+            samples,
+        }
+    }
+}
+
+struct Client {
+    config: Arc<LoadConfig>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    keep_alive: bool,
+    deadline: Instant,
+    started: Instant,
+}
+
+/// Decrements the in-flight gauge however the request ends.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(g: &'a AtomicU64) -> Self {
+        g.fetch_add(1, Ordering::SeqCst);
+        Self(g)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A successful exchange.
+struct Answer {
+    /// The server asked to close the connection after this response.
+    close: bool,
+}
+
+impl Client {
+    async fn run(self) -> Vec<u32> {
+        let mut latencies = Vec::new();
+        let mut conn: Option<TcpStream> = None;
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: xtask-load\r\n{}\r\n",
+            self.config.path,
+            self.config.target,
+            if self.keep_alive {
+                ""
+            } else {
+                "Connection: close\r\n"
+            }
+        );
+        loop {
+            if self.stop.is_cancelled() || Instant::now() >= self.deadline {
+                break;
+            }
+            if self.shared.issued.fetch_add(1, Ordering::SeqCst) >= self.config.max_requests {
+                break;
+            }
+            let begun = Instant::now();
+            let guard = InFlight::new(&self.shared.in_flight);
+            let reused = conn.is_some();
+            let result = tokio::time::timeout(
+                self.config.request_timeout,
+                self.exchange(&mut conn, request.as_bytes(), reused),
+            )
+            .await
+            .unwrap_or_else(|_| Err((FailKind::Timeout, "no complete response in time".into())));
+            drop(guard);
+            match result {
+                Ok(answer) => {
+                    self.shared.ok.fetch_add(1, Ordering::SeqCst);
+                    let us = begun.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                    latencies.push(us);
+                    if answer.close || !self.keep_alive {
+                        if self.keep_alive {
+                            self.shared.close_reconnects.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if let Some(c) = conn.take() {
+                            wait_server_close(c).await;
+                        }
+                    }
+                }
+                Err((kind, why)) => {
+                    conn = None;
+                    self.record_failure(kind, &why, reused);
+                    // Do not spin on a dead address; the load must stay a load, not a flood.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        latencies
+    }
+
+    fn record_failure(&self, kind: FailKind, why: &str, reused: bool) {
+        self.shared.failures[kind.index()].fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut s) = self.shared.samples.lock()
+            && s.len() < 20
+        {
+            s.push(format!(
+                "+{:.3}s {} ({} connection): {why}",
+                self.started.elapsed().as_secs_f64(),
+                kind.name(),
+                if reused { "reused" } else { "new" }
+            ));
+        }
+    }
+
+    /// One request/response on `conn` (connecting first if needed).
+    async fn exchange(
+        &self,
+        conn: &mut Option<TcpStream>,
+        request: &[u8],
+        reused: bool,
+    ) -> Result<Answer, (FailKind, String)> {
+        if conn.is_none() {
+            let s = TcpStream::connect(self.config.target)
+                .await
+                .map_err(|e| (classify(&e, false), format!("connect: {e}")))?;
+            let _ = s.set_nodelay(true);
+            self.shared.connections.fetch_add(1, Ordering::SeqCst);
+            *conn = Some(s);
+        }
+        let Some(stream) = conn.as_mut() else {
+            return Err((FailKind::Other, "no connection".into()));
+        };
+        if let Err(e) = stream.write_all(request).await {
+            return Err((classify(&e, false), format!("write (reused {reused}): {e}")));
+        }
+        read_response(stream, &self.config.expect_servers).await
+    }
+}
+
+/// After a `Connection: close` response, lets the server close first (so TIME_WAIT stays on its
+/// side), without waiting long for it.
+async fn wait_server_close(mut stream: TcpStream) {
+    let mut buf = [0u8; 512];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+fn classify(e: &std::io::Error, got_bytes: bool) -> FailKind {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => FailKind::Refused,
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+            if !got_bytes =>
+        {
+            FailKind::Reset
+        }
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+            FailKind::Truncated
+        }
+        ErrorKind::TimedOut => FailKind::Timeout,
+        _ => FailKind::Other,
+    }
+}
+
+/// Reads one response: head, then exactly Content-Length body bytes, and checks it.
+async fn read_response(
+    stream: &mut TcpStream,
+    expect_servers: &[String],
+) -> Result<Answer, (FailKind, String)> {
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let (status, close, body_start, content_length) = loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| (classify(&e, !buf.is_empty()), format!("read head: {e}")))?;
+        if n == 0 {
+            return Err(if buf.is_empty() {
+                (FailKind::Reset, "closed before any response byte".into())
+            } else {
+                (
+                    FailKind::Truncated,
+                    format!("closed after {} head bytes", buf.len()),
+                )
+            });
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let mut close = resp.version == Some(0);
+                let mut len = None;
+                for h in resp.headers.iter() {
+                    let v = std::str::from_utf8(h.value).unwrap_or("").trim();
+                    if h.name.eq_ignore_ascii_case("connection") {
+                        let v = v.to_ascii_lowercase();
+                        close = v.contains("close") || (close && !v.contains("keep-alive"));
+                    } else if h.name.eq_ignore_ascii_case("content-length") {
+                        len = v.parse::<usize>().ok();
+                    }
+                }
+                let Some(len) = len else {
+                    return Err((
+                        FailKind::Other,
+                        "response without a valid content-length".into(),
+                    ));
+                };
+                break (resp.code.unwrap_or(0), close, head_len, len);
+            }
+            Ok(httparse::Status::Partial) if buf.len() > 64 * 1024 => {
+                return Err((FailKind::Other, "response head too large".into()));
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(e) => return Err((FailKind::Other, format!("malformed response: {e}"))),
+        }
+    };
+    while buf.len() < body_start + content_length {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| (classify(&e, true), format!("read body: {e}")))?;
+        if n == 0 {
+            return Err((
+                FailKind::Truncated,
+                format!(
+                    "closed after {} of {content_length} body bytes",
+                    buf.len() - body_start
+                ),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    if buf.len() > body_start + content_length {
+        return Err((FailKind::Other, "bytes after the response body".into()));
+    }
+    if status != 200 {
+        return Err((FailKind::BadStatus, format!("status {status}")));
+    }
+    let body = String::from_utf8_lossy(&buf[body_start..]);
+    if !expect_servers.is_empty()
+        && !expect_servers.iter().any(|s| {
+            body.lines()
+                .any(|l| l.strip_prefix("server: ") == Some(s.as_str()))
+        })
+    {
+        return Err((FailKind::Other, format!("unexpected body: {body:?}")));
+    }
+    Ok(Answer { close })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{BackendConfig, serve};
+
+    async fn backend(name: &str) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let config = BackendConfig {
+            listen: addr,
+            name: name.to_owned(),
+            delay: Duration::ZERO,
+        };
+        tokio::spawn(serve(listener, config));
+        addr
+    }
+
+    fn small(target: SocketAddr) -> LoadConfig {
+        LoadConfig {
+            keepalive_clients: 3,
+            close_clients: 3,
+            max_duration: Duration::from_secs(10),
+            max_requests: 600,
+            request_timeout: Duration::from_secs(2),
+            ..LoadConfig::new(target)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn counts_successes_up_to_the_request_bound() {
+        let addr = backend("app1").await;
+        let mut cfg = small(addr);
+        cfg.expect_servers = vec!["app1".into()];
+        let report = Load::start(cfg).finish_after_bound().await;
+        assert_eq!(report.ok, 600, "{}", report.summary());
+        assert_eq!(report.failures.total(), 0, "{:?}", report.samples);
+        assert!(report.latency(99.0) > Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn wrong_server_and_refused_are_failures() {
+        let addr = backend("app2").await;
+        let mut cfg = small(addr);
+        cfg.max_requests = 20;
+        cfg.expect_servers = vec!["app1".into()];
+        let report = Load::start(cfg).finish_after_bound().await;
+        assert_eq!(report.ok, 0);
+        assert_eq!(
+            report.failures.get(FailKind::Other),
+            20,
+            "{:?}",
+            report.samples
+        );
+
+        // A port nobody listens on.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let dead = free.local_addr().expect("addr");
+        drop(free);
+        let mut cfg = small(dead);
+        cfg.max_requests = 10;
+        let report = Load::start(cfg).finish_after_bound().await;
+        assert_eq!(report.failures.get(FailKind::Refused), 10);
+    }
+
+    /// A fake server that answers the first request on each connection and then closes without
+    /// answering the second: the keep-alive client's second request is a `reset` failure, while
+    /// a `Connection: close` answer only makes it reconnect.
+    #[tokio::test]
+    async fn closed_reused_connection_is_reset_but_connection_close_is_not() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                n += 1;
+                let say_close = n % 2 == 0;
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    let body = "server: x\n";
+                    let conn = if say_close { "close" } else { "keep-alive" };
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: {conn}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                    if !say_close {
+                        // Read the next request, then close without a byte.
+                        let _ = s.read(&mut buf).await;
+                    }
+                });
+            }
+        });
+        let cfg = LoadConfig {
+            keepalive_clients: 1,
+            close_clients: 0,
+            max_requests: 40,
+            ..small(addr)
+        };
+        let report = Load::start(cfg).finish_after_bound().await;
+        assert_eq!(report.requests(), 40);
+        assert_eq!(
+            report.failures.get(FailKind::Reset),
+            report.failures.total()
+        );
+        assert!(
+            report.failures.get(FailKind::Reset) >= 10,
+            "{}",
+            report.summary()
+        );
+        assert!(report.close_reconnects >= 10, "{}", report.summary());
+    }
+
+    #[tokio::test]
+    async fn truncated_body_and_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                n += 1;
+                let hang = n % 2 == 0;
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    if hang {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        return;
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+                        .await;
+                });
+            }
+        });
+        let cfg = LoadConfig {
+            keepalive_clients: 0,
+            close_clients: 1,
+            max_requests: 4,
+            request_timeout: Duration::from_millis(300),
+            ..small(addr)
+        };
+        let report = Load::start(cfg).finish_after_bound().await;
+        assert_eq!(
+            report.failures.get(FailKind::Truncated),
+            2,
+            "{:?}",
+            report.samples
+        );
+        assert_eq!(
+            report.failures.get(FailKind::Timeout),
+            2,
+            "{:?}",
+            report.samples
+        );
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<u32> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 50);
+        assert_eq!(percentile(&v, 99.0), 99);
+        assert_eq!(percentile(&v, 100.0), 100);
+        assert_eq!(percentile::<u32>(&[], 50.0), 0);
+    }
+
+    impl Load {
+        /// Test helper: waits for the request bound to be used up, then finishes.
+        async fn finish_after_bound(self) -> LoadReport {
+            for _ in 0..1000 {
+                if self.clients.iter().all(|c| c.is_finished()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            self.finish().await
+        }
+    }
+}
