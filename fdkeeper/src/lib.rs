@@ -1,1 +1,228 @@
-//! fdkeeper (stub until its issue lands).
+//! fdkeeper: binds listening sockets once, keeps them for ever, and lends dups of them over SCM_RIGHTS.
+//!
+//! The daemon side is [`bind_sockets`] + [`run`]; borrowers (proxyd workers) use [`client`].
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod client;
+pub mod config;
+mod conn;
+pub mod listener;
+pub mod pattern;
+mod registry;
+mod server;
+mod sys;
+pub mod systemd;
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use client::{Client, ClientError, LentListener, ListenSpec, guard_listeners};
+pub use config::Config;
+pub use sys::MAX_FDS_PER_MESSAGE;
+
+/// Backlog of the lending socket itself (borrowers waiting to be accepted).
+const LENDING_BACKLOG: i32 = 128;
+
+/// The sockets fdkeeper serves on, bound before `run` (so tests and main share one path).
+#[derive(Debug)]
+pub struct Sockets {
+    /// The SOCK_SEQPACKET lending socket, listening.
+    pub lending: OwnedFd,
+    pub admin: std::os::unix::net::UnixListener,
+    /// Listening sockets handed over by systemd (its fd store) at start.
+    pub inherited: Vec<systemd::Inherited>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot create directory {path}: {source}")]
+    Dir { path: PathBuf, source: io::Error },
+    #[error("lending socket {path}: {source}")]
+    Lending { path: PathBuf, source: io::Error },
+    #[error("admin socket {path}: {source}")]
+    Admin { path: PathBuf, source: io::Error },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot serve on the lending socket: {0}")]
+    Lending(io::Error),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(String),
+    #[error("admin gRPC server: {0}")]
+    Admin(#[from] tonic::transport::Error),
+}
+
+/// Binds the lending and admin sockets as the config says. The lending socket's directory
+/// is created 0700 (0750 with `socket_group`) when missing; an existing one is left alone.
+pub fn bind_sockets(config: &Config) -> Result<Sockets, BindError> {
+    let lending = bind_lending(config)?;
+    let admin =
+        common::daemon::bind_unix(config.admin(), 0o600).map_err(|source| BindError::Admin {
+            path: config.admin().to_owned(),
+            source,
+        })?;
+    Ok(Sockets {
+        lending,
+        admin,
+        inherited: Vec::new(),
+    })
+}
+
+fn bind_lending(config: &Config) -> Result<OwnedFd, BindError> {
+    let path = config.socket();
+    let err = |source: io::Error| BindError::Lending {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.exists() {
+        let mode = if config.socket_group.is_some() {
+            0o750
+        } else {
+            0o700
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(&dir)
+            .map_err(|source| BindError::Dir {
+                path: dir.clone(),
+                source,
+            })?;
+        if let Some(gid) = config.socket_group {
+            std::os::unix::fs::chown(&dir, None, Some(gid)).map_err(|source| BindError::Dir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+    }
+    remove_stale(path).map_err(err)?;
+    let fd = sys::seqpacket_socket().map_err(err)?;
+    sys::bind_unix(fd.as_fd(), path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.socket_mode))
+        .map_err(err)?;
+    if let Some(gid) = config.socket_group {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+    }
+    sys::listen(fd.as_fd(), LENDING_BACKLOG).map_err(err)?;
+    Ok(fd)
+}
+
+/// Removes a lending socket file left by a dead fdkeeper; refuses while one is serving
+/// there, and never removes anything that is not a socket.
+fn remove_stale(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(meta) if meta.file_type().is_socket() => {
+            let probe = sys::seqpacket_socket()?;
+            match sys::connect_unix(probe.as_fd(), path) {
+                // A full backlog (EAGAIN) means a live listener too.
+                Ok(()) => Err(in_use(path)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(in_use(path)),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)
+                }
+                Err(e) => Err(io::Error::new(
+                    e.kind(),
+                    format!("{} exists and cannot be probed: {e}", path.display()),
+                )),
+            }
+        }
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        )),
+    }
+}
+
+fn in_use(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("{} is in use by a running fdkeeper", path.display()),
+    )
+}
+
+/// Serves lending and admin until `shutdown`. Never closes a held listener on purpose:
+/// they go away with the process, and live on in borrowers and systemd's fd store.
+pub async fn run(
+    config: Config,
+    sockets: Sockets,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let fdstore = systemd::under_systemd();
+    let registry: server::Shared = Arc::new(Mutex::new(registry::Registry::new(
+        Arc::new(config),
+        fdstore,
+    )));
+    {
+        let mut reg = server::lock(&registry);
+        for inh in sockets.inherited {
+            let name = inh.name.clone();
+            match reg.adopt_inherited(&inh.name, inh.fd) {
+                Ok(()) => {}
+                Err(reason) => {
+                    tracing::warn!(fdname = %name, %reason, "dropping an fd from systemd's fd store");
+                    if fdstore {
+                        systemd::remove(&name);
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            instance = %reg.instance.id,
+            adopted = reg.held.len(),
+            socket = %reg.config.socket().display(),
+            admin = %reg.config.admin().display(),
+            "fdkeeper serving"
+        );
+    }
+
+    let acceptor = conn::Acceptor::new(sockets.lending).map_err(RunError::Lending)?;
+    let tracker = TaskTracker::new();
+    let lending = tokio::spawn(server::serve(
+        acceptor,
+        registry.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
+
+    let reflection =
+        common::grpc::reflection().map_err(|e| RunError::Reflection(e.to_string()))?;
+    let reflection_v1alpha =
+        common::grpc::reflection_v1alpha().map_err(|e| RunError::Reflection(e.to_string()))?;
+    let health = common::grpc::health::<
+        proto::fdkeeper::v1::admin_server::AdminServer<admin::AdminService>,
+    >()
+    .await;
+    let router = tonic::transport::Server::builder()
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .add_service(health)
+        .add_service(proto::fdkeeper::v1::admin_server::AdminServer::new(
+            admin::AdminService::new(registry.clone()),
+        ));
+    common::daemon::notify::ready("lending");
+    let served = common::grpc::serve_unix(router, sockets.admin, shutdown.clone()).await;
+
+    // The admin server returns on shutdown (or on a fatal error, which stops everything).
+    shutdown.cancel();
+    if let Err(e) = lending.await {
+        tracing::error!(error = %e, "the lending task failed");
+    }
+    tracker.close();
+    tracker.wait().await;
+    served?;
+    Ok(())
+}
