@@ -5,11 +5,15 @@
 //! its listeners from fdkeeper and proxies with [`proxy`] and [`http`].
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod balance;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod http;
+pub mod master;
 pub mod proxy;
 pub mod sys;
+pub mod worker;
 
 pub use config::Config;

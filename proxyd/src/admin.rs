@@ -1,0 +1,63 @@
+//! The `proxyd.v1.Admin` gRPC service the master serves on its unix socket.
+
+use proto::proxyd::v1 as api;
+use proto::proxyd::v1::admin_server::{Admin, AdminServer};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::master::{Handle, ReloadError};
+
+#[derive(Debug)]
+pub struct AdminService {
+    master: Handle,
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(
+        &self,
+        _req: Request<api::StatusRequest>,
+    ) -> Result<Response<api::StatusReply>, Status> {
+        self.master
+            .status()
+            .await
+            .map(Response::new)
+            .ok_or_else(|| Status::unavailable("the master is stopping"))
+    }
+
+    async fn reload(
+        &self,
+        _req: Request<api::ReloadRequest>,
+    ) -> Result<Response<api::ReloadReply>, Status> {
+        match self.master.reload().await {
+            Ok(result) => Ok(Response::new(api::ReloadReply {
+                result: Some(result),
+            })),
+            Err(e @ ReloadError::Config(_)) => Err(Status::invalid_argument(e.to_string())),
+            Err(e @ ReloadError::Worker(_)) => Err(Status::internal(e.to_string())),
+            Err(e @ ReloadError::Stopping) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("admin server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves Admin, reflection and health on `listener` until `shutdown`.
+pub async fn serve(
+    master: Handle,
+    listener: std::os::unix::net::UnixListener,
+    shutdown: CancellationToken,
+) -> Result<(), AdminError> {
+    let router = tonic::transport::Server::builder()
+        .add_service(common::grpc::health::<AdminServer<AdminService>>().await)
+        .add_service(common::grpc::reflection()?)
+        .add_service(AdminServer::new(AdminService { master }));
+    common::grpc::serve_unix(router, listener, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! What the binary's commands do, kept out of main.rs: the master's start-up and `proxyd reload`.
+
+use std::path::{Path, PathBuf};
+
+use common::daemon::{EXIT_CONFIG, EXIT_FAILURE, EXIT_OK};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::master::Master;
+
+/// `proxyd --config FILE`: validate, bind the admin socket, run the master until stopped.
+pub fn master(config_path: &Path) -> i32 {
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return EXIT_CONFIG;
+        }
+    };
+    // Resolved once: a reload after an upgrade on disk must exec the new file at this path,
+    // while /proc/self/exe would keep pointing at the old (deleted) one.
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot find the proxyd binary");
+            return EXIT_FAILURE;
+        }
+    };
+    let admin = match common::daemon::bind_unix(&config.global.admin_socket, 0o600) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, socket = %config.global.admin_socket.display(), "cannot bind the admin socket");
+            return EXIT_FAILURE;
+        }
+    };
+    let admin_path = config.global.admin_socket.clone();
+    // One thread: workers' parent-death signal follows the thread that spawned them.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the runtime");
+            return EXIT_FAILURE;
+        }
+    };
+    tracing::info!(pid = std::process::id(), admin = %admin_path.display(), "master started");
+    let code = rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let (master, handle) = Master::new(config, exe);
+        if let Err(e) = crate::master::forward_signals(handle.clone(), shutdown.clone()) {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return EXIT_FAILURE;
+        }
+        let admin_stop = CancellationToken::new();
+        let admin_task = tokio::spawn(crate::admin::serve(handle, admin, admin_stop.clone()));
+        master.run(shutdown).await;
+        admin_stop.cancel();
+        match admin_task.await {
+            Ok(Ok(())) => EXIT_OK,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "admin server failed");
+                EXIT_FAILURE
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "admin server panicked");
+                EXIT_FAILURE
+            }
+        }
+    });
+    let _ = std::fs::remove_file(&admin_path);
+    code
+}
+
+/// `proxyd reload`: calls Admin/Reload on the running master and prints the result.
+pub fn reload(config_path: &Path, admin_socket: Option<PathBuf>) -> i32 {
+    let socket = match admin_socket {
+        Some(s) => s,
+        None => match admin_socket_of(config_path) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("{e}");
+                return EXIT_CONFIG;
+            }
+        },
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot build the runtime: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let channel = match common::grpc::connect_unix(&socket).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("cannot reach proxyd at {}: {e}", socket.display());
+                return EXIT_FAILURE;
+            }
+        };
+        let mut admin = proto::proxyd::v1::admin_client::AdminClient::new(channel);
+        match admin.reload(proto::proxyd::v1::ReloadRequest {}).await {
+            Ok(r) => {
+                let r = r.into_inner().result.unwrap_or_default();
+                println!(
+                    "reload ok: generation {} serving after {:.1} ms",
+                    r.generation,
+                    r.duration_us as f64 / 1000.0
+                );
+                EXIT_OK
+            }
+            Err(status) => {
+                eprintln!("reload failed: {}", status.message());
+                EXIT_FAILURE
+            }
+        }
+    })
+}
+
+/// The admin socket named in a config, read leniently: the file may be broken (that is
+/// what the reload will report), but the master's socket is still worth finding.
+fn admin_socket_of(path: &Path) -> Result<PathBuf, common::ConfigError> {
+    if let Ok(c) = Config::load(path) {
+        return Ok(c.global.admin_socket);
+    }
+    let src = common::SourceFile::read(path)?;
+    let table: toml::Table = src.parse()?;
+    table
+        .get("global")
+        .and_then(|g| g.get("admin_socket"))
+        .and_then(|s| s.as_str())
+        .map(PathBuf::from)
+        .ok_or_else(|| src.error("no [global] admin_socket to find the running proxyd"))
+}

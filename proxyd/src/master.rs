@@ -1,0 +1,854 @@
+//! The master: supervises worker generations, reloads (start N+1, wait for Ready, drain N),
+//! respawns crashed workers, and tells systemd what is going on.
+
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::ConfigError;
+use common::daemon::notify;
+use proto::proxyd::v1 as api;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::control::{MasterEnd, pb, to_worker};
+use crate::proxy::StatsSnapshot;
+use crate::sys::{self, SeqPacket};
+
+/// Grace after a drain deadline (or a Stop) before a worker is killed.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+/// Crash-loop detection: this many crashes within the window means backing off.
+const CRASH_WINDOW: Duration = Duration::from_secs(10);
+const CRASHES_BEFORE_BACKOFF: usize = 3;
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Why a reload did not happen.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Worker(String),
+    #[error("the master is stopping")]
+    Stopping,
+}
+
+type ReloadReply = oneshot::Sender<Result<api::ReloadResult, ReloadError>>;
+
+enum Command {
+    /// `None`: nobody waits for the answer (SIGUSR2).
+    Reload(Option<ReloadReply>, Instant),
+    Status(oneshot::Sender<api::StatusReply>),
+}
+
+/// Talks to a running master (the admin service, signal handlers, tests).
+#[derive(Clone, Debug)]
+pub struct Handle {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl Handle {
+    /// Reloads and waits for the result.
+    pub async fn reload(&self) -> Result<api::ReloadResult, ReloadError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Reload(Some(tx), Instant::now()))
+            .map_err(|_| ReloadError::Stopping)?;
+        rx.await.unwrap_or(Err(ReloadError::Stopping))
+    }
+
+    /// Starts a reload without waiting (its result lands in the log and in Status).
+    pub fn reload_detached(&self) {
+        let _ = self.tx.send(Command::Reload(None, Instant::now()));
+    }
+
+    pub async fn status(&self) -> Option<api::StatusReply> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Status(tx)).ok()?;
+        rx.await.ok()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Starting,
+    Serving,
+    Draining,
+}
+
+#[derive(Debug)]
+enum ToWorker {
+    Send(pb::MasterToWorker),
+    Kill,
+}
+
+#[derive(Debug)]
+enum Event {
+    Msg { id: u64, msg: pb::WorkerToMaster },
+    Exited { id: u64, status: String },
+}
+
+#[derive(Debug)]
+struct Worker {
+    id: u64,
+    pid: u32,
+    tx: mpsc::UnboundedSender<ToWorker>,
+    started: SystemTime,
+    stats: StatsSnapshot,
+    /// The reason from a `Failed` message, reported when the process exits.
+    failed: Option<String>,
+}
+
+#[derive(Debug)]
+struct Generation {
+    number: u64,
+    config: Arc<Config>,
+    state: State,
+    binary: PathBuf,
+    worker: Option<Worker>,
+    restarts: u32,
+    crashes: VecDeque<Instant>,
+    /// When a crashed worker is respawned (crash-loop backoff).
+    respawn_at: Option<Instant>,
+    /// When the worker was found dead, to log how long the respawn took.
+    down_since: Option<Instant>,
+    ready_deadline: Option<Instant>,
+    kill_at: Option<Instant>,
+    draining_since: Option<SystemTime>,
+    /// Sent Stop (over max_draining): no longer counted as draining.
+    stopped: bool,
+    /// Given up on (not ready in time): removed when its worker is gone.
+    abandoned: bool,
+    inodes: Vec<u64>,
+}
+
+struct Pending {
+    generation: u64,
+    begun: Instant,
+    reply: Option<ReloadReply>,
+}
+
+/// The master's state; runs as one task that owns everything (no locks).
+pub struct Master {
+    exe: PathBuf,
+    config_path: PathBuf,
+    current: Arc<Config>,
+    generations: Vec<Generation>,
+    next_generation: u64,
+    next_worker_id: u64,
+    cmd_tx: mpsc::UnboundedSender<Command>,
+    cmd_rx: mpsc::UnboundedReceiver<Command>,
+    ev_tx: mpsc::UnboundedSender<Event>,
+    ev_rx: mpsc::UnboundedReceiver<Event>,
+    pending: Option<Pending>,
+    queued: VecDeque<(Option<ReloadReply>, Instant)>,
+    last_reload: Option<api::ReloadResult>,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    notified_ready: bool,
+    stopping: bool,
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Master {
+    /// `exe` is the binary path resolved at start: every worker is a fresh exec of that path,
+    /// so a reload after an upgrade on disk runs the new file.
+    pub fn new(config: Config, exe: PathBuf) -> (Master, Handle) {
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let handle = Handle { tx: cmd_tx.clone() };
+        let config_path = config.source.path.clone();
+        let master = Master {
+            exe,
+            config_path,
+            current: Arc::new(config),
+            generations: Vec::new(),
+            next_generation: 1,
+            next_worker_id: 1,
+            cmd_tx,
+            cmd_rx,
+            ev_tx,
+            ev_rx,
+            pending: None,
+            queued: VecDeque::new(),
+            last_reload: None,
+            reloads_ok: 0,
+            reloads_failed: 0,
+            notified_ready: false,
+            stopping: false,
+        };
+        (master, handle)
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            tx: self.cmd_tx.clone(),
+        }
+    }
+
+    /// Runs until `shutdown` fires and every worker has drained (bounded by drain_timeout).
+    /// Must run on a current-thread runtime on the main thread: workers get their
+    /// parent-death signal from the thread that spawned them.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let first = self.current.clone();
+        self.start_generation(first);
+        loop {
+            let timer = self.next_timer();
+            tokio::select! {
+                () = shutdown.cancelled(), if !self.stopping => self.begin_stop(),
+                Some(cmd) = self.cmd_rx.recv() => self.on_command(cmd),
+                Some(ev) = self.ev_rx.recv() => self.on_event(ev),
+                () = sleep_until_opt(timer), if timer.is_some() => self.on_timer(),
+            }
+            if self.stopping && self.generations.is_empty() {
+                break;
+            }
+            if !self.stopping && self.pending.is_none() {
+                if let Some((reply, asked)) = self.queued.pop_front() {
+                    self.begin_reload(reply, asked);
+                }
+            }
+        }
+        tracing::info!("every worker is gone, master exits");
+    }
+
+    fn next_timer(&self) -> Option<Instant> {
+        self.generations
+            .iter()
+            .flat_map(|g| {
+                let ready = if g.state == State::Starting && !g.abandoned {
+                    g.ready_deadline
+                } else {
+                    None
+                };
+                [
+                    g.respawn_at,
+                    g.kill_at.filter(|_| g.worker.is_some()),
+                    ready,
+                ]
+            })
+            .flatten()
+            .min()
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Status(tx) => {
+                let _ = tx.send(self.status());
+            }
+            Command::Reload(reply, asked) => {
+                if self.stopping {
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(ReloadError::Stopping));
+                    }
+                } else if self.pending.is_some() {
+                    // Serialized: one reload at a time, in the order asked.
+                    self.queued.push_back((reply, asked));
+                } else {
+                    self.begin_reload(reply, asked);
+                }
+            }
+        }
+    }
+
+    fn begin_reload(&mut self, reply: Option<ReloadReply>, asked: Instant) {
+        notify::reloading("reloading");
+        tracing::info!(config = %self.config_path.display(), "reloading");
+        let config = match Config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => {
+                self.finish_reload(reply, asked, 0, Err(ReloadError::Config(e)));
+                return;
+            }
+        };
+        if config.global.admin_socket != self.current.global.admin_socket {
+            tracing::warn!("admin_socket changed: the master keeps the old one until it restarts");
+        }
+        let config = Arc::new(config);
+        let number = self.start_generation(config);
+        self.pending = Some(Pending {
+            generation: number,
+            begun: asked,
+            reply,
+        });
+    }
+
+    fn finish_reload(
+        &mut self,
+        reply: Option<ReloadReply>,
+        asked: Instant,
+        generation: u64,
+        result: Result<(), ReloadError>,
+    ) {
+        let took = asked.elapsed();
+        let record = api::ReloadResult {
+            ok: result.is_ok(),
+            message: match &result {
+                Ok(()) => format!("generation {generation} serving"),
+                Err(e) => e.to_string(),
+            },
+            at_unix_ms: unix_ms(SystemTime::now()),
+            duration_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            generation,
+        };
+        match &result {
+            Ok(()) => {
+                self.reloads_ok += 1;
+                tracing::info!(
+                    generation,
+                    took_ms = took.as_secs_f64() * 1e3,
+                    "reload done"
+                );
+            }
+            Err(e) => {
+                self.reloads_failed += 1;
+                tracing::error!(error = %e, "reload failed, the running generation keeps serving");
+            }
+        }
+        self.last_reload = Some(record.clone());
+        notify::ready(&self.status_line());
+        if let Some(r) = reply {
+            let _ = r.send(result.map(|()| record));
+        }
+    }
+
+    /// Adds a generation and spawns its worker; returns its number.
+    fn start_generation(&mut self, config: Arc<Config>) -> u64 {
+        let number = self.next_generation;
+        self.next_generation += 1;
+        let ready_deadline = Some(Instant::now() + config.global.worker_ready_timeout);
+        self.generations.push(Generation {
+            number,
+            config,
+            state: State::Starting,
+            binary: self.exe.clone(),
+            worker: None,
+            restarts: 0,
+            crashes: VecDeque::new(),
+            respawn_at: None,
+            down_since: None,
+            ready_deadline,
+            kill_at: None,
+            draining_since: None,
+            stopped: false,
+            abandoned: false,
+            inodes: Vec::new(),
+        });
+        let idx = self.generations.len() - 1;
+        self.spawn_worker(idx);
+        number
+    }
+
+    /// Spawns the worker of `generations[idx]`; a spawn failure counts as a crash.
+    fn spawn_worker(&mut self, idx: usize) {
+        let id = self.next_worker_id;
+        self.next_worker_id += 1;
+        let exe = self.exe.clone();
+        let g = &mut self.generations[idx];
+        g.binary = exe.clone();
+        g.respawn_at = None;
+        match spawn_process(&exe, id, g, self.ev_tx.clone()) {
+            Ok(worker) => {
+                tracing::info!(generation = g.number, pid = worker.pid, binary = %exe.display(), "worker spawned");
+                g.worker = Some(worker);
+            }
+            Err(e) => {
+                tracing::error!(generation = g.number, error = %e, binary = %exe.display(), "cannot spawn a worker");
+                let _ = self.ev_tx.send(Event::Exited {
+                    id,
+                    status: format!("spawn failed: {e}"),
+                });
+                // Give the exit handler a worker to find.
+                let (tx, _) = mpsc::unbounded_channel();
+                g.worker = Some(Worker {
+                    id,
+                    pid: 0,
+                    tx,
+                    started: SystemTime::now(),
+                    stats: StatsSnapshot::default(),
+                    failed: None,
+                });
+            }
+        }
+    }
+
+    fn find(&self, id: u64) -> Option<usize> {
+        self.generations
+            .iter()
+            .position(|g| g.worker.as_ref().is_some_and(|w| w.id == id))
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Msg { id, msg } => {
+                let Some(idx) = self.find(id) else { return };
+                match msg.kind {
+                    Some(pb::worker_to_master::Kind::Ready(r)) => self.on_ready(idx, r),
+                    Some(pb::worker_to_master::Kind::Failed(f)) => {
+                        tracing::error!(generation = self.generations[idx].number, reason = %f.reason, "worker failed to start");
+                        if let Some(w) = self.generations[idx].worker.as_mut() {
+                            w.failed = Some(f.reason);
+                        }
+                    }
+                    Some(pb::worker_to_master::Kind::Stats(s)) => {
+                        if let Some(w) = self.generations[idx].worker.as_mut() {
+                            w.stats = StatsSnapshot {
+                                active_connections: s.active_connections,
+                                requests_total: s.requests_total,
+                                requests_in_flight: s.requests_in_flight,
+                            };
+                        }
+                    }
+                    None => {}
+                }
+            }
+            Event::Exited { id, status } => {
+                let Some(idx) = self.find(id) else { return };
+                self.on_exit(idx, status);
+            }
+        }
+    }
+
+    fn on_ready(&mut self, idx: usize, ready: pb::Ready) {
+        let g = &mut self.generations[idx];
+        g.inodes = ready.listener_inodes;
+        let number = g.number;
+        let pid = g.worker.as_ref().map_or(0, |w| w.pid);
+        if let Some(t) = g.down_since.take() {
+            tracing::info!(
+                generation = number,
+                pid,
+                took_ms = t.elapsed().as_secs_f64() * 1e3,
+                "respawned worker serving"
+            );
+        }
+        if g.state != State::Starting || g.abandoned {
+            return;
+        }
+        g.state = State::Serving;
+        g.ready_deadline = None;
+        tracing::info!(generation = number, pid, "generation serving");
+        self.current = g.config.clone();
+        // Every other serving generation is replaced by this one.
+        let drain_timeout = self.current.global.drain_timeout;
+        let replaced: Vec<u64> = self
+            .generations
+            .iter()
+            .filter(|o| o.number != number && o.state == State::Serving)
+            .map(|o| o.number)
+            .collect();
+        for n in replaced {
+            if let Some(i) = self.generations.iter().position(|o| o.number == n) {
+                self.drain(i, drain_timeout);
+            }
+        }
+        self.enforce_max_draining();
+        match self.pending.take() {
+            Some(p) if p.generation == number => {
+                self.finish_reload(p.reply, p.begun, number, Ok(()));
+            }
+            other => {
+                self.pending = other;
+                if !self.notified_ready {
+                    self.notified_ready = true;
+                    notify::ready(&self.status_line());
+                }
+            }
+        }
+        self.notified_ready = true;
+    }
+
+    fn drain(&mut self, idx: usize, timeout: Duration) {
+        let g = &mut self.generations[idx];
+        g.state = State::Draining;
+        g.draining_since = Some(SystemTime::now());
+        g.respawn_at = None;
+        g.ready_deadline = None;
+        match &g.worker {
+            Some(w) => {
+                tracing::info!(generation = g.number, pid = w.pid, "draining");
+                let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+                let _ = w.tx.send(ToWorker::Send(to_worker(
+                    pb::master_to_worker::Kind::Drain(pb::Drain { timeout_ms }),
+                )));
+                g.kill_at = Some(Instant::now() + timeout + KILL_GRACE);
+            }
+            None => {
+                // Waiting for a respawn: nothing to drain.
+                self.generations.remove(idx);
+            }
+        }
+    }
+
+    /// Hard-stops the oldest draining generations beyond `max_draining`.
+    fn enforce_max_draining(&mut self) {
+        let max = self.current.global.max_draining;
+        let mut draining: Vec<usize> = (0..self.generations.len())
+            .filter(|&i| {
+                let g = &self.generations[i];
+                g.state == State::Draining && !g.stopped
+            })
+            .collect();
+        draining.sort_by_key(|&i| self.generations[i].number);
+        let excess = draining.len().saturating_sub(max);
+        for &i in &draining[..excess] {
+            let g = &mut self.generations[i];
+            g.stopped = true;
+            if let Some(w) = &g.worker {
+                tracing::warn!(
+                    generation = g.number,
+                    pid = w.pid,
+                    max_draining = max,
+                    "too many draining generations, stopping the oldest"
+                );
+                let _ =
+                    w.tx.send(ToWorker::Send(to_worker(pb::master_to_worker::Kind::Stop(
+                        pb::Stop {},
+                    ))));
+                g.kill_at = Some(Instant::now() + KILL_GRACE);
+            }
+        }
+    }
+
+    fn on_exit(&mut self, idx: usize, status: String) {
+        let g = &mut self.generations[idx];
+        let worker = g.worker.take();
+        let pid = worker.as_ref().map_or(0, |w| w.pid);
+        let failed = worker.and_then(|w| w.failed);
+        let number = g.number;
+        if self.stopping || g.state == State::Draining || g.abandoned {
+            tracing::info!(generation = number, pid, status = %status, "worker exited");
+            self.generations.remove(idx);
+            return;
+        }
+        let pending_here = self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.generation == number);
+        if pending_here {
+            let reason = match failed {
+                Some(f) => format!("worker of generation {number} failed: {f}"),
+                None => {
+                    format!("worker of generation {number} exited before it was ready ({status})")
+                }
+            };
+            self.generations.remove(idx);
+            if let Some(p) = self.pending.take() {
+                self.finish_reload(p.reply, p.begun, number, Err(ReloadError::Worker(reason)));
+            }
+            return;
+        }
+        // Not asked to exit: respawn at once, with backoff when it keeps crashing.
+        let now = Instant::now();
+        g.restarts += 1;
+        g.crashes.push_back(now);
+        while g
+            .crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
+        {
+            g.crashes.pop_front();
+        }
+        g.down_since.get_or_insert(now);
+        let recent = g.crashes.len();
+        let delay = if recent >= CRASHES_BEFORE_BACKOFF {
+            let exp = u32::try_from(recent - CRASHES_BEFORE_BACKOFF)
+                .unwrap_or(u32::MAX)
+                .min(10);
+            (Duration::from_millis(100) * 2u32.pow(exp)).min(MAX_BACKOFF)
+        } else {
+            Duration::ZERO
+        };
+        tracing::warn!(generation = number, pid, status = %status, reason = failed.as_deref().unwrap_or(""), restarts = g.restarts, respawn_in_ms = delay.as_millis() as u64, "worker died, respawning");
+        if g.state == State::Starting {
+            g.ready_deadline = Some(now + delay + g.config.global.worker_ready_timeout);
+        }
+        if delay.is_zero() {
+            self.spawn_worker(idx);
+        } else {
+            g.respawn_at = Some(now + delay);
+        }
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.generations.len() {
+            let g = &mut self.generations[i];
+            if g.kill_at.is_some_and(|t| t <= now) {
+                g.kill_at = None;
+                if let Some(w) = &g.worker {
+                    tracing::warn!(
+                        generation = g.number,
+                        pid = w.pid,
+                        "worker did not exit in time, killing it"
+                    );
+                    let _ = w.tx.send(ToWorker::Kill);
+                }
+            }
+            if g.respawn_at.is_some_and(|t| t <= now) {
+                g.respawn_at = None;
+                self.spawn_worker(i);
+            }
+            let g = &mut self.generations[i];
+            if g.state == State::Starting
+                && !g.abandoned
+                && g.ready_deadline.is_some_and(|t| t <= now)
+            {
+                g.ready_deadline = None;
+                let number = g.number;
+                let timeout = g.config.global.worker_ready_timeout;
+                let pending_here = self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.generation == number);
+                if pending_here {
+                    let g = &mut self.generations[i];
+                    g.abandoned = true;
+                    match &g.worker {
+                        Some(w) => {
+                            let _ = w.tx.send(ToWorker::Kill);
+                        }
+                        None => {
+                            g.respawn_at = None;
+                            g.kill_at = None;
+                        }
+                    }
+                    let no_worker = g.worker.is_none();
+                    if let Some(p) = self.pending.take() {
+                        let reason = format!(
+                            "worker of generation {number} was not ready within {}",
+                            common::Duration(timeout)
+                        );
+                        self.finish_reload(
+                            p.reply,
+                            p.begun,
+                            number,
+                            Err(ReloadError::Worker(reason)),
+                        );
+                    }
+                    if no_worker {
+                        self.generations.remove(i);
+                        continue;
+                    }
+                } else if let Some(w) = &self.generations[i].worker {
+                    // The first generation: nothing else serves, keep trying.
+                    tracing::error!(
+                        generation = number,
+                        pid = w.pid,
+                        "worker not ready in time, restarting it"
+                    );
+                    let _ = w.tx.send(ToWorker::Kill);
+                }
+            }
+            i += 1;
+        }
+    }
+
+    fn begin_stop(&mut self) {
+        self.stopping = true;
+        notify::stopping("stopping: draining workers");
+        tracing::info!("stopping: draining every worker");
+        if let Some(p) = self.pending.take() {
+            if let Some(r) = p.reply {
+                let _ = r.send(Err(ReloadError::Stopping));
+            }
+        }
+        for (reply, _) in self.queued.drain(..) {
+            if let Some(r) = reply {
+                let _ = r.send(Err(ReloadError::Stopping));
+            }
+        }
+        let timeout = self.current.global.drain_timeout;
+        let mut i = 0;
+        while i < self.generations.len() {
+            if self.generations[i].worker.is_none() {
+                self.generations.remove(i);
+                continue;
+            }
+            if self.generations[i].state != State::Draining {
+                self.drain(i, timeout);
+            }
+            i += 1;
+        }
+    }
+
+    fn serving(&self) -> Option<&Generation> {
+        self.generations
+            .iter()
+            .filter(|g| g.state == State::Serving)
+            .max_by_key(|g| g.number)
+    }
+
+    fn status_line(&self) -> String {
+        let draining = self
+            .generations
+            .iter()
+            .filter(|g| g.state == State::Draining)
+            .count();
+        let mut s = match self.serving() {
+            Some(g) => format!(
+                "generation {}, pid {}, {draining} draining",
+                g.number,
+                g.worker.as_ref().map_or(0, |w| w.pid)
+            ),
+            None => "no generation serving".to_owned(),
+        };
+        s.push_str(&format!(
+            ", reloads {} ok {} failed",
+            self.reloads_ok, self.reloads_failed
+        ));
+        if let Some(r) = self.last_reload.as_ref().filter(|r| !r.ok) {
+            s.push_str(&format!("; last reload failed: {}", r.message));
+        }
+        s
+    }
+
+    fn status(&self) -> api::StatusReply {
+        let generations = self
+            .generations
+            .iter()
+            .map(|g| api::Generation {
+                generation: g.number,
+                state: match g.state {
+                    State::Starting => api::GenerationState::Starting,
+                    State::Serving => api::GenerationState::Serving,
+                    State::Draining => api::GenerationState::Draining,
+                } as i32,
+                worker: g.worker.as_ref().map(|w| api::Worker {
+                    pid: w.pid,
+                    restarts: g.restarts,
+                    started_unix_ms: unix_ms(w.started),
+                    active_connections: w.stats.active_connections,
+                    requests_total: w.stats.requests_total,
+                    requests_in_flight: w.stats.requests_in_flight,
+                }),
+                binary: g.binary.display().to_string(),
+                draining_since_unix_ms: g.draining_since.map_or(0, unix_ms),
+                listener_inodes: g.inodes.clone(),
+            })
+            .collect();
+        api::StatusReply {
+            master_pid: std::process::id(),
+            config_path: self.config_path.display().to_string(),
+            generations,
+            last_reload: self.last_reload.clone(),
+            reloads_ok: self.reloads_ok,
+            reloads_failed: self.reloads_failed,
+        }
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Forks and execs a worker with its control socket, and starts the task that relays
+/// its messages and its exit to the master.
+fn spawn_process(
+    exe: &std::path::Path,
+    id: u64,
+    g: &Generation,
+    events: mpsc::UnboundedSender<Event>,
+) -> std::io::Result<Worker> {
+    let (ours, theirs) = sys::seqpacket_pair()?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("worker")
+        .arg("--control-fd")
+        .arg(sys::CONTROL_FD.to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(false);
+    sys::prepare_worker(&mut cmd, theirs.as_raw_fd());
+    let mut child = cmd.spawn()?;
+    drop(theirs);
+    let pid = child.id().unwrap_or(0);
+    let channel = MasterEnd::new(SeqPacket::new(ours)?);
+    let start = to_worker(pb::master_to_worker::Kind::Start(pb::Start {
+        generation: g.number,
+        config_path: g.config.source.path.display().to_string(),
+        config_toml: g.config.source.text.clone(),
+    }));
+    let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
+    tokio::spawn(async move {
+        if let Err(e) = channel.send(&start).await {
+            tracing::error!(pid, error = %e, "cannot send the start message");
+            let _ = child.start_kill();
+        }
+        let mut control_open = true;
+        let mut commands_open = true;
+        loop {
+            tokio::select! {
+                msg = channel.recv(), if control_open => match msg {
+                    Ok(Some(msg)) => {
+                        let _ = events.send(Event::Msg { id, msg });
+                    }
+                    Ok(None) => control_open = false,
+                    Err(e) => {
+                        tracing::warn!(pid, error = %e, "bad control message from a worker");
+                        control_open = false;
+                    }
+                },
+                cmd = rx.recv(), if commands_open => match cmd {
+                    Some(ToWorker::Send(m)) => {
+                        if let Err(e) = channel.send(&m).await {
+                            tracing::debug!(pid, error = %e, "cannot reach a worker");
+                        }
+                    }
+                    Some(ToWorker::Kill) => {
+                        let _ = child.start_kill();
+                    }
+                    None => commands_open = false,
+                },
+                status = child.wait() => {
+                    let status = match status {
+                        Ok(s) => s.to_string(),
+                        Err(e) => format!("wait failed: {e}"),
+                    };
+                    let _ = events.send(Event::Exited { id, status });
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Worker {
+        id,
+        pid,
+        tx,
+        started: SystemTime::now(),
+        stats: StatsSnapshot::default(),
+        failed: None,
+    })
+}
+
+/// Relays SIGUSR2 (reload) and SIGTERM/SIGINT (graceful stop) to the master.
+pub fn forward_signals(handle: Handle, shutdown: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = usr2.recv() => {
+                    tracing::info!("SIGUSR2: reload");
+                    handle.reload_detached();
+                }
+                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); shutdown.cancel(); }
+                _ = int.recv() => { tracing::info!("SIGINT: stopping"); shutdown.cancel(); }
+            }
+        }
+    });
+    Ok(())
+}

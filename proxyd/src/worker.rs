@@ -1,0 +1,300 @@
+//! A worker process: takes its config from the master, borrows its listeners from fdkeeper,
+//! serves, reports, and drains when told (or when the master is gone).
+
+use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::SourceFile;
+use common::daemon::{EXIT_CONFIG, EXIT_FAILURE, EXIT_OK};
+use fdkeeper::client::{Client, ClientError, LentListener, ListenSpec};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::control::{WorkerEnd, pb, to_master};
+use crate::proxy::{Proxy, StatsSnapshot};
+use crate::sys::{self, SeqPacket};
+
+/// How often counters go to the master.
+const STATS_EVERY: Duration = Duration::from_millis(250);
+/// How long a busy address (fdkeeper just restarted, deposits pending) is retried.
+const ACQUIRE_PATIENCE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("control channel: {0}")]
+    Control(#[from] crate::control::ControlError),
+    #[error("master sent no start message")]
+    NoStart,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Entry point of `proxyd worker --control-fd N`; returns the exit code.
+pub fn main(control_fd: RawFd) -> i32 {
+    let fd = match sys::take_control_fd(control_fd) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(error = %e, fd = control_fd, "no control socket; workers are started by the proxyd master");
+            return EXIT_FAILURE;
+        }
+    };
+    // The runtime's size comes from the config, which comes over the control socket:
+    // read the Start message on a small runtime first.
+    let (start, fd) = match read_start(fd) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the start message");
+            return EXIT_FAILURE;
+        }
+    };
+    let config = Config::from_source(SourceFile::from_text(&start.config_path, start.config_toml));
+    let threads = config.as_ref().map_or(1, |c| c.global.threads);
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the runtime");
+            return EXIT_FAILURE;
+        }
+    };
+    let code = rt.block_on(async move {
+        let control = match SeqPacket::new(fd) {
+            Ok(s) => WorkerEnd::new(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot register the control socket");
+                return EXIT_FAILURE;
+            }
+        };
+        match config {
+            Ok(config) => {
+                let span = tracing::info_span!(
+                    "worker",
+                    generation = start.generation,
+                    pid = std::process::id()
+                );
+                run(Arc::new(config), start.generation, control)
+                    .instrument(span)
+                    .await
+            }
+            Err(e) => {
+                // The master validated this very text; reaching here means a version skew.
+                tracing::error!(error = %e, "config refused");
+                let _ = control.send(&failed(format!("config refused: {e}"))).await;
+                EXIT_CONFIG
+            }
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+fn read_start(fd: OwnedFd) -> Result<(pb::Start, OwnedFd), WorkerError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let control = WorkerEnd::new(SeqPacket::new(fd)?);
+        let msg = control.recv().await?;
+        let fd = control.into_inner().into_inner();
+        match msg.and_then(|m| m.kind) {
+            Some(pb::master_to_worker::Kind::Start(s)) => Ok((s, fd)),
+            _ => Err(WorkerError::NoStart),
+        }
+    })
+}
+
+fn failed(reason: String) -> pb::WorkerToMaster {
+    to_master(pb::worker_to_master::Kind::Failed(pb::Failed { reason }))
+}
+
+/// The listen specs of every frontend, in config order, with their frontend's index.
+pub fn listen_specs(config: &Config) -> Vec<(usize, ListenSpec)> {
+    config
+        .frontends
+        .iter()
+        .enumerate()
+        .flat_map(|(i, f)| {
+            f.bind.iter().map(move |addr| {
+                (
+                    i,
+                    ListenSpec {
+                        address: addr.clone(),
+                        backlog: f.backlog,
+                        ..ListenSpec::default()
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+/// Borrows every listener, retrying while fdkeeper is away or an address is busy (right after
+/// an fdkeeper restart, until the other borrowers have deposited).
+pub async fn acquire(
+    config: &Config,
+    borrower: &str,
+) -> Result<(Client, Vec<LentListener>), ClientError> {
+    let specs: Vec<ListenSpec> = listen_specs(config).into_iter().map(|(_, s)| s).collect();
+    let give_up = Instant::now() + ACQUIRE_PATIENCE;
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let attempt = async {
+            let mut client = Client::connect(&config.global.fdkeeper_socket).await?;
+            let lent = client.acquire(borrower, &specs).await?;
+            Ok::<_, ClientError>((client, lent))
+        }
+        .await;
+        match attempt {
+            Ok(x) => return Ok(x),
+            Err(e) if e.is_retriable() && Instant::now() + backoff < give_up => {
+                tracing::debug!(error = %e, "acquiring listeners, will retry");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn run(config: Arc<Config>, generation: u64, control: WorkerEnd) -> i32 {
+    let pid = std::process::id();
+    let borrower = format!("proxyd worker gen {generation} pid {pid}");
+    let (client, lent) = match acquire(&config, &borrower).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot borrow the listeners");
+            let _ = control
+                .send(&failed(format!("cannot borrow the listeners: {e}")))
+                .await;
+            return EXIT_FAILURE;
+        }
+    };
+    let frontends: Vec<usize> = listen_specs(&config).into_iter().map(|(i, _)| i).collect();
+    let mut held = Vec::with_capacity(lent.len());
+    let mut inodes = Vec::with_capacity(lent.len());
+    let mut listeners = Vec::with_capacity(lent.len());
+    for (l, frontend) in lent.into_iter().zip(frontends) {
+        // The guard keeps its own copies to deposit with a restarted fdkeeper.
+        match l.listener.as_fd().try_clone_to_owned() {
+            Ok(fd) => held.push((l.spec.clone(), fd)),
+            Err(e) => {
+                let _ = control.send(&failed(format!("dup: {e}"))).await;
+                return EXIT_FAILURE;
+            }
+        }
+        inodes.push(l.inode);
+        listeners.push((frontend, l.listener));
+    }
+
+    let proxy = Arc::new(Proxy::new(config.clone()));
+    if let Err(e) = proxy.start(listeners) {
+        let _ = control.send(&failed(format!("cannot serve: {e}"))).await;
+        return EXIT_FAILURE;
+    }
+    let guard_stop = CancellationToken::new();
+    tokio::spawn(fdkeeper::client::guard_listeners(
+        config.global.fdkeeper_socket.clone(),
+        client,
+        held,
+        guard_stop.clone(),
+    ));
+    let ready = to_master(pb::worker_to_master::Kind::Ready(pb::Ready {
+        generation,
+        listener_inodes: inodes,
+    }));
+    if let Err(e) = control.send(&ready).await {
+        tracing::warn!(error = %e, "cannot tell the master we are ready; draining");
+    }
+    tracing::info!("serving");
+
+    let (mut sigterm, _sigint) = match (
+        signal(SignalKind::terminate()),
+        // Ctrl-C reaches the whole process group: the master decides what the workers do.
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return EXIT_FAILURE;
+        }
+    };
+    let mut tick = tokio::time::interval(STATS_EVERY);
+    let mut control_open = true;
+    let mut finishing: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
+    let begin_drain = |timeout: Duration, why: &str| {
+        tracing::info!(
+            timeout_ms = timeout.as_millis() as u64,
+            reason = why,
+            "draining"
+        );
+        guard_stop.cancel();
+        let proxy = proxy.clone();
+        let deadline = Instant::now() + timeout;
+        Box::pin(async move { proxy.finish(deadline).await })
+            as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
+    };
+    let mut last_sent = StatsSnapshot::default();
+    loop {
+        tokio::select! {
+            () = async { if let Some(f) = finishing.as_mut() { f.await } }, if finishing.is_some() => {
+                tracing::info!("drained, exiting");
+                let _ = control.send(&stats_msg(proxy.stats())).await;
+                return EXIT_OK;
+            }
+            msg = control.recv(), if control_open => match msg.map(|m| m.and_then(|m| m.kind)) {
+                Ok(Some(pb::master_to_worker::Kind::Drain(d))) => {
+                    if finishing.is_none() {
+                        finishing = Some(begin_drain(Duration::from_millis(d.timeout_ms), "master"));
+                    }
+                }
+                Ok(Some(pb::master_to_worker::Kind::Stop(_))) => {
+                    tracing::info!("stopped by the master");
+                    proxy.stop().await;
+                    return EXIT_OK;
+                }
+                Ok(Some(pb::master_to_worker::Kind::Start(_))) => {
+                    tracing::warn!("ignoring a second start message");
+                }
+                Ok(None) | Err(_) => {
+                    control_open = false;
+                    if finishing.is_none() {
+                        finishing = Some(begin_drain(config.global.drain_timeout, "master gone"));
+                    }
+                }
+            },
+            _ = sigterm.recv() => {
+                if finishing.is_none() {
+                    finishing = Some(begin_drain(config.global.drain_timeout, "SIGTERM"));
+                }
+            }
+            _ = tick.tick() => {
+                let now = proxy.stats();
+                if control_open && now != last_sent {
+                    last_sent = now;
+                    let _ = control.send(&stats_msg(now)).await;
+                }
+            }
+        }
+    }
+}
+
+fn stats_msg(s: StatsSnapshot) -> pb::WorkerToMaster {
+    to_master(pb::worker_to_master::Kind::Stats(pb::Stats {
+        active_connections: s.active_connections,
+        requests_total: s.requests_total,
+        requests_in_flight: s.requests_in_flight,
+    }))
+}
