@@ -78,7 +78,9 @@ pub enum KeyType {
     Ipv6,
     Integer,
     /// Text of at most `len` bytes.
-    String { len: u32 },
+    String {
+        len: u32,
+    },
 }
 
 impl KeyType {
@@ -91,7 +93,8 @@ impl KeyType {
         }
     }
 
-    pub fn len(self) -> u32 {
+    /// Maximum key length of string tables (0 for the others, as in the proto).
+    pub fn max_len(self) -> u32 {
         match self {
             KeyType::String { len } => len,
             _ => 0,
@@ -162,7 +165,9 @@ impl Config {
         let local = match local {
             Some(l) => l.to_owned(),
             None => hostname().map_err(|e| {
-                src.error(format!("cannot read the hostname for the local peer name: {e}"))
+                src.error(format!(
+                    "cannot read the hostname for the local peer name: {e}"
+                ))
             })?,
         };
         validate(src, raw, local)
@@ -206,7 +211,10 @@ fn validate(src: &SourceFile, raw: Raw, local: String) -> Result<Config, ConfigE
             return Err(src.error_at(p.name.span(), format!("peer '{name}' is defined twice")));
         }
         let address = p.address.get_ref().trim();
-        if address.rsplit_once(':').is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err()) {
+        if address
+            .rsplit_once(':')
+            .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
+        {
             return Err(src.error_at(
                 p.address.span(),
                 format!("peer address '{address}' is not host:port"),
@@ -225,7 +233,11 @@ fn validate(src: &SourceFile, raw: Raw, local: String) -> Result<Config, ConfigE
         let known: Vec<_> = names.into_iter().collect();
         return Err(src.error(format!(
             "local peer '{local}' is not among the configured peers ({}); pass -L NAME",
-            if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
         )));
     };
     let listen = match &raw.listen {
@@ -289,7 +301,10 @@ fn validate(src: &SourceFile, raw: Raw, local: String) -> Result<Config, ConfigE
     if let Some(tls) = &raw.tls {
         for (what, p) in [("cert", &tls.cert), ("key", &tls.key), ("ca", &tls.ca)] {
             if !p.is_file() {
-                return Err(src.error(format!("tls.{what} '{}' is not a readable file", p.display())));
+                return Err(src.error(format!(
+                    "tls.{what} '{}' is not a readable file",
+                    p.display()
+                )));
             }
         }
     }
@@ -356,7 +371,9 @@ expire = "5m"
 
     #[test]
     fn bad_type_names_its_line() {
-        let text = GOOD.replace("\"string\"", "\"float\"").replace("len = 32\n", "");
+        let text = GOOD
+            .replace("\"string\"", "\"float\"")
+            .replace("len = 32\n", "");
         let err = load(&text, "a").expect_err("bad type");
         assert_eq!(err.at.map(|a| a.0), Some(15), "{err}");
         assert!(err.reason.contains("float"), "{err}");

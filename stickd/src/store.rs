@@ -26,6 +26,8 @@ use crate::hlc::Hlc;
 const WATCH_BUFFER: usize = 16 * 1024;
 /// Longest server name we accept (it is stored with a one-byte length elsewhere in the mesh).
 const MAX_SERVER_LEN: usize = 255;
+/// Earlier log epochs remembered (one per restart).
+const EPOCH_HISTORY: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -37,7 +39,9 @@ pub enum StoreError {
         key: String,
         expected: &'static str,
     },
-    #[error("table '{table}': key of {len} bytes is longer than the table's len {max} (keys are refused, not truncated)")]
+    #[error(
+        "table '{table}': key of {len} bytes is longer than the table's len {max} (keys are refused, not truncated)"
+    )]
     KeyTooLong { table: String, len: usize, max: u32 },
     #[error("table '{table}': key '{key}': {reason}")]
     BadServer {
@@ -122,9 +126,7 @@ impl Rec {
         let expires = i64::from_be_bytes(b[8..16].try_into().map_err(|_| "expiry")?);
         let deleted = b[16] != 0;
         let olen = usize::from(b[17]);
-        let origin = b
-            .get(18..18 + olen)
-            .ok_or("origin runs past the record")?;
+        let origin = b.get(18..18 + olen).ok_or("origin runs past the record")?;
         let server = &b[18 + olen..];
         Ok(Rec {
             server: String::from_utf8(server.to_vec()).map_err(|e| e.to_string())?,
@@ -179,7 +181,7 @@ impl Table {
         pb::TableInfo {
             name: self.def.name.clone(),
             r#type: self.def.key.name().to_owned(),
-            len: self.def.key.len(),
+            len: self.def.key.max_len(),
             size: self.def.size,
             expire_ms: u64::try_from(self.def.expire.as_millis()).unwrap_or(u64::MAX),
             used: self.live,
@@ -215,6 +217,8 @@ pub struct Store {
     inner: Mutex<Inner>,
     first_seq: AtomicU64,
     epoch: u64,
+    /// Earlier epochs of our log and the head each reached on disk.
+    epochs: Vec<(u64, u64)>,
     log_keep: u64,
     events: broadcast::Sender<Arc<Event>>,
     head_tx: watch::Sender<u64>,
@@ -304,14 +308,6 @@ impl Store {
             .open()?;
         let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;
-        let epoch = match meta.get("epoch")?.as_deref().and_then(|b| u64_at(b, 0)) {
-            Some(e) => e,
-            None => {
-                let e: u64 = rand::random::<u64>() | 1;
-                meta.insert("epoch", &e.to_be_bytes())?;
-                e
-            }
-        };
         let now = now_ms();
         let mut max_version = 0u64;
         let mut tables = HashMap::new();
@@ -366,6 +362,25 @@ impl Store {
                 .and_then(|b| u64_at(b, 0))
                 .unwrap_or(0),
         };
+        // Every start opens a new epoch of the log. The previous epoch is remembered with the
+        // head it reached on disk: a peer that received more than that from it (sequences lost
+        // by a kill -9 and then reused) must get a snapshot; one that received less resumes.
+        let mut history = meta.get("epochs")?.map(|v| v.to_vec()).unwrap_or_default();
+        if let Some(prev) = meta.get("epoch")?.as_deref().and_then(|b| u64_at(b, 0)) {
+            history.extend_from_slice(&prev.to_be_bytes());
+            history.extend_from_slice(&head.to_be_bytes());
+        }
+        let keep = EPOCH_HISTORY * 16;
+        if history.len() > keep {
+            history.drain(..history.len() - keep);
+        }
+        let epoch: u64 = rand::random::<u64>() | 1;
+        meta.insert("epochs", history.clone())?;
+        meta.insert("epoch", &epoch.to_be_bytes())?;
+        let epochs = history
+            .chunks_exact(16)
+            .filter_map(|c| Some((u64_at(c, 0)?, u64_at(c, 8)?)))
+            .collect();
         let first = match log.first()? {
             Some((k, _)) => u64_at(&k, 0).unwrap_or(head + 1),
             None => head + 1,
@@ -382,6 +397,7 @@ impl Store {
             inner: Mutex::new(Inner { tables, hlc, head }),
             first_seq: AtomicU64::new(first),
             epoch,
+            epochs,
             log_keep: config.log_keep,
             events,
             head_tx,
@@ -454,7 +470,11 @@ impl Store {
     }
 
     /// Stores (key, server) pairs with new versions.
-    pub fn store(&self, table: &str, items: &[pb::StoreItem]) -> Result<Vec<pb::Entry>, StoreError> {
+    pub fn store(
+        &self,
+        table: &str,
+        items: &[pb::StoreItem],
+    ) -> Result<Vec<pb::Entry>, StoreError> {
         if items.is_empty() {
             return Err(StoreError::Empty("no items"));
         }
@@ -488,7 +508,10 @@ impl Store {
                 deleted: false,
             };
             let entry = rec.to_pb(&key, now);
-            let t = inner.tables.get_mut(table).ok_or_else(|| StoreError::UnknownTable(table.to_owned()))?;
+            let t = inner
+                .tables
+                .get_mut(table)
+                .ok_or_else(|| StoreError::UnknownTable(table.to_owned()))?;
             if !t.entries.contains_key(&key) {
                 self.make_room(t)?;
             }
@@ -531,15 +554,23 @@ impl Store {
             .map(|k| canonical_key(&t.def, k))
             .collect::<Result<Vec<_>, _>>()?;
         let now = now_ms();
-        let expires = now.saturating_add(i64::try_from(t.def.expire.as_millis()).unwrap_or(i64::MAX));
+        let expires =
+            now.saturating_add(i64::try_from(t.def.expire.as_millis()).unwrap_or(i64::MAX));
         let mut changed = Vec::new();
         for key in canon {
-            let Some(t) = inner.tables.get_mut(table) else { break };
-            let Some(old) = t.entries.get(&key) else { continue };
+            let Some(t) = inner.tables.get_mut(table) else {
+                break;
+            };
+            let Some(old) = t.entries.get(&key) else {
+                continue;
+            };
             if old.deleted || old.expires <= now || old.expires >= expires {
                 continue;
             }
-            let rec = Rec { expires, ..old.clone() };
+            let rec = Rec {
+                expires,
+                ..old.clone()
+            };
             let entry = rec.to_pb(&key, now);
             t.put(&key, rec)?;
             self.append(
@@ -554,7 +585,9 @@ impl Store {
         }
         let n = changed.len() as u32;
         if !changed.is_empty() {
-            self.counters.local_writes.fetch_add(u64::from(n), Ordering::Relaxed);
+            self.counters
+                .local_writes
+                .fetch_add(u64::from(n), Ordering::Relaxed);
             self.publish(
                 &inner,
                 Event::Changes {
@@ -672,7 +705,12 @@ impl Store {
     }
 
     /// Merges one entry from a peer by LWW; returns it if it changed anything.
-    fn merge(&self, inner: &mut Inner, table: &str, e: &pb::Entry) -> Result<Option<pb::Entry>, StoreError> {
+    fn merge(
+        &self,
+        inner: &mut Inner,
+        table: &str,
+        e: &pb::Entry,
+    ) -> Result<Option<pb::Entry>, StoreError> {
         inner.hlc.observe(e.version);
         let Some(t) = inner.tables.get_mut(table) else {
             return Ok(None);
@@ -711,7 +749,7 @@ impl Store {
         epoch: u64,
         changes: &[pb::Change],
         skip_tables: &[String],
-        through: u64,
+        through: Option<u64>,
     ) -> Result<(), StoreError> {
         let mut inner = self.lock();
         let mut events: Vec<Event> = Vec::new();
@@ -751,7 +789,9 @@ impl Store {
                 None => {}
             }
         }
-        self.set_received(from, epoch, through)?;
+        if let Some(through) = through {
+            self.set_received(from, epoch, through)?;
+        }
         for ev in events {
             self.publish(&inner, ev);
         }
@@ -759,7 +799,12 @@ impl Store {
     }
 
     /// Applies one chunk of a peer's snapshot (entries merge by LWW like any change).
-    pub fn apply_snapshot(&self, from: &str, epoch: u64, chunk: &pb::SnapshotChunk) -> Result<(), StoreError> {
+    pub fn apply_snapshot(
+        &self,
+        from: &str,
+        epoch: u64,
+        chunk: &pb::SnapshotChunk,
+    ) -> Result<(), StoreError> {
         let mut changes = Vec::with_capacity(chunk.entries.len() + 1);
         if chunk.cleared_version > 0 {
             changes.push(pb::Change {
@@ -780,19 +825,15 @@ impl Store {
             });
         }
         // The position moves only with the last chunk: an interrupted snapshot starts over.
-        let through = if chunk.last {
-            chunk.through_seq
-        } else {
-            self.received(from, epoch)?
-        };
+        let through = chunk.last.then_some(chunk.through_seq);
         self.apply_remote(from, epoch, &changes, &[], through)
     }
 
-    /// Last sequence of `peer`'s log applied here, if it is still the log of epoch `epoch`.
-    pub fn received(&self, peer: &str, epoch: u64) -> Result<u64, StoreError> {
+    /// The last (epoch, sequence) of `peer`'s log applied here ((0, 0) when nothing was).
+    pub fn received(&self, peer: &str) -> Result<(u64, u64), StoreError> {
         Ok(match self.meta.get(format!("recv/{peer}"))? {
-            Some(v) if u64_at(&v, 0) == Some(epoch) => u64_at(&v, 8).unwrap_or(0),
-            _ => 0,
+            Some(v) => (u64_at(&v, 0).unwrap_or(0), u64_at(&v, 8).unwrap_or(0)),
+            None => (0, 0),
         })
     }
 
@@ -803,9 +844,25 @@ impl Store {
         Ok(())
     }
 
+    /// Whether a peer that applied our log up to `seq` of `epoch` can resume from our log at
+    /// `seq + 1`: true for this epoch, and for an earlier one if `seq` did not go past what that
+    /// epoch had on disk (otherwise it saw changes we lost and then reused the numbers of).
+    pub fn can_resume(&self, epoch: u64, seq: u64) -> bool {
+        if seq == 0 {
+            return true;
+        }
+        if epoch == self.epoch {
+            return seq <= self.head();
+        }
+        self.epochs
+            .iter()
+            .any(|&(e, head)| e == epoch && seq <= head)
+    }
+
     /// Persists the position `peer` acknowledged in our log (for ShowPeers after a restart).
     pub fn set_acked(&self, peer: &str, seq: u64) -> Result<(), StoreError> {
-        self.meta.insert(format!("acked/{peer}"), &seq.to_be_bytes())?;
+        self.meta
+            .insert(format!("acked/{peer}"), &seq.to_be_bytes())?;
         Ok(())
     }
 
@@ -846,7 +903,9 @@ impl Store {
         let now = now_ms();
         let mut chunks = Vec::new();
         for name in tables {
-            let Some(t) = inner.tables.get(name) else { continue };
+            let Some(t) = inner.tables.get(name) else {
+                continue;
+            };
             let mut chunk = pb::SnapshotChunk {
                 table: name.clone(),
                 entries: Vec::new(),
@@ -932,7 +991,11 @@ impl Store {
         let mut out = Vec::new();
         for k in keys {
             let key = canonical_key(&t.def, k)?;
-            if let Some(r) = t.entries.get(&key).filter(|r| !r.deleted && r.expires > now) {
+            if let Some(r) = t
+                .entries
+                .get(&key)
+                .filter(|r| !r.deleted && r.expires > now)
+            {
                 out.push(r.to_pb(&key, now));
             }
         }
@@ -952,7 +1015,11 @@ impl Store {
             Some(canonical_key(&t.def, &req.key)?)
         };
         let now = now_ms();
-        let page = if req.page_size == 0 { 1000 } else { req.page_size as usize };
+        let page = if req.page_size == 0 {
+            1000
+        } else {
+            req.page_size as usize
+        };
         let mut keys: Vec<&String> = t
             .entries
             .iter()
@@ -1010,7 +1077,7 @@ impl Store {
     pub fn trim_log(&self) -> Result<u64, StoreError> {
         let head = self.head();
         let first = self.first_seq();
-        if head < first || head - first + 1 <= self.log_keep {
+        if head < first || head - first < self.log_keep {
             return Ok(0);
         }
         let new_first = head + 1 - self.log_keep;
@@ -1084,13 +1151,28 @@ expire = "5m"
         let dir = tempfile::tempdir().expect("tmp");
         let c = config(dir.path(), "a", "");
         let s = Store::open(&c).expect("open");
-        assert!(matches!(s.store("nope", &[item("k", "s")]), Err(StoreError::UnknownTable(_))));
-        assert!(matches!(s.store("web", &[item("123456789", "s")]), Err(StoreError::KeyTooLong { .. })));
-        assert!(matches!(s.store("ips", &[item("10.0.0.300", "s")]), Err(StoreError::BadKey { .. })));
-        assert!(matches!(s.store("web", &[item("k", "")]), Err(StoreError::BadServer { .. })));
+        assert!(matches!(
+            s.store("nope", &[item("k", "s")]),
+            Err(StoreError::UnknownTable(_))
+        ));
+        assert!(matches!(
+            s.store("web", &[item("123456789", "s")]),
+            Err(StoreError::KeyTooLong { .. })
+        ));
+        assert!(matches!(
+            s.store("ips", &[item("10.0.0.300", "s")]),
+            Err(StoreError::BadKey { .. })
+        ));
+        assert!(matches!(
+            s.store("web", &[item("k", "")]),
+            Err(StoreError::BadServer { .. })
+        ));
         let e = s.store("ips", &[item(" 10.0.0.1", "app1")]).expect("store");
         assert_eq!(e[0].key, "10.0.0.1");
-        assert_eq!(s.lookup("ips", &["10.0.0.1".into()]).expect("lookup").len(), 1);
+        assert_eq!(
+            s.lookup("ips", &["10.0.0.1".into()]).expect("lookup").len(),
+            1
+        );
     }
 
     #[test]
@@ -1099,11 +1181,19 @@ expire = "5m"
         let s = Store::open(&config(dir.path(), "a", "")).expect("open");
         let far = now_ms() + 600_000;
         for (k, exp) in [("a", far), ("b", far - 1000), ("c", far + 1000)] {
-            s.store("web", &[pb::StoreItem { key: k.into(), server: "s".into(), expires_unix_ms: exp }])
-                .expect("store");
+            s.store(
+                "web",
+                &[pb::StoreItem {
+                    key: k.into(),
+                    server: "s".into(),
+                    expires_unix_ms: exp,
+                }],
+            )
+            .expect("store");
         }
         s.store("web", &[item("d", "s")]).expect("store");
-        let keys: Vec<_> = s.lookup("web", &["a".into(), "b".into(), "c".into(), "d".into()])
+        let keys: Vec<_> = s
+            .lookup("web", &["a".into(), "b".into(), "c".into(), "d".into()])
             .expect("lookup")
             .into_iter()
             .map(|e| e.key)
@@ -1122,12 +1212,18 @@ expire = "5m"
         let eb = b.store("web", &[item("k", "s2")]).expect("b");
         let ca = a.read_log(1, 10).expect("log a");
         let cb = b.read_log(1, 10).expect("log b");
-        a.apply_remote("b", b.epoch(), &cb, &[], 1).expect("apply");
-        b.apply_remote("a", a.epoch(), &ca, &[], 1).expect("apply");
+        a.apply_remote("b", b.epoch(), &cb, &[], Some(1))
+            .expect("apply");
+        b.apply_remote("a", a.epoch(), &ca, &[], Some(1))
+            .expect("apply");
         let va = a.lookup("web", &["k".into()]).expect("a");
         let vb = b.lookup("web", &["k".into()]).expect("b");
         assert_eq!(va[0].server, vb[0].server);
-        let winner = if (ea[0].version, "a") > (eb[0].version, "b") { "s1" } else { "s2" };
+        let winner = if (ea[0].version, "a") > (eb[0].version, "b") {
+            "s1"
+        } else {
+            "s2"
+        };
         assert_eq!(va[0].server, winner);
         // A touch extends expiry but does not bump the version.
         let before = va[0].version;
@@ -1136,8 +1232,8 @@ expire = "5m"
         let after = a.lookup("web", &["k".into()]).expect("a");
         assert_eq!(after[0].version, before);
         assert!(after[0].expires_unix_ms > va[0].expires_unix_ms);
-        assert_eq!(a.received("b", b.epoch()).expect("recv"), 1);
-        assert_eq!(a.received("b", b.epoch() + 1).expect("recv"), 0);
+        assert_eq!(a.received("b").expect("recv"), (b.epoch(), 1));
+        assert_eq!(a.received("c").expect("recv"), (0, 0));
     }
 
     #[test]
@@ -1148,16 +1244,23 @@ expire = "5m"
         b.store("web", &[item("old", "s")]).expect("b");
         let old = b.read_log(1, 10).expect("log");
         // a has seen the value, then deletes it; a late duplicate must not resurrect it.
-        a.apply_remote("b", b.epoch(), &old, &[], 1).expect("value");
+        a.apply_remote("b", b.epoch(), &old, &[], Some(1))
+            .expect("value");
         assert_eq!(a.lookup("web", &["old".into()]).expect("a").len(), 1);
         a.delete("web", "old").expect("delete");
-        a.apply_remote("b", b.epoch(), &old, &[], 1).expect("late old value");
+        a.apply_remote("b", b.epoch(), &old, &[], Some(1))
+            .expect("late old value");
         assert!(a.lookup("web", &["old".into()]).expect("a").is_empty());
         a.store("web", &[item("x", "s")]).expect("a");
         a.clear("web").expect("clear");
         let log = a.read_log(1, 10).expect("log");
-        b.apply_remote("a", a.epoch(), &log, &[], log.len() as u64).expect("apply");
-        assert!(b.lookup("web", &["old".into(), "x".into()]).expect("b").is_empty());
+        b.apply_remote("a", a.epoch(), &log, &[], Some(log.len() as u64))
+            .expect("apply");
+        assert!(
+            b.lookup("web", &["old".into(), "x".into()])
+                .expect("b")
+                .is_empty()
+        );
     }
 
     #[test]
@@ -1166,18 +1269,37 @@ expire = "5m"
         let c = config(dir.path(), "a", "");
         {
             let s = Store::open(&c).expect("open");
-            s.store("ips", &[item("10.0.0.1", "app1"), item("10.0.0.2", "app2")]).expect("store");
-            let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+            s.store("ips", &[item("10.0.0.1", "app1"), item("10.0.0.2", "app2")])
+                .expect("store");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("rt");
             rt.block_on(s.flush()).expect("flush");
         }
+        let old_epoch = Store::open(&c).expect("reopen once").epoch();
+        // That epoch reached sequence 2 on disk: a peer claiming 3 saw changes we lost.
         let s = Store::open(&c).expect("reopen");
+        assert_ne!(s.epoch(), old_epoch);
+        assert!(s.can_resume(old_epoch, 2));
+        assert!(!s.can_resume(old_epoch, 3));
+        assert!(!s.can_resume(12345, 1));
+        assert!(s.can_resume(12345, 0));
         assert_eq!(s.head(), 2);
-        assert_eq!(s.lookup("ips", &["10.0.0.2".into()]).expect("l")[0].server, "app2");
+        assert_eq!(
+            s.lookup("ips", &["10.0.0.2".into()]).expect("l")[0].server,
+            "app2"
+        );
         let v = s.store("ips", &[item("10.0.0.3", "x")]).expect("store");
-        assert!(v[0].version > s.read_log(1, 1).expect("log")[0].kind.as_ref().map_or(0, |k| match k {
-            pb::change::Kind::Entry(e) => e.version,
-            pb::change::Kind::Cleared(c) => c.version,
-        }));
+        assert!(
+            v[0].version
+                > s.read_log(1, 1).expect("log")[0]
+                    .kind
+                    .as_ref()
+                    .map_or(0, |k| match k {
+                        pb::change::Kind::Entry(e) => e.version,
+                        pb::change::Kind::Cleared(c) => c.version,
+                    })
+        );
     }
 
     #[test]
@@ -1185,7 +1307,11 @@ expire = "5m"
         let dir = tempfile::tempdir().expect("tmp");
         let s = Store::open(&config(dir.path(), "a", "")).expect("open");
         for i in 0..1500 {
-            s.store("ips", &[item(&format!("10.0.{}.{}", i / 256, i % 256), "s")]).expect("store");
+            s.store(
+                "ips",
+                &[item(&format!("10.0.{}.{}", i / 256, i % 256), "s")],
+            )
+            .expect("store");
         }
         assert_eq!(s.trim_log().expect("trim"), 500);
         assert!(matches!(s.read_log(3, 10), Err(StoreError::LogGap(3))));

@@ -1,0 +1,654 @@
+//! Replication over gRPC: one outgoing stream per peer carrying our log, and the server side that
+//! applies a peer's log here.
+//!
+//! Each node pushes only its own changes (full mesh), so the pair (A, B) has two streams: A's log
+//! to B over a stream A opened, and B's log to A over one B opened. The receiver keeps, per origin,
+//! the last sequence it applied (with the data, in sled) and tells it in `Welcome`; the sender
+//! resumes right after it, or sends a full snapshot when its log was trimmed past that point or
+//! when the receiver's position belongs to an older incarnation of the log (a wiped data_dir).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use proto::stick::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::{Config, Peer, TableDef};
+use crate::store::{Store, StoreError, now_ms};
+
+/// Changes per pushed batch: big enough to amortise a round trip, small enough to stay far from
+/// gRPC's message size limit.
+const BATCH: usize = 4096;
+/// Changes pushed but not yet acknowledged before the sender waits for acks.
+const WINDOW: u64 = 64 * 1024;
+/// Largest gRPC message either side accepts (snapshot chunks of long keys).
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// What ShowPeers reports about one peer.
+#[derive(Clone, Debug, Default)]
+pub struct PeerStatus {
+    pub state: &'static str,
+    pub inbound: u32,
+    pub last_handshake_ms: i64,
+    pub pushed: u64,
+    pub acked: u64,
+    pub rtt_ms: f64,
+    pub received: u64,
+    pub errors: u64,
+    pub last_error: String,
+    /// (table, reason) pairs, from either side's point of view.
+    pub mismatches: Vec<(String, String)>,
+    pub snapshots_sent: u64,
+    pub entries_sent: u64,
+    pub entries_received: u64,
+}
+
+pub struct PeerState {
+    pub peer: Peer,
+    status: Mutex<PeerStatus>,
+}
+
+impl PeerState {
+    fn lock(&self) -> MutexGuard<'_, PeerStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn status(&self) -> PeerStatus {
+        self.lock().clone()
+    }
+
+    fn error(&self, e: impl std::fmt::Display) {
+        let mut s = self.lock();
+        s.errors += 1;
+        s.last_error = e.to_string();
+    }
+}
+
+/// Every configured peer and its replication status.
+pub struct Peers {
+    pub map: HashMap<String, Arc<PeerState>>,
+}
+
+impl Peers {
+    pub fn new(config: &Config, store: &Store) -> Peers {
+        let map = config
+            .peers
+            .iter()
+            .map(|p| {
+                let status = PeerStatus {
+                    state: "connecting",
+                    acked: store.acked(&p.name),
+                    ..PeerStatus::default()
+                };
+                (
+                    p.name.clone(),
+                    Arc::new(PeerState {
+                        peer: p.clone(),
+                        status: Mutex::new(status),
+                    }),
+                )
+            })
+            .collect();
+        Peers { map }
+    }
+
+    /// ShowPeers, sorted by name.
+    pub fn show(&self, store: &Store) -> pb::ShowPeersReply {
+        let head = store.head();
+        let mut peers: Vec<_> = self
+            .map
+            .values()
+            .map(|p| {
+                let s = p.status();
+                pb::PeerInfo {
+                    name: p.peer.name.clone(),
+                    address: p.peer.address.clone(),
+                    state: s.state.to_owned(),
+                    inbound_connected: s.inbound > 0,
+                    last_handshake_unix_ms: s.last_handshake_ms,
+                    pushed_seq: s.pushed,
+                    acked_seq: s.acked,
+                    head_seq: head,
+                    lag: head.saturating_sub(s.acked),
+                    last_ack_rtt_ms: s.rtt_ms,
+                    received_seq: s.received,
+                    errors: s.errors,
+                    last_error: s.last_error,
+                    mismatches: s
+                        .mismatches
+                        .into_iter()
+                        .map(|(table, reason)| pb::TableMismatch { table, reason })
+                        .collect(),
+                    snapshots_sent: s.snapshots_sent,
+                    entries_sent: s.entries_sent,
+                    entries_received: s.entries_received,
+                }
+            })
+            .collect();
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
+        pb::ShowPeersReply {
+            local: store.local().to_owned(),
+            peers,
+        }
+    }
+}
+
+fn def_to_pb(d: &TableDef) -> pb::TableDef {
+    pb::TableDef {
+        name: d.name.clone(),
+        r#type: d.key.name().to_owned(),
+        len: d.key.max_len(),
+        size: d.size,
+        expire_ms: u64::try_from(d.expire.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+fn describe(d: &pb::TableDef) -> String {
+    let len = if d.r#type == "string" {
+        format!(" len {}", d.len)
+    } else {
+        String::new()
+    };
+    format!(
+        "type {}{len} size {} expire {}",
+        d.r#type,
+        d.size,
+        common::Duration(Duration::from_millis(d.expire_ms))
+    )
+}
+
+/// Tables that cannot be replicated between us and a peer with definitions `theirs`, and why.
+pub fn mismatches(ours: &[TableDef], theirs: &[pb::TableDef], peer: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for o in ours {
+        let o = def_to_pb(o);
+        match theirs.iter().find(|t| t.name == o.name) {
+            None => out.push((o.name.clone(), format!("not defined on {peer}"))),
+            Some(t) if *t != o => out.push((
+                o.name.clone(),
+                format!("{} here, {} on {peer}", describe(&o), describe(t)),
+            )),
+            Some(_) => {}
+        }
+    }
+    for t in theirs {
+        if !ours.iter().any(|o| o.name == t.name) {
+            out.push((t.name.clone(), format!("defined on {peer} but not here")));
+        }
+    }
+    out
+}
+
+/// A tonic endpoint for a peer, with heartbeats at the HTTP/2 level as well as ours.
+fn endpoint(peer: &Peer, config: &Config) -> Result<Endpoint, tonic::transport::Error> {
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let ep = Endpoint::from_shared(format!("{scheme}://{}", peer.address))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(config.heartbeat)
+        .keep_alive_timeout(config.heartbeat * 3)
+        .keep_alive_while_idle(true);
+    crate::tls::client(ep, config)
+}
+
+/// Pushes our log to one peer for ever: connect, handshake, catch up, stream, reconnect.
+pub async fn push_loop(
+    config: Arc<Config>,
+    store: Arc<Store>,
+    state: Arc<PeerState>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        state.lock().state = "connecting";
+        let started = Instant::now();
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = push_once(&config, &store, &state, &shutdown) => r,
+        };
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match result {
+            Ok(()) => {}
+            Err(e) => {
+                let refused =
+                    matches!(&e, PushError::Status(s) if s.code() == tonic::Code::PermissionDenied);
+                warn!(peer = %state.peer.name, error = %e, "replication stream to peer ended");
+                state.error(&e);
+                state.lock().state = if refused { "refused" } else { "backoff" };
+            }
+        }
+        // A stream that lived a while was healthy: start the backoff over.
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PushError {
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("peer answered: {}: {}", .0.code(), .0.message())]
+    Status(#[from] Status),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("no answer for {0:?}: link is dead")]
+    Dead(Duration),
+    #[error("peer closed the stream")]
+    Closed,
+}
+
+async fn push_once(
+    config: &Config,
+    store: &Store,
+    state: &PeerState,
+    shutdown: &CancellationToken,
+) -> Result<(), PushError> {
+    let peer = &state.peer;
+    let channel: Channel = endpoint(peer, config)?.connect().await?;
+    let mut client = pb::peer_client::PeerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    state.lock().state = "handshaking";
+    let (tx, rx) = mpsc::channel::<pb::PeerMessage>(16);
+    let hello = pb::Hello {
+        from: store.local().to_owned(),
+        to: peer.name.clone(),
+        tables: store.table_defs().iter().map(def_to_pb).collect(),
+        log_epoch: store.epoch(),
+        head_seq: store.head(),
+        first_seq: store.first_seq(),
+    };
+    send(&tx, pb::peer_message::Msg::Hello(hello)).await?;
+    let mut replies = client
+        .replicate(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let dead_after = config.heartbeat * 3;
+    let welcome = match tokio::time::timeout(dead_after, replies.next()).await {
+        Err(_) => return Err(PushError::Dead(dead_after)),
+        Ok(None) => return Err(PushError::Closed),
+        Ok(Some(r)) => match r?.msg {
+            Some(pb::peer_reply::Msg::Welcome(w)) => w,
+            other => {
+                return Err(PushError::Protocol(format!(
+                    "expected welcome, got {other:?}"
+                )));
+            }
+        },
+    };
+    if welcome.from != peer.name {
+        return Err(PushError::Protocol(format!(
+            "peer at {} says it is '{}', not '{}'",
+            peer.address, welcome.from, peer.name
+        )));
+    }
+    let skip: Vec<String> = welcome.mismatches.iter().map(|m| m.table.clone()).collect();
+    for m in &welcome.mismatches {
+        warn!(peer = %peer.name, table = %m.table, reason = %m.reason, "table definitions differ: not replicated with this peer");
+    }
+    let resumable = store.can_resume(welcome.log_epoch, welcome.received_seq);
+    let resume = if resumable { welcome.received_seq } else { 0 };
+    {
+        let mut s = state.lock();
+        s.last_handshake_ms = now_ms();
+        s.mismatches = welcome
+            .mismatches
+            .iter()
+            .map(|m| (m.table.clone(), m.reason.clone()))
+            .collect();
+        s.acked = resume;
+        s.pushed = resume;
+    }
+    let mut next = resume + 1;
+    // Nothing to send if the receiver is at our head; otherwise the log must reach back to it.
+    if !resumable || (next <= store.head() && next < store.first_seq()) {
+        state.lock().state = "syncing";
+        let tables: Vec<String> = store
+            .table_defs()
+            .into_iter()
+            .map(|d| d.name)
+            .filter(|n| !skip.contains(n))
+            .collect();
+        let (through, chunks) = store.snapshot(&tables);
+        let entries: usize = chunks.iter().map(|c| c.entries.len()).sum();
+        info!(peer = %peer.name, from = next, first = store.first_seq(), through, entries, "peer is behind our log: sending a full snapshot");
+        for c in chunks {
+            send(&tx, pb::peer_message::Msg::Snapshot(c)).await?;
+        }
+        let mut s = state.lock();
+        s.snapshots_sent += 1;
+        s.entries_sent += entries as u64;
+        s.pushed = through;
+        drop(s);
+        next = through + 1;
+    } else {
+        info!(peer = %peer.name, from = next, head = store.head(), "resuming replication from the log");
+    }
+    state.lock().state = "connected";
+    let mut head_rx = store.subscribe_head();
+    let mut heartbeat = tokio::time::interval(config.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    // Send time of each batch, by last sequence, to measure push-to-ack latency.
+    let mut in_flight: std::collections::VecDeque<(u64, Instant)> = Default::default();
+    let mut acked = resume;
+    let mut persisted_ack = Instant::now();
+    loop {
+        // Push whatever the log has, within the window.
+        while next <= store.head() && next.saturating_sub(acked) < WINDOW {
+            let changes = store.read_log(next, BATCH)?;
+            let Some(last) = changes.last().map(|c| c.seq) else {
+                break;
+            };
+            let n = changes.len() as u64;
+            send(&tx, pb::peer_message::Msg::Batch(pb::Batch { changes })).await?;
+            in_flight.push_back((last, Instant::now()));
+            next = last + 1;
+            let mut s = state.lock();
+            s.pushed = last;
+            s.entries_sent += n;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            changed = head_rx.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > dead_after {
+                    return Err(PushError::Dead(dead_after));
+                }
+                send(&tx, pb::peer_message::Msg::Heartbeat(pb::Heartbeat { unix_ms: now_ms() })).await?;
+            }
+            reply = replies.next() => {
+                last_heard = Instant::now();
+                match reply {
+                    None => return Err(PushError::Closed),
+                    Some(Err(s)) => return Err(s.into()),
+                    Some(Ok(pb::PeerReply { msg: Some(pb::peer_reply::Msg::Ack(a)) })) => {
+                        acked = acked.max(a.seq);
+                        let mut rtt = None;
+                        while in_flight.front().is_some_and(|(s, _)| *s <= acked) {
+                            rtt = in_flight.pop_front().map(|(_, t)| t.elapsed());
+                        }
+                        let mut s = state.lock();
+                        s.acked = acked;
+                        if let Some(rtt) = rtt {
+                            s.rtt_ms = rtt.as_secs_f64() * 1000.0;
+                        }
+                        drop(s);
+                        if persisted_ack.elapsed() > Duration::from_millis(500) {
+                            store.set_acked(&peer.name, acked)?;
+                            persisted_ack = Instant::now();
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn send(
+    tx: &mpsc::Sender<pb::PeerMessage>,
+    msg: pb::peer_message::Msg,
+) -> Result<(), PushError> {
+    tx.send(pb::PeerMessage { msg: Some(msg) })
+        .await
+        .map_err(|_| PushError::Closed)
+}
+
+/// The receiving side: applies the logs peers push to us.
+pub struct PeerService {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+    pub peers: Arc<Peers>,
+    pub shutdown: CancellationToken,
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::PeerReply, Status>> + Send>>;
+
+fn reply(msg: pb::peer_reply::Msg) -> Result<pb::PeerReply, Status> {
+    Ok(pb::PeerReply { msg: Some(msg) })
+}
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerService {
+    type ReplicateStream = ReplyStream;
+
+    async fn replicate(
+        &self,
+        request: Request<Streaming<pb::PeerMessage>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let remote = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let mut incoming = request.into_inner();
+        let dead_after = self.config.heartbeat * 3;
+        let hello = match tokio::time::timeout(dead_after, incoming.next()).await {
+            Ok(Some(Ok(pb::PeerMessage {
+                msg: Some(pb::peer_message::Msg::Hello(h)),
+            }))) => h,
+            Ok(Some(Err(s))) => return Err(s),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a hello",
+                ));
+            }
+        };
+        if hello.to != self.store.local() {
+            warn!(client.addr = %remote, from = %hello.from, to = %hello.to, "refused a peer that addressed another node");
+            return Err(Status::permission_denied(format!(
+                "this is peer '{}', not '{}'",
+                self.store.local(),
+                hello.to
+            )));
+        }
+        let Some(state) = self.peers.map.get(&hello.from).cloned() else {
+            warn!(client.addr = %remote, from = %hello.from, "refused an unknown peer");
+            return Err(Status::permission_denied(format!(
+                "unknown peer '{}': not in {}'s configuration",
+                hello.from,
+                self.store.local()
+            )));
+        };
+        let ours = self.store.table_defs();
+        let mism = mismatches(&ours, &hello.tables, &hello.from);
+        for (table, reason) in &mism {
+            warn!(peer = %hello.from, table = %table, reason = %reason, "table definitions differ: not replicated with this peer");
+        }
+        let skip: Vec<String> = mism.iter().map(|(t, _)| t.clone()).collect();
+        let epoch = hello.log_epoch;
+        let (recv_epoch, received) = self
+            .store
+            .received(&hello.from)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        {
+            let mut s = state.lock();
+            s.inbound += 1;
+            s.received = received;
+            s.mismatches = mism.clone();
+        }
+        info!(peer = %hello.from, client.addr = %remote, received, their_head = hello.head_seq, "peer connected");
+        let (tx, rx) = mpsc::channel(64);
+        // Cannot fail: the channel is new and has room.
+        let _ = tx
+            .send(reply(pb::peer_reply::Msg::Welcome(pb::Welcome {
+                from: self.store.local().to_owned(),
+                received_seq: received,
+                log_epoch: recv_epoch,
+                mismatches: mism
+                    .into_iter()
+                    .map(|(table, reason)| pb::TableMismatch { table, reason })
+                    .collect(),
+            })))
+            .await;
+        let store = self.store.clone();
+        let shutdown = self.shutdown.clone();
+        let span = info_span!("inbound", peer = %hello.from);
+        tokio::spawn(
+            async move {
+                let result = receive(
+                    &store,
+                    &state,
+                    epoch,
+                    received,
+                    &skip,
+                    &mut incoming,
+                    &tx,
+                    dead_after,
+                    &shutdown,
+                )
+                .await;
+                if let Err(e) = &result {
+                    warn!(error = %e, "inbound replication stream ended");
+                    state.error(e);
+                    let _ = tx.send(Err(e.clone())).await;
+                } else {
+                    debug!("inbound replication stream closed");
+                }
+                state.lock().inbound -= 1;
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn receive(
+    store: &Store,
+    state: &PeerState,
+    epoch: u64,
+    mut position: u64,
+    skip: &[String],
+    incoming: &mut Streaming<pb::PeerMessage>,
+    tx: &mpsc::Sender<Result<pb::PeerReply, Status>>,
+    dead_after: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(), Status> {
+    let from = state.peer.name.clone();
+    loop {
+        let msg = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            m = tokio::time::timeout(dead_after, incoming.next()) => match m {
+                Err(_) => return Err(Status::deadline_exceeded(format!("nothing from {from} for {dead_after:?}"))),
+                Ok(None) => return Ok(()),
+                Ok(Some(m)) => m?,
+            },
+        };
+        let answer = match msg.msg {
+            Some(pb::peer_message::Msg::Batch(b)) => {
+                let Some(last) = b.changes.last().map(|c| c.seq) else {
+                    continue;
+                };
+                let first = b.changes.first().map_or(last, |c| c.seq);
+                if first > position + 1 {
+                    return Err(Status::failed_precondition(format!(
+                        "gap in {from}'s log: have {position}, got {first}"
+                    )));
+                }
+                let n = b.changes.len() as u64;
+                store
+                    .apply_remote(&from, epoch, &b.changes, skip, Some(last.max(position)))
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                position = position.max(last);
+                let mut s = state.lock();
+                s.received = position;
+                s.entries_received += n;
+                pb::peer_reply::Msg::Ack(pb::Ack { seq: position })
+            }
+            Some(pb::peer_message::Msg::Snapshot(c)) => {
+                if !c.table.is_empty() && skip.contains(&c.table) {
+                    continue;
+                }
+                let n = c.entries.len() as u64;
+                store
+                    .apply_snapshot(&from, epoch, &c)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let mut s = state.lock();
+                s.entries_received += n;
+                if !c.last {
+                    continue;
+                }
+                position = c.through_seq;
+                s.received = position;
+                info!(through = position, "snapshot from peer applied");
+                pb::peer_reply::Msg::Ack(pb::Ack { seq: position })
+            }
+            Some(pb::peer_message::Msg::Heartbeat(_)) => {
+                pb::peer_reply::Msg::Heartbeat(pb::Heartbeat { unix_ms: now_ms() })
+            }
+            Some(pb::peer_message::Msg::Hello(_)) | None => {
+                return Err(Status::invalid_argument("unexpected message after hello"));
+            }
+        };
+        if tx.send(reply(answer)).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KeyType;
+
+    #[test]
+    fn mismatches_name_the_difference() {
+        let ours = vec![
+            TableDef {
+                name: "a".into(),
+                key: KeyType::String { len: 32 },
+                size: 10,
+                expire: Duration::from_secs(60),
+            },
+            TableDef {
+                name: "b".into(),
+                key: KeyType::Ip,
+                size: 10,
+                expire: Duration::from_secs(60),
+            },
+        ];
+        let mut theirs: Vec<_> = ours.iter().map(def_to_pb).collect();
+        assert!(mismatches(&ours, &theirs, "p").is_empty());
+        theirs[0].len = 64;
+        theirs.remove(1);
+        theirs.push(pb::TableDef {
+            name: "c".into(),
+            r#type: "ip".into(),
+            ..Default::default()
+        });
+        let m = mismatches(&ours, &theirs, "p");
+        assert_eq!(m.len(), 3);
+        assert_eq!(
+            m[0].1,
+            "type string len 32 size 10 expire 1m here, type string len 64 size 10 expire 1m on p"
+        );
+        assert_eq!(m[1].1, "not defined on p");
+        assert_eq!(m[2].1, "defined on p but not here");
+    }
+}
