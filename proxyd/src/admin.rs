@@ -57,6 +57,8 @@ pub async fn serve(
     let router = tonic::transport::Server::builder()
         .add_service(common::grpc::health::<AdminServer<AdminService>>().await)
         .add_service(common::grpc::reflection()?)
+        // grpcurl 1.8 (the one pip ships) still speaks v1alpha.
+        .add_service(common::grpc::reflection_v1alpha()?)
         .add_service(AdminServer::new(AdminService { master }));
     common::grpc::serve_unix(router, listener, shutdown).await?;
     Ok(())

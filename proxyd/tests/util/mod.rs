@@ -1,0 +1,222 @@
+//! Helpers for proxyd's integration tests: a scriptable HTTP backend and a raw HTTP client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Buf;
+use proxyd::http::body::{self, Io};
+use proxyd::http::head;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+pub const T: Duration = Duration::from_secs(5);
+
+/// What the backend does with one request.
+pub enum Action {
+    Respond(Vec<u8>),
+    /// Close the connection without answering.
+    Close,
+}
+
+/// A request as the backend saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub head: String,
+    pub body: Vec<u8>,
+    /// 0-based index of the request on its connection.
+    pub nth: usize,
+}
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    pub requests: Arc<AtomicUsize>,
+}
+
+/// Starts a backend on 127.0.0.1:0 that answers each request with `script`.
+pub async fn backend<F>(script: F) -> Backend
+where
+    F: Fn(&Seen) -> Action + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = listener.local_addr().expect("addr");
+    let connections = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let script = Arc::new(script);
+    let (c, r) = (connections.clone(), requests.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            c.fetch_add(1, Ordering::SeqCst);
+            let script = script.clone();
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut io = Io::new(stream);
+                let mut nth = 0;
+                loop {
+                    let req = loop {
+                        match head::parse_request(&io.buf) {
+                            Ok(Some(h)) => break h,
+                            Ok(None) => {}
+                            Err(_) => return,
+                        }
+                        match io.fill(T).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                    };
+                    let head_text = String::from_utf8_lossy(&io.buf[..req.len]).into_owned();
+                    io.buf.advance(req.len);
+                    let mut raw = Vec::new();
+                    let mut out = Vec::new();
+                    if body::forward(&mut io, &mut raw, req.framing, &mut out, T)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let seen = Seen {
+                        head: head_text,
+                        body: raw,
+                        nth,
+                    };
+                    nth += 1;
+                    match script(&seen) {
+                        Action::Respond(bytes) => {
+                            if io.stream.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                        Action::Close => return,
+                    }
+                }
+            });
+        }
+    });
+    Backend {
+        addr,
+        connections,
+        requests,
+    }
+}
+
+pub fn ok(body: &str) -> Action {
+    Action::Respond(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    )
+}
+
+/// A response as the client saw it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn closes(&self) -> bool {
+        self.head.to_ascii_lowercase().contains("connection: close")
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A raw client connection to the proxy.
+pub struct Client {
+    pub io: Io<TcpStream>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> std::io::Result<Client> {
+        Ok(Client {
+            io: Io::new(TcpStream::connect(addr).await?),
+        })
+    }
+
+    /// Sends raw bytes and reads one response (`is_head` for responses without a body).
+    pub async fn send(&mut self, raw: &[u8], is_head: bool) -> std::io::Result<Reply> {
+        self.io.stream.write_all(raw).await?;
+        self.read(is_head).await
+    }
+
+    pub async fn read(&mut self, is_head: bool) -> std::io::Result<Reply> {
+        let resp = loop {
+            match head::parse_response(&self.io.buf, is_head) {
+                Ok(Some(r)) if r.is_informational() => {
+                    self.io.buf.advance(r.len);
+                    continue;
+                }
+                Ok(Some(r)) => break r,
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(std::io::Error::other(format!("bad response: {e:?}")));
+                }
+            }
+            if self.io.fill(T).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        };
+        let head_text = String::from_utf8_lossy(&self.io.buf[..resp.len]).into_owned();
+        self.io.buf.advance(resp.len);
+        let mut body_bytes = Vec::new();
+        let mut out = Vec::new();
+        body::forward(&mut self.io, &mut body_bytes, resp.framing, &mut out, T)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(Reply {
+            status: resp.status,
+            head: head_text,
+            body: body_bytes,
+        })
+    }
+
+    /// True when the proxy closed the connection (EOF) within the test timeout.
+    pub async fn closed(&mut self) -> bool {
+        matches!(self.io.fill(T).await, Ok(0) | Err(_))
+    }
+}
+
+pub fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").into_bytes()
+}
+
+/// A local port nobody listens on (bound and released).
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// A proxyd config with one frontend and one backend of the given servers.
+pub fn config_text(
+    dir: &std::path::Path,
+    bind: &str,
+    servers: &[SocketAddr],
+    extra_global: &str,
+) -> String {
+    let mut s = format!(
+        "[global]\nadmin_socket = \"{}/proxyd/admin.sock\"\nfdkeeper_socket = \"{}/fdk/lend.sock\"\n{extra_global}\n\n\
+         [[frontend]]\nname = \"www\"\nbind = [\"{bind}\"]\ndefault_backend = \"app\"\n\n[[backend]]\nname = \"app\"\n",
+        dir.display(),
+        dir.display()
+    );
+    for (i, a) in servers.iter().enumerate() {
+        s.push_str(&format!(
+            "[[backend.server]]\nname = \"s{i}\"\naddress = \"{a}\"\n"
+        ));
+    }
+    s
+}
