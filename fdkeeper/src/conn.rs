@@ -1,4 +1,6 @@
 //! One SOCK_SEQPACKET connection driven by tokio: datagrams in and out, with fds beside them.
+//!
+//! Public so that tests and tools can speak the raw protocol (malformed requests included).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -9,6 +11,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::sys;
+pub use crate::sys::Received;
 
 /// Largest request fdkeeper reads, and largest response a client reads. A request
 /// is small (at most 64 specs); a Listing of max_listeners entries stays well below.

@@ -6,7 +6,7 @@
 pub mod admin;
 pub mod client;
 pub mod config;
-mod conn;
+pub mod conn;
 pub mod listener;
 pub mod pattern;
 mod registry;
@@ -198,8 +198,7 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let reflection =
-        common::grpc::reflection().map_err(|e| RunError::Reflection(e.to_string()))?;
+    let reflection = common::grpc::reflection().map_err(|e| RunError::Reflection(e.to_string()))?;
     let reflection_v1alpha =
         common::grpc::reflection_v1alpha().map_err(|e| RunError::Reflection(e.to_string()))?;
     let health = common::grpc::health::<

@@ -169,12 +169,16 @@ fn control_buffer(n: usize) -> Vec<u64> {
     vec![0u64; bytes.div_ceil(8).max(1)]
 }
 
-/// Sends one datagram with `fds` attached. Never raises SIGPIPE.
+/// The kernel's limit of fds in one SCM_RIGHTS message.
+const SCM_MAX_FD: usize = 253;
+
+/// Sends one datagram with `fds` attached (at most the kernel's 253; fdkeeper itself
+/// accepts only [`MAX_FDS_PER_MESSAGE`]). Never raises SIGPIPE.
 pub fn send_with_fds(fd: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
-    if fds.len() > MAX_FDS_PER_MESSAGE {
+    if fds.len() > SCM_MAX_FD {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("at most {MAX_FDS_PER_MESSAGE} fds per message"),
+            format!("at most {SCM_MAX_FD} fds per message"),
         ));
     }
     let mut iov = libc::iovec {
