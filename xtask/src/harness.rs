@@ -1,6 +1,8 @@
 //! Test environment for e2e scenarios and the demo: a temp dir, free ports on 127.0.0.x, the real
 //! binaries with their output in per-process log files, readiness waits, signals, and cleanup that
 //! leaves no process behind (on drop, on panic and on Ctrl-C).
+// Shared API for every scenario module (stickd's too) and bench: not all of it is used yet.
+#![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -229,6 +231,18 @@ impl Env {
             }
         }
         bail!("no free port found on {ip}")
+    }
+
+    /// `preferred` on 127.0.0.`host` if it is free right now, else any free port.
+    pub fn port_or_free(&mut self, host: u8, preferred: Option<u16>) -> Result<SocketAddr> {
+        if let Some(port) = preferred {
+            let addr = SocketAddr::from((Ipv4Addr::new(127, 0, 0, host), port));
+            if !self.ports.contains(&port) && TcpListener::bind(addr).is_ok() {
+                self.ports.insert(port);
+                return Ok(addr);
+            }
+        }
+        self.free_port(host)
     }
 
     /// Starts `program args...` in its own process group, output appended to `logs/NAME.log`.

@@ -1,5 +1,7 @@
 //! HTTP/1.1 load generator for e2e and bench: keep-alive and connection-close clients, bounded in
 //! time and count, every response checked, every failure counted by kind.
+// Shared API for every scenario module (stickd's too) and bench: not all of it is used yet.
+#![allow(dead_code)]
 
 use std::fmt;
 use std::io::ErrorKind;
@@ -130,6 +132,8 @@ struct Shared {
     ok: AtomicU64,
     failures: [AtomicU64; 6],
     in_flight: AtomicU64,
+    /// Keep-alive connections open between two requests of their client.
+    idle_keepalive: AtomicU64,
     connections: AtomicU64,
     close_reconnects: AtomicU64,
     samples: std::sync::Mutex<Vec<String>>,
@@ -262,6 +266,14 @@ impl Load {
         self.shared.in_flight.load(Ordering::SeqCst)
     }
 
+    /// Requests that a server dying right now could fail: those in flight, plus one per
+    /// keep-alive connection that sits between two requests (its next request would meet the
+    /// dead connection).
+    pub fn at_risk(&self) -> u64 {
+        self.shared.in_flight.load(Ordering::SeqCst)
+            + self.shared.idle_keepalive.load(Ordering::SeqCst)
+    }
+
     /// Waits until `n` more requests have succeeded (or `timeout` passes): proof that traffic flows.
     pub async fn wait_ok(&self, n: u64, timeout: Duration) -> anyhow::Result<()> {
         let target = self.shared.ok.load(Ordering::SeqCst) + n;
@@ -361,7 +373,11 @@ impl Client {
                 break;
             }
             let begun = Instant::now();
+            // In flight first, then no longer idle: a watcher never sees this connection in neither.
             let guard = InFlight::new(&self.shared.in_flight);
+            if conn.is_some() {
+                self.shared.idle_keepalive.fetch_sub(1, Ordering::SeqCst);
+            }
             let reused = conn.is_some();
             let result = tokio::time::timeout(
                 self.config.request_timeout,
@@ -369,28 +385,36 @@ impl Client {
             )
             .await
             .unwrap_or_else(|_| Err((FailKind::Timeout, "no complete response in time".into())));
-            drop(guard);
             match result {
                 Ok(answer) => {
                     self.shared.ok.fetch_add(1, Ordering::SeqCst);
                     let us = begun.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
                     latencies.push(us);
                     if answer.close || !self.keep_alive {
+                        drop(guard);
                         if self.keep_alive {
                             self.shared.close_reconnects.fetch_add(1, Ordering::SeqCst);
                         }
                         if let Some(c) = conn.take() {
                             wait_server_close(c).await;
                         }
+                    } else {
+                        // Idle first, then no longer in flight (see above).
+                        self.shared.idle_keepalive.fetch_add(1, Ordering::SeqCst);
+                        drop(guard);
                     }
                 }
                 Err((kind, why)) => {
+                    drop(guard);
                     conn = None;
                     self.record_failure(kind, &why, reused);
                     // Do not spin on a dead address; the load must stay a load, not a flood.
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
+        }
+        if conn.is_some() {
+            self.shared.idle_keepalive.fetch_sub(1, Ordering::SeqCst);
         }
         latencies
     }

@@ -2,14 +2,19 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod cluster;
+mod demo;
+mod e2e;
 mod harness;
 mod load;
 
+use std::io::BufRead;
 use std::net::SocketAddr;
-use std::process::ExitCode;
+use std::process::{Command, ExitCode, Stdio};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(
@@ -23,9 +28,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Every test: `cargo test --workspace`, then the e2e scenarios; one closing line.
+    Test,
+    /// End-to-end scenarios against the real release binaries.
+    E2e {
+        /// Run only the scenarios whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Use the release binaries already in target/release instead of building them.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// A node on 127.0.0.1 with two demo backends, until Ctrl-C.
+    Demo,
     /// Demo HTTP backend (like the seed's PHP app) that answers with its name.
     Backend {
-        /// Address to listen on, e.g. 127.0.0.2:8081.
+        /// Address to listen on, e.g. 127.0.0.2:9001.
         #[arg(long)]
         listen: SocketAddr,
         /// Server name put in every answer.
@@ -50,6 +68,13 @@ fn main() -> ExitCode {
     }
 }
 
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?)
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Backend {
@@ -57,17 +82,158 @@ fn run(cli: Cli) -> Result<ExitCode> {
             name,
             delay,
         } => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()?;
-            rt.block_on(backend::run(backend::BackendConfig {
+            runtime(1)?.block_on(backend::run(backend::BackendConfig {
                 listen,
                 name,
                 delay: delay.into(),
             }))?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::E2e { filter, no_build } => {
+            harness::become_subreaper();
+            let totals = runtime(2)?.block_on(async {
+                kill_all_on_interrupt()?;
+                let result = e2e::run(filter.as_deref(), !no_build).await;
+                harness::kill_all();
+                result
+            })?;
+            println!("{}", totals.line());
+            Ok(exit_for(totals.failed == 0))
+        }
+        Cmd::Test => {
+            let unit = cargo_test()?;
+            harness::become_subreaper();
+            let e2e = runtime(2)?.block_on(async {
+                kill_all_on_interrupt()?;
+                let result = e2e::run(None, true).await;
+                harness::kill_all();
+                result
+            });
+            let mut totals = match e2e {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("e2e could not run: {e:#}");
+                    e2e::Totals {
+                        failed: 1,
+                        ..Default::default()
+                    }
+                }
+            };
+            println!(
+                "cargo test: {} passed, {} failed, {} ignored{}; e2e: {}",
+                unit.passed,
+                unit.failed,
+                unit.skipped,
+                if unit.ok { "" } else { " (cargo test failed)" },
+                totals.line()
+            );
+            totals.passed += unit.passed;
+            totals.failed += unit.failed + usize::from(!unit.ok && unit.failed == 0);
+            totals.skipped += unit.skipped;
+            println!("{}", totals.line());
+            Ok(exit_for(totals.failed == 0))
+        }
+        Cmd::Demo => {
+            harness::become_subreaper();
+            runtime(2)?.block_on(demo::run())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Bench => bail!("cargo xtask bench is not implemented yet, see issue 6"),
+    }
+}
+
+fn exit_for(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// On Ctrl-C or SIGTERM, kill every process the harness started, then exit 130: the processes
+/// sit in their own process groups, so the terminal's SIGINT does not reach them.
+fn kill_all_on_interrupt() -> Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("interrupted: stopping every process the e2e started");
+        harness::kill_all();
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
+/// What `cargo test --workspace` reported.
+#[derive(Debug, Default)]
+struct UnitTotals {
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+    ok: bool,
+}
+
+/// Runs `cargo test --workspace`, echoing its output and adding up its `test result:` lines.
+fn cargo_test() -> Result<UnitTotals> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut child = Command::new(cargo)
+        .current_dir(harness::workspace_root())
+        .args(["test", "--workspace"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let mut totals = UnitTotals::default();
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some((p, f, i)) = parse_test_result(&line) {
+                totals.passed += p;
+                totals.failed += f;
+                totals.skipped += i;
+            }
+        }
+    }
+    totals.ok = child.wait()?.success();
+    Ok(totals)
+}
+
+/// Reads "test result: ok. 3 passed; 0 failed; 1 ignored; ..." into (passed, failed, ignored).
+fn parse_test_result(line: &str) -> Option<(usize, usize, usize)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let count = |what: &str| -> Option<usize> {
+        rest.split(';').find_map(|part| {
+            let part = part.trim();
+            let part = part.rsplit_once(". ").map_or(part, |(_, p)| p);
+            part.strip_suffix(what)?.trim().parse().ok()
+        })
+    };
+    Some((
+        count("passed")?,
+        count("failed")?,
+        count("ignored").unwrap_or(0),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn parses_cargo_test_result_lines() {
+        assert_eq!(
+            parse_test_result(
+                "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.05s"
+            ),
+            Some((12, 0, 1))
+        );
+        assert_eq!(
+            parse_test_result("test result: FAILED. 4 passed; 1 failed; 0 ignored; 0 measured"),
+            Some((4, 1, 0))
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
     }
 }

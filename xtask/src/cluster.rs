@@ -1,0 +1,331 @@
+//! One load-balancer node made of the real binaries (demo backends, fdkeeper, proxyd) in an
+//! [`Env`], with its generated configs and admin clients; shared by e2e scenarios and the demo.
+// Shared API for every scenario module (stickd's too) and bench: not all of it is used yet.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use proto::proxyd::v1::admin_client::AdminClient as ProxydAdminClient;
+use proto::proxyd::v1::{GenerationState, StatusReply, StatusRequest};
+
+use crate::harness::{self, Env, GrpcTarget, Proc, ProcSpec};
+
+/// Generous waits: the e2e machine has 2 cores and four builds may run beside it.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How to lay out a node.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// The node's frontend listens on 127.0.0.`host`.
+    pub host: u8,
+    /// Demo backends, by server name; they listen on 127.0.0.`host`+1.
+    pub backends: Vec<String>,
+    /// Delay of every backend response (keeps requests in flight during reloads and kills).
+    pub backend_delay: Duration,
+    pub drain_timeout: &'static str,
+    pub max_draining: u32,
+    /// The proxyd binary to run (a copy, for the upgrade scenario); default target/release/proxyd.
+    pub proxyd_binary: Option<PathBuf>,
+    /// Ports to use when free (the demo's stable addresses): frontend, then the first backend's
+    /// (the next backends count up from it). `None`: any free port.
+    pub preferred_ports: Option<(u16, u16)>,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            host: 1,
+            backends: vec!["app1".into(), "app2".into()],
+            backend_delay: Duration::ZERO,
+            drain_timeout: "10s",
+            max_draining: 4,
+            proxyd_binary: None,
+            preferred_ports: None,
+        }
+    }
+}
+
+/// A running node.
+pub struct Node {
+    pub backends: Vec<(String, SocketAddr, Proc)>,
+    pub fdkeeper: Proc,
+    pub proxyd: Proc,
+    pub frontend: SocketAddr,
+    pub fdkeeper_config: PathBuf,
+    pub fdkeeper_socket: PathBuf,
+    pub fdkeeper_admin: PathBuf,
+    pub proxyd_config: PathBuf,
+    pub proxyd_admin: PathBuf,
+    pub options: NodeOptions,
+}
+
+/// fdkeeper.toml for a node whose files live under `dir`.
+pub fn fdkeeper_toml(socket: &Path, admin: &Path, uid: u32) -> String {
+    format!(
+        r#"# fdkeeper for an xtask node: lends loopback listeners to proxyd (same uid).
+socket = "{}"
+admin = "{}"
+allowed_uids = [{uid}]
+allowed_binds = ["127.0.0.0/8"]
+"#,
+        socket.display(),
+        admin.display()
+    )
+}
+
+/// proxyd.toml: one HTTP frontend on `frontend`, round robin over `servers`.
+pub fn proxyd_toml(
+    admin: &Path,
+    fdkeeper_socket: &Path,
+    frontend: SocketAddr,
+    servers: &[(String, SocketAddr)],
+    drain_timeout: &str,
+    max_draining: u32,
+) -> String {
+    let mut s = format!(
+        r#"# proxyd for an xtask node.
+[global]
+admin_socket = "{}"
+fdkeeper_socket = "{}"
+drain_timeout = "{drain_timeout}"
+max_draining = {max_draining}
+threads = 1
+
+[[frontend]]
+name = "www"
+bind = ["{frontend}"]
+mode = "http"
+default_backend = "app"
+
+[[backend]]
+name = "app"
+balance = "roundrobin"
+"#,
+        admin.display(),
+        fdkeeper_socket.display()
+    );
+    for (name, addr) in servers {
+        s.push_str(&format!(
+            "\n[[backend.server]]\nname = \"{name}\"\naddress = \"{addr}\"\n"
+        ));
+    }
+    s
+}
+
+impl Node {
+    /// Starts backends, fdkeeper and proxyd, and waits until the frontend serves.
+    pub async fn start(env: &mut Env, options: NodeOptions) -> Result<Node> {
+        let me = std::env::current_exe().context("cannot find the xtask binary")?;
+        let h = options.host;
+        let mut backends = Vec::new();
+        for (i, name) in options.backends.iter().enumerate() {
+            let preferred = options.preferred_ports.map(|(_, b)| b + i as u16);
+            let addr = env.port_or_free(h + 1, preferred)?;
+            let delay = format!("{}ms", options.backend_delay.as_millis());
+            let spec = ProcSpec::new(&format!("backend-{name}"), &me)
+                .arg("backend")
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--name")
+                .arg(name)
+                .arg("--delay")
+                .arg(delay);
+            let p = env.spawn_spec(spec)?;
+            backends.push((name.clone(), addr, p));
+        }
+        for (_, addr, _) in &backends {
+            harness::wait_tcp(*addr, START_TIMEOUT).await?;
+        }
+
+        let uid = nix::unistd::getuid().as_raw();
+        let fdkeeper_socket = env.path(&format!("n{h}/fdkeeper/lend.sock"));
+        let fdkeeper_admin = env.path(&format!("n{h}/fdkeeper-admin.sock"));
+        let fdkeeper_config = env.write(
+            &format!("n{h}/fdkeeper.toml"),
+            &fdkeeper_toml(&fdkeeper_socket, &fdkeeper_admin, uid),
+        )?;
+        let fdkeeper = env.spawn(
+            &format!("fdkeeper-n{h}"),
+            harness::release_bin("fdkeeper"),
+            ["--config".as_ref(), fdkeeper_config.as_os_str()],
+        )?;
+        harness::wait_unix(&fdkeeper_admin, START_TIMEOUT).await?;
+        harness::wait_seqpacket(&fdkeeper_socket, START_TIMEOUT).await?;
+
+        let frontend = env.port_or_free(h, options.preferred_ports.map(|(f, _)| f))?;
+        let proxyd_admin = env.path(&format!("n{h}/proxyd-admin.sock"));
+        let servers: Vec<(String, SocketAddr)> =
+            backends.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
+        let proxyd_config = env.write(
+            &format!("n{h}/proxyd.toml"),
+            &proxyd_toml(
+                &proxyd_admin,
+                &fdkeeper_socket,
+                frontend,
+                &servers,
+                options.drain_timeout,
+                options.max_draining,
+            ),
+        )?;
+        let binary = options
+            .proxyd_binary
+            .clone()
+            .unwrap_or_else(|| harness::release_bin("proxyd"));
+        let proxyd = env.spawn(
+            &format!("proxyd-n{h}"),
+            binary,
+            ["--config".as_ref(), proxyd_config.as_os_str()],
+        )?;
+        let node = Node {
+            backends,
+            fdkeeper,
+            proxyd,
+            frontend,
+            fdkeeper_config,
+            fdkeeper_socket,
+            fdkeeper_admin,
+            proxyd_config,
+            proxyd_admin,
+            options,
+        };
+        node.wait_serving(START_TIMEOUT).await?;
+        Ok(node)
+    }
+
+    /// Server names of the backends (what the load generator expects in bodies).
+    pub fn server_names(&self) -> Vec<String> {
+        self.backends.iter().map(|(n, _, _)| n.clone()).collect()
+    }
+
+    /// Waits until proxyd's Status shows a serving generation and the frontend answers a request.
+    pub async fn wait_serving(&self, timeout: Duration) -> Result<ServingGeneration> {
+        let admin = self.proxyd_admin.clone();
+        let generation = harness::wait_for("proxyd to serve", timeout, || {
+            let admin = admin.clone();
+            async move { Ok(serving(&proxyd_status(&admin).await?)) }
+        })
+        .await?;
+        let frontend = self.frontend;
+        harness::wait_for("the frontend to answer 200", timeout, || async move {
+            Ok(probe(frontend, Duration::from_secs(5))
+                .await
+                .ok()
+                .map(|_| ()))
+        })
+        .await?;
+        Ok(generation)
+    }
+
+    pub fn fdkeeper_target(&self) -> GrpcTarget {
+        GrpcTarget::Unix(self.fdkeeper_admin.clone())
+    }
+
+    pub fn proxyd_target(&self) -> GrpcTarget {
+        GrpcTarget::Unix(self.proxyd_admin.clone())
+    }
+
+    pub async fn status(&self) -> Result<StatusReply> {
+        proxyd_status(&self.proxyd_admin).await
+    }
+}
+
+/// The newest serving generation and its worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServingGeneration {
+    pub generation: u64,
+    pub pid: u32,
+    pub restarts: u32,
+}
+
+/// The serving generation in a Status reply (the newest one if, briefly, two are).
+pub fn serving(status: &StatusReply) -> Option<ServingGeneration> {
+    status
+        .generations
+        .iter()
+        .filter(|g| g.state == GenerationState::Serving as i32)
+        .filter_map(|g| {
+            g.worker.as_ref().map(|w| ServingGeneration {
+                generation: g.generation,
+                pid: w.pid,
+                restarts: w.restarts,
+            })
+        })
+        .filter(|s| s.pid != 0)
+        .max_by_key(|s| s.generation)
+}
+
+/// proxyd.v1.Admin/Status through a tonic client (fast enough to poll every few ms).
+pub async fn proxyd_status(admin: &Path) -> Result<StatusReply> {
+    let channel = common::grpc::connect_unix(admin)
+        .await
+        .with_context(|| format!("cannot connect to {}", admin.display()))?;
+    let reply = ProxydAdminClient::new(channel)
+        .status(StatusRequest {})
+        .await
+        .context("proxyd.v1.Admin/Status")?;
+    Ok(reply.into_inner())
+}
+
+/// One `GET /` on a fresh connection with `Connection: close`; the server name from the body.
+pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let text = tokio::time::timeout(timeout, fut)
+        .await
+        .with_context(|| format!("no answer from {addr} within {timeout:?}"))??;
+    if !text.starts_with("HTTP/1.1 200") {
+        bail!(
+            "{addr} answered {:?}",
+            text.lines().next().unwrap_or_default()
+        );
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("server: "))
+        .map(str::to_owned)
+        .with_context(|| format!("{addr} answered without a server name"))
+}
+
+/// Polls Status until a generation newer than `after` serves; returns it and when it was seen.
+pub async fn wait_new_generation(
+    admin: &Path,
+    after: u64,
+    timeout: Duration,
+) -> Result<(ServingGeneration, Instant)> {
+    harness::wait_for(
+        &format!("a generation newer than {after} to serve"),
+        timeout,
+        || async move {
+            let st = proxyd_status(admin).await?;
+            Ok(serving(&st)
+                .filter(|s| s.generation > after)
+                .map(|s| (s, Instant::now())))
+        },
+    )
+    .await
+}
+
+/// Inode of each listener fdkeeper holds, by address, from its admin API through grpcurl.
+pub fn fdkeeper_inodes(target: &GrpcTarget) -> Result<Vec<(String, u64)>> {
+    let v = harness::grpcurl(target, "fdkeeper.v1.Admin/ListListeners", None)?;
+    let mut out = Vec::new();
+    for l in v["listeners"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        let addr = l["localAddress"]
+            .as_str()
+            .or_else(|| l["address"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let inode = harness::json_u64(&l["inode"]).context("listener without an inode")?;
+        out.push((addr, inode));
+    }
+    Ok(out)
+}

@@ -1,0 +1,117 @@
+//! `cargo xtask e2e`: whole-system scenarios against the real release binaries, one temp dir
+//! each, with a closing `N passed, M failed` line.
+//!
+//! A scenario is a plain async fn taking its [`Env`]; to add a group of them, write a module
+//! with a `scenarios()` function returning [`Scenario`]s and append it in [`all`].
+
+mod proxy;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::harness::{self, Env};
+
+/// What a scenario concluded, when it did not fail.
+#[derive(Debug)]
+pub enum Outcome {
+    Pass,
+    /// Could not run here (e.g. needs root); the reason is printed.
+    Skip(String),
+}
+
+pub type ScenarioFuture = Pin<Box<dyn Future<Output = Result<Outcome>> + Send>>;
+
+/// One named scenario.
+pub struct Scenario {
+    pub name: &'static str,
+    /// One line: what it proves.
+    pub about: &'static str,
+    pub run: fn(Env) -> ScenarioFuture,
+    /// Past this the scenario fails (and everything it started is killed).
+    pub timeout: Duration,
+}
+
+/// Every scenario, in run order.
+pub fn all() -> Vec<Scenario> {
+    proxy::scenarios()
+}
+
+/// Prints one measured figure of the running scenario.
+pub fn figure(label: &str, value: impl std::fmt::Display) {
+    println!("    {label}: {value}");
+}
+
+/// Totals of one e2e run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Totals {
+    pub passed: usize,
+    pub failed: usize,
+    pub skipped: usize,
+}
+
+impl Totals {
+    /// The closing line: `N passed, M failed` (plus `, K skipped` when some were).
+    pub fn line(&self) -> String {
+        let mut s = format!("{} passed, {} failed", self.passed, self.failed);
+        if self.skipped > 0 {
+            s.push_str(&format!(", {} skipped", self.skipped));
+        }
+        s
+    }
+}
+
+/// Builds the release binaries and runs every scenario whose name contains `filter`.
+/// Prints each scenario's figures and verdict, but not the closing line (the caller does).
+pub async fn run(filter: Option<&str>, build: bool) -> Result<Totals> {
+    harness::require_grpcurl()?;
+    if build {
+        println!("building release binaries...");
+        tokio::task::spawn_blocking(harness::build_release).await??;
+    }
+    let mut totals = Totals::default();
+    let selected: Vec<Scenario> = all()
+        .into_iter()
+        .filter(|s| filter.is_none_or(|f| s.name.contains(f)))
+        .collect();
+    if selected.is_empty() {
+        anyhow::bail!("no scenario matches {:?}", filter.unwrap_or_default());
+    }
+    for s in selected {
+        println!("== {}: {}", s.name, s.about);
+        let started = Instant::now();
+        let env = Env::new(s.name)?;
+        let keep = env.keep_dir();
+        let logs = env.logs_dir();
+        let timeout = s.timeout;
+        let task = tokio::spawn(tokio::time::timeout(timeout, (s.run)(env)));
+        let result = match task.await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(anyhow::anyhow!("timed out after {timeout:?}")),
+            Err(e) if e.is_panic() => Err(anyhow::anyhow!("panicked: {e}")),
+            Err(e) => Err(anyhow::anyhow!("aborted: {e}")),
+        };
+        // Whatever the scenario left running (it should have dropped everything) dies here.
+        harness::kill_all();
+        let took = started.elapsed();
+        match result {
+            Ok(Outcome::Pass) => {
+                totals.passed += 1;
+                println!("  PASS {} ({:.1}s)", s.name, took.as_secs_f64());
+            }
+            Ok(Outcome::Skip(why)) => {
+                totals.skipped += 1;
+                println!("  SKIP {} ({why})", s.name);
+            }
+            Err(e) => {
+                totals.failed += 1;
+                println!("  FAIL {} ({:.1}s): {e:#}", s.name, took.as_secs_f64());
+                println!("{}", harness::log_tails(&logs, 40));
+            }
+        }
+        drop(keep);
+    }
+    Ok(totals)
+}
