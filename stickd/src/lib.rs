@@ -102,6 +102,7 @@ pub async fn run(
     };
     let router = tonic::transport::Server::builder()
         .add_service(common::grpc::reflection()?)
+        .add_service(common::grpc::reflection_v1alpha()?)
         .add_service(
             common::grpc::health::<pb::stick_server::StickServer<service::LocalService>>().await,
         )
@@ -134,6 +135,7 @@ pub async fn run(
     }
     let peer_router = builder
         .add_service(common::grpc::reflection()?)
+        .add_service(common::grpc::reflection_v1alpha()?)
         .add_service(common::grpc::health::<pb::peer_server::PeerServer<peer::PeerService>>().await)
         .add_service(
             pb::peer_server::PeerServer::new(peer_svc)

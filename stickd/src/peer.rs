@@ -54,6 +54,8 @@ pub struct PeerStatus {
 pub struct PeerState {
     pub peer: Peer,
     status: Mutex<PeerStatus>,
+    /// Rung when the peer connects to us: it is back, so our pusher skips the rest of its backoff.
+    wake: tokio::sync::Notify,
 }
 
 impl PeerState {
@@ -93,6 +95,7 @@ impl Peers {
                     Arc::new(PeerState {
                         peer: p.clone(),
                         status: Mutex::new(status),
+                        wake: tokio::sync::Notify::new(),
                     }),
                 )
             })
@@ -238,6 +241,7 @@ pub async fn push_loop(
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(backoff) => {}
+            () = state.wake.notified() => debug!("peer connected to us: reconnecting now"),
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
@@ -304,20 +308,18 @@ async fn push_once(
             peer.address, welcome.from, peer.name
         )));
     }
-    let skip: Vec<String> = welcome.mismatches.iter().map(|m| m.table.clone()).collect();
-    for m in &welcome.mismatches {
-        warn!(peer = %peer.name, table = %m.table, reason = %m.reason, "table definitions differ: not replicated with this peer");
+    // Our view of the differences (the receiver skips its own list; both lists name the same tables).
+    let mism = mismatches(&store.table_defs(), &welcome.tables, &peer.name);
+    let skip: Vec<String> = mism.iter().map(|(t, _)| t.clone()).collect();
+    for (table, reason) in &mism {
+        warn!(peer = %peer.name, table = %table, reason = %reason, "table definitions differ: not replicated with this peer");
     }
     let resumable = store.can_resume(welcome.log_epoch, welcome.received_seq);
     let resume = if resumable { welcome.received_seq } else { 0 };
     {
         let mut s = state.lock();
         s.last_handshake_ms = now_ms();
-        s.mismatches = welcome
-            .mismatches
-            .iter()
-            .map(|m| (m.table.clone(), m.reason.clone()))
-            .collect();
+        s.mismatches = mism;
         s.acked = resume;
         s.pushed = resume;
     }
@@ -493,6 +495,7 @@ impl pb::peer_server::Peer for PeerService {
             s.mismatches = mism.clone();
         }
         info!(peer = %hello.from, client.addr = %remote, received, their_head = hello.head_seq, "peer connected");
+        state.wake.notify_one();
         let (tx, rx) = mpsc::channel(64);
         // Cannot fail: the channel is new and has room.
         let _ = tx
@@ -504,6 +507,7 @@ impl pb::peer_server::Peer for PeerService {
                     .into_iter()
                     .map(|(table, reason)| pb::TableMismatch { table, reason })
                     .collect(),
+                tables: ours.iter().map(def_to_pb).collect(),
             })))
             .await;
         let store = self.store.clone();
