@@ -26,6 +26,9 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 const CRASH_WINDOW: Duration = Duration::from_secs(10);
 const CRASHES_BEFORE_BACKOFF: usize = 3;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A worker that served at least this long before dying is not part of a crash loop: it is
+/// respawned at once however often that happens (kill -9 under load must not slow recovery).
+const STABLE_AFTER: Duration = Duration::from_millis(100);
 
 /// Why a reload did not happen.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -102,6 +105,7 @@ struct Worker {
     stats: StatsSnapshot,
     /// The reason from a `Failed` message, reported when the process exits.
     failed: Option<String>,
+    ready_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -212,10 +216,11 @@ impl Master {
             if self.stopping && self.generations.is_empty() {
                 break;
             }
-            if !self.stopping && self.pending.is_none() {
-                if let Some((reply, asked)) = self.queued.pop_front() {
-                    self.begin_reload(reply, asked);
-                }
+            if !self.stopping
+                && self.pending.is_none()
+                && let Some((reply, asked)) = self.queued.pop_front()
+            {
+                self.begin_reload(reply, asked);
             }
         }
         tracing::info!("every worker is gone, master exits");
@@ -376,6 +381,7 @@ impl Master {
                     started: SystemTime::now(),
                     stats: StatsSnapshot::default(),
                     failed: None,
+                    ready_at: None,
                 });
             }
         }
@@ -421,6 +427,9 @@ impl Master {
     fn on_ready(&mut self, idx: usize, ready: pb::Ready) {
         let g = &mut self.generations[idx];
         g.inodes = ready.listener_inodes;
+        if let Some(w) = g.worker.as_mut() {
+            w.ready_at = Some(Instant::now());
+        }
         let number = g.number;
         let pid = g.worker.as_ref().map_or(0, |w| w.pid);
         if let Some(t) = g.down_since.take() {
@@ -523,6 +532,10 @@ impl Master {
         let g = &mut self.generations[idx];
         let worker = g.worker.take();
         let pid = worker.as_ref().map_or(0, |w| w.pid);
+        let stable = worker
+            .as_ref()
+            .and_then(|w| w.ready_at)
+            .is_some_and(|t| t.elapsed() >= STABLE_AFTER);
         let failed = worker.and_then(|w| w.failed);
         let number = g.number;
         if self.stopping || g.state == State::Draining || g.abandoned {
@@ -550,7 +563,9 @@ impl Master {
         // Not asked to exit: respawn at once, with backoff when it keeps crashing.
         let now = Instant::now();
         g.restarts += 1;
-        g.crashes.push_back(now);
+        if !stable {
+            g.crashes.push_back(now);
+        }
         while g
             .crashes
             .front()
@@ -658,10 +673,8 @@ impl Master {
         self.stopping = true;
         notify::stopping("stopping: draining workers");
         tracing::info!("stopping: draining every worker");
-        if let Some(p) = self.pending.take() {
-            if let Some(r) = p.reply {
-                let _ = r.send(Err(ReloadError::Stopping));
-            }
+        if let Some(r) = self.pending.take().and_then(|p| p.reply) {
+            let _ = r.send(Err(ReloadError::Stopping));
         }
         for (reply, _) in self.queued.drain(..) {
             if let Some(r) = reply {
@@ -829,6 +842,7 @@ fn spawn_process(
         started: SystemTime::now(),
         stats: StatsSnapshot::default(),
         failed: None,
+        ready_at: None,
     })
 }
 

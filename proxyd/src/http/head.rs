@@ -89,7 +89,6 @@ fn connection_tokens(headers: &[httparse::Header<'_>]) -> Vec<String> {
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
         .flat_map(|h| {
             String::from_utf8_lossy(h.value)
-                .into_owned()
                 .split(',')
                 .map(|t| t.trim().to_ascii_lowercase())
                 .collect::<Vec<_>>()
@@ -116,7 +115,7 @@ fn hop_by_hop(name: &str, tokens: &[String]) -> bool {
     !matches!(
         lower.as_str(),
         "content-length" | "transfer-encoding" | "host"
-    ) && tokens.iter().any(|t| *t == lower)
+    ) && tokens.contains(&lower)
 }
 
 /// The single Content-Length of a message: every value (and every comma-separated item)

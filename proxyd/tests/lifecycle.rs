@@ -1,0 +1,434 @@
+//! The real proxyd binary (master + workers) with an in-process fdkeeper on a temp dir:
+//! reload, drain, broken config, respawn after kill -9, stop, master death.
+
+mod util;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use proto::proxyd::v1 as api;
+use tokio_util::sync::CancellationToken;
+use util::{Client, backend, config_text, get, ok};
+
+const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
+
+struct Env {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    admin: PathBuf,
+    front: std::net::SocketAddr,
+    master: Child,
+    fdk_stop: CancellationToken,
+    servers: Vec<std::net::SocketAddr>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.master.kill();
+        let _ = self.master.wait();
+        self.fdk_stop.cancel();
+    }
+}
+
+fn start_fdkeeper(dir: &Path) -> CancellationToken {
+    let uid = std::fs::metadata("/proc/self").expect("proc").uid();
+    let text = format!(
+        "socket = \"{d}/fdk/lend.sock\"\nadmin = \"{d}/fdk/admin.sock\"\nallowed_uids = [{uid}]\nallowed_binds = [\"127.0.0.0/8\"]\n",
+        d = dir.display()
+    );
+    let config = fdkeeper::Config::from_source(&common::SourceFile::from_text("fdk.toml", text))
+        .expect("fdkeeper config");
+    let sockets = fdkeeper::bind_sockets(&config).expect("fdkeeper sockets");
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _ = rt.block_on(fdkeeper::run(config, sockets, s));
+    });
+    stop
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    util::closed_port()
+}
+
+async fn env(extra_global: &str) -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fdk_stop = start_fdkeeper(dir.path());
+    let b1 = backend(|_| ok("one")).await;
+    let b2 = backend(|_| ok("two")).await;
+    let front = free_addr();
+    let servers = vec![b1.addr, b2.addr];
+    let text = config_text(dir.path(), &front.to_string(), &servers, extra_global);
+    let config = dir.path().join("proxyd.toml");
+    std::fs::write(&config, text).expect("write config");
+    let master = Command::new(PROXYD)
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .spawn()
+        .expect("spawn proxyd");
+    let admin = dir.path().join("proxyd/admin.sock");
+    let env = Env {
+        dir,
+        config,
+        admin,
+        front,
+        master,
+        fdk_stop,
+        servers,
+    };
+    wait_for(Duration::from_secs(10), || async {
+        serving(&env.admin).await.is_some()
+    })
+    .await;
+    env
+}
+
+async fn status(admin: &Path) -> Option<api::StatusReply> {
+    let ch = common::grpc::connect_unix(admin).await.ok()?;
+    let mut c = api::admin_client::AdminClient::new(ch);
+    c.status(api::StatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// (generation, pid, restarts) of the serving generation.
+async fn serving(admin: &Path) -> Option<(u64, u32, u32)> {
+    let s = status(admin).await?;
+    s.generations
+        .iter()
+        .filter(|g| g.state == api::GenerationState::Serving as i32)
+        .max_by_key(|g| g.generation)
+        .and_then(|g| g.worker.as_ref().map(|w| (g.generation, w.pid, w.restarts)))
+}
+
+async fn reload(admin: &Path) -> Result<api::ReloadResult, tonic::Status> {
+    let ch = common::grpc::connect_unix(admin)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut c = api::admin_client::AdminClient::new(ch);
+    c.reload(api::ReloadRequest {})
+        .await
+        .map(|r| r.into_inner().result.unwrap_or_default())
+}
+
+async fn wait_for<F, Fut>(limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t0 = Instant::now();
+    while !f().await {
+        assert!(t0.elapsed() < limit, "condition not met within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is dead for our purposes.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn kill(sig: &str, pid: u32) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_starts_a_new_generation_and_drains_the_old_one() {
+    let e = env("drain_timeout = \"10s\"").await;
+    let (g1, pid1, _) = serving(&e.admin).await.expect("serving");
+    let mut c = Client::connect(e.front).await.expect("connect");
+    let r = c.send(&get("/"), false).await.expect("reply");
+    assert_eq!(r.status, 200);
+    assert!(!r.closes());
+
+    let res = reload(&e.admin).await.expect("reload ok");
+    assert!(res.ok);
+    assert_eq!(res.generation, g1 + 1);
+    let (g2, pid2, _) = serving(&e.admin).await.expect("serving");
+    assert_eq!(g2, g1 + 1);
+    assert_ne!(pid1, pid2);
+    let st = status(&e.admin).await.expect("status");
+    let old = st
+        .generations
+        .iter()
+        .find(|g| g.generation == g1)
+        .expect("old generation listed");
+    assert_eq!(old.state, api::GenerationState::Draining as i32);
+    let new = st
+        .generations
+        .iter()
+        .find(|g| g.generation == g2)
+        .expect("new");
+    assert_eq!(
+        old.listener_inodes, new.listener_inodes,
+        "same kernel socket"
+    );
+
+    // The idle keep-alive connection of the old worker is still open; its next request is
+    // answered, with Connection: close, and only then is it closed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = c
+        .send(&get("/"), false)
+        .await
+        .expect("old connection still served");
+    assert_eq!(r.status, 200);
+    assert!(r.closes());
+    assert!(c.closed().await);
+    // With no connection left the old worker exits long before its drain deadline.
+    wait_for(Duration::from_secs(5), || async { !alive(pid1) }).await;
+    wait_for(Duration::from_secs(5), || async {
+        status(&e.admin)
+            .await
+            .is_some_and(|s| s.generations.len() == 1)
+    })
+    .await;
+    let mut c = Client::connect(e.front).await.expect("connect");
+    assert_eq!(c.send(&get("/"), false).await.expect("reply").status, 200);
+
+    // `proxyd reload` finds the admin socket in the config.
+    let out = Command::new(PROXYD)
+        .args(["reload", "--config"])
+        .arg(&e.config)
+        .output()
+        .expect("proxyd reload");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("generation {}", g2 + 1)));
+
+    // SIGUSR2 reloads too.
+    kill("-USR2", e.master.id());
+    wait_for(Duration::from_secs(10), || async {
+        serving(&e.admin).await.is_some_and(|(g, _, _)| g == g2 + 2)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_config_is_refused_and_the_old_generation_keeps_serving() {
+    let e = env("").await;
+    let (g1, pid1, _) = serving(&e.admin).await.expect("serving");
+    let good = std::fs::read_to_string(&e.config).expect("read");
+    std::fs::write(
+        &e.config,
+        good.replace("default_backend = \"app\"", "default_backend = \"nope\""),
+    )
+    .expect("write");
+    let err = reload(&e.admin).await.expect_err("must be refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let want = format!("{}:9:", e.config.display());
+    assert!(
+        err.message().starts_with(&want),
+        "{} (want {want})",
+        err.message()
+    );
+    assert!(err.message().contains("nope"));
+
+    let out = Command::new(PROXYD)
+        .args(["reload", "--config"])
+        .arg(&e.config)
+        .output()
+        .expect("proxyd reload");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&want));
+
+    assert_eq!(serving(&e.admin).await, Some((g1, pid1, 0)));
+    let st = status(&e.admin).await.expect("status");
+    let last = st.last_reload.expect("last reload recorded");
+    assert!(!last.ok && last.message.contains("nope"));
+    assert_eq!(st.reloads_failed, 2);
+    let mut c = Client::connect(e.front).await.expect("connect");
+    assert_eq!(c.send(&get("/"), false).await.expect("reply").status, 200);
+
+    // A worker that cannot start (its backend list is fine, its listener is not lendable)
+    // fails the reload and leaves the running generation alone.
+    std::fs::write(&e.config, good.replace(&e.front.to_string(), "10.9.9.9:80")).expect("write");
+    let err = reload(&e.admin).await.expect_err("worker cannot borrow");
+    assert_eq!(err.code(), tonic::Code::Internal);
+    assert!(err.message().contains("borrow"), "{}", err.message());
+    assert_eq!(serving(&e.admin).await, Some((g1, pid1, 0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_is_respawned_and_no_connection_is_refused() {
+    let e = env("").await;
+    let refused = Arc::new(AtomicU64::new(0));
+    let other = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (refused, other, done, stop, front) = (
+            refused.clone(),
+            other.clone(),
+            done.clone(),
+            stop.clone(),
+            e.front,
+        );
+        load.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                match Client::connect(front).await {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        other.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(mut c) => match c.send(&get("/"), false).await {
+                        Ok(r) if r.status == 200 => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {
+                            other.fetch_add(1, Ordering::Relaxed);
+                        }
+                    },
+                }
+            }
+        }));
+    }
+    let mut respawn_ms = Vec::new();
+    for round in 1..=3u32 {
+        let (g, pid, _) = serving(&e.admin).await.expect("serving");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t0 = Instant::now();
+        kill("-9", pid);
+        wait_for(Duration::from_secs(2), || async {
+            serving(&e.admin)
+                .await
+                .is_some_and(|(g2, p2, restarts)| g2 == g && p2 != pid && restarts == round)
+        })
+        .await;
+        respawn_ms.push(t0.elapsed().as_millis());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.cancel();
+    for l in load {
+        l.await.expect("load task");
+    }
+    eprintln!(
+        "respawn (kill to new pid in status) ms: {respawn_ms:?}; requests ok {}, other failures {}",
+        done.load(Ordering::Relaxed),
+        other.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        refused.load(Ordering::Relaxed),
+        0,
+        "no connection may be refused"
+    );
+    assert!(done.load(Ordering::Relaxed) > 50);
+    // Only requests in flight on a killed worker may fail: at most one per client per kill.
+    assert!(other.load(Ordering::Relaxed) <= 4 * 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_stops_everything() {
+    let mut e = env("drain_timeout = \"5s\"").await;
+    let (_, pid, _) = serving(&e.admin).await.expect("serving");
+    kill("-TERM", e.master.id());
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = e.master.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(8), "master did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+    assert!(!alive(pid));
+    assert!(!e.admin.exists(), "admin socket removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_exit_when_the_master_dies() {
+    let mut e = env("drain_timeout = \"5s\"").await;
+    let (_, pid, _) = serving(&e.admin).await.expect("serving");
+    kill("-9", e.master.id());
+    let _ = e.master.wait();
+    wait_for(Duration::from_secs(5), || async { !alive(pid) }).await;
+    let _ = &e.servers;
+    let _ = e.dir.path();
+}
+
+#[test]
+fn check_reports_file_line_and_exits_64() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("p.toml");
+    let text = config_text(dir.path(), "127.0.0.1:8080", &[free_addr()], "");
+    std::fs::write(&path, &text).expect("write");
+    let out = Command::new(PROXYD)
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let cases = [
+        (
+            text.replace("name = \"www\"", "name = \"www\"\nbogus = 1"),
+            8,
+            "bogus",
+        ),
+        (
+            text.replace("127.0.0.1:8080", "localhost:8080"),
+            8,
+            "bad bind address",
+        ),
+        (
+            format!(
+                "{text}[[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"x\"\naddress = \"127.0.0.1:1\"\n"
+            ),
+            17,
+            "duplicate backend",
+        ),
+        (text.replace("fdkeeper_socket", "#"), 1, "fdkeeper_socket"),
+    ];
+    for (bad, line, why) in cases {
+        std::fs::write(&path, &bad).expect("write");
+        let out = Command::new(PROXYD)
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        assert!(
+            err.starts_with(&format!("{}:{line}:", path.display())),
+            "line {line}: {err}"
+        );
+        assert!(err.contains(why), "{err}");
+    }
+    let out = Command::new(PROXYD)
+        .args(["check", "--config", "/nonexistent/p.toml"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+}
