@@ -544,7 +544,7 @@ impl pb::peer_server::Peer for PeerService {
 
 #[allow(clippy::too_many_arguments)]
 async fn receive(
-    store: &Store,
+    store: &Arc<Store>,
     state: &PeerState,
     epoch: u64,
     mut position: u64,
@@ -576,9 +576,16 @@ async fn receive(
                     )));
                 }
                 let n = b.changes.len() as u64;
-                store
-                    .apply_remote(&from, epoch, &b.changes, skip, Some(last.max(position)))
-                    .map_err(|e| Status::internal(e.to_string()))?;
+                let through = last.max(position);
+                // Applying thousands of changes takes the store's lock and touches sled: keep it
+                // off the async workers.
+                let (st, from2, skip2) = (store.clone(), from.clone(), skip.to_vec());
+                tokio::task::spawn_blocking(move || {
+                    st.apply_remote(&from2, epoch, &b.changes, &skip2, Some(through))
+                })
+                .await
+                .map_err(|e| Status::internal(format!("apply task failed: {e}")))?
+                .map_err(|e| Status::internal(e.to_string()))?;
                 position = position.max(last);
                 let mut s = state.lock();
                 s.received = position;
@@ -590,15 +597,18 @@ async fn receive(
                     continue;
                 }
                 let n = c.entries.len() as u64;
-                store
-                    .apply_snapshot(&from, epoch, &c)
+                let (last, through) = (c.last, c.through_seq);
+                let (st, from2) = (store.clone(), from.clone());
+                tokio::task::spawn_blocking(move || st.apply_snapshot(&from2, epoch, &c))
+                    .await
+                    .map_err(|e| Status::internal(format!("apply task failed: {e}")))?
                     .map_err(|e| Status::internal(e.to_string()))?;
                 let mut s = state.lock();
                 s.entries_received += n;
-                if !c.last {
+                if !last {
                     continue;
                 }
-                position = c.through_seq;
+                position = through;
                 s.received = position;
                 info!(through = position, "snapshot from peer applied");
                 pb::peer_reply::Msg::Ack(pb::Ack { seq: position })

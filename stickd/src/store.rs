@@ -305,6 +305,9 @@ impl Store {
             .path(&config.data_dir)
             // We flush ourselves on a timer (see `flush`), so the window is ours to state.
             .flush_every_ms(None)
+            // Reads are served from memory; sled's cache only needs to help writes and start-up.
+            .cache_capacity(64 << 20)
+            .mode(sled::Mode::HighThroughput)
             .open()?;
         let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;

@@ -5,6 +5,7 @@
 //! with a `scenarios()` function returning [`Scenario`]s and append it in [`all`].
 
 mod proxy;
+mod stickd;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -36,7 +37,9 @@ pub struct Scenario {
 
 /// Every scenario, in run order.
 pub fn all() -> Vec<Scenario> {
-    proxy::scenarios()
+    let mut all = proxy::scenarios();
+    all.extend(stickd::scenarios());
+    all
 }
 
 /// Prints one measured figure of the running scenario.
