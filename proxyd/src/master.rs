@@ -460,6 +460,18 @@ impl Master {
                 self.drain(i, drain_timeout);
             }
         }
+        // An older generation still starting (the first one, stuck) is superseded too.
+        for o in &mut self.generations {
+            if o.number < number && o.state == State::Starting && !o.abandoned {
+                o.abandoned = true;
+                o.respawn_at = None;
+                if let Some(w) = &o.worker {
+                    let _ = w.tx.send(ToWorker::Kill);
+                }
+            }
+        }
+        self.generations
+            .retain(|o| !(o.abandoned && o.worker.is_none()));
         self.enforce_max_draining();
         match self.pending.take() {
             Some(p) if p.generation == number => {

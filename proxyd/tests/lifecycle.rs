@@ -432,3 +432,60 @@ fn check_reports_file_line_and_exits_64() {
         .expect("run");
     assert_eq!(out.status.code(), Some(64));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reloads_are_serialized() {
+    let e = env("").await;
+    let (g1, _, _) = serving(&e.admin).await.expect("serving");
+    let mut calls = Vec::new();
+    for _ in 0..5 {
+        let admin = e.admin.clone();
+        calls.push(tokio::spawn(async move { reload(&admin).await }));
+    }
+    let mut gens = Vec::new();
+    for c in calls {
+        let r = c.await.expect("task").expect("reload ok");
+        assert!(r.ok);
+        gens.push(r.generation);
+    }
+    gens.sort_unstable();
+    assert_eq!(
+        gens,
+        (g1 + 1..=g1 + 5).collect::<Vec<_>>(),
+        "each reload got its own generation"
+    );
+    assert_eq!(serving(&e.admin).await.map(|s| s.0), Some(g1 + 5));
+    let st = status(&e.admin).await.expect("status");
+    assert_eq!(
+        st.generations
+            .iter()
+            .filter(|g| g.state == api::GenerationState::Serving as i32)
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oldest_draining_generation_is_stopped_beyond_max_draining() {
+    let e = env("drain_timeout = \"30s\"\nmax_draining = 1").await;
+    let (_, pid1, _) = serving(&e.admin).await.expect("serving");
+    // An idle keep-alive connection keeps a draining worker alive until its deadline.
+    let mut c1 = Client::connect(e.front).await.expect("connect");
+    c1.send(&get("/"), false).await.expect("reply");
+    reload(&e.admin).await.expect("reload");
+    let (_, pid2, _) = serving(&e.admin).await.expect("serving");
+    let mut c2 = Client::connect(e.front).await.expect("connect");
+    c2.send(&get("/"), false).await.expect("reply");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(alive(pid1), "gen 1 drains while its client is idle");
+    reload(&e.admin).await.expect("reload");
+    // Two draining now, one allowed: the oldest is stopped, the other keeps draining.
+    wait_for(Duration::from_secs(5), || async { !alive(pid1) }).await;
+    assert!(c1.closed().await);
+    assert!(alive(pid2));
+    let r = c2
+        .send(&get("/"), false)
+        .await
+        .expect("gen 2 still answers its client");
+    assert!(r.closes());
+}
