@@ -23,8 +23,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Wraps a non-blocking seqpacket socket; needs a tokio runtime.
+    /// Wraps a seqpacket (or datagram) socket, making it non-blocking; needs a tokio runtime.
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        socket2::SockRef::from(&fd).set_nonblocking(true)?;
         Ok(Self {
             fd: sys::register(fd, Interest::READABLE | Interest::WRITABLE)?,
         })
@@ -93,6 +94,7 @@ pub struct Acceptor {
 
 impl Acceptor {
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        socket2::SockRef::from(&fd).set_nonblocking(true)?;
         Ok(Self {
             fd: sys::register(fd, Interest::READABLE)?,
         })
