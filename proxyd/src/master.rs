@@ -586,15 +586,7 @@ impl Master {
             g.crashes.pop_front();
         }
         g.down_since.get_or_insert(now);
-        let recent = g.crashes.len();
-        let delay = if recent >= CRASHES_BEFORE_BACKOFF {
-            let exp = u32::try_from(recent - CRASHES_BEFORE_BACKOFF)
-                .unwrap_or(u32::MAX)
-                .min(10);
-            (Duration::from_millis(100) * 2u32.pow(exp)).min(MAX_BACKOFF)
-        } else {
-            Duration::ZERO
-        };
+        let delay = respawn_delay(g.crashes.len());
         tracing::warn!(generation = number, pid, status = %status, reason = failed.as_deref().unwrap_or(""), restarts = g.restarts, respawn_in_ms = delay.as_millis() as u64, "worker died, respawning");
         if g.state == State::Starting {
             g.ready_deadline = Some(now + delay + g.config.global.worker_ready_timeout);
@@ -773,6 +765,18 @@ impl Master {
     }
 }
 
+/// How long to wait before respawning after `recent` crashes within [`CRASH_WINDOW`]:
+/// at once, until it looks like a crash loop; then 100 ms doubling up to [`MAX_BACKOFF`].
+fn respawn_delay(recent: usize) -> Duration {
+    if recent < CRASHES_BEFORE_BACKOFF {
+        return Duration::ZERO;
+    }
+    let exp = u32::try_from(recent - CRASHES_BEFORE_BACKOFF)
+        .unwrap_or(u32::MAX)
+        .min(10);
+    (Duration::from_millis(100) * 2u32.pow(exp)).min(MAX_BACKOFF)
+}
+
 async fn sleep_until_opt(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
@@ -877,4 +881,20 @@ pub fn forward_signals(handle: Handle, shutdown: CancellationToken) -> std::io::
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn respawn_is_immediate_until_a_crash_loop_then_backs_off_to_5s() {
+        assert_eq!(respawn_delay(1), Duration::ZERO);
+        assert_eq!(respawn_delay(2), Duration::ZERO);
+        assert_eq!(respawn_delay(3), Duration::from_millis(100));
+        assert_eq!(respawn_delay(4), Duration::from_millis(200));
+        assert_eq!(respawn_delay(7), Duration::from_millis(1600));
+        assert_eq!(respawn_delay(9), MAX_BACKOFF);
+        assert_eq!(respawn_delay(1000), MAX_BACKOFF);
+    }
 }

@@ -435,7 +435,8 @@ fn check_reports_file_line_and_exits_64() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reloads_are_serialized() {
-    let e = env("").await;
+    // Also runs the workers on a multi-thread runtime.
+    let e = env("threads = 2").await;
     let (g1, _, _) = serving(&e.admin).await.expect("serving");
     let mut calls = Vec::new();
     for _ in 0..5 {
