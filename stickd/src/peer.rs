@@ -198,7 +198,7 @@ fn endpoint(peer: &Peer, config: &Config) -> Result<Endpoint, tonic::transport::
         "http"
     };
     let ep = Endpoint::from_shared(format!("{scheme}://{}", peer.address))?
-        .connect_timeout(Duration::from_secs(2))
+        .connect_timeout((config.heartbeat * 2).max(Duration::from_millis(200)))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(config.heartbeat)
         .keep_alive_timeout(config.heartbeat * 3)
@@ -213,7 +213,10 @@ pub async fn push_loop(
     state: Arc<PeerState>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    // Capped at one heartbeat: a healed link is used again within a heartbeat or so, and a
+    // connect attempt to a dead peer costs one SYN.
+    let max_backoff = config.heartbeat.max(Duration::from_millis(100));
+    let mut backoff = Duration::from_millis(50);
     loop {
         state.lock().state = "connecting";
         let started = Instant::now();
@@ -236,14 +239,14 @@ pub async fn push_loop(
         }
         // A stream that lived a while was healthy: start the backoff over.
         if started.elapsed() > Duration::from_secs(10) {
-            backoff = Duration::from_millis(100);
+            backoff = Duration::from_millis(50);
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(backoff) => {}
             () = state.wake.notified() => debug!("peer connected to us: reconnecting now"),
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(max_backoff);
     }
 }
 
