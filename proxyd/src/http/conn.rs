@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Buf;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use super::body::{self, BodyError, Io};
 use super::head::{self, Framing, HeadError, RequestHead, ResponseHead};
@@ -215,8 +216,19 @@ async fn exchange(
 
     let server = &backend.servers[backend.balancer.pick(backend.servers.len())];
     let span = tracing::debug_span!("request", server = %server.name, method = %req.method);
-    let _enter = span.enter();
+    forward_exchange(shared, server, client, req, body)
+        .instrument(span)
+        .await
+}
 
+/// The part of an exchange that talks to the chosen server.
+async fn forward_exchange(
+    shared: &Shared,
+    server: &ServerRt,
+    client: &mut Io<TcpStream>,
+    req: RequestHead,
+    body: ReqBody,
+) -> Next {
     let (mut srv, resp) = match send_request(shared, server, client, &req, body).await {
         Ok(x) => x,
         Err(next) => return next,
@@ -226,21 +238,19 @@ async fn exchange(
         !req.keep_alive || shared.drain.is_cancelled() || resp.framing == Framing::UntilClose;
     let mut out = resp.downstream(close, req.minor);
     srv.buf.advance(resp.len);
-    match body::forward(
+    let timeout = shared.config.defaults.timeout_server;
+    if let Err(e) = body::forward(
         &mut srv,
         &mut client.stream,
         resp.framing,
         &mut out,
-        d.timeout_server,
+        timeout,
     )
     .await
     {
-        Ok(()) => {}
-        Err(e) => {
-            // The head is on its way to the client: the only honest signal left is to close.
-            tracing::debug!(error = %e, "response body aborted");
-            return Next::Close;
-        }
+        // The head is on its way to the client: the only honest signal left is to close.
+        tracing::debug!(error = %e, "response body aborted");
+        return Next::Close;
     }
     if resp.keep_alive && srv.buf.is_empty() {
         server.pool.put(srv.stream);
