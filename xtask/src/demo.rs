@@ -38,9 +38,9 @@ try:
   curl -si -b PHPSESSID=abc http://{fe}/index.php
   kill -USR2 {master}                         # reload: a new worker generation, no request lost
   {proxyd} reload --config {pconf}
-  grpcurl -plaintext -unix {padmin} list
-  grpcurl -plaintext -unix {padmin} proxyd.v1.Admin/Status
-  grpcurl -plaintext -unix {fadmin} fdkeeper.v1.Admin/ListListeners
+  grpcurl -plaintext -authority localhost -unix {padmin} list
+  grpcurl -plaintext -authority localhost -unix {padmin} proxyd.v1.Admin/Status
+  grpcurl -plaintext -authority localhost -unix {fadmin} fdkeeper.v1.Admin/ListListeners
   {fdkeeper} list --socket {fsock}
   tail -f {dir}/logs/*.log
 

@@ -352,6 +352,8 @@ impl ProcSpec {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        // Plain log files: no ANSI colour codes from tracing.
+        cmd.env("NO_COLOR", "1");
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
@@ -641,7 +643,9 @@ pub fn grpcurl_output(
     }
     match target {
         GrpcTarget::Unix(p) => {
-            cmd.arg("-unix").arg(p);
+            // grpcurl 1.8 would send the socket path as the HTTP/2 :authority, which h2 rejects
+            // as malformed (PROTOCOL_ERROR); any host name will do.
+            cmd.args(["-authority", "localhost", "-unix"]).arg(p);
         }
         GrpcTarget::Tcp(a) => {
             cmd.arg(a.to_string());

@@ -312,6 +312,48 @@ impl StickCluster {
         Ok(())
     }
 
+    /// Until every running node has applied every other running node's log up to its head
+    /// (ShowPeers' received_seq against Stats' head_seq); returns the time since `started`.
+    async fn caught_up(&self, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let running: Vec<&StickNode> = self.nodes.iter().filter(|n| n.running()).collect();
+            let mut heads = BTreeMap::new();
+            for n in &running {
+                let s = n
+                    .client()
+                    .await?
+                    .stats(pb::StatsRequest {})
+                    .await?
+                    .into_inner();
+                heads.insert(n.name.clone(), s.head_seq);
+            }
+            let mut behind = Vec::new();
+            for n in &running {
+                for q in n.peers().await?.peers {
+                    if let Some(&h) = heads.get(&q.name)
+                        && q.received_seq < h
+                    {
+                        behind.push(format!(
+                            "{} has {}/{h} of {}",
+                            n.name, q.received_seq, q.name
+                        ));
+                    }
+                }
+            }
+            if behind.is_empty() {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "replication not caught up within {timeout:?}: {}",
+                    behind.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// Until every running node shows the same `table`; returns it and how long that took.
     async fn converge(
         &self,
@@ -320,12 +362,14 @@ impl StickCluster {
     ) -> Result<(BTreeMap<String, String>, Duration)> {
         let started = Instant::now();
         loop {
+            // Cheap to poll, so the time measured is replication's, not the polling's.
+            let caught_up = self.caught_up(timeout).await?;
             let mut views = Vec::new();
             for n in self.nodes.iter().filter(|n| n.running()) {
                 views.push(n.table(table).await?);
             }
             if views.windows(2).all(|w| w[0] == w[1]) {
-                return Ok((views.swap_remove(0), started.elapsed()));
+                return Ok((views.swap_remove(0), caught_up));
             }
             if started.elapsed() > timeout {
                 let sizes: Vec<usize> = views.iter().map(BTreeMap::len).collect();
