@@ -165,6 +165,48 @@ pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::other("bound to a non-IP address"))
 }
 
+/// Whether a socket of this network namespace already listens on exactly `addr`
+/// (from /proc/net/tcp or tcp6). Binding with SO_REUSEPORT would then succeed and
+/// split the accept queue with that socket instead of failing.
+pub fn listening_in_netns(addr: &SocketAddr) -> io::Result<bool> {
+    let (file, ip_hex_len) = if addr.is_ipv4() {
+        ("/proc/net/tcp", 8)
+    } else {
+        ("/proc/net/tcp6", 32)
+    };
+    let text = std::fs::read_to_string(file)?;
+    Ok(text.lines().skip(1).any(|line| {
+        let mut cols = line.split_whitespace();
+        let (Some(_), Some(local), Some(_), Some(state)) =
+            (cols.next(), cols.next(), cols.next(), cols.next())
+        else {
+            return false;
+        };
+        // 0A is TCP_LISTEN.
+        state == "0A" && parse_proc_addr(local, ip_hex_len).is_some_and(|a| a == *addr)
+    }))
+}
+
+/// Parses "0100007F:1F90": the IP as the kernel's native-endian 32-bit words, the port big-endian.
+fn parse_proc_addr(s: &str, ip_hex_len: usize) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    if ip.len() != ip_hex_len {
+        return None;
+    }
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for i in (0..ip.len()).step_by(8) {
+        let word = u32::from_str_radix(ip.get(i..i + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip: std::net::IpAddr = match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes.as_slice()).ok()?.into(),
+        16 => <[u8; 16]>::try_from(bytes.as_slice()).ok()?.into(),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
 /// Whether a socket bound to `actual` can stand for the spec address `wanted`
 /// (a spec with port 0 accepts whatever port the kernel picked).
 pub fn address_matches(wanted: &SocketAddr, actual: &SocketAddr) -> bool {
@@ -254,6 +296,24 @@ mod tests {
         let msg = conflict(&held, &other).expect("conflict");
         assert!(msg.contains("reuseport=true"), "{msg}");
         assert!(conflict(&held, &held).is_none());
+    }
+
+    #[test]
+    fn finds_listeners_of_the_namespace() {
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let a = v4.local_addr().expect("addr");
+        assert_eq!(listening_in_netns(&a).ok(), Some(true));
+        drop(v4);
+        assert_eq!(listening_in_netns(&a).ok(), Some(false));
+        if let Ok(v6) = std::net::TcpListener::bind("[::1]:0") {
+            let a = v6.local_addr().expect("addr");
+            assert_eq!(listening_in_netns(&a).ok(), Some(true));
+        }
+        assert_eq!(
+            parse_proc_addr("0100007F:1F90", 8),
+            Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            "little-endian hosts print 127.0.0.1 so"
+        );
     }
 
     #[test]

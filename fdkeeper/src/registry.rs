@@ -257,6 +257,22 @@ impl Registry {
                 listener::update(h.fd.as_fd(), &mut h.spec, &spec)
                     .map_err(|e| fail(Code::Internal, format!("cannot update {key}: {e}")))?;
             } else {
+                // Right after an fdkeeper restart a borrower may still hold this address
+                // without having deposited it: with SO_REUSEPORT a bind would succeed and
+                // split the queue, so refuse (retriably) as a plain bind would.
+                if spec.reuseport
+                    && addr.port() != 0
+                    && listener::listening_in_netns(&addr).unwrap_or(false)
+                {
+                    return Err(fail(
+                        Code::BindFailed,
+                        format!(
+                            "{addr} already has a listening socket that fdkeeper does not hold \
+                             (a borrower that has not deposited it yet?); not adding a second \
+                             one to its SO_REUSEPORT group"
+                        ),
+                    ));
+                }
                 let fd = listener::bind(&spec, addr).map_err(|m| fail(Code::BindFailed, m))?;
                 let local = listener::local_addr(fd.as_fd())
                     .map_err(|e| fail(Code::Internal, format!("getsockname of {key}: {e}")))?;
@@ -409,9 +425,9 @@ impl Registry {
             Kind::Deposit(d) => self
                 .deposit(d, fds)
                 .map(|d| (response::Kind::Deposited(d), Vec::new())),
-            other if !fds.is_empty() => {
+            // Only a Deposit may carry fds; any others are closed right here.
+            _ if !fds.is_empty() => {
                 drop(fds);
-                let _ = other;
                 Err(fail(
                     Code::InvalidArgument,
                     "only Deposit may carry fds; they were closed",

@@ -106,7 +106,7 @@ async fn fd_store_round_trip() {
     // stdin to fd 3 and sets LISTEN_PID to its own pid, which exec keeps.
     let log = std::fs::File::create(dir.path().join("second.log")).expect("log");
     let stored_for_child = stored.try_clone().expect("dup");
-    let _second = Daemon(
+    let mut second = Daemon(
         Command::new("sh")
             .arg("-c")
             .arg("exec 3<&0 0</dev/null; export LISTEN_PID=$$; exec \"$0\" --config \"$1\"")
@@ -143,4 +143,25 @@ async fn fd_store_round_trip() {
         let text = String::from_utf8_lossy(&buf[..got.len]);
         assert!(!text.contains("FDSTORE=1"), "{text}");
     }
+
+    // SIGTERM: STOPPING=1, then a clean exit (the sockets live on in the store).
+    let pid = second.0.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    wait_for(&notify, "STOPPING=1").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(s) = second.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fdkeeper did not exit on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(exit.code(), Some(0), "{exit:?}");
 }
