@@ -392,7 +392,7 @@ async fn bind_failures_are_reported_and_retriable() {
         address: taken.to_string(),
         ..reuse.clone()
     };
-    match c.acquire("t", &[wanted.clone()]).await {
+    match c.acquire("t", std::slice::from_ref(&wanted)).await {
         Err(e @ ClientError::Refused { .. }) => {
             assert!(e.is_retriable());
             assert!(e.to_string().contains("SO_REUSEPORT"), "{e}");
