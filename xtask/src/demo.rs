@@ -7,18 +7,30 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::cluster::{Node, NodeOptions};
 use crate::harness::{self, Env};
 
-pub async fn run() -> Result<()> {
-    println!("building release binaries...");
-    tokio::task::spawn_blocking(harness::build_release).await??;
+pub async fn run(build: bool) -> Result<()> {
+    // From the start: processes sit in their own groups, so a Ctrl-C must go through us.
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
     let mut env = Env::new("demo")?;
-    let node = Node::start(
-        &mut env,
-        NodeOptions {
-            preferred_ports: Some((8080, 9001)),
-            ..NodeOptions::default()
-        },
-    )
-    .await?;
+    let start = async {
+        if build {
+            println!("building release binaries...");
+            tokio::task::spawn_blocking(harness::build_release).await??;
+        }
+        Node::start(
+            &mut env,
+            NodeOptions {
+                preferred_ports: Some((8080, 9001)),
+                ..NodeOptions::default()
+            },
+        )
+        .await
+    };
+    let node = tokio::select! {
+        node = start => node?,
+        _ = int.recv() => return stopped(),
+        _ = term.recv() => return stopped(),
+    };
     let proxyd = harness::release_bin("proxyd");
     let fdkeeper = harness::release_bin("fdkeeper");
     let backends: Vec<String> = node
@@ -58,13 +70,16 @@ Ctrl-C stops everything."#,
         fdkeeper = fdkeeper.display(),
         fsock = node.fdkeeper_socket.display(),
     );
-    let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
-    println!("stopping...");
     drop(node);
+    stopped()
+}
+
+fn stopped() -> Result<()> {
+    println!("stopping...");
     harness::kill_all();
     Ok(())
 }

@@ -47,6 +47,17 @@ pub fn build_release() -> Result<()> {
 /// handler and the final sweep can kill them even when their `Proc` is out of reach.
 static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
+/// Temp dirs of live `Env`s, removed by [`remove_temp_dirs`] when an interrupt skips their drop.
+static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes the temp dir of every `Env` still alive (for the Ctrl-C path, which exits at once).
+pub fn remove_temp_dirs() {
+    let dirs = std::mem::take(&mut *DIRS.lock().unwrap_or_else(|e| e.into_inner()));
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 fn live() -> MutexGuard<'static, Vec<u32>> {
     // A panic while holding the lock must not stop the cleanup.
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
@@ -183,6 +194,9 @@ impl Env {
             .tempdir()
             .context("cannot create a temp dir")?;
         std::fs::create_dir(dir.path().join("logs")).context("cannot create the logs dir")?;
+        DIRS.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(dir.path().to_owned());
         Ok(Self {
             dir: Arc::new(dir),
             ports: HashSet::new(),

@@ -40,7 +40,11 @@ enum Cmd {
         no_build: bool,
     },
     /// A node on 127.0.0.1 with two demo backends, until Ctrl-C.
-    Demo,
+    Demo {
+        /// Use the release binaries already in target/release instead of building them.
+        #[arg(long)]
+        no_build: bool,
+    },
     /// Demo HTTP backend (like the seed's PHP app) that answers with its name.
     Backend {
         /// Address to listen on, e.g. 127.0.0.2:9001.
@@ -133,9 +137,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", totals.line());
             Ok(exit_for(totals.failed == 0))
         }
-        Cmd::Demo => {
+        Cmd::Demo { no_build } => {
             harness::become_subreaper();
-            runtime(2)?.block_on(demo::run())?;
+            runtime(2)?.block_on(demo::run(!no_build))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench => bail!("cargo xtask bench is not implemented yet, see issue 6"),
@@ -162,6 +166,7 @@ fn kill_all_on_interrupt() -> Result<()> {
         }
         eprintln!("interrupted: stopping every process the e2e started");
         harness::kill_all();
+        harness::remove_temp_dirs();
         std::process::exit(130);
     });
     Ok(())
