@@ -11,8 +11,9 @@ use crate::sys;
 
 pub const DEFAULT_BACKLOG: u32 = 4096;
 pub const DEFAULT_MAX_LISTENERS: u32 = 256;
-/// A hard ceiling: every held listener is an fd and a line in each Listing.
-const MAX_MAX_LISTENERS: u32 = 4096;
+/// A hard ceiling: every held listener is an fd and ~80 bytes of each Listing, which
+/// must fit one datagram (the default socket buffer is ~208 KiB).
+const MAX_MAX_LISTENERS: u32 = 1024;
 
 /// A uid/gid written as a number or a name.
 #[derive(Clone, Debug, Deserialize)]

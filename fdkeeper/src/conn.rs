@@ -13,9 +13,12 @@ use tokio::io::unix::AsyncFd;
 use crate::sys;
 pub use crate::sys::Received;
 
-/// Largest request fdkeeper reads, and largest response a client reads. A request
-/// is small (at most 64 specs); a Listing of max_listeners entries stays well below.
+/// Largest response a client reads: a Listing of max_listeners entries stays well below.
 pub const MAX_DATAGRAM: usize = 256 * 1024;
+
+/// Largest request fdkeeper reads. A request holds at most 64 specs of a few dozen bytes;
+/// a small buffer keeps each borrower connection cheap.
+pub const MAX_REQUEST: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub struct Conn {

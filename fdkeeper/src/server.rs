@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::conn::{Acceptor, Conn, MAX_DATAGRAM};
+use crate::conn::{Acceptor, Conn, MAX_REQUEST};
 use crate::registry::{Registry, error_kind, response};
 use crate::sys::{self, MAX_FDS_PER_MESSAGE, PeerCred};
 
@@ -96,7 +96,7 @@ async fn connection(
     }
     tracing::debug!("borrower connected");
     lock(&registry).connected(id, cred);
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut buf = vec![0u8; MAX_REQUEST];
     loop {
         let got = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -115,7 +115,7 @@ async fn connection(
         let (id_echo, kind, fds) = if got.truncated || got.fds_truncated {
             // Whatever fds did arrive are dropped (closed) here.
             let what = if got.truncated {
-                format!("request larger than {MAX_DATAGRAM} bytes")
+                format!("request larger than {MAX_REQUEST} bytes")
             } else {
                 format!("more than {MAX_FDS_PER_MESSAGE} fds in one message")
             };
@@ -165,7 +165,7 @@ async fn connection(
 /// Answers the first request of a refused peer with PERMISSION_DENIED, then lets the
 /// connection close. Nothing else is read or sent.
 async fn refuse(conn: &Conn, shutdown: &CancellationToken) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut buf = vec![0u8; MAX_REQUEST];
     let got = tokio::select! {
         () = shutdown.cancelled() => return,
         () = tokio::time::sleep(REFUSAL_WAIT) => return,

@@ -48,6 +48,14 @@ async fn malformed_requests_get_errors_and_fds_are_closed() {
     assert_eq!(resp.id, 7);
     assert_eq!(error_code(&resp), Some(Code::InvalidArgument));
 
+    // A datagram larger than any request: MSG_TRUNC, an error, and the connection lives on.
+    let (resp, _) = ask(&conn, &vec![0u8; 100 * 1024], &[]).await;
+    assert_eq!(error_code(&resp), Some(Code::InvalidArgument), "{resp:?}");
+    match &resp.kind {
+        Some(response::Kind::Error(e)) => assert!(e.message.contains("larger"), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+
     // Too many specs in one Acquire.
     let many: Vec<_> = (0..65).map(|_| spec("127.0.0.1:0")).collect();
     let bytes = Request {
