@@ -107,6 +107,13 @@ fn bind_lending(config: &Config) -> Result<OwnedFd, BindError> {
             })?;
         }
     }
+    if config.socket_mode & 0o002 != 0 {
+        tracing::warn!(
+            socket = %path.display(),
+            mode = format!("{:04o}", config.socket_mode),
+            "socket_mode lets every local user connect; only SO_PEERCRED stands between them and the listeners"
+        );
+    }
     remove_stale(path).map_err(err)?;
     let fd = sys::seqpacket_socket().map_err(err)?;
     sys::bind_unix(fd.as_fd(), path).map_err(err)?;
