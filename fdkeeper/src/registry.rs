@@ -459,3 +459,61 @@ pub fn response(id: u64, kind: response::Kind) -> Response {
         kind: Some(kind),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::SourceFile;
+
+    fn registry() -> Registry {
+        let text = "socket = \"/x/s\"\nadmin = \"/x/a\"\nallowed_uids = [0]\nallowed_binds = [\"127.0.0.0/8\"]\n";
+        let config = Config::from_source(&SourceFile::from_text("t.toml", text)).expect("config");
+        Registry::new(Arc::new(config), false)
+    }
+
+    fn cred(pid: i32) -> PeerCred {
+        PeerCred {
+            pid,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    #[test]
+    fn borrowers_are_remembered_but_bounded() {
+        let mut reg = registry();
+        let acquire = |name: &str| Acquire {
+            listeners: vec![ListenSpec {
+                address: "127.0.0.1:0".into(),
+                ..ListenSpec::default()
+            }],
+            borrower: name.into(),
+        };
+        // A peer that never borrowed is forgotten at once.
+        reg.connected(1, cred(1));
+        reg.disconnected(1);
+        assert!(reg.peers.is_empty());
+
+        for conn in 10..210u64 {
+            reg.connected(conn, cred(conn as i32));
+            reg.acquire(conn, acquire(&format!("w{conn}")))
+                .map_err(|f| f.message)
+                .expect("acquire");
+            reg.disconnected(conn);
+        }
+        reg.connected(500, cred(500));
+        reg.acquire(500, acquire("live"))
+            .map_err(|f| f.message)
+            .expect("acquire");
+
+        let held = reg.held.get("127.0.0.1:0").expect("held");
+        assert_eq!(held.times_lent, 201);
+        assert_eq!(reg.peers.len(), KEEP_DISCONNECTED + 1);
+        assert_eq!(held.lends.len(), KEEP_DISCONNECTED + 1);
+        assert!(reg.peers[&500].connected);
+        assert_eq!(reg.peers[&500].name, "live");
+        // The newest disconnected ones are the ones kept.
+        assert!(reg.peers.contains_key(&209));
+        assert!(!reg.peers.contains_key(&10));
+    }
+}
