@@ -15,6 +15,21 @@ use proto::fdkeeper::v1::admin_client::AdminClient;
 use proto::fdlend::v1::error::Code;
 use support::{Keeper, spec};
 
+/// Whether an fd of this process is close-on-exec, read from /proc/self/fdinfo.
+fn cloexec(l: &std::net::TcpListener) -> bool {
+    let info = std::fs::read_to_string(format!(
+        "/proc/self/fdinfo/{}",
+        std::os::fd::AsRawFd::as_raw_fd(l)
+    ))
+    .expect("fdinfo");
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        .expect("flags line");
+    flags & 0o2000000 != 0
+}
+
 fn inode_of(l: &std::net::TcpListener) -> u64 {
     // fstat through /proc: the test needs no unsafe to read an fd's inode.
     std::fs::metadata(format!(
@@ -51,6 +66,7 @@ async fn same_address_lends_the_same_socket() {
     assert_eq!(inode_of(&first[0].listener), inode_of(&second[0].listener));
     assert_eq!(inode_of(&first[0].listener), first[0].inode);
     assert_eq!(first[0].spec.backlog, 4096, "backlog 0 means the default");
+    assert!(cloexec(&first[0].listener), "lent fds arrive close-on-exec");
     assert_eq!(a.instance_id(), b.instance_id());
     assert!(a.instance_id().is_some());
 
