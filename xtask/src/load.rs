@@ -23,6 +23,10 @@ pub struct LoadConfig {
     pub keepalive_clients: usize,
     /// Clients that open a new connection per request (`Connection: close`).
     pub close_clients: usize,
+    /// More keep-alive clients, that pause a random 0..`think_time` between requests, so that
+    /// their connections sit idle when a drain begins (the race that fails requests elsewhere).
+    pub think_clients: usize,
+    pub think_time: Duration,
     /// The run stops by itself after this long...
     pub max_duration: Duration,
     /// ...or after this many requests, whichever comes first.
@@ -40,6 +44,8 @@ impl LoadConfig {
             target,
             keepalive_clients: 50,
             close_clients: 50,
+            think_clients: 0,
+            think_time: Duration::from_millis(100),
             max_duration: Duration::from_secs(120),
             max_requests: 5_000_000,
             request_timeout: Duration::from_secs(5),
@@ -228,12 +234,15 @@ impl Load {
         let started = Instant::now();
         let deadline = started + config.max_duration;
         let mut clients = Vec::new();
-        for i in 0..config.keepalive_clients + config.close_clients {
+        let total = config.keepalive_clients + config.close_clients + config.think_clients;
+        for i in 0..total {
+            let thinker = i >= config.keepalive_clients + config.close_clients;
             let client = Client {
                 config: Arc::clone(&config),
                 shared: Arc::clone(&shared),
                 stop: stop.clone(),
-                keep_alive: i < config.keepalive_clients,
+                keep_alive: i < config.keepalive_clients || thinker,
+                think: thinker.then_some(config.think_time),
                 deadline,
                 started,
             };
@@ -325,6 +334,8 @@ struct Client {
     shared: Arc<Shared>,
     stop: CancellationToken,
     keep_alive: bool,
+    /// Pause up to this long between requests (idle on its keep-alive connection meanwhile).
+    think: Option<Duration>,
     deadline: Instant,
     started: Instant,
 }
@@ -402,6 +413,13 @@ impl Client {
                         // Idle first, then no longer in flight (see above).
                         self.shared.idle_keepalive.fetch_add(1, Ordering::SeqCst);
                         drop(guard);
+                    }
+                    if let Some(max) = self.think {
+                        let pause = max.mul_f64(rand::random::<f64>());
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = self.stop.cancelled() => {}
+                        }
                     }
                 }
                 Err((kind, why)) => {

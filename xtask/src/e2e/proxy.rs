@@ -73,6 +73,9 @@ fn load_config(node: &Node) -> LoadConfig {
     LoadConfig {
         keepalive_clients: 50,
         close_clients: 50,
+        // Idle keep-alive connections when a drain starts: closing them must not race a request.
+        think_clients: 20,
+        think_time: Duration::from_millis(100),
         max_duration: Duration::from_secs(180),
         max_requests: 50_000_000,
         request_timeout: Duration::from_secs(10),
@@ -84,7 +87,15 @@ fn load_config(node: &Node) -> LoadConfig {
 
 /// Starts the load and checks it flows before the scenario does anything to the node.
 async fn start_load(node: &Node) -> Result<Load> {
-    let load = Load::start(load_config(node));
+    let cfg = load_config(node);
+    figure(
+        "clients",
+        format!(
+            "{} keep-alive, {} connection-close, {} keep-alive pausing 0-{:?} between requests",
+            cfg.keepalive_clients, cfg.close_clients, cfg.think_clients, cfg.think_time
+        ),
+    );
+    let load = Load::start(cfg);
     load.wait_ok(500, Duration::from_secs(30))
         .await
         .context("the load never got going")?;
@@ -249,8 +260,18 @@ async fn worker_kill(mut env: Env) -> Result<Outcome> {
     let load = start_load(&node).await?;
     let mut serve_times = Vec::new();
     let mut worst_round = (0u64, 0u64);
+    let (mut sum_failed, mut sum_at_risk, mut sum_reported) = (0u64, 0u64, 0u64);
     for round in 1..=KILLS {
-        let cur = cluster::serving(&node.status().await?).context("no serving generation")?;
+        let st = node.status().await?;
+        let cur = cluster::serving(&st).context("no serving generation")?;
+        // The worker's own figures (sent periodically, so slightly stale): for the printout.
+        sum_reported += st
+            .generations
+            .iter()
+            .filter_map(|g| g.worker.as_ref())
+            .filter(|w| w.pid == cur.pid)
+            .map(|w| w.active_connections)
+            .sum::<u64>();
         let before = load.snapshot();
         let at_risk = load.at_risk();
         let t0 = Instant::now();
@@ -302,6 +323,8 @@ async fn worker_kill(mut env: Env) -> Result<Outcome> {
             "round {round}: {} failures ({round_failures}) but only {at_risk} requests were at risk on the killed worker",
             round_failures.total()
         );
+        sum_failed += round_failures.total();
+        sum_at_risk += at_risk;
         if round_failures.total() > worst_round.0 {
             worst_round = (round_failures.total(), at_risk);
         }
@@ -315,6 +338,15 @@ async fn worker_kill(mut env: Env) -> Result<Outcome> {
         format!("p50 {} max {}", ms(p50), ms(max)),
     );
     figure("worker restarts counted by the master", restarts);
+    figure(
+        "per kill (mean)",
+        format!(
+            "{:.1} failed requests, {:.1} requests at risk (client side), {:.1} connections on the worker (its last Stats)",
+            sum_failed as f64 / KILLS as f64,
+            sum_at_risk as f64 / KILLS as f64,
+            sum_reported as f64 / KILLS as f64
+        ),
+    );
     figure(
         "worst round",
         format!(
