@@ -296,22 +296,46 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<String> {
 }
 
 /// Polls Status until a generation newer than `after` serves; returns it and when it was seen.
+/// One connection for the whole wait, so that a poll costs a round trip, not a connect.
 pub async fn wait_new_generation(
     admin: &Path,
     after: u64,
     timeout: Duration,
 ) -> Result<(ServingGeneration, Instant)> {
-    harness::wait_for(
-        &format!("a generation newer than {after} to serve"),
-        timeout,
-        || async move {
-            let st = proxyd_status(admin).await?;
-            Ok(serving(&st)
-                .filter(|s| s.generation > after)
-                .map(|s| (s, Instant::now())))
-        },
-    )
-    .await
+    let mut client: Option<ProxydAdminClient<tonic::transport::Channel>> = None;
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        if client.is_none() {
+            match common::grpc::connect_unix(admin).await {
+                Ok(ch) => client = Some(ProxydAdminClient::new(ch)),
+                Err(e) => last_err = Some(anyhow::Error::new(e)),
+            }
+        }
+        if let Some(c) = client.as_mut() {
+            match c.status(StatusRequest {}).await {
+                Ok(reply) => {
+                    if let Some(s) = serving(reply.get_ref()).filter(|s| s.generation > after) {
+                        return Ok((s, Instant::now()));
+                    }
+                }
+                Err(e) => {
+                    last_err = Some(anyhow::Error::new(e));
+                    client = None;
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            let msg = format!(
+                "timed out after {timeout:?} waiting for a generation newer than {after} to serve"
+            );
+            return Err(match last_err {
+                Some(e) => e.context(msg),
+                None => anyhow::anyhow!(msg),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// Inode of each listener fdkeeper holds, by address, from its admin API through grpcurl.
