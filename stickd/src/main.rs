@@ -16,6 +16,9 @@ struct Args {
     /// This node's name among the configured peers (default: the hostname).
     #[arg(short = 'L', long = "local-peer")]
     local_peer: Option<String>,
+    /// Only validate the config (and the local peer name): exit 0, or 64 with file:line: reason.
+    #[arg(long)]
+    check: bool,
 }
 
 fn main() {
@@ -35,6 +38,10 @@ fn main() {
             std::process::exit(EXIT_CONFIG);
         }
     };
+    if args.check {
+        println!("{}: ok", args.config.display());
+        std::process::exit(EXIT_OK);
+    }
     std::process::exit(match serve(config) {
         Ok(()) => EXIT_OK,
         Err(e) => {
