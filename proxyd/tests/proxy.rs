@@ -286,3 +286,49 @@ async fn expect_continue_is_answered_by_the_proxy() {
     let r = c.send(b"abc", false).await.expect("reply");
     assert_eq!(r.text(), "3 bytes");
 }
+
+/// Like `start`, with a `[defaults]` section.
+fn start_with(servers: &[std::net::SocketAddr], defaults: &str) -> (Proxy, std::net::SocketAddr) {
+    let dir = std::path::Path::new("/nonexistent");
+    let text = format!(
+        "{}\n[defaults]\n{defaults}\n",
+        config_text(dir, "127.0.0.1:0", servers, "")
+    );
+    let config =
+        Config::from_source(SourceFile::from_text("test.toml", text)).expect("valid config");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let proxy = Proxy::new(Arc::new(config));
+    proxy.start(vec![(0, listener)]).expect("start");
+    (proxy, addr)
+}
+
+#[tokio::test]
+async fn slow_request_head_is_408_and_silent_server_is_504() {
+    let b = backend(|s| {
+        if s.head.starts_with("GET /slow") {
+            // Never answer in time: the proxy must give up at timeout_server.
+            Action::Hang(Duration::from_secs(3))
+        } else {
+            ok("x")
+        }
+    })
+    .await;
+    let (_proxy, addr) = start_with(
+        &[b.addr],
+        "timeout_http_request = \"300ms\"\ntimeout_server = \"300ms\"",
+    );
+    let mut c = Client::connect(addr).await.expect("connect");
+    c.io.stream
+        .write_all(b"GET / HTTP/1.1\r\nHo")
+        .await
+        .expect("write");
+    let t0 = std::time::Instant::now();
+    let r = c.read(false).await.expect("reply");
+    assert_eq!(r.status, 408);
+    assert!(t0.elapsed() < Duration::from_secs(2));
+
+    let mut c = Client::connect(addr).await.expect("connect");
+    let r = c.send(&get("/slow"), false).await.expect("reply");
+    assert_eq!(r.status, 504);
+}

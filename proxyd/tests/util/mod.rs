@@ -19,6 +19,8 @@ pub enum Action {
     Respond(Vec<u8>),
     /// Close the connection without answering.
     Close,
+    /// Say nothing for this long, then close.
+    Hang(Duration),
 }
 
 /// A request as the backend saw it.
@@ -96,6 +98,10 @@ where
                             }
                         }
                         Action::Close => return,
+                        Action::Hang(d) => {
+                            tokio::time::sleep(d).await;
+                            return;
+                        }
                     }
                 }
             });
