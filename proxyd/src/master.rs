@@ -798,6 +798,8 @@ fn spawn_process(
         .arg("--control-fd")
         .arg(sys::CONTROL_FD.to_string())
         .stdin(Stdio::null())
+        // Only the master talks to systemd.
+        .env_remove("NOTIFY_SOCKET")
         .kill_on_drop(false);
     sys::prepare_worker(&mut cmd, theirs.as_raw_fd());
     let mut child = cmd.spawn()?;
@@ -862,10 +864,12 @@ fn spawn_process(
     })
 }
 
-/// Relays SIGUSR2 (reload) and SIGTERM/SIGINT (graceful stop) to the master.
+/// Relays SIGUSR2 and SIGHUP (reload; SIGHUP is what systemd's `Type=notify-reload` sends by
+/// default) and SIGTERM/SIGINT (graceful stop) to the master.
 pub fn forward_signals(handle: Handle, shutdown: CancellationToken) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut usr2 = signal(SignalKind::user_defined2())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
@@ -873,6 +877,10 @@ pub fn forward_signals(handle: Handle, shutdown: CancellationToken) -> std::io::
             tokio::select! {
                 _ = usr2.recv() => {
                     tracing::info!("SIGUSR2: reload");
+                    handle.reload_detached();
+                }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reload");
                     handle.reload_detached();
                 }
                 _ = term.recv() => { tracing::info!("SIGTERM: stopping"); shutdown.cancel(); }

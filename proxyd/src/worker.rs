@@ -220,13 +220,15 @@ async fn run(config: Arc<Config>, generation: u64, control: WorkerEnd) -> i32 {
     }
     tracing::info!("serving");
 
-    let (mut sigterm, _sigint) = match (
+    // Ctrl-C and a closing terminal reach the whole process group: the master decides what
+    // the workers do, so those signals are caught and ignored here.
+    let (mut sigterm, _sigint, _sighup) = match (
         signal(SignalKind::terminate()),
-        // Ctrl-C reaches the whole process group: the master decides what the workers do.
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             tracing::error!(error = %e, "cannot install signal handlers");
             return EXIT_FAILURE;
         }

@@ -490,3 +490,56 @@ async fn oldest_draining_generation_is_stopped_beyond_max_draining() {
         .expect("gen 2 still answers its client");
     assert!(r.closes());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tells_systemd_ready_reloading_and_stopping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fdk_stop = start_fdkeeper(dir.path());
+    let b = backend(|_| ok("one")).await;
+    let front = free_addr();
+    let config = dir.path().join("proxyd.toml");
+    std::fs::write(
+        &config,
+        config_text(dir.path(), &front.to_string(), &[b.addr], ""),
+    )
+    .expect("write");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut master = Command::new(PROXYD)
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("spawn");
+    let next = || {
+        let mut buf = [0u8; 4096];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = next();
+    assert!(
+        ready.contains("READY=1") && ready.contains("STATUS=generation 1, pid"),
+        "{ready}"
+    );
+    let admin = dir.path().join("proxyd/admin.sock");
+    reload(&admin).await.expect("reload");
+    let reloading = next();
+    assert!(
+        reloading.contains("RELOADING=1") && reloading.contains("MONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let ready = next();
+    assert!(
+        ready.contains("READY=1") && ready.contains("STATUS=generation 2"),
+        "{ready}"
+    );
+    kill("-TERM", master.id());
+    let stopping = next();
+    assert!(stopping.contains("STOPPING=1"), "{stopping}");
+    assert!(master.wait().expect("wait").success());
+    fdk_stop.cancel();
+}
