@@ -543,3 +543,33 @@ async fn tells_systemd_ready_reloading_and_stopping() {
     assert!(master.wait().expect("wait").success());
     fdk_stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_not_ready_in_time_fails_the_reload_and_is_killed() {
+    let e = env("").await;
+    let before = serving(&e.admin).await.expect("serving");
+    let good = std::fs::read_to_string(&e.config).expect("read");
+    // The new worker waits for an fdkeeper that never comes.
+    let stuck = good
+        .replace("/fdk/lend.sock", "/nowhere/lend.sock")
+        .replace("[global]\n", "[global]\nworker_ready_timeout = \"300ms\"\n");
+    std::fs::write(&e.config, stuck).expect("write");
+    let t0 = Instant::now();
+    let err = reload(&e.admin).await.expect_err("not ready in time");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert_eq!(err.code(), tonic::Code::Internal);
+    assert!(
+        err.message().contains("not ready within 300ms"),
+        "{}",
+        err.message()
+    );
+    wait_for(Duration::from_secs(3), || async {
+        status(&e.admin)
+            .await
+            .is_some_and(|s| s.generations.len() == 1)
+    })
+    .await;
+    assert_eq!(serving(&e.admin).await, Some(before));
+    let mut c = Client::connect(e.front).await.expect("connect");
+    assert_eq!(c.send(&get("/"), false).await.expect("reply").status, 200);
+}
