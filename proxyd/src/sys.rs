@@ -3,7 +3,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -129,6 +129,27 @@ pub fn take_control_fd(fd: RawFd) -> io::Result<OwnedFd> {
         cvt(libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK))?;
     }
     Ok(owned)
+}
+
+/// Whether an idle pooled connection is unusable: the server closed or reset it, or sent
+/// bytes nobody asked for. A real `recv(MSG_PEEK)`, because the reactor's cached readiness
+/// may not have seen a FIN that arrived since its last poll.
+pub fn idle_connection_broken(fd: BorrowedFd<'_>) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: one writable byte, and MSG_PEEK leaves the socket's data in place.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted;
+    }
+    true
 }
 
 /// An async `SOCK_SEQPACKET` socket: one message per datagram, in order.

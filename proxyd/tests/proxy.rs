@@ -332,3 +332,25 @@ async fn slow_request_head_is_408_and_silent_server_is_504() {
     let r = c.send(&get("/slow"), false).await.expect("reply");
     assert_eq!(r.status, 504);
 }
+
+#[tokio::test]
+async fn pooled_connections_closed_by_the_server_are_not_reused() {
+    let b = backend(|_| {
+        Action::RespondClose(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec())
+    })
+    .await;
+    let (_proxy, addr) = start(&[b.addr]);
+    let mut c = Client::connect(addr).await.expect("connect");
+    for _ in 0..5 {
+        let r = c.send(&get("/"), false).await.expect("reply");
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+        // Let the server's FIN arrive before the next request takes from the pool.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(b.connections.load(Ordering::SeqCst), 5);
+    assert_eq!(
+        b.requests.load(Ordering::SeqCst),
+        5,
+        "each request answered once"
+    );
+}

@@ -1,6 +1,7 @@
 //! Idle keep-alive connections to one server, reused newest first.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -34,10 +35,8 @@ impl Pool {
                 continue;
             }
             // An idle HTTP connection has nothing to read: EOF or stray bytes mean it is unusable.
-            let mut probe = [0u8; 1];
-            match stream.try_read(&mut probe) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(stream),
-                _ => continue,
+            if !crate::sys::idle_connection_broken(stream.as_fd()) {
+                return Some(stream);
             }
         }
     }

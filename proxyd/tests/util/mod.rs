@@ -21,6 +21,8 @@ pub enum Action {
     Close,
     /// Say nothing for this long, then close.
     Hang(Duration),
+    /// Answer, then close the connection without having said so.
+    RespondClose(Vec<u8>),
 }
 
 /// A request as the backend saw it.
@@ -98,6 +100,10 @@ where
                             }
                         }
                         Action::Close => return,
+                        Action::RespondClose(bytes) => {
+                            let _ = io.stream.write_all(&bytes).await;
+                            return;
+                        }
                         Action::Hang(d) => {
                             tokio::time::sleep(d).await;
                             return;
