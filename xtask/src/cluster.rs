@@ -118,7 +118,9 @@ balance = "roundrobin"
 impl Node {
     /// Starts backends, fdkeeper and proxyd, and waits until the frontend serves.
     pub async fn start(env: &mut Env, options: NodeOptions) -> Result<Node> {
-        let me = std::env::current_exe().context("cannot find the xtask binary")?;
+        // This very binary, even if cargo has rebuilt (unlinked) it since we started: the forked
+        // child's /proc/self/exe is ours until it execs.
+        let me = PathBuf::from("/proc/self/exe");
         let h = options.host;
         let mut backends = Vec::new();
         for (i, name) in options.backends.iter().enumerate() {

@@ -131,6 +131,34 @@ fn kill_tree(pid: u32) {
     }
 }
 
+/// SIGKILLs every live process whose process group is `pgid` (read from /proc, so that a
+/// recycled pid that is not a group leader is never hit).
+fn kill_group_members(pgid: u32) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command name: state, ppid, pgrp.
+        let pgrp = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(2))
+            .and_then(|s| s.parse::<u32>().ok());
+        if pgrp == Some(pgid) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
 /// Kills every process the harness started, and every orphan it adopted, then reaps them.
 /// Safe to call from the Ctrl-C handler and more than once.
 pub fn kill_all() {
@@ -277,6 +305,7 @@ impl Env {
             spec,
             log,
             child: None,
+            reaped: false,
         };
         proc.start()?;
         Ok(proc)
@@ -392,6 +421,8 @@ pub struct Proc {
     spec: ProcSpec,
     log: PathBuf,
     child: Option<Child>,
+    /// Set once the child was waited for: its pid may then belong to someone else.
+    reaped: bool,
 }
 
 impl std::fmt::Debug for Proc {
@@ -418,6 +449,7 @@ impl Proc {
             .with_context(|| format!("cannot start {}", self.spec.program.display()))?;
         live().push(child.id());
         self.child = Some(child);
+        self.reaped = false;
         Ok(())
     }
 
@@ -438,6 +470,9 @@ impl Proc {
 
     /// Pid of the running process (0 once it has been reaped).
     pub fn pid(&self) -> u32 {
+        if self.reaped {
+            return 0;
+        }
         self.child.as_ref().map_or(0, Child::id)
     }
 
@@ -467,6 +502,7 @@ impl Proc {
         let status = child.try_wait()?;
         if let Some(s) = status {
             forget_pid(child.id());
+            self.reaped = true;
             return Ok(Some(s));
         }
         Ok(None)
@@ -501,15 +537,23 @@ impl Proc {
         if let Some(child) = self.child.as_mut() {
             let _ = child.wait();
             forget_pid(child.id());
+            self.reaped = true;
         }
     }
 
     fn stop_tree(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            kill_tree(child.id());
-            let _ = child.wait();
-            forget_pid(child.id());
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        if self.reaped {
+            // The leader is gone, but what it started in its group may live on.
+            kill_group_members(child.id());
+            return;
         }
+        kill_tree(child.id());
+        let _ = child.wait();
+        forget_pid(child.id());
+        self.reaped = true;
     }
 }
 

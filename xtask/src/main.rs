@@ -181,12 +181,12 @@ struct UnitTotals {
     ok: bool,
 }
 
-/// Runs `cargo test --workspace`, echoing its output and adding up its `test result:` lines.
+/// Runs `cargo test --workspace --no-fail-fast` (every test binary, even after a failure), echoing its output and adding up its `test result:` lines.
 fn cargo_test() -> Result<UnitTotals> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut child = Command::new(cargo)
         .current_dir(harness::workspace_root())
-        .args(["test", "--workspace"])
+        .args(["test", "--workspace", "--no-fail-fast"])
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot run cargo test")?;
