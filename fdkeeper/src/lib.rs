@@ -1,6 +1,20 @@
 //! fdkeeper: binds listening sockets once, keeps them for ever, and lends dups of them over SCM_RIGHTS.
 //!
 //! The daemon side is [`bind_sockets`] + [`run`]; borrowers (proxyd workers) use [`client`].
+//!
+//! The lending protocol (`proto/fdlend/v1`), as this crate implements it:
+//! - one prost `Request` per SOCK_SEQPACKET datagram, one `Response` back with the same id;
+//!   fds travel as SCM_RIGHTS, at most [`MAX_FDS_PER_MESSAGE`] per message;
+//! - a peer is authenticated once, at accept (SO_PEERCRED): allowed if its uid is in
+//!   `allowed_uids` or its primary gid in `allowed_gids`; a refused peer gets one
+//!   `PERMISSION_DENIED` answer to its first request, then the connection closes;
+//! - the key of a held socket is its spec address in canonical form; `127.0.0.1:0` is a
+//!   key of its own (one kernel-chosen port, the same for every borrower);
+//! - `BIND_FAILED` is worth retrying: right after an fdkeeper restart without systemd the
+//!   address is still held by borrowers that have not deposited it yet (with
+//!   `reuseport` fdkeeper refuses to bind next to such a socket for the same reason);
+//! - restart-safety without systemd needs fixed ports: a fresh fdkeeper asked for
+//!   `127.0.0.1:0` before the deposits arrive binds a new port.
 #![deny(unsafe_code)]
 
 pub mod admin;
