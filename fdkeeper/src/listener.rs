@@ -9,7 +9,7 @@ use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
 use crate::sys;
 
-/// Parses a spec's address: an IP literal and a port ("127.0.0.1:80", "[::1]:443").
+/// Parses a spec's address: an IP literal and a port (`127.0.0.1:80`, `[::1]:443`).
 pub fn parse_address(address: &str) -> Result<SocketAddr, String> {
     address
         .trim()
