@@ -32,6 +32,9 @@ pub struct NodeOptions {
     /// Ports to use when free (the demo's stable addresses): frontend, then the first backend's
     /// (the next backends count up from it). `None`: any free port.
     pub preferred_ports: Option<(u16, u16)>,
+    /// Proxy to these servers (started by the caller, shared by several nodes) instead of
+    /// starting `backends`.
+    pub servers: Option<Vec<(String, SocketAddr)>>,
 }
 
 impl Default for NodeOptions {
@@ -44,13 +47,17 @@ impl Default for NodeOptions {
             max_draining: 4,
             proxyd_binary: None,
             preferred_ports: None,
+            servers: None,
         }
     }
 }
 
 /// A running node.
 pub struct Node {
+    /// The demo backends this node started (none when given `servers`).
     pub backends: Vec<(String, SocketAddr, Proc)>,
+    /// What its proxyd balances over.
+    pub servers: Vec<(String, SocketAddr)>,
     pub fdkeeper: Proc,
     pub proxyd: Proc,
     pub frontend: SocketAddr,
@@ -115,32 +122,60 @@ balance = "roundrobin"
     s
 }
 
+/// Starts one demo backend per name on 127.0.0.`host` (ports from `preferred_base` up when
+/// free), and waits until each accepts.
+pub async fn start_backends(
+    env: &mut Env,
+    names: &[String],
+    host: u8,
+    delay: Duration,
+    preferred_base: Option<u16>,
+) -> Result<Vec<(String, SocketAddr, Proc)>> {
+    // This very binary, even if cargo has rebuilt (unlinked) it since we started: the forked
+    // child's /proc/self/exe is ours until it execs.
+    let me = PathBuf::from("/proc/self/exe");
+    let mut backends = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let preferred = preferred_base.map(|b| b + i as u16);
+        let addr = env.port_or_free(host, preferred)?;
+        let spec = ProcSpec::new(&format!("backend-{name}"), &me)
+            .arg("backend")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--name")
+            .arg(name)
+            .arg("--delay")
+            .arg(format!("{}ms", delay.as_millis()));
+        let p = env.spawn_spec(spec)?;
+        backends.push((name.clone(), addr, p));
+    }
+    for (_, addr, _) in &backends {
+        harness::wait_tcp(*addr, START_TIMEOUT).await?;
+    }
+    Ok(backends)
+}
+
 impl Node {
     /// Starts backends, fdkeeper and proxyd, and waits until the frontend serves.
     pub async fn start(env: &mut Env, options: NodeOptions) -> Result<Node> {
-        // This very binary, even if cargo has rebuilt (unlinked) it since we started: the forked
-        // child's /proc/self/exe is ours until it execs.
-        let me = PathBuf::from("/proc/self/exe");
         let h = options.host;
-        let mut backends = Vec::new();
-        for (i, name) in options.backends.iter().enumerate() {
-            let preferred = options.preferred_ports.map(|(_, b)| b + i as u16);
-            let addr = env.port_or_free(h + 1, preferred)?;
-            let delay = format!("{}ms", options.backend_delay.as_millis());
-            let spec = ProcSpec::new(&format!("backend-{name}"), &me)
-                .arg("backend")
-                .arg("--listen")
-                .arg(addr.to_string())
-                .arg("--name")
-                .arg(name)
-                .arg("--delay")
-                .arg(delay);
-            let p = env.spawn_spec(spec)?;
-            backends.push((name.clone(), addr, p));
-        }
-        for (_, addr, _) in &backends {
-            harness::wait_tcp(*addr, START_TIMEOUT).await?;
-        }
+        let backends = match &options.servers {
+            Some(_) => Vec::new(),
+            None => {
+                start_backends(
+                    env,
+                    &options.backends,
+                    h + 1,
+                    options.backend_delay,
+                    options.preferred_ports.map(|(_, b)| b),
+                )
+                .await?
+            }
+        };
+        let servers: Vec<(String, SocketAddr)> = match &options.servers {
+            Some(s) => s.clone(),
+            None => backends.iter().map(|(n, a, _)| (n.clone(), *a)).collect(),
+        };
 
         let uid = nix::unistd::getuid().as_raw();
         let fdkeeper_socket = env.path(&format!("n{h}/fdkeeper/lend.sock"));
@@ -159,8 +194,6 @@ impl Node {
 
         let frontend = env.port_or_free(h, options.preferred_ports.map(|(f, _)| f))?;
         let proxyd_admin = env.path(&format!("n{h}/proxyd-admin.sock"));
-        let servers: Vec<(String, SocketAddr)> =
-            backends.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
         let proxyd_config = env.write(
             &format!("n{h}/proxyd.toml"),
             &proxyd_toml(
@@ -183,6 +216,7 @@ impl Node {
         )?;
         let node = Node {
             backends,
+            servers,
             fdkeeper,
             proxyd,
             frontend,
@@ -199,7 +233,7 @@ impl Node {
 
     /// Server names of the backends (what the load generator expects in bodies).
     pub fn server_names(&self) -> Vec<String> {
-        self.backends.iter().map(|(n, _, _)| n.clone()).collect()
+        self.servers.iter().map(|(n, _)| n.clone()).collect()
     }
 
     /// Waits until proxyd's Status shows a serving generation and the frontend answers a request.

@@ -210,7 +210,7 @@ pub fn reap_orphans() {
 /// One scenario's sandbox: a temp dir holding configs, sockets and `logs/`.
 pub struct Env {
     dir: Arc<tempfile::TempDir>,
-    ports: HashSet<u16>,
+    ports: HashSet<SocketAddr>,
 }
 
 impl Env {
@@ -268,7 +268,7 @@ impl Env {
             let listener = TcpListener::bind((ip, 0))
                 .with_context(|| format!("cannot bind {ip}:0 to find a free port"))?;
             let addr = listener.local_addr()?;
-            if self.ports.insert(addr.port()) {
+            if self.ports.insert(addr) {
                 return Ok(addr);
             }
         }
@@ -279,8 +279,8 @@ impl Env {
     pub fn port_or_free(&mut self, host: u8, preferred: Option<u16>) -> Result<SocketAddr> {
         if let Some(port) = preferred {
             let addr = SocketAddr::from((Ipv4Addr::new(127, 0, 0, host), port));
-            if !self.ports.contains(&port) && TcpListener::bind(addr).is_ok() {
-                self.ports.insert(port);
+            if !self.ports.contains(&addr) && TcpListener::bind(addr).is_ok() {
+                self.ports.insert(addr);
                 return Ok(addr);
             }
         }

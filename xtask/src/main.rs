@@ -39,11 +39,14 @@ enum Cmd {
         #[arg(long)]
         no_build: bool,
     },
-    /// A node on 127.0.0.1 with two demo backends, until Ctrl-C.
+    /// Load-balancer nodes on 127.0.0.1-N in front of two demo backends, until Ctrl-C.
     Demo {
         /// Use the release binaries already in target/release instead of building them.
         #[arg(long)]
         no_build: bool,
+        /// How many nodes (1 to 3), on 127.0.0.1, .2, .3.
+        #[arg(long, default_value_t = 3)]
+        nodes: u8,
     },
     /// Demo HTTP backend (like the seed's PHP app) that answers with its name.
     Backend {
@@ -137,9 +140,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", totals.line());
             Ok(exit_for(totals.failed == 0))
         }
-        Cmd::Demo { no_build } => {
+        Cmd::Demo { no_build, nodes } => {
             harness::become_subreaper();
-            runtime(2)?.block_on(demo::run(!no_build))?;
+            runtime(2)?.block_on(demo::run(!no_build, nodes))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench => bail!("cargo xtask bench is not implemented yet, see issue 6"),
