@@ -1,8 +1,19 @@
 //! proxyd: an HTTP/1.1 load balancer run as a master supervising generations of workers.
 //!
-//! The master ([`master`]) validates the config, spawns each worker as a fresh exec of the
-//! binary, and reloads by starting generation N+1 and draining N. A worker ([`worker`]) borrows
-//! its listeners from fdkeeper and proxies with [`proxy`] and [`http`].
+//! - [`master`]: validates the config, spawns each worker as a fresh exec of the binary path
+//!   resolved at start (so a reload after an upgrade on disk runs the new file), and reloads by
+//!   starting generation N+1, waiting for its `Ready`, then draining N. Crashed workers are
+//!   respawned at once (backoff only for crash loops). Owns all state in one task: no locks.
+//! - [`control`] + [`sys`]: the master/worker channel, one prost message per `SOCK_SEQPACKET`
+//!   datagram on a socketpair found on fd 3 by the worker; parent-death signal for workers.
+//! - [`worker`]: borrows its frontends' listeners from fdkeeper (the same kernel sockets every
+//!   generation shares, so nothing queued is lost), serves, reports `Stats`, drains on demand.
+//! - [`proxy`] + [`http`]: the serving half, usable on its own with any bound listeners.
+//!   Draining stops accepting at once and answers the next request of each keep-alive
+//!   connection with `Connection: close`; an idle connection is never closed early, since the
+//!   client may be sending on it (the reload race HAProxy and nginx lose).
+//! - [`admin`]: `proxyd.v1.Admin` (Status, Reload) with reflection and health, on a unix socket.
+//! - [`config`]: `proxyd.toml`; only validated configs leave the module.
 #![deny(unsafe_code)]
 
 pub mod admin;
