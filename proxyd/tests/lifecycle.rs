@@ -573,3 +573,25 @@ async fn a_worker_not_ready_in_time_fails_the_reload_and_is_killed() {
     let mut c = Client::connect(e.front).await.expect("connect");
     assert_eq!(c.send(&get("/"), false).await.expect("reply").status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_connections_and_requests() {
+    let e = env("").await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut c = Client::connect(e.front).await.expect("connect");
+        c.send(&get("/"), false).await.expect("reply");
+        c.send(&get("/"), false).await.expect("reply");
+        clients.push(c);
+    }
+    wait_for(Duration::from_secs(3), || async {
+        status(&e.admin).await.is_some_and(|s| {
+            s.generations.iter().any(|g| {
+                g.worker.as_ref().is_some_and(|w| {
+                    w.active_connections == 3 && w.requests_total == 6 && w.requests_in_flight == 0
+                })
+            })
+        })
+    })
+    .await;
+}

@@ -354,3 +354,21 @@ async fn pooled_connections_closed_by_the_server_are_not_reused() {
         "each request answered once"
     );
 }
+
+#[tokio::test]
+async fn server_connection_close_is_honoured_without_closing_the_client() {
+    let b = backend(|_| {
+        Action::RespondClose(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+        )
+    })
+    .await;
+    let (_proxy, addr) = start(&[b.addr]);
+    let mut c = Client::connect(addr).await.expect("connect");
+    for _ in 0..3 {
+        let r = c.send(&get("/"), false).await.expect("reply");
+        assert_eq!(r.text(), "ok");
+        assert!(!r.closes(), "the server's close is hop-by-hop");
+    }
+    assert_eq!(b.connections.load(Ordering::SeqCst), 3);
+}
