@@ -34,11 +34,19 @@ pub fn build_release() -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(workspace_root())
-        .args(["build", "--release", "--bins"])
+        // xtask itself runs from the debug build; its release build would only cost time.
+        .args([
+            "build",
+            "--release",
+            "--bins",
+            "--workspace",
+            "--exclude",
+            "xtask",
+        ])
         .status()
         .context("cannot run cargo build --release")?;
     if !status.success() {
-        bail!("cargo build --release --bins failed ({status})");
+        bail!("cargo build --release failed ({status})");
     }
     Ok(())
 }
