@@ -675,7 +675,7 @@ mod tests {
                     return;
                 };
                 n += 1;
-                let say_close = n % 2 == 0;
+                let say_close = n.is_multiple_of(2);
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
                     let _ = s.read(&mut buf).await;
@@ -726,7 +726,7 @@ mod tests {
                     return;
                 };
                 n += 1;
-                let hang = n % 2 == 0;
+                let hang = n.is_multiple_of(2);
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
                     let _ = s.read(&mut buf).await;
