@@ -550,6 +550,23 @@ async fn fdkeeper_restart(mut env: Env) -> Result<Outcome> {
         "the new worker {} does not hold the original socket inode {inode0}",
         next.pid
     );
+    // And what the worker itself reported when it became ready.
+    let reported: Vec<u64> = node
+        .status()
+        .await?
+        .generations
+        .iter()
+        .find(|g| g.generation == next.generation)
+        .map(|g| g.listener_inodes.clone())
+        .unwrap_or_default();
+    figure(
+        "listener inodes in the new generation's Ready",
+        format!("{reported:?}"),
+    );
+    ensure!(
+        reported == [inode0],
+        "the new generation reported listener inodes {reported:?}, expected [{inode0}]"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = load.finish().await;
     print_load(&report);
