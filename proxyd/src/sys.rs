@@ -202,9 +202,10 @@ impl SeqPacket {
     /// Receives one datagram; `Ok(None)` at end of stream. A datagram larger than
     /// [`MAX_DATAGRAM`] is an error, never silently truncated.
     pub async fn recv(&self) -> io::Result<Option<Vec<u8>>> {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
             let mut guard = self.fd.readable().await?;
+            // Allocated only once a datagram waits: callers poll this in select loops.
+            let mut buf = vec![0u8; MAX_DATAGRAM];
             let r = guard.try_io(|fd| {
                 // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes.
                 let n = unsafe {
