@@ -73,8 +73,14 @@ pub fn master(config_path: &Path) -> i32 {
     code
 }
 
-/// `proxyd reload`: calls Admin/Reload on the running master and prints the result.
-pub fn reload(config_path: &Path, admin_socket: Option<PathBuf>) -> i32 {
+type AdminClient = proto::proxyd::v1::admin_client::AdminClient<tonic::transport::Channel>;
+
+/// Runs `f` with a client of the running master's admin socket; returns the exit code.
+fn with_admin<F, Fut>(config_path: &Path, admin_socket: Option<PathBuf>, f: F) -> i32
+where
+    F: FnOnce(AdminClient) -> Fut,
+    Fut: Future<Output = i32>,
+{
     let socket = match admin_socket {
         Some(s) => s,
         None => match admin_socket_of(config_path) {
@@ -96,14 +102,58 @@ pub fn reload(config_path: &Path, admin_socket: Option<PathBuf>) -> i32 {
         }
     };
     rt.block_on(async {
-        let channel = match common::grpc::connect_unix(&socket).await {
-            Ok(c) => c,
+        match common::grpc::connect_unix(&socket).await {
+            Ok(c) => f(AdminClient::new(c)).await,
             Err(e) => {
                 eprintln!("cannot reach proxyd at {}: {e}", socket.display());
+                EXIT_FAILURE
+            }
+        }
+    })
+}
+
+/// `proxyd status`: prints the running master's generations in a few lines.
+pub fn status(config_path: &Path, admin_socket: Option<PathBuf>) -> i32 {
+    use proto::proxyd::v1::GenerationState;
+    with_admin(config_path, admin_socket, |mut admin| async move {
+        let s = match admin.status(proto::proxyd::v1::StatusRequest {}).await {
+            Ok(s) => s.into_inner(),
+            Err(status) => {
+                eprintln!("status failed: {}", status.message());
                 return EXIT_FAILURE;
             }
         };
-        let mut admin = proto::proxyd::v1::admin_client::AdminClient::new(channel);
+        println!("master pid {} config {}", s.master_pid, s.config_path);
+        for g in &s.generations {
+            let state = GenerationState::try_from(g.state).map_or("unknown", |st| st.as_str_name());
+            let w = g.worker.unwrap_or_default();
+            println!(
+                "generation {} {state} pid {} restarts {} connections {} requests {} in flight {}",
+                g.generation,
+                w.pid,
+                w.restarts,
+                w.active_connections,
+                w.requests_total,
+                w.requests_in_flight
+            );
+        }
+        match &s.last_reload {
+            Some(r) => println!(
+                "last reload: {} ({}), reloads {} ok {} failed",
+                if r.ok { "ok" } else { "failed" },
+                r.message,
+                s.reloads_ok,
+                s.reloads_failed
+            ),
+            None => println!("no reload yet"),
+        }
+        EXIT_OK
+    })
+}
+
+/// `proxyd reload`: calls Admin/Reload on the running master and prints the result.
+pub fn reload(config_path: &Path, admin_socket: Option<PathBuf>) -> i32 {
+    with_admin(config_path, admin_socket, |mut admin| async move {
         match admin.reload(proto::proxyd::v1::ReloadRequest {}).await {
             Ok(r) => {
                 let r = r.into_inner().result.unwrap_or_default();

@@ -30,6 +30,12 @@ enum Cmd {
         #[arg(long)]
         admin_socket: Option<PathBuf>,
     },
+    /// Show the running master's generations, workers and last reload.
+    Status {
+        /// Admin socket to use instead of the one named in the config.
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
+    },
     /// Run as a worker (started by the master only).
     #[command(hide = true)]
     Worker {
@@ -60,6 +66,7 @@ fn main() -> ExitCode {
             }
         },
         Some(Cmd::Reload { admin_socket }) => proxyd::cli::reload(&cli.config, admin_socket),
+        Some(Cmd::Status { admin_socket }) => proxyd::cli::status(&cli.config, admin_socket),
         Some(Cmd::Worker { control_fd }) => proxyd::worker::main(control_fd),
     })
 }

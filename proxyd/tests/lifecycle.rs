@@ -594,4 +594,19 @@ async fn status_counts_connections_and_requests() {
         })
     })
     .await;
+    let out = Command::new(PROXYD)
+        .args(["status", "--config"])
+        .arg(&e.config)
+        .output()
+        .expect("proxyd status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("generation 1 SERVING") && text.contains("connections 3 requests 6"),
+        "{text}"
+    );
 }
