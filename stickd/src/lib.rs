@@ -24,6 +24,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 pub use config::Config;
 pub use store::Store;
 
+/// How often queued writes are handed to sled (then flushed every `flush_interval`).
+const PERSIST_EVERY: Duration = Duration::from_millis(20);
 /// How often expired entries are swept (cheap: the expiry index is ordered).
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// Log trimming runs this often; between runs the log may exceed `log_keep` a little.
@@ -208,15 +210,24 @@ pub async fn run(
 }
 
 async fn housekeeping(config: Arc<Config>, store: Arc<Store>, shutdown: CancellationToken) {
+    let mut persist = tokio::time::interval(PERSIST_EVERY);
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     let mut flush = tokio::time::interval(config.flush_interval);
     let mut trim = tokio::time::interval(TRIM_EVERY);
-    for t in [&mut sweep, &mut flush, &mut trim] {
+    for t in [&mut persist, &mut sweep, &mut flush, &mut trim] {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
+            _ = persist.tick() => {
+                let s = store.clone();
+                match tokio::task::spawn_blocking(move || s.persist()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => error!(error = %e, "writing to sled failed"),
+                    Err(e) => error!(error = %e, "sled writer task failed"),
+                }
+            }
             _ = sweep.tick() => {
                 let s = store.clone();
                 match tokio::task::spawn_blocking(move || s.sweep()).await {

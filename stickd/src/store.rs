@@ -138,9 +138,39 @@ impl Rec {
     }
 }
 
+/// Writes to sled waiting for the writer (`persist`), in order. Keeping sled off the hot path
+/// makes a write cost a few map operations instead of several sled inserts; `persist` runs every
+/// few milliseconds, so the durability window grows by that much only.
+#[derive(Default)]
+struct Pending {
+    ops: Mutex<Vec<Op>>,
+}
+
+/// One queued sled write: (tree, key, value or removal).
+type Op = (sled::Tree, Vec<u8>, Option<Vec<u8>>);
+
+impl Pending {
+    fn lock(&self) -> MutexGuard<'_, Vec<Op>> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn put(&self, tree: &sled::Tree, key: &[u8], value: Vec<u8>) {
+        self.lock().push((tree.clone(), key.to_vec(), Some(value)));
+    }
+
+    fn remove(&self, tree: &sled::Tree, key: &[u8]) {
+        self.lock().push((tree.clone(), key.to_vec(), None));
+    }
+
+    fn take(&self) -> Vec<Op> {
+        std::mem::take(&mut *self.lock())
+    }
+}
+
 struct Table {
     def: TableDef,
     tree: sled::Tree,
+    pending: Arc<Pending>,
     entries: HashMap<String, Rec>,
     by_expiry: BTreeSet<(i64, String)>,
     live: u64,
@@ -156,14 +186,14 @@ impl Table {
             if !o.deleted {
                 self.live -= 1;
             }
-            self.tree.remove(key.as_bytes())?;
+            self.pending.remove(&self.tree, key.as_bytes());
         }
         Ok(old)
     }
 
     /// Inserts or replaces, keeping the expiry index and the live count right.
     fn put(&mut self, key: &str, rec: Rec) -> Result<(), sled::Error> {
-        self.tree.insert(key.as_bytes(), rec.encode())?;
+        self.pending.put(&self.tree, key.as_bytes(), rec.encode());
         self.by_expiry.insert((rec.expires, key.to_owned()));
         if !rec.deleted {
             self.live += 1;
@@ -195,7 +225,15 @@ struct Inner {
     tables: HashMap<String, Table>,
     hlc: Hlc,
     head: u64,
+    /// The newest log records, served to pushers without touching sled. Records leave it only
+    /// once persisted.
+    tail: std::collections::VecDeque<pb::Change>,
+    /// Per peer: (epoch, sequence) of its log applied here.
+    received: HashMap<String, (u64, u64)>,
 }
+
+/// Log records kept in memory for pushers (older ones are read from sled).
+const LOG_TAIL: usize = 256 * 1024;
 
 /// Counters for Stats.
 #[derive(Debug, Default)]
@@ -215,6 +253,9 @@ pub struct Store {
     log: sled::Tree,
     meta: sled::Tree,
     inner: Mutex<Inner>,
+    pending: Arc<Pending>,
+    /// Highest log sequence handed to sled.
+    persisted_seq: AtomicU64,
     first_seq: AtomicU64,
     epoch: u64,
     /// Earlier epochs of our log and the head each reached on disk.
@@ -311,6 +352,7 @@ impl Store {
             .open()?;
         let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;
+        let pending = Arc::new(Pending::default());
         let now = now_ms();
         let mut max_version = 0u64;
         let mut tables = HashMap::new();
@@ -319,6 +361,7 @@ impl Store {
             let mut t = Table {
                 def: def.clone(),
                 tree,
+                pending: pending.clone(),
                 entries: HashMap::new(),
                 by_expiry: BTreeSet::new(),
                 live: 0,
@@ -388,6 +431,15 @@ impl Store {
             Some((k, _)) => u64_at(&k, 0).unwrap_or(head + 1),
             None => head + 1,
         };
+        let mut received = HashMap::new();
+        for kv in meta.scan_prefix("recv/") {
+            let (k, v) = kv?;
+            let peer = String::from_utf8_lossy(&k[5..]).into_owned();
+            received.insert(
+                peer,
+                (u64_at(&v, 0).unwrap_or(0), u64_at(&v, 8).unwrap_or(0)),
+            );
+        }
         let mut hlc = Hlc::default();
         hlc.observe(max_version);
         let (events, _) = broadcast::channel(WATCH_BUFFER);
@@ -397,7 +449,15 @@ impl Store {
             db,
             log,
             meta,
-            inner: Mutex::new(Inner { tables, hlc, head }),
+            inner: Mutex::new(Inner {
+                tables,
+                hlc,
+                head,
+                tail: std::collections::VecDeque::new(),
+                received,
+            }),
+            pending,
+            persisted_seq: AtomicU64::new(head),
             first_seq: AtomicU64::new(first),
             epoch,
             epochs,
@@ -446,7 +506,9 @@ impl Store {
         inner.head += 1;
         let seq = inner.head;
         let change = pb::Change { seq, ..change };
-        self.log.insert(seq_key(seq), change.encode_to_vec())?;
+        self.pending
+            .put(&self.log, &seq_key(seq), change.encode_to_vec());
+        inner.tail.push_back(change);
         Ok(())
     }
 
@@ -703,7 +765,8 @@ impl Store {
         t.cleared_origin.clone_from(&c.origin);
         let mut v = c.version.to_be_bytes().to_vec();
         v.extend_from_slice(c.origin.as_bytes());
-        self.meta.insert(format!("cleared/{}", c.table), v)?;
+        self.pending
+            .put(&self.meta, format!("cleared/{}", c.table).as_bytes(), v);
         Ok(removed)
     }
 
@@ -793,7 +856,7 @@ impl Store {
             }
         }
         if let Some(through) = through {
-            self.set_received(from, epoch, through)?;
+            self.set_received(&mut inner, from, epoch, through);
         }
         for ev in events {
             self.publish(&inner, ev);
@@ -834,17 +897,16 @@ impl Store {
 
     /// The last (epoch, sequence) of `peer`'s log applied here ((0, 0) when nothing was).
     pub fn received(&self, peer: &str) -> Result<(u64, u64), StoreError> {
-        Ok(match self.meta.get(format!("recv/{peer}"))? {
-            Some(v) => (u64_at(&v, 0).unwrap_or(0), u64_at(&v, 8).unwrap_or(0)),
-            None => (0, 0),
-        })
+        Ok(self.lock().received.get(peer).copied().unwrap_or((0, 0)))
     }
 
-    fn set_received(&self, peer: &str, epoch: u64, seq: u64) -> Result<(), StoreError> {
+    fn set_received(&self, inner: &mut Inner, peer: &str, epoch: u64, seq: u64) {
         let mut v = epoch.to_be_bytes().to_vec();
         v.extend_from_slice(&seq.to_be_bytes());
-        self.meta.insert(format!("recv/{peer}"), v)?;
-        Ok(())
+        // Queued after the changes it covers, so it never reaches the disk before them.
+        self.pending
+            .put(&self.meta, format!("recv/{peer}").as_bytes(), v);
+        inner.received.insert(peer.to_owned(), (epoch, seq));
     }
 
     /// Whether a peer that applied our log up to `seq` of `epoch` can resume from our log at
@@ -880,6 +942,18 @@ impl Store {
 
     /// Up to `max` changes of our log starting at `from`; `LogGap` if the log no longer has `from`.
     pub fn read_log(&self, from: u64, max: usize) -> Result<Vec<pb::Change>, StoreError> {
+        if from < self.first_seq() {
+            return Err(StoreError::LogGap(from));
+        }
+        {
+            let inner = self.lock();
+            if let Some(first) = inner.tail.front().map(|c| c.seq)
+                && from >= first
+            {
+                let skip = usize::try_from(from - first).unwrap_or(usize::MAX);
+                return Ok(inner.tail.iter().skip(skip).take(max).cloned().collect());
+            }
+        }
         let mut out = Vec::new();
         for kv in self.log.range(seq_key(from)..).take(max) {
             let (k, v) = kv?;
@@ -897,6 +971,34 @@ impl Store {
             return Err(StoreError::LogGap(from));
         }
         Ok(out)
+    }
+
+    /// Hands the queued writes to sled (in order; meta last so that positions never get ahead
+    /// of the data) and lets the in-memory log tail shrink. Returns how many writes went.
+    pub fn persist(&self) -> Result<usize, StoreError> {
+        // Read the head first: every record up to it is already queued (append queues before
+        // publishing the head), so after this batch sled has the log through it.
+        let head = self.head();
+        let ops = self.pending.take();
+        if ops.is_empty() {
+            return Ok(0);
+        }
+        let n = ops.len();
+        // One insert at a time, in queue order: sled's batches are much slower for large ones.
+        for (tree, key, value) in ops {
+            match value {
+                Some(v) => tree.insert(key, v)?,
+                None => tree.remove(key)?,
+            };
+        }
+        self.persisted_seq.fetch_max(head, Ordering::Relaxed);
+        let persisted = self.persisted_seq.load(Ordering::Relaxed);
+        let mut inner = self.lock();
+        while inner.tail.len() > LOG_TAIL && inner.tail.front().is_some_and(|c| c.seq <= persisted)
+        {
+            inner.tail.pop_front();
+        }
+        Ok(n)
     }
 
     /// A consistent copy of the given tables and the log head it corresponds to.
@@ -1007,40 +1109,55 @@ impl Store {
 
     /// HAProxy's `show table`: header and entries sorted by key, filtered, paged.
     pub fn show(&self, req: &pb::ShowRequest) -> Result<pb::ShowReply, StoreError> {
-        let inner = self.lock();
-        let t = inner
-            .tables
-            .get(&req.table)
-            .ok_or_else(|| StoreError::UnknownTable(req.table.clone()))?;
-        let key = if req.key.is_empty() {
-            None
-        } else {
-            Some(canonical_key(&t.def, &req.key)?)
-        };
         let now = now_ms();
         let page = if req.page_size == 0 {
             1000
         } else {
             req.page_size as usize
         };
-        let mut keys: Vec<&String> = t
-            .entries
-            .iter()
-            .filter(|(k, r)| {
-                r.expires > now
-                    && (req.include_deleted || !r.deleted)
-                    && key.as_ref().is_none_or(|want| want == *k)
-                    && (req.server.is_empty() || r.server == req.server)
-                    && (req.page_token.is_empty() || k.as_str() > req.page_token.as_str())
-            })
-            .map(|(k, _)| k)
-            .collect();
-        keys.sort();
-        let more = keys.len() > page;
-        keys.truncate(page);
-        let entries: Vec<_> = keys.iter().map(|k| t.entries[*k].to_pb(k, now)).collect();
+        // Copy the matching entries under the lock, sort them outside it: a big Show must not
+        // hold up writes and replication.
+        let (info, mut found) = {
+            let inner = self.lock();
+            let t = inner
+                .tables
+                .get(&req.table)
+                .ok_or_else(|| StoreError::UnknownTable(req.table.clone()))?;
+            let key = if req.key.is_empty() {
+                None
+            } else {
+                Some(canonical_key(&t.def, &req.key)?)
+            };
+            let found: Vec<(String, Rec)> = match &key {
+                Some(k) => t
+                    .entries
+                    .get(k)
+                    .map(|r| (k.clone(), r.clone()))
+                    .into_iter()
+                    .collect(),
+                None => t
+                    .entries
+                    .iter()
+                    .filter(|(k, _)| {
+                        req.page_token.is_empty() || k.as_str() > req.page_token.as_str()
+                    })
+                    .map(|(k, r)| (k.clone(), r.clone()))
+                    .collect(),
+            };
+            (t.info(), found)
+        };
+        found.retain(|(k, r)| {
+            r.expires > now
+                && (req.include_deleted || !r.deleted)
+                && (req.server.is_empty() || r.server == req.server)
+                && (req.page_token.is_empty() || k.as_str() > req.page_token.as_str())
+        });
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let more = found.len() > page;
+        found.truncate(page);
+        let entries: Vec<_> = found.iter().map(|(k, r)| r.to_pb(k, now)).collect();
         Ok(pb::ShowReply {
-            table: Some(t.info()),
+            table: Some(info),
             next_page_token: if more {
                 entries.last().map(|e| e.key.clone()).unwrap_or_default()
             } else {
@@ -1083,7 +1200,11 @@ impl Store {
         if head < first || head - first < self.log_keep {
             return Ok(0);
         }
-        let new_first = head + 1 - self.log_keep;
+        let new_first =
+            (head + 1 - self.log_keep).min(self.persisted_seq.load(Ordering::Relaxed) + 1);
+        if new_first <= first {
+            return Ok(0);
+        }
         // Move the mark first: a reader that raced us sees a gap, never a half-deleted range.
         self.first_seq.store(new_first, Ordering::Relaxed);
         let mut n = 0;
@@ -1096,6 +1217,7 @@ impl Store {
 
     /// Writes everything to disk; returns the bytes flushed.
     pub async fn flush(&self) -> Result<usize, StoreError> {
+        self.persist()?;
         self.meta.insert("head", &self.head().to_be_bytes())?;
         Ok(self.db.flush_async().await?)
     }
@@ -1316,6 +1438,8 @@ expire = "5m"
             )
             .expect("store");
         }
+        assert_eq!(s.trim_log().expect("trim before persisting"), 0);
+        s.persist().expect("persist");
         assert_eq!(s.trim_log().expect("trim"), 500);
         assert!(matches!(s.read_log(3, 10), Err(StoreError::LogGap(3))));
         assert_eq!(s.read_log(501, 10).expect("read")[0].seq, 501);
