@@ -451,3 +451,141 @@ fn bad_config_exits_64_naming_file_and_line() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("local peer 'zz'"));
 }
+
+/// A CA and one certificate per node (IP SANs for 127.0.0.1-2), made with the openssl CLI.
+fn make_certs(dir: &std::path::Path, nodes: &[&str]) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl on PATH");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=stickd-test-ca",
+    ]);
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1,IP:127.0.0.2,DNS:localhost\n",
+    )
+    .unwrap();
+    for n in nodes {
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{n}.key"),
+            "-out",
+            &format!("{n}.csr"),
+            "-subj",
+            &format!("/CN={n}"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{n}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{n}.pem"),
+            "-days",
+            "1",
+            "-extfile",
+            "ext",
+        ]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_replicate_over_mtls_and_refuse_plaintext() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path(), &["node1", "node2"]);
+    let dir = certs.path().to_owned();
+    let c = Cluster::start(2, move |i| {
+        format!(
+            "{TABLES}\n[tls]\ncert = \"{d}/node{i}.pem\"\nkey = \"{d}/node{i}.key\"\nca = \"{d}/ca.pem\"\n",
+            d = dir.display()
+        )
+    });
+    c.connected().await;
+    c.nodes[0].store("web", &[("over-tls", "app1")]).await;
+    let (t, _) = c.converge("web", CONVERGE).await;
+    assert_eq!(t["over-tls"], "app1");
+    // A plaintext client on the peer port gets nowhere.
+    let out = std::process::Command::new("grpcurl")
+        .args([
+            "-plaintext",
+            "-max-time",
+            "3",
+            &c.nodes[0].addr.to_string(),
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "plaintext list on an mTLS port succeeded"
+    );
+    // Nor does a TLS client without a certificate.
+    let out = std::process::Command::new("grpcurl")
+        .args([
+            "-cacert",
+            &support::path_str(&certs.path().join("ca.pem")),
+            "-max-time",
+            "3",
+            &c.nodes[0].addr.to_string(),
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a client without a certificate was let in"
+    );
+    // With one signed by the CA, reflection answers.
+    let d = certs.path();
+    let out = std::process::Command::new("grpcurl")
+        .args([
+            "-cacert",
+            &support::path_str(&d.join("ca.pem")),
+            "-cert",
+            &support::path_str(&d.join("node2.pem")),
+            "-key",
+            &support::path_str(&d.join("node2.key")),
+            "-max-time",
+            "3",
+            &c.nodes[0].addr.to_string(),
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stick.v1.Peer"));
+}
