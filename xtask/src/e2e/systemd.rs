@@ -1078,20 +1078,20 @@ async fn start(lab: &Lab) -> Result<()> {
             num("ActiveEnterTimestampMonotonic")?,
         );
         ready_at.insert(u, (exec, active));
+        let (t_ready, t_running) = monotonic(&lines[ready_idx])
+            .zip(monotonic(&lines[running_idx]))
+            .with_context(|| format!("{u}: journal lines without a monotonic time"))?;
         figure(
             &format!("{u} READY"),
             format!(
-                "{} after exec, {:?}; status {:?}",
+                "{} after exec; running {:.0}us after {:?}; status {:?}",
                 ms(Duration::from_micros(active.saturating_sub(exec))),
+                (t_running - t_ready) * 1e6,
                 lines[ready_idx]
                     .split_once(": ")
                     .map_or("", |(_, r)| r.trim()),
                 props.get("StatusText").map(String::as_str).unwrap_or("")
             ),
-        );
-        ensure!(
-            monotonic(&lines[ready_idx]).is_some(),
-            "{u}: journal line without a monotonic time"
         );
     }
     // Ordering: proxyd's master started only once both others were active.
