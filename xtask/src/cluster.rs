@@ -190,6 +190,7 @@ impl Node {
             ["--config".as_ref(), fdkeeper_config.as_os_str()],
         )?;
         harness::wait_unix(&fdkeeper_admin, START_TIMEOUT).await?;
+        harness::wait_grpc_health(&GrpcTarget::Unix(fdkeeper_admin.clone()), START_TIMEOUT).await?;
         harness::wait_seqpacket(&fdkeeper_socket, START_TIMEOUT).await?;
 
         let frontend = env.port_or_free(h, options.preferred_ports.map(|(f, _)| f))?;

@@ -755,6 +755,21 @@ pub fn grpcurl(
     })
 }
 
+/// Waits until `grpc.health.v1.Health/Check` (through grpcurl) answers SERVING.
+pub async fn wait_grpc_health(target: &GrpcTarget, timeout: Duration) -> Result<()> {
+    wait_for("the gRPC health check to say SERVING", timeout, || {
+        let target = target.clone();
+        async move {
+            let v = tokio::task::spawn_blocking(move || {
+                grpcurl(&target, "grpc.health.v1.Health/Check", None)
+            })
+            .await??;
+            Ok((v["status"] == "SERVING").then_some(()))
+        }
+    })
+    .await
+}
+
 /// Reads a JSON number that protobuf's JSON mapping may have written as a string (64-bit ints).
 pub fn json_u64(v: &serde_json::Value) -> Option<u64> {
     match v {
