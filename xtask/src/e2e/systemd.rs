@@ -974,6 +974,21 @@ async fn verify(lab: &Lab) -> Result<()> {
         out.status.success() && said.trim().is_empty(),
         "systemd-analyze verify is not clean: {said}"
     );
+    // systemd's own hardening score, for the record (lower is better; not a pass criterion).
+    for u in UNITS {
+        let unit = format!("{u}.service");
+        let out = lab
+            .c()
+            .exec(&["systemd-analyze", "security", "--no-pager", &unit])
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(line) = text.lines().find(|l| l.contains("Overall exposure level")) {
+            figure(
+                "systemd-analyze security",
+                line.trim_start_matches(|c: char| !c.is_ascii_alphanumeric()),
+            );
+        }
+    }
     let users = lab
         .c()
         .run(&["getent", "passwd", "fdkeeper", "stickd", "proxyd"])
