@@ -204,8 +204,8 @@ pub async fn run(
             }
         }
     }
-    let bytes = store.flush().await?;
-    info!(bytes, "store flushed; bye");
+    store.close().await?;
+    info!("store flushed; bye");
     Ok(())
 }
 

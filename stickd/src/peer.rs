@@ -56,6 +56,8 @@ pub struct PeerState {
     status: Mutex<PeerStatus>,
     /// Rung when the peer connects to us: it is back, so our pusher skips the rest of its backoff.
     wake: tokio::sync::Notify,
+    /// We still have to ask this peer for our own writes we lost (see `Store::recover_since`).
+    recover: std::sync::atomic::AtomicBool,
 }
 
 impl PeerState {
@@ -96,6 +98,9 @@ impl Peers {
                         peer: p.clone(),
                         status: Mutex::new(status),
                         wake: tokio::sync::Notify::new(),
+                        recover: std::sync::atomic::AtomicBool::new(
+                            store.recover_since().is_some(),
+                        ),
                     }),
                 )
             })
@@ -351,6 +356,15 @@ async fn push_once(
     } else {
         info!(peer = %peer.name, from = next, head = store.head(), "resuming replication from the log");
     }
+    if welcome.recover_own {
+        let chunks = store.entries_of(&peer.name, welcome.recover_since_version);
+        let entries: usize = chunks.iter().map(|c| c.entries.len()).sum();
+        info!(peer = %peer.name, since = welcome.recover_since_version, entries, "peer lost writes of its own: sending them back");
+        for c in chunks {
+            send(&tx, pb::peer_message::Msg::Snapshot(c)).await?;
+        }
+        state.lock().entries_sent += entries as u64;
+    }
     state.lock().state = "connected";
     let mut head_rx = store.subscribe_head();
     let mut heartbeat = tokio::time::interval(config.heartbeat);
@@ -499,6 +513,12 @@ impl pb::peer_server::Peer for PeerService {
         }
         info!(peer = %hello.from, client.addr = %remote, received, their_head = hello.head_seq, "peer connected");
         state.wake.notify_one();
+        let recover_own = state
+            .recover
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        if recover_own {
+            info!(peer = %hello.from, since = self.store.recover_since().unwrap_or(0), "asking the peer for our own writes we may have lost");
+        }
         let (tx, rx) = mpsc::channel(64);
         // Cannot fail: the channel is new and has room.
         let _ = tx
@@ -511,6 +531,8 @@ impl pb::peer_server::Peer for PeerService {
                     .map(|(table, reason)| pb::TableMismatch { table, reason })
                     .collect(),
                 tables: ours.iter().map(def_to_pb).collect(),
+                recover_own,
+                recover_since_version: self.store.recover_since().unwrap_or(0),
             })))
             .await;
         let store = self.store.clone();

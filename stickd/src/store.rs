@@ -260,6 +260,8 @@ pub struct Store {
     epoch: u64,
     /// Earlier epochs of our log and the head each reached on disk.
     epochs: Vec<(u64, u64)>,
+    /// Set when we may have lost writes of our own (see `open`).
+    recover_since: Option<u64>,
     log_keep: u64,
     events: broadcast::Sender<Arc<Event>>,
     head_tx: watch::Sender<u64>,
@@ -400,6 +402,37 @@ impl Store {
             }
             tables.insert(def.name.clone(), t);
         }
+        // Our own newest version on disk: after an unclean stop, peers may hold newer ones of
+        // ours that we lost, and we ask them back (see `recover_since`).
+        let mut own_max = tables
+            .values()
+            .flat_map(|t: &Table| {
+                let cleared = (t.cleared_origin == config.local).then_some(t.cleared_version);
+                t.entries
+                    .values()
+                    .filter(|r| *r.origin == *config.local)
+                    .map(|r| r.version)
+                    .chain(cleared)
+            })
+            .max()
+            .unwrap_or(0);
+        if let Some((_, v)) = log.last()?
+            && let Ok(c) = pb::Change::decode(&*v)
+        {
+            own_max = own_max.max(match c.kind {
+                Some(pb::change::Kind::Entry(e)) => e.version,
+                Some(pb::change::Kind::Cleared(c)) => c.version,
+                None => 0,
+            });
+        }
+        let had_epoch = meta.get("epoch")?.is_some();
+        let clean = meta.get("clean")?.is_some_and(|v| *v == [1u8]);
+        let recover_since = match (had_epoch, clean) {
+            (false, _) => Some(0),
+            (true, false) => Some(own_max),
+            (true, true) => None,
+        };
+        meta.insert("clean", &[0u8])?;
         let head = match log.last()? {
             Some((k, _)) => u64_at(&k, 0).unwrap_or(0),
             None => meta
@@ -461,6 +494,7 @@ impl Store {
             first_seq: AtomicU64::new(first),
             epoch,
             epochs,
+            recover_since,
             log_keep: config.log_keep,
             events,
             head_tx,
@@ -1213,6 +1247,68 @@ impl Store {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// `Some(v)` when this start may have lost writes of our own above version `v` (a kill -9
+    /// inside the durability window, or a new data_dir): peers are asked to send them back.
+    pub fn recover_since(&self) -> Option<u64> {
+        self.recover_since
+    }
+
+    /// Entries (and a clear) that `origin` wrote with a version above `since`, as snapshot
+    /// chunks that do not move the receiver's position.
+    pub fn entries_of(&self, origin: &str, since: u64) -> Vec<pb::SnapshotChunk> {
+        let inner = self.lock();
+        let now = now_ms();
+        let mut out = Vec::new();
+        let mut names: Vec<&String> = inner.tables.keys().collect();
+        names.sort();
+        for name in names {
+            let t = &inner.tables[name];
+            let entries: Vec<pb::Entry> = t
+                .entries
+                .iter()
+                .filter(|(_, r)| &*r.origin == origin && r.version > since && r.expires > now)
+                .map(|(k, r)| r.to_pb(k, now))
+                .collect();
+            let cleared = t.cleared_origin == origin && t.cleared_version > since;
+            if entries.is_empty() && !cleared {
+                continue;
+            }
+            let mut first = true;
+            for part in entries
+                .chunks(4096)
+                .map(<[pb::Entry]>::to_vec)
+                .chain(entries.is_empty().then(Vec::new))
+            {
+                out.push(pb::SnapshotChunk {
+                    table: name.clone(),
+                    entries: part,
+                    cleared_version: if first && cleared {
+                        t.cleared_version
+                    } else {
+                        0
+                    },
+                    cleared_origin: if first && cleared {
+                        t.cleared_origin.clone()
+                    } else {
+                        String::new()
+                    },
+                    last: false,
+                    through_seq: 0,
+                });
+                first = false;
+            }
+        }
+        out
+    }
+
+    /// Records a clean stop (everything flushed), so that the next start asks nothing back.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.flush().await?;
+        self.meta.insert("clean", &[1u8])?;
+        self.db.flush_async().await?;
+        Ok(())
     }
 
     /// Writes everything to disk; returns the bytes flushed.

@@ -589,3 +589,40 @@ async fn peers_replicate_over_mtls_and_refuse_plaintext() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("stick.v1.Peer"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_lost_by_a_kill9_come_back_from_the_peers() {
+    // node1 never flushes on its own here, so a kill -9 loses what it wrote since it started.
+    let mut c = Cluster::start(2, |i| {
+        let flush = if i == 1 {
+            "flush_interval = \"60s\"\n"
+        } else {
+            ""
+        };
+        format!("{flush}{TABLES}")
+    });
+    c.connected().await;
+    let keys: Vec<String> = (0..200).map(|i| format!("lost{i}")).collect();
+    let pairs: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "app1")).collect();
+    c.nodes[0].store("web", &pairs).await;
+    c.converge("web", CONVERGE).await;
+    c.nodes[0].kill9();
+    c.nodes[0].start();
+    let (t, _) = c.converge("web", CONVERGE).await;
+    assert_eq!(t.len(), 200);
+    assert_eq!(c.nodes[0].table("web").await.len(), 200);
+    // They were lost (never flushed) and came back from node2, not from node1's disk.
+    let log2 = c.nodes[1].log();
+    assert!(
+        log2.lines().any(
+            |l| l.contains("peer lost writes of its own: sending them back")
+                && l.contains("peer=node1")
+                && l.contains("entries=200")
+        ),
+        "{log2}"
+    );
+    // Writes after the restart replicate too (node1's log started a new epoch).
+    c.nodes[0].store("web", &[("after", "app2")]).await;
+    let (t, _) = c.converge("web", CONVERGE).await;
+    assert_eq!(t["after"], "app2");
+}

@@ -58,6 +58,7 @@ impl Node {
             .arg("-L")
             .arg(&self.name)
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
