@@ -32,6 +32,8 @@ pub struct Config {
 #[derive(Clone, Debug)]
 pub struct Global {
     pub admin_socket: PathBuf,
+    /// stickd's local socket; required when a backend has a stick rule.
+    pub stickd_socket: Option<PathBuf>,
     pub fdkeeper_socket: PathBuf,
     pub drain_timeout: StdDuration,
     pub max_draining: usize,
@@ -56,18 +58,28 @@ pub struct Defaults {
     pub timeout_pool_idle: StdDuration,
     /// Idle connections kept per server.
     pub pool_max_idle: usize,
+    /// How long a request waits for a server slot (`maxconn`) before a 503.
+    pub timeout_queue: StdDuration,
+    /// A health check's connect + answer.
+    pub timeout_check: StdDuration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Http,
+    Tcp,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Balance {
+    /// Smooth weighted round robin (nginx's): weights spread evenly, not in bursts.
     Roundrobin,
+    /// Fewest active connections relative to weight.
+    Leastconn,
+    /// A hash of the client address over the weights.
+    Source,
 }
 
 #[derive(Clone, Debug)]
@@ -80,6 +92,8 @@ pub struct Frontend {
     pub mode: Mode,
     /// Index into `Config::backends`.
     pub default_backend: usize,
+    /// Connections served at once; further ones wait in the kernel's accept queue.
+    pub maxconn: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -87,12 +101,113 @@ pub struct Backend {
     pub name: String,
     pub balance: Balance,
     pub servers: Vec<Server>,
+    /// Health check parameters (used by servers with `check = true`).
+    pub check: Check,
+    pub stick: Option<Stick>,
+    /// Another server may be chosen when the stuck one is unusable or on the last retry.
+    pub redispatch: bool,
+    /// Connection attempts after the first failed one.
+    pub retries: u32,
+    /// Add `X-Forwarded-For` with the client address (HTTP).
+    pub forwardfor: Option<ForwardFor>,
 }
 
 #[derive(Clone, Debug)]
 pub struct Server {
     pub name: String,
     pub address: SocketAddr,
+    pub weight: u32,
+    /// Requests (HTTP) or connections (TCP) at once; 0: no limit.
+    pub maxconn: u32,
+    /// Health-checked (else always up).
+    pub check: bool,
+    pub inter: StdDuration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connect.
+    Tcp,
+    /// An HTTP/1.0 request whose answer must have `expect_status`.
+    Http {
+        method: String,
+        path: String,
+        expect_status: u16,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub kind: CheckKind,
+}
+
+/// What a stick rule keys on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StickOn {
+    /// `req.cook(NAME)`: a request cookie.
+    Cookie(String),
+    /// `src`: the client address.
+    Src,
+}
+
+#[derive(Clone, Debug)]
+pub struct Stick {
+    /// The stickd table (by default the backend's name, as in HAProxy).
+    pub table: String,
+    pub on: StickOn,
+    /// `res.cook(NAME)`: store the value of this response cookie.
+    pub store_response: Option<String>,
+}
+
+/// `option forwardfor [except NET]`.
+#[derive(Clone, Debug)]
+pub struct ForwardFor {
+    pub except: Option<Cidr>,
+}
+
+/// An address block such as `127.0.0.0/8`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: std::net::IpAddr = a.trim().parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.trim().parse().ok()?
+        };
+        (prefix <= max).then_some(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (std::net::IpAddr::V4(n), std::net::IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (std::net::IpAddr::V6(n), std::net::IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 // ---- the file as written -------------------------------------------------------------------
@@ -113,6 +228,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawGlobal {
     admin_socket: Option<Spanned<PathBuf>>,
+    stickd_socket: Option<Spanned<PathBuf>>,
     fdkeeper_socket: Option<Spanned<PathBuf>>,
     drain_timeout: Option<Duration>,
     max_draining: Option<Spanned<u64>>,
@@ -130,6 +246,14 @@ struct RawDefaults {
     timeout_http_keep_alive: Option<Duration>,
     timeout_pool_idle: Option<Duration>,
     pool_max_idle: Option<u64>,
+    timeout_queue: Option<Duration>,
+    timeout_check: Option<Duration>,
+    /// Defaults for every frontend and backend (HAProxy's `defaults` section).
+    maxconn: Option<Spanned<u64>>,
+    retries: Option<Spanned<u32>>,
+    redispatch: Option<bool>,
+    forwardfor: Option<bool>,
+    forwardfor_except: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +265,7 @@ struct RawFrontend {
     backlog: u32,
     mode: Option<Mode>,
     default_backend: Option<Spanned<String>>,
+    maxconn: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +275,12 @@ struct RawBackend {
     balance: Option<Balance>,
     #[serde(default)]
     server: Vec<Spanned<RawServer>>,
+    check: Option<Spanned<RawCheck>>,
+    stick: Option<Spanned<RawStick>>,
+    redispatch: Option<bool>,
+    retries: Option<Spanned<u32>>,
+    forwardfor: Option<bool>,
+    forwardfor_except: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +288,34 @@ struct RawBackend {
 struct RawServer {
     name: Spanned<String>,
     address: Spanned<String>,
+    weight: Option<Spanned<u32>>,
+    maxconn: Option<u32>,
+    #[serde(default)]
+    check: bool,
+    inter: Option<Spanned<Duration>>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    #[serde(rename = "type")]
+    kind: Option<Spanned<String>>,
+    method: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    expect_status: Option<Spanned<u16>>,
+    inter: Option<Spanned<Duration>>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStick {
+    table: Option<Spanned<String>>,
+    on: Spanned<String>,
+    store_response: Option<Spanned<String>>,
 }
 
 impl Config {
@@ -209,8 +368,15 @@ fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
             return Err(src.error_at(v.span(), "worker_ready_timeout must be at least 100ms"));
         }
     };
+    let stickd_socket = match g.stickd_socket {
+        Some(p) if p.get_ref().as_os_str().is_empty() => {
+            return Err(src.error_at(p.span(), "stickd_socket must not be empty"));
+        }
+        p => p.map(Spanned::into_inner),
+    };
     let global = Global {
         admin_socket,
+        stickd_socket,
         fdkeeper_socket,
         drain_timeout: g.drain_timeout.map_or(StdDuration::from_secs(30), |d| d.0),
         max_draining,
@@ -228,7 +394,18 @@ fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
         timeout_http_keep_alive: d.timeout_http_keep_alive.map_or(secs(60), |d| d.0),
         timeout_pool_idle: d.timeout_pool_idle.map_or(secs(30), |d| d.0),
         pool_max_idle: d.pool_max_idle.map_or(64, |n| n as usize),
+        timeout_queue: d.timeout_queue.map_or(secs(5), |d| d.0),
+        timeout_check: d.timeout_check.map_or(secs(2), |d| d.0),
     };
+    let default_maxconn = match &d.maxconn {
+        None => 10_000,
+        Some(m) => checked_maxconn(&src, m)?,
+    };
+    let default_retries = match &d.retries {
+        None => 3,
+        Some(r) => checked_retries(&src, r)?,
+    };
+    let default_forwardfor = forwardfor(&src, d.forwardfor, d.forwardfor_except)?;
 
     let mut backends = Vec::with_capacity(raw.backend.len());
     let mut backend_names: HashMap<String, usize> = HashMap::new();
@@ -242,6 +419,90 @@ fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
         if b.server.is_empty() {
             return Err(src.error_at(b_span, format!("backend '{name}' has no server")));
         }
+        let check_span = b.check.as_ref().map(Spanned::span);
+        let (check, inter, rise, fall) = match b.check {
+            None => (
+                Check {
+                    kind: CheckKind::Tcp,
+                },
+                None,
+                None,
+                None,
+            ),
+            Some(c) => {
+                let c = c.into_inner();
+                let kind = match c.kind.as_ref().map(|k| k.get_ref().as_str()) {
+                    None | Some("tcp")
+                        if c.path.is_none() && c.method.is_none() && c.expect_status.is_none() =>
+                    {
+                        CheckKind::Tcp
+                    }
+                    None | Some("http") => {
+                        let method = c
+                            .method
+                            .map_or_else(|| "GET".to_owned(), Spanned::into_inner);
+                        if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+                            return Err(src.error_at(
+                                check_span.clone().unwrap_or_default(),
+                                format!("bad check method '{method}' in backend '{name}'"),
+                            ));
+                        }
+                        let path = match c.path {
+                            None => "/".to_owned(),
+                            Some(p)
+                                if p.get_ref().starts_with('/')
+                                    && !p.get_ref().bytes().any(|b| {
+                                        b.is_ascii_whitespace() || b.is_ascii_control()
+                                    }) =>
+                            {
+                                p.into_inner()
+                            }
+                            Some(p) => {
+                                return Err(src.error_at(
+                                    p.span(),
+                                    format!(
+                                        "bad check path '{}' (must start with '/', no spaces)",
+                                        p.get_ref()
+                                    ),
+                                ));
+                            }
+                        };
+                        let expect_status = match c.expect_status {
+                            None => 200,
+                            Some(s) if (100..=599).contains(s.get_ref()) => *s.get_ref(),
+                            Some(s) => {
+                                return Err(src.error_at(
+                                    s.span(),
+                                    "expect_status must be between 100 and 599",
+                                ));
+                            }
+                        };
+                        CheckKind::Http {
+                            method,
+                            path,
+                            expect_status,
+                        }
+                    }
+                    Some("tcp") => {
+                        return Err(src.error_at(
+                            check_span.clone().unwrap_or_default(),
+                            "a tcp check takes no method, path or expect_status",
+                        ));
+                    }
+                    Some(other) => {
+                        let span = c.kind.as_ref().map(Spanned::span).unwrap_or_default();
+                        return Err(src.error_at(
+                            span,
+                            format!("unknown check type '{other}' (tcp or http)"),
+                        ));
+                    }
+                };
+                (Check { kind }, c.inter, c.rise, c.fall)
+            }
+        };
+        let b_inter = checked_inter(&src, inter.as_ref())?.unwrap_or(StdDuration::from_secs(2));
+        let b_rise = checked_count(&src, rise.as_ref(), "rise")?.unwrap_or(2);
+        let b_fall = checked_count(&src, fall.as_ref(), "fall")?.unwrap_or(3);
         let mut servers: Vec<Server> = Vec::with_capacity(b.server.len());
         for s in b.server {
             let s = s.into_inner();
@@ -264,15 +525,83 @@ fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
             if address.port() == 0 {
                 return Err(src.error_at(s.address.span(), "server port must not be 0"));
             }
+            let weight = match s.weight {
+                None => 1,
+                Some(w) if *w.get_ref() <= 256 => *w.get_ref(),
+                Some(w) => return Err(src.error_at(w.span(), "weight must be between 0 and 256")),
+            };
             servers.push(Server {
                 name: sname,
                 address,
+                weight,
+                maxconn: s.maxconn.unwrap_or(0),
+                check: s.check,
+                inter: checked_inter(&src, s.inter.as_ref())?.unwrap_or(b_inter),
+                rise: checked_count(&src, s.rise.as_ref(), "rise")?.unwrap_or(b_rise),
+                fall: checked_count(&src, s.fall.as_ref(), "fall")?.unwrap_or(b_fall),
             });
         }
+        let stick = match b.stick {
+            None => None,
+            Some(st) => {
+                let st = st.into_inner();
+                let table = match st.table {
+                    None => name.clone(),
+                    Some(t) => checked_name(&src, &t, "table")?,
+                };
+                let on = match parse_fetch(st.on.get_ref(), "req.cook") {
+                    Some(c) => StickOn::Cookie(c),
+                    None if st.on.get_ref().trim() == "src" => StickOn::Src,
+                    None => {
+                        return Err(src.error_at(
+                            st.on.span(),
+                            format!(
+                                "unsupported stick on '{}' (req.cook(NAME) or src)",
+                                st.on.get_ref()
+                            ),
+                        ));
+                    }
+                };
+                let store_response = match st.store_response {
+                    None => None,
+                    Some(r) => match parse_fetch(r.get_ref(), "res.cook") {
+                        Some(c) => Some(c),
+                        None => {
+                            return Err(src.error_at(
+                                r.span(),
+                                format!(
+                                    "unsupported store_response '{}' (res.cook(NAME))",
+                                    r.get_ref()
+                                ),
+                            ));
+                        }
+                    },
+                };
+                Some(Stick {
+                    table,
+                    on,
+                    store_response,
+                })
+            }
+        };
+        let retries = match &b.retries {
+            None => default_retries,
+            Some(r) => checked_retries(&src, r)?,
+        };
+        let forwardfor = if b.forwardfor.is_some() || b.forwardfor_except.is_some() {
+            forwardfor(&src, b.forwardfor, b.forwardfor_except)?
+        } else {
+            default_forwardfor.clone()
+        };
         backends.push(Backend {
             name,
             balance: b.balance.unwrap_or(Balance::Roundrobin),
             servers,
+            check,
+            stick,
+            redispatch: b.redispatch.or(d.redispatch).unwrap_or(false),
+            retries,
+            forwardfor,
         });
     }
 
@@ -319,16 +648,43 @@ fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
                 format!("unknown backend '{}' in default_backend", db.get_ref()),
             ));
         };
+        let mode = f.mode.unwrap_or(Mode::Http);
+        let maxconn = match &f.maxconn {
+            None => default_maxconn,
+            Some(m) => checked_maxconn(&src, m)?,
+        };
+        if mode == Mode::Tcp {
+            let be = &backends[default_backend];
+            let stick_on_cookie = be
+                .stick
+                .as_ref()
+                .is_some_and(|s| s.on != StickOn::Src || s.store_response.is_some());
+            if stick_on_cookie {
+                return Err(src.error_at(db.span(), format!("tcp frontend '{name}' uses backend '{}' whose stick rule needs http (only `src` works in tcp mode)", be.name)));
+            }
+        }
         frontends.push(Frontend {
             name,
             bind,
             backlog: f.backlog,
-            mode: f.mode.unwrap_or(Mode::Http),
+            mode,
             default_backend,
+            maxconn,
         });
     }
     if frontends.is_empty() {
         return Err(src.error("no [[frontend]] defined"));
+    }
+    if global.stickd_socket.is_none()
+        && let Some(b) = backends.iter().find(|b| b.stick.is_some())
+    {
+        return Err(src.error_at(
+            global_span,
+            format!(
+                "backend '{}' has a stick rule: [global] needs stickd_socket",
+                b.name
+            ),
+        ));
     }
 
     Ok(Config {
@@ -337,6 +693,86 @@ fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
         defaults,
         frontends,
         backends,
+    })
+}
+
+/// `req.cook(NAME)` -> `NAME`.
+fn parse_fetch(s: &str, fetch: &str) -> Option<String> {
+    let inner = s
+        .trim()
+        .strip_prefix(fetch)?
+        .strip_prefix('(')?
+        .strip_suffix(')')?
+        .trim();
+    let ok = !inner.is_empty()
+        && inner
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+    ok.then(|| inner.to_owned())
+}
+
+fn checked_maxconn(src: &SourceFile, m: &Spanned<u64>) -> Result<usize, ConfigError> {
+    match *m.get_ref() {
+        n @ 1..=1_000_000 => Ok(n as usize),
+        _ => Err(src.error_at(m.span(), "maxconn must be between 1 and 1000000")),
+    }
+}
+
+fn checked_retries(src: &SourceFile, r: &Spanned<u32>) -> Result<u32, ConfigError> {
+    match *r.get_ref() {
+        n @ 0..=10 => Ok(n),
+        _ => Err(src.error_at(r.span(), "retries must be between 0 and 10")),
+    }
+}
+
+fn checked_inter(
+    src: &SourceFile,
+    d: Option<&Spanned<Duration>>,
+) -> Result<Option<StdDuration>, ConfigError> {
+    match d {
+        None => Ok(None),
+        Some(d) if d.get_ref().0 >= StdDuration::from_millis(10) => Ok(Some(d.get_ref().0)),
+        Some(d) => Err(src.error_at(d.span(), "inter must be at least 10ms")),
+    }
+}
+
+fn checked_count(
+    src: &SourceFile,
+    n: Option<&Spanned<u32>>,
+    what: &str,
+) -> Result<Option<u32>, ConfigError> {
+    match n {
+        None => Ok(None),
+        Some(n) if (1..=100).contains(n.get_ref()) => Ok(Some(*n.get_ref())),
+        Some(n) => Err(src.error_at(n.span(), format!("{what} must be between 1 and 100"))),
+    }
+}
+
+fn forwardfor(
+    src: &SourceFile,
+    on: Option<bool>,
+    except: Option<Spanned<String>>,
+) -> Result<Option<ForwardFor>, ConfigError> {
+    let except = match except {
+        None => None,
+        Some(e) => match Cidr::parse(e.get_ref()) {
+            Some(c) => Some(c),
+            None => {
+                return Err(src.error_at(
+                    e.span(),
+                    format!(
+                        "bad forwardfor_except '{}' (expected ip/prefix)",
+                        e.get_ref()
+                    ),
+                ));
+            }
+        },
+    };
+    Ok(match on {
+        Some(true) => Some(ForwardFor { except }),
+        Some(false) => None,
+        None if except.is_some() => Some(ForwardFor { except }),
+        None => None,
     })
 }
 
@@ -444,5 +880,93 @@ address = "127.0.0.1:9002"
         let (line, reason) = err_line(text);
         assert_eq!(line, 12);
         assert!(reason.contains("no server"), "{reason}");
+    }
+
+    #[test]
+    fn the_seed_translation_loads() {
+        let text = include_str!("../../examples/proxyd-seed.toml");
+        let c = load(text).expect("the seed example is valid");
+        let d = &c.defaults;
+        assert_eq!(d.timeout_queue, StdDuration::from_secs(3));
+        assert_eq!(d.timeout_server, StdDuration::from_secs(2));
+        assert_eq!(c.frontends[0].maxconn, 18000);
+        let b = &c.backends[0];
+        assert!(b.redispatch);
+        assert_eq!(b.retries, 3);
+        let ff = b.forwardfor.as_ref().expect("forwardfor");
+        let except = ff.except.expect("except");
+        assert!(except.contains("127.0.0.2".parse().expect("ip")));
+        assert!(!except.contains("10.0.0.1".parse().expect("ip")));
+        assert_eq!(
+            b.check.kind,
+            CheckKind::Http {
+                method: "GET".into(),
+                path: "/index.php".into(),
+                expect_status: 200
+            }
+        );
+        let st = b.stick.as_ref().expect("stick");
+        assert_eq!(st.table, "dynamic_group");
+        assert_eq!(st.on, StickOn::Cookie("PHPSESSID".into()));
+        assert_eq!(st.store_response.as_deref(), Some("PHPSESSID"));
+        let s = &b.servers[0];
+        assert!(s.check);
+        assert_eq!((s.rise, s.fall, s.maxconn, s.weight), (1, 3, 3000, 1));
+        assert_eq!(s.inter, StdDuration::from_secs(2));
+    }
+
+    #[test]
+    fn load_balancer_keys_are_validated_at_their_line() {
+        let with = |extra: &str| {
+            GOOD.replace(
+                "[[backend.server]]\nname = \"app1\"",
+                &format!("{extra}\n[[backend.server]]\nname = \"app1\""),
+            )
+        };
+        let (line, reason) = err_line(&with("[backend.stick]\non = \"req.hdr(x)\""));
+        assert_eq!(line, 15);
+        assert!(reason.contains("req.hdr(x)"), "{reason}");
+        let (line, reason) = err_line(&with("[backend.stick]\non = \"src\""));
+        assert_eq!(line, 2);
+        assert!(reason.contains("stickd_socket"), "{reason}");
+        let (line, reason) = err_line(&with("[backend.check]\ntype = \"icmp\""));
+        assert_eq!(line, 15);
+        assert!(reason.contains("icmp"), "{reason}");
+        let (line, reason) = err_line(&with("[backend.check]\nexpect_status = 700"));
+        assert_eq!(line, 15);
+        assert!(reason.contains("expect_status"), "{reason}");
+        let (line, reason) = err_line(&GOOD.replace(
+            "address = \"127.0.0.1:9001\"",
+            "address = \"127.0.0.1:9001\"\nweight = 300",
+        ));
+        assert_eq!(line, 17);
+        assert!(reason.contains("weight"), "{reason}");
+        let (line, reason) = err_line(&GOOD.replace("drain_timeout = \"5s\"", "drain_timeout = \"5s\"\nstickd_socket = \"/s\"\n[defaults]\nforwardfor_except = \"10.0.0.0/40\""));
+        assert_eq!(line, 8);
+        assert!(reason.contains("forwardfor_except"), "{reason}");
+        let tcp = GOOD
+            .replace(
+                "drain_timeout = \"5s\"",
+                "drain_timeout = \"5s\"\nstickd_socket = \"/s\"",
+            )
+            .replace(
+                "default_backend = \"app\"",
+                "mode = \"tcp\"\ndefault_backend = \"app\"",
+            );
+        let (_, reason) = err_line(&format!("{}\n", with_stick(&tcp, "req.cook(S)")));
+        assert!(reason.contains("tcp"), "{reason}");
+        let ok = load(&with_stick(&tcp, "src")).expect("stick on src in tcp mode");
+        assert_eq!(ok.frontends[0].mode, Mode::Tcp);
+        assert_eq!(
+            ok.backends[0].stick.as_ref().map(|s| s.table.as_str()),
+            Some("app")
+        );
+    }
+
+    fn with_stick(text: &str, on: &str) -> String {
+        text.replace(
+            "[[backend.server]]\nname = \"app1\"",
+            &format!("[backend.stick]\non = \"{on}\"\n[[backend.server]]\nname = \"app1\""),
+        )
     }
 }

@@ -12,6 +12,9 @@
 //!   Draining stops accepting at once and answers the next request of each keep-alive
 //!   connection with `Connection: close`; an idle connection is never closed early, since the
 //!   client may be sending on it (the reload race HAProxy and nginx lose).
+//! - [`balance`], [`health`], [`stick`], [`tcp`]: the load balancer proper: smooth weighted
+//!   round robin, leastconn and source; tcp/http health checks with rise/fall; the stick
+//!   cache fed by stickd's Watch stream (the request path never waits on stickd); TCP mode.
 //! - [`admin`]: `proxyd.v1.Admin` (Status, Reload) with reflection and health, on a unix socket.
 //! - [`config`]: `proxyd.toml`; only validated configs leave the module.
 #![deny(unsafe_code)]
@@ -21,10 +24,13 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod health;
 pub mod http;
 pub mod master;
 pub mod proxy;
+pub mod stick;
 pub mod sys;
+pub mod tcp;
 pub mod worker;
 
 pub use config::Config;

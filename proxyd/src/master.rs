@@ -156,6 +156,9 @@ pub struct Master {
     reloads_failed: u64,
     notified_ready: bool,
     stopping: bool,
+    /// Last reported health of each checked server, by (backend, server): the next
+    /// generation starts from it.
+    health: std::collections::BTreeMap<(String, String), bool>,
 }
 
 fn unix_ms(t: SystemTime) -> i64 {
@@ -189,6 +192,7 @@ impl Master {
             reloads_failed: 0,
             notified_ready: false,
             stopping: false,
+            health: std::collections::BTreeMap::new(),
         };
         (master, handle)
     }
@@ -361,7 +365,16 @@ impl Master {
         let g = &mut self.generations[idx];
         g.binary = exe.clone();
         g.respawn_at = None;
-        match spawn_process(&exe, id, g, self.ev_tx.clone()) {
+        let health: Vec<pb::ServerHealth> = self
+            .health
+            .iter()
+            .map(|((backend, server), up)| pb::ServerHealth {
+                backend: backend.clone(),
+                server: server.clone(),
+                up: *up,
+            })
+            .collect();
+        match spawn_process(&exe, id, g, health, self.ev_tx.clone()) {
             Ok(worker) => {
                 tracing::info!(generation = g.number, pid = worker.pid, binary = %exe.display(), "worker spawned");
                 g.worker = Some(worker);
@@ -404,6 +417,10 @@ impl Master {
                         if let Some(w) = self.generations[idx].worker.as_mut() {
                             w.failed = Some(f.reason);
                         }
+                    }
+                    Some(pb::worker_to_master::Kind::Health(h)) => {
+                        tracing::info!(backend = %h.backend, server = %h.server, up = h.up, generation = self.generations[idx].number, "server health");
+                        self.health.insert((h.backend, h.server), h.up);
                     }
                     Some(pb::worker_to_master::Kind::Stats(s)) => {
                         if let Some(w) = self.generations[idx].worker.as_mut() {
@@ -790,6 +807,7 @@ fn spawn_process(
     exe: &std::path::Path,
     id: u64,
     g: &Generation,
+    health: Vec<pb::ServerHealth>,
     events: mpsc::UnboundedSender<Event>,
 ) -> std::io::Result<Worker> {
     let (ours, theirs) = sys::seqpacket_pair()?;
@@ -810,6 +828,7 @@ fn spawn_process(
         generation: g.number,
         config_path: g.config.source.path.display().to_string(),
         config_toml: g.config.source.text.clone(),
+        health,
     }));
     let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
     tokio::spawn(async move {

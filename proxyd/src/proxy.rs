@@ -1,8 +1,10 @@
 //! A worker's serving state: frontends' accept loops, backends with their pools, counters,
 //! and the drain that stops accepting at once and lets connections finish.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -10,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, Candidate};
 use crate::config::Config;
 use crate::http::pool::Pool;
+use crate::stick::StickCache;
 
 /// Counters a worker reports to the master.
 #[derive(Debug, Default)]
@@ -39,11 +42,56 @@ impl Stats {
     }
 }
 
+/// A server's administrative state (HAProxy's `set server ... state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AdminState {
+    /// Takes new sessions.
+    Ready = 0,
+    /// Keeps its stuck sessions, takes no new one.
+    Drain = 1,
+    /// Takes nothing.
+    Maint = 2,
+}
+
 #[derive(Debug)]
 pub struct ServerRt {
     pub name: String,
     pub address: std::net::SocketAddr,
     pub pool: Pool,
+    pub config: crate::config::Server,
+    /// Health (always true for unchecked servers).
+    pub up: AtomicBool,
+    pub admin: AtomicU8,
+    pub weight: AtomicU32,
+    /// Requests (HTTP) or connections (TCP) being served now.
+    pub active: AtomicU32,
+}
+
+impl ServerRt {
+    fn admin(&self) -> AdminState {
+        match self.admin.load(Ordering::Relaxed) {
+            0 => AdminState::Ready,
+            1 => AdminState::Drain,
+            _ => AdminState::Maint,
+        }
+    }
+
+    /// May take a new session.
+    pub fn takes_new(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+            && self.admin() == AdminState::Ready
+            && self.weight.load(Ordering::Relaxed) > 0
+    }
+
+    /// May take a session stuck to it.
+    pub fn takes_stuck(&self) -> bool {
+        self.up.load(Ordering::Relaxed) && self.admin() != AdminState::Maint
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.config.maxconn > 0 && self.active.load(Ordering::Relaxed) >= self.config.maxconn
+    }
 }
 
 #[derive(Debug)]
@@ -51,6 +99,134 @@ pub struct BackendRt {
     pub name: String,
     pub balancer: Balancer,
     pub servers: Vec<ServerRt>,
+    /// Fired when a slot frees or a server's state changes: queued requests look again.
+    pub freed: tokio::sync::Notify,
+    /// The stick table of the backend's rule, as an index into the worker's stick cache.
+    pub stick_table: Option<usize>,
+}
+
+/// A request's hold on a server slot; frees it (and wakes the queue) when dropped.
+#[derive(Debug)]
+pub struct Slot<'a> {
+    pub backend: &'a BackendRt,
+    pub index: usize,
+}
+
+impl Slot<'_> {
+    pub fn server(&self) -> &ServerRt {
+        &self.backend.servers[self.index]
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.server().active.fetch_sub(1, Ordering::Relaxed);
+        if self.server().config.maxconn > 0 {
+            self.backend.freed.notify_one();
+        }
+    }
+}
+
+/// Why no server could be had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoServer {
+    /// Nothing usable (all down, in maintenance, or weight 0).
+    Unavailable,
+    /// Every usable server stayed full for `timeout queue`.
+    QueueTimeout,
+}
+
+impl BackendRt {
+    /// Takes a slot on server `index` if it has room.
+    fn try_take(&self, index: usize) -> Option<Slot<'_>> {
+        let s = &self.servers[index];
+        let max = s.config.maxconn;
+        let mut cur = s.active.load(Ordering::Relaxed);
+        loop {
+            if max > 0 && cur >= max {
+                return None;
+            }
+            match s
+                .active
+                .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    return Some(Slot {
+                        backend: self,
+                        index,
+                    });
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    fn candidates(&self, exclude: Option<usize>) -> Vec<Candidate> {
+        self.servers
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| Some(*i) != exclude && s.takes_new() && !s.is_full())
+            .map(|(index, s)| Candidate {
+                index,
+                weight: s.weight.load(Ordering::Relaxed),
+                active: s.active.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// A slot on the balancer's choice (never `exclude` unless it is the only one left),
+    /// waiting up to `queue` while every usable server is full.
+    pub async fn acquire(
+        &self,
+        client: IpAddr,
+        exclude: Option<usize>,
+        queue: Duration,
+    ) -> Result<Slot<'_>, NoServer> {
+        let deadline = Instant::now() + queue;
+        loop {
+            let notified = self.freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mut cands = self.candidates(exclude);
+            if cands.is_empty() && exclude.is_some() {
+                cands = self.candidates(None);
+            }
+            if let Some(i) = self.balancer.pick(&cands, client)
+                && let Some(slot) = self.try_take(i)
+            {
+                return Ok(slot);
+            }
+            if !self.servers.iter().any(ServerRt::takes_new) {
+                return Err(NoServer::Unavailable);
+            }
+            if cands.is_empty() && tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(NoServer::QueueTimeout);
+            }
+        }
+    }
+
+    /// A slot on server `index` (a stuck session), queueing while it is full.
+    pub async fn acquire_on(&self, index: usize, queue: Duration) -> Result<Slot<'_>, NoServer> {
+        let deadline = Instant::now() + queue;
+        loop {
+            let notified = self.freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.servers[index].takes_stuck() {
+                return Err(NoServer::Unavailable);
+            }
+            if let Some(slot) = self.try_take(index) {
+                return Ok(slot);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(NoServer::QueueTimeout);
+            }
+        }
+    }
+
+    pub fn server_index(&self, name: &str) -> Option<usize> {
+        self.servers.iter().position(|s| s.name == name)
+    }
 }
 
 /// What every connection task of a worker shares.
@@ -61,6 +237,7 @@ pub struct Shared {
     pub stats: Stats,
     /// Fired when the worker drains: no more accepting, `Connection: close` on every response.
     pub drain: CancellationToken,
+    pub stick: Option<Arc<StickCache>>,
 }
 
 /// The serving half of a worker, usable on its own with any bound listeners (tests).
@@ -73,14 +250,24 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// A proxy without stick rules' cache (or whose config has none).
     pub fn new(config: Arc<Config>) -> Self {
+        Self::with_state(config, None, &HashMap::new())
+    }
+
+    /// `health`: last known state by (backend, server); servers not in it start up.
+    pub fn with_state(
+        config: Arc<Config>,
+        stick: Option<Arc<StickCache>>,
+        health: &HashMap<(String, String), bool>,
+    ) -> Self {
         let d = &config.defaults;
         let backends = config
             .backends
             .iter()
             .map(|b| BackendRt {
                 name: b.name.clone(),
-                balancer: Balancer::new(b.balance),
+                balancer: Balancer::new(b.balance, b.servers.len()),
                 servers: b
                     .servers
                     .iter()
@@ -88,8 +275,24 @@ impl Proxy {
                         name: s.name.clone(),
                         address: s.address,
                         pool: Pool::new(d.pool_max_idle, d.timeout_pool_idle),
+                        config: s.clone(),
+                        up: AtomicBool::new(
+                            !s.check
+                                || health
+                                    .get(&(b.name.clone(), s.name.clone()))
+                                    .copied()
+                                    .unwrap_or(true),
+                        ),
+                        admin: AtomicU8::new(AdminState::Ready as u8),
+                        weight: AtomicU32::new(s.weight),
+                        active: AtomicU32::new(0),
                     })
                     .collect(),
+                freed: tokio::sync::Notify::new(),
+                stick_table: b
+                    .stick
+                    .as_ref()
+                    .and_then(|st| stick.as_ref().and_then(|c| c.table_index(&st.table))),
             })
             .collect();
         Self {
@@ -98,11 +301,16 @@ impl Proxy {
                 backends,
                 stats: Stats::default(),
                 drain: CancellationToken::new(),
+                stick,
             }),
             connections: TaskTracker::new(),
             accepting: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
         }
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -180,7 +388,19 @@ async fn accept_loop(
     connections: TaskTracker,
     hard_stop: CancellationToken,
 ) {
+    // Past maxconn, connections wait in the accept queue (shared with the other generation).
+    let limit = Arc::new(tokio::sync::Semaphore::new(
+        shared.config.frontends[frontend].maxconn,
+    ));
     loop {
+        let permit = tokio::select! {
+            biased;
+            _ = shared.drain.cancelled() => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         let accepted = tokio::select! {
             biased;
             _ = shared.drain.cancelled() => break,
@@ -198,13 +418,14 @@ async fn accept_loop(
                 connections.spawn(
                     async move {
                         tokio::select! {
-                            _ = crate::http::conn::serve(shared.clone(), frontend, stream) => {}
+                            _ = serve(shared.clone(), frontend, stream, peer) => {}
                             _ = hard_stop.cancelled() => {}
                         }
                         shared
                             .stats
                             .active_connections
                             .fetch_sub(1, Ordering::Relaxed);
+                        drop(permit);
                     }
                     .instrument(span),
                 );
@@ -217,4 +438,16 @@ async fn accept_loop(
         }
     }
     tracing::debug!("stopped accepting");
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    frontend: usize,
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+) {
+    match shared.config.frontends[frontend].mode {
+        crate::config::Mode::Http => crate::http::conn::serve(shared, frontend, stream, peer).await,
+        crate::config::Mode::Tcp => crate::tcp::serve(shared, frontend, stream, peer).await,
+    }
 }

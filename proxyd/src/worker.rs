@@ -1,6 +1,7 @@
 //! A worker process: takes its config from the master, borrows its listeners from fdkeeper,
 //! serves, reports, and drains when told (or when the master is gone).
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::control::{WorkerEnd, pb, to_master};
 use crate::proxy::{Proxy, StatsSnapshot};
+use crate::stick::StickCache;
 use crate::sys::{self, SeqPacket};
 
 /// How often counters go to the master.
@@ -85,7 +87,12 @@ pub fn main(control_fd: RawFd) -> i32 {
                     generation = start.generation,
                     pid = std::process::id()
                 );
-                run(Arc::new(config), start.generation, control)
+                let health = start
+                    .health
+                    .iter()
+                    .map(|h| ((h.backend.clone(), h.server.clone()), h.up))
+                    .collect();
+                run(Arc::new(config), start.generation, health, control)
                     .instrument(span)
                     .await
             }
@@ -169,7 +176,12 @@ pub async fn acquire(
     }
 }
 
-async fn run(config: Arc<Config>, generation: u64, control: WorkerEnd) -> i32 {
+async fn run(
+    config: Arc<Config>,
+    generation: u64,
+    health: HashMap<(String, String), bool>,
+    control: WorkerEnd,
+) -> i32 {
     let pid = std::process::id();
     let borrower = format!("proxyd worker gen {generation} pid {pid}");
     let (client, lent) = match acquire(&config, &borrower).await {
@@ -199,7 +211,22 @@ async fn run(config: Arc<Config>, generation: u64, control: WorkerEnd) -> i32 {
         listeners.push((frontend, l.listener));
     }
 
-    let proxy = Arc::new(Proxy::new(config.clone()));
+    // The stick cache is filled before this generation says it is ready, so that it routes
+    // its first request like the generation it replaces.
+    let stick_stop = CancellationToken::new();
+    let stick = StickCache::for_config(&config);
+    if let (Some(cache), Some(socket)) = (&stick, &config.global.stickd_socket) {
+        let wait = config.global.worker_ready_timeout / 2;
+        if let Err(e) = cache.start(socket.clone(), stick_stop.clone(), wait).await {
+            tracing::error!(error = %e, "refusing to start");
+            let _ = control.send(&failed(e.to_string())).await;
+            return EXIT_CONFIG;
+        }
+    }
+    let proxy = Arc::new(Proxy::with_state(config.clone(), stick.clone(), &health));
+    let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
+    let checks_stop = CancellationToken::new();
+    crate::health::spawn_all(proxy.shared(), health_tx, checks_stop.clone());
     if let Err(e) = proxy.start(listeners) {
         let _ = control.send(&failed(format!("cannot serve: {e}"))).await;
         return EXIT_FAILURE;
@@ -243,6 +270,8 @@ async fn run(config: Arc<Config>, generation: u64, control: WorkerEnd) -> i32 {
             "draining"
         );
         guard_stop.cancel();
+        // The next generation checks the servers now.
+        checks_stop.cancel();
         let proxy = proxy.clone();
         let deadline = Instant::now() + timeout;
         Box::pin(async move { proxy.finish(deadline).await })
@@ -254,7 +283,18 @@ async fn run(config: Arc<Config>, generation: u64, control: WorkerEnd) -> i32 {
             () = async { if let Some(f) = finishing.as_mut() { f.await } }, if finishing.is_some() => {
                 tracing::info!("drained, exiting");
                 let _ = control.send(&stats_msg(proxy.stats())).await;
+                flush_stick(stick.as_deref(), &stick_stop).await;
                 return EXIT_OK;
+            }
+            Some(h) = health_rx.recv() => {
+                let msg = to_master(pb::worker_to_master::Kind::Health(pb::ServerHealth {
+                    backend: h.backend,
+                    server: h.server,
+                    up: h.up,
+                }));
+                if control_open {
+                    let _ = control.send(&msg).await;
+                }
             }
             msg = control.recv(), if control_open => match msg.map(|m| m.and_then(|m| m.kind)) {
                 Ok(Some(pb::master_to_worker::Kind::Drain(d))) => {
@@ -265,6 +305,7 @@ async fn run(config: Arc<Config>, generation: u64, control: WorkerEnd) -> i32 {
                 Ok(Some(pb::master_to_worker::Kind::Stop(_))) => {
                     tracing::info!("stopped by the master");
                     proxy.stop().await;
+                    flush_stick(stick.as_deref(), &stick_stop).await;
                     return EXIT_OK;
                 }
                 Ok(Some(pb::master_to_worker::Kind::Start(_))) => {
@@ -291,6 +332,16 @@ async fn run(config: Arc<Config>, generation: u64, control: WorkerEnd) -> i32 {
             }
         }
     }
+}
+
+/// Gives buffered stick writes a bounded moment to reach stickd before the process exits.
+async fn flush_stick(stick: Option<&StickCache>, stop: &CancellationToken) {
+    let Some(cache) = stick else { return };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while cache.pending_len() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
 }
 
 fn stats_msg(s: StatsSnapshot) -> pb::WorkerToMaster {

@@ -1,6 +1,7 @@
 //! One client connection: read a request, pass it to a server of the frontend's backend,
 //! stream the answer back, and keep the connection while both sides want it.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -13,7 +14,8 @@ use tracing::Instrument;
 use super::body::{self, BodyError, Io};
 use super::head::{self, Framing, HeadError, RequestHead, ResponseHead};
 use super::pool;
-use crate::proxy::{ServerRt, Shared};
+use crate::config::StickOn;
+use crate::proxy::{NoServer, ServerRt, Shared};
 
 /// Request bodies up to this size are read before the server is chosen, so that the request
 /// can be sent again on another connection if a reused one turns out closed.
@@ -54,7 +56,7 @@ enum Next {
 }
 
 /// Serves one accepted client connection until it closes.
-pub async fn serve(shared: Arc<Shared>, frontend: usize, stream: TcpStream) {
+pub async fn serve(shared: Arc<Shared>, frontend: usize, stream: TcpStream, peer: SocketAddr) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "set_nodelay failed");
     }
@@ -67,6 +69,14 @@ pub async fn serve(shared: Arc<Shared>, frontend: usize, stream: TcpStream) {
             Err(status) => {
                 tracing::debug!(status = status as u16, "refusing request");
                 let _ = client.stream.write_all(status.response()).await;
+                access_log(
+                    &shared,
+                    frontend,
+                    peer,
+                    &Log::refused(status),
+                    "<BADREQ>",
+                    "",
+                );
                 break;
             }
         };
@@ -75,7 +85,15 @@ pub async fn serve(shared: Arc<Shared>, frontend: usize, stream: TcpStream) {
         stats.requests_total.fetch_add(1, Ordering::Relaxed);
         stats.requests_in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = scopeguard(&shared);
-        match exchange(&shared, frontend, &mut client, head).await {
+        let method = head.method.clone();
+        let target = head.target.clone();
+        let mut log = Log::start();
+        let next = exchange(&shared, frontend, &mut client, peer, head, &mut log).await;
+        if let Next::Fail(status) = next {
+            log.status = status as u16;
+        }
+        access_log(&shared, frontend, peer, &log, &method, &target);
+        match next {
             Next::KeepAlive => continue,
             Next::Close => break,
             Next::Fail(status) => {
@@ -86,6 +104,70 @@ pub async fn serve(shared: Arc<Shared>, frontend: usize, stream: TcpStream) {
         }
     }
     close_gracefully(client).await;
+}
+
+/// What the access log line says about one request.
+struct Log {
+    started: Instant,
+    backend: Option<usize>,
+    server: Option<(usize, usize)>,
+    /// 0: no response (client gone).
+    status: u16,
+    retries: u32,
+    redispatched: bool,
+    stick: &'static str,
+}
+
+impl Log {
+    fn start() -> Log {
+        Log {
+            started: Instant::now(),
+            backend: None,
+            server: None,
+            status: 0,
+            retries: 0,
+            redispatched: false,
+            stick: "-",
+        }
+    }
+
+    fn refused(status: Status) -> Log {
+        Log {
+            status: status as u16,
+            ..Log::start()
+        }
+    }
+}
+
+/// One line per request, like HAProxy's httplog: client, frontend, backend/server, time,
+/// status, retries, the stick decision, the request line.
+fn access_log(
+    shared: &Shared,
+    frontend: usize,
+    peer: SocketAddr,
+    log: &Log,
+    method: &str,
+    target: &str,
+) {
+    let backend = log
+        .backend
+        .map_or("-", |b| shared.backends[b].name.as_str());
+    let server = log
+        .server
+        .map_or("-", |(b, s)| shared.backends[b].servers[s].name.as_str());
+    tracing::info!(
+        target: "proxyd::access",
+        client = %peer,
+        frontend = %shared.config.frontends[frontend].name,
+        backend,
+        server,
+        status = log.status,
+        time_ms = log.started.elapsed().as_millis() as u64,
+        retries = log.retries,
+        redispatched = log.redispatched,
+        stick = log.stick,
+        request = %format_args!("{method} {target}"),
+    );
 }
 
 /// Decrements the in-flight count however the exchange ends (even when cancelled).
@@ -179,13 +261,15 @@ async fn exchange(
     shared: &Shared,
     frontend: usize,
     client: &mut Io<TcpStream>,
-    req: RequestHead,
+    peer: SocketAddr,
+    mut req: RequestHead,
+    log: &mut Log,
 ) -> Next {
     let d = &shared.config.defaults;
-    let backend = &shared.backends[shared.config.frontends[frontend].default_backend];
-    if backend.servers.is_empty() {
-        return Next::Fail(Status::ServiceUnavailable);
-    }
+    let b = shared.config.frontends[frontend].default_backend;
+    let backend = &shared.backends[b];
+    let bconf = &shared.config.backends[b];
+    log.backend = Some(b);
 
     let has_body = !matches!(req.framing, Framing::Empty);
     if req.expect_continue && has_body {
@@ -213,27 +297,130 @@ async fn exchange(
         }
         _ => ReqBody::Streamed,
     };
+    let client_ip = canonical_ip(peer.ip());
+    if let Some(ff) = &bconf.forwardfor
+        && !ff.except.is_some_and(|net| net.contains(client_ip))
+    {
+        req.add_field("X-Forwarded-For", &client_ip.to_string());
+    }
 
-    let server = &backend.servers[backend.balancer.pick(backend.servers.len())];
-    let span = tracing::debug_span!("request", server = %server.name, method = %req.method);
-    forward_exchange(shared, server, client, req, body)
-        .instrument(span)
-        .await
+    // The stick rule: which key, and which server it is stuck to (from the local cache only).
+    let stick = bconf
+        .stick
+        .as_ref()
+        .zip(backend.stick_table)
+        .zip(shared.stick.as_ref());
+    let key: Option<(&crate::stick::StickCache, usize, String)> =
+        stick.and_then(|((rule, t), cache)| {
+            let key = match &rule.on {
+                StickOn::Cookie(name) => head::request_cookie(&req.upstream, name),
+                StickOn::Src => cache.address_key(t, client_ip),
+            };
+            key.map(|k| (&**cache, t, k))
+        });
+    let stuck = key
+        .as_ref()
+        .and_then(|(cache, t, k)| cache.lookup(*t, k))
+        .and_then(|name| backend.server_index(&name));
+    let queue = d.timeout_queue;
+    // Whether the key must be (re)stored once a server answers.
+    let mut store_key = key.is_some() && stuck.is_none();
+    let got = match stuck {
+        Some(i) => match backend.acquire_on(i, queue).await {
+            Err(NoServer::Unavailable) if bconf.redispatch => {
+                log.redispatched = true;
+                store_key = true;
+                backend.acquire(client_ip, Some(i), queue).await
+            }
+            r => r,
+        },
+        None => backend.acquire(client_ip, None, queue).await,
+    };
+    log.stick = match (key.is_some(), stuck.is_some(), log.redispatched) {
+        (false, _, _) => "-",
+        (true, false, _) => "new",
+        (true, true, false) => "hit",
+        (true, true, true) => "moved",
+    };
+    let mut slot = match got {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(reason = ?e, "no server");
+            return Next::Fail(Status::ServiceUnavailable);
+        }
+    };
+
+    let mut attempt = 0;
+    let (srv, resp) = loop {
+        log.server = Some((b, slot.index));
+        let server = slot.server();
+        let span = tracing::debug_span!("request", server = %server.name, method = %req.method);
+        match send_request(shared, server, client, &req, &body)
+            .instrument(span)
+            .await
+        {
+            Ok(x) => break x,
+            Err(Failure::Next(n)) => return n,
+            Err(Failure::Connect(status)) => {
+                if attempt >= bconf.retries {
+                    return Next::Fail(status);
+                }
+                attempt += 1;
+                log.retries = attempt;
+                // HAProxy's `option redispatch`: the last retry goes to another server; a server
+                // known down is left at once.
+                let last = attempt == bconf.retries;
+                if bconf.redispatch && (last || !slot.server().takes_stuck()) {
+                    let prev = slot.index;
+                    drop(slot);
+                    slot = match backend.acquire(client_ip, Some(prev), queue).await {
+                        Ok(s) => s,
+                        Err(_) => return Next::Fail(Status::ServiceUnavailable),
+                    };
+                    if slot.index != prev {
+                        log.redispatched = true;
+                        store_key = key.is_some();
+                        if log.stick == "hit" {
+                            log.stick = "moved";
+                        }
+                    }
+                }
+            }
+        }
+    };
+    log.status = resp.status;
+    let server = slot.server();
+    if let Some((cache, t, k)) = &key
+        && store_key
+    {
+        cache.store(*t, k, &server.name);
+    }
+    if let Some(((rule, t), cache)) = stick
+        && let Some(name) = &rule.store_response
+        && let Some(value) = resp.set_cookie(name)
+    {
+        cache.store(t, &value, &server.name);
+    }
+    forward_response(shared, server, client, &req, srv, resp).await
 }
 
-/// The part of an exchange that talks to the chosen server.
-async fn forward_exchange(
+/// The client's address as one protocol family: an IPv4-mapped IPv6 address becomes IPv4.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Streams the response to the client once its head is read.
+async fn forward_response(
     shared: &Shared,
     server: &ServerRt,
     client: &mut Io<TcpStream>,
-    req: RequestHead,
-    body: ReqBody,
+    req: &RequestHead,
+    mut srv: Io<TcpStream>,
+    resp: ResponseHead,
 ) -> Next {
-    let (mut srv, resp) = match send_request(shared, server, client, &req, body).await {
-        Ok(x) => x,
-        Err(next) => return next,
-    };
-
     let close =
         !req.keep_alive || shared.drain.is_cancelled() || resp.framing == Framing::UntilClose;
     let mut out = resp.downstream(close, req.minor);
@@ -259,6 +446,14 @@ async fn forward_exchange(
     if close { Next::Close } else { Next::KeepAlive }
 }
 
+/// Why a request could not be sent.
+enum Failure {
+    /// No connection to the server could be made: another attempt (or server) may work.
+    Connect(Status),
+    /// Anything else: what to do with the client connection.
+    Next(Next),
+}
+
 /// Sends the request to `server` and reads the response head, retrying on another
 /// connection when a reused one turns out closed before any byte of the answer.
 async fn send_request(
@@ -266,11 +461,11 @@ async fn send_request(
     server: &ServerRt,
     client: &mut Io<TcpStream>,
     req: &RequestHead,
-    body: ReqBody,
-) -> Result<(Io<TcpStream>, ResponseHead), Next> {
+    body: &ReqBody,
+) -> Result<(Io<TcpStream>, ResponseHead), Failure> {
     let d = &shared.config.defaults;
     for _attempt in 0..MAX_ATTEMPTS {
-        let (stream, reused) = match &body {
+        let (stream, reused) = match body {
             ReqBody::Buffered(_) => match server.pool.take() {
                 Some(s) => (s, true),
                 None => (connect(shared, server).await?, false),
@@ -280,7 +475,7 @@ async fn send_request(
         let mut srv = Io::new(stream);
         let mut out = Vec::with_capacity(req.upstream.len() + 1024);
         out.extend_from_slice(&req.upstream);
-        let sent = match &body {
+        let sent = match body {
             ReqBody::Buffered(b) => {
                 out.extend_from_slice(b);
                 body::flush(&mut srv.stream, &mut out, d.timeout_server).await
@@ -301,15 +496,15 @@ async fn send_request(
             Err(BodyError::Write(_)) if reused => continue,
             Err(BodyError::Write(e)) => {
                 tracing::warn!(error = %e, "sending the request to the server failed");
-                return Err(Next::Fail(Status::BadGateway));
+                return Err(Failure::Next(Next::Fail(Status::BadGateway)));
             }
             Err(BodyError::Read(e)) => {
                 tracing::debug!(error = %e, "client stopped sending its body");
-                return Err(Next::Close);
+                return Err(Failure::Next(Next::Close));
             }
             Err(BodyError::Framing(why)) => {
                 tracing::debug!(reason = why, "bad request body");
-                return Err(Next::Fail(Status::BadRequest));
+                return Err(Failure::Next(Next::Fail(Status::BadRequest)));
             }
         }
         match read_response_head(shared, &mut srv, client, req).await {
@@ -320,29 +515,31 @@ async fn send_request(
             }
             Err(HeadRead::ClosedBeforeAnswer) => {
                 tracing::warn!("server closed the connection without answering");
-                return Err(Next::Fail(Status::BadGateway));
+                return Err(Failure::Next(Next::Fail(Status::BadGateway)));
             }
-            Err(HeadRead::Timeout) => return Err(Next::Fail(Status::GatewayTimeout)),
+            Err(HeadRead::Timeout) => {
+                return Err(Failure::Next(Next::Fail(Status::GatewayTimeout)));
+            }
             Err(HeadRead::Bad(why)) => {
                 tracing::warn!(reason = why, "bad response from the server");
-                return Err(Next::Fail(Status::BadGateway));
+                return Err(Failure::Next(Next::Fail(Status::BadGateway)));
             }
-            Err(HeadRead::ClientGone) => return Err(Next::Close),
+            Err(HeadRead::ClientGone) => return Err(Failure::Next(Next::Close)),
         }
     }
     tracing::warn!("server kept closing reused connections");
-    Err(Next::Fail(Status::BadGateway))
+    Err(Failure::Next(Next::Fail(Status::BadGateway)))
 }
 
-async fn connect(shared: &Shared, server: &ServerRt) -> Result<TcpStream, Next> {
+async fn connect(shared: &Shared, server: &ServerRt) -> Result<TcpStream, Failure> {
     pool::connect(server.address, shared.config.defaults.timeout_connect)
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, address = %server.address, "cannot connect to the server");
             if e.kind() == std::io::ErrorKind::TimedOut {
-                Next::Fail(Status::GatewayTimeout)
+                Failure::Connect(Status::GatewayTimeout)
             } else {
-                Next::Fail(Status::BadGateway)
+                Failure::Connect(Status::BadGateway)
             }
         })
 }

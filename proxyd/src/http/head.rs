@@ -47,6 +47,53 @@ impl RequestHead {
     pub fn is_head(&self) -> bool {
         self.method == "HEAD"
     }
+
+    /// Adds a field to the head sent upstream.
+    pub fn add_field(&mut self, name: &str, value: &str) {
+        // `upstream` always ends with the blank line.
+        self.upstream
+            .truncate(self.upstream.len().saturating_sub(2));
+        self.upstream.extend_from_slice(name.as_bytes());
+        self.upstream.extend_from_slice(b": ");
+        self.upstream.extend_from_slice(value.as_bytes());
+        self.upstream.extend_from_slice(b"\r\n\r\n");
+    }
+}
+
+/// The values of the fields called `name` in a serialized head (start line skipped).
+fn field_values<'a>(head: &'a [u8], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    head.split(|b| *b == b'\n').skip(1).filter_map(move |line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let colon = line.iter().position(|b| *b == b':')?;
+        line[..colon]
+            .eq_ignore_ascii_case(name.as_bytes())
+            .then(|| line[colon + 1..].trim_ascii())
+    })
+}
+
+/// A cookie's value as a sticky key: non-empty printable ASCII without quotes.
+fn cookie_value(v: &[u8]) -> Option<String> {
+    let v = v.trim_ascii();
+    let v = v
+        .strip_prefix(b"\"")
+        .and_then(|x| x.strip_suffix(b"\""))
+        .unwrap_or(v);
+    (!v.is_empty() && v.iter().all(|b| b.is_ascii_graphic() && *b != b'"'))
+        .then(|| String::from_utf8_lossy(v).into_owned())
+}
+
+/// The value of cookie `name` in a request head's `Cookie` fields (HAProxy's `req.cook`:
+/// the first occurrence).
+pub fn request_cookie(head: &[u8], name: &str) -> Option<String> {
+    field_values(head, "cookie").find_map(|v| {
+        v.split(|b| *b == b';').find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|b| *b == b'=')?;
+            (pair[..eq].trim_ascii() == name.as_bytes())
+                .then(|| cookie_value(&pair[eq + 1..]))
+                .flatten()
+        })
+    })
 }
 
 /// A complete response head.
@@ -65,6 +112,17 @@ pub struct ResponseHead {
 impl ResponseHead {
     pub fn is_informational(&self) -> bool {
         (100..200).contains(&self.status)
+    }
+
+    /// The value the response sets for cookie `name` (HAProxy's `res.cook`), if any.
+    pub fn set_cookie(&self, name: &str) -> Option<String> {
+        field_values(&self.fields, "set-cookie").find_map(|v| {
+            let pair = v.split(|b| *b == b';').next()?.trim_ascii();
+            let eq = pair.iter().position(|b| *b == b'=')?;
+            (pair[..eq].trim_ascii() == name.as_bytes())
+                .then(|| cookie_value(&pair[eq + 1..]))
+                .flatten()
+        })
     }
 
     /// The head to send to the client; `close` adds `Connection: close`.
@@ -369,6 +427,33 @@ mod tests {
             String::from_utf8_lossy(&h.upstream),
             "GET /a HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn cookies_and_added_fields() {
+        let mut h = req("GET / HTTP/1.1\r\nHost: x\r\nCookie: a=1; PHPSESSID=abc123 ; b=2\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(
+            request_cookie(&h.upstream, "PHPSESSID").as_deref(),
+            Some("abc123")
+        );
+        assert_eq!(request_cookie(&h.upstream, "b").as_deref(), Some("2"));
+        assert_eq!(request_cookie(&h.upstream, "PHPSESS"), None);
+        assert_eq!(request_cookie(&h.upstream, "Host"), None);
+        h.add_field("X-Forwarded-For", "10.0.0.1");
+        assert!(
+            h.upstream
+                .ends_with(b"b=2\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n")
+        );
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: other=1\r\nset-cookie: PHPSESSID=\"q9\"; path=/\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .expect("ok")
+        .expect("complete");
+        assert_eq!(r.set_cookie("PHPSESSID").as_deref(), Some("q9"));
+        assert_eq!(r.set_cookie("path"), None);
     }
 
     #[test]

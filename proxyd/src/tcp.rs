@@ -1,0 +1,94 @@
+//! TCP mode: one server connection per client connection, bytes copied both ways, with
+//! balancing, `stick on src`, maxconn and retries as in HTTP mode.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+
+use crate::config::StickOn;
+use crate::proxy::Shared;
+
+/// Serves one accepted client connection until either side closes.
+pub async fn serve(shared: Arc<Shared>, frontend: usize, mut client: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let d = &shared.config.defaults;
+    let b = shared.config.frontends[frontend].default_backend;
+    let backend = &shared.backends[b];
+    let bconf = &shared.config.backends[b];
+    let ip = match peer.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer.ip(), IpAddr::V4),
+        v4 => v4,
+    };
+    let key = bconf
+        .stick
+        .as_ref()
+        .filter(|s| s.on == StickOn::Src)
+        .and(backend.stick_table)
+        .zip(shared.stick.as_ref())
+        .and_then(|(t, c)| c.address_key(t, ip).map(|k| (c, t, k)));
+    let stuck = key
+        .as_ref()
+        .and_then(|(c, t, k)| c.lookup(*t, k))
+        .and_then(|n| backend.server_index(&n));
+    let mut store = key.is_some() && stuck.is_none();
+    let got = match stuck {
+        Some(i) => match backend.acquire_on(i, d.timeout_queue).await {
+            Err(crate::proxy::NoServer::Unavailable) if bconf.redispatch => {
+                store = true;
+                backend.acquire(ip, Some(i), d.timeout_queue).await
+            }
+            r => r,
+        },
+        None => backend.acquire(ip, None, d.timeout_queue).await,
+    };
+    let Ok(mut slot) = got else {
+        tracing::info!(target: "proxyd::access", client = %peer, backend = %backend.name, "no server, closing");
+        return;
+    };
+    let mut attempt = 0;
+    let mut server_conn = loop {
+        let server = slot.server();
+        match crate::http::pool::connect(server.address, d.timeout_connect).await {
+            Ok(s) => break s,
+            Err(e) if attempt < bconf.retries => {
+                attempt += 1;
+                tracing::debug!(error = %e, server = %server.name, "connect failed, retrying");
+                if bconf.redispatch && (attempt == bconf.retries || !server.takes_stuck()) {
+                    let prev = slot.index;
+                    drop(slot);
+                    slot = match backend.acquire(ip, Some(prev), d.timeout_queue).await {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    };
+                    store = key.is_some();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, server = %server.name, "cannot connect to the server");
+                return;
+            }
+        }
+    };
+    let server = slot.server();
+    if let Some((c, t, k)) = &key
+        && store
+    {
+        c.store(*t, k, &server.name);
+    }
+    let copied = tokio::io::copy_bidirectional(&mut client, &mut server_conn).await;
+    let (up, down) = copied.unwrap_or((0, 0));
+    tracing::info!(
+        target: "proxyd::access",
+        client = %peer,
+        frontend = %shared.config.frontends[frontend].name,
+        backend = %backend.name,
+        server = %server.name,
+        time_ms = started.elapsed().as_millis() as u64,
+        bytes_up = up,
+        bytes_down = down,
+        retries = attempt,
+        "tcp session"
+    );
+}
