@@ -99,7 +99,7 @@ fn checks() -> Vec<Check> {
         ),
         c(
             "systemd-restart-fdkeeper",
-            "5. systemctl restart fdkeeper (then a kill -9) under load: 0 refused, the same listening socket",
+            "5. systemctl restart fdkeeper (then kill -9, stop + start) under load: 0 refused, the same listening socket",
             90,
             |l| Box::pin(restart_fdkeeper(l)),
         ),
@@ -1582,6 +1582,52 @@ async fn restart_fdkeeper(lab: &Lab) -> Result<()> {
     ensure!(
         inode_revived == inode,
         "the listener changed after the kill: {inode} -> {inode_revived}"
+    );
+    // A full stop and start: systemd 252 releases the fd store with the stopped unit (254+
+    // with the fdstore-preserve drop-in would keep it); proxyd's workers hold the listener
+    // meanwhile and deposit it with the new fdkeeper, so it is the same socket again.
+    let cursor = c.cursor().await?;
+    c.systemctl(&["stop", "fdkeeper"]).await?;
+    let stored_stopped = c.prop("fdkeeper", "NFileDescriptorStore").await?;
+    let t2 = Instant::now();
+    c.systemctl(&["start", "fdkeeper"]).await?;
+    let admin = lab.fdkeeper_admin();
+    let inode_deposited = harness::wait_for(
+        "the workers to deposit the listener with the new fdkeeper",
+        Duration::from_secs(10),
+        || {
+            let admin = admin.clone();
+            let frontend = frontend.clone();
+            async move {
+                Ok(cluster::fdkeeper_inodes(&admin)?
+                    .into_iter()
+                    .find(|(a, _)| *a == frontend)
+                    .map(|(_, i)| i))
+            }
+        },
+    )
+    .await?;
+    let held_again = t2.elapsed();
+    let journal = c.journal_since("fdkeeper", &cursor).await?;
+    let origin = journal
+        .iter()
+        .filter(|l| l.contains("holding listener") && l.contains(&frontend))
+        .filter_map(|l| l.split("origin=").nth(1))
+        .next_back()
+        .unwrap_or("?")
+        .trim_matches('"')
+        .to_owned();
+    figure(
+        "stop + start",
+        format!(
+            "fd store while stopped: {stored_stopped} fds; listener held again {} after the \
+             start (origin {origin}), inode {inode_deposited}",
+            ms(held_again)
+        ),
+    );
+    ensure!(
+        inode_deposited == inode,
+        "the listener changed across stop and start: {inode} -> {inode_deposited}"
     );
     // The next generation borrows from the new fdkeeper, and gets the very same socket.
     c.systemctl(&["reload", "proxyd"]).await?;
