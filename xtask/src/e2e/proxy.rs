@@ -31,7 +31,7 @@ pub fn scenarios() -> Vec<Scenario> {
     vec![
         s(
             "reload-storm",
-            "200 reloads at >= 5/s under 50 keep-alive + 50 close clients: 0 failed requests",
+            "200 reloads at >= 5/s under 50 keep-alive + 50 close + 20 pausing keep-alive clients: 0 failed requests",
             240,
             |env| Box::pin(reload_storm(env)),
         ),
