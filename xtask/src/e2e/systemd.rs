@@ -49,6 +49,10 @@ struct Check {
     name: &'static str,
     about: &'static str,
     timeout: Duration,
+    /// Runs with systemd's log level at debug, so that the journal shows every sd_notify
+    /// message. Only where a check reads them: at debug every exec logs ~100 lines, which
+    /// fifty reloads would push past journald's rate limit.
+    debug: bool,
     run: for<'a> fn(&'a Lab) -> CheckFuture<'a>,
 }
 
@@ -63,6 +67,7 @@ fn checks() -> Vec<Check> {
             name,
             about,
             timeout: Duration::from_secs(timeout_s),
+            debug: name == "systemd-start" || name == "systemd-stop",
             run,
         }
     }
@@ -105,7 +110,7 @@ fn checks() -> Vec<Check> {
         ),
         c(
             "systemd-restart-stickd",
-            "6. systemctl restart stickd: the table is intact afterwards",
+            "6. systemctl restart stickd: the table is intact afterwards, proxyd follows it",
             90,
             |l| Box::pin(restart_stickd(l)),
         ),
@@ -175,6 +180,12 @@ pub async fn run(filter: Option<&str>) -> Result<Totals> {
     for c in selected {
         println!("== {}: {}", c.name, c.about);
         let started = Instant::now();
+        let level = if c.debug { "debug" } else { "info" };
+        if let Err(e) = lab.c().run(&["systemd-analyze", "log-level", level]).await {
+            totals.failed += 1;
+            println!("  FAIL {}: cannot set systemd's log level: {e:#}", c.name);
+            continue;
+        }
         let result = match tokio::time::timeout(c.timeout, (c.run)(&lab)).await {
             Ok(r) => r,
             Err(_) => Err(anyhow!("timed out after {:?}", c.timeout)),
@@ -555,10 +566,6 @@ impl Lab {
             )?;
             container.systemctl(&["daemon-reload"]).await?;
         }
-        // Debug level: systemd logs every sd_notify message it gets, which checks 1 and 7 read.
-        container
-            .run(&["systemd-analyze", "log-level", "debug"])
-            .await?;
         Ok(Ok(Lab {
             container,
             frontend,
@@ -844,6 +851,13 @@ fn install(
         0o644,
     )?;
     std::fs::write(root.join("etc/hostname"), format!("{HOSTNAME}\n"))?;
+    // Test only: the checks read the journal as evidence, so journald must drop nothing.
+    let journald = root.join("etc/systemd/journald.conf.d");
+    std::fs::create_dir_all(&journald)?;
+    std::fs::write(
+        journald.join("xtask.conf"),
+        "[Journal]\nRateLimitIntervalSec=0\n",
+    )?;
 
     let read = |name: &str| -> Result<String> {
         let p = dist(&format!("config/{name}.toml"));
@@ -932,6 +946,26 @@ async fn wait_prop(
         let v = lab.c().prop(unit, prop).await?;
         Ok(ok(&v).then_some(v))
     })
+    .await
+}
+
+/// The first journal line of `unit` after `cursor` that matches, waiting up to 5 s for it: a
+/// daemon's own output reaches the journal through its stream, which may lag systemd's lines.
+async fn journal_line(
+    c: &Container,
+    unit: &str,
+    cursor: &str,
+    matches: impl Fn(&str) -> bool,
+) -> Result<String> {
+    let matches = &matches;
+    harness::wait_for(
+        &format!("a matching line in {unit}'s journal"),
+        Duration::from_secs(5),
+        || async move {
+            let lines = c.journal_since(unit, cursor).await?;
+            Ok(lines.into_iter().find(|l| matches(l)))
+        },
+    )
     .await
 }
 
@@ -1336,12 +1370,10 @@ async fn broken_reload(lab: &Lab) -> Result<()> {
         !out.status.success(),
         "the reload of a broken config succeeded"
     );
-    let journal = c.journal_since("proxyd", &cursor).await?;
     let want = format!("/etc/proxyd/proxyd.toml:{broken_line}:");
-    let reason = journal
-        .iter()
-        .find(|l| l.contains(&want))
-        .with_context(|| format!("the journal does not name {want}: {journal:?}"))?;
+    // The check's stderr reaches the journal through its own stream, after systemd's lines.
+    let reason = journal_line(c, "proxyd", &cursor, |l| l.contains(&want)).await?;
+    let journal = c.journal_since("proxyd", &cursor).await?;
     figure("journal", reason.split_once(": ").map_or("", |(_, r)| r));
     let failed = journal
         .iter()
@@ -1523,11 +1555,11 @@ async fn restart_fdkeeper(lab: &Lab) -> Result<()> {
         after["ActiveState"]
     );
     let inode_after = inode_of(&cluster::fdkeeper_inodes(&lab.fdkeeper_admin())?)?;
-    let journal = c.journal_since("fdkeeper", &cursor).await?;
-    let adopted = journal
-        .iter()
-        .find(|l| l.contains("systemd-fdstore") && l.contains(&frontend))
-        .context("the new fdkeeper did not take the listener from the fd store")?;
+    let adopted = journal_line(c, "fdkeeper", &cursor, |l| {
+        l.contains("systemd-fdstore") && l.contains(&frontend)
+    })
+    .await
+    .context("the new fdkeeper did not take the listener from the fd store")?;
     figure(
         "restart",
         format!(
@@ -1608,12 +1640,13 @@ async fn restart_fdkeeper(lab: &Lab) -> Result<()> {
     )
     .await?;
     let held_again = t2.elapsed();
-    let journal = c.journal_since("fdkeeper", &cursor).await?;
-    let origin = journal
-        .iter()
-        .filter(|l| l.contains("holding listener") && l.contains(&frontend))
-        .filter_map(|l| l.split("origin=").nth(1))
-        .next_back()
+    let held_line = journal_line(c, "fdkeeper", &cursor, |l| {
+        l.contains("holding listener") && l.contains(&frontend)
+    })
+    .await?;
+    let origin = held_line
+        .split("origin=")
+        .nth(1)
         .unwrap_or("?")
         .trim_matches('"')
         .to_owned();
@@ -1664,7 +1697,9 @@ async fn restart_fdkeeper(lab: &Lab) -> Result<()> {
 
 async fn restart_stickd(lab: &Lab) -> Result<()> {
     let c = lab.c();
-    c.systemctl(&["start", "stickd"]).await?;
+    // proxyd runs across the restart: it must follow stickd, not be restarted with it.
+    let serving = lab.ensure_serving().await?;
+    let master = c.main_pid("proxyd").await?;
     let table = "sessions";
     let items: Vec<pb::StoreItem> = (0..15)
         .map(|i| pb::StoreItem {
@@ -1681,24 +1716,29 @@ async fn restart_stickd(lab: &Lab) -> Result<()> {
         })
         .await
         .context("Store")?;
+    // Every page: the load of the earlier checks stored a session per cookie-less request.
     let show = || async {
-        let reply = lab
-            .stick_client()
-            .await?
-            .show(pb::ShowRequest {
-                table: table.into(),
-                ..Default::default()
-            })
-            .await
-            .context("Show")?
-            .into_inner();
-        anyhow::Ok(
-            reply
-                .entries
-                .into_iter()
-                .map(|e| (e.key, (e.server, e.expires_unix_ms, e.version, e.origin)))
-                .collect::<BTreeMap<_, _>>(),
-        )
+        let mut client = lab.stick_client().await?;
+        let mut out = BTreeMap::new();
+        let mut page_token = String::new();
+        loop {
+            let reply = client
+                .show(pb::ShowRequest {
+                    table: table.into(),
+                    page_token,
+                    ..Default::default()
+                })
+                .await
+                .context("Show")?
+                .into_inner();
+            for e in reply.entries {
+                out.insert(e.key, (e.server, e.expires_unix_ms, e.version, e.origin));
+            }
+            if reply.next_page_token.is_empty() {
+                return anyhow::Ok(out);
+            }
+            page_token = reply.next_page_token;
+        }
     };
     let before = show().await?;
     for it in &items {
@@ -1726,7 +1766,87 @@ async fn restart_stickd(lab: &Lab) -> Result<()> {
     );
     ensure!(before.len() >= 15, "only {} entries before", before.len());
     ensure!(before == after, "the table changed across the restart");
+
+    // proxyd (user proxyd, group stickd) follows the restarted stickd: a session stored now
+    // reaches its workers through a fresh Watch stream, and requests carrying that cookie
+    // stick to the stored server instead of alternating round robin.
+    let still = lab.serving().await?;
+    let master_now = c.main_pid("proxyd").await?;
+    ensure!(
+        master_now == master && still.pid == serving.pid,
+        "proxyd was restarted with stickd (master {master} -> {master_now})"
+    );
+    let key = backend::new_session_id();
+    let server = lab.servers[1].clone();
+    let t1 = Instant::now();
+    lab.stick_client()
+        .await?
+        .store(pb::StoreRequest {
+            table: table.into(),
+            items: vec![pb::StoreItem {
+                key: key.clone(),
+                server: server.clone(),
+                expires_unix_ms: 0,
+            }],
+        })
+        .await
+        .context("Store after the restart")?;
+    const IN_A_ROW: usize = 6;
+    let (frontend, key_ref, server_ref) = (lab.frontend, &key, &server);
+    harness::wait_for(
+        &format!("{IN_A_ROW} requests with PHPSESSID={key} in a row to reach {server}"),
+        Duration::from_secs(10),
+        || async move {
+            for _ in 0..IN_A_ROW {
+                if probe_cookie(frontend, key_ref).await? != *server_ref {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await?;
+    figure(
+        "stickiness after the restart",
+        format!(
+            "proxyd (master {master}, worker {}) untouched; a session stored after the restart: \
+             {IN_A_ROW} requests in a row to {server} within {}",
+            serving.pid,
+            ms(t1.elapsed())
+        ),
+    );
     Ok(())
+}
+
+/// One `GET /` with `Cookie: PHPSESSID=key` on a fresh connection; the server that answered.
+async fn probe_cookie(addr: SocketAddr, key: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!(
+                "GET / HTTP/1.1\r\nHost: probe\r\nCookie: PHPSESSID={key}\r\n\
+                 Connection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .context("no answer within 5s")??;
+    ensure!(
+        text.starts_with("HTTP/1.1 200"),
+        "answered {:?}",
+        text.lines().next().unwrap_or_default()
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("server: "))
+        .map(str::to_owned)
+        .context("an answer without a server name")
 }
 
 async fn stop(lab: &Lab) -> Result<()> {
