@@ -605,8 +605,9 @@ impl Lab {
             .await
         {
             Ok(out) => format!(
-                "----- journal of the three units (last {lines} lines) -----\n{}",
-                String::from_utf8_lossy(&out.stdout)
+                "----- journal of the three units (last {lines} lines) -----\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
             ),
             Err(e) => format!("(no journal: {e:#})"),
         }
