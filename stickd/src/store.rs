@@ -984,8 +984,12 @@ impl Store {
             if let Some(first) = inner.tail.front().map(|c| c.seq)
                 && from >= first
             {
-                let skip = usize::try_from(from - first).unwrap_or(usize::MAX);
-                return Ok(inner.tail.iter().skip(skip).take(max).cloned().collect());
+                let start = usize::try_from(from - first).unwrap_or(usize::MAX);
+                if start >= inner.tail.len() {
+                    return Ok(Vec::new());
+                }
+                let end = start.saturating_add(max).min(inner.tail.len());
+                return Ok(inner.tail.range(start..end).cloned().collect());
             }
         }
         let mut out = Vec::new();
