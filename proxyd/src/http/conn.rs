@@ -446,6 +446,12 @@ async fn forward_response(
     if close { Next::Close } else { Next::KeepAlive }
 }
 
+/// Whether a request that got no answer may be sent again: idempotent and still in hand.
+fn retriable(req: &RequestHead, body: &ReqBody) -> bool {
+    matches!(body, ReqBody::Buffered(_))
+        && matches!(req.method.as_str(), "GET" | "HEAD" | "OPTIONS")
+}
+
 /// Why a request could not be sent.
 enum Failure {
     /// No connection to the server could be made: another attempt (or server) may work.
@@ -496,7 +502,11 @@ async fn send_request(
             Err(BodyError::Write(_)) if reused => continue,
             Err(BodyError::Write(e)) => {
                 tracing::warn!(error = %e, "sending the request to the server failed");
-                return Err(Failure::Next(Next::Fail(Status::BadGateway)));
+                return Err(if retriable(req, body) {
+                    Failure::Connect(Status::BadGateway)
+                } else {
+                    Failure::Next(Next::Fail(Status::BadGateway))
+                });
             }
             Err(BodyError::Read(e)) => {
                 tracing::debug!(error = %e, "client stopped sending its body");
@@ -515,7 +525,13 @@ async fn send_request(
             }
             Err(HeadRead::ClosedBeforeAnswer) => {
                 tracing::warn!("server closed the connection without answering");
-                return Err(Failure::Next(Next::Fail(Status::BadGateway)));
+                // A server dying with the request in hand: an idempotent request that the proxy
+                // can send again goes through the retries (and redispatch) like a refused connect.
+                return Err(if retriable(req, body) {
+                    Failure::Connect(Status::BadGateway)
+                } else {
+                    Failure::Next(Next::Fail(Status::BadGateway))
+                });
             }
             Err(HeadRead::Timeout) => {
                 return Err(Failure::Next(Next::Fail(Status::GatewayTimeout)));
@@ -528,7 +544,11 @@ async fn send_request(
         }
     }
     tracing::warn!("server kept closing reused connections");
-    Err(Failure::Next(Next::Fail(Status::BadGateway)))
+    Err(if retriable(req, body) {
+        Failure::Connect(Status::BadGateway)
+    } else {
+        Failure::Next(Next::Fail(Status::BadGateway))
+    })
 }
 
 async fn connect(shared: &Shared, server: &ServerRt) -> Result<TcpStream, Failure> {
