@@ -4,6 +4,7 @@
 //! A scenario is a plain async fn taking its [`Env`]; to add a group of them, write a module
 //! with a `scenarios()` function returning [`Scenario`]s and append it in [`all`].
 
+mod lb;
 mod proxy;
 mod stickd;
 mod systemd;
@@ -40,6 +41,7 @@ pub struct Scenario {
 pub fn all() -> Vec<Scenario> {
     let mut all = proxy::scenarios();
     all.extend(stickd::scenarios());
+    all.extend(lb::scenarios());
     all
 }
 

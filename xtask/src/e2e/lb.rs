@@ -1,0 +1,997 @@
+//! Issue 4's scenarios: three load-balancer nodes on 127.0.0.1-3 (fdkeeper + stickd + proxyd
+//! each, with the seed's sticky config) in front of two demo backends.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use proto::stick::v1 as pb;
+use proto::stick::v1::stick_client::StickClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{Outcome, Scenario, ScenarioFuture, figure};
+use crate::cluster::{self, START_TIMEOUT};
+use crate::harness::{self, Env, GrpcTarget, Proc};
+
+pub fn scenarios() -> Vec<Scenario> {
+    fn s(
+        name: &'static str,
+        about: &'static str,
+        timeout_s: u64,
+        run: fn(Env) -> ScenarioFuture,
+    ) -> Scenario {
+        Scenario {
+            name,
+            about,
+            run,
+            timeout: Duration::from_secs(timeout_s),
+        }
+    }
+    vec![
+        s(
+            "lb-seed",
+            "the seed's test: 5 cookie-less requests to each node; grpcurl Show on every node lists the same 15 keys and servers",
+            90,
+            |env| Box::pin(seed(env)),
+        ),
+        s(
+            "lb-sticky-200",
+            "200 clients keeping their cookie, each request to a random node: every client always reaches the same backend",
+            120,
+            |env| Box::pin(sticky_200(env)),
+        ),
+        s(
+            "lb-server-down",
+            "kill app1 under sticky traffic: marked down within fall x inter, its clients move to app2 with no failed request, the table changes on every node",
+            120,
+            |env| Box::pin(server_down(env)),
+        ),
+        s(
+            "lb-stickd-kill9",
+            "kill -9 stickd on node1: node1 keeps routing sticky clients; its new sessions reach the peers once stickd is back",
+            120,
+            |env| Box::pin(stickd_kill9(env)),
+        ),
+        s(
+            "lb-reload-sticky",
+            "reloads on every node during sticky traffic: 0 failed requests, 0 clients moved",
+            180,
+            |env| Box::pin(reload_sticky(env)),
+        ),
+        s(
+            "lb-bad-input",
+            "400 malformed/smuggling, 408 slowloris, 431 huge head, 502 garbage server, 503 no server, 504 silent server: each in bounded time, nothing crashes",
+            90,
+            |env| Box::pin(bad_input(env)),
+        ),
+    ]
+}
+
+const TABLE: &str = "dynamic_group";
+/// Health checks of the e2e config: a dead server is down within FALL x INTER.
+const INTER_MS: u64 = 300;
+const FALL: u32 = 2;
+
+/// One load-balancer node.
+pub struct LbNode {
+    pub host: u8,
+    pub stickd: Proc,
+    pub stickd_socket: PathBuf,
+    /// Held: dropping a `Proc` kills it.
+    #[allow(dead_code)]
+    pub fdkeeper: Proc,
+    pub proxyd: Proc,
+    pub frontend: SocketAddr,
+    pub proxyd_admin: PathBuf,
+    #[allow(dead_code)]
+    pub proxyd_config: PathBuf,
+}
+
+pub struct Lb {
+    /// Held: the temp dir with configs, sockets and logs.
+    #[allow(dead_code)]
+    pub env: Env,
+    pub backends: Vec<(String, SocketAddr, Proc)>,
+    pub nodes: Vec<LbNode>,
+}
+
+fn stickd_toml(dir: &Path, socket: &Path, peers: &[(String, SocketAddr)]) -> String {
+    let mut s = format!(
+        r#"# stickd for an lb e2e node.
+data_dir = "{}"
+socket = "{}"
+heartbeat = "500ms"
+flush_interval = "100ms"
+
+# HAProxy: stick-table type string len 32 size 5k expire 5m peers mypeers
+[[tables]]
+name = "{TABLE}"
+type = "string"
+len = 32
+size = "5k"
+expire = "5m"
+"#,
+        dir.join("data").display(),
+        socket.display()
+    );
+    for (name, a) in peers {
+        s.push_str(&format!(
+            "\n[[peers]]\nname = \"{name}\"\naddress = \"{a}\"\n"
+        ));
+    }
+    s
+}
+
+/// The seed's backend (examples/proxyd-seed.toml) with faster checks.
+pub fn proxyd_seed_toml(
+    admin: &Path,
+    fdkeeper: &Path,
+    stickd: &Path,
+    frontend: SocketAddr,
+    servers: &[(String, SocketAddr)],
+) -> String {
+    let mut s = format!(
+        r#"# proxyd for an lb e2e node: the seed's sticky backend.
+[global]
+admin_socket = "{}"
+fdkeeper_socket = "{}"
+stickd_socket = "{}"
+drain_timeout = "10s"
+
+[defaults]
+timeout_http_request = "2s"
+timeout_queue = "3s"
+timeout_connect = "1s"
+timeout_client = "10s"
+timeout_server = "2s"
+timeout_http_keep_alive = "10s"
+timeout_check = "1s"
+maxconn = 18000
+retries = 3
+redispatch = true
+forwardfor = true
+forwardfor_except = "127.0.0.0/8"
+
+[[frontend]]
+name = "http-in"
+bind = ["{frontend}"]
+default_backend = "{TABLE}"
+
+[[backend]]
+name = "{TABLE}"
+balance = "roundrobin"
+
+[backend.check]
+type = "http"
+method = "GET"
+path = "/index.php"
+expect_status = 200
+inter = "{INTER_MS}ms"
+fall = {FALL}
+
+[backend.stick]
+on = "req.cook(PHPSESSID)"
+store_response = "res.cook(PHPSESSID)"
+"#,
+        admin.display(),
+        fdkeeper.display(),
+        stickd.display()
+    );
+    for (name, addr) in servers {
+        s.push_str(&format!(
+            "\n[[backend.server]]\nname = \"{name}\"\naddress = \"{addr}\"\ncheck = true\nrise = 1\nmaxconn = 3000\n"
+        ));
+    }
+    s
+}
+
+impl Lb {
+    /// Two backends on 127.0.0.1, three nodes on 127.0.0.1-3, all serving and peered.
+    pub async fn start(mut env: Env) -> Result<Lb> {
+        let names = vec!["app1".to_owned(), "app2".to_owned()];
+        let backends = cluster::start_backends(&mut env, &names, 1, Duration::ZERO, None).await?;
+        let servers: Vec<(String, SocketAddr)> =
+            backends.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
+        let peer_addrs = (1..=3u8)
+            .map(|h| env.free_port(h))
+            .collect::<Result<Vec<_>>>()?;
+        let peers: Vec<(String, SocketAddr)> = peer_addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!("node{}", i + 1), *a))
+            .collect();
+        let uid = nix::unistd::getuid().as_raw();
+        let mut nodes = Vec::new();
+        for h in 1..=3u8 {
+            let dir = env.path(&format!("n{h}"));
+            let stickd_socket = dir.join("stickd.sock");
+            let stickd_config = env.write(
+                &format!("n{h}/stickd.toml"),
+                &stickd_toml(&dir.join("stickd"), &stickd_socket, &peers),
+            )?;
+            let stickd = env.spawn(
+                &format!("stickd-n{h}"),
+                harness::release_bin("stickd"),
+                [
+                    "--config".as_ref(),
+                    stickd_config.as_os_str(),
+                    "-L".as_ref(),
+                    format!("node{h}").as_ref(),
+                ],
+            )?;
+            let fdkeeper_socket = env.path(&format!("n{h}/fdkeeper/lend.sock"));
+            let fdkeeper_admin = env.path(&format!("n{h}/fdkeeper-admin.sock"));
+            let fdkeeper_config = env.write(
+                &format!("n{h}/fdkeeper.toml"),
+                &cluster::fdkeeper_toml(&fdkeeper_socket, &fdkeeper_admin, uid),
+            )?;
+            let fdkeeper = env.spawn(
+                &format!("fdkeeper-n{h}"),
+                harness::release_bin("fdkeeper"),
+                ["--config".as_ref(), fdkeeper_config.as_os_str()],
+            )?;
+            harness::wait_unix(&stickd_socket, START_TIMEOUT).await?;
+            harness::wait_seqpacket(&fdkeeper_socket, START_TIMEOUT).await?;
+            let frontend = env.free_port(h)?;
+            let proxyd_admin = env.path(&format!("n{h}/proxyd-admin.sock"));
+            let proxyd_config = env.write(
+                &format!("n{h}/proxyd.toml"),
+                &proxyd_seed_toml(
+                    &proxyd_admin,
+                    &fdkeeper_socket,
+                    &stickd_socket,
+                    frontend,
+                    &servers,
+                ),
+            )?;
+            let proxyd = env.spawn(
+                &format!("proxyd-n{h}"),
+                harness::release_bin("proxyd"),
+                ["--config".as_ref(), proxyd_config.as_os_str()],
+            )?;
+            nodes.push(LbNode {
+                host: h,
+                stickd,
+                stickd_socket,
+                fdkeeper,
+                proxyd,
+                frontend,
+                proxyd_admin,
+                proxyd_config,
+            });
+        }
+        // Serving means the worker has its listeners and stickd's snapshot. No probe request
+        // here: it would create a session.
+        for n in &nodes {
+            let admin = n.proxyd_admin.clone();
+            harness::wait_for("proxyd to serve", START_TIMEOUT, || {
+                let admin = admin.clone();
+                async move { Ok(cluster::serving(&cluster::proxyd_status(&admin).await?)) }
+            })
+            .await?;
+        }
+        let lb = Lb {
+            env,
+            backends,
+            nodes,
+        };
+        lb.peered().await?;
+        Ok(lb)
+    }
+
+    /// Until every stickd pushes to both others.
+    async fn peered(&self) -> Result<()> {
+        for n in &self.nodes {
+            let socket = n.stickd_socket.clone();
+            harness::wait_for("stickd peers to connect", START_TIMEOUT, || {
+                let socket = socket.clone();
+                async move {
+                    let mut c = stick_client(&socket).await?;
+                    let peers = c.show_peers(pb::ShowPeersRequest {}).await?.into_inner();
+                    let up = peers
+                        .peers
+                        .iter()
+                        .filter(|p| p.name != peers.local && p.state == "connected")
+                        .count();
+                    Ok((up == 2).then_some(()))
+                }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// key -> server of node `i`'s table (tonic).
+    async fn table(&self, i: usize) -> Result<BTreeMap<String, String>> {
+        show(&self.nodes[i].stickd_socket).await
+    }
+
+    /// Until every node's table equals `want`; returns how long it took.
+    async fn converged(
+        &self,
+        want: &BTreeMap<String, String>,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let mut same = true;
+            let mut last = BTreeMap::new();
+            for i in 0..self.nodes.len() {
+                // A restarted stickd may not listen yet: that is "not yet", not a failure.
+                match self.table(i).await {
+                    Ok(t) => last = t,
+                    Err(e) if start.elapsed() > timeout => return Err(e),
+                    Err(_) => {
+                        same = false;
+                        break;
+                    }
+                }
+                if &last != want {
+                    same = false;
+                    break;
+                }
+            }
+            if same {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                let missing = want.iter().filter(|(k, v)| last.get(*k) != Some(v)).count();
+                bail!(
+                    "tables differ after {timeout:?}: {missing} of {} entries missing or different on some node (it has {})",
+                    want.len(),
+                    last.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn stick_client(socket: &Path) -> Result<StickClient<tonic::transport::Channel>> {
+    Ok(StickClient::new(common::grpc::connect_unix(socket).await?))
+}
+
+async fn show(socket: &Path) -> Result<BTreeMap<String, String>> {
+    let mut c = stick_client(socket).await?;
+    let r = c
+        .show(pb::ShowRequest {
+            table: TABLE.into(),
+            page_size: 50_000,
+            ..Default::default()
+        })
+        .await
+        .context("stick.v1.Stick/Show")?
+        .into_inner();
+    Ok(r.entries.into_iter().map(|e| (e.key, e.server)).collect())
+}
+
+/// What a client learns from one response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub server: Option<String>,
+    pub set_cookie: Option<String>,
+}
+
+/// One `GET /index.php` on a fresh connection, with the session cookie if any.
+pub async fn get(addr: SocketAddr, cookie: Option<&str>) -> Result<Reply> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let cookie = cookie.map_or(String::new(), |c| format!("Cookie: PHPSESSID={c}\r\n"));
+        s.write_all(
+            format!("GET /index.php HTTP/1.1\r\nHost: lb\r\n{cookie}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .with_context(|| format!("no answer from {addr} within 10 s"))??;
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad response from {addr}: {text:?}"))?;
+    Ok(Reply {
+        status,
+        server: text
+            .lines()
+            .find_map(|l| l.strip_prefix("server: "))
+            .map(str::to_owned),
+        set_cookie: text
+            .lines()
+            .find_map(|l| l.strip_prefix("Set-Cookie: PHPSESSID="))
+            .and_then(|v| v.split(';').next())
+            .map(str::to_owned),
+    })
+}
+
+// ---- 1 ----------------------------------------------------------------------------------------
+
+async fn seed(env: Env) -> Result<Outcome> {
+    let lb = Lb::start(env).await?;
+    // Like the seed's curl loop: five cookie-less requests to each node, 0.1 s apart.
+    let mut sessions = BTreeMap::new();
+    for n in &lb.nodes {
+        for _ in 0..5 {
+            let r = get(n.frontend, None).await?;
+            ensure!(r.status == 200, "node {} answered {}", n.host, r.status);
+            let server = r.server.context("a response without a server name")?;
+            let cookie = r.set_cookie.context("a new session without a PHPSESSID")?;
+            sessions.insert(cookie, server);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    ensure!(sessions.len() == 15, "{} distinct sessions", sessions.len());
+    let took = lb.converged(&sessions, Duration::from_secs(5)).await?;
+    figure(
+        "all three tables equal to the 15 sessions after",
+        format!("{took:?}"),
+    );
+    let per_server = sessions.values().filter(|s| *s == "app1").count();
+    figure(
+        "sessions on app1 / app2",
+        format!("{per_server} / {}", 15 - per_server),
+    );
+    // The operator's view, with the real grpcurl, on every node.
+    for n in &lb.nodes {
+        let v = harness::grpcurl(
+            &GrpcTarget::Unix(n.stickd_socket.clone()),
+            "stick.v1.Stick/Show",
+            Some(&serde_json::json!({ "table": TABLE })),
+        )?;
+        let shown: BTreeMap<String, String> = v["entries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["key"].as_str().unwrap_or_default().to_owned(),
+                    e["server"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        ensure!(
+            shown == sessions,
+            "grpcurl Show on node{} differs: {shown:?}",
+            n.host
+        );
+        if n.host == 1 {
+            figure(
+                "node1 header",
+                format!(
+                    "table {} type {} size {} used {}",
+                    v["table"]["name"], v["table"]["type"], v["table"]["size"], v["table"]["used"]
+                ),
+            );
+        }
+    }
+    Ok(Outcome::Pass)
+}
+
+// ---- 2 ----------------------------------------------------------------------------------------
+
+const CLIENTS: usize = 200;
+const ROUNDS: usize = 10;
+
+async fn sticky_200(env: Env) -> Result<Outcome> {
+    let lb = Lb::start(env).await?;
+    let frontends: Vec<SocketAddr> = lb.nodes.iter().map(|n| n.frontend).collect();
+    // Each client's first request (to a random node) creates its session.
+    let mut first = Vec::new();
+    for _ in 0..CLIENTS {
+        let fe = frontends[rand::random_range(0..frontends.len())];
+        first.push(tokio::spawn(async move { get(fe, None).await }));
+    }
+    let mut clients: Vec<(String, String)> = Vec::new();
+    for t in first {
+        let r = t.await??;
+        ensure!(r.status == 200, "a first request got {}", r.status);
+        clients.push((
+            r.set_cookie.context("no PHPSESSID")?,
+            r.server.context("no server name")?,
+        ));
+    }
+    let want: BTreeMap<String, String> = clients.iter().cloned().collect();
+    ensure!(want.len() == CLIENTS, "{} distinct sessions", want.len());
+    // As between two clicks of a user: the sessions reach every node first.
+    let took = lb.converged(&want, Duration::from_secs(5)).await?;
+    figure("200 sessions on every node after", format!("{took:?}"));
+
+    let moved = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (cookie, server) in clients {
+        let frontends = frontends.clone();
+        let (moved, failed) = (moved.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                let fe = frontends[rand::random_range(0..frontends.len())];
+                match get(fe, Some(&cookie)).await {
+                    Ok(r) if r.status == 200 => {
+                        if r.server.as_deref() != Some(server.as_str()) {
+                            moved.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let total = CLIENTS * ROUNDS;
+    figure(
+        "sticky requests",
+        format!(
+            "{total} in {:.2}s, {} moved, {} failed",
+            started.elapsed().as_secs_f64(),
+            moved.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed)
+        ),
+    );
+    ensure!(moved.load(Ordering::Relaxed) == 0, "some clients moved");
+    ensure!(failed.load(Ordering::Relaxed) == 0, "some requests failed");
+    // No request created a session: the tables hold exactly the 200.
+    lb.converged(&want, Duration::from_secs(2)).await?;
+    Ok(Outcome::Pass)
+}
+
+/// `n` new sessions, each created by a cookie-less request to a random node; waits until
+/// every node's table has them all. Returns cookie -> server.
+async fn sessions(n: usize, on: &[SocketAddr]) -> Result<Vec<(String, String)>> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let fe = on[rand::random_range(0..on.len())];
+        tasks.push(tokio::spawn(async move { get(fe, None).await }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        let r = t.await??;
+        ensure!(r.status == 200, "a first request got {}", r.status);
+        out.push((
+            r.set_cookie.context("no PHPSESSID")?,
+            r.server.context("no server name")?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Sticky traffic until `stop`: each client sends requests with its cookie to random nodes,
+/// 20 ms apart. Counts requests, failures, and answers from another server than `expect(cookie)`.
+#[derive(Default)]
+struct Traffic {
+    requests: AtomicU64,
+    failed: AtomicU64,
+    moved: AtomicU64,
+}
+
+fn sticky_traffic(
+    clients: Vec<(String, String)>,
+    frontends: Vec<SocketAddr>,
+    expect: Arc<std::sync::Mutex<HashMap<String, String>>>,
+    stop: tokio_util::sync::CancellationToken,
+) -> (Arc<Traffic>, Vec<tokio::task::JoinHandle<()>>) {
+    let traffic = Arc::new(Traffic::default());
+    let mut tasks = Vec::new();
+    for (cookie, _) in clients {
+        let (frontends, expect, stop, traffic) = (
+            frontends.clone(),
+            expect.clone(),
+            stop.clone(),
+            traffic.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let fe = frontends[rand::random_range(0..frontends.len())];
+                let r = get(fe, Some(&cookie)).await;
+                traffic.requests.fetch_add(1, Ordering::Relaxed);
+                match r {
+                    Ok(r) if r.status == 200 => {
+                        let want = expect
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&cookie)
+                            .cloned();
+                        if want.is_some() && r.server != want {
+                            traffic.moved.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(r) => {
+                        eprintln!("    {fe}: status {}", r.status);
+                        traffic.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("    {fe}: {e:#}");
+                        traffic.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    (traffic, tasks)
+}
+
+// ---- 3 ----------------------------------------------------------------------------------------
+
+async fn server_down(env: Env) -> Result<Outcome> {
+    let mut lb = Lb::start(env).await?;
+    let frontends: Vec<SocketAddr> = lb.nodes.iter().map(|n| n.frontend).collect();
+    let clients = sessions(60, &frontends).await?;
+    let want: BTreeMap<String, String> = clients.iter().cloned().collect();
+    lb.converged(&want, Duration::from_secs(5)).await?;
+    let on_app1 = clients.iter().filter(|(_, s)| s == "app1").count();
+    ensure!(on_app1 > 0, "no session on app1");
+    // During the switch, app1's clients may be answered by app1 (before the kill) or app2.
+    let expect = Arc::new(std::sync::Mutex::new(
+        clients
+            .iter()
+            .filter(|(_, s)| s == "app2")
+            .cloned()
+            .collect::<HashMap<_, _>>(),
+    ));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (traffic, tasks) = sticky_traffic(clients.clone(), frontends, expect.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let killed = Instant::now();
+    let app1 = lb
+        .backends
+        .iter_mut()
+        .find(|(n, _, _)| n == "app1")
+        .context("no app1")?;
+    app1.2.kill9()?;
+    // Each node's worker logs the state change.
+    let mut down_after = Vec::new();
+    for n in &lb.nodes {
+        let log = n.proxyd.log_path().to_owned();
+        let t = harness::wait_for("app1 to be marked down", Duration::from_secs(10), || {
+            let log = log.clone();
+            async move {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                Ok(text
+                    .lines()
+                    .any(|l| l.contains("server is down") && l.contains("app1"))
+                    .then(|| killed.elapsed()))
+            }
+        })
+        .await?;
+        down_after.push(t);
+    }
+    let limit = Duration::from_millis(INTER_MS * u64::from(FALL + 1)) + Duration::from_millis(300);
+    figure(
+        "app1 marked down after (node1, node2, node3)",
+        format!(
+            "{down_after:?} (fall x inter = {} ms)",
+            INTER_MS * u64::from(FALL)
+        ),
+    );
+    // From now on app1's clients must all be on app2.
+    for (c, _) in clients.iter().filter(|(_, s)| s == "app1") {
+        expect
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(c.clone(), "app2".into());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    for t in tasks {
+        t.await?;
+    }
+    let (req, failed, moved) = (
+        traffic.requests.load(Ordering::Relaxed),
+        traffic.failed.load(Ordering::Relaxed),
+        traffic.moved.load(Ordering::Relaxed),
+    );
+    figure(
+        "sticky requests",
+        format!(
+            "{req}, {failed} failed, {moved} answered by an unexpected server ({on_app1} clients were on app1)"
+        ),
+    );
+    ensure!(failed == 0, "{failed} requests failed");
+    ensure!(moved == 0, "{moved} requests went to an unexpected server");
+    for (i, d) in down_after.iter().enumerate() {
+        ensure!(
+            *d <= limit,
+            "node{} marked app1 down after {d:?} (allowed {limit:?})",
+            i + 1
+        );
+    }
+    let all_app2: BTreeMap<String, String> = want
+        .keys()
+        .map(|k| (k.clone(), "app2".to_owned()))
+        .collect();
+    let took = lb.converged(&all_app2, Duration::from_secs(5)).await?;
+    figure(
+        "every node's table points app1's sessions at app2 after",
+        format!("{took:?}"),
+    );
+    Ok(Outcome::Pass)
+}
+
+// ---- 4 ----------------------------------------------------------------------------------------
+
+async fn stickd_kill9(env: Env) -> Result<Outcome> {
+    let mut lb = Lb::start(env).await?;
+    let frontends: Vec<SocketAddr> = lb.nodes.iter().map(|n| n.frontend).collect();
+    let clients = sessions(50, &frontends).await?;
+    let mut want: BTreeMap<String, String> = clients.iter().cloned().collect();
+    lb.converged(&want, Duration::from_secs(5)).await?;
+
+    lb.nodes[0].stickd.kill9()?;
+    let node1 = lb.nodes[0].frontend;
+    // Node1 keeps routing the known sessions from its cache.
+    let mut moved = 0;
+    for (cookie, server) in &clients {
+        let r = get(node1, Some(cookie)).await?;
+        ensure!(
+            r.status == 200,
+            "node1 answered {} with stickd down",
+            r.status
+        );
+        if r.server.as_deref() != Some(server.as_str()) {
+            moved += 1;
+        }
+    }
+    ensure!(
+        moved == 0,
+        "{moved} of {} clients moved while stickd was down",
+        clients.len()
+    );
+    // New sessions on node1 while its stickd is down: node1 itself knows them at once.
+    let fresh = sessions(20, &[node1]).await?;
+    for (cookie, server) in &fresh {
+        for _ in 0..3 {
+            let r = get(node1, Some(cookie)).await?;
+            ensure!(
+                r.status == 200 && r.server.as_deref() == Some(server.as_str()),
+                "a new session moved on node1 while stickd was down"
+            );
+        }
+    }
+    figure(
+        "with stickd down on node1",
+        format!(
+            "{} known + {} new sessions routed correctly",
+            clients.len(),
+            fresh.len()
+        ),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let back = Instant::now();
+    lb.nodes[0].stickd.restart()?;
+    want.extend(fresh.iter().cloned());
+    let took = lb.converged(&want, Duration::from_secs(15)).await?;
+    figure(
+        "new sessions on every node after stickd restart",
+        format!(
+            "{:?} (all {} sessions)",
+            back.elapsed().max(took),
+            want.len()
+        ),
+    );
+    // And node1's cache routes them all, fed again by the restarted stickd.
+    for (cookie, server) in &want {
+        let fe = frontends[rand::random_range(0..frontends.len())];
+        let r = get(fe, Some(cookie)).await?;
+        ensure!(
+            r.server.as_deref() == Some(server.as_str()),
+            "after the restart a client moved"
+        );
+    }
+    Ok(Outcome::Pass)
+}
+
+// ---- 5 ----------------------------------------------------------------------------------------
+
+const RELOADS_PER_NODE: usize = 5;
+
+async fn reload_sticky(env: Env) -> Result<Outcome> {
+    let lb = Lb::start(env).await?;
+    let frontends: Vec<SocketAddr> = lb.nodes.iter().map(|n| n.frontend).collect();
+    let clients = sessions(100, &frontends).await?;
+    let want: BTreeMap<String, String> = clients.iter().cloned().collect();
+    lb.converged(&want, Duration::from_secs(5)).await?;
+    let expect = Arc::new(std::sync::Mutex::new(want.clone().into_iter().collect()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (traffic, tasks) = sticky_traffic(clients, frontends, expect, stop.clone());
+    let started = Instant::now();
+    let mut reloads = 0;
+    for _ in 0..RELOADS_PER_NODE {
+        for n in &lb.nodes {
+            let before = cluster::serving(&cluster::proxyd_status(&n.proxyd_admin).await?)
+                .context("no serving generation")?;
+            n.proxyd.signal(nix::sys::signal::Signal::SIGUSR2)?;
+            cluster::wait_new_generation(
+                &n.proxyd_admin,
+                before.generation,
+                Duration::from_secs(20),
+            )
+            .await?;
+            reloads += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    for t in tasks {
+        t.await?;
+    }
+    let (req, failed, moved) = (
+        traffic.requests.load(Ordering::Relaxed),
+        traffic.failed.load(Ordering::Relaxed),
+        traffic.moved.load(Ordering::Relaxed),
+    );
+    figure(
+        "during reloads",
+        format!(
+            "{reloads} reloads in {:.1}s, {req} sticky requests, {failed} failed, {moved} moved",
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    ensure!(failed == 0, "{failed} requests failed");
+    ensure!(moved == 0, "{moved} requests reached another server");
+    lb.converged(&want, Duration::from_secs(2)).await?;
+    Ok(Outcome::Pass)
+}
+
+// ---- 6 ----------------------------------------------------------------------------------------
+
+/// A server that answers every connection with `reply` (or nothing at all) and keeps it open.
+async fn fake_server(reply: Option<&'static [u8]>) -> Result<SocketAddr> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                if let Some(r) = reply {
+                    let _ = s.write_all(r).await;
+                }
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Sends raw bytes (then waits without closing) and returns the status line's code, or 0 if
+/// the connection closed without one; with the time it took.
+async fn raw(addr: SocketAddr, bytes: &[u8], limit: Duration) -> Result<(u16, Duration)> {
+    let started = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(bytes).await?;
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(limit, read)
+        .await
+        .with_context(|| format!("no answer within {limit:?}"))?;
+    let text = String::from_utf8_lossy(&buf);
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((code, started.elapsed()))
+}
+
+async fn bad_input(mut env: Env) -> Result<Outcome> {
+    let names = vec!["app1".to_owned()];
+    let backends = cluster::start_backends(&mut env, &names, 1, Duration::ZERO, None).await?;
+    let garbage = fake_server(Some(b"this is not http\r\n\r\n")).await?;
+    let silent = fake_server(None).await?;
+    let dead = env.free_port(1)?;
+    let uid = nix::unistd::getuid().as_raw();
+    let fdk_socket = env.path("n1/fdkeeper/lend.sock");
+    let fdk_admin = env.path("n1/fdkeeper-admin.sock");
+    let fdk_config = env.write(
+        "n1/fdkeeper.toml",
+        &cluster::fdkeeper_toml(&fdk_socket, &fdk_admin, uid),
+    )?;
+    let _fdkeeper = env.spawn(
+        "fdkeeper-n1",
+        harness::release_bin("fdkeeper"),
+        ["--config".as_ref(), fdk_config.as_os_str()],
+    )?;
+    harness::wait_seqpacket(&fdk_socket, START_TIMEOUT).await?;
+    let fe: Vec<SocketAddr> = (0..4).map(|_| env.free_port(1)).collect::<Result<_>>()?;
+    let admin = env.path("n1/proxyd-admin.sock");
+    let mut text = format!(
+        r#"[global]
+admin_socket = "{}"
+fdkeeper_socket = "{}"
+
+[defaults]
+timeout_http_request = "1s"
+timeout_connect = "1s"
+timeout_server = "1s"
+timeout_queue = "1s"
+retries = 1
+"#,
+        admin.display(),
+        fdk_socket.display()
+    );
+    for (i, (name, server, check)) in [
+        ("ok", backends[0].1, false),
+        ("garbage", garbage, false),
+        ("silent", silent, false),
+        ("dead", dead, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        text.push_str(&format!(
+            "\n[[frontend]]\nname = \"{name}\"\nbind = [\"{}\"]\ndefault_backend = \"{name}\"\n\n[[backend]]\nname = \"{name}\"\n[backend.check]\ninter = \"100ms\"\nfall = 1\n[[backend.server]]\nname = \"s\"\naddress = \"{server}\"\ncheck = {check}\n",
+            fe[i]
+        ));
+    }
+    let config = env.write("n1/proxyd.toml", &text)?;
+    let mut proxyd = env.spawn(
+        "proxyd-n1",
+        harness::release_bin("proxyd"),
+        ["--config".as_ref(), config.as_os_str()],
+    )?;
+    harness::wait_for("proxyd to serve", START_TIMEOUT, || {
+        let admin = admin.clone();
+        async move { Ok(cluster::serving(&cluster::proxyd_status(&admin).await?)) }
+    })
+    .await?;
+    // The dead server is found down by its first check.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let limit = Duration::from_secs(5);
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let cases: Vec<(&str, SocketAddr, Vec<u8>, u16)> = vec![
+        ("malformed", fe[0], b"GET / HTTP/9.9 what\r\n\r\n".to_vec(), 400),
+        ("no host", fe[0], b"GET / HTTP/1.1\r\n\r\n".to_vec(), 400),
+        ("cl + te", fe[0], b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(), 400),
+        ("two lengths", fe[0], b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde".to_vec(), 400),
+        ("obs-fold", fe[0], b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n folded\r\n\r\n".to_vec(), 400),
+        ("bad chunk", fe[0], b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(), 400),
+        ("slowloris", fe[0], b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec(), 408),
+        ("huge head", fe[0], huge.into_bytes(), 431),
+        ("garbage server", fe[1], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 502),
+        ("silent server", fe[2], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 504),
+        ("no server", fe[3], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 503),
+        ("good", fe[0], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 200),
+    ];
+    for (what, addr, bytes, want) in cases {
+        let (got, took) = raw(addr, &bytes, limit)
+            .await
+            .with_context(|| format!("case {what}"))?;
+        figure(what, format!("{got} in {} ms", took.as_millis()));
+        ensure!(got == want, "{what}: status {got}, expected {want}");
+    }
+    ensure!(proxyd.is_running(), "proxyd exited");
+    let st = cluster::proxyd_status(&admin).await?;
+    let g = cluster::serving(&st).context("no serving generation")?;
+    ensure!(
+        g.restarts == 0,
+        "the worker was restarted {} times",
+        g.restarts
+    );
+    Ok(Outcome::Pass)
+}
