@@ -222,6 +222,9 @@ pub async fn push_loop(
     // connect attempt to a dead peer costs one SYN.
     let max_backoff = config.heartbeat.max(Duration::from_millis(100));
     let mut backoff = Duration::from_millis(50);
+    // Failures in a row: the first is a warning, the rest (a peer that stays down) only now and
+    // then, so that a dead peer does not fill the log once per heartbeat.
+    let mut failures = 0u64;
     loop {
         state.lock().state = "connecting";
         let started = Instant::now();
@@ -232,23 +235,34 @@ pub async fn push_loop(
         if shutdown.is_cancelled() {
             return;
         }
-        match result {
-            Ok(()) => {}
-            Err(e) => {
-                let refused =
-                    matches!(&e, PushError::Status(s) if s.code() == tonic::Code::PermissionDenied);
-                warn!(peer = %state.peer.name, error = %e, "replication stream to peer ended");
-                state.error(&e);
-                state.lock().state = if refused { "refused" } else { "backoff" };
-            }
-        }
         // A stream that lived a while was healthy: start the backoff over.
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(50);
+            failures = 0;
+        }
+        let mut pause = backoff;
+        match result {
+            Ok(()) => {}
+            Err(e) => {
+                failures += 1;
+                let refused =
+                    matches!(&e, PushError::Status(s) if s.code() == tonic::Code::PermissionDenied);
+                if failures == 1 || failures.is_multiple_of(100) {
+                    warn!(peer = %state.peer.name, error = %e, failures, "replication stream to peer ended");
+                } else {
+                    debug!(peer = %state.peer.name, error = %e, failures, "replication stream to peer ended");
+                }
+                state.error(&e);
+                state.lock().state = if refused { "refused" } else { "backoff" };
+                // A refusal needs an operator to fix a config: no point knocking every second.
+                if refused {
+                    pause = Duration::from_secs(10);
+                }
+            }
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(pause) => {}
             () = state.wake.notified() => debug!("peer connected to us: reconnecting now"),
         }
         backoff = (backoff * 2).min(max_backoff);
