@@ -203,7 +203,8 @@ fn endpoint(peer: &Peer, config: &Config) -> Result<Endpoint, tonic::transport::
         "http"
     };
     let ep = Endpoint::from_shared(format!("{scheme}://{}", peer.address))?
-        .connect_timeout((config.heartbeat * 2).max(Duration::from_millis(200)))
+        // Short, so that a SYN lost to a cut link is retried soon, not after the kernel's 1 s.
+        .connect_timeout((config.heartbeat / 2).max(Duration::from_millis(100)))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(config.heartbeat)
         .keep_alive_timeout(config.heartbeat * 3)
@@ -218,9 +219,9 @@ pub async fn push_loop(
     state: Arc<PeerState>,
     shutdown: CancellationToken,
 ) {
-    // Capped at one heartbeat: a healed link is used again within a heartbeat or so, and a
-    // connect attempt to a dead peer costs one SYN.
-    let max_backoff = config.heartbeat.max(Duration::from_millis(100));
+    // Capped at half a heartbeat (with connect attempts that give up after another half): a
+    // healed link is used again within about a heartbeat, and an attempt costs one SYN.
+    let max_backoff = (config.heartbeat / 2).max(Duration::from_millis(50));
     let mut backoff = Duration::from_millis(50);
     // Failures in a row: the first is a warning, the rest (a peer that stays down) only now and
     // then, so that a dead peer does not fill the log once per heartbeat.
