@@ -1363,6 +1363,22 @@ expire = "5m"
         Config::from_source(&SourceFile::from_text("t.toml", text), Some(local)).expect("config")
     }
 
+    /// sled releases its directory lock from a background thread shortly after the last handle
+    /// goes: a reopen in the same process may need a few tries (a new process never does).
+    fn reopen(c: &Config) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Store::open(c) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        }
+    }
+
     fn item(key: &str, server: &str) -> pb::StoreItem {
         pb::StoreItem {
             key: key.into(),
@@ -1501,9 +1517,9 @@ expire = "5m"
                 .expect("rt");
             rt.block_on(s.flush()).expect("flush");
         }
-        let old_epoch = Store::open(&c).expect("reopen once").epoch();
+        let old_epoch = reopen(&c).epoch();
         // That epoch reached sequence 2 on disk: a peer claiming 3 saw changes we lost.
-        let s = Store::open(&c).expect("reopen");
+        let s = reopen(&c);
         assert_ne!(s.epoch(), old_epoch);
         assert!(s.can_resume(old_epoch, 2));
         assert!(!s.can_resume(old_epoch, 3));
