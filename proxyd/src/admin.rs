@@ -5,7 +5,7 @@ use proto::proxyd::v1::admin_server::{Admin, AdminServer};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::master::{Handle, ReloadError};
+use crate::master::{Handle, ReloadError, SetServerError};
 
 #[derive(Debug)]
 pub struct AdminService {
@@ -36,6 +36,42 @@ impl Admin for AdminService {
             Err(e @ ReloadError::Config(_)) => Err(Status::invalid_argument(e.to_string())),
             Err(e @ ReloadError::Worker(_)) => Err(Status::internal(e.to_string())),
             Err(e @ ReloadError::Stopping) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
+    async fn show_servers(
+        &self,
+        req: Request<api::ShowServersRequest>,
+    ) -> Result<Response<api::ShowServersReply>, Status> {
+        let want = req.into_inner().backend;
+        let (generation, servers, _) = self
+            .master
+            .servers()
+            .await
+            .ok_or_else(|| Status::unavailable("the master is stopping"))?;
+        if !want.is_empty() && !servers.iter().any(|s| s.backend == want) {
+            return Err(Status::not_found(format!("no backend '{want}'")));
+        }
+        Ok(Response::new(api::ShowServersReply {
+            servers: servers
+                .into_iter()
+                .filter(|s| want.is_empty() || s.backend == want)
+                .collect(),
+            generation,
+        }))
+    }
+
+    async fn set_server(
+        &self,
+        req: Request<api::SetServerRequest>,
+    ) -> Result<Response<api::SetServerReply>, Status> {
+        match self.master.set_server(req.into_inner()).await {
+            Ok(server) => Ok(Response::new(api::SetServerReply {
+                server: Some(server),
+            })),
+            Err(e @ SetServerError::NotFound { .. }) => Err(Status::not_found(e.to_string())),
+            Err(e @ SetServerError::Invalid(_)) => Err(Status::invalid_argument(e.to_string())),
+            Err(e @ SetServerError::Stopping) => Err(Status::unavailable(e.to_string())),
         }
     }
 }

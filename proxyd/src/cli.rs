@@ -33,6 +33,14 @@ pub fn master(config_path: &Path) -> i32 {
             return EXIT_FAILURE;
         }
     };
+    let metrics = match config.global.metrics.map(std::net::TcpListener::bind) {
+        None => None,
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "cannot bind the metrics listener");
+            return EXIT_FAILURE;
+        }
+    };
     let admin_path = config.global.admin_socket.clone();
     // One thread: workers' parent-death signal follows the thread that spawned them.
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -54,6 +62,9 @@ pub fn master(config_path: &Path) -> i32 {
             return EXIT_FAILURE;
         }
         let admin_stop = CancellationToken::new();
+        if let Some(l) = metrics {
+            tokio::spawn(crate::metrics::serve(handle.clone(), l, admin_stop.clone()));
+        }
         let admin_task = tokio::spawn(crate::admin::serve(handle, admin, admin_stop.clone()));
         master.run(shutdown).await;
         admin_stop.cancel();

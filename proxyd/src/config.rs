@@ -34,6 +34,8 @@ pub struct Global {
     pub admin_socket: PathBuf,
     /// stickd's local socket; required when a backend has a stick rule.
     pub stickd_socket: Option<PathBuf>,
+    /// Prometheus `/metrics` listener of the master (bound by it, not lent by fdkeeper).
+    pub metrics: Option<SocketAddr>,
     pub fdkeeper_socket: PathBuf,
     pub drain_timeout: StdDuration,
     pub max_draining: usize,
@@ -229,6 +231,7 @@ struct RawConfig {
 struct RawGlobal {
     admin_socket: Option<Spanned<PathBuf>>,
     stickd_socket: Option<Spanned<PathBuf>>,
+    metrics: Option<Spanned<String>>,
     fdkeeper_socket: Option<Spanned<PathBuf>>,
     drain_timeout: Option<Duration>,
     max_draining: Option<Spanned<u64>>,
@@ -374,9 +377,19 @@ fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
         }
         p => p.map(Spanned::into_inner),
     };
+    let metrics = match g.metrics {
+        None => None,
+        Some(m) => Some(m.get_ref().parse::<SocketAddr>().map_err(|_| {
+            src.error_at(
+                m.span(),
+                format!("bad metrics address '{}' (expected ip:port)", m.get_ref()),
+            )
+        })?),
+    };
     let global = Global {
         admin_socket,
         stickd_socket,
+        metrics,
         fdkeeper_socket,
         drain_timeout: g.drain_timeout.map_or(StdDuration::from_secs(30), |d| d.0),
         max_draining,

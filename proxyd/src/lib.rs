@@ -27,6 +27,7 @@ pub mod control;
 pub mod health;
 pub mod http;
 pub mod master;
+pub mod metrics;
 pub mod proxy;
 pub mod stick;
 pub mod sys;

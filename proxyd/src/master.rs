@@ -47,6 +47,23 @@ enum Command {
     /// `None`: nobody waits for the answer (SIGUSR2).
     Reload(Option<ReloadReply>, Instant),
     Status(oneshot::Sender<api::StatusReply>),
+    /// The serving generation's last reported server states (and its stick cache figures).
+    Servers(oneshot::Sender<(u64, Vec<api::ServerState>, Option<pb::StickStats>)>),
+    SetServer(
+        api::SetServerRequest,
+        oneshot::Sender<Result<api::ServerState, SetServerError>>,
+    ),
+}
+
+/// Why `set server` was refused.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum SetServerError {
+    #[error("no server '{server}' in backend '{backend}'")]
+    NotFound { backend: String, server: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the master is stopping")]
+    Stopping,
 }
 
 /// Talks to a running master (the admin service, signal handlers, tests).
@@ -74,6 +91,24 @@ impl Handle {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Command::Status(tx)).ok()?;
         rx.await.ok()
+    }
+
+    /// Serving generation, its servers, its stick cache figures.
+    pub async fn servers(&self) -> Option<(u64, Vec<api::ServerState>, Option<pb::StickStats>)> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Servers(tx)).ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn set_server(
+        &self,
+        req: api::SetServerRequest,
+    ) -> Result<api::ServerState, SetServerError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::SetServer(req, tx))
+            .map_err(|_| SetServerError::Stopping)?;
+        rx.await.unwrap_or(Err(SetServerError::Stopping))
     }
 }
 
@@ -105,6 +140,9 @@ struct Worker {
     stats: StatsSnapshot,
     /// The reason from a `Failed` message, reported when the process exits.
     failed: Option<String>,
+    /// Servers and stick cache as last reported.
+    servers: Vec<api::ServerState>,
+    stick: Option<pb::StickStats>,
     ready_at: Option<Instant>,
 }
 
@@ -159,6 +197,16 @@ pub struct Master {
     /// Last reported health of each checked server, by (backend, server): the next
     /// generation starts from it.
     health: std::collections::BTreeMap<(String, String), bool>,
+    /// Operators' `set server` overrides: (state, weight) by (backend, server).
+    admin: std::collections::BTreeMap<(String, String), (u32, u32)>,
+}
+
+pub fn admin_state_name(state: u32) -> &'static str {
+    match state {
+        0 => "ready",
+        1 => "drain",
+        _ => "maint",
+    }
 }
 
 fn unix_ms(t: SystemTime) -> i64 {
@@ -193,6 +241,7 @@ impl Master {
             notified_ready: false,
             stopping: false,
             health: std::collections::BTreeMap::new(),
+            admin: std::collections::BTreeMap::new(),
         };
         (master, handle)
     }
@@ -254,6 +303,23 @@ impl Master {
             Command::Status(tx) => {
                 let _ = tx.send(self.status());
             }
+            Command::Servers(tx) => {
+                let reply = match self.serving() {
+                    Some(g) => {
+                        let w = g.worker.as_ref();
+                        (
+                            g.number,
+                            w.map(|w| w.servers.clone()).unwrap_or_default(),
+                            w.and_then(|w| w.stick),
+                        )
+                    }
+                    None => (0, Vec::new(), None),
+                };
+                let _ = tx.send(reply);
+            }
+            Command::SetServer(req, tx) => {
+                let _ = tx.send(self.set_server(req));
+            }
             Command::Reload(reply, asked) => {
                 if self.stopping {
                     if let Some(r) = reply {
@@ -267,6 +333,76 @@ impl Master {
                 }
             }
         }
+    }
+
+    /// Records an operator's override and sends it to every running worker.
+    fn set_server(
+        &mut self,
+        req: api::SetServerRequest,
+    ) -> Result<api::ServerState, SetServerError> {
+        let not_found = || SetServerError::NotFound {
+            backend: req.backend.clone(),
+            server: req.server.clone(),
+        };
+        let backend = self.current.backend(&req.backend).ok_or_else(not_found)?;
+        let server = backend
+            .servers
+            .iter()
+            .find(|s| s.name == req.server)
+            .ok_or_else(not_found)?;
+        let key = (req.backend.clone(), req.server.clone());
+        let (mut state, mut weight) = self.admin.get(&key).copied().unwrap_or((0, server.weight));
+        match req.state.as_str() {
+            "" => {}
+            "ready" => state = 0,
+            "drain" => state = 1,
+            "maint" => state = 2,
+            other => {
+                return Err(SetServerError::Invalid(format!(
+                    "unknown state '{other}' (ready, drain or maint)"
+                )));
+            }
+        }
+        if let Some(w) = req.weight {
+            if w > 256 {
+                return Err(SetServerError::Invalid(
+                    "weight must be between 0 and 256".into(),
+                ));
+            }
+            weight = w;
+        }
+        self.admin.insert(key, (state, weight));
+        tracing::info!(backend = %req.backend, server = %req.server, state = admin_state_name(state), weight, "set server");
+        let msg = to_worker(pb::master_to_worker::Kind::ServerAdmin(pb::ServerAdmin {
+            backend: req.backend.clone(),
+            server: req.server.clone(),
+            state,
+            weight,
+        }));
+        for g in &self.generations {
+            if let Some(w) = &g.worker {
+                let _ = w.tx.send(ToWorker::Send(msg.clone()));
+            }
+        }
+        let mut shown = self
+            .serving()
+            .and_then(|g| g.worker.as_ref())
+            .and_then(|w| {
+                w.servers
+                    .iter()
+                    .find(|s| s.backend == req.backend && s.server == req.server)
+                    .cloned()
+            })
+            .unwrap_or_else(|| api::ServerState {
+                backend: req.backend.clone(),
+                server: req.server.clone(),
+                address: server.address.to_string(),
+                maxconn: server.maxconn,
+                ..Default::default()
+            });
+        shown.admin_state = admin_state_name(state).into();
+        shown.weight = weight;
+        Ok(shown)
     }
 
     fn begin_reload(&mut self, reply: Option<ReloadReply>, asked: Instant) {
@@ -374,7 +510,17 @@ impl Master {
                 up: *up,
             })
             .collect();
-        match spawn_process(&exe, id, g, health, self.ev_tx.clone()) {
+        let admin: Vec<pb::ServerAdmin> = self
+            .admin
+            .iter()
+            .map(|((backend, server), (state, weight))| pb::ServerAdmin {
+                backend: backend.clone(),
+                server: server.clone(),
+                state: *state,
+                weight: *weight,
+            })
+            .collect();
+        match spawn_process(&exe, id, g, health, admin, self.ev_tx.clone()) {
             Ok(worker) => {
                 tracing::info!(generation = g.number, pid = worker.pid, binary = %exe.display(), "worker spawned");
                 g.worker = Some(worker);
@@ -394,6 +540,8 @@ impl Master {
                     started: SystemTime::now(),
                     stats: StatsSnapshot::default(),
                     failed: None,
+                    servers: Vec::new(),
+                    stick: None,
                     ready_at: None,
                 });
             }
@@ -424,6 +572,8 @@ impl Master {
                     }
                     Some(pb::worker_to_master::Kind::Stats(s)) => {
                         if let Some(w) = self.generations[idx].worker.as_mut() {
+                            w.servers = s.servers;
+                            w.stick = s.stick;
                             w.stats = StatsSnapshot {
                                 active_connections: s.active_connections,
                                 requests_total: s.requests_total,
@@ -808,6 +958,7 @@ fn spawn_process(
     id: u64,
     g: &Generation,
     health: Vec<pb::ServerHealth>,
+    admin: Vec<pb::ServerAdmin>,
     events: mpsc::UnboundedSender<Event>,
 ) -> std::io::Result<Worker> {
     let (ours, theirs) = sys::seqpacket_pair()?;
@@ -829,6 +980,7 @@ fn spawn_process(
         config_path: g.config.source.path.display().to_string(),
         config_toml: g.config.source.text.clone(),
         health,
+        admin,
     }));
     let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
     tokio::spawn(async move {
@@ -879,6 +1031,8 @@ fn spawn_process(
         started: SystemTime::now(),
         stats: StatsSnapshot::default(),
         failed: None,
+        servers: Vec::new(),
+        stick: None,
         ready_at: None,
     })
 }

@@ -66,6 +66,11 @@ pub struct ServerRt {
     pub weight: AtomicU32,
     /// Requests (HTTP) or connections (TCP) being served now.
     pub active: AtomicU32,
+    pub requests: AtomicU64,
+    /// Responses by class: 1xx to 5xx.
+    pub responses: [AtomicU64; 5],
+    /// Failed connection attempts and requests without a valid answer.
+    pub errors: AtomicU64,
 }
 
 impl ServerRt {
@@ -240,6 +245,58 @@ pub struct Shared {
     pub stick: Option<Arc<StickCache>>,
 }
 
+impl Shared {
+    /// Every server's state and counters, in config order (for the master's ShowServers).
+    pub fn server_states(&self) -> Vec<proto::proxyd::v1::ServerState> {
+        let mut out = Vec::new();
+        for b in &self.backends {
+            for s in &b.servers {
+                let r = |i: usize| s.responses[i].load(Ordering::Relaxed);
+                out.push(proto::proxyd::v1::ServerState {
+                    backend: b.name.clone(),
+                    server: s.name.clone(),
+                    address: s.address.to_string(),
+                    health: match (s.config.check, s.up.load(Ordering::Relaxed)) {
+                        (false, _) => "no-check",
+                        (true, true) => "up",
+                        (true, false) => "down",
+                    }
+                    .into(),
+                    admin_state: crate::master::admin_state_name(u32::from(
+                        s.admin.load(Ordering::Relaxed),
+                    ))
+                    .into(),
+                    weight: s.weight.load(Ordering::Relaxed),
+                    active: s.active.load(Ordering::Relaxed),
+                    maxconn: s.config.maxconn,
+                    requests_total: s.requests.load(Ordering::Relaxed),
+                    responses_1xx: r(0),
+                    responses_2xx: r(1),
+                    responses_3xx: r(2),
+                    responses_4xx: r(3),
+                    responses_5xx: r(4),
+                    errors: s.errors.load(Ordering::Relaxed),
+                    idle_pooled: s.pool.idle_count() as u32,
+                });
+            }
+        }
+        out
+    }
+
+    /// An operator's `set server`; unknown names are ignored (another generation's config).
+    pub fn apply_admin(&self, backend: &str, server: &str, state: u32, weight: u32) {
+        let Some(b) = self.backends.iter().find(|b| b.name == backend) else {
+            return;
+        };
+        let Some(s) = b.servers.iter().find(|s| s.name == server) else {
+            return;
+        };
+        s.admin.store(state.min(2) as u8, Ordering::Relaxed);
+        s.weight.store(weight.min(256), Ordering::Relaxed);
+        b.freed.notify_waiters();
+    }
+}
+
 /// The serving half of a worker, usable on its own with any bound listeners (tests).
 #[derive(Debug)]
 pub struct Proxy {
@@ -286,6 +343,9 @@ impl Proxy {
                         admin: AtomicU8::new(AdminState::Ready as u8),
                         weight: AtomicU32::new(s.weight),
                         active: AtomicU32::new(0),
+                        requests: AtomicU64::new(0),
+                        responses: Default::default(),
+                        errors: AtomicU64::new(0),
                     })
                     .collect(),
                 freed: tokio::sync::Notify::new(),

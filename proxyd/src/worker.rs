@@ -92,9 +92,15 @@ pub fn main(control_fd: RawFd) -> i32 {
                     .iter()
                     .map(|h| ((h.backend.clone(), h.server.clone()), h.up))
                     .collect();
-                run(Arc::new(config), start.generation, health, control)
-                    .instrument(span)
-                    .await
+                run(
+                    Arc::new(config),
+                    start.generation,
+                    health,
+                    start.admin,
+                    control,
+                )
+                .instrument(span)
+                .await
             }
             Err(e) => {
                 // The master validated this very text; reaching here means a version skew.
@@ -180,6 +186,7 @@ async fn run(
     config: Arc<Config>,
     generation: u64,
     health: HashMap<(String, String), bool>,
+    admin: Vec<pb::ServerAdmin>,
     control: WorkerEnd,
 ) -> i32 {
     let pid = std::process::id();
@@ -224,6 +231,11 @@ async fn run(
         }
     }
     let proxy = Arc::new(Proxy::with_state(config.clone(), stick.clone(), &health));
+    for a in &admin {
+        proxy
+            .shared()
+            .apply_admin(&a.backend, &a.server, a.state, a.weight);
+    }
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
     let checks_stop = CancellationToken::new();
     crate::health::spawn_all(proxy.shared(), health_tx, checks_stop.clone());
@@ -277,12 +289,12 @@ async fn run(
         Box::pin(async move { proxy.finish(deadline).await })
             as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
     };
-    let mut last_sent = StatsSnapshot::default();
+    let mut last_sent = pb::Stats::default();
     loop {
         tokio::select! {
             () = async { if let Some(f) = finishing.as_mut() { f.await } }, if finishing.is_some() => {
                 tracing::info!("drained, exiting");
-                let _ = control.send(&stats_msg(proxy.stats())).await;
+                let _ = control.send(&stats_msg(&proxy)).await;
                 flush_stick(stick.as_deref(), &stick_stop).await;
                 return EXIT_OK;
             }
@@ -308,6 +320,9 @@ async fn run(
                     flush_stick(stick.as_deref(), &stick_stop).await;
                     return EXIT_OK;
                 }
+                Ok(Some(pb::master_to_worker::Kind::ServerAdmin(a))) => {
+                    proxy.shared().apply_admin(&a.backend, &a.server, a.state, a.weight);
+                }
                 Ok(Some(pb::master_to_worker::Kind::Start(_))) => {
                     tracing::warn!("ignoring a second start message");
                 }
@@ -324,10 +339,13 @@ async fn run(
                 }
             }
             _ = tick.tick() => {
-                let now = proxy.stats();
-                if control_open && now != last_sent {
-                    last_sent = now;
-                    let _ = control.send(&stats_msg(now)).await;
+                let msg = stats_msg(&proxy);
+                if let Some(pb::worker_to_master::Kind::Stats(now)) = &msg.kind
+                    && control_open
+                    && *now != last_sent
+                {
+                    last_sent = now.clone();
+                    let _ = control.send(&msg).await;
                 }
             }
         }
@@ -344,10 +362,27 @@ async fn flush_stick(stick: Option<&StickCache>, stop: &CancellationToken) {
     stop.cancel();
 }
 
-fn stats_msg(s: StatsSnapshot) -> pb::WorkerToMaster {
+fn stats_msg(proxy: &Proxy) -> pb::WorkerToMaster {
+    let s: StatsSnapshot = proxy.stats();
+    let stick = proxy.shared().stick.as_ref().map(|c| {
+        let st = &c.stats;
+        let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        pb::StickStats {
+            hits: ld(&st.hits),
+            misses: ld(&st.misses),
+            entries: (0..c.tables.len()).map(|t| c.len(t) as u64).sum(),
+            pending: c.pending_len() as u64,
+            dropped: ld(&st.dropped),
+            link_up: st.link_up.load(std::sync::atomic::Ordering::Relaxed),
+            stores_sent: ld(&st.stores_sent),
+            touches_sent: ld(&st.touches_sent),
+        }
+    });
     to_master(pb::worker_to_master::Kind::Stats(pb::Stats {
         active_connections: s.active_connections,
         requests_total: s.requests_total,
         requests_in_flight: s.requests_in_flight,
+        servers: proxy.shared().server_states(),
+        stick,
     }))
 }

@@ -91,6 +91,7 @@ pub async fn serve(shared: Arc<Shared>, frontend: usize, stream: TcpStream, peer
         let next = exchange(&shared, frontend, &mut client, peer, head, &mut log).await;
         if let Next::Fail(status) = next {
             log.status = status as u16;
+            log.proxy_error = true;
         }
         access_log(&shared, frontend, peer, &log, &method, &target);
         match next {
@@ -116,6 +117,8 @@ struct Log {
     retries: u32,
     redispatched: bool,
     stick: &'static str,
+    /// The status was the proxy's own (the server failed), not the server's.
+    proxy_error: bool,
 }
 
 impl Log {
@@ -128,6 +131,7 @@ impl Log {
             retries: 0,
             redispatched: false,
             stick: "-",
+            proxy_error: false,
         }
     }
 
@@ -159,13 +163,13 @@ fn access_log(
         target: "proxyd::access",
         client = %peer,
         frontend = %shared.config.frontends[frontend].name,
-        backend,
-        server,
+        backend = %backend,
+        server = %server,
         status = log.status,
         time_ms = log.started.elapsed().as_millis() as u64,
         retries = log.retries,
         redispatched = log.redispatched,
-        stick = log.stick,
+        stick = %log.stick,
         request = %format_args!("{method} {target}"),
     );
 }
@@ -362,6 +366,7 @@ async fn exchange(
             Ok(x) => break x,
             Err(Failure::Next(n)) => return n,
             Err(Failure::Connect(status)) => {
+                slot.server().errors.fetch_add(1, Ordering::Relaxed);
                 if attempt >= bconf.retries {
                     return Next::Fail(status);
                 }

@@ -1,0 +1,263 @@
+//! Prometheus `/metrics` on the master's metrics listener, from what the workers report.
+//!
+//! Counters come from the serving generation's worker: they restart from 0 with each new
+//! generation, which Prometheus' `rate()` treats as a counter reset.
+
+use std::fmt::Write as _;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::master::Handle;
+use proto::proxyd::v1 as api;
+
+/// Serves `GET /metrics` (anything else: 404) until `stop`.
+pub async fn serve(handle: Handle, listener: std::net::TcpListener, stop: CancellationToken) {
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve metrics");
+            return;
+        }
+    };
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                let mut n = 0;
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return None,
+                        Ok(k) => n += k,
+                    }
+                }
+                Some(n)
+            })
+            .await;
+            let Ok(Some(n)) = read else { return };
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if head.starts_with("GET /metrics ") {
+                ("200 OK", render(&handle).await)
+            } else {
+                ("404 Not Found", "only /metrics here\n".to_owned())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+async fn render(handle: &Handle) -> String {
+    let mut out = String::new();
+    let status = handle.status().await;
+    let servers = handle.servers().await;
+    if let Some(st) = &status {
+        metric(
+            &mut out,
+            "proxyd_reloads_total",
+            "counter",
+            "reloads by result",
+        );
+        let _ = writeln!(
+            out,
+            "proxyd_reloads_total{{result=\"ok\"}} {}",
+            st.reloads_ok
+        );
+        let _ = writeln!(
+            out,
+            "proxyd_reloads_total{{result=\"failed\"}} {}",
+            st.reloads_failed
+        );
+        metric(
+            &mut out,
+            "proxyd_connections_active",
+            "gauge",
+            "client connections per generation",
+        );
+        metric(
+            &mut out,
+            "proxyd_requests_total",
+            "counter",
+            "requests per generation",
+        );
+        for g in &st.generations {
+            let state = match api::GenerationState::try_from(g.state) {
+                Ok(api::GenerationState::Serving) => "serving",
+                Ok(api::GenerationState::Draining) => "draining",
+                _ => "starting",
+            };
+            if let Some(w) = &g.worker {
+                let l = format!("generation=\"{}\",state=\"{state}\"", g.generation);
+                let _ = writeln!(
+                    out,
+                    "proxyd_connections_active{{{l}}} {}",
+                    w.active_connections
+                );
+                let _ = writeln!(out, "proxyd_requests_total{{{l}}} {}", w.requests_total);
+            }
+        }
+    }
+    if let Some((_, servers, stick)) = servers {
+        type Field = fn(&api::ServerState) -> String;
+        let per_server: [(&str, &str, &str, Field); 6] = [
+            (
+                "proxyd_server_up",
+                "gauge",
+                "health: 1 up (or unchecked), 0 down",
+                |s| u8::from(s.health != "down").to_string(),
+            ),
+            (
+                "proxyd_server_active",
+                "gauge",
+                "requests or connections being served",
+                |s| s.active.to_string(),
+            ),
+            ("proxyd_server_weight", "gauge", "current weight", |s| {
+                s.weight.to_string()
+            }),
+            (
+                "proxyd_server_requests_total",
+                "counter",
+                "requests sent",
+                |s| s.requests_total.to_string(),
+            ),
+            (
+                "proxyd_server_errors_total",
+                "counter",
+                "failed connects and bad answers",
+                |s| s.errors.to_string(),
+            ),
+            (
+                "proxyd_server_idle_pooled",
+                "gauge",
+                "idle pooled connections",
+                |s| s.idle_pooled.to_string(),
+            ),
+        ];
+        for (name, kind, help, f) in per_server {
+            metric(&mut out, name, kind, help);
+            for s in &servers {
+                let _ = writeln!(out, "{name}{{{}}} {}", labels(s), f(s));
+            }
+        }
+        metric(
+            &mut out,
+            "proxyd_server_maint",
+            "gauge",
+            "1 when in maintenance or drain",
+        );
+        for s in &servers {
+            let _ = writeln!(
+                out,
+                "proxyd_server_maint{{{},state=\"{}\"}} {}",
+                labels(s),
+                s.admin_state,
+                u8::from(s.admin_state != "ready")
+            );
+        }
+        metric(
+            &mut out,
+            "proxyd_server_responses_total",
+            "counter",
+            "responses by class",
+        );
+        for s in &servers {
+            for (class, n) in [
+                ("1xx", s.responses_1xx),
+                ("2xx", s.responses_2xx),
+                ("3xx", s.responses_3xx),
+                ("4xx", s.responses_4xx),
+                ("5xx", s.responses_5xx),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "proxyd_server_responses_total{{{},code=\"{class}\"}} {n}",
+                    labels(s)
+                );
+            }
+        }
+        if let Some(st) = stick {
+            for (name, kind, help, v) in [
+                (
+                    "proxyd_stick_cache_hits_total",
+                    "counter",
+                    "stick lookups that found a server",
+                    st.hits,
+                ),
+                (
+                    "proxyd_stick_cache_misses_total",
+                    "counter",
+                    "stick lookups that found nothing",
+                    st.misses,
+                ),
+                (
+                    "proxyd_stick_cache_entries",
+                    "gauge",
+                    "live cached entries",
+                    st.entries,
+                ),
+                (
+                    "proxyd_stick_pending_writes",
+                    "gauge",
+                    "stores and touches not yet sent to stickd",
+                    st.pending,
+                ),
+                (
+                    "proxyd_stick_dropped_writes_total",
+                    "counter",
+                    "writes dropped with the buffer full",
+                    st.dropped,
+                ),
+                (
+                    "proxyd_stick_stores_sent_total",
+                    "counter",
+                    "stores sent to stickd",
+                    st.stores_sent,
+                ),
+                (
+                    "proxyd_stick_touches_sent_total",
+                    "counter",
+                    "touches sent to stickd",
+                    st.touches_sent,
+                ),
+                (
+                    "proxyd_stickd_link_up",
+                    "gauge",
+                    "1 while the Watch stream to stickd is up",
+                    u64::from(st.link_up),
+                ),
+            ] {
+                metric(&mut out, name, kind, help);
+                let _ = writeln!(out, "{name} {v}");
+            }
+        }
+    }
+    out
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn labels(s: &api::ServerState) -> String {
+    // Names are restricted to [A-Za-z0-9._-] by the config: nothing to escape.
+    format!("backend=\"{}\",server=\"{}\"", s.backend, s.server)
+}
