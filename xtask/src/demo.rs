@@ -1,121 +1,92 @@
-//! `cargo xtask demo`: a cluster of load-balancer nodes on 127.0.0.1-N (fdkeeper + proxyd each)
-//! in front of two demo backends, with the commands to try it, until Ctrl-C.
+//! `cargo xtask demo`: the seed's cluster of load-balancer nodes on 127.0.0.1-N (fdkeeper +
+//! stickd + proxyd each, sticky on PHPSESSID) in front of two demo backends, with the commands
+//! to try it, until Ctrl-C.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::cluster::{self, Node, NodeOptions};
+use crate::e2e::lb::Lb;
 use crate::harness::{self, Env};
-
-/// Stable addresses when they are free: frontends on 127.0.0.N:8080, backends on 127.0.0.1:9001+.
-const FRONTEND_PORT: u16 = 8080;
-const BACKEND_PORT: u16 = 9001;
 
 pub async fn run(build: bool, nodes: u8) -> Result<()> {
     ensure!((1..=3).contains(&nodes), "--nodes must be 1 to 3");
     // From the start: processes sit in their own groups, so a Ctrl-C must go through us.
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
-    let mut env = Env::new("demo")?;
+    let env = Env::new("demo")?;
     let start = async {
         if build {
             println!("building release binaries...");
             tokio::task::spawn_blocking(harness::build_release).await??;
         }
-        let names = vec!["app1".to_owned(), "app2".to_owned()];
-        let backends =
-            cluster::start_backends(&mut env, &names, 1, Duration::ZERO, Some(BACKEND_PORT))
-                .await?;
-        let servers: Vec<_> = backends.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
-        let mut started = Vec::new();
-        for host in 1..=nodes {
-            let node = Node::start(
-                &mut env,
-                NodeOptions {
-                    host,
-                    servers: Some(servers.clone()),
-                    preferred_ports: Some((FRONTEND_PORT, BACKEND_PORT)),
-                    ..NodeOptions::default()
-                },
-            )
-            .await?;
-            started.push(node);
-        }
-        anyhow::Ok((backends, started))
+        // The seed's cluster: fdkeeper + stickd + proxyd per node, sticky on PHPSESSID.
+        Lb::start_with(env, nodes, Some(())).await
     };
-    let (backends, nodes) = tokio::select! {
+    let lb = tokio::select! {
         r = start => r?,
         _ = int.recv() => return stopped(),
         _ = term.recv() => return stopped(),
     };
-    println!("{}", instructions(&env, &backends, &nodes));
+    println!("{}", instructions(&lb));
     tokio::select! {
         _ = int.recv() => {}
         _ = term.recv() => {}
     }
-    drop(nodes);
-    drop(backends);
+    drop(lb);
     stopped()
 }
 
-fn instructions(
-    env: &Env,
-    backends: &[(String, std::net::SocketAddr, harness::Proc)],
-    nodes: &[Node],
-) -> String {
+fn instructions(lb: &Lb) -> String {
     let proxyd = harness::release_bin("proxyd");
-    let fdkeeper = harness::release_bin("fdkeeper");
     let mut s = String::new();
     let _ = writeln!(
         s,
         "\ndemo cluster running (files and logs under {})",
-        env.dir().display()
+        lb.env.dir().display()
     );
-    for (name, addr, _) in backends {
+    for (name, addr, _) in &lb.backends {
         let _ = writeln!(s, "  backend {name} on {addr}");
     }
-    for (i, n) in nodes.iter().enumerate() {
+    for n in &lb.nodes {
         let _ = writeln!(
             s,
-            "  node{} frontend http://{}/  proxyd master pid {}  fdkeeper pid {}\n    configs {} {}",
-            i + 1,
+            "  node{} frontend http://{}/  metrics http://{}/metrics  proxyd master pid {}  stickd pid {}\n    proxyd config {}",
+            n.host,
             n.frontend,
+            n.metrics,
             n.proxyd.pid(),
-            n.fdkeeper.pid(),
+            n.stickd.pid(),
             n.proxyd_config.display(),
-            n.fdkeeper_config.display()
         );
     }
-    if let Some(n) = nodes.first() {
+    if let Some(n) = lb.nodes.first() {
         // grpcurl 1.8 sends a unix socket's path as HTTP/2 :authority, which the servers reject;
         // -authority gives it a host name instead.
         let _ = write!(
             s,
             r#"
-try:
-  curl -si http://{fe}/                  # round robin over app1, app2; a new PHPSESSID each time
-  curl -si -b PHPSESSID=abc http://{fe}/index.php
+try (the seed's test: each curl is a new session, stored on every node):
+  for i in 1 2 3 4 5; do curl -s http://{fe}/index.php | head -2; done
+  grpcurl -plaintext -authority localhost -unix {ssock} -d '{{"table":"dynamic_group"}}' stick.v1.Stick/Show
+  curl -s -b PHPSESSID=<one of the keys> http://{fe}/index.php     # always the same server
+  grpcurl -plaintext -authority localhost -unix {padmin} proxyd.v1.Admin/ShowServers
+  grpcurl -plaintext -authority localhost -unix {padmin} -d '{{"backend":"dynamic_group","server":"app1","state":"maint"}}' proxyd.v1.Admin/SetServer
   kill -USR2 {master}                     # reload: a new worker generation, no request lost
   {proxyd} reload --config {pconf}
-  grpcurl -plaintext -authority localhost -unix {padmin} list
-  grpcurl -plaintext -authority localhost -unix {padmin} proxyd.v1.Admin/Status
-  grpcurl -plaintext -authority localhost -unix {fadmin} fdkeeper.v1.Admin/ListListeners
-  {fdkeeper} list --socket {fsock}
+  curl -s http://{metrics}/metrics
   tail -f {dir}/logs/*.log
 
 Ctrl-C stops everything."#,
             fe = n.frontend,
+            ssock = n.stickd_socket.display(),
             master = n.proxyd.pid(),
             proxyd = proxyd.display(),
             pconf = n.proxyd_config.display(),
             padmin = n.proxyd_admin.display(),
-            fadmin = n.fdkeeper_admin.display(),
-            fdkeeper = fdkeeper.display(),
-            fsock = n.fdkeeper_socket.display(),
-            dir = env.dir().display(),
+            metrics = n.metrics,
+            dir = lb.env.dir().display(),
         );
     }
     s

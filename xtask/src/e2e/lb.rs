@@ -68,6 +68,12 @@ pub fn scenarios() -> Vec<Scenario> {
             90,
             |env| Box::pin(bad_input(env)),
         ),
+        s(
+            "lb-admin",
+            "grpcurl ShowServers/SetServer (drain, maint, weight) act at once and survive a reload; /metrics reports servers and the stick cache",
+            120,
+            |env| Box::pin(admin(env)),
+        ),
     ]
 }
 
@@ -87,6 +93,7 @@ pub struct LbNode {
     pub proxyd: Proc,
     pub frontend: SocketAddr,
     pub proxyd_admin: PathBuf,
+    pub metrics: SocketAddr,
     #[allow(dead_code)]
     pub proxyd_config: PathBuf,
 }
@@ -132,6 +139,7 @@ pub fn proxyd_seed_toml(
     fdkeeper: &Path,
     stickd: &Path,
     frontend: SocketAddr,
+    metrics: SocketAddr,
     servers: &[(String, SocketAddr)],
 ) -> String {
     let mut s = format!(
@@ -140,6 +148,7 @@ pub fn proxyd_seed_toml(
 admin_socket = "{}"
 fdkeeper_socket = "{}"
 stickd_socket = "{}"
+metrics = "{metrics}"
 drain_timeout = "10s"
 
 [defaults]
@@ -191,13 +200,21 @@ store_response = "res.cook(PHPSESSID)"
 
 impl Lb {
     /// Two backends on 127.0.0.1, three nodes on 127.0.0.1-3, all serving and peered.
-    pub async fn start(mut env: Env) -> Result<Lb> {
+    pub async fn start(env: Env) -> Result<Lb> {
+        Self::start_with(env, 3, None).await
+    }
+
+    /// `nodes` nodes on 127.0.0.1-`nodes`; `stable`: use the demo's well-known ports when free
+    /// (frontends :8080, backends :9001+, stickd peers :10000, metrics :9100).
+    pub async fn start_with(mut env: Env, count: u8, stable: Option<()>) -> Result<Lb> {
+        let port = |p: u16| stable.map(|()| p);
         let names = vec!["app1".to_owned(), "app2".to_owned()];
-        let backends = cluster::start_backends(&mut env, &names, 1, Duration::ZERO, None).await?;
+        let backends =
+            cluster::start_backends(&mut env, &names, 1, Duration::ZERO, port(9001)).await?;
         let servers: Vec<(String, SocketAddr)> =
             backends.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
-        let peer_addrs = (1..=3u8)
-            .map(|h| env.free_port(h))
+        let peer_addrs = (1..=count)
+            .map(|h| env.port_or_free(h, port(10000)))
             .collect::<Result<Vec<_>>>()?;
         let peers: Vec<(String, SocketAddr)> = peer_addrs
             .iter()
@@ -206,7 +223,7 @@ impl Lb {
             .collect();
         let uid = nix::unistd::getuid().as_raw();
         let mut nodes = Vec::new();
-        for h in 1..=3u8 {
+        for h in 1..=count {
             let dir = env.path(&format!("n{h}"));
             let stickd_socket = dir.join("stickd.sock");
             let stickd_config = env.write(
@@ -236,7 +253,8 @@ impl Lb {
             )?;
             harness::wait_unix(&stickd_socket, START_TIMEOUT).await?;
             harness::wait_seqpacket(&fdkeeper_socket, START_TIMEOUT).await?;
-            let frontend = env.free_port(h)?;
+            let frontend = env.port_or_free(h, port(8080))?;
+            let metrics = env.port_or_free(h, port(9100))?;
             let proxyd_admin = env.path(&format!("n{h}/proxyd-admin.sock"));
             let proxyd_config = env.write(
                 &format!("n{h}/proxyd.toml"),
@@ -245,6 +263,7 @@ impl Lb {
                     &fdkeeper_socket,
                     &stickd_socket,
                     frontend,
+                    metrics,
                     &servers,
                 ),
             )?;
@@ -261,6 +280,7 @@ impl Lb {
                 proxyd,
                 frontend,
                 proxyd_admin,
+                metrics,
                 proxyd_config,
             });
         }
@@ -285,6 +305,7 @@ impl Lb {
 
     /// Until every stickd pushes to both others.
     async fn peered(&self) -> Result<()> {
+        let want = self.nodes.len();
         for n in &self.nodes {
             let socket = n.stickd_socket.clone();
             harness::wait_for("stickd peers to connect", START_TIMEOUT, || {
@@ -297,7 +318,7 @@ impl Lb {
                         .iter()
                         .filter(|p| p.name != peers.local && p.state == "connected")
                         .count();
-                    Ok((up == 2).then_some(()))
+                    Ok((up + 1 == want).then_some(()))
                 }
             })
             .await?;
@@ -993,5 +1014,155 @@ retries = 1
         "the worker was restarted {} times",
         g.restarts
     );
+    Ok(Outcome::Pass)
+}
+
+// ---- admin ------------------------------------------------------------------------------------
+
+fn set_server(node: &LbNode, data: serde_json::Value) -> Result<serde_json::Value> {
+    harness::grpcurl(
+        &GrpcTarget::Unix(node.proxyd_admin.clone()),
+        "proxyd.v1.Admin/SetServer",
+        Some(&data),
+    )
+}
+
+async fn show_servers(node: &LbNode) -> Result<Vec<serde_json::Value>> {
+    let v = harness::grpcurl(
+        &GrpcTarget::Unix(node.proxyd_admin.clone()),
+        "proxyd.v1.Admin/ShowServers",
+        Some(&serde_json::json!({})),
+    )?;
+    Ok(v["servers"].as_array().cloned().unwrap_or_default())
+}
+
+async fn new_sessions_on(fe: SocketAddr, n: usize) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let r = get(fe, None).await?;
+        ensure!(r.status == 200, "status {}", r.status);
+        out.push((
+            r.set_cookie.context("no cookie")?,
+            r.server.context("no server")?,
+        ));
+    }
+    Ok(out)
+}
+
+async fn admin(env: Env) -> Result<Outcome> {
+    let lb = Lb::start(env).await?;
+    let n1 = &lb.nodes[0];
+    let servers = harness::wait_for(
+        "ShowServers to list both servers",
+        START_TIMEOUT,
+        || async {
+            let s = show_servers(n1).await?;
+            Ok((s.len() == 2 && s.iter().all(|x| x["health"] == "up")).then_some(s))
+        },
+    )
+    .await?;
+    figure(
+        "ShowServers",
+        servers
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {} {} w{}",
+                    s["server"], s["health"], s["adminState"], s["weight"]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let clients = new_sessions_on(n1.frontend, 20).await?;
+    let on_app1: Vec<&(String, String)> = clients.iter().filter(|(_, s)| s == "app1").collect();
+    ensure!(!on_app1.is_empty(), "no session on app1");
+
+    // drain: stuck clients stay, new sessions go elsewhere.
+    set_server(
+        n1,
+        serde_json::json!({"backend": TABLE, "server": "app1", "state": "drain"}),
+    )?;
+    for (c, _) in &on_app1 {
+        let r = get(n1.frontend, Some(c)).await?;
+        ensure!(
+            r.server.as_deref() == Some("app1"),
+            "a stuck client left a draining server"
+        );
+    }
+    let fresh = new_sessions_on(n1.frontend, 10).await?;
+    ensure!(
+        fresh.iter().all(|(_, s)| s == "app2"),
+        "a new session went to a draining server"
+    );
+
+    // maint: stuck clients move (redispatch), with no failure.
+    set_server(
+        n1,
+        serde_json::json!({"backend": TABLE, "server": "app1", "state": "maint"}),
+    )?;
+    for (c, _) in &on_app1 {
+        let r = get(n1.frontend, Some(c)).await?;
+        ensure!(
+            r.status == 200 && r.server.as_deref() == Some("app2"),
+            "a client stayed on a server in maintenance: {r:?}"
+        );
+    }
+    figure(
+        "maint",
+        format!("{} clients of app1 moved to app2, 0 failed", on_app1.len()),
+    );
+
+    // ready with weight 3: exactly 3 of every 4 new sessions on app1 (smooth round robin).
+    set_server(
+        n1,
+        serde_json::json!({"backend": TABLE, "server": "app1", "state": "ready", "weight": 3}),
+    )?;
+    let fresh = new_sessions_on(n1.frontend, 8).await?;
+    let a1 = fresh.iter().filter(|(_, s)| s == "app1").count();
+    figure(
+        "weights 3:1, 8 new sessions",
+        format!("{a1} on app1, {} on app2", 8 - a1),
+    );
+    ensure!(a1 == 6, "{a1} of 8 on app1, expected 6");
+
+    // A reload keeps the operator's changes.
+    let before = cluster::serving(&cluster::proxyd_status(&n1.proxyd_admin).await?)
+        .context("no serving generation")?;
+    n1.proxyd.signal(nix::sys::signal::Signal::SIGUSR2)?;
+    cluster::wait_new_generation(&n1.proxyd_admin, before.generation, Duration::from_secs(20))
+        .await?;
+    harness::wait_for(
+        "the new generation to report weight 3",
+        Duration::from_secs(5),
+        || async {
+            let s = show_servers(n1).await?;
+            Ok(s.iter()
+                .any(|x| x["server"] == "app1" && x["weight"] == 3 && x["adminState"] == "ready")
+                .then_some(()))
+        },
+    )
+    .await?;
+
+    // Prometheus.
+    let text = {
+        let mut s = tokio::net::TcpStream::connect(n1.metrics).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    for want in [
+        "proxyd_server_up{backend=\"dynamic_group\",server=\"app1\"} 1",
+        "proxyd_server_weight{backend=\"dynamic_group\",server=\"app1\"} 3",
+        "proxyd_stickd_link_up 1",
+        "proxyd_stick_cache_entries ",
+        "proxyd_server_responses_total{backend=\"dynamic_group\",server=\"app2\",code=\"2xx\"}",
+        "proxyd_reloads_total{result=\"ok\"} 1",
+    ] {
+        ensure!(text.contains(want), "/metrics lacks {want:?}:\n{text}");
+    }
+    figure("/metrics", format!("{} lines", text.lines().count()));
     Ok(Outcome::Pass)
 }

@@ -4,7 +4,7 @@
 //! A scenario is a plain async fn taking its [`Env`]; to add a group of them, write a module
 //! with a `scenarios()` function returning [`Scenario`]s and append it in [`all`].
 
-mod lb;
+pub mod lb;
 mod proxy;
 mod stickd;
 mod systemd;
