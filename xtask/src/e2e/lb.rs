@@ -74,6 +74,12 @@ pub fn scenarios() -> Vec<Scenario> {
             120,
             |env| Box::pin(admin(env)),
         ),
+        s(
+            "lb-table-refused",
+            "a reload whose stick table is missing in stickd, or has an incompatible type, is refused naming the table; the running generation keeps routing",
+            90,
+            |env| Box::pin(table_refused(env)),
+        ),
     ]
 }
 
@@ -1164,5 +1170,54 @@ async fn admin(env: Env) -> Result<Outcome> {
         ensure!(text.contains(want), "/metrics lacks {want:?}:\n{text}");
     }
     figure("/metrics", format!("{} lines", text.lines().count()));
+    Ok(Outcome::Pass)
+}
+
+// ---- table refused ----------------------------------------------------------------------------
+
+async fn table_refused(env: Env) -> Result<Outcome> {
+    let lb = Lb::start_with(env, 1, None).await?;
+    let n = &lb.nodes[0];
+    let clients = new_sessions_on(n.frontend, 6).await?;
+    let good = std::fs::read_to_string(&n.proxyd_config)?;
+    for (what, replace, want) in [
+        (
+            "missing table",
+            "[backend.stick]\ntable = \"missing\"\n",
+            "stick table 'missing': not defined in stickd",
+        ),
+        (
+            "incompatible type",
+            "[backend.stick]\non = \"src\"\n#",
+            "stick table 'dynamic_group': type string in stickd, ip or ipv6 (for src) needed",
+        ),
+    ] {
+        std::fs::write(
+            &n.proxyd_config,
+            good.replacen("[backend.stick]\n", replace, 1),
+        )?;
+        let out = std::process::Command::new(harness::release_bin("proxyd"))
+            .arg("reload")
+            .arg("--config")
+            .arg(&n.proxyd_config)
+            .output()?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(!out.status.success(), "{what}: the reload succeeded");
+        ensure!(said.contains(want), "{what}: `proxyd reload` said {said:?}");
+        figure(what, said.trim());
+        // The running generation still routes every session where it was.
+        for (c, server) in &clients {
+            let r = get(n.frontend, Some(c)).await?;
+            ensure!(
+                r.server.as_deref() == Some(server.as_str()),
+                "{what}: a client moved"
+            );
+        }
+    }
+    std::fs::write(&n.proxyd_config, good)?;
     Ok(Outcome::Pass)
 }
