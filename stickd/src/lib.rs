@@ -238,6 +238,11 @@ async fn housekeeping(config: Arc<Config>, store: Arc<Store>, shutdown: Cancella
                 }
             }
             _ = flush.tick() => {
+                // Hand the queue to sled off the async workers first; flush() then has little left.
+                let s = store.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.persist()).await {
+                    error!(error = %e, "writing to sled failed");
+                }
                 if let Err(e) = store.flush().await {
                     error!(error = %e, "flush failed");
                 }

@@ -621,7 +621,9 @@ async fn receive(
                 // off the async workers.
                 let (st, from2, skip2) = (store.clone(), from.clone(), skip.to_vec());
                 tokio::task::spawn_blocking(move || {
-                    st.apply_remote(&from2, epoch, &b.changes, &skip2, Some(through))
+                    let r = st.apply_remote(&from2, epoch, &b.changes, &skip2, Some(through));
+                    st.backpressure();
+                    r
                 })
                 .await
                 .map_err(|e| Status::internal(format!("apply task failed: {e}")))?

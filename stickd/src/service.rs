@@ -70,7 +70,12 @@ impl pb::stick_server::Stick for LocalService {
     ) -> Result<Response<pb::StoreReply>, Status> {
         let r = r.into_inner();
         let store = self.store.clone();
-        let entries = blocking(move || store.store(&r.table, &r.items)).await?;
+        let entries = blocking(move || {
+            let r = store.store(&r.table, &r.items);
+            store.backpressure();
+            r
+        })
+        .await?;
         Ok(Response::new(pb::StoreReply { entries }))
     }
 
@@ -80,7 +85,12 @@ impl pb::stick_server::Stick for LocalService {
     ) -> Result<Response<pb::TouchReply>, Status> {
         let r = r.into_inner();
         let store = self.store.clone();
-        let touched = blocking(move || store.touch(&r.table, &r.keys)).await?;
+        let touched = blocking(move || {
+            let r = store.touch(&r.table, &r.keys);
+            store.backpressure();
+            r
+        })
+        .await?;
         Ok(Response::new(pb::TouchReply { touched }))
     }
 

@@ -162,6 +162,10 @@ impl Pending {
         self.lock().push((tree.clone(), key.to_vec(), None));
     }
 
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
     fn take(&self) -> Vec<Op> {
         std::mem::take(&mut *self.lock())
     }
@@ -232,6 +236,8 @@ struct Inner {
     received: HashMap<String, (u64, u64)>,
 }
 
+/// Queued sled writes past which writers wait for sled (see `Store::backpressure`).
+const PENDING_HIGH_WATER: usize = 100_000;
 /// Log records kept in memory for pushers (older ones are read from sled).
 const LOG_TAIL: usize = 256 * 1024;
 
@@ -254,6 +260,8 @@ pub struct Store {
     meta: sled::Tree,
     inner: Mutex<Inner>,
     pending: Arc<Pending>,
+    /// One writer at a time, so that sled sees the queue in order.
+    persist_lock: Mutex<()>,
     /// Highest log sequence handed to sled.
     persisted_seq: AtomicU64,
     first_seq: AtomicU64,
@@ -490,6 +498,7 @@ impl Store {
                 received,
             }),
             pending,
+            persist_lock: Mutex::new(()),
             persisted_seq: AtomicU64::new(head),
             first_seq: AtomicU64::new(first),
             epoch,
@@ -1014,6 +1023,7 @@ impl Store {
     /// Hands the queued writes to sled (in order; meta last so that positions never get ahead
     /// of the data) and lets the in-memory log tail shrink. Returns how many writes went.
     pub fn persist(&self) -> Result<usize, StoreError> {
+        let _one_writer = self.persist_lock.lock().unwrap_or_else(|p| p.into_inner());
         // Read the head first: every record up to it is already queued (append queues before
         // publishing the head), so after this batch sled has the log through it.
         let head = self.head();
@@ -1251,6 +1261,17 @@ impl Store {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Called by writers after a write (off the async workers): when sled falls behind, the
+    /// writer persists the queue itself, which slows writes down to what sled can take and
+    /// keeps the durability window and the queue's memory bounded.
+    pub fn backpressure(&self) {
+        if self.pending.len() > PENDING_HIGH_WATER
+            && let Err(e) = self.persist()
+        {
+            tracing::error!(error = %e, "writing to sled failed");
+        }
     }
 
     /// `Some(v)` when this start may have lost writes of our own above version `v` (a kill -9
