@@ -520,7 +520,13 @@ impl Master {
                 weight: *weight,
             })
             .collect();
-        match spawn_process(&exe, id, g, health, admin, self.ev_tx.clone()) {
+        let need_stickd = self.generations[idx].restarts == 0
+            && self
+                .generations
+                .iter()
+                .any(|o| o.number != self.generations[idx].number && o.state == State::Serving);
+        let g = &mut self.generations[idx];
+        match spawn_process(&exe, id, g, health, admin, need_stickd, self.ev_tx.clone()) {
             Ok(worker) => {
                 tracing::info!(generation = g.number, pid = worker.pid, binary = %exe.display(), "worker spawned");
                 g.worker = Some(worker);
@@ -959,6 +965,7 @@ fn spawn_process(
     g: &Generation,
     health: Vec<pb::ServerHealth>,
     admin: Vec<pb::ServerAdmin>,
+    need_stickd: bool,
     events: mpsc::UnboundedSender<Event>,
 ) -> std::io::Result<Worker> {
     let (ours, theirs) = sys::seqpacket_pair()?;
@@ -981,6 +988,7 @@ fn spawn_process(
         config_toml: g.config.source.text.clone(),
         health,
         admin,
+        need_stickd,
     }));
     let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
     tokio::spawn(async move {

@@ -261,28 +261,21 @@ impl StickCache {
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Starts the watch and flush tasks. Returns once the first snapshot is in, or with the
-    /// table that stickd does not have (or has with another type); if stickd does not answer
-    /// within `wait`, returns anyway (serving from an empty cache) and keeps trying.
+    /// Starts the watch and flush tasks. Returns `Ok(true)` once the first snapshot is in,
+    /// `Ok(false)` if stickd did not answer within `wait` (the tasks keep trying), or the table
+    /// that stickd does not have (or has with another type).
     pub async fn start(
         self: &Arc<Self>,
         socket: PathBuf,
         stop: CancellationToken,
         wait: Duration,
-    ) -> Result<(), StickError> {
+    ) -> Result<bool, StickError> {
         let (tx, rx) = oneshot::channel();
         tokio::spawn(watch_loop(self.clone(), socket.clone(), stop.clone(), tx));
         tokio::spawn(flush_loop(self.clone(), socket, stop));
         match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Ok(()),
-            Err(_) => {
-                tracing::warn!(
-                    wait_ms = wait.as_millis() as u64,
-                    "stickd did not answer: serving from an empty stick cache until it does"
-                );
-                Ok(())
-            }
+            Ok(Ok(r)) => r.map(|()| true),
+            Ok(Err(_)) | Err(_) => Ok(false),
         }
     }
 

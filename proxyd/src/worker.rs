@@ -97,6 +97,7 @@ pub fn main(control_fd: RawFd) -> i32 {
                     start.generation,
                     health,
                     start.admin,
+                    start.need_stickd,
                     control,
                 )
                 .instrument(span)
@@ -187,6 +188,7 @@ async fn run(
     generation: u64,
     health: HashMap<(String, String), bool>,
     admin: Vec<pb::ServerAdmin>,
+    need_stickd: bool,
     control: WorkerEnd,
 ) -> i32 {
     let pid = std::process::id();
@@ -224,10 +226,32 @@ async fn run(
     let stick = StickCache::for_config(&config);
     if let (Some(cache), Some(socket)) = (&stick, &config.global.stickd_socket) {
         let wait = config.global.worker_ready_timeout / 2;
-        if let Err(e) = cache.start(socket.clone(), stick_stop.clone(), wait).await {
-            tracing::error!(error = %e, "refusing to start");
-            let _ = control.send(&failed(e.to_string())).await;
-            return EXIT_CONFIG;
+        match cache.start(socket.clone(), stick_stop.clone(), wait).await {
+            Ok(true) => {}
+            Ok(false) if need_stickd => {
+                let why = format!(
+                    "stickd ({}) did not answer within {} ms: the running generation keeps serving with its stick cache",
+                    socket.display(),
+                    wait.as_millis()
+                );
+                tracing::error!(reason = %why, "refusing to start");
+                stick_stop.cancel();
+                let _ = control.send(&failed(why)).await;
+                return EXIT_FAILURE;
+            }
+            Ok(false) => {
+                // Nothing else serves: better an empty cache than no service.
+                tracing::warn!(
+                    wait_ms = wait.as_millis() as u64,
+                    "stickd did not answer: serving from an empty stick cache until it does"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "refusing to start");
+                stick_stop.cancel();
+                let _ = control.send(&failed(e.to_string())).await;
+                return EXIT_CONFIG;
+            }
         }
     }
     let proxy = Arc::new(Proxy::with_state(config.clone(), stick.clone(), &health));

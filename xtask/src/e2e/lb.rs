@@ -52,7 +52,7 @@ pub fn scenarios() -> Vec<Scenario> {
         ),
         s(
             "lb-stickd-kill9",
-            "kill -9 stickd on node1: node1 keeps routing sticky clients; its new sessions reach the peers once stickd is back",
+            "kill -9 stickd on node1: node1 keeps routing sticky clients (a reload is refused rather than start with an empty cache); its new sessions reach the peers once stickd is back",
             120,
             |env| Box::pin(stickd_kill9(env)),
         ),
@@ -156,6 +156,8 @@ fdkeeper_socket = "{}"
 stickd_socket = "{}"
 metrics = "{metrics}"
 drain_timeout = "10s"
+# A new generation waits up to half of this for stickd's snapshot.
+worker_ready_timeout = "4s"
 
 [defaults]
 timeout_http_request = "2s"
@@ -796,7 +798,26 @@ async fn stickd_kill9(env: Env) -> Result<Outcome> {
             fresh.len()
         ),
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A reload now would start a worker with an empty cache: it is refused, and the running
+    // generation keeps routing with its cache.
+    let out = std::process::Command::new(harness::release_bin("proxyd"))
+        .arg("reload")
+        .arg("--config")
+        .arg(&lb.nodes[0].proxyd_config)
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !out.status.success() && said.contains("did not answer"),
+        "a reload with stickd down was not refused: {said:?}"
+    );
+    figure("reload with stickd down", said.trim());
+    for (cookie, server) in clients.iter().chain(&fresh) {
+        let r = get(node1, Some(cookie)).await?;
+        ensure!(
+            r.server.as_deref() == Some(server.as_str()),
+            "a client moved after the refused reload"
+        );
+    }
     let back = Instant::now();
     lb.nodes[0].stickd.restart()?;
     want.extend(fresh.iter().cloned());
