@@ -80,6 +80,12 @@ pub fn scenarios() -> Vec<Scenario> {
             90,
             |env| Box::pin(table_refused(env)),
         ),
+        s(
+            "lb-touch-coalesced",
+            "a session busy for 5 s on a table with expire 2s: never expires, and costs about 4 touches per expire instead of one per request",
+            60,
+            |env| Box::pin(touch_coalesced(env)),
+        ),
     ]
 }
 
@@ -112,7 +118,7 @@ pub struct Lb {
     pub nodes: Vec<LbNode>,
 }
 
-fn stickd_toml(dir: &Path, socket: &Path, peers: &[(String, SocketAddr)]) -> String {
+fn stickd_toml(dir: &Path, socket: &Path, peers: &[(String, SocketAddr)], expire: &str) -> String {
     let mut s = format!(
         r#"# stickd for an lb e2e node.
 data_dir = "{}"
@@ -126,7 +132,7 @@ name = "{TABLE}"
 type = "string"
 len = 32
 size = "5k"
-expire = "5m"
+expire = "{expire}"
 "#,
         dir.join("data").display(),
         socket.display()
@@ -214,7 +220,17 @@ impl Lb {
 
     /// `nodes` nodes on 127.0.0.1-`nodes`; `stable`: use the demo's well-known ports when free
     /// (frontends :8080, backends :9001+, stickd peers :10000, metrics :9100).
-    pub async fn start_with(mut env: Env, count: u8, stable: Option<()>) -> Result<Lb> {
+    pub async fn start_with(env: Env, count: u8, stable: Option<()>) -> Result<Lb> {
+        Self::start_opts(env, count, stable, "5m").await
+    }
+
+    /// Like `start_with`, with the stick table's `expire`.
+    pub async fn start_opts(
+        mut env: Env,
+        count: u8,
+        stable: Option<()>,
+        expire: &str,
+    ) -> Result<Lb> {
         let port = |p: u16| stable.map(|()| p);
         let names = vec!["app1".to_owned(), "app2".to_owned()];
         let backends =
@@ -236,7 +252,7 @@ impl Lb {
             let stickd_socket = dir.join("stickd.sock");
             let stickd_config = env.write(
                 &format!("n{h}/stickd.toml"),
-                &stickd_toml(&dir.join("stickd"), &stickd_socket, &peers),
+                &stickd_toml(&dir.join("stickd"), &stickd_socket, &peers, expire),
             )?;
             let stickd = env.spawn(
                 &format!("stickd-n{h}"),
@@ -1240,5 +1256,66 @@ async fn table_refused(env: Env) -> Result<Outcome> {
         }
     }
     std::fs::write(&n.proxyd_config, good)?;
+    Ok(Outcome::Pass)
+}
+
+// ---- touches ----------------------------------------------------------------------------------
+
+async fn metric_value(addr: SocketAddr, name: &str) -> Result<u64> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n")
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no {name} in /metrics"))
+}
+
+async fn touch_coalesced(env: Env) -> Result<Outcome> {
+    let lb = Lb::start_opts(env, 1, None, "2s").await?;
+    let n = &lb.nodes[0];
+    let (cookie, server) = new_sessions_on(n.frontend, 1)
+        .await?
+        .pop()
+        .context("no session")?;
+    let busy = Duration::from_secs(5);
+    let started = Instant::now();
+    let mut requests = 0u64;
+    while started.elapsed() < busy {
+        let r = get(n.frontend, Some(&cookie)).await?;
+        ensure!(
+            r.status == 200 && r.server.as_deref() == Some(server.as_str()),
+            "after {:?} the session moved or failed: {r:?}",
+            started.elapsed()
+        );
+        requests += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The worker reports its counters every 250 ms.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let touches = metric_value(n.metrics, "proxyd_stick_touches_sent_total").await?;
+    figure(
+        "one session busy for 5 s (expire 2s)",
+        format!("{requests} requests, {touches} touches sent to stickd"),
+    );
+    ensure!(
+        (4..=20).contains(&touches),
+        "{touches} touches (expected about 10: one per quarter of expire)"
+    );
+    ensure!(
+        lb.table(0).await?.get(&cookie) == Some(&server),
+        "the busy session is not in stickd"
+    );
+    // Idle: it expires.
+    let gone = harness::wait_for(
+        "the idle session to expire",
+        Duration::from_secs(6),
+        || async { Ok((!lb.table(0).await?.contains_key(&cookie)).then_some(())) },
+    )
+    .await;
+    ensure!(gone.is_ok(), "the idle session did not expire");
     Ok(Outcome::Pass)
 }
