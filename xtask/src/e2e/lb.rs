@@ -763,6 +763,43 @@ async fn server_down(env: Env) -> Result<Outcome> {
         "every node's table points app1's sessions at app2 after",
         format!("{took:?}"),
     );
+    // A new generation starts with app1 known down (from the master), not assumed up.
+    let n1 = &lb.nodes[0];
+    let before = cluster::serving(&cluster::proxyd_status(&n1.proxyd_admin).await?)
+        .context("no serving generation")?;
+    n1.proxyd.signal(nix::sys::signal::Signal::SIGUSR2)?;
+    let (g, _) =
+        cluster::wait_new_generation(&n1.proxyd_admin, before.generation, Duration::from_secs(20))
+            .await?;
+    let first = harness::wait_for(
+        "the new generation's first report",
+        Duration::from_secs(5),
+        || async {
+            let v = harness::grpcurl(
+                &GrpcTarget::Unix(n1.proxyd_admin.clone()),
+                "proxyd.v1.Admin/ShowServers",
+                Some(&serde_json::json!({})),
+            )?;
+            let fresh = harness::json_u64(&v["generation"]) == Some(g.generation);
+            let servers = v["servers"].as_array().cloned().unwrap_or_default();
+            Ok((fresh && !servers.is_empty()).then_some(servers))
+        },
+    )
+    .await?;
+    let app1 = first
+        .iter()
+        .find(|s| s["server"] == "app1")
+        .context("no app1")?;
+    ensure!(
+        app1["health"] == "down",
+        "generation {} started with app1 {}",
+        g.generation,
+        app1["health"]
+    );
+    figure(
+        "after a reload, app1 in the new generation",
+        "down from the start",
+    );
     Ok(Outcome::Pass)
 }
 
