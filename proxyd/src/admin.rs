@@ -44,7 +44,7 @@ impl Admin for AdminService {
         req: Request<api::ShowServersRequest>,
     ) -> Result<Response<api::ShowServersReply>, Status> {
         let want = req.into_inner().backend;
-        let (generation, servers, _) = self
+        let (generation, servers, ..) = self
             .master
             .servers()
             .await

@@ -48,12 +48,22 @@ enum Command {
     Reload(Option<ReloadReply>, Instant),
     Status(oneshot::Sender<api::StatusReply>),
     /// The serving generation's last reported server states (and its stick cache figures).
-    Servers(oneshot::Sender<(u64, Vec<api::ServerState>, Option<pb::StickStats>)>),
+    Servers(oneshot::Sender<Report>),
     SetServer(
         api::SetServerRequest,
         oneshot::Sender<Result<api::ServerState, SetServerError>>,
     ),
 }
+
+/// What the serving generation last reported: its number, servers, stick cache, frontends
+/// and backends.
+pub type Report = (
+    u64,
+    Vec<api::ServerState>,
+    Option<pb::StickStats>,
+    Vec<pb::FrontendStats>,
+    Vec<pb::BackendStats>,
+);
 
 /// Why `set server` was refused.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -94,7 +104,7 @@ impl Handle {
     }
 
     /// Serving generation, its servers, its stick cache figures.
-    pub async fn servers(&self) -> Option<(u64, Vec<api::ServerState>, Option<pb::StickStats>)> {
+    pub async fn servers(&self) -> Option<Report> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Command::Servers(tx)).ok()?;
         rx.await.ok()
@@ -143,6 +153,8 @@ struct Worker {
     /// Servers and stick cache as last reported.
     servers: Vec<api::ServerState>,
     stick: Option<pb::StickStats>,
+    frontends: Vec<pb::FrontendStats>,
+    backends: Vec<pb::BackendStats>,
     ready_at: Option<Instant>,
 }
 
@@ -311,9 +323,11 @@ impl Master {
                             g.number,
                             w.map(|w| w.servers.clone()).unwrap_or_default(),
                             w.and_then(|w| w.stick),
+                            w.map(|w| w.frontends.clone()).unwrap_or_default(),
+                            w.map(|w| w.backends.clone()).unwrap_or_default(),
                         )
                     }
-                    None => (0, Vec::new(), None),
+                    None => (0, Vec::new(), None, Vec::new(), Vec::new()),
                 };
                 let _ = tx.send(reply);
             }
@@ -548,6 +562,8 @@ impl Master {
                     failed: None,
                     servers: Vec::new(),
                     stick: None,
+                    frontends: Vec::new(),
+                    backends: Vec::new(),
                     ready_at: None,
                 });
             }
@@ -580,6 +596,8 @@ impl Master {
                         if let Some(w) = self.generations[idx].worker.as_mut() {
                             w.servers = s.servers;
                             w.stick = s.stick;
+                            w.frontends = s.frontends;
+                            w.backends = s.backends;
                             w.stats = StatsSnapshot {
                                 active_connections: s.active_connections,
                                 requests_total: s.requests_total,
@@ -1026,6 +1044,16 @@ fn spawn_process(
                         Ok(s) => s.to_string(),
                         Err(e) => format!("wait failed: {e}"),
                     };
+                    // What the worker said before dying (e.g. why it failed) comes first: the
+                    // dead end's datagrams are still queued, then EOF.
+                    while control_open {
+                        match tokio::time::timeout(Duration::from_millis(100), channel.recv()).await {
+                            Ok(Ok(Some(msg))) => {
+                                let _ = events.send(Event::Msg { id, msg });
+                            }
+                            _ => control_open = false,
+                        }
+                    }
                     let _ = events.send(Event::Exited { id, status });
                     return;
                 }
@@ -1041,6 +1069,8 @@ fn spawn_process(
         failed: None,
         servers: Vec::new(),
         stick: None,
+        frontends: Vec::new(),
+        backends: Vec::new(),
         ready_at: None,
     })
 }

@@ -115,7 +115,73 @@ async fn render(handle: &Handle) -> String {
             }
         }
     }
-    if let Some((_, servers, stick)) = servers {
+    if let Some((_, servers, stick, frontends, backends)) = servers {
+        type Fe = crate::control::pb::FrontendStats;
+        type Be = crate::control::pb::BackendStats;
+        let fe_fields: [Row<Fe>; 4] = [
+            (
+                "proxyd_frontend_connections_active",
+                "gauge",
+                "client connections now",
+                |f| f.connections_active,
+            ),
+            (
+                "proxyd_frontend_connections_total",
+                "counter",
+                "client connections accepted",
+                |f| f.connections_total,
+            ),
+            (
+                "proxyd_frontend_requests_total",
+                "counter",
+                "requests received",
+                |f| f.requests_total,
+            ),
+            (
+                "proxyd_frontend_requests_denied_total",
+                "counter",
+                "requests refused by the proxy (400, 408, 431)",
+                |f| f.requests_denied,
+            ),
+        ];
+        for (name, kind, help, f) in fe_fields {
+            metric(&mut out, name, kind, help);
+            for fe in &frontends {
+                let _ = writeln!(out, "{name}{{frontend=\"{}\"}} {}", fe.name, f(fe));
+            }
+        }
+        let be_fields: [Row<Be>; 4] = [
+            (
+                "proxyd_backend_queued",
+                "gauge",
+                "requests waiting for a server slot",
+                |b| b.queued,
+            ),
+            (
+                "proxyd_backend_no_server_total",
+                "counter",
+                "requests answered 503 for want of a server",
+                |b| b.no_server_total,
+            ),
+            (
+                "proxyd_backend_redispatched_total",
+                "counter",
+                "requests sent to another server than the stuck or first one",
+                |b| b.redispatched_total,
+            ),
+            (
+                "proxyd_backend_retries_total",
+                "counter",
+                "connection retries",
+                |b| b.retries_total,
+            ),
+        ];
+        for (name, kind, help, f) in be_fields {
+            metric(&mut out, name, kind, help);
+            for be in &backends {
+                let _ = writeln!(out, "{name}{{backend=\"{}\"}} {}", be.name, f(be));
+            }
+        }
         type Field = fn(&api::ServerState) -> String;
         let per_server: [(&str, &str, &str, Field); 6] = [
             (
@@ -252,6 +318,9 @@ async fn render(handle: &Handle) -> String {
     }
     out
 }
+
+/// A metric: name, type, help, and how to read it from a reported record.
+type Row<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

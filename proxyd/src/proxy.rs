@@ -108,6 +108,34 @@ pub struct BackendRt {
     pub freed: tokio::sync::Notify,
     /// The stick table of the backend's rule, as an index into the worker's stick cache.
     pub stick_table: Option<usize>,
+    /// Requests waiting for a slot now.
+    pub queued: AtomicU64,
+    pub no_server: AtomicU64,
+    pub redispatched: AtomicU64,
+    pub retries: AtomicU64,
+}
+
+/// Counters of one frontend.
+#[derive(Debug, Default)]
+pub struct FrontendCounters {
+    pub connections_active: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub requests_total: AtomicU64,
+    pub requests_denied: AtomicU64,
+}
+
+/// Counts a request as queued while it lives.
+struct Queued<'a>(&'a AtomicU64);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn queued(c: &AtomicU64) -> Queued<'_> {
+    c.fetch_add(1, Ordering::Relaxed);
+    Queued(c)
 }
 
 /// A request's hold on a server slot; frees it (and wakes the queue) when dropped.
@@ -204,8 +232,11 @@ impl BackendRt {
             if !self.servers.iter().any(ServerRt::takes_new) {
                 return Err(NoServer::Unavailable);
             }
-            if cands.is_empty() && tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(NoServer::QueueTimeout);
+            if cands.is_empty() {
+                let _q = queued(&self.queued);
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    return Err(NoServer::QueueTimeout);
+                }
             }
         }
     }
@@ -223,6 +254,7 @@ impl BackendRt {
             if let Some(slot) = self.try_take(index) {
                 return Ok(slot);
             }
+            let _q = queued(&self.queued);
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(NoServer::QueueTimeout);
             }
@@ -243,6 +275,7 @@ pub struct Shared {
     /// Fired when the worker drains: no more accepting, `Connection: close` on every response.
     pub drain: CancellationToken,
     pub stick: Option<Arc<StickCache>>,
+    pub frontends: Vec<FrontendCounters>,
 }
 
 impl Shared {
@@ -281,6 +314,41 @@ impl Shared {
             }
         }
         out
+    }
+
+    /// Frontend and backend counters (for the master's metrics).
+    pub fn frontend_backend_stats(
+        &self,
+    ) -> (
+        Vec<proto::proxyd::control::v1::FrontendStats>,
+        Vec<proto::proxyd::control::v1::BackendStats>,
+    ) {
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let fe = self
+            .config
+            .frontends
+            .iter()
+            .zip(&self.frontends)
+            .map(|(f, c)| proto::proxyd::control::v1::FrontendStats {
+                name: f.name.clone(),
+                connections_active: ld(&c.connections_active),
+                connections_total: ld(&c.connections_total),
+                requests_total: ld(&c.requests_total),
+                requests_denied: ld(&c.requests_denied),
+            })
+            .collect();
+        let be = self
+            .backends
+            .iter()
+            .map(|b| proto::proxyd::control::v1::BackendStats {
+                name: b.name.clone(),
+                queued: ld(&b.queued),
+                no_server_total: ld(&b.no_server),
+                redispatched_total: ld(&b.redispatched),
+                retries_total: ld(&b.retries),
+            })
+            .collect();
+        (fe, be)
     }
 
     /// An operator's `set server`; unknown names are ignored (another generation's config).
@@ -353,10 +421,19 @@ impl Proxy {
                     .stick
                     .as_ref()
                     .and_then(|st| stick.as_ref().and_then(|c| c.table_index(&st.table))),
+                queued: AtomicU64::new(0),
+                no_server: AtomicU64::new(0),
+                redispatched: AtomicU64::new(0),
+                retries: AtomicU64::new(0),
             })
             .collect();
         Self {
             shared: Arc::new(Shared {
+                frontends: config
+                    .frontends
+                    .iter()
+                    .map(|_| FrontendCounters::default())
+                    .collect(),
                 config,
                 backends,
                 stats: Stats::default(),
@@ -474,6 +551,9 @@ async fn accept_loop(
                     .stats
                     .active_connections
                     .fetch_add(1, Ordering::Relaxed);
+                let fc = &shared.frontends[frontend];
+                fc.connections_active.fetch_add(1, Ordering::Relaxed);
+                fc.connections_total.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::debug_span!("conn", client.addr = %peer);
                 connections.spawn(
                     async move {
@@ -484,6 +564,9 @@ async fn accept_loop(
                         shared
                             .stats
                             .active_connections
+                            .fetch_sub(1, Ordering::Relaxed);
+                        shared.frontends[frontend]
+                            .connections_active
                             .fetch_sub(1, Ordering::Relaxed);
                         drop(permit);
                     }

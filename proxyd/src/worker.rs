@@ -388,6 +388,7 @@ async fn flush_stick(stick: Option<&StickCache>, stop: &CancellationToken) {
 
 fn stats_msg(proxy: &Proxy) -> pb::WorkerToMaster {
     let s: StatsSnapshot = proxy.stats();
+    let (frontends, backends) = proxy.shared().frontend_backend_stats();
     let stick = proxy.shared().stick.as_ref().map(|c| {
         let st = &c.stats;
         let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
@@ -408,5 +409,7 @@ fn stats_msg(proxy: &Proxy) -> pb::WorkerToMaster {
         requests_in_flight: s.requests_in_flight,
         servers: proxy.shared().server_states(),
         stick,
+        frontends,
+        backends,
     }))
 }

@@ -120,8 +120,13 @@ async fn forwardfor_adds_the_client_address_unless_excepted() {
     })
     .await;
     let on = config("http", "forwardfor = true", "", &[("s", echo.addr, "")]);
-    let (_p, addr, _s) = start(&on, None);
+    let (p, addr, _s) = start(&on, None);
     assert_eq!(body_of(addr, &get("/")).await.1, "127.0.0.1");
+    // The access log's counters: per server and per frontend.
+    let s = &p.shared().server_states()[0];
+    assert_eq!((s.requests_total, s.responses_2xx, s.errors), (1, 1, 0));
+    let (fe, _) = p.shared().frontend_backend_stats();
+    assert_eq!((fe[0].requests_total, fe[0].connections_total), (1, 1));
     let except = config(
         "http",
         "forwardfor = true\nforwardfor_except = \"127.0.0.0/8\"",
@@ -142,7 +147,7 @@ async fn a_full_server_queues_then_answers_503_after_timeout_queue() {
         "",
         &[("s", hang.addr, "maxconn = 1")],
     );
-    let (_p, addr, _s) = start(&text, None);
+    let (p, addr, _s) = start(&text, None);
     let mut first = Client::connect(addr).await.expect("connect");
     first.io.stream.write_all(&get("/")).await.expect("send");
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -154,6 +159,8 @@ async fn a_full_server_queues_then_answers_503_after_timeout_queue() {
         waited >= Duration::from_millis(180) && waited < Duration::from_secs(2),
         "{waited:?}"
     );
+    let (_, be) = p.shared().frontend_backend_stats();
+    assert_eq!((be[0].no_server_total, be[0].queued), (1, 0));
 }
 
 #[tokio::test]

@@ -153,6 +153,32 @@ fn access_log(
     method: &str,
     target: &str,
 ) {
+    if let Some((b, s)) = log.server {
+        let server = &shared.backends[b].servers[s];
+        server.requests.fetch_add(1, Ordering::Relaxed);
+        if (100..600).contains(&log.status) {
+            server.responses[usize::from(log.status / 100) - 1].fetch_add(1, Ordering::Relaxed);
+        }
+        if log.proxy_error {
+            server.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let fc = &shared.frontends[frontend];
+    fc.requests_total.fetch_add(1, Ordering::Relaxed);
+    if log.backend.is_none() {
+        fc.requests_denied.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(b) = log.backend {
+        let be = &shared.backends[b];
+        if log.server.is_none() && log.status == 503 {
+            be.no_server.fetch_add(1, Ordering::Relaxed);
+        }
+        if log.redispatched {
+            be.redispatched.fetch_add(1, Ordering::Relaxed);
+        }
+        be.retries
+            .fetch_add(u64::from(log.retries), Ordering::Relaxed);
+    }
     let backend = log
         .backend
         .map_or("-", |b| shared.backends[b].name.as_str());

@@ -1224,7 +1224,24 @@ async fn admin(env: Env) -> Result<Outcome> {
     )
     .await?;
 
-    // Prometheus.
+    // Prometheus (counters are the new generation's: give it some traffic).
+    new_sessions_on(n1.frontend, 4).await?;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for (name, min) in [
+        ("proxyd_frontend_requests_total{frontend=\"http-in\"}", 4),
+        (
+            "proxyd_server_requests_total{backend=\"dynamic_group\",server=\"app1\"}",
+            2,
+        ),
+        (
+            "proxyd_server_responses_total{backend=\"dynamic_group\",server=\"app1\",code=\"2xx\"}",
+            2,
+        ),
+        ("proxyd_stick_stores_sent_total", 4),
+    ] {
+        let v = metric_value(n1.metrics, name).await?;
+        ensure!(v >= min, "{name} is {v}, expected at least {min}");
+    }
     let text = {
         let mut s = tokio::net::TcpStream::connect(n1.metrics).await?;
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n")
