@@ -5,6 +5,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::StickOn;
@@ -77,8 +80,10 @@ pub async fn serve(shared: Arc<Shared>, frontend: usize, mut client: TcpStream, 
     {
         c.store(*t, k, &server.name);
     }
-    let copied = tokio::io::copy_bidirectional(&mut client, &mut server_conn).await;
-    let (up, down) = copied.unwrap_or((0, 0));
+    // HAProxy's client and server timeouts are inactivity timeouts in TCP mode: a session
+    // with no byte either way for the longer of the two is closed.
+    let idle = d.timeout_client.max(d.timeout_server);
+    let (up, down) = pipe(&mut client, &mut server_conn, idle).await;
     tracing::info!(
         target: "proxyd::access",
         client = %peer,
@@ -91,4 +96,48 @@ pub async fn serve(shared: Arc<Shared>, frontend: usize, mut client: TcpStream, 
         retries = attempt,
         "tcp session"
     );
+}
+
+/// Copies both ways until both sides have closed (each half-close is passed on), an error, or
+/// `idle` without a byte in either direction. Returns the bytes sent up and down.
+async fn pipe(client: &mut TcpStream, server: &mut TcpStream, idle: Duration) -> (u64, u64) {
+    let (mut cr, mut cw) = client.split();
+    let (mut sr, mut sw) = server.split();
+    let mut up_buf = vec![0u8; 16 * 1024];
+    let mut down_buf = vec![0u8; 16 * 1024];
+    let (mut up, mut down) = (0u64, 0u64);
+    let (mut client_done, mut server_done) = (false, false);
+    while !(client_done && server_done) {
+        tokio::select! {
+            r = cr.read(&mut up_buf), if !client_done => match r {
+                Ok(0) | Err(_) => {
+                    client_done = true;
+                    let _ = sw.shutdown().await;
+                }
+                Ok(n) => {
+                    if sw.write_all(&up_buf[..n]).await.is_err() {
+                        break;
+                    }
+                    up += n as u64;
+                }
+            },
+            r = sr.read(&mut down_buf), if !server_done => match r {
+                Ok(0) | Err(_) => {
+                    server_done = true;
+                    let _ = cw.shutdown().await;
+                }
+                Ok(n) => {
+                    if cw.write_all(&down_buf[..n]).await.is_err() {
+                        break;
+                    }
+                    down += n as u64;
+                }
+            },
+            () = tokio::time::sleep(idle) => {
+                tracing::debug!(idle_ms = idle.as_millis() as u64, "tcp session idle, closing");
+                break;
+            }
+        }
+    }
+    (up, down)
 }

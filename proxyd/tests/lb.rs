@@ -284,3 +284,31 @@ async fn tcp_mode_forwards_both_ways_and_sticks_on_the_source_address() {
     }
     assert_eq!(cache.len(0), 1);
 }
+
+#[tokio::test]
+async fn an_idle_tcp_session_is_closed_after_the_client_and_server_timeouts() {
+    let a = named_echo("a").await;
+    let text = config(
+        "tcp",
+        "timeout_client = \"300ms\"\ntimeout_server = \"200ms\"",
+        "",
+        &[("a", a, "")],
+    );
+    let (_p, addr, _s) = start(&text, None);
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"x").await.expect("write");
+    let mut buf = [0u8; 16];
+    let n = s.read(&mut buf).await.expect("read");
+    assert_eq!(&buf[..n], b"a:x");
+    let started = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+}
