@@ -312,3 +312,23 @@ async fn an_idle_tcp_session_is_closed_after_the_client_and_server_timeouts() {
         "{took:?}"
     );
 }
+
+#[tokio::test]
+async fn http_mode_sticks_on_the_source_address_too() {
+    let a = backend(|_| ok("a")).await;
+    let b = backend(|_| ok("b")).await;
+    let text = config(
+        "http",
+        "",
+        "[backend.stick]\ntable = \"ips\"\non = \"src\"",
+        &[("a", a.addr, ""), ("b", b.addr, "")],
+    );
+    let cache = Arc::new(StickCache::new(vec![("ips".into(), KeyKind::Address)]));
+    let (_p, addr, _s) = start(&text, Some(cache.clone()));
+    let first = body_of(addr, &get("/")).await.1;
+    for _ in 0..5 {
+        assert_eq!(body_of(addr, &get("/")).await.1, first);
+    }
+    assert_eq!(cache.len(0), 1);
+    assert!(cache.lookup(0, "127.0.0.1").is_some());
+}
