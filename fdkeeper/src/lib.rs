@@ -219,20 +219,18 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let reflection = common::grpc::reflection().map_err(|e| RunError::Reflection(e.to_string()))?;
-    let reflection_v1alpha =
-        common::grpc::reflection_v1alpha().map_err(|e| RunError::Reflection(e.to_string()))?;
     let health = common::grpc::health::<
         proto::fdkeeper::v1::admin_server::AdminServer<admin::AdminService>,
     >()
     .await;
     let router = tonic::transport::Server::builder()
-        .add_service(reflection)
-        .add_service(reflection_v1alpha)
         .add_service(health)
         .add_service(proto::fdkeeper::v1::admin_server::AdminServer::new(
             admin::AdminService::new(registry.clone()),
         ));
+    let router =
+        common::grpc::with_reflection(router, &[proto::fdkeeper::v1::admin_server::SERVICE_NAME])
+            .map_err(|e| RunError::Reflection(e.to_string()))?;
     common::daemon::notify::ready("lending");
     let served = common::grpc::serve_unix(router, sockets.admin, shutdown.clone()).await;
 

@@ -92,10 +92,8 @@ pub async fn serve(
 ) -> Result<(), AdminError> {
     let router = tonic::transport::Server::builder()
         .add_service(common::grpc::health::<AdminServer<AdminService>>().await)
-        .add_service(common::grpc::reflection()?)
-        // grpcurl 1.8 (the one pip ships) still speaks v1alpha.
-        .add_service(common::grpc::reflection_v1alpha()?)
         .add_service(AdminServer::new(AdminService { master }));
+    let router = common::grpc::with_reflection(router, &[api::admin_server::SERVICE_NAME])?;
     common::grpc::serve_unix(router, listener, shutdown).await?;
     Ok(())
 }

@@ -103,8 +103,6 @@ pub async fn run(
         shutdown: shutdown.clone(),
     };
     let router = tonic::transport::Server::builder()
-        .add_service(common::grpc::reflection()?)
-        .add_service(common::grpc::reflection_v1alpha()?)
         .add_service(
             common::grpc::health::<pb::stick_server::StickServer<service::LocalService>>().await,
         )
@@ -113,6 +111,7 @@ pub async fn run(
                 .max_decoding_message_size(peer::MAX_MESSAGE)
                 .max_encoding_message_size(peer::MAX_MESSAGE),
         );
+    let router = common::grpc::with_reflection(router, &[pb::stick_server::SERVICE_NAME])?;
     let local_task = {
         let shutdown = shutdown.clone();
         tracker.spawn(
@@ -136,14 +135,13 @@ pub async fn run(
         builder = builder.tls_config(tls::server(tls)?)?;
     }
     let peer_router = builder
-        .add_service(common::grpc::reflection()?)
-        .add_service(common::grpc::reflection_v1alpha()?)
         .add_service(common::grpc::health::<pb::peer_server::PeerServer<peer::PeerService>>().await)
         .add_service(
             pb::peer_server::PeerServer::new(peer_svc)
                 .max_decoding_message_size(peer::MAX_MESSAGE)
                 .max_encoding_message_size(peer::MAX_MESSAGE),
         );
+    let peer_router = common::grpc::with_reflection(peer_router, &[pb::peer_server::SERVICE_NAME])?;
     let peer_listener = tokio::net::TcpListener::from_std(listeners.peer)?;
     let peer_addr = peer_listener.local_addr()?;
     let peer_task = {
