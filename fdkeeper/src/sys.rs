@@ -1,7 +1,6 @@
 //! The few syscalls that need `unsafe`: SOCK_SEQPACKET unix sockets, SCM_RIGHTS, peer credentials, TCP_INFO.
 #![allow(unsafe_code)]
 
-use std::ffi::CString;
 use std::io;
 use std::mem::{MaybeUninit, size_of, size_of_val, zeroed};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -330,62 +329,12 @@ pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
 
 /// Looks a user name up through NSS (so LDAP/sssd users work too).
 pub fn uid_by_name(name: &str) -> io::Result<Option<u32>> {
-    let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let mut size = 1024usize;
-    loop {
-        let mut buf = vec![0 as libc::c_char; size];
-        // SAFETY: plain old data.
-        let mut pwd: libc::passwd = unsafe { zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: all pointers are to live buffers of the sizes given.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                cname.as_ptr(),
-                &raw mut pwd,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &raw mut result,
-            )
-        };
-        if rc == libc::ERANGE && size < 1 << 20 {
-            size *= 4;
-            continue;
-        }
-        if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
-        }
-        return Ok((!result.is_null()).then_some(pwd.pw_uid));
-    }
+    Ok(nix::unistd::User::from_name(name)?.map(|u| u.uid.as_raw()))
 }
 
 /// Looks a group name up through NSS.
 pub fn gid_by_name(name: &str) -> io::Result<Option<u32>> {
-    let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let mut size = 1024usize;
-    loop {
-        let mut buf = vec![0 as libc::c_char; size];
-        // SAFETY: plain old data.
-        let mut grp: libc::group = unsafe { zeroed() };
-        let mut result: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: all pointers are to live buffers of the sizes given.
-        let rc = unsafe {
-            libc::getgrnam_r(
-                cname.as_ptr(),
-                &raw mut grp,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &raw mut result,
-            )
-        };
-        if rc == libc::ERANGE && size < 1 << 20 {
-            size *= 4;
-            continue;
-        }
-        if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
-        }
-        return Ok((!result.is_null()).then_some(grp.gr_gid));
-    }
+    Ok(nix::unistd::Group::from_name(name)?.map(|g| g.gid.as_raw()))
 }
 
 /// Takes ownership of an fd number inherited from systemd (LISTEN_FDS), after checking it is open.

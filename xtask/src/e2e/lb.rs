@@ -13,24 +13,12 @@ use proto::stick::v1 as pb;
 use proto::stick::v1::stick_client::StickClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Outcome, Scenario, ScenarioFuture, figure};
+use super::{Outcome, Scenario, figure};
 use crate::cluster::{self, START_TIMEOUT};
 use crate::harness::{self, Env, GrpcTarget, Proc};
 
 pub fn scenarios() -> Vec<Scenario> {
-    fn s(
-        name: &'static str,
-        about: &'static str,
-        timeout_s: u64,
-        run: fn(Env) -> ScenarioFuture,
-    ) -> Scenario {
-        Scenario {
-            name,
-            about,
-            run,
-            timeout: Duration::from_secs(timeout_s),
-        }
-    }
+    let s = Scenario::new;
     vec![
         s(
             "lb-seed",

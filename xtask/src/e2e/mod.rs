@@ -37,6 +37,22 @@ pub struct Scenario {
     pub timeout: Duration,
 }
 
+impl Scenario {
+    pub fn new(
+        name: &'static str,
+        about: &'static str,
+        timeout_s: u64,
+        run: fn(Env) -> ScenarioFuture,
+    ) -> Self {
+        Self {
+            name,
+            about,
+            run,
+            timeout: Duration::from_secs(timeout_s),
+        }
+    }
+}
+
 /// Every scenario, in run order.
 pub fn all() -> Vec<Scenario> {
     let mut all = proxy::scenarios();

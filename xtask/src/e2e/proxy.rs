@@ -9,25 +9,13 @@ use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use super::{Outcome, Scenario, ScenarioFuture, figure};
+use super::{Outcome, Scenario, figure};
 use crate::cluster::{self, Node, NodeOptions};
 use crate::harness::{self, Env};
 use crate::load::{FailKind, Load, LoadConfig, LoadReport, percentile};
 
 pub fn scenarios() -> Vec<Scenario> {
-    fn s(
-        name: &'static str,
-        about: &'static str,
-        timeout_s: u64,
-        run: fn(Env) -> ScenarioFuture,
-    ) -> Scenario {
-        Scenario {
-            name,
-            about,
-            run,
-            timeout: Duration::from_secs(timeout_s),
-        }
-    }
+    let s = Scenario::new;
     vec![
         s(
             "reload-storm",

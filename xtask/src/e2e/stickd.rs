@@ -12,23 +12,11 @@ use proto::stick::v1 as pb;
 use proto::stick::v1::stick_client::StickClient;
 use tonic::transport::Channel;
 
-use super::{Outcome, Scenario, ScenarioFuture, figure};
+use super::{Outcome, Scenario, figure};
 use crate::harness::{self, Env, Proc};
 
 pub fn scenarios() -> Vec<Scenario> {
-    fn s(
-        name: &'static str,
-        about: &'static str,
-        timeout_s: u64,
-        run: fn(Env) -> ScenarioFuture,
-    ) -> Scenario {
-        Scenario {
-            name,
-            about,
-            run,
-            timeout: Duration::from_secs(timeout_s),
-        }
-    }
+    let s = Scenario::new;
     vec![
         s(
             "stick-15-stores",

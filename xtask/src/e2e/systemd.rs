@@ -1741,7 +1741,23 @@ async fn restart_stickd(lab: &Lab) -> Result<()> {
             page_token = reply.next_page_token;
         }
     };
-    let before = show().await?;
+    // The earlier checks' load may still have batched stores on their way (and a full table
+    // evicts for each): compare a table that has settled, so that only the restart can change it.
+    let settle = Instant::now();
+    let mut before = show().await?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let again = show().await?;
+        if again == before {
+            break;
+        }
+        ensure!(
+            settle.elapsed() < Duration::from_secs(15),
+            "the table kept changing for 15 s with no load"
+        );
+        before = again;
+    }
+    figure("table settled after", ms(settle.elapsed()));
     for it in &items {
         ensure!(before.contains_key(&it.key), "{} was not stored", it.key);
     }
@@ -1766,7 +1782,23 @@ async fn restart_stickd(lab: &Lab) -> Result<()> {
         ),
     );
     ensure!(before.len() >= 15, "only {} entries before", before.len());
-    ensure!(before == after, "the table changed across the restart");
+    if before != after {
+        let missing: Vec<_> = before.keys().filter(|k| !after.contains_key(*k)).collect();
+        let added: Vec<_> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+        let changed: Vec<_> = before
+            .iter()
+            .filter_map(|(k, v)| after.get(k).filter(|a| *a != v).map(|a| (k, v, a)))
+            .collect();
+        bail!(
+            "the table changed across the restart: {} missing (e.g. {:?}), {} added (e.g. {:?}), {} changed (e.g. {:?})",
+            missing.len(),
+            missing.first(),
+            added.len(),
+            added.first(),
+            changed.len(),
+            changed.first()
+        );
+    }
 
     // proxyd (user proxyd, group stickd) follows the restarted stickd: a session stored now
     // reaches its workers through a fresh Watch stream, and requests carrying that cookie
