@@ -106,7 +106,7 @@ impl fmt::Display for Duration {
             (1_000, "ms"),
         ]
         .into_iter()
-        .find(|(d, _)| us % d == 0 && us >= *d)
+        .find(|(d, _)| us.is_multiple_of(*d) && us >= *d)
         .map_or((us, "us"), |(d, u)| (us / d, u));
         write!(f, "{n}{u}")
     }
@@ -117,7 +117,7 @@ impl fmt::Display for Size {
         let n = self.0;
         let (v, u) = [(1u64 << 30, "g"), (1 << 20, "m"), (1 << 10, "k")]
             .into_iter()
-            .find(|(d, _)| n % d == 0 && n >= *d)
+            .find(|(d, _)| n.is_multiple_of(*d) && n >= *d)
             .map_or((n, ""), |(d, u)| (n / d, u));
         write!(f, "{v}{u}")
     }
