@@ -566,6 +566,36 @@ impl Store {
     }
 
     /// Evicts the entries nearest to expiry until one more fits.
+    /// One local write (a store or a tombstone): makes room for a new key, keeps the record and
+    /// logs it for the peers. Callers count and publish once per call of theirs.
+    fn write_local(
+        &self,
+        inner: &mut Inner,
+        table: &str,
+        key: &str,
+        rec: Rec,
+        now: i64,
+    ) -> Result<pb::Entry, StoreError> {
+        let entry = rec.to_pb(key, now);
+        let t = inner
+            .tables
+            .get_mut(table)
+            .ok_or_else(|| StoreError::UnknownTable(table.to_owned()))?;
+        if !t.entries.contains_key(key) {
+            self.make_room(t)?;
+        }
+        t.put(key, rec)?;
+        self.append(
+            inner,
+            pb::Change {
+                seq: 0,
+                table: table.to_owned(),
+                kind: Some(pb::change::Kind::Entry(entry.clone())),
+            },
+        )?;
+        Ok(entry)
+    }
+
     fn make_room(&self, t: &mut Table) -> Result<(), sled::Error> {
         while t.entries.len() as u64 >= t.def.size {
             let Some((_, key)) = t.by_expiry.first().cloned() else {
@@ -615,24 +645,7 @@ impl Store {
                 origin: self.local.clone(),
                 deleted: false,
             };
-            let entry = rec.to_pb(&key, now);
-            let t = inner
-                .tables
-                .get_mut(table)
-                .ok_or_else(|| StoreError::UnknownTable(table.to_owned()))?;
-            if !t.entries.contains_key(&key) {
-                self.make_room(t)?;
-            }
-            t.put(&key, rec)?;
-            self.append(
-                &mut inner,
-                pb::Change {
-                    seq: 0,
-                    table: table.to_owned(),
-                    kind: Some(pb::change::Kind::Entry(entry.clone())),
-                },
-            )?;
-            out.push(entry);
+            out.push(self.write_local(&mut inner, table, &key, rec, now)?);
         }
         self.counters
             .local_writes
@@ -734,19 +747,7 @@ impl Store {
             origin: self.local.clone(),
             deleted: true,
         };
-        let entry = rec.to_pb(&key, now);
-        if !t.entries.contains_key(&key) {
-            self.make_room(t)?;
-        }
-        t.put(&key, rec)?;
-        self.append(
-            &mut inner,
-            pb::Change {
-                seq: 0,
-                table: table.to_owned(),
-                kind: Some(pb::change::Kind::Entry(entry.clone())),
-            },
-        )?;
+        let entry = self.write_local(&mut inner, table, &key, rec, now)?;
         self.counters.local_writes.fetch_add(1, Ordering::Relaxed);
         self.publish(
             &inner,
