@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod bench;
 mod cluster;
 mod demo;
 mod e2e;
@@ -12,7 +13,7 @@ use std::io::BufRead;
 use std::net::SocketAddr;
 use std::process::{Command, ExitCode, Stdio};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -60,8 +61,24 @@ enum Cmd {
         #[arg(long, default_value = "0ms")]
         delay: common::Duration,
     },
-    /// Benchmarks (issue 6).
-    Bench,
+    /// Benchmarks against HAProxy and nginx; writes docs/benchmarks.md and docs/benchmarks.png.
+    Bench {
+        /// A one-minute run: one round and short loads.
+        #[arg(long)]
+        quick: bool,
+        /// Install HAProxy, nginx, wrk and the plot's font with apt-get if missing (root only).
+        #[arg(long)]
+        install: bool,
+        /// Run only the sections whose id contains this (http, reload, kill, peers, stickd, cache).
+        #[arg(long)]
+        only: Option<String>,
+        /// Use the release binaries already in target/release instead of building them.
+        #[arg(long)]
+        no_build: bool,
+        /// Directory for benchmarks.md and benchmarks.png.
+        #[arg(long, default_value = "docs")]
+        out: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -145,7 +162,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
             runtime(2)?.block_on(demo::run(!no_build, nodes))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench => bail!("cargo xtask bench is not implemented yet, see issue 6"),
+        Cmd::Bench {
+            quick,
+            install,
+            only,
+            no_build,
+            out,
+        } => {
+            harness::become_subreaper();
+            let out_dir = if out.is_absolute() {
+                out
+            } else {
+                harness::workspace_root().join(out)
+            };
+            let options = bench::Options {
+                quick,
+                install,
+                only,
+                build: !no_build,
+                out_dir,
+            };
+            let result = runtime(2)?.block_on(async {
+                kill_all_on_interrupt()?;
+                let result = bench::run(options).await;
+                harness::kill_all();
+                result
+            });
+            result?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

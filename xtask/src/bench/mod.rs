@@ -1,0 +1,151 @@
+//! `cargo xtask bench`: proxyd, stickd and the stick cache measured beside HAProxy and nginx in one
+//! run on one machine, written as a markdown report (docs/benchmarks.md) and a PNG plot.
+//!
+//! Every section runs the real release binaries on loopback, bounded in time. Targets that are
+//! compared run alternately, round after round, so that a noisy neighbour hits all of them; the
+//! report gives medians and the spread (min..max) of the rounds, and ratios against HAProxy.
+
+// Until every section is written some shared helpers have no caller yet.
+#![allow(dead_code, unused_imports)]
+
+mod cache;
+mod http;
+mod kill;
+mod peers;
+mod reload;
+mod report;
+mod stickd;
+pub mod stats;
+pub mod tools;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+pub use report::{Plot, PlotBar, Report, Section, Table};
+
+/// What `cargo xtask bench` was asked to do.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// A one-minute run: one round, short loads (figures are rougher).
+    pub quick: bool,
+    /// Install what is missing (HAProxy, nginx, wrk, a font for the plot) with apt-get; root only.
+    pub install: bool,
+    /// Run only the sections whose id contains this.
+    pub only: Option<String>,
+    /// Build the release binaries first.
+    pub build: bool,
+    /// Where the report goes (`docs/benchmarks.md` and `docs/benchmarks.png` by default).
+    pub out_dir: PathBuf,
+}
+
+/// What every section gets.
+pub struct Ctx {
+    pub opts: Options,
+    pub tools: tools::Tools,
+}
+
+impl Ctx {
+    /// Rounds of alternating runs: 1 in quick mode, else `full`.
+    pub fn rounds(&self, full: usize) -> usize {
+        if self.opts.quick { 1 } else { full }
+    }
+
+    /// `quick` in quick mode, else `full`.
+    pub fn pick<T>(&self, quick: T, full: T) -> T {
+        if self.opts.quick { quick } else { full }
+    }
+}
+
+/// One benchmark section: an id for `--only`, and what measures it.
+struct Entry {
+    id: &'static str,
+    title: &'static str,
+    run: fn(&Ctx) -> futures_boxed::BoxFuture<'_, Result<Section>>,
+}
+
+mod futures_boxed {
+    //! The one boxed-future alias the section table needs (no `futures` dependency for it).
+    use std::future::Future;
+    use std::pin::Pin;
+    pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+}
+
+const SECTIONS: &[Entry] = &[
+    Entry {
+        id: "http",
+        title: "HTTP proxying: direct, proxyd, HAProxy, nginx",
+        run: |c| Box::pin(http::run(c)),
+    },
+    Entry {
+        id: "reload",
+        title: "Reload storms under load",
+        run: |c| Box::pin(reload::run(c)),
+    },
+    Entry {
+        id: "kill",
+        title: "A worker killed with SIGKILL under load",
+        run: |c| Box::pin(kill::run(c)),
+    },
+    Entry {
+        id: "peers",
+        title: "Replication across three nodes: stickd against HAProxy peers",
+        run: |c| Box::pin(peers::run(c)),
+    },
+    Entry {
+        id: "stickd",
+        title: "stickd: writes, replication lag, resync, size per entry",
+        run: |c| Box::pin(stickd::run(c)),
+    },
+    Entry {
+        id: "cache",
+        title: "proxyd's stick cache: lookup time, memory per entry",
+        run: |c| Box::pin(cache::run(c)),
+    },
+];
+
+/// Runs the selected sections, prints the report and writes it; fails if any section failed.
+pub async fn run(opts: Options) -> Result<()> {
+    let selected: Vec<&Entry> = SECTIONS
+        .iter()
+        .filter(|e| opts.only.as_deref().is_none_or(|o| e.id.contains(o)))
+        .collect();
+    if selected.is_empty() {
+        let ids: Vec<&str> = SECTIONS.iter().map(|e| e.id).collect();
+        bail!("--only matches no section; sections: {}", ids.join(", "));
+    }
+    let tools = tools::Tools::find(opts.install)?;
+    if opts.build {
+        crate::harness::build_release()?;
+    }
+    let ctx = Ctx { opts, tools };
+    let started = Instant::now();
+    let mut report = Report::new(&ctx)?;
+    let mut failed = Vec::new();
+    for entry in selected {
+        eprintln!("== bench {}: {}", entry.id, entry.title);
+        let t = Instant::now();
+        let section = match (entry.run)(&ctx).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("bench {} failed: {e:#}", entry.id);
+                failed.push(entry.id);
+                Section::failed(entry.title, &format!("{e:#}"))
+            }
+        };
+        crate::harness::kill_all();
+        eprintln!("   ({} in {:.0?})", entry.id, t.elapsed());
+        report.push(section);
+    }
+    report.finish(started.elapsed());
+    let markdown = report.markdown();
+    println!("{markdown}");
+    report
+        .write(&ctx.opts.out_dir)
+        .with_context(|| format!("cannot write the report to {}", ctx.opts.out_dir.display()))?;
+    if !failed.is_empty() {
+        bail!("sections failed: {}", failed.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! Bench section `stickd` (being written; see the module list in bench/mod.rs).
+
+use anyhow::{Result, bail};
+
+use super::{Ctx, Section};
+
+pub async fn run(_ctx: &Ctx) -> Result<Section> {
+    bail!("section stickd is not written yet")
+}

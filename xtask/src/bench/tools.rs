@@ -1,0 +1,110 @@
+//! The programs the bench compares against and drives (HAProxy, nginx, wrk), found on PATH or
+//! installed from Debian's packages with `--install`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages that provide what the bench needs, by the program that is looked for.
+const NEEDED: &[(&str, &str)] = &[("haproxy", "haproxy"), ("nginx", "nginx-light"), ("wrk", "wrk")];
+/// The font the plot writes its labels with (package fonts-dejavu-core).
+pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+const FONT_PACKAGE: &str = "fonts-dejavu-core";
+
+/// Paths of the external programs, and their versions for the report.
+#[derive(Clone, Debug)]
+pub struct Tools {
+    pub haproxy: PathBuf,
+    pub nginx: PathBuf,
+    pub wrk: PathBuf,
+    /// `None`: the plot is drawn without text labels... or not at all (see report).
+    pub font: Option<PathBuf>,
+    pub versions: Vec<(String, String)>,
+}
+
+impl Tools {
+    /// Finds every program; with `install` (root only) apt-get installs what is missing first.
+    /// Without it, a missing program is an error that says how to install it.
+    pub fn find(install: bool) -> Result<Self> {
+        let mut missing: Vec<&str> = NEEDED
+            .iter()
+            .filter(|(prog, _)| which(prog).is_none())
+            .map(|(_, pkg)| *pkg)
+            .collect();
+        if !Path::new(FONT).exists() {
+            missing.push(FONT_PACKAGE);
+        }
+        if !missing.is_empty() {
+            if !install {
+                bail!(
+                    "missing: {}. Install with `sudo apt-get install -y {}`, or run \
+                     `cargo xtask bench --install` as root",
+                    missing.join(", "),
+                    missing.join(" ")
+                );
+            }
+            apt_install(&missing)?;
+        }
+        let get = |prog: &str| {
+            which(prog).with_context(|| format!("{prog} is still not on PATH after installing"))
+        };
+        let haproxy = get("haproxy")?;
+        let nginx = get("nginx")?;
+        let wrk = get("wrk")?;
+        let versions = vec![
+            ("HAProxy".to_owned(), first_line(&haproxy, &["-v"])),
+            ("nginx".to_owned(), first_line(&nginx, &["-v"])),
+            ("wrk".to_owned(), first_line(&wrk, &["-v"])),
+        ];
+        Ok(Self {
+            haproxy,
+            nginx,
+            wrk,
+            font: Path::new(FONT).exists().then(|| PathBuf::from(FONT)),
+            versions,
+        })
+    }
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "--install needs root; as root run `apt-get install -y {}`",
+            packages.join(" ")
+        );
+    }
+    eprintln!("installing {} with apt-get", packages.join(" "));
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("cannot run apt-get")?;
+    if !status.success() {
+        bail!("apt-get install {} failed ({status})", packages.join(" "));
+    }
+    Ok(())
+}
+
+/// The first match of `prog` on PATH (and /usr/sbin, where Debian puts haproxy and nginx).
+pub fn which(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+/// The first non-empty line a program prints about its version (stdout or stderr).
+fn first_line(prog: &Path, args: &[&str]) -> String {
+    let Ok(out) = Command::new(prog).args(args).output() else {
+        return "unknown".to_owned();
+    };
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("unknown")
+        .to_owned()
+}
