@@ -106,7 +106,13 @@ pub struct Lb {
     pub nodes: Vec<LbNode>,
 }
 
-fn stickd_toml(dir: &Path, socket: &Path, peers: &[(String, SocketAddr)], expire: &str) -> String {
+fn stickd_toml(
+    dir: &Path,
+    socket: &Path,
+    peers: &[(String, SocketAddr)],
+    expire: &str,
+    size: &str,
+) -> String {
     let mut s = format!(
         r#"# stickd for an lb e2e node.
 data_dir = "{}"
@@ -119,7 +125,7 @@ flush_interval = "100ms"
 name = "{TABLE}"
 type = "string"
 len = 32
-size = "5k"
+size = "{size}"
 expire = "{expire}"
 "#,
         dir.join("data").display(),
@@ -214,10 +220,21 @@ impl Lb {
 
     /// Like `start_with`, with the stick table's `expire`.
     pub async fn start_opts(
+        env: Env,
+        count: u8,
+        stable: Option<()>,
+        expire: &str,
+    ) -> Result<Lb> {
+        Self::start_sized(env, count, stable, expire, "5k").await
+    }
+
+    /// Like `start_opts`, with the stick table's `size` too (the bench fills tables past 5k).
+    pub async fn start_sized(
         mut env: Env,
         count: u8,
         stable: Option<()>,
         expire: &str,
+        size: &str,
     ) -> Result<Lb> {
         let port = |p: u16| stable.map(|()| p);
         let names = vec!["app1".to_owned(), "app2".to_owned()];
@@ -240,7 +257,7 @@ impl Lb {
             let stickd_socket = dir.join("stickd.sock");
             let stickd_config = env.write(
                 &format!("n{h}/stickd.toml"),
-                &stickd_toml(&dir.join("stickd"), &stickd_socket, &peers, expire),
+                &stickd_toml(&dir.join("stickd"), &stickd_socket, &peers, expire, size),
             )?;
             let stickd = env.spawn(
                 &format!("stickd-n{h}"),
