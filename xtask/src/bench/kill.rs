@@ -1,9 +1,276 @@
-//! Bench section `kill` (being written; see the module list in bench/mod.rs).
+//! Bench section `kill`: the serving worker SIGKILLed under load, for proxyd, HAProxy
+//! master-worker (default, and `master-worker no-exit-on-failure`) and nginx: failed requests,
+//! refused connections, and the time until a fresh connection is served again.
 
-use anyhow::{Result, bail};
+use std::time::{Duration, Instant};
 
-use super::{Ctx, Section};
+use anyhow::{Context, Result};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
-pub async fn run(_ctx: &Ctx) -> Result<Section> {
-    bail!("section kill is not written yet")
+use super::reload::{Backends, Kind, Target, load_config};
+use super::stats::{median, with_spread};
+use super::{Ctx, Section, Table};
+use crate::cluster;
+use crate::load::{FailKind, Load};
+
+const TARGETS: [Kind; 4] = [
+    Kind::Proxyd,
+    Kind::Haproxy {
+        idle_close: false,
+        no_exit: false,
+    },
+    Kind::Haproxy {
+        idle_close: false,
+        no_exit: true,
+    },
+    Kind::Nginx,
+];
+
+/// Time between two fresh-connection probes while nothing serves.
+const POLL_EVERY: Duration = Duration::from_millis(5);
+/// Failures are counted over this long after the kill, the same for every target...
+const WINDOW: Duration = Duration::from_secs(1);
+/// ...or until this long after serving again, if that is later: the clients whose requests
+/// died reconnect and get going.
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// What one kill measured.
+struct KillRun {
+    kind: Kind,
+    /// From the SIGKILL to the answer of a fresh connection, or why there was none.
+    served_after: Result<Duration, String>,
+    failed: u64,
+    refused: u64,
+    /// Requests in flight or idle keep-alive connections on the target when it was killed.
+    at_risk: u64,
+    /// Probes that met a refused connection.
+    refused_probes: u64,
+    /// What the master did, as seen from its processes.
+    aftermath: String,
+}
+
+async fn kill_once(ctx: &Ctx, kind: Kind, backends: &Backends, limit: Duration) -> Result<KillRun> {
+    // A fresh target per kill: HAProxy does not come back by itself, and every target then
+    // meets its first crash.
+    let mut target = Target::start(kind, backends, &ctx.tools).await?;
+    let load = Load::start(load_config(target.frontend, backends.names()));
+    load.wait_ok(300, Duration::from_secs(20))
+        .await
+        .with_context(|| format!("the load never got going on {}", kind.label()))?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let worker = target
+        .current_worker()
+        .await?
+        .with_context(|| format!("{} has no serving worker", kind.label()))?;
+
+    let before = load.snapshot();
+    let at_risk = load.at_risk();
+    let t0 = Instant::now();
+    kill(Pid::from_raw(worker as i32), Signal::SIGKILL)
+        .with_context(|| format!("kill -9 {worker}"))?;
+    // A fresh connection that the kernel queues is answered as soon as a worker accepts it, so
+    // one probe may wait the whole remaining time; a refused one is retried.
+    let mut refused_probes = 0;
+    let served_after = loop {
+        let left = limit.saturating_sub(t0.elapsed());
+        if left.is_zero() {
+            break Err(format!("not within {} s", limit.as_secs()));
+        }
+        match cluster::probe(target.frontend, left).await {
+            Ok(_) => break Ok(t0.elapsed()),
+            Err(e) => {
+                let refused = e.chain().any(|c| {
+                    c.downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+                });
+                refused_probes += u64::from(refused);
+                // Nobody listens and the master is gone: nothing will ever listen again.
+                if refused && !target.master_alive() {
+                    break Err("no listener, master exited".to_owned());
+                }
+            }
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    };
+    let count_until = match &served_after {
+        Ok(d) => WINDOW.max(*d + SETTLE),
+        Err(_) => WINDOW,
+    };
+    tokio::time::sleep_until((t0 + count_until).into()).await;
+    let failures = load.snapshot().failures.since(&before.failures);
+    let aftermath = aftermath(&mut target, worker).await;
+    drop(load.finish().await);
+    Ok(KillRun {
+        kind,
+        served_after,
+        failed: failures.total(),
+        refused: failures.get(FailKind::Refused),
+        at_risk,
+        refused_probes,
+        aftermath,
+    })
+}
+
+/// What the target's master did after its worker was killed.
+async fn aftermath(target: &mut Target, killed: u32) -> String {
+    if !target.master_alive() {
+        return "master exited".to_owned();
+    }
+    match target.current_worker().await {
+        Ok(Some(pid)) if pid != killed => match target.proxyd_serving().await {
+            Some(s) => format!("new worker (restarts {})", s.restarts),
+            None => "new worker".to_owned(),
+        },
+        _ if target.workers().is_empty() => "master alive, no worker".to_owned(),
+        _ => "master alive, no new worker".to_owned(),
+    }
+}
+
+pub async fn run(ctx: &Ctx) -> Result<Section> {
+    let kills = ctx.pick(2, 5);
+    let limit = ctx.pick(Duration::from_secs(2), Duration::from_secs(5));
+    let backends = Backends::start("bench-kill-backends").await?;
+    let mut runs = Vec::new();
+    for round in 0..kills {
+        for k in 0..TARGETS.len() {
+            let kind = TARGETS[(k + round) % TARGETS.len()];
+            let r = kill_once(ctx, kind, &backends, limit)
+                .await
+                .with_context(|| format!("kill {} of {}", round + 1, kind.label()))?;
+            eprintln!(
+                "   kill {} of {}: serving again after {}, {} failed ({} refused) of {} at risk; {}",
+                round + 1,
+                kind.label(),
+                match &r.served_after {
+                    Ok(d) => format!("{d:.1?}"),
+                    Err(why) => format!("never ({why})"),
+                },
+                r.failed,
+                r.refused,
+                r.at_risk,
+                r.aftermath
+            );
+            runs.push(r);
+        }
+    }
+    Ok(section(&runs, kills, limit))
+}
+
+fn section(runs: &[KillRun], kills: usize, limit: Duration) -> Section {
+    let mut s = Section::new("A worker killed with SIGKILL under load");
+    let cfg = load_config(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), Vec::new());
+    s.text.push(format!(
+        "The serving worker gets SIGKILL while our client loads the target ({} keep-alive, {} \
+         connection-close, {} pausing keep-alive clients; failed requests are retried after 5 \
+         ms). Right after the kill a probe opens a fresh connection every {} ms (one probe may \
+         wait in the accept queue) until one is answered, for at most {} s; a probe refused \
+         while the master is gone ends the wait (nothing can listen again). The client's \
+         failures are counted for {} s after the kill, or until {} ms after serving again if \
+         that is later. A fresh target per kill, {kills} kill(s) per \
+         target, targets alternating; medians with (min..max).",
+        cfg.keepalive_clients,
+        cfg.close_clients,
+        cfg.think_clients,
+        POLL_EVERY.as_millis(),
+        limit.as_secs(),
+        WINDOW.as_secs(),
+        SETTLE.as_millis(),
+    ));
+    let mut t = Table::new(&[
+        "target",
+        "kills",
+        "serving again after (ms)",
+        "failed requests per kill",
+        "of which refused",
+        "at risk per kill",
+        "refused probes per kill",
+        "what the master did",
+    ]);
+    for kind in TARGETS {
+        let rs: Vec<&KillRun> = runs.iter().filter(|r| r.kind == kind).collect();
+        if rs.is_empty() {
+            continue;
+        }
+        let col = |f: &dyn Fn(&KillRun) -> f64| rs.iter().map(|r| f(r)).collect::<Vec<f64>>();
+        let served: Vec<f64> = rs
+            .iter()
+            .filter_map(|r| r.served_after.as_ref().ok())
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .collect();
+        let mut why: Vec<&str> = rs
+            .iter()
+            .filter_map(|r| r.served_after.as_ref().err())
+            .map(String::as_str)
+            .collect();
+        let never = why.len();
+        why.sort_unstable();
+        why.dedup();
+        let served_cell = match (served.is_empty(), never) {
+            (true, _) => format!("never ({})", why.join("; ")),
+            (false, 0) => with_spread(&served, 1),
+            (false, n) => format!(
+                "{}; {n} of {} never ({})",
+                with_spread(&served, 1),
+                rs.len(),
+                why.join("; ")
+            ),
+        };
+        let mut what: Vec<String> = rs.iter().map(|r| r.aftermath.clone()).collect();
+        what.sort();
+        what.dedup();
+        t.row(vec![
+            kind.label().to_owned(),
+            rs.len().to_string(),
+            served_cell,
+            with_spread(&col(&|r| r.failed as f64), 0),
+            with_spread(&col(&|r| r.refused as f64), 0),
+            with_spread(&col(&|r| r.at_risk as f64), 0),
+            with_spread(&col(&|r| r.refused_probes as f64), 0),
+            what.join("; "),
+        ]);
+    }
+    s.tables.push(t);
+
+    let of = |kind: Kind| runs.iter().filter(move |r| r.kind == kind);
+    let proxyd_ms: Vec<f64> = of(Kind::Proxyd)
+        .filter_map(|r| r.served_after.as_ref().ok())
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect();
+    let proxyd_refused: u64 = of(Kind::Proxyd).map(|r| r.refused + r.refused_probes).sum();
+    s.notes.push(format!(
+        "proxyd: the master respawns the worker at once and fdkeeper keeps the listening socket \
+         open, so connections that arrive meanwhile wait in the accept queue: {proxyd_refused} \
+         refused in {} kills, serving again after {:.1} ms (median); the requests that fail \
+         are those in flight on the killed worker or sent on its idle keep-alive connections.",
+        of(Kind::Proxyd).count(),
+        median(&proxyd_ms),
+    ));
+    let master_exits = |kind: Kind| of(kind).filter(|r| r.aftermath == "master exited").count();
+    let no_exit = TARGETS[2];
+    s.notes.push(format!(
+        "HAProxy 2.6 in master-worker mode does not start a new worker when one dies: by \
+         default its master treats the death of the current worker as a failure, SIGTERMs \
+         every process and exits (exit-on-failure; here the master exited after {} of {} \
+         kills), and the listening socket dies with it. With `master-worker \
+         no-exit-on-failure` in the global section the master exited after {} of {} kills: \
+         {} A supervisor (systemd `Restart=`) or a reload (SIGUSR2) is what brings HAProxy \
+         back.",
+        master_exits(TARGETS[1]),
+        of(TARGETS[1]).count(),
+        master_exits(no_exit),
+        of(no_exit).count(),
+        if master_exits(no_exit) > 0 {
+            "HAProxy 2.6.12 accepts the keyword (`haproxy -c` passes) but its master, which \
+             re-executes itself in wait mode after starting the worker, does not keep it."
+        } else {
+            "the master stays, but no worker serves until the next reload."
+        }
+    ));
+    s.notes.push(
+        "nginx: the master holds the listening socket and respawns the worker at once; the \
+         failed requests are those the killed worker held."
+            .to_owned(),
+    );
+    s
 }
