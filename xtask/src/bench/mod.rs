@@ -12,6 +12,7 @@ mod cache;
 mod http;
 mod kill;
 mod peers;
+mod plot;
 mod reload;
 mod report;
 mod stickd;

@@ -49,6 +49,9 @@ pub struct PlotBar {
     pub target: String,
     pub rps: f64,
     pub p99_ms: f64,
+    /// min..max over the rounds, drawn as a line over the bar.
+    pub rps_range: Option<(f64, f64)>,
+    pub p99_range: Option<(f64, f64)>,
 }
 
 /// A plot panel: one workload (e.g. "keep-alive, sticky cookie") with a bar per target.
@@ -137,7 +140,7 @@ impl Report {
             let _ = writeln!(out, "- {k}: {v}");
         }
         let _ = writeln!(out, "- run time: {:.0} s", self.elapsed.as_secs_f64());
-        if !self.plots().is_empty() {
+        if !self.plots().is_empty() && super::plot::can_draw() {
             out.push_str("\n![requests/s and p99 per target](benchmarks.png)\n");
         }
         for s in &self.sections {
@@ -162,6 +165,10 @@ impl Report {
         let md = dir.join("benchmarks.md");
         std::fs::write(&md, self.markdown()).with_context(|| format!("writing {}", md.display()))?;
         eprintln!("report written to {}", md.display());
+        let png = dir.join("benchmarks.png");
+        if super::plot::write_png(&self.plots(), &png)? {
+            eprintln!("plot written to {}", png.display());
+        }
         Ok(())
     }
 }
