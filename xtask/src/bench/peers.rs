@@ -38,6 +38,8 @@ const CLIENTS_PER_NODE: usize = 16;
 const MAX_PER_NODE: u64 = 250_000;
 /// How often the tables are polled.
 const POLL: Duration = Duration::from_millis(20);
+/// How often the table sizes are sampled during a load.
+const SAMPLE: Duration = Duration::from_millis(100);
 /// Health checks like the e2e proxyd config's (inter 300ms, fall 2, rise 1).
 const CHECK: &str = "check inter 300ms fall 2 rise 1 maxconn 3000";
 
@@ -93,6 +95,16 @@ impl Equal {
     }
 }
 
+/// How a wait for equal tables went.
+struct Waited {
+    equal: Equal,
+    /// Entry counts of the first header read, if every node answered it.
+    first: Option<[u64; 3]>,
+    /// Time from the start of the wait until every node answered a header read (a restarted
+    /// process serves its CLI or gRPC).
+    answered: Option<Duration>,
+}
+
 /// Everything one run of one system measured.
 #[derive(Clone, Debug)]
 struct Run {
@@ -102,6 +114,10 @@ struct Run {
     failed: u64,
     /// Sessions per second over the three nodes.
     rate: f64,
+    /// Session copies missing from the three tables, sampled every `SAMPLE` during the load:
+    /// median and maximum.
+    behind_median: f64,
+    behind_max: u64,
     /// Session copies missing from the three tables at the moment the load stopped: for each
     /// node, sessions created minus the entries its table held.
     missing_at_stop: u64,
@@ -111,6 +127,8 @@ struct Run {
     /// Sessions written on nodes 1-2 while node 3 was down.
     extra: u64,
     resync: Equal,
+    /// Time from the restart until node 3 answered a table read.
+    resync_answered: Option<Duration>,
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Section> {
@@ -148,17 +166,21 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
                 .with_context(|| format!("{} (round {})", system.label(), round + 1))?;
             eprintln!(
                 "   {} round {}: {:.0} sessions/s ({} sessions, {} failed), {} missing at stop, \
-                 equal after {:?}; resync of {}+{}: {:?} ({:.1?})",
+                 behind during the load {:.0} (max {}), equal after {:?}; resync of {}+{}: {:?} \
+                 (answering after {:?}) ({:.1?})",
                 system.label(),
                 round + 1,
                 run.rate,
                 run.sessions,
                 run.failed,
                 run.missing_at_stop,
+                run.behind_median,
+                run.behind_max,
                 run.converge,
                 run.base,
                 run.extra,
                 run.resync,
+                run.resync_answered,
                 t.elapsed()
             );
             match system {
@@ -187,19 +209,26 @@ async fn run_once(ctx: &Ctx, system: System, plan: Plan) -> Result<Run> {
     let all: Vec<SocketAddr> = nodes.frontends.clone();
 
     // New sessions at all three nodes at once for `plan.load`.
-    let load = load_for(&all, plan.load).await;
+    let (load, behind) = load_for(&nodes, plan.load).await;
     let stop = Instant::now();
-    let missing_at_stop = missing(&nodes, load.ok).await;
-    let converge = nodes.wait_equal(load.ok, plan.converge_bound, stop).await;
+    let Waited {
+        equal: converge,
+        first,
+        ..
+    } = nodes.wait_equal(load.ok, plan.converge_bound, stop).await;
+    let first = first.context("a node did not answer its table header right after the load")?;
     let mut run = Run {
         sessions: load.ok,
         failed: load.failed,
         rate: load.ok as f64 / load.elapsed.as_secs_f64().max(1e-9),
-        missing_at_stop,
+        behind_median: median(&behind.iter().map(|&b| b as f64).collect::<Vec<_>>()),
+        behind_max: behind.iter().copied().max().unwrap_or(0),
+        missing_at_stop: missing(&first, load.ok),
         converge,
         base: load.ok,
         extra: 0,
         resync: Equal::Skipped,
+        resync_answered: None,
     };
     if let Equal::Not { .. } = run.converge {
         // A resync measured against tables that never agreed would mean nothing.
@@ -213,6 +242,7 @@ async fn run_once(ctx: &Ctx, system: System, plan: Plan) -> Result<Run> {
         if let Equal::Not { bound, differ } = nodes
             .wait_equal(total, plan.converge_bound, Instant::now())
             .await
+            .equal
         {
             bail!("tables still differ by {differ} sessions {bound:?} after the top-up");
         }
@@ -225,7 +255,9 @@ async fn run_once(ctx: &Ctx, system: System, plan: Plan) -> Result<Run> {
     total += run.extra;
     let restarted = Instant::now();
     nodes.restart(2)?;
-    run.resync = nodes.wait_equal(total, plan.resync_bound, restarted).await;
+    let waited = nodes.wait_equal(total, plan.resync_bound, restarted).await;
+    run.resync = waited.equal;
+    run.resync_answered = waited.answered;
     Ok(run)
 }
 
@@ -240,18 +272,35 @@ fn load_config(target: SocketAddr, duration: Duration, max: u64) -> LoadConfig {
     }
 }
 
-/// Cookie-less requests at every target at once for `duration`; the reports summed.
-async fn load_for(targets: &[SocketAddr], duration: Duration) -> Loaded {
-    let loads: Vec<Load> = targets
+/// Cookie-less requests at every node at once for `duration`; the reports summed, and every
+/// `SAMPLE` the session copies the tables still missed (see [`missing`]).
+async fn load_for(nodes: &Nodes, duration: Duration) -> (Loaded, Vec<u64>) {
+    let started = Instant::now();
+    let loads: Vec<Load> = nodes
+        .frontends
         .iter()
         .map(|t| Load::start(load_config(*t, duration, MAX_PER_NODE)))
         .collect();
-    tokio::time::sleep(duration).await;
+    let mut behind = Vec::new();
+    loop {
+        tokio::time::sleep(SAMPLE).await;
+        if started.elapsed() + SAMPLE / 2 >= duration {
+            break;
+        }
+        // Sessions answered first, then the tables: a session answered during the reads is
+        // not counted, so this errs low by the few sessions of one read.
+        let created: u64 = loads.iter().map(|l| l.snapshot().ok).sum();
+        let (a, b, c) = tokio::join!(nodes.used(0), nodes.used(1), nodes.used(2));
+        if let (Ok(a), Ok(b), Ok(c)) = (a, b, c) {
+            behind.push(missing(&[a, b, c], created));
+        }
+    }
+    tokio::time::sleep(duration.saturating_sub(started.elapsed())).await;
     let mut reports = Vec::new();
     for l in loads {
         reports.push(l.finish().await);
     }
-    sum(&reports)
+    (sum(&reports), behind)
 }
 
 /// `count` cookie-less requests spread over the targets (bounded at 60 s); the reports summed.
@@ -304,14 +353,10 @@ fn sum(reports: &[LoadReport]) -> Loaded {
     })
 }
 
-/// Session copies missing right now: for each node, `created` minus the entries it holds (every
-/// session has its own key, written once, so this counts the copies replication still owes).
-async fn missing(nodes: &Nodes, created: u64) -> u64 {
-    let (a, b, c) = tokio::join!(nodes.used(0), nodes.used(1), nodes.used(2));
-    [a, b, c]
-        .into_iter()
-        .map(|u| created.saturating_sub(u.unwrap_or(0)))
-        .sum()
+/// Session copies missing from tables holding `used` entries when `created` sessions exist:
+/// every session has its own key, written once, so this counts the copies still owed.
+fn missing(used: &[u64; 3], created: u64) -> u64 {
+    used.iter().map(|u| created.saturating_sub(*u)).sum()
 }
 
 /// Sessions that are not identical (same key, same server) on all three tables.
@@ -329,6 +374,9 @@ fn differing(tables: &[BTreeMap<String, String>; 3], expected: u64) -> u64 {
 struct Nodes {
     frontends: Vec<SocketAddr>,
     kind: Kind,
+    /// stickd clients kept between polls: a new gRPC connection per read would cost more than
+    /// the read and blur the times (HAProxy's CLI is one cheap unix connection per command).
+    clients: std::sync::Mutex<[Option<StickClient<tonic::transport::Channel>>; 3]>,
 }
 
 enum Kind {
@@ -358,6 +406,7 @@ impl Nodes {
         Ok(Nodes {
             frontends: lb.nodes.iter().map(|n| n.frontend).collect(),
             kind: Kind::Ours(lb),
+            clients: Default::default(),
         })
     }
 
@@ -365,8 +414,7 @@ impl Nodes {
     async fn haproxy(bin: &Path) -> Result<Nodes> {
         let mut env = Env::new("bench-peers-haproxy")?;
         let names = vec!["app1".to_owned(), "app2".to_owned()];
-        let backends =
-            cluster::start_backends(&mut env, &names, 1, Duration::ZERO, None).await?;
+        let backends = cluster::start_backends(&mut env, &names, 1, Duration::ZERO, None).await?;
         let servers: Vec<(String, SocketAddr)> =
             backends.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
         let peers = (1..=3)
@@ -415,6 +463,7 @@ impl Nodes {
         }
         Ok(Nodes {
             frontends,
+            clients: Default::default(),
             kind: Kind::Haproxy(Haproxy {
                 env,
                 backends,
@@ -425,11 +474,37 @@ impl Nodes {
         })
     }
 
+    /// A connected client for stickd on node `i` (ours only).
+    async fn client(&self, lb: &Lb, i: usize) -> Result<StickClient<tonic::transport::Channel>> {
+        let cached = self.lock_clients()[i].clone();
+        if let Some(c) = cached {
+            return Ok(c);
+        }
+        let c = stick_client(&lb.nodes[i].stickd_socket).await?;
+        self.lock_clients()[i] = Some(c.clone());
+        Ok(c)
+    }
+
+    fn lock_clients(
+        &self,
+    ) -> std::sync::MutexGuard<'_, [Option<StickClient<tonic::transport::Channel>>; 3]> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Entries in node `i`'s table, from the table header (cheap: no entry is listed).
     async fn used(&self, i: usize) -> Result<u64> {
+        let r = self.read_used(i).await;
+        if r.is_err() {
+            // A killed stickd: connect afresh next time.
+            self.lock_clients()[i] = None;
+        }
+        r
+    }
+
+    async fn read_used(&self, i: usize) -> Result<u64> {
         match &self.kind {
             Kind::Ours(lb) => {
-                let mut c = stick_client(&lb.nodes[i].stickd_socket).await?;
+                let mut c = self.client(lb, i).await?;
                 let tables = c.list_tables(pb::ListTablesRequest {}).await?.into_inner();
                 tables
                     .tables
@@ -445,7 +520,13 @@ impl Nodes {
     /// key -> server name of node `i`'s table.
     async fn table(&self, i: usize) -> Result<BTreeMap<String, String>> {
         match &self.kind {
-            Kind::Ours(lb) => stickd_table(&lb.nodes[i].stickd_socket).await,
+            Kind::Ours(lb) => {
+                let r = stickd_table(self.client(lb, i).await?).await;
+                if r.is_err() {
+                    self.lock_clients()[i] = None;
+                }
+                r
+            }
             Kind::Haproxy(h) => parse_table(
                 &haproxy_cmd(&h.stats[i], &format!("show table {TABLE}")).await?,
                 &h.servers,
@@ -469,6 +550,7 @@ impl Nodes {
 
     /// Starts node `i`'s table holder again with the same command line.
     fn restart(&mut self, i: usize) -> Result<()> {
+        self.lock_clients()[i] = None;
         match &mut self.kind {
             Kind::Ours(lb) => lb.nodes[i].stickd.restart(),
             Kind::Haproxy(h) => h.procs[i].restart(),
@@ -479,10 +561,20 @@ impl Nodes {
     /// them, or until `bound` after `since`. The time is taken when the cheap header counts
     /// agreed, if the full reads that follow show the contents equal with the same counts (then
     /// they were equal already at the header read: tables only grow here); else after the reads.
-    async fn wait_equal(&self, expected: u64, bound: Duration, since: Instant) -> Equal {
+    async fn wait_equal(&self, expected: u64, bound: Duration, since: Instant) -> Waited {
         let deadline = since + bound;
+        let mut first = None;
+        let mut answered = None;
+        let mut round = 0;
         loop {
             let (a, b, c) = tokio::join!(self.used(0), self.used(1), self.used(2));
+            if let (Ok(a), Ok(b), Ok(c)) = (&a, &b, &c) {
+                if round == 0 {
+                    first = Some([*a, *b, *c]);
+                }
+                answered.get_or_insert_with(|| since.elapsed());
+            }
+            round += 1;
             // A node that does not answer yet (a restarted one) is "not equal yet".
             if let (Ok(a), Ok(b), Ok(c)) = (a, b, c)
                 && a == b
@@ -499,7 +591,11 @@ impl Nodes {
                     } else {
                         Instant::now()
                     };
-                    return Equal::After(at.duration_since(since));
+                    return Waited {
+                        equal: Equal::After(at.duration_since(since)),
+                        first,
+                        answered,
+                    };
                 }
             }
             if Instant::now() >= deadline {
@@ -507,7 +603,11 @@ impl Nodes {
                     Ok(t) => differing(&t, expected),
                     Err(_) => expected,
                 };
-                return Equal::Not { bound, differ };
+                return Waited {
+                    equal: Equal::Not { bound, differ },
+                    first,
+                    answered,
+                };
             }
             tokio::time::sleep(POLL).await;
         }
@@ -631,8 +731,9 @@ async fn stick_client(socket: &Path) -> Result<StickClient<tonic::transport::Cha
 }
 
 /// key -> server of stickd's table through `Show`, page after page.
-async fn stickd_table(socket: &Path) -> Result<BTreeMap<String, String>> {
-    let mut c = stick_client(socket).await?;
+async fn stickd_table(
+    mut c: StickClient<tonic::transport::Channel>,
+) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     let mut token = String::new();
     loop {
@@ -749,13 +850,15 @@ fn section(plan: Plan, rounds: usize, version: &str, ours: &[Run], theirs: &[Run
          every successful request stores one session on the node that served it. Then the \
          tables are polled every {} ms (a header read of the entry count on each node, then a \
          full read of the three tables when the counts agree) until they hold the same keys and \
-         servers, all sessions included, bounded at {:.0} s. \"Copies missing\" is, at the \
-         moment the load stopped, the sum over the nodes of sessions created minus the entries \
-         that node's table held. stickd's tables are read with `ListTables` and a paged `Show`, \
+         servers, all sessions included, bounded at {:.0} s. \"Copies missing\" is the sum over \
+         the nodes of sessions answered so far minus the entries that node's table held (each \
+         session has its own key, stored once): the copies replication still owed, sampled \
+         every {} ms during the load and once when it stopped. stickd's tables are read with `ListTables` and a paged `Show`, \
          HAProxy's with `show table` on each process's stats socket.",
         plan.load.as_secs_f64(),
         POLL.as_millis(),
-        plan.converge_bound.as_secs_f64()
+        plan.converge_bound.as_secs_f64(),
+        SAMPLE.as_millis()
     ));
     s.text.push(format!(
         "**Resync**: with the tables holding at least {} sessions, node 3's table holder is \
@@ -772,7 +875,10 @@ fn section(plan: Plan, rounds: usize, version: &str, ours: &[Run], theirs: &[Run
     ));
 
     let col = |runs: &[Run], f: &dyn Fn(&Run) -> f64, digits: usize| {
-        let v: Vec<f64> = runs.iter().map(f).collect();
+        let v: Vec<f64> = runs.iter().map(f).filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return ("n/a".to_owned(), f64::NAN);
+        }
         (with_spread(&v, digits), median(&v))
     };
     let mut t = Table::new(&["", "stickd + proxyd", "HAProxy peers", "stickd / HAProxy"]);
@@ -801,6 +907,18 @@ fn section(plan: Plan, rounds: usize, version: &str, ours: &[Run], theirs: &[Run
     num_row(&mut t, "failed requests", &|r| r.failed as f64, 0);
     num_row(
         &mut t,
+        "copies missing during the load, median of samples every 100 ms (lower is better)",
+        &|r| r.behind_median,
+        0,
+    );
+    num_row(
+        &mut t,
+        "copies missing during the load, largest sample (lower is better)",
+        &|r| r.behind_max as f64,
+        0,
+    );
+    num_row(
+        &mut t,
         "copies missing when the load stops (lower is better)",
         &|r| r.missing_at_stop as f64,
         0,
@@ -810,12 +928,27 @@ fn section(plan: Plan, rounds: usize, version: &str, ours: &[Run], theirs: &[Run
         "ms from the end of the load until the 3 tables are equal (lower is better)",
         &|r| &r.converge,
     );
-    num_row(&mut t, "sessions in the tables when node 3 is killed", &|r| {
-        r.base as f64
-    }, 0);
-    num_row(&mut t, "sessions written on nodes 1-2 while node 3 is down", &|r| {
-        r.extra as f64
-    }, 0);
+    num_row(
+        &mut t,
+        "sessions in the tables when node 3 is killed",
+        &|r| r.base as f64,
+        0,
+    );
+    num_row(
+        &mut t,
+        "sessions written on nodes 1-2 while node 3 is down",
+        &|r| r.extra as f64,
+        0,
+    );
+    num_row(
+        &mut t,
+        "ms from the restart of node 3 until it answers a table read",
+        &|r| {
+            r.resync_answered
+                .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+        },
+        0,
+    );
     eq_row(
         &mut t,
         "ms from the restart of node 3 until its table equals the others' (lower is better)",

@@ -219,12 +219,7 @@ impl Lb {
     }
 
     /// Like `start_with`, with the stick table's `expire`.
-    pub async fn start_opts(
-        env: Env,
-        count: u8,
-        stable: Option<()>,
-        expire: &str,
-    ) -> Result<Lb> {
+    pub async fn start_opts(env: Env, count: u8, stable: Option<()>, expire: &str) -> Result<Lb> {
         Self::start_sized(env, count, stable, expire, "5k").await
     }
 
