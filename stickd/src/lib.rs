@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+mod disk;
 pub mod hlc;
 pub mod peer;
 pub mod service;

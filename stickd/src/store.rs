@@ -108,6 +108,11 @@ impl Rec {
 
     fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(18 + self.origin.len() + self.server.len());
+        self.encode_into(&mut v);
+        v
+    }
+
+    fn encode_into(&self, v: &mut Vec<u8>) {
         v.extend_from_slice(&self.version.to_be_bytes());
         v.extend_from_slice(&self.expires.to_be_bytes());
         v.push(u8::from(self.deleted));
@@ -115,7 +120,6 @@ impl Rec {
         v.push(self.origin.len().min(255) as u8);
         v.extend_from_slice(&self.origin.as_bytes()[..self.origin.len().min(255)]);
         v.extend_from_slice(self.server.as_bytes());
-        v
     }
 
     fn decode(b: &[u8]) -> Result<Rec, String> {
@@ -146,20 +150,27 @@ struct Pending {
     ops: Mutex<Vec<Op>>,
 }
 
-/// One queued sled write: (tree, key, value or removal).
-type Op = (sled::Tree, Vec<u8>, Option<Vec<u8>>);
+/// One queued write.
+enum Op {
+    /// A table entry: its encoded record, or `None` when it went.
+    Entry {
+        table: Arc<str>,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    },
+    /// A record of our change log (an encoded `pb::Change`).
+    Log { seq: u64, change: Vec<u8> },
+    /// A key of the meta tree (positions, clears).
+    Meta { key: Vec<u8>, value: Vec<u8> },
+}
 
 impl Pending {
     fn lock(&self) -> MutexGuard<'_, Vec<Op>> {
         self.ops.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn put(&self, tree: &sled::Tree, key: &[u8], value: Vec<u8>) {
-        self.lock().push((tree.clone(), key.to_vec(), Some(value)));
-    }
-
-    fn remove(&self, tree: &sled::Tree, key: &[u8]) {
-        self.lock().push((tree.clone(), key.to_vec(), None));
+    fn push(&self, op: Op) {
+        self.lock().push(op);
     }
 
     fn len(&self) -> usize {
@@ -173,7 +184,7 @@ impl Pending {
 
 struct Table {
     def: TableDef,
-    tree: sled::Tree,
+    name: Arc<str>,
     pending: Arc<Pending>,
     entries: HashMap<String, Rec>,
     by_expiry: BTreeSet<(i64, String)>,
@@ -183,32 +194,71 @@ struct Table {
 }
 
 impl Table {
-    fn remove(&mut self, key: &str) -> Result<Option<Rec>, sled::Error> {
-        let old = self.entries.remove(key);
-        if let Some(o) = &old {
-            self.by_expiry.remove(&(o.expires, key.to_owned()));
-            if !o.deleted {
-                self.live -= 1;
-            }
-            self.pending.remove(&self.tree, key.as_bytes());
-        }
-        Ok(old)
-    }
-
-    /// Inserts or replaces, keeping the expiry index and the live count right.
-    fn put(&mut self, key: &str, rec: Rec) -> Result<(), sled::Error> {
-        self.pending.put(&self.tree, key.as_bytes(), rec.encode());
+    /// Inserts or replaces in memory, keeping the expiry index and the live count right.
+    fn set(&mut self, key: &str, rec: Rec) {
+        // The old expiry goes first: it may equal the new one.
+        self.unset(key);
         self.by_expiry.insert((rec.expires, key.to_owned()));
         if !rec.deleted {
             self.live += 1;
         }
-        if let Some(old) = self.entries.insert(key.to_owned(), rec) {
-            self.by_expiry.remove(&(old.expires, key.to_owned()));
-            if !old.deleted {
-                self.live -= 1;
-            }
+        self.entries.insert(key.to_owned(), rec);
+    }
+
+    /// Removes from memory.
+    fn unset(&mut self, key: &str) -> Option<Rec> {
+        let old = self.entries.remove(key)?;
+        self.by_expiry.remove(&(old.expires, key.to_owned()));
+        if !old.deleted {
+            self.live -= 1;
         }
+        Some(old)
+    }
+
+    fn remove(&mut self, key: &str) -> Result<Option<Rec>, sled::Error> {
+        let old = self.unset(key);
+        if old.is_some() {
+            self.pending.push(Op::Entry {
+                table: self.name.clone(),
+                key: key.as_bytes().to_vec(),
+                value: None,
+            });
+        }
+        Ok(old)
+    }
+
+    /// Inserts or replaces, and queues the write for sled.
+    fn put(&mut self, key: &str, rec: Rec) -> Result<(), sled::Error> {
+        self.pending.push(Op::Entry {
+            table: self.name.clone(),
+            key: key.as_bytes().to_vec(),
+            value: Some(rec.encode()),
+        });
+        self.set(key, rec);
         Ok(())
+    }
+
+    /// A record read from disk at start-up: kept unless expired; returns its version.
+    fn load(&mut self, key: &[u8], value: Option<&[u8]>, now: i64) -> Result<u64, StoreError> {
+        let key = std::str::from_utf8(key).map_err(|e| StoreError::Corrupt {
+            what: format!("table '{}'", self.def.name),
+            reason: e.to_string(),
+        })?;
+        let Some(value) = value else {
+            self.unset(key);
+            return Ok(0);
+        };
+        let rec = Rec::decode(value).map_err(|reason| StoreError::Corrupt {
+            what: format!("table '{}' key '{key}'", self.def.name),
+            reason,
+        })?;
+        let version = rec.version;
+        if rec.expires <= now {
+            self.unset(key);
+        } else {
+            self.set(key, rec);
+        }
+        Ok(version)
     }
 
     fn info(&self) -> pb::TableInfo {
@@ -240,6 +290,12 @@ struct Inner {
 const PENDING_HIGH_WATER: usize = 100_000;
 /// Log records kept in memory for pushers (older ones are read from sled).
 const LOG_TAIL: usize = 256 * 1024;
+/// Most log records per sled value (the log is trimmed a chunk at a time).
+const LOG_CHUNK: usize = 512;
+/// Entries per checkpoint value (and per hold of the store's lock while writing one).
+const CHECKPOINT_CHUNK: usize = 4096;
+/// Journal bytes that call for a checkpoint, at least (else: the last checkpoint's size).
+const CHECKPOINT_AFTER: u64 = 32 << 20;
 
 /// Counters for Stats.
 #[derive(Debug, Default)]
@@ -256,12 +312,18 @@ pub struct Counters {
 pub struct Store {
     local: Arc<str>,
     db: sled::Db,
+    /// Our change log: values are `pb::Batch` encodings of consecutive records, keyed by the
+    /// sequence of their first record.
     log: sled::Tree,
     meta: sled::Tree,
+    /// Table writes since the last checkpoint: one value per `persist`, keyed by a counter.
+    journal: sled::Tree,
+    /// Every table's entries as of the checkpoint named in meta `checkpoint`.
+    checkpoint: sled::Tree,
     inner: Mutex<Inner>,
     pending: Arc<Pending>,
     /// One writer at a time, so that sled sees the queue in order.
-    persist_lock: Mutex<()>,
+    persist_lock: Mutex<Disk>,
     /// Highest log sequence handed to sled.
     persisted_seq: AtomicU64,
     first_seq: AtomicU64,
@@ -274,6 +336,21 @@ pub struct Store {
     events: broadcast::Sender<Arc<Event>>,
     head_tx: watch::Sender<u64>,
     pub counters: Counters,
+}
+
+/// The writer's bookkeeping (under `persist_lock`).
+#[derive(Default)]
+struct Disk {
+    /// Key of the next journal value.
+    journal_next: u64,
+    /// Journal bytes written since the last checkpoint.
+    journal_bytes: u64,
+    /// Generation and size of the last checkpoint.
+    generation: u64,
+    checkpoint_bytes: u64,
+    /// Tables on disk that are no longer configured: carried from checkpoint to checkpoint
+    /// untouched, so that a table put back in the config finds its entries again.
+    orphans: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>,
 }
 
 /// Unix milliseconds now.
@@ -350,7 +427,7 @@ fn seq_key(seq: u64) -> [u8; 8] {
 
 impl Store {
     /// Opens (or creates) the data directory and loads every configured table into memory.
-    /// Tables in sled that are no longer configured are left on disk untouched.
+    /// Tables on disk that are no longer configured are kept on disk untouched.
     pub fn open(config: &Config) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(&config.data_dir)
@@ -360,17 +437,20 @@ impl Store {
             .cache_capacity(64 << 20)
             .mode(sled::Mode::HighThroughput)
             .open()?;
-        let log = db.open_tree("log")?;
+        let log = db.open_tree("log_chunks")?;
         let meta = db.open_tree("meta")?;
+        let journal = db.open_tree("journal")?;
+        let checkpoint = db.open_tree("checkpoint")?;
         let pending = Arc::new(Pending::default());
         let now = now_ms();
         let mut max_version = 0u64;
         let mut tables = HashMap::new();
+        // Before checkpoints, every entry was a key of its table's own tree: read them once.
+        let mut legacy = Vec::new();
         for def in &config.tables {
-            let tree = db.open_tree(format!("table/{}", def.name))?;
             let mut t = Table {
                 def: def.clone(),
-                tree,
+                name: Arc::from(def.name.as_str()),
                 pending: pending.clone(),
                 entries: HashMap::new(),
                 by_expiry: BTreeSet::new(),
@@ -383,33 +463,105 @@ impl Store {
                 t.cleared_origin = String::from_utf8_lossy(c.get(8..).unwrap_or_default()).into();
                 max_version = max_version.max(t.cleared_version);
             }
-            let mut stale = Vec::new();
-            for kv in t.tree.iter() {
-                let (k, v) = kv?;
-                let key = String::from_utf8(k.to_vec()).map_err(|e| StoreError::Corrupt {
-                    what: format!("table '{}'", def.name),
-                    reason: e.to_string(),
-                })?;
-                let rec = Rec::decode(&v).map_err(|reason| StoreError::Corrupt {
-                    what: format!("table '{}' key '{key}'", def.name),
-                    reason,
-                })?;
-                max_version = max_version.max(rec.version);
-                if rec.expires <= now {
-                    stale.push(key);
-                    continue;
+            let old = format!("table/{}", def.name);
+            if db.tree_names().iter().any(|n| **n == *old.as_bytes()) {
+                for kv in db.open_tree(&old)?.iter() {
+                    let (k, v) = kv?;
+                    max_version = max_version.max(t.load(&k, Some(&v), now)?);
                 }
-                t.by_expiry.insert((rec.expires, key.clone()));
-                if !rec.deleted {
-                    t.live += 1;
-                }
-                t.entries.insert(key, rec);
-            }
-            for k in stale {
-                t.tree.remove(k.as_bytes())?;
+                legacy.push(old);
             }
             tables.insert(def.name.clone(), t);
         }
+        let mut disk = Disk::default();
+        let corrupt = |what: String| move |reason: String| StoreError::Corrupt { what, reason };
+        let mut orphans: HashMap<String, HashMap<Vec<u8>, Vec<u8>>> = HashMap::new();
+        if let Some(c) = meta.get("checkpoint")? {
+            disk.generation = u64_at(&c, 0).unwrap_or(0);
+            disk.journal_next = u64_at(&c, 8).unwrap_or(0);
+        }
+        for kv in checkpoint.iter() {
+            let (k, v) = kv?;
+            if u64_at(&k, 0) != Some(disk.generation) {
+                // Left by a checkpoint that did not finish, or by one that was superseded.
+                checkpoint.remove(k)?;
+                continue;
+            }
+            disk.checkpoint_bytes += v.len() as u64;
+            let (table, pairs) = crate::disk::chunk(&v).map_err(corrupt("checkpoint".into()))?;
+            let name = String::from_utf8_lossy(table).into_owned();
+            match tables.get_mut(&name) {
+                Some(t) => {
+                    for (k, v) in pairs {
+                        max_version = max_version.max(t.load(k, Some(v), now)?);
+                    }
+                }
+                None => orphans
+                    .entry(name)
+                    .or_default()
+                    .extend(pairs.into_iter().map(|(k, v)| (k.to_vec(), v.to_vec()))),
+            }
+        }
+        for kv in journal.iter() {
+            let (k, v) = kv?;
+            let id = u64_at(&k, 0).unwrap_or(0);
+            if id < disk.journal_next {
+                // Already in the checkpoint (its removal was cut short).
+                journal.remove(k)?;
+                continue;
+            }
+            disk.journal_next = id + 1;
+            disk.journal_bytes += v.len() as u64;
+            let writes = crate::disk::writes(&v).map_err(corrupt(format!("journal {id}")))?;
+            for (table, key, value) in writes {
+                let name = String::from_utf8_lossy(table);
+                match tables.get_mut(&*name) {
+                    Some(t) => max_version = max_version.max(t.load(key, value, now)?),
+                    None => {
+                        let o = orphans.entry(name.into_owned()).or_default();
+                        match value {
+                            Some(v) => o.insert(key.to_vec(), v.to_vec()),
+                            None => o.remove(key),
+                        };
+                    }
+                }
+            }
+        }
+        disk.orphans = orphans
+            .into_iter()
+            .map(|(name, recs)| (name, recs.into_iter().collect()))
+            .collect();
+        // The log before chunks: one record per key, rewritten as chunks once.
+        if db.tree_names().iter().any(|n| **n == *b"log") {
+            let old = db.open_tree("log")?;
+            let mut buf = Vec::new();
+            let mut first = None;
+            let mut n = 0;
+            for kv in old.iter() {
+                let (k, v) = kv?;
+                first.get_or_insert(u64_at(&k, 0).unwrap_or(0));
+                crate::disk::batch_push(&mut buf, &v);
+                n += 1;
+                if n == LOG_CHUNK {
+                    log.insert(seq_key(first.take().unwrap_or(0)), std::mem::take(&mut buf))?;
+                    n = 0;
+                }
+            }
+            if let Some(f) = first {
+                log.insert(seq_key(f), buf)?;
+            }
+            db.drop_tree("log")?;
+        }
+        let last_change = match log.last()? {
+            Some((_, v)) => pb::Batch::decode(&*v)
+                .map_err(|e| StoreError::Corrupt {
+                    what: "log".into(),
+                    reason: e.to_string(),
+                })?
+                .changes
+                .pop(),
+            None => None,
+        };
         // Our own newest version on disk: after an unclean stop, peers may hold newer ones of
         // ours that we lost, and we ask them back (see `recover_since`).
         let mut own_max = tables
@@ -424,10 +576,8 @@ impl Store {
             })
             .max()
             .unwrap_or(0);
-        if let Some((_, v)) = log.last()?
-            && let Ok(c) = pb::Change::decode(&*v)
-        {
-            own_max = own_max.max(match c.kind {
+        if let Some(c) = &last_change {
+            own_max = own_max.max(match &c.kind {
                 Some(pb::change::Kind::Entry(e)) => e.version,
                 Some(pb::change::Kind::Cleared(c)) => c.version,
                 None => 0,
@@ -441,8 +591,8 @@ impl Store {
             (true, true) => None,
         };
         meta.insert("clean", &[0u8])?;
-        let head = match log.last()? {
-            Some((k, _)) => u64_at(&k, 0).unwrap_or(0),
+        let head = match &last_change {
+            Some(c) => c.seq,
             None => meta
                 .get("head")?
                 .as_deref()
@@ -485,11 +635,13 @@ impl Store {
         hlc.observe(max_version);
         let (events, _) = broadcast::channel(WATCH_BUFFER);
         let (head_tx, _) = watch::channel(head);
-        Ok(Store {
+        let store = Store {
             local: Arc::from(config.local.as_str()),
             db,
             log,
             meta,
+            journal,
+            checkpoint,
             inner: Mutex::new(Inner {
                 tables,
                 hlc,
@@ -498,7 +650,7 @@ impl Store {
                 received,
             }),
             pending,
-            persist_lock: Mutex::new(()),
+            persist_lock: Mutex::new(disk),
             persisted_seq: AtomicU64::new(head),
             first_seq: AtomicU64::new(first),
             epoch,
@@ -508,7 +660,19 @@ impl Store {
             events,
             head_tx,
             counters: Counters::default(),
-        })
+        };
+        if !legacy.is_empty() {
+            // The entries now live in a checkpoint: the per-key trees can go.
+            store.write_checkpoint(&mut store.disk())?;
+            for name in legacy {
+                store.db.drop_tree(name)?;
+            }
+        }
+        Ok(store)
+    }
+
+    fn disk(&self) -> MutexGuard<'_, Disk> {
+        self.persist_lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -549,8 +713,10 @@ impl Store {
         inner.head += 1;
         let seq = inner.head;
         let change = pb::Change { seq, ..change };
-        self.pending
-            .put(&self.log, &seq_key(seq), change.encode_to_vec());
+        self.pending.push(Op::Log {
+            seq,
+            change: change.encode_to_vec(),
+        });
         inner.tail.push_back(change);
         Ok(())
     }
@@ -809,8 +975,10 @@ impl Store {
         t.cleared_origin.clone_from(&c.origin);
         let mut v = c.version.to_be_bytes().to_vec();
         v.extend_from_slice(c.origin.as_bytes());
-        self.pending
-            .put(&self.meta, format!("cleared/{}", c.table).as_bytes(), v);
+        self.pending.push(Op::Meta {
+            key: format!("cleared/{}", c.table).into_bytes(),
+            value: v,
+        });
         Ok(removed)
     }
 
@@ -948,8 +1116,10 @@ impl Store {
         let mut v = epoch.to_be_bytes().to_vec();
         v.extend_from_slice(&seq.to_be_bytes());
         // Queued after the changes it covers, so it never reaches the disk before them.
-        self.pending
-            .put(&self.meta, format!("recv/{peer}").as_bytes(), v);
+        self.pending.push(Op::Meta {
+            key: format!("recv/{peer}").into_bytes(),
+            value: v,
+        });
         inner.received.insert(peer.to_owned(), (epoch, seq));
     }
 
@@ -1002,18 +1172,31 @@ impl Store {
                 return Ok(inner.tail.range(start..end).cloned().collect());
             }
         }
+        // The chunk holding `from` starts at or before it.
+        let start = match self.log.range(..=seq_key(from)).next_back() {
+            Some(kv) => kv?.0,
+            None if from > self.head() => return Ok(Vec::new()),
+            None => return Err(StoreError::LogGap(from)),
+        };
         let mut out = Vec::new();
-        for kv in self.log.range(seq_key(from)..).take(max) {
+        'chunks: for kv in self.log.range(start..) {
             let (k, v) = kv?;
-            let seq = u64_at(&k, 0).unwrap_or(0);
-            if out.is_empty() && seq != from {
-                return Err(StoreError::LogGap(from));
-            }
-            let c = pb::Change::decode(&*v).map_err(|e| StoreError::Corrupt {
-                what: format!("log record {seq}"),
+            let b = pb::Batch::decode(&*v).map_err(|e| StoreError::Corrupt {
+                what: format!("log chunk {}", u64_at(&k, 0).unwrap_or(0)),
                 reason: e.to_string(),
             })?;
-            out.push(c);
+            for c in b.changes {
+                if c.seq < from {
+                    continue;
+                }
+                if c.seq != from + out.len() as u64 {
+                    return Err(StoreError::LogGap(from + out.len() as u64));
+                }
+                out.push(c);
+                if out.len() >= max {
+                    break 'chunks;
+                }
+            }
         }
         if out.is_empty() && from <= self.head() {
             return Err(StoreError::LogGap(from));
@@ -1021,10 +1204,12 @@ impl Store {
         Ok(out)
     }
 
-    /// Hands the queued writes to sled (in order; meta last so that positions never get ahead
-    /// of the data) and lets the in-memory log tail shrink. Returns how many writes went.
+    /// Hands the queued writes to sled and lets the in-memory log tail shrink: the table writes
+    /// as one journal value, the log records as chunks, then the meta keys (positions last, so
+    /// that they never get ahead of the data: sled recovers a prefix of its writes). Writes a
+    /// checkpoint when the journal has grown past the last one. Returns how many writes went.
     pub fn persist(&self) -> Result<usize, StoreError> {
-        let _one_writer = self.persist_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut disk = self.disk();
         // Read the head first: every record up to it is already queued (append queues before
         // publishing the head), so after this batch sled has the log through it.
         let head = self.head();
@@ -1033,21 +1218,126 @@ impl Store {
             return Ok(0);
         }
         let n = ops.len();
-        // One insert at a time, in queue order: sled's batches are much slower for large ones.
-        for (tree, key, value) in ops {
-            match value {
-                Some(v) => tree.insert(key, v)?,
-                None => tree.remove(key)?,
-            };
+        let mut journal = Vec::new();
+        let mut log: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut in_chunk = 0;
+        let mut meta = Vec::new();
+        for op in ops {
+            match op {
+                Op::Entry { table, key, value } => {
+                    crate::disk::put_write(&mut journal, &table, &key, value.as_deref());
+                }
+                Op::Log { seq, change } => {
+                    if log.is_empty() || in_chunk == LOG_CHUNK {
+                        log.push((seq, Vec::new()));
+                        in_chunk = 0;
+                    }
+                    if let Some((_, buf)) = log.last_mut() {
+                        crate::disk::batch_push(buf, &change);
+                    }
+                    in_chunk += 1;
+                }
+                Op::Meta { key, value } => meta.push((key, value)),
+            }
+        }
+        if !journal.is_empty() {
+            disk.journal_bytes += journal.len() as u64;
+            self.journal
+                .insert(disk.journal_next.to_be_bytes(), journal)?;
+            disk.journal_next += 1;
+        }
+        for (first, chunk) in log {
+            self.log.insert(seq_key(first), chunk)?;
+        }
+        for (k, v) in meta {
+            self.meta.insert(k, v)?;
         }
         self.persisted_seq.fetch_max(head, Ordering::Relaxed);
         let persisted = self.persisted_seq.load(Ordering::Relaxed);
-        let mut inner = self.lock();
-        while inner.tail.len() > LOG_TAIL && inner.tail.front().is_some_and(|c| c.seq <= persisted)
         {
-            inner.tail.pop_front();
+            let mut inner = self.lock();
+            while inner.tail.len() > LOG_TAIL
+                && inner.tail.front().is_some_and(|c| c.seq <= persisted)
+            {
+                inner.tail.pop_front();
+            }
+        }
+        if disk.journal_bytes > CHECKPOINT_AFTER.max(disk.checkpoint_bytes) {
+            self.write_checkpoint(&mut disk)?;
         }
         Ok(n)
+    }
+
+    /// Rewrites every table as a new checkpoint generation, then drops the old one and the
+    /// journal it needed. The copy is fuzzy (the lock is taken per chunk, not for the whole
+    /// copy) and still exact after a restart: a key written while it runs has its write in the
+    /// journal from `journal_next` on, which the start-up replays over the checkpoint in order.
+    fn write_checkpoint(&self, disk: &mut Disk) -> Result<(), StoreError> {
+        let generation = disk.generation + 1;
+        let journal_from = disk.journal_next;
+        let keys: Vec<(Arc<str>, Vec<String>)> = {
+            let inner = self.lock();
+            inner
+                .tables
+                .values()
+                .map(|t| (t.name.clone(), t.entries.keys().cloned().collect()))
+                .collect()
+        };
+        let mut n = 0u32;
+        let mut bytes = 0u64;
+        let mut value = Vec::new();
+        for (name, keys) in keys {
+            for part in keys.chunks(CHECKPOINT_CHUNK) {
+                let mut chunk = crate::disk::chunk_start(&name);
+                {
+                    let inner = self.lock();
+                    let Some(t) = inner.tables.get(&*name) else {
+                        break;
+                    };
+                    for k in part {
+                        if let Some(r) = t.entries.get(k) {
+                            value.clear();
+                            r.encode_into(&mut value);
+                            crate::disk::chunk_put(&mut chunk, k.as_bytes(), &value);
+                        }
+                    }
+                }
+                bytes += chunk.len() as u64;
+                self.checkpoint
+                    .insert(crate::disk::chunk_key(generation, n), chunk)?;
+                n += 1;
+            }
+        }
+        for (name, recs) in &disk.orphans {
+            for part in recs.chunks(CHECKPOINT_CHUNK) {
+                let mut chunk = crate::disk::chunk_start(name);
+                for (k, v) in part {
+                    crate::disk::chunk_put(&mut chunk, k, v);
+                }
+                bytes += chunk.len() as u64;
+                self.checkpoint
+                    .insert(crate::disk::chunk_key(generation, n), chunk)?;
+                n += 1;
+            }
+        }
+        let mut mark = generation.to_be_bytes().to_vec();
+        mark.extend_from_slice(&journal_from.to_be_bytes());
+        self.meta.insert("checkpoint", mark)?;
+        for k in self
+            .checkpoint
+            .scan_prefix(disk.generation.to_be_bytes())
+            .keys()
+        {
+            self.checkpoint.remove(k?)?;
+        }
+        for k in self.journal.range(..journal_from.to_be_bytes()).keys() {
+            self.journal.remove(k?)?;
+        }
+        tracing::debug!(generation, chunks = n, bytes, "checkpoint written");
+        disk.generation = generation;
+        disk.checkpoint_bytes = bytes;
+        disk.journal_bytes = 0;
+        Ok(())
     }
 
     /// A consistent copy of the given tables and the log head it corresponds to.
@@ -1254,14 +1544,26 @@ impl Store {
         if new_first <= first {
             return Ok(0);
         }
-        // Move the mark first: a reader that raced us sees a gap, never a half-deleted range.
-        self.first_seq.store(new_first, Ordering::Relaxed);
-        let mut n = 0;
-        for seq in first..new_first {
-            self.log.remove(seq_key(seq))?;
-            n += 1;
+        // Whole chunks only: those that end before `new_first` (a chunk ends where the next
+        // one starts).
+        let starts: Vec<u64> = self
+            .log
+            .range(..=seq_key(new_first))
+            .keys()
+            .map(|k| k.map(|k| u64_at(&k, 0).unwrap_or(0)))
+            .collect::<Result<_, _>>()?;
+        let Some(&keep_from) = starts.last() else {
+            return Ok(0);
+        };
+        if keep_from <= first {
+            return Ok(0);
         }
-        Ok(n)
+        // Move the mark first: a reader that raced us sees a gap, never a half-deleted range.
+        self.first_seq.store(keep_from, Ordering::Relaxed);
+        for s in &starts[..starts.len() - 1] {
+            self.log.remove(seq_key(*s))?;
+        }
+        Ok(keep_from - first)
     }
 
     /// Called by writers after a write (off the async workers): when sled falls behind, the
@@ -1569,7 +1871,7 @@ expire = "5m"
     fn log_trim_makes_a_gap() {
         let dir = tempfile::tempdir().expect("tmp");
         let s = Store::open(&config(dir.path(), "a", "")).expect("open");
-        for i in 0..1500 {
+        for i in 0..2500 {
             s.store(
                 "ips",
                 &[item(&format!("10.0.{}.{}", i / 256, i % 256), "s")],
@@ -1578,9 +1880,100 @@ expire = "5m"
         }
         assert_eq!(s.trim_log().expect("trim before persisting"), 0);
         s.persist().expect("persist");
-        assert_eq!(s.trim_log().expect("trim"), 500);
+        // log_keep 1000 of 2500: whole chunks of 512 below 1501 go.
+        assert_eq!(s.trim_log().expect("trim"), 1024);
+        assert_eq!(s.first_seq(), 1025);
         assert!(matches!(s.read_log(3, 10), Err(StoreError::LogGap(3))));
-        assert_eq!(s.read_log(501, 10).expect("read")[0].seq, 501);
-        assert!(s.read_log(1501, 10).expect("at head").is_empty());
+        assert_eq!(s.read_log(1025, 10).expect("read")[0].seq, 1025);
+        assert!(s.read_log(2501, 10).expect("at head").is_empty());
+        // From sled rather than the in-memory tail, across a chunk boundary.
+        s.lock().tail.clear();
+        let across: Vec<u64> = s
+            .read_log(1530, 10)
+            .expect("read")
+            .iter()
+            .map(|c| c.seq)
+            .collect();
+        assert_eq!(across, (1530..1540).collect::<Vec<_>>());
+        assert!(s.read_log(2501, 10).expect("at head").is_empty());
+    }
+
+    #[test]
+    fn journal_and_checkpoint_survive_a_restart() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = config(dir.path(), "a", "");
+        {
+            let s = Store::open(&c).expect("open");
+            for i in 0..300 {
+                s.store(
+                    "ips",
+                    &[item(&format!("10.1.{}.{}", i / 256, i % 256), "old")],
+                )
+                .expect("store");
+            }
+            s.persist().expect("persist");
+            s.write_checkpoint(&mut s.disk()).expect("checkpoint");
+            // After the checkpoint: a replacement, a delete and new keys, in the journal only.
+            s.store("ips", &[item("10.1.0.1", "new")]).expect("store");
+            s.delete("ips", "10.1.0.2").expect("delete");
+            s.store("ips", &[item("10.2.0.1", "x")]).expect("store");
+            s.sweep().expect("sweep");
+            s.persist().expect("persist");
+        }
+        let s = reopen(&c);
+        let got = |k: &str| {
+            s.lookup("ips", &[k.into()])
+                .expect("lookup")
+                .pop()
+                .map(|e| e.server)
+        };
+        assert_eq!(got("10.1.0.1").as_deref(), Some("new"));
+        assert_eq!(got("10.1.0.2"), None);
+        assert_eq!(got("10.1.0.3").as_deref(), Some("old"));
+        assert_eq!(got("10.2.0.1").as_deref(), Some("x"));
+        assert_eq!(s.tables_info()[0].used, 300);
+        assert_eq!(s.head(), 303);
+        assert_eq!(s.read_log(303, 1).expect("log")[0].seq, 303);
+    }
+
+    #[test]
+    fn per_key_trees_of_older_versions_are_read_and_moved() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = config(dir.path(), "a", "");
+        {
+            let db = sled::open(&c.data_dir).expect("sled");
+            let rec = Rec {
+                server: "app1".into(),
+                expires: now_ms() + 60_000,
+                version: 7 << 16,
+                origin: Arc::from("a"),
+                deleted: false,
+            };
+            db.open_tree("table/ips")
+                .expect("tree")
+                .insert("10.0.0.9", rec.encode())
+                .expect("insert");
+            let change = pb::Change {
+                seq: 1,
+                table: "ips".into(),
+                kind: Some(pb::change::Kind::Entry(rec.to_pb("10.0.0.9", now_ms()))),
+            };
+            db.open_tree("log")
+                .expect("tree")
+                .insert(seq_key(1), change.encode_to_vec())
+                .expect("insert");
+            db.flush().expect("flush");
+        }
+        let s = reopen(&c);
+        assert_eq!(s.head(), 1);
+        assert_eq!(s.read_log(1, 5).expect("log").len(), 1);
+        assert_eq!(
+            s.lookup("ips", &["10.0.0.9".into()]).expect("l")[0].server,
+            "app1"
+        );
+        let names = s.db.tree_names();
+        assert!(!names.iter().any(|n| **n == *b"table/ips" || **n == *b"log"));
+        drop(s);
+        assert_eq!(reopen(&c).tables_info()[0].used, 1);
     }
 }
