@@ -162,8 +162,10 @@ fn section(runs: &[KillRun], kills: usize, limit: Duration) -> Section {
     let cfg = load_config(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), Vec::new());
     s.text.push(format!(
         "The serving worker gets SIGKILL while our client loads the target ({} keep-alive, {} \
-         connection-close, {} pausing keep-alive clients; failed requests are retried after 5 \
-         ms). Right after the kill a probe opens a fresh connection every {} ms (one probe may \
+         connection-close, {} pausing keep-alive clients; a client whose request failed sends \
+         its next one 5 ms later, so a target that refuses connections for the whole window \
+         collects thousands of refusals). At risk: requests in flight plus idle keep-alive \
+         connections at the moment of the kill. Right after the kill a probe opens a fresh connection every {} ms (one probe may \
          wait in the accept queue) until one is answered, for at most {} s; a probe refused \
          while the master is gone ends the wait (nothing can listen again). The client's \
          failures are counted for {} s after the kill, or until {} ms after serving again if \
@@ -261,8 +263,10 @@ fn section(runs: &[KillRun], kills: usize, limit: Duration) -> Section {
         master_exits(no_exit),
         of(no_exit).count(),
         if master_exits(no_exit) > 0 {
-            "HAProxy 2.6.12 accepts the keyword (`haproxy -c` passes) but its master, which \
-             re-executes itself in wait mode after starting the worker, does not keep it."
+            "HAProxy 2.6 accepts the keyword (`haproxy -c` passes) and still logs \
+             \"exit-on-failure: killing every processes\". Our reading of its source: since \
+             2.5 the master re-executes itself in wait mode once its worker runs, without the \
+             full configuration, so the option is gone by the time a worker dies."
         } else {
             "the master stays, but no worker serves until the next reload."
         }

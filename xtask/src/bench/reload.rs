@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::stats::{median, ratio, with_spread};
+use super::stats::{median, ratio, spread, with_spread};
 use super::tools::Tools;
 use super::{Ctx, Section, Table};
 use crate::cluster::{self, Node, NodeOptions, START_TIMEOUT};
@@ -683,8 +683,8 @@ fn section(runs: &[Storm], reloads: usize, rounds: usize) -> Section {
             with_spread(&rps, 0),
             ratio(median(&rps), median(&haproxy_rps)),
             format!(
-                "{} ({})",
-                with_spread(&col(&|r| r.end_procs as f64), 0),
+                "{} (max {})",
+                compact(&col(&|r| r.end_procs as f64)),
                 rs.iter().map(|r| r.max_procs).max().unwrap_or(0)
             ),
         ]);
@@ -778,6 +778,30 @@ fn section(runs: &[Storm], reloads: usize, rounds: usize) -> Section {
             }
         }
     }
+    let slow: Vec<String> = TARGETS
+        .iter()
+        .filter_map(|&kind| {
+            let rates: Vec<f64> = per(kind).map(|r| r.rate).collect();
+            let ms: Vec<f64> = per(kind).flat_map(|r| r.reload_ms.clone()).collect();
+            (!rates.is_empty() && median(&rates) < 4.5).then(|| {
+                format!(
+                    "{} ({:.1} reloads/s, a reload takes {:.0} ms)",
+                    kind.label(),
+                    median(&rates),
+                    median(&ms)
+                )
+            })
+        })
+        .collect();
+    if !slow.is_empty() {
+        s.notes.push(format!(
+            "Slower than one reload per {} ms: {}. The next signal waits until the previous \
+             reload is seen to be done (a signal during a reload would be merged or lost), so \
+             these storms last longer; failed requests per reload is the figure to compare.",
+            RELOAD_SLOT.as_millis(),
+            slow.join(", ")
+        ));
+    }
     s.notes.push(
         "Reload time: from the signal until the new worker is seen (polled every 2-5 ms). \
          Processes: the master and its workers when the storm is over (after a settle of up to \
@@ -785,4 +809,66 @@ fn section(runs: &[Storm], reloads: usize, rounds: usize) -> Section {
             .to_owned(),
     );
     s
+}
+
+/// The median alone when every value is the same, else "median (min..max)".
+fn compact(values: &[f64]) -> String {
+    let (lo, hi) = spread(values);
+    if lo == hi {
+        format!("{lo:.0}")
+    } else {
+        with_spread(values, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_proc_of_haproxy_2_6() {
+        let text = "#<PID>          <type>          <reloads>       <uptime>        <version>      \n\
+                    14803           master          3 [failed: 1]   0d00h00m05s     2.6.12-1+deb12u3\n\
+                    # workers\n\
+                    14998           worker          0               0d00h00m01s     2.6.12-1+deb12u3\n\
+                    14950           worker          1               0d00h00m02s     2.6.12-1+deb12u3\n\
+                    # programs\n\n";
+        assert_eq!(
+            parse_show_proc(text),
+            Some(ShowProc {
+                reloads: 3,
+                failed: 1,
+                current_worker: Some(14998),
+                workers: 2,
+            })
+        );
+        // A worker alone (no master line) is not a master's answer.
+        assert_eq!(parse_show_proc("# workers\n1 worker 0 0d 2.6\n"), None);
+    }
+
+    #[test]
+    fn configs_name_every_server_and_option() {
+        let servers = vec![
+            ("app1".to_owned(), SocketAddr::from(([127, 0, 0, 2], 8001))),
+            ("app2".to_owned(), SocketAddr::from(([127, 0, 0, 2], 8002))),
+        ];
+        let fe = SocketAddr::from(([127, 0, 0, 1], 8000));
+        let h = haproxy_cfg(Path::new("/x/stats.sock"), fe, &servers, true, true);
+        assert!(h.contains("expose-fd listeners"), "{h}");
+        assert!(h.contains("master-worker no-exit-on-failure"), "{h}");
+        assert!(h.contains("option idle-close-on-response"), "{h}");
+        assert!(h.contains("server app2 127.0.0.2:8002"), "{h}");
+        let h = haproxy_cfg(Path::new("/x/stats.sock"), fe, &servers, false, false);
+        assert!(
+            !h.contains("idle-close") && !h.contains("master-worker"),
+            "{h}"
+        );
+        let n = nginx_conf(Path::new("/x"), fe, &servers);
+        assert!(n.contains("listen 127.0.0.1:8000;"), "{n}");
+        assert!(n.contains("server 127.0.0.2:8001;"), "{n}");
+        assert!(
+            n.contains("worker_processes 1;") && n.contains("daemon off;"),
+            "{n}"
+        );
+    }
 }
