@@ -972,3 +972,54 @@ fn section(plan: Plan, rounds: usize, version: &str, ours: &[Run], theirs: &[Run
     ));
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The seed's `show table` output (HAProxy 1.x: no server_key) and 2.6's (with it).
+    const SHOW: &str = "# table: dynamic_group, type: string, size:5120, used:3\n\
+        0x1551cc4: key=1t1lr3s5s7pm4tuu3476c40jk3 use=0 exp=286311 server_id=2\n\
+        0x1551f04: key=3m3o6qkfvk8l4lenk0k8to2bd6 use=0 exp=288500 server_id=1\n\
+        0x55de4c3e71a0: key=8bg6ej7md7453sp0rrgi5vsiu7 use=0 exp=298787 server_id=1 server_key=app2\n\n";
+
+    #[test]
+    fn parses_haproxy_show_table() {
+        assert_eq!(parse_used(SHOW).unwrap(), 3);
+        let t = parse_table(SHOW, &["app1".to_owned(), "app2".to_owned()]).unwrap();
+        let want: BTreeMap<String, String> = [
+            ("1t1lr3s5s7pm4tuu3476c40jk3", "app2"),
+            ("3m3o6qkfvk8l4lenk0k8to2bd6", "app1"),
+            // server_key wins over server_id: it is the name HAProxy matched on.
+            ("8bg6ej7md7453sp0rrgi5vsiu7", "app2"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(t, want);
+        assert!(parse_used("# table: other, type: ip, size:10, used:1\n").is_err());
+        assert!(parse_table("0x1: use=0 server_id=1\n", &[]).is_err());
+    }
+
+    #[test]
+    fn counts_missing_and_differing_sessions() {
+        assert_eq!(missing(&[10, 7, 12], 10), 3);
+        let t = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let full = t(&[("a", "app1"), ("b", "app2"), ("c", "app1")]);
+        let same = [full.clone(), full.clone(), full.clone()];
+        assert_eq!(differing(&same, 3), 0);
+        // One session missing on node 2, one with another server on node 3, and one session
+        // answered that no table has yet.
+        let tables = [
+            full.clone(),
+            t(&[("a", "app1"), ("b", "app2")]),
+            t(&[("a", "app1"), ("b", "app1"), ("c", "app1")]),
+        ];
+        assert_eq!(differing(&tables, 4), 3);
+    }
+}
