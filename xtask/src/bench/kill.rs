@@ -29,8 +29,14 @@ const TARGETS: [Kind; 4] = [
 
 /// Time between two fresh-connection probes while nothing serves.
 const POLL_EVERY: Duration = Duration::from_millis(5);
-/// Failures are counted over this long after the kill, the same for every target...
-const WINDOW: Duration = Duration::from_secs(1);
+/// How long to wait for a target to serve again, and to count failures.
+#[derive(Clone, Copy)]
+struct Timing {
+    /// Poll for a fresh connection's answer this long at most.
+    limit: Duration,
+    /// Failures are counted over this long after the kill, the same for every target...
+    window: Duration,
+}
 /// ...or until this long after serving again, if that is later: the clients whose requests
 /// died reconnect and get going.
 const SETTLE: Duration = Duration::from_millis(300);
@@ -50,10 +56,20 @@ struct KillRun {
     aftermath: String,
 }
 
-async fn kill_once(ctx: &Ctx, kind: Kind, backends: &Backends, limit: Duration) -> Result<KillRun> {
-    // A fresh target per kill: HAProxy does not come back by itself, and every target then
-    // meets its first crash.
-    let mut target = Target::start(kind, backends, &ctx.tools).await?;
+async fn kill_once(
+    ctx: &Ctx,
+    kind: Kind,
+    slot: &mut Option<Target>,
+    backends: &Backends,
+    timing: Timing,
+) -> Result<KillRun> {
+    let Timing { limit, window } = timing;
+    // A target that came back by itself is killed again as it is; one that did not (HAProxy)
+    // is started afresh.
+    let mut target = match slot.take() {
+        Some(t) => t,
+        None => Target::start(kind, backends, &ctx.tools).await?,
+    };
     let load = Load::start(load_config(target.frontend, backends.names()));
     load.wait_ok(300, Duration::from_secs(20))
         .await
@@ -94,13 +110,16 @@ async fn kill_once(ctx: &Ctx, kind: Kind, backends: &Backends, limit: Duration) 
         tokio::time::sleep(POLL_EVERY).await;
     };
     let count_until = match &served_after {
-        Ok(d) => WINDOW.max(*d + SETTLE),
-        Err(_) => WINDOW,
+        Ok(d) => window.max(*d + SETTLE),
+        Err(_) => window,
     };
     tokio::time::sleep_until((t0 + count_until).into()).await;
     let failures = load.snapshot().failures.since(&before.failures);
     let aftermath = aftermath(&mut target, worker).await;
     drop(load.finish().await);
+    if served_after.is_ok() && target.master_alive() {
+        *slot = Some(target);
+    }
     Ok(KillRun {
         kind,
         served_after,
@@ -118,10 +137,7 @@ async fn aftermath(target: &mut Target, killed: u32) -> String {
         return "master exited".to_owned();
     }
     match target.current_worker().await {
-        Ok(Some(pid)) if pid != killed => match target.proxyd_serving().await {
-            Some(s) => format!("new worker (restarts {})", s.restarts),
-            None => "new worker".to_owned(),
-        },
+        Ok(Some(pid)) if pid != killed => "master started a new worker".to_owned(),
         _ if target.workers().is_empty() => "master alive, no worker".to_owned(),
         _ => "master alive, no new worker".to_owned(),
     }
@@ -129,17 +145,24 @@ async fn aftermath(target: &mut Target, killed: u32) -> String {
 
 pub async fn run(ctx: &Ctx) -> Result<Section> {
     let kills = ctx.pick(2, 5);
-    let limit = ctx.pick(Duration::from_secs(2), Duration::from_secs(5));
+    let timing = Timing {
+        limit: ctx.pick(Duration::from_secs(2), Duration::from_secs(5)),
+        window: ctx.pick(Duration::from_millis(500), Duration::from_secs(1)),
+    };
     let backends = Backends::start("bench-kill-backends").await?;
+    let mut running: [Option<Target>; TARGETS.len()] = Default::default();
     let mut runs = Vec::new();
     for round in 0..kills {
         for k in 0..TARGETS.len() {
-            let kind = TARGETS[(k + round) % TARGETS.len()];
-            let r = kill_once(ctx, kind, &backends, limit)
+            let i = (k + round) % TARGETS.len();
+            let kind = TARGETS[i];
+            let t = Instant::now();
+            let r = kill_once(ctx, kind, &mut running[i], &backends, timing)
                 .await
                 .with_context(|| format!("kill {} of {}", round + 1, kind.label()))?;
             eprintln!(
-                "   kill {} of {}: serving again after {}, {} failed ({} refused) of {} at risk; {}",
+                "   kill {} of {}: serving again after {}, {} failed ({} refused) of {} at \
+                 risk; {} ({:.1?})",
                 round + 1,
                 kind.label(),
                 match &r.served_after {
@@ -149,15 +172,16 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
                 r.failed,
                 r.refused,
                 r.at_risk,
-                r.aftermath
+                r.aftermath,
+                t.elapsed()
             );
             runs.push(r);
         }
     }
-    Ok(section(&runs, kills, limit))
+    Ok(section(&runs, kills, timing))
 }
 
-fn section(runs: &[KillRun], kills: usize, limit: Duration) -> Section {
+fn section(runs: &[KillRun], kills: usize, timing: Timing) -> Section {
     let mut s = Section::new("A worker killed with SIGKILL under load");
     let cfg = load_config(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), Vec::new());
     s.text.push(format!(
@@ -165,18 +189,19 @@ fn section(runs: &[KillRun], kills: usize, limit: Duration) -> Section {
          connection-close, {} pausing keep-alive clients; a client whose request failed sends \
          its next one 5 ms later, so a target that refuses connections for the whole window \
          collects thousands of refusals). At risk: requests in flight plus idle keep-alive \
-         connections at the moment of the kill. Right after the kill a probe opens a fresh connection every {} ms (one probe may \
-         wait in the accept queue) until one is answered, for at most {} s; a probe refused \
-         while the master is gone ends the wait (nothing can listen again). The client's \
-         failures are counted for {} s after the kill, or until {} ms after serving again if \
-         that is later. A fresh target per kill, {kills} kill(s) per \
-         target, targets alternating; medians with (min..max).",
+         connections at the moment of the kill. Right after the kill a probe opens a fresh \
+         connection every {} ms (one probe may wait in the accept queue) until one is \
+         answered, for at most {} s; a probe refused while the master is gone ends the wait \
+         (nothing can listen again). The client's failures are counted for {} ms after the \
+         kill, or until {} ms after serving again if that is later. A target that serves again \
+         by itself is killed again as it is, one that does not is started afresh; {kills} \
+         kill(s) per target, targets alternating; medians with (min..max).",
         cfg.keepalive_clients,
         cfg.close_clients,
         cfg.think_clients,
         POLL_EVERY.as_millis(),
-        limit.as_secs(),
-        WINDOW.as_secs(),
+        timing.limit.as_secs(),
+        timing.window.as_millis(),
         SETTLE.as_millis(),
     ));
     let mut t = Table::new(&[

@@ -366,7 +366,8 @@ fn haproxy_cfg(
         s.push_str("    option idle-close-on-response\n");
     }
     s.push_str(&format!(
-        "\nfrontend www\n    bind {frontend}\n    default_backend app\n\nbackend app\n    balance roundrobin\n"
+        "\nfrontend www\n    bind {frontend}\n    default_backend app\n\n\
+         backend app\n    balance roundrobin\n"
     ));
     for (name, addr) in servers {
         s.push_str(&format!("    server {name} {addr}\n"));
@@ -827,11 +828,12 @@ mod tests {
 
     #[test]
     fn show_proc_of_haproxy_2_6() {
-        let text = "#<PID>          <type>          <reloads>       <uptime>        <version>      \n\
-                    14803           master          3 [failed: 1]   0d00h00m05s     2.6.12-1+deb12u3\n\
+        // Columns as HAProxy 2.6.12 prints them, padding shortened.
+        let text = "#<PID>   <type>   <reloads>   <uptime>   <version>      \n\
+                    14803   master   3 [failed: 1]   0d00h00m05s   2.6.12-1+deb12u3\n\
                     # workers\n\
-                    14998           worker          0               0d00h00m01s     2.6.12-1+deb12u3\n\
-                    14950           worker          1               0d00h00m02s     2.6.12-1+deb12u3\n\
+                    14998   worker   0   0d00h00m01s   2.6.12-1+deb12u3\n\
+                    14950   worker   1   0d00h00m02s   2.6.12-1+deb12u3\n\
                     # programs\n\n";
         assert_eq!(
             parse_show_proc(text),
