@@ -153,6 +153,8 @@ fn panel(
     chart
         .configure_mesh()
         .disable_x_mesh()
+        // Only the labelled grid lines: the fine ones drown the bars.
+        .light_line_style(TRANSPARENT)
         .x_labels(bars.len())
         .x_label_formatter(&|x| match x {
             SegmentValue::CenterOf(i) => names.get(*i as usize).cloned().unwrap_or_default(),
