@@ -333,11 +333,14 @@ impl Target {
         }
     }
 
-    /// proxyd only: the serving generation and its worker's restart count, for the report.
-    pub(super) async fn proxyd_serving(&self) -> Option<cluster::ServingGeneration> {
+    /// proxyd only: the master's counts of successful and failed reloads.
+    async fn proxyd_reload_counts(&self) -> Result<Option<(u64, u64)>> {
         match &self.imp {
-            Imp::Proxyd(node) => node.status().await.ok().as_ref().and_then(cluster::serving),
-            _ => None,
+            Imp::Proxyd(node) => {
+                let st = node.status().await?;
+                Ok(Some((st.reloads_ok, st.reloads_failed)))
+            }
+            _ => Ok(None),
         }
     }
 }
@@ -375,8 +378,14 @@ fn haproxy_cfg(
     s
 }
 
-/// `haproxy -c`: fails naming the option when this HAProxy does not accept the config.
+/// `haproxy -c`: fails naming the option when this HAProxy does not accept the config. Once
+/// per variant and run: a check costs a whole HAProxy start-up (about 0.3 s here).
 fn check_haproxy(haproxy: &Path, kind: Kind, cfg: &Path) -> Result<()> {
+    static CHECKED: std::sync::Mutex<Vec<Kind>> = std::sync::Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if checked.contains(&kind) {
+        return Ok(());
+    }
     let out = std::process::Command::new(haproxy)
         .args(["-c", "-q", "-f"])
         .arg(cfg)
@@ -389,6 +398,7 @@ fn check_haproxy(haproxy: &Path, kind: Kind, cfg: &Path) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    checked.push(kind);
     Ok(())
 }
 
@@ -533,6 +543,8 @@ struct Storm {
     max_procs: usize,
     /// First reason a reload was not verified.
     unverified: Option<String>,
+    /// proxyd only: successful and failed reloads its master counted during the storm.
+    master_counts: Option<(u64, u64)>,
 }
 
 async fn storm(ctx: &Ctx, kind: Kind, backends: &Backends, reloads: usize) -> Result<Storm> {
@@ -543,6 +555,7 @@ async fn storm(ctx: &Ctx, kind: Kind, backends: &Backends, reloads: usize) -> Re
         .with_context(|| format!("the load never got going on {}", kind.label()))?;
     // Every client connected and going before the first reload.
     tokio::time::sleep(ctx.pick(Duration::from_millis(200), Duration::from_secs(1))).await;
+    let counts_before = target.proxyd_reload_counts().await?;
     let ok_before = load.snapshot().ok;
     let started = Instant::now();
     let mut verified = 0;
@@ -569,6 +582,10 @@ async fn storm(ctx: &Ctx, kind: Kind, backends: &Backends, reloads: usize) -> Re
     // The last generations drain under load too before anything is counted.
     tokio::time::sleep(ctx.pick(Duration::from_millis(300), Duration::from_secs(1))).await;
     let end_procs = usize::from(target.master_alive()) + target.workers().len();
+    let master_counts = match (counts_before, target.proxyd_reload_counts().await?) {
+        (Some((ok0, failed0)), Some((ok1, failed1))) => Some((ok1 - ok0, failed1 - failed0)),
+        _ => None,
+    };
     let report = load.finish().await;
     Ok(Storm {
         kind,
@@ -581,6 +598,7 @@ async fn storm(ctx: &Ctx, kind: Kind, backends: &Backends, reloads: usize) -> Re
         end_procs,
         max_procs: max_procs.max(end_procs),
         unverified,
+        master_counts,
     })
 }
 
@@ -747,12 +765,34 @@ fn section(runs: &[Storm], reloads: usize, rounds: usize) -> Section {
         median(&haproxy_failed),
         failed_of(TARGETS[2]),
     ));
+    let (ok, failed) = per(Kind::Proxyd)
+        .filter_map(|r| r.master_counts)
+        .fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+    s.notes.push(format!(
+        "proxyd's master counted {ok} successful and {failed} failed reloads during its storms \
+         (Status reloads_ok / reloads_failed)."
+    ));
     for kind in TARGETS {
         let samples: Vec<&String> = per(kind).flat_map(|r| r.report.samples.iter()).collect();
         if let Some(first) = samples.first() {
+            // The drain race: the old worker closes an idle keep-alive connection while the
+            // client's next request is on its way. Said only when every sample shows it.
+            let race = samples
+                .iter()
+                .all(|s| s.contains("reset (reused connection)"));
             s.notes.push(format!(
-                "{}: first failure seen by the client: `{first}`{}",
+                "{}: first failure seen by the client: `{first}`{}{}",
                 kind.label(),
+                if race {
+                    format!(
+                        "; all {} failures sampled are resets of reused keep-alive connections \
+                         before any response byte: the old worker closed an idle connection \
+                         while the client's next request was on its way",
+                        samples.len()
+                    )
+                } else {
+                    String::new()
+                },
                 match kind {
                     Kind::Proxyd => format!(
                         " ({} failures in all; the client's samples: {})",
