@@ -70,7 +70,7 @@ fn draw(root: &DrawingArea<BitMapBackend<'_>, Shift>, plots: &[&Plot]) -> DrawRe
     let (title, body) = root.split_vertically(44);
     title.draw(&Text::new(
         "requests/s (higher is better) and p99 latency (lower is better) per target; \
-         bars: median of the rounds, lines: min..max",
+         bars: median of the rounds, lines: min..max (▲: the max is above the chart)",
         (16, 14),
         (FAMILY, 17).into_font().color(&BLACK),
     ))?;
@@ -132,23 +132,27 @@ fn panel(
     value: impl Fn(&PlotBar) -> (f64, Option<(f64, f64)>),
     label: impl Fn(f64) -> String,
 ) -> DrawResult<()> {
-    // plotters' integer ranges are inclusive: 0..n-1 makes n segments, one per bar.
+    // plotters' integer ranges are inclusive: 0..n-1 makes n segments, one per bar (a lone bar
+    // gets a second, empty segment: 0..0 would be a range of width zero).
     let n = bars.len() as u32;
-    let top = bars
-        .iter()
-        .map(|b| {
-            let (v, range) = value(b);
-            range.map_or(v, |(_, hi)| hi.max(v))
-        })
-        .filter(|v| v.is_finite())
-        .fold(0.0_f64, f64::max);
-    let top = if top > 0.0 { top * 1.18 } else { 1.0 };
+    let last = n.saturating_sub(1).max(1);
+    let finite_max =
+        |it: &mut dyn Iterator<Item = f64>| it.filter(|v| v.is_finite()).fold(0.0_f64, f64::max);
+    let medians = finite_max(&mut bars.iter().map(|b| value(b).0));
+    let highs = finite_max(&mut bars.iter().map(|b| {
+        let (v, range) = value(b);
+        range.map_or(v, |(_, hi)| hi.max(v))
+    }));
+    // One stalled round (a p99 of 300 ms beside medians of 15) must not flatten every bar: lines
+    // stop at 2.5x the largest median and say where they would have ended.
+    let clip = highs.min(medians * 2.5);
+    let top = if clip > 0.0 { clip * 1.18 } else { 1.0 };
     let mut chart = ChartBuilder::on(area)
         .caption(caption, (FAMILY, 16))
         .margin(10)
         .x_label_area_size(28)
         .y_label_area_size(52)
-        .build_cartesian_2d((0..n.max(1) - 1).into_segmented(), 0.0..top)?;
+        .build_cartesian_2d((0..last).into_segmented(), 0.0..top)?;
     let names: Vec<String> = bars.iter().map(|b| b.target.clone()).collect();
     chart
         .configure_mesh()
@@ -163,7 +167,7 @@ fn panel(
         .y_label_formatter(&|v| label(*v))
         .label_style((FAMILY, 12))
         .draw()?;
-    let bar_gap = ((area.dim_in_pixel().0 as f64 / f64::from(n.max(1))) * 0.15) as u32;
+    let bar_gap = ((area.dim_in_pixel().0 as f64 / f64::from(last + 1)) * 0.15) as u32;
     for (i, b) in bars.iter().enumerate() {
         let i = i as u32;
         let (v, range) = value(b);
@@ -182,13 +186,22 @@ fn panel(
         if let Some((lo, hi)) = range.filter(|(lo, hi)| hi > lo) {
             chart.draw_series(std::iter::once(PathElement::new(
                 vec![
-                    (SegmentValue::CenterOf(i), lo),
-                    (SegmentValue::CenterOf(i), hi),
+                    (SegmentValue::CenterOf(i), lo.min(clip)),
+                    (SegmentValue::CenterOf(i), hi.min(clip)),
                 ],
                 BLACK.stroke_width(2),
             )))?;
         }
-        let at = range.map_or(v, |(_, hi)| hi.max(v));
+        let hi = range.map_or(v, |(_, hi)| hi.max(v));
+        let at = hi.min(clip);
+        if hi > clip {
+            // The line goes on past the top of the chart.
+            chart.draw_series(std::iter::once(TriangleMarker::new(
+                (SegmentValue::CenterOf(i), clip),
+                5,
+                BLACK.filled(),
+            )))?;
+        }
         chart.draw_series(std::iter::once(Text::new(
             label(v),
             (SegmentValue::CenterOf(i), at),
@@ -216,7 +229,7 @@ mod tests {
             rps,
             p99_ms: p99,
             rps_range: Some((rps * 0.9, rps * 1.1)),
-            p99_range: None,
+            p99_range: Some((p99, p99 * 40.0)),
         };
         let plot = Plot {
             workload: "keep-alive".to_owned(),
