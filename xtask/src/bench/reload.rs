@@ -112,8 +112,8 @@ pub(super) struct Target {
     pub kind: Kind,
     pub frontend: SocketAddr,
     imp: Imp,
-    /// Keeps the temp dir (configs, sockets, logs) while the target runs.
-    _env: Env,
+    /// The temp dir (configs, sockets, logs), removed with the target.
+    env: Env,
 }
 
 enum Imp {
@@ -193,7 +193,7 @@ impl Target {
             kind,
             frontend,
             imp,
-            _env: env,
+            env,
         };
         target
             .wait_serving(START_TIMEOUT)
@@ -220,8 +220,9 @@ impl Target {
         }
     }
 
+    /// The end of every log of the target, for an error (its temp dir goes with it).
     fn log_hint(&self) -> String {
-        format!("logs in {}", self._env.logs_dir().display())
+        format!("its logs end with:\n{}", self.env.log_tails(15))
     }
 
     fn master(&self) -> &Proc {
@@ -259,7 +260,9 @@ impl Target {
     pub(super) async fn current_worker(&self) -> Result<Option<u32>> {
         match &self.imp {
             Imp::Proxyd(node) => Ok(cluster::serving(&node.status().await?).map(|s| s.pid)),
-            Imp::Haproxy { master_cli, .. } => Ok(show_proc(master_cli).await?.current_worker),
+            Imp::Haproxy { master_cli, .. } => {
+                Ok(show_proc_retry(master_cli).await?.current_worker)
+            }
             Imp::Nginx { .. } => Ok(self
                 .workers()
                 .into_iter()
@@ -276,7 +279,7 @@ impl Target {
                     .context("proxyd has no serving generation")?
                     .generation
             }
-            Imp::Haproxy { master_cli, .. } => show_proc(master_cli).await?.reloads,
+            Imp::Haproxy { master_cli, .. } => show_proc_retry(master_cli).await?.reloads,
             Imp::Nginx { .. } => 0,
         };
         let mark = Mark {
@@ -469,6 +472,19 @@ async fn show_proc(master_cli: &Path) -> Result<ShowProc> {
         .context("HAProxy's master CLI did not answer within 2s")?
         .with_context(|| format!("show proc on {}", master_cli.display()))?;
     parse_show_proc(&text).with_context(|| format!("unexpected show proc output: {text:?}"))
+}
+
+/// `show proc`, retried for up to 2 s: the master re-executes itself on a reload, and once more
+/// (into wait mode) when the new worker is up, and its CLI is briefly gone each time.
+async fn show_proc_retry(master_cli: &Path) -> Result<ShowProc> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match show_proc(master_cli).await {
+            Ok(p) => return Ok(p),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
 }
 
 /// Parses `show proc` (HAProxy 2.6): the master line "PID master RELOADS [failed: N] ...", then
