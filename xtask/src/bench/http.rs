@@ -1178,23 +1178,37 @@ Requests/sec:  22730.39
 Transfer/sec:      4.90MB
 ";
 
-    /// wrk 4.1 with errors, microsecond and second latencies.
-    const ERRORS: &str = "Running 2s test @ http://127.0.0.1:8080/index.php
+    /// wrk 4.1 against a backend killed halfway (real output): socket errors, µs latencies.
+    const KILLED: &str = "Running 2s test @ http://127.0.0.1:57611/index.php
+  1 threads and 4 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   417.80us    0.91ms  10.48ms   91.13%
+    Req/Sec    19.17k     7.78k   32.69k    58.33%
+  Latency Distribution
+     50%  148.00us
+     75%  199.00us
+     90%    1.12ms
+     99%    4.76ms
+  22918 requests in 2.00s, 4.94MB read
+  Socket errors: connect 0, read 5, write 28860, timeout 0
+Requests/sec:  11436.81
+Transfer/sec:      2.46MB";
+
+    /// wrk 4.1 on a path the backend does not serve (real output): every answer a 404.
+    const NOT_FOUND: &str = "Running 1s test @ http://127.0.0.1:56071/nope
   1 threads and 50 connections
   Thread Stats   Avg      Stdev     Max   +/- Stdev
-    Latency   812.33us  301.20us   1.20s    91.03%
-    Req/Sec     1.20M   100.00k    1.30M    65.00%
+    Latency    17.66ms   27.05ms 144.96ms   91.11%
+    Req/Sec     4.64k     1.57k    6.41k    55.56%
   Latency Distribution
-     50%  640.00us
-     75%  900.00us
-     90%    1.10ms
-     99%    1.02s
-  14238 requests in 2.04s, 3.00MB read
-  Socket errors: connect 0, read 12, write 1, timeout 3
-  Non-2xx or 3xx responses: 7
-Requests/sec:   6983.94
-Transfer/sec:      1.47MB
-";
+     50%    8.65ms
+     75%   12.42ms
+     90%   42.54ms
+     99%  133.57ms
+  4513 requests in 1.02s, 828.56KB read
+  Non-2xx or 3xx responses: 4513
+Requests/sec:   4414.33
+Transfer/sec:    810.44KB";
 
     #[test]
     fn reads_wrk_output() {
@@ -1206,12 +1220,16 @@ Transfer/sec:      1.47MB
         assert!((r.p99_ms - 7.05).abs() < 1e-9);
         assert_eq!((r.non_2xx, r.socket_errors), (0, 0));
 
-        let r = parse_wrk(ERRORS).expect("parse");
-        assert_eq!(r.requests, 14238);
-        assert!((r.p50_ms - 0.64).abs() < 1e-9);
-        assert!((r.p99_ms - 1020.0).abs() < 1e-9);
-        assert_eq!(r.non_2xx, 7);
-        assert_eq!(r.socket_errors, 16);
+        let r = parse_wrk(KILLED).expect("parse");
+        assert_eq!(r.requests, 22918);
+        assert!((r.p50_ms - 0.148).abs() < 1e-9);
+        assert!((r.p99_ms - 4.76).abs() < 1e-9);
+        assert_eq!((r.non_2xx, r.socket_errors), (0, 28865));
+
+        let r = parse_wrk(NOT_FOUND).expect("parse");
+        assert_eq!((r.requests, r.non_2xx, r.socket_errors), (4513, 4513, 0));
+        assert!((r.seconds - 1.02).abs() < 1e-9);
+        assert!((r.p99_ms - 133.57).abs() < 1e-9);
     }
 
     #[test]
@@ -1220,6 +1238,7 @@ Transfer/sec:      1.47MB
         assert_eq!(parse_count("1.20M").expect("M"), 1_200_000);
         assert_eq!(parse_count(" 45532 ").expect("plain"), 45532);
         assert!((parse_latency_ms("2.00m").expect("m") - 120_000.0).abs() < 1e-9);
+        assert!((parse_latency_ms("1.02s").expect("s") - 1020.0).abs() < 1e-9);
         assert!(parse_latency_ms("3.0xs").is_err());
         assert!(parse_count("many").is_err());
     }
