@@ -1162,7 +1162,7 @@ fn verdicts(samples: &[(Workload, Kind, Sample)]) -> Vec<String> {
 mod tests {
     use super::*;
 
-    /// wrk 4.1 through a proxy, keep-alive (real output).
+    /// wrk 4.1 to a demo backend, keep-alive (real output).
     const KEEPALIVE: &str = "Running 2s test @ http://127.0.0.1:19001/index.php
   1 threads and 50 connections
   Thread Stats   Avg      Stdev     Max   +/- Stdev
