@@ -1011,9 +1011,11 @@ fn section(plan: Plan, rounds: usize, version: &str, ours: &[Run], theirs: &[Run
         ));
     }
     s.notes.push(format!(
-        "Times are read by polling every {} ms, and a read of three full tables takes a few ms \
-         (HAProxy) to tens of ms (stickd's paged `Show`): figures under about 50 ms are at the \
-         resolution of the method. Sessions per second depend mostly on the proxies' request \
+        "A time is taken when the entry counts of the three nodes agree (one small request \
+         per node, polled every {} ms), once the full reads that follow have found the \
+         contents equal: figures under one poll interval are at the resolution of the method, \
+         and one that was already equal at the first read mostly measures that read. Sessions \
+         per second depend mostly on the proxies' request \
          handling (the HTTP section measures that alone); here they are the rate the \
          replication had to keep up with.",
         POLL.as_millis()
