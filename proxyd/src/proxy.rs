@@ -215,6 +215,12 @@ impl BackendRt {
         exclude: Option<usize>,
         queue: Duration,
     ) -> Result<Slot<'_>, NoServer> {
+        // The usual case first: a server has room, and nothing waits or reads the clock.
+        if let Some(i) = self.balancer.pick(&self.candidates(exclude), client)
+            && let Some(slot) = self.try_take(i)
+        {
+            return Ok(slot);
+        }
         let deadline = Instant::now() + queue;
         loop {
             let notified = self.freed.notified();
@@ -243,6 +249,12 @@ impl BackendRt {
 
     /// A slot on server `index` (a stuck session), queueing while it is full.
     pub async fn acquire_on(&self, index: usize, queue: Duration) -> Result<Slot<'_>, NoServer> {
+        // The usual case first: the server has room, and nothing waits or reads the clock.
+        if self.servers[index].takes_stuck()
+            && let Some(slot) = self.try_take(index)
+        {
+            return Ok(slot);
+        }
         let deadline = Instant::now() + queue;
         loop {
             let notified = self.freed.notified();

@@ -54,20 +54,28 @@ pub enum BodyError {
     Framing(&'static str),
 }
 
-/// Writes everything in `out` to `dst`.
+/// Writes everything in `out` to `dst`, and empties it.
 pub async fn flush<W: AsyncWrite + Unpin>(
     dst: &mut W,
     out: &mut Vec<u8>,
     timeout: Duration,
 ) -> Result<(), BodyError> {
-    if out.is_empty() {
+    write(dst, out, timeout).await?;
+    out.clear();
+    Ok(())
+}
+
+/// Writes all of `bytes` to `dst` within `timeout`.
+pub async fn write<W: AsyncWrite + Unpin>(
+    dst: &mut W,
+    bytes: &[u8],
+    timeout: Duration,
+) -> Result<(), BodyError> {
+    if bytes.is_empty() {
         return Ok(());
     }
-    match tokio::time::timeout(timeout, dst.write_all(out)).await {
-        Ok(Ok(())) => {
-            out.clear();
-            Ok(())
-        }
+    match tokio::time::timeout(timeout, dst.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(BodyError::Write(e)),
         Err(_) => Err(BodyError::Write(io::ErrorKind::TimedOut.into())),
     }

@@ -1,6 +1,7 @@
 //! One client connection: read a request, pass it to a server of the frontend's backend,
 //! stream the answer back, and keep the connection while both sides want it.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -63,7 +64,7 @@ pub async fn serve(shared: Arc<Shared>, frontend: usize, stream: TcpStream, peer
     let mut client = Io::new(stream);
     let mut first = true;
     loop {
-        let head = match read_request_head(&shared, &mut client, first).await {
+        let mut head = match read_request_head(&shared, &mut client, first).await {
             Ok(Some(h)) => h,
             Ok(None) => break,
             Err(status) => {
@@ -85,15 +86,13 @@ pub async fn serve(shared: Arc<Shared>, frontend: usize, stream: TcpStream, peer
         stats.requests_total.fetch_add(1, Ordering::Relaxed);
         stats.requests_in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = scopeguard(&shared);
-        let method = head.method.clone();
-        let target = head.target.clone();
         let mut log = Log::start();
-        let next = exchange(&shared, frontend, &mut client, peer, head, &mut log).await;
+        let next = exchange(&shared, frontend, &mut client, peer, &mut head, &mut log).await;
         if let Next::Fail(status) = next {
             log.status = status as u16;
             log.proxy_error = true;
         }
-        access_log(&shared, frontend, peer, &log, &method, &target);
+        access_log(&shared, frontend, peer, &log, head.method(), head.target());
         match next {
             Next::KeepAlive => continue,
             Next::Close => break,
@@ -292,7 +291,7 @@ async fn exchange(
     frontend: usize,
     client: &mut Io<TcpStream>,
     peer: SocketAddr,
-    mut req: RequestHead,
+    req: &mut RequestHead,
     log: &mut Log,
 ) -> Next {
     let d = &shared.config.defaults;
@@ -340,11 +339,13 @@ async fn exchange(
         .as_ref()
         .zip(backend.stick_table)
         .zip(shared.stick.as_ref());
-    let key: Option<(&crate::stick::StickCache, usize, String)> =
+    let req = &*req;
+    // Borrowed from the request head: a cookie key costs no allocation.
+    let key: Option<(&crate::stick::StickCache, usize, Cow<'_, str>)> =
         stick.and_then(|((rule, t), cache)| {
             let key = match &rule.on {
-                StickOn::Cookie(name) => head::request_cookie(&req.upstream, name),
-                StickOn::Src => cache.address_key(t, client_ip),
+                StickOn::Cookie(name) => req.cookie(name).map(Cow::Borrowed),
+                StickOn::Src => cache.address_key(t, client_ip).map(Cow::Owned),
             };
             key.map(|k| (&**cache, t, k))
         });
@@ -384,8 +385,8 @@ async fn exchange(
     let (srv, resp) = loop {
         log.server = Some((b, slot.index));
         let server = slot.server();
-        let span = tracing::debug_span!("request", server = %server.name, method = %req.method);
-        match send_request(shared, server, client, &req, &body)
+        let span = tracing::debug_span!("request", server = %server.name, method = %req.method());
+        match send_request(shared, server, client, req, &body)
             .instrument(span)
             .await
         {
@@ -430,9 +431,9 @@ async fn exchange(
         && let Some(name) = &rule.store_response
         && let Some(value) = resp.set_cookie(name)
     {
-        cache.store(t, &value, &server.name);
+        cache.store(t, value, &server.name);
     }
-    forward_response(shared, server, client, &req, srv, resp).await
+    forward_response(shared, server, client, req, srv, resp).await
 }
 
 /// The client's address as one protocol family: an IPv4-mapped IPv6 address becomes IPv4.
@@ -454,24 +455,17 @@ async fn forward_response(
 ) -> Next {
     let close =
         !req.keep_alive || shared.drain.is_cancelled() || resp.framing == Framing::UntilClose;
-    let mut out = resp.downstream(close, req.minor);
     srv.buf.advance(resp.len);
+    let (framing, keep_alive) = (resp.framing, resp.keep_alive);
+    let mut out = resp.into_downstream(close, req.minor);
     let timeout = shared.config.defaults.timeout_server;
-    if let Err(e) = body::forward(
-        &mut srv,
-        &mut client.stream,
-        resp.framing,
-        &mut out,
-        timeout,
-    )
-    .await
-    {
+    if let Err(e) = body::forward(&mut srv, &mut client.stream, framing, &mut out, timeout).await {
         // The head is on its way to the client: the only honest signal left is to close.
         tracing::debug!(error = %e, "response body aborted");
         return Next::Close;
     }
-    if resp.keep_alive && srv.buf.is_empty() {
-        server.pool.put(srv.stream);
+    if keep_alive && srv.buf.is_empty() {
+        server.pool.put(srv);
     }
     // The client learned about the close from the response, which is now complete.
     if close { Next::Close } else { Next::KeepAlive }
@@ -479,8 +473,7 @@ async fn forward_response(
 
 /// Whether a request that got no answer may be sent again: idempotent and still in hand.
 fn retriable(req: &RequestHead, body: &ReqBody) -> bool {
-    matches!(body, ReqBody::Buffered(_))
-        && matches!(req.method.as_str(), "GET" | "HEAD" | "OPTIONS")
+    matches!(body, ReqBody::Buffered(_)) && matches!(req.method(), "GET" | "HEAD" | "OPTIONS")
 }
 
 /// Why a request could not be sent.
@@ -502,22 +495,27 @@ async fn send_request(
 ) -> Result<(Io<TcpStream>, ResponseHead), Failure> {
     let d = &shared.config.defaults;
     for _attempt in 0..MAX_ATTEMPTS {
-        let (stream, reused) = match body {
+        let (mut srv, reused) = match body {
             ReqBody::Buffered(_) => match server.pool.take() {
                 Some(s) => (s, true),
-                None => (connect(shared, server).await?, false),
+                None => (Io::new(connect(shared, server).await?), false),
             },
-            ReqBody::Streamed => (connect(shared, server).await?, false),
+            ReqBody::Streamed => (Io::new(connect(shared, server).await?), false),
         };
-        let mut srv = Io::new(stream);
-        let mut out = Vec::with_capacity(req.upstream.len() + 1024);
-        out.extend_from_slice(&req.upstream);
         let sent = match body {
+            // The usual request: its head goes out as it is, without a copy.
+            ReqBody::Buffered(b) if b.is_empty() => {
+                body::write(&mut srv.stream, &req.upstream, d.timeout_server).await
+            }
             ReqBody::Buffered(b) => {
+                let mut out = Vec::with_capacity(req.upstream.len() + b.len());
+                out.extend_from_slice(&req.upstream);
                 out.extend_from_slice(b);
                 body::flush(&mut srv.stream, &mut out, d.timeout_server).await
             }
             ReqBody::Streamed => {
+                let mut out = Vec::with_capacity(req.upstream.len() + 1024);
+                out.extend_from_slice(&req.upstream);
                 body::forward(
                     client,
                     &mut srv.stream,

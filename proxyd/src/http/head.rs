@@ -28,8 +28,12 @@ pub enum HeadError {
 /// A complete request head.
 #[derive(Debug)]
 pub struct RequestHead {
-    pub method: String,
-    pub target: String,
+    /// `upstream` starts with the request line: method, space, target, space.
+    method_len: usize,
+    target_end: usize,
+    /// Where the first `Cookie` field starts in `upstream`: cookie lookups start there, and a
+    /// request without one costs nothing.
+    cookie_at: Option<usize>,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor: u8,
     /// Bytes of the head in the buffer it was parsed from.
@@ -44,8 +48,22 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
+    pub fn method(&self) -> &str {
+        // Copied from httparse's `&str`: always valid UTF-8.
+        std::str::from_utf8(&self.upstream[..self.method_len]).unwrap_or("")
+    }
+
+    pub fn target(&self) -> &str {
+        std::str::from_utf8(&self.upstream[self.method_len + 1..self.target_end]).unwrap_or("")
+    }
+
     pub fn is_head(&self) -> bool {
-        self.method == "HEAD"
+        self.method() == "HEAD"
+    }
+
+    /// The value of cookie `name` (HAProxy's `req.cook`: the first occurrence).
+    pub fn cookie(&self, name: &str) -> Option<&str> {
+        cookie_in_fields(&self.upstream[self.cookie_at?..], name)
     }
 
     /// Adds a field to the head sent upstream.
@@ -60,9 +78,9 @@ impl RequestHead {
     }
 }
 
-/// The values of the fields called `name` in a serialized head (start line skipped).
-fn field_values<'a>(head: &'a [u8], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-    head.split(|b| *b == b'\n').skip(1).filter_map(move |line| {
+/// The values of the fields called `name` in serialized field lines.
+fn field_values<'a>(lines: &'a [u8], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    lines.split(|b| *b == b'\n').filter_map(move |line| {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let colon = line.iter().position(|b| *b == b':')?;
         line[..colon]
@@ -72,20 +90,30 @@ fn field_values<'a>(head: &'a [u8], name: &'a str) -> impl Iterator<Item = &'a [
 }
 
 /// A cookie's value as a sticky key: non-empty printable ASCII without quotes.
-fn cookie_value(v: &[u8]) -> Option<String> {
+fn cookie_value(v: &[u8]) -> Option<&str> {
     let v = v.trim_ascii();
     let v = v
         .strip_prefix(b"\"")
         .and_then(|x| x.strip_suffix(b"\""))
         .unwrap_or(v);
-    (!v.is_empty() && v.iter().all(|b| b.is_ascii_graphic() && *b != b'"'))
-        .then(|| String::from_utf8_lossy(v).into_owned())
+    if v.is_empty() || !v.iter().all(|b| b.is_ascii_graphic() && *b != b'"') {
+        return None;
+    }
+    std::str::from_utf8(v).ok()
 }
 
 /// The value of cookie `name` in a request head's `Cookie` fields (HAProxy's `req.cook`:
 /// the first occurrence).
-pub fn request_cookie(head: &[u8], name: &str) -> Option<String> {
-    field_values(head, "cookie").find_map(|v| {
+pub fn request_cookie<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
+    let fields = head
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(&[][..], |p| &head[p + 1..]);
+    cookie_in_fields(fields, name)
+}
+
+fn cookie_in_fields<'a>(fields: &'a [u8], name: &str) -> Option<&'a str> {
+    field_values(fields, "cookie").find_map(|v| {
         v.split(|b| *b == b';').find_map(|pair| {
             let pair = pair.trim_ascii();
             let eq = pair.iter().position(|b| *b == b'=')?;
@@ -107,6 +135,8 @@ pub struct ResponseHead {
     pub keep_alive: bool,
     /// Status line and end-to-end fields, without the blank line that ends the head.
     fields: Vec<u8>,
+    /// Where the first `Set-Cookie` field starts in `fields`.
+    set_cookie_at: Option<usize>,
 }
 
 impl ResponseHead {
@@ -115,8 +145,8 @@ impl ResponseHead {
     }
 
     /// The value the response sets for cookie `name` (HAProxy's `res.cook`), if any.
-    pub fn set_cookie(&self, name: &str) -> Option<String> {
-        field_values(&self.fields, "set-cookie").find_map(|v| {
+    pub fn set_cookie(&self, name: &str) -> Option<&str> {
+        field_values(&self.fields[self.set_cookie_at?..], "set-cookie").find_map(|v| {
             let pair = v.split(|b| *b == b';').next()?.trim_ascii();
             let eq = pair.iter().position(|b| *b == b'=')?;
             (pair[..eq].trim_ascii() == name.as_bytes())
@@ -129,6 +159,18 @@ impl ResponseHead {
     pub fn downstream(&self, close: bool, client_minor: u8) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.fields.len() + 32);
         out.extend_from_slice(&self.fields);
+        Self::finish(&mut out, close, client_minor);
+        out
+    }
+
+    /// [`Self::downstream`] in the head's own buffer, which was sized for it.
+    pub fn into_downstream(self, close: bool, client_minor: u8) -> Vec<u8> {
+        let mut out = self.fields;
+        Self::finish(&mut out, close, client_minor);
+        out
+    }
+
+    fn finish(out: &mut Vec<u8>, close: bool, client_minor: u8) {
         if close {
             out.extend_from_slice(b"Connection: close\r\n");
         } else if client_minor == 0 {
@@ -136,27 +178,29 @@ impl ResponseHead {
             out.extend_from_slice(b"Connection: keep-alive\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        out
     }
 }
 
-/// Tokens of every `Connection` field, lower-cased.
-fn connection_tokens(headers: &[httparse::Header<'_>]) -> Vec<String> {
+/// The tokens of every `Connection` field (compare them ignoring ASCII case). Borrowed, as
+/// this runs for every message.
+fn connection_tokens<'a>(
+    headers: &'a [httparse::Header<'a>],
+) -> impl Iterator<Item = &'a [u8]> + 'a {
     headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|h| {
-            String::from_utf8_lossy(h.value)
-                .split(',')
-                .map(|t| t.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|h| h.value.split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
-        .collect()
 }
 
-/// Whether a field is hop-by-hop and must not be forwarded.
-fn hop_by_hop(name: &str, tokens: &[String]) -> bool {
+fn has_token(headers: &[httparse::Header<'_>], token: &str) -> bool {
+    connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Whether a field is hop-by-hop and must not be forwarded; `connection` says whether the
+/// message has a `Connection` field at all (which may name more of them).
+fn hop_by_hop(name: &str, headers: &[httparse::Header<'_>], connection: bool) -> bool {
     const ALWAYS: [&str; 6] = [
         "connection",
         "keep-alive",
@@ -165,15 +209,41 @@ fn hop_by_hop(name: &str, tokens: &[String]) -> bool {
         "upgrade",
         "proxy-authorization",
     ];
-    let lower = name.to_ascii_lowercase();
-    if ALWAYS.contains(&lower.as_str()) {
+    if ALWAYS.iter().any(|a| name.eq_ignore_ascii_case(a)) {
         return true;
     }
     // A `Connection` field may name more hop-by-hop fields, but never the framing ones.
-    !matches!(
-        lower.as_str(),
-        "content-length" | "transfer-encoding" | "host"
-    ) && tokens.contains(&lower)
+    connection
+        && !["content-length", "transfer-encoding", "host"]
+            .iter()
+            .any(|f| name.eq_ignore_ascii_case(f))
+        && has_token(headers, name)
+}
+
+/// Which fields a head has, from one pass, so that the rarer ones cost nothing when absent.
+#[derive(Default)]
+struct Present {
+    hosts: usize,
+    content_length: bool,
+    transfer_encoding: bool,
+    connection: bool,
+}
+
+fn present(headers: &[httparse::Header<'_>]) -> Present {
+    let mut p = Present::default();
+    for h in headers {
+        let n = h.name;
+        if n.eq_ignore_ascii_case("host") {
+            p.hosts += 1;
+        } else if n.eq_ignore_ascii_case("content-length") {
+            p.content_length = true;
+        } else if n.eq_ignore_ascii_case("transfer-encoding") {
+            p.transfer_encoding = true;
+        } else if n.eq_ignore_ascii_case("connection") {
+            p.connection = true;
+        }
+    }
+    p
 }
 
 /// The single Content-Length of a message: every value (and every comma-separated item)
@@ -257,17 +327,23 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
         return Err(HeadError::Malformed("empty request target"));
     }
     let headers = req.headers;
-    let hosts = headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("host"))
-        .count();
-    if hosts > 1 || (minor == 1 && hosts == 0) {
+    let p = present(headers);
+    if p.hosts > 1 || (minor == 1 && p.hosts == 0) {
         return Err(HeadError::Malformed(
             "a request needs exactly one host field",
         ));
     }
-    let length = content_length(headers)?;
-    let framing = match transfer_codings(headers) {
+    let length = if p.content_length {
+        content_length(headers)?
+    } else {
+        None
+    };
+    let codings = if p.transfer_encoding {
+        transfer_codings(headers)
+    } else {
+        None
+    };
+    let framing = match codings {
         Some(_) if minor == 0 => {
             return Err(HeadError::Malformed(
                 "transfer-encoding in an http/1.0 request",
@@ -285,13 +361,13 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
             Some(n) => Framing::Length(n),
         },
     };
-    let tokens = connection_tokens(headers);
     let keep_alive = if minor == 1 {
-        !tokens.iter().any(|t| t == "close")
+        !(p.connection && has_token(headers, "close"))
     } else {
-        tokens.iter().any(|t| t == "keep-alive")
+        p.connection && has_token(headers, "keep-alive")
     };
     let mut expect_continue = false;
+    let mut cookie_at = None;
     let mut upstream = Vec::with_capacity(len + 32);
     upstream.extend_from_slice(method.as_bytes());
     upstream.push(b' ');
@@ -308,7 +384,10 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
                 continue;
             }
             push_field(&mut upstream, h);
-        } else if !hop_by_hop(h.name, &tokens) {
+        } else if !hop_by_hop(h.name, headers, p.connection) {
+            if cookie_at.is_none() && h.name.eq_ignore_ascii_case("cookie") {
+                cookie_at = Some(upstream.len());
+            }
             push_field(&mut upstream, h);
         }
     }
@@ -318,8 +397,9 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
     }
     upstream.extend_from_slice(b"\r\n");
     Ok(Some(RequestHead {
-        method: method.to_owned(),
-        target: target.to_owned(),
+        method_len: method.len(),
+        target_end: method.len() + 1 + target.len(),
+        cookie_at,
         minor,
         len,
         framing,
@@ -350,8 +430,17 @@ pub fn parse_response(
         return Err(HeadError::Malformed("unexpected protocol switch"));
     }
     let headers = resp.headers;
-    let length = content_length(headers)?;
-    let codings = transfer_codings(headers);
+    let p = present(headers);
+    let length = if p.content_length {
+        content_length(headers)?
+    } else {
+        None
+    };
+    let codings = if p.transfer_encoding {
+        transfer_codings(headers)
+    } else {
+        None
+    };
     let no_body = request_is_head || (100..200).contains(&status) || status == 204 || status == 304;
     let framing = if no_body {
         Framing::Empty
@@ -376,12 +465,11 @@ pub fn parse_response(
             },
         }
     };
-    let tokens = connection_tokens(headers);
     let keep_alive = framing != Framing::UntilClose
         && if minor == 1 {
-            !tokens.iter().any(|t| t == "close")
+            !(p.connection && has_token(headers, "close"))
         } else {
-            tokens.iter().any(|t| t == "keep-alive")
+            p.connection && has_token(headers, "keep-alive")
         };
     let mut fields = Vec::with_capacity(len + 32);
     fields.extend_from_slice(if minor == 1 {
@@ -389,12 +477,17 @@ pub fn parse_response(
     } else {
         b"HTTP/1.0 "
     });
-    fields.extend_from_slice(status.to_string().as_bytes());
-    fields.push(b' ');
+    // httparse accepts exactly three digits.
+    let digit = |d: u16| b'0' + (d % 10) as u8;
+    fields.extend_from_slice(&[digit(status / 100), digit(status / 10), digit(status), b' ']);
     fields.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     fields.extend_from_slice(b"\r\n");
+    let mut set_cookie_at = None;
     for h in headers.iter() {
-        if !hop_by_hop(h.name, &tokens) {
+        if !hop_by_hop(h.name, headers, p.connection) {
+            if set_cookie_at.is_none() && h.name.eq_ignore_ascii_case("set-cookie") {
+                set_cookie_at = Some(fields.len());
+            }
             push_field(&mut fields, h);
         }
     }
@@ -405,6 +498,7 @@ pub fn parse_response(
         framing,
         keep_alive,
         fields,
+        set_cookie_at,
     }))
 }
 

@@ -1,5 +1,6 @@
 //! Idle keep-alive connections to one server, reused newest first.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Mutex;
@@ -7,9 +8,17 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
+use super::body::Io;
+
+/// Past this idle time a pooled connection is also checked with a real `recv(MSG_PEEK)`: a
+/// server closes idle connections at its keep-alive timeout, so only long-idle connections
+/// race with a FIN the reactor has not seen yet. Busier ones trust the reactor's readiness.
+const PEEK_AFTER: Duration = Duration::from_secs(1);
+
 #[derive(Debug)]
 pub struct Pool {
-    idle: Mutex<Vec<(TcpStream, Instant)>>,
+    /// Oldest first: expired connections are always a prefix.
+    idle: Mutex<VecDeque<(Io<TcpStream>, Instant)>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -17,43 +26,67 @@ pub struct Pool {
 impl Pool {
     pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
         Self {
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
             max_idle,
             idle_timeout,
         }
     }
 
-    /// An idle connection that still looks open, if any. It may still turn out closed
-    /// when used (the server may close it at any moment): callers retry in that case.
-    pub fn take(&self) -> Option<TcpStream> {
+    /// An idle connection (with its read buffer, empty) that still looks open, if any. It may
+    /// still turn out closed when used (the server may close it at any moment): callers retry
+    /// in that case.
+    pub fn take(&self) -> Option<Io<TcpStream>> {
+        let now = Instant::now();
         loop {
-            let (stream, since) = {
+            let (io, since) = {
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                idle.pop()?
+                idle.pop_back()?
             };
-            if since.elapsed() >= self.idle_timeout {
+            let idle_for = now.saturating_duration_since(since);
+            if idle_for >= self.idle_timeout {
                 continue;
             }
-            // An idle HTTP connection has nothing to read: EOF or stray bytes mean it is unusable.
-            if !crate::sys::idle_connection_broken(stream.as_fd()) {
-                return Some(stream);
+            if !broken(&io.stream, idle_for) {
+                return Some(io);
             }
         }
     }
 
-    pub fn put(&self, stream: TcpStream) {
+    /// Gives back a connection whose buffer holds no unread byte.
+    pub fn put(&self, io: Io<TcpStream>) {
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // Old connections are the likeliest to be closed by the server: drop them first.
-        idle.retain(|(_, since)| since.elapsed() < self.idle_timeout);
-        if idle.len() >= self.max_idle {
-            idle.remove(0);
+        while idle
+            .front()
+            .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= self.idle_timeout)
+        {
+            idle.pop_front();
         }
-        idle.push((stream, Instant::now()));
+        if idle.len() >= self.max_idle {
+            idle.pop_front();
+        }
+        if self.max_idle > 0 {
+            idle.push_back((io, now));
+        }
     }
 
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
+}
+
+/// Whether an idle connection is unusable: an idle HTTP connection has nothing to read, so EOF,
+/// an error or stray bytes all mean it must not carry a request.
+fn broken(stream: &TcpStream, idle_for: Duration) -> bool {
+    // Without readiness recorded by the reactor this costs no syscall; with it, the read
+    // consumes a byte of a connection that is dropped anyway.
+    let mut byte = [0u8; 1];
+    match stream.try_read(&mut byte) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Ok(_) | Err(_) => return true,
+    }
+    idle_for >= PEEK_AFTER && crate::sys::idle_connection_broken(stream.as_fd())
 }
 
 /// Opens a new connection to a server within `timeout`.
