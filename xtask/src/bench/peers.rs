@@ -838,7 +838,8 @@ fn section(plan: Plan, rounds: usize, version: &str, ours: &[Run], theirs: &[Run
          `stick store-response res.cook(PHPSESSID)`. Both tables are sized {SIZE} so that \
          nothing is evicted (the seed's 5k would be full in a second); HAProxy's global \
          `maxconn` is 8000 instead of the seed's 20000, which needs more file descriptors than \
-         this machine allows. The client is ours: {CLIENTS_PER_NODE} keep-alive connections \
+         this machine allows; its health checks are proxyd's (`inter 300ms fall 2`, `timeout \
+         check 1s`), and the seed's `log`, `chroot`, `user` and `daemon` lines are left out. The client is ours: {CLIENTS_PER_NODE} keep-alive connections \
          per node sending cookie-less requests, so that every answer sets a new `PHPSESSID` and \
          stores one new session on the node that served it. Tables are read as an operator \
          would: stickd's `ListTables` (entry count) and paged `Show` over gRPC, HAProxy's `show \
@@ -1035,8 +1036,9 @@ mod tests {
 
     #[test]
     fn parses_haproxy_show_table() {
-        assert_eq!(parse_used(SHOW).unwrap(), 3);
-        let t = parse_table(SHOW, &["app1".to_owned(), "app2".to_owned()]).unwrap();
+        assert_eq!(parse_used(SHOW).expect("the header parses"), 3);
+        let t =
+            parse_table(SHOW, &["app1".to_owned(), "app2".to_owned()]).expect("the entries parse");
         let want: BTreeMap<String, String> = [
             ("1t1lr3s5s7pm4tuu3476c40jk3", "app2"),
             ("3m3o6qkfvk8l4lenk0k8to2bd6", "app1"),
