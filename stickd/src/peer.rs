@@ -24,6 +24,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::{Config, Peer, TableDef};
 use crate::store::{Store, StoreError, now_ms};
 
+/// Entries per snapshot chunk (and per hold of the store's lock while copying one).
+const SNAPSHOT_CHUNK: usize = 4096;
 /// Changes per pushed batch: big enough to amortise a round trip, small enough to stay far from
 /// gRPC's message size limit.
 const BATCH: usize = 4096;
@@ -356,10 +358,45 @@ async fn push_once(
             .map(|d| d.name)
             .filter(|n| !skip.contains(n))
             .collect();
-        let (through, chunks) = store.snapshot(&tables);
-        let entries: usize = chunks.iter().map(|c| c.entries.len()).sum();
-        info!(peer = %peer.name, from = next, first = store.first_seq(), through, entries, "peer is behind our log: sending a full snapshot");
-        for c in chunks {
+        let (through, tables) = store.snapshot_keys(&tables);
+        let keys: usize = tables.iter().map(|t| t.keys.len()).sum();
+        info!(peer = %peer.name, from = next, first = store.first_seq(), through, keys, "peer is behind our log: sending a full snapshot");
+        // Copied a chunk at a time while sending: the store's lock is never held for a whole
+        // table, and the peer applies the first chunks while we copy the next.
+        let mut entries = 0;
+        let n = tables.len();
+        for (i, t) in tables.into_iter().enumerate() {
+            let parts: Vec<&[String]> = if t.keys.is_empty() {
+                vec![&[]]
+            } else {
+                t.keys.chunks(SNAPSHOT_CHUNK).collect()
+            };
+            let m = parts.len();
+            for (j, part) in parts.into_iter().enumerate() {
+                let chunk = store.snapshot_entries(&t.name, part);
+                entries += chunk.len();
+                let last = i + 1 == n && j + 1 == m;
+                let c = pb::SnapshotChunk {
+                    table: t.name.clone(),
+                    entries: chunk,
+                    cleared_version: if j == 0 { t.cleared_version } else { 0 },
+                    cleared_origin: if j == 0 {
+                        t.cleared_origin.clone()
+                    } else {
+                        String::new()
+                    },
+                    last,
+                    through_seq: if last { through } else { 0 },
+                };
+                send(&tx, pb::peer_message::Msg::Snapshot(c)).await?;
+            }
+        }
+        if n == 0 {
+            let c = pb::SnapshotChunk {
+                last: true,
+                through_seq: through,
+                ..Default::default()
+            };
             send(&tx, pb::peer_message::Msg::Snapshot(c)).await?;
         }
         let mut s = state.lock();
@@ -621,7 +658,7 @@ async fn receive(
                 // off the async workers.
                 let (st, from2, skip2) = (store.clone(), from.clone(), skip.to_vec());
                 tokio::task::spawn_blocking(move || {
-                    let r = st.apply_remote(&from2, epoch, &b.changes, &skip2, Some(through));
+                    let r = st.apply_remote(&from2, epoch, b.changes, &skip2, Some(through));
                     st.backpressure();
                     r
                 })
@@ -641,7 +678,7 @@ async fn receive(
                 let n = c.entries.len() as u64;
                 let (last, through) = (c.last, c.through_seq);
                 let (st, from2) = (store.clone(), from.clone());
-                tokio::task::spawn_blocking(move || st.apply_snapshot(&from2, epoch, &c))
+                tokio::task::spawn_blocking(move || st.apply_snapshot(&from2, epoch, c))
                     .await
                     .map_err(|e| Status::internal(format!("apply task failed: {e}")))?
                     .map_err(|e| Status::internal(e.to_string()))?;

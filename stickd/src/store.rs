@@ -101,11 +101,6 @@ impl Rec {
         }
     }
 
-    /// (version, origin): the LWW order. Equal means the very same write.
-    fn newer_than(&self, other: &Rec) -> std::cmp::Ordering {
-        (self.version, &*self.origin).cmp(&(other.version, &*other.origin))
-    }
-
     fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(18 + self.origin.len() + self.server.len());
         self.encode_into(&mut v);
@@ -284,6 +279,39 @@ struct Inner {
     tail: std::collections::VecDeque<pb::Change>,
     /// Per peer: (epoch, sequence) of its log applied here.
     received: HashMap<String, (u64, u64)>,
+    /// Origin names seen, shared by every entry of that origin (see `intern`).
+    origins: Vec<Arc<str>>,
+}
+
+/// What merging a peer's entry did: nothing, or applied it (with the event for watchers).
+enum Merged {
+    Ignored,
+    Applied(Option<pb::Entry>),
+}
+
+/// The shared `Arc` of an origin name: a few peers write millions of entries.
+fn intern(origins: &mut Vec<Arc<str>>, name: &str) -> Arc<str> {
+    if let Some(o) = origins.iter().find(|o| ***o == *name) {
+        return o.clone();
+    }
+    let o: Arc<str> = Arc::from(name);
+    // Names come from peers: bounded, so that a confused one cannot grow this for ever.
+    if origins.len() < 64 {
+        origins.push(o.clone());
+    }
+    o
+}
+
+/// Evicts the entries nearest to expiry until one more fits.
+fn make_room(t: &mut Table, counters: &Counters) -> Result<(), sled::Error> {
+    while t.entries.len() as u64 >= t.def.size {
+        let Some((_, key)) = t.by_expiry.first().cloned() else {
+            break;
+        };
+        t.remove(&key)?;
+        counters.evicted.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// Queued sled writes past which writers wait for sled (see `Store::backpressure`).
@@ -353,6 +381,14 @@ struct Disk {
     orphans: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>,
 }
 
+/// One table of a snapshot in the making (see `Store::snapshot_keys`).
+pub struct SnapshotTable {
+    pub name: String,
+    pub cleared_version: u64,
+    pub cleared_origin: String,
+    pub keys: Vec<String>,
+}
+
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -396,6 +432,14 @@ pub fn canonical_key(def: &TableDef, key: &str) -> Result<String, StoreError> {
             }
             Ok(key.to_owned())
         }
+    }
+}
+
+/// `canonical_key` of a key we own: a string key is checked and kept, not copied.
+fn canonical_key_owned(def: &TableDef, key: String) -> Result<String, StoreError> {
+    match def.key {
+        KeyType::String { len } if !key.is_empty() && key.len() <= len as usize => Ok(key),
+        _ => canonical_key(def, &key),
     }
 }
 
@@ -648,6 +692,7 @@ impl Store {
                 head,
                 tail: std::collections::VecDeque::new(),
                 received,
+                origins: vec![Arc::from(config.local.as_str())],
             }),
             pending,
             persist_lock: Mutex::new(disk),
@@ -748,7 +793,7 @@ impl Store {
             .get_mut(table)
             .ok_or_else(|| StoreError::UnknownTable(table.to_owned()))?;
         if !t.entries.contains_key(key) {
-            self.make_room(t)?;
+            make_room(t, &self.counters)?;
         }
         t.put(key, rec)?;
         self.append(
@@ -760,17 +805,6 @@ impl Store {
             },
         )?;
         Ok(entry)
-    }
-
-    fn make_room(&self, t: &mut Table) -> Result<(), sled::Error> {
-        while t.entries.len() as u64 >= t.def.size {
-            let Some((_, key)) = t.by_expiry.first().cloned() else {
-                break;
-            };
-            t.remove(&key)?;
-            self.counters.evicted.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
     }
 
     /// Stores (key, server) pairs with new versions.
@@ -816,11 +850,17 @@ impl Store {
         self.counters
             .local_writes
             .fetch_add(out.len() as u64, Ordering::Relaxed);
+        // Copied for watchers only (checked under the lock, under which `watch` subscribes).
+        let entries = if self.events.receiver_count() > 0 {
+            out.clone()
+        } else {
+            Vec::new()
+        };
         self.publish(
             &inner,
             Event::Changes {
                 table: Arc::from(table),
-                entries: out.clone(),
+                entries,
             },
         );
         Ok(out)
@@ -982,41 +1022,58 @@ impl Store {
         Ok(removed)
     }
 
-    /// Merges one entry from a peer by LWW; returns it if it changed anything.
+    /// Merges one entry from a peer by LWW. The entry is taken by value so that its strings
+    /// move into the record instead of being copied; the event for watchers is built only when
+    /// someone watches.
     fn merge(
         &self,
         inner: &mut Inner,
         table: &str,
-        e: &pb::Entry,
-    ) -> Result<Option<pb::Entry>, StoreError> {
+        mut e: pb::Entry,
+        watched: bool,
+    ) -> Result<Merged, StoreError> {
         inner.hlc.observe(e.version);
-        let Some(t) = inner.tables.get_mut(table) else {
-            return Ok(None);
+        let Inner {
+            tables, origins, ..
+        } = inner;
+        let Some(t) = tables.get_mut(table) else {
+            return Ok(Merged::Ignored);
         };
         let now = now_ms();
         if e.version <= t.cleared_version || e.expires_unix_ms <= now {
-            return Ok(None);
+            return Ok(Merged::Ignored);
         }
-        let key = canonical_key(&t.def, &e.key)?;
+        let key = canonical_key_owned(&t.def, std::mem::take(&mut e.key))?;
+        if let Some(old) = t.entries.get(&key) {
+            match (e.version, e.origin.as_str()).cmp(&(old.version, &*old.origin)) {
+                std::cmp::Ordering::Less => return Ok(Merged::Ignored),
+                // The same write, touched: the later expiry wins.
+                std::cmp::Ordering::Equal if e.expires_unix_ms <= old.expires => {
+                    return Ok(Merged::Ignored);
+                }
+                _ => {}
+            }
+        } else {
+            make_room(t, &self.counters)?;
+        }
         let rec = Rec {
-            server: e.server.clone(),
+            server: if watched {
+                e.server.clone()
+            } else {
+                std::mem::take(&mut e.server)
+            },
             expires: e.expires_unix_ms,
             version: e.version,
-            origin: Arc::from(e.origin.as_str()),
+            origin: intern(origins, &e.origin),
             deleted: e.deleted,
         };
-        match t.entries.get(&key) {
-            Some(old) => match rec.newer_than(old) {
-                std::cmp::Ordering::Less => return Ok(None),
-                // The same write, touched: the later expiry wins.
-                std::cmp::Ordering::Equal if rec.expires <= old.expires => return Ok(None),
-                _ => {}
-            },
-            None => self.make_room(t)?,
-        }
-        let out = rec.to_pb(&key, now);
+        let event = watched.then(|| pb::Entry {
+            key: key.clone(),
+            expires_in_ms: e.expires_unix_ms - now,
+            ..e
+        });
         t.put(&key, rec)?;
-        Ok(Some(out))
+        Ok(Merged::Applied(event))
     }
 
     /// Applies changes received from peer `from`, then records `through` as its position,
@@ -1025,48 +1082,58 @@ impl Store {
         &self,
         from: &str,
         epoch: u64,
-        changes: &[pb::Change],
+        changes: Vec<pb::Change>,
         skip_tables: &[String],
         through: Option<u64>,
     ) -> Result<(), StoreError> {
         let mut inner = self.lock();
+        // Under the lock, as `watch` subscribes under it: no watcher can slip in between.
+        let watched = self.events.receiver_count() > 0;
         let mut events: Vec<Event> = Vec::new();
+        let (mut applied, mut ignored) = (0, 0);
         for c in changes {
             if skip_tables.contains(&c.table) {
                 continue;
             }
-            match &c.kind {
-                Some(pb::change::Kind::Entry(e)) => match self.merge(&mut inner, &c.table, e) {
-                    Ok(Some(e)) => {
-                        self.counters.remote_applied.fetch_add(1, Ordering::Relaxed);
-                        match events.last_mut() {
-                            Some(Event::Changes { table, entries }) if **table == *c.table => {
-                                entries.push(e);
+            match c.kind {
+                Some(pb::change::Kind::Entry(e)) => {
+                    match self.merge(&mut inner, &c.table, e, watched) {
+                        Ok(Merged::Applied(e)) => {
+                            applied += 1;
+                            let Some(e) = e else { continue };
+                            match events.last_mut() {
+                                Some(Event::Changes { table, entries }) if **table == *c.table => {
+                                    entries.push(e);
+                                }
+                                _ => events.push(Event::Changes {
+                                    table: Arc::from(c.table.as_str()),
+                                    entries: vec![e],
+                                }),
                             }
-                            _ => events.push(Event::Changes {
-                                table: Arc::from(c.table.as_str()),
-                                entries: vec![e],
-                            }),
                         }
+                        // A key that does not fit our definition: the handshake should have
+                        // caught it; skip the entry rather than the whole stream.
+                        Ok(Merged::Ignored)
+                        | Err(StoreError::BadKey { .. } | StoreError::KeyTooLong { .. }) => {
+                            ignored += 1;
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Ok(None) => {
-                        self.counters.remote_ignored.fetch_add(1, Ordering::Relaxed);
-                    }
-                    // A key that does not fit our definition: the handshake should have
-                    // caught it; skip the entry rather than the whole stream.
-                    Err(StoreError::BadKey { .. } | StoreError::KeyTooLong { .. }) => {
-                        self.counters.remote_ignored.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => return Err(e),
-                },
+                }
                 Some(pb::change::Kind::Cleared(cl)) => {
                     inner.hlc.observe(cl.version);
-                    self.apply_clear(&mut inner, cl)?;
-                    events.push(Event::Cleared(cl.clone()));
+                    self.apply_clear(&mut inner, &cl)?;
+                    events.push(Event::Cleared(cl));
                 }
                 None => {}
             }
         }
+        self.counters
+            .remote_applied
+            .fetch_add(applied, Ordering::Relaxed);
+        self.counters
+            .remote_ignored
+            .fetch_add(ignored, Ordering::Relaxed);
         if let Some(through) = through {
             self.set_received(&mut inner, from, epoch, through);
         }
@@ -1081,7 +1148,7 @@ impl Store {
         &self,
         from: &str,
         epoch: u64,
-        chunk: &pb::SnapshotChunk,
+        chunk: pb::SnapshotChunk,
     ) -> Result<(), StoreError> {
         let mut changes = Vec::with_capacity(chunk.entries.len() + 1);
         if chunk.cleared_version > 0 {
@@ -1091,20 +1158,20 @@ impl Store {
                 kind: Some(pb::change::Kind::Cleared(pb::TableCleared {
                     table: chunk.table.clone(),
                     version: chunk.cleared_version,
-                    origin: chunk.cleared_origin.clone(),
+                    origin: chunk.cleared_origin,
                 })),
             });
         }
-        for e in &chunk.entries {
+        for e in chunk.entries {
             changes.push(pb::Change {
                 seq: 0,
                 table: chunk.table.clone(),
-                kind: Some(pb::change::Kind::Entry(e.clone())),
+                kind: Some(pb::change::Kind::Entry(e)),
             });
         }
         // The position moves only with the last chunk: an interrupted snapshot starts over.
         let through = chunk.last.then_some(chunk.through_seq);
-        self.apply_remote(from, epoch, &changes, &[], through)
+        self.apply_remote(from, epoch, changes, &[], through)
     }
 
     /// The last (epoch, sequence) of `peer`'s log applied here ((0, 0) when nothing was).
@@ -1340,52 +1407,43 @@ impl Store {
         Ok(())
     }
 
-    /// A consistent copy of the given tables and the log head it corresponds to.
-    pub fn snapshot(&self, tables: &[String]) -> (u64, Vec<pb::SnapshotChunk>) {
-        const CHUNK: usize = 4096;
+    /// The start of a snapshot of `tables`: their keys and the log head they correspond to.
+    /// `snapshot_entries` then copies them a chunk at a time, so that the store's lock is held
+    /// for one chunk, never for a whole table. A key written after this point is in the log
+    /// after the head, which follows the snapshot; one written meanwhile may arrive twice,
+    /// which LWW makes harmless.
+    pub fn snapshot_keys(&self, tables: &[String]) -> (u64, Vec<SnapshotTable>) {
         let inner = self.lock();
+        let out = tables
+            .iter()
+            .filter_map(|name| {
+                let t = inner.tables.get(name)?;
+                Some(SnapshotTable {
+                    name: name.clone(),
+                    cleared_version: t.cleared_version,
+                    cleared_origin: t.cleared_origin.clone(),
+                    keys: t.entries.keys().cloned().collect(),
+                })
+            })
+            .collect();
+        (inner.head, out)
+    }
+
+    /// The unexpired entries (tombstones included) of `keys` that are still there.
+    pub fn snapshot_entries(&self, table: &str, keys: &[String]) -> Vec<pb::Entry> {
+        let inner = self.lock();
+        let Some(t) = inner.tables.get(table) else {
+            return Vec::new();
+        };
         let now = now_ms();
-        let mut chunks = Vec::new();
-        for name in tables {
-            let Some(t) = inner.tables.get(name) else {
-                continue;
-            };
-            let mut chunk = pb::SnapshotChunk {
-                table: name.clone(),
-                entries: Vec::new(),
-                cleared_version: t.cleared_version,
-                cleared_origin: t.cleared_origin.clone(),
-                last: false,
-                through_seq: 0,
-            };
-            for (k, r) in &t.entries {
-                if r.expires <= now {
-                    continue;
-                }
-                chunk.entries.push(r.to_pb(k, now));
-                if chunk.entries.len() >= CHUNK {
-                    let next = pb::SnapshotChunk {
-                        table: name.clone(),
-                        entries: Vec::with_capacity(CHUNK),
-                        cleared_version: 0,
-                        cleared_origin: String::new(),
-                        last: false,
-                        through_seq: 0,
-                    };
-                    chunks.push(std::mem::replace(&mut chunk, next));
-                }
-            }
-            chunks.push(chunk);
-        }
-        let head = inner.head;
-        if chunks.is_empty() {
-            chunks.push(pb::SnapshotChunk::default());
-        }
-        if let Some(last) = chunks.last_mut() {
-            last.last = true;
-            last.through_seq = head;
-        }
-        (head, chunks)
+        keys.iter()
+            .filter_map(|k| {
+                t.entries
+                    .get(k)
+                    .filter(|r| r.expires > now)
+                    .map(|r| r.to_pb(k, now))
+            })
+            .collect()
     }
 
     /// Current content of `tables` (all when empty) and a subscription that starts right after it.
@@ -1777,9 +1835,9 @@ expire = "5m"
         let eb = b.store("web", &[item("k", "s2")]).expect("b");
         let ca = a.read_log(1, 10).expect("log a");
         let cb = b.read_log(1, 10).expect("log b");
-        a.apply_remote("b", b.epoch(), &cb, &[], Some(1))
+        a.apply_remote("b", b.epoch(), cb, &[], Some(1))
             .expect("apply");
-        b.apply_remote("a", a.epoch(), &ca, &[], Some(1))
+        b.apply_remote("a", a.epoch(), ca, &[], Some(1))
             .expect("apply");
         let va = a.lookup("web", &["k".into()]).expect("a");
         let vb = b.lookup("web", &["k".into()]).expect("b");
@@ -1809,17 +1867,17 @@ expire = "5m"
         b.store("web", &[item("old", "s")]).expect("b");
         let old = b.read_log(1, 10).expect("log");
         // a has seen the value, then deletes it; a late duplicate must not resurrect it.
-        a.apply_remote("b", b.epoch(), &old, &[], Some(1))
+        a.apply_remote("b", b.epoch(), old.clone(), &[], Some(1))
             .expect("value");
         assert_eq!(a.lookup("web", &["old".into()]).expect("a").len(), 1);
         a.delete("web", "old").expect("delete");
-        a.apply_remote("b", b.epoch(), &old, &[], Some(1))
+        a.apply_remote("b", b.epoch(), old.clone(), &[], Some(1))
             .expect("late old value");
         assert!(a.lookup("web", &["old".into()]).expect("a").is_empty());
         a.store("web", &[item("x", "s")]).expect("a");
         a.clear("web").expect("clear");
         let log = a.read_log(1, 10).expect("log");
-        b.apply_remote("a", a.epoch(), &log, &[], Some(log.len() as u64))
+        b.apply_remote("a", a.epoch(), log.clone(), &[], Some(log.len() as u64))
             .expect("apply");
         assert!(
             b.lookup("web", &["old".into(), "x".into()])
