@@ -185,9 +185,13 @@ async fn run_in(
     // Each target stores its own sessions first: cookie-less requests, the Set-Cookie values kept.
     let t = Instant::now();
     for target in &mut targets {
-        let cookies = collect_sessions(target.addr, sessions)
+        let stored = collect_sessions(target.addr, sessions)
             .await
             .with_context(|| format!("collecting sessions through {}", target.kind.label()))?;
+        check_sticky(target.kind, target.addr, &stored)
+            .await
+            .with_context(|| format!("{} does not route by the session", target.kind.label()))?;
+        let cookies: Vec<String> = stored.into_iter().map(|(c, _)| c).collect();
         let tag = target.kind.label().replace([' ', '(', ')'], "");
         target.sticky_script = env.write(
             &format!("wrk/{tag}-sticky.lua"),
@@ -343,8 +347,9 @@ async fn settle(pids: &[u32]) {
     }
 }
 
-/// `n` cookie-less requests (16 at a time) through `addr`; the sessions the answers set.
-async fn collect_sessions(addr: SocketAddr, n: usize) -> Result<Vec<String>> {
+/// `n` cookie-less requests (16 at a time) through `addr`: each session the answers set, with
+/// the server that set it.
+async fn collect_sessions(addr: SocketAddr, n: usize) -> Result<Vec<(String, String)>> {
     let mut tasks = tokio::task::JoinSet::new();
     let per = n.div_ceil(16);
     for w in 0..16 {
@@ -352,7 +357,12 @@ async fn collect_sessions(addr: SocketAddr, n: usize) -> Result<Vec<String>> {
         tasks.spawn(async move {
             let mut out = Vec::with_capacity(count);
             for _ in 0..count {
-                out.push(new_session(addr).await?);
+                let a = exchange(addr, None).await?;
+                ensure!(a.status == 200, "a cookie-less request got {}", a.status);
+                let cookie = a
+                    .set_cookie
+                    .context("an answer without Set-Cookie: PHPSESSID")?;
+                out.push((cookie, a.server.context("an answer without X-Server")?));
             }
             anyhow::Ok(out)
         });
@@ -364,13 +374,62 @@ async fn collect_sessions(addr: SocketAddr, n: usize) -> Result<Vec<String>> {
     Ok(all)
 }
 
-/// One cookie-less `GET /index.php` (`Connection: close`); the `PHPSESSID` its answer sets.
-async fn new_session(addr: SocketAddr) -> Result<String> {
+/// Sessions checked per target before the runs.
+const STICKY_CHECKS: usize = 20;
+
+/// Before measuring, makes sure the target really routes by the cookie: for the first sessions,
+/// two requests each reach the same server, and with a stick table (proxyd, HAProxy) the server
+/// that set the session. Without it a "sticky" run could be measuring plain round robin.
+async fn check_sticky(kind: Kind, addr: SocketAddr, sessions: &[(String, String)]) -> Result<()> {
+    let table = match kind {
+        Kind::Proxyd | Kind::Haproxy => true,
+        Kind::Nginx => false,
+        // No rule to check: one server, or round robin on purpose.
+        Kind::Direct | Kind::ProxydNoStick => return Ok(()),
+    };
+    for (cookie, origin) in sessions.iter().take(STICKY_CHECKS) {
+        let a = exchange(addr, Some(cookie)).await?;
+        let b = exchange(addr, Some(cookie)).await?;
+        ensure!(
+            a.status == 200 && b.status == 200,
+            "session {cookie}: answers {} and {}",
+            a.status,
+            b.status
+        );
+        ensure!(
+            a.server == b.server,
+            "session {cookie} reached {:?}, then {:?}",
+            a.server,
+            b.server
+        );
+        ensure!(
+            !table || a.server.as_deref() == Some(origin.as_str()),
+            "session {cookie}, set by {origin}, reached {:?}",
+            a.server
+        );
+    }
+    Ok(())
+}
+
+/// What the bench reads from an answer.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    status: u16,
+    /// The demo backend's `X-Server`.
+    server: Option<String>,
+    /// The `PHPSESSID` it set, if any.
+    set_cookie: Option<String>,
+}
+
+/// One `GET /index.php` on a new connection (`Connection: close`), with the session if any.
+async fn exchange(addr: SocketAddr, session: Option<&str>) -> Result<Answer> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cookie = session.map_or(String::new(), |c| format!("Cookie: PHPSESSID={c}\r\n"));
+    let request =
+        format!("GET /index.php HTTP/1.1\r\nHost: bench\r\n{cookie}Connection: close\r\n\r\n");
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(b"GET /index.php HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-            .await?;
+        s.write_all(request.as_bytes()).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         anyhow::Ok(buf)
@@ -378,11 +437,12 @@ async fn new_session(addr: SocketAddr) -> Result<String> {
     let buf = tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
         .with_context(|| format!("no answer from {addr} within 10 s"))??;
-    set_cookie(&buf)
+    parse_answer(&buf)
 }
 
-/// The `PHPSESSID` set by a 200 answer (header names in any case: HAProxy writes them lower-case).
-fn set_cookie(response: &[u8]) -> Result<String> {
+/// Status, `X-Server` and `PHPSESSID` of an answer (header names in any case: HAProxy writes
+/// them lower-case).
+fn parse_answer(response: &[u8]) -> Result<Answer> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut r = httparse::Response::new(&mut headers);
     ensure!(
@@ -390,19 +450,23 @@ fn set_cookie(response: &[u8]) -> Result<String> {
         "not an HTTP answer: {:?}",
         String::from_utf8_lossy(response)
     );
-    ensure!(
-        r.code == Some(200),
-        "a cookie-less request got {:?}",
-        r.code
-    );
-    r.headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("set-cookie"))
-        .filter_map(|h| std::str::from_utf8(h.value).ok())
-        .find_map(|v| v.strip_prefix("PHPSESSID="))
-        .and_then(|v| v.split(';').next())
-        .map(str::to_owned)
-        .context("an answer without Set-Cookie: PHPSESSID")
+    let value = |name: &str| {
+        r.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+            .collect::<Vec<&str>>()
+    };
+    Ok(Answer {
+        status: r.code.unwrap_or(0),
+        server: value("x-server").first().map(|s| (*s).to_owned()),
+        set_cookie: value("set-cookie")
+            .iter()
+            .find_map(|v| v.strip_prefix("PHPSESSID="))
+            .and_then(|v| v.split(';').next())
+            .map(str::to_owned),
+    })
 }
 
 /// A wrk script that sends the `cookies` round robin, each request prepared once in `init`.
@@ -1004,7 +1068,8 @@ fn section(
          `PHPSESSID` cookies that the target itself stored first (cookie-less requests, Set-Cookie \
          kept); **connection-close**: the same with `Connection: close`, a new connection per \
          request; **new session**: keep-alive without a cookie, so every answer sets a session \
-         that the proxy stores. CPU µs/req: user+system time of the proxy's own process tree \
+         that the proxy stores. Before the runs, {STICKY_CHECKS} sessions per target are checked: \
+         two requests each reach the same server, for proxyd and HAProxy the one that set it. CPU µs/req: user+system time of the proxy's own process tree \
          (/proc, proxyd's master and worker) during the run, divided by the requests wrk \
          completed; for proxyd the last column adds stickd's, which holds the table that HAProxy \
          keeps in-process. Errors: wrk's non-2xx answers plus socket errors, all rounds."
@@ -1251,13 +1316,25 @@ Transfer/sec:    810.44KB";
     }
 
     #[test]
-    fn reads_the_session_cookie_in_any_case() {
-        let haproxy = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nset-cookie: PHPSESSID=abc123; path=/\r\n\r\nhi\n";
-        assert_eq!(set_cookie(haproxy).expect("cookie"), "abc123");
-        let other = b"HTTP/1.1 200 OK\r\nSet-Cookie: lang=en\r\nSet-Cookie: PHPSESSID=x9\r\n\r\n";
-        assert_eq!(set_cookie(other).expect("cookie"), "x9");
-        assert!(set_cookie(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").is_err());
-        assert!(set_cookie(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
+    fn reads_answers_in_any_case() {
+        let haproxy = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-server: app2\r\nset-cookie: PHPSESSID=abc123; path=/\r\n\r\nhi\n";
+        let a = parse_answer(haproxy).expect("answer");
+        assert_eq!(
+            a,
+            Answer {
+                status: 200,
+                server: Some("app2".to_owned()),
+                set_cookie: Some("abc123".to_owned())
+            }
+        );
+        let other = b"HTTP/1.1 200 OK\r\nSet-Cookie: lang=en\r\nSet-Cookie: PHPSESSID=x9\r\nX-Server: app1\r\n\r\n";
+        assert_eq!(
+            parse_answer(other).expect("answer").set_cookie.as_deref(),
+            Some("x9")
+        );
+        let a = parse_answer(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").expect("answer");
+        assert_eq!((a.status, a.server, a.set_cookie), (503, None, None));
+        assert!(parse_answer(b"garbage").is_err());
     }
 
     #[test]
