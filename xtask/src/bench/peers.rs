@@ -695,16 +695,23 @@ fn parse_used(out: &str) -> Result<u64> {
 fn parse_table(out: &str, servers: &[String]) -> Result<BTreeMap<String, String>> {
     let mut table = BTreeMap::new();
     for line in out.lines().filter(|l| l.starts_with("0x")) {
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-        };
-        let key = field("key").with_context(|| format!("no key in {line:?}"))?;
+        // One pass over the words: tens of thousands of lines are read per poll.
+        let (mut key, mut name, mut id) = (None, None, None);
+        for w in line.split_ascii_whitespace() {
+            if let Some(v) = w.strip_prefix("key=") {
+                key = Some(v);
+            } else if let Some(v) = w.strip_prefix("server_key=") {
+                name = Some(v);
+            } else if let Some(v) = w.strip_prefix("server_id=") {
+                id = Some(v);
+            }
+        }
+        let key = key.with_context(|| format!("no key in {line:?}"))?;
         // server_key (HAProxy 2.5+) names the server; older ones only give its id.
-        let server = match field("server_key") {
+        let server = match name {
             Some(name) => name.to_owned(),
             None => {
-                let id: usize = field("server_id")
+                let id: usize = id
                     .and_then(|v| v.parse().ok())
                     .with_context(|| format!("no server in {line:?}"))?;
                 servers
