@@ -54,6 +54,8 @@ struct KillRun {
     refused_probes: u64,
     /// What the master did, as seen from its processes.
     aftermath: String,
+    /// HAProxy: its log says "exit-on-failure" (the master killed everything and exited).
+    exit_on_failure_logged: bool,
 }
 
 async fn kill_once(
@@ -116,6 +118,7 @@ async fn kill_once(
     tokio::time::sleep_until((t0 + count_until).into()).await;
     let failures = load.snapshot().failures.since(&before.failures);
     let aftermath = aftermath(&mut target, worker).await;
+    let exit_on_failure_logged = target.master_log().contains("exit-on-failure");
     drop(load.finish().await);
     if served_after.is_ok() && target.master_alive() {
         *slot = Some(target);
@@ -128,6 +131,7 @@ async fn kill_once(
         at_risk,
         refused_probes,
         aftermath,
+        exit_on_failure_logged,
     })
 }
 
@@ -260,46 +264,80 @@ fn section(runs: &[KillRun], kills: usize, timing: Timing) -> Section {
     s.tables.push(t);
 
     let of = |kind: Kind| runs.iter().filter(move |r| r.kind == kind);
-    let proxyd_ms: Vec<f64> = of(Kind::Proxyd)
-        .filter_map(|r| r.served_after.as_ref().ok())
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .collect();
-    let proxyd_refused: u64 = of(Kind::Proxyd).map(|r| r.refused + r.refused_probes).sum();
+    let served_ms = |kind: Kind| -> Vec<f64> {
+        of(kind)
+            .filter_map(|r| r.served_after.as_ref().ok())
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .collect()
+    };
+    let count = |kind: Kind, f: &dyn Fn(&KillRun) -> bool| of(kind).filter(|r| f(r)).count();
+    let refused = |kind: Kind| -> u64 { of(kind).map(|r| r.refused + r.refused_probes).sum() };
+    let within_risk = |r: &KillRun| r.failed <= r.at_risk;
+    let respawned = |r: &KillRun| r.aftermath == "master started a new worker";
+    let exited = |r: &KillRun| r.aftermath == "master exited";
+    let logged = |r: &KillRun| r.exit_on_failure_logged;
+
+    let p = Kind::Proxyd;
     s.notes.push(format!(
-        "proxyd: the master respawns the worker at once and fdkeeper keeps the listening socket \
-         open, so connections that arrive meanwhile wait in the accept queue: {proxyd_refused} \
-         refused in {} kills, serving again after {:.1} ms (median); the requests that fail \
-         are those in flight on the killed worker or sent on its idle keep-alive connections.",
-        of(Kind::Proxyd).count(),
-        median(&proxyd_ms),
+        "proxyd: {} refused connections (client and probes) in {} kills: fdkeeper keeps the \
+         listening socket open while the master starts a new worker (it did after {} kills), \
+         so connections that arrive meanwhile wait in the accept queue; serving again after \
+         {:.1} ms (median). Failed requests stayed within the requests at risk in {} of {} \
+         kills: what fails is what the killed worker held.",
+        refused(p),
+        of(p).count(),
+        count(p, &respawned),
+        median(&served_ms(p)),
+        count(p, &within_risk),
+        of(p).count(),
     ));
-    let master_exits = |kind: Kind| of(kind).filter(|r| r.aftermath == "master exited").count();
-    let no_exit = TARGETS[2];
+    let h = TARGETS[1];
     s.notes.push(format!(
-        "HAProxy 2.6 in master-worker mode does not start a new worker when one dies: by \
-         default its master treats the death of the current worker as a failure, SIGTERMs \
-         every process and exits (exit-on-failure; here the master exited after {} of {} \
-         kills), and the listening socket dies with it. With `master-worker \
-         no-exit-on-failure` in the global section the master exited after {} of {} kills: \
-         {} A supervisor (systemd `Restart=`) or a reload (SIGUSR2) is what brings HAProxy \
-         back.",
-        master_exits(TARGETS[1]),
-        of(TARGETS[1]).count(),
-        master_exits(no_exit),
-        of(no_exit).count(),
-        if master_exits(no_exit) > 0 {
-            "HAProxy 2.6 accepts the keyword (`haproxy -c` passes) and still logs \
-             \"exit-on-failure: killing every processes\". Our reading of its source: since \
-             2.5 the master re-executes itself in wait mode once its worker runs, without the \
-             full configuration, so the option is gone by the time a worker dies."
-        } else {
-            "the master stays, but no worker serves until the next reload."
-        }
+        "HAProxy: its master does not start a new worker when one dies (2.6 has no setting \
+         for it). By default it treats the death of the current worker as a failure: the \
+         master exited after {} of {} kills, logging \"exit-on-failure: killing every \
+         processes\" in {}, and nothing listened any more ({} of {} kills never served \
+         again). Once the master is gone only a supervisor (e.g. systemd's `Restart=`) brings \
+         HAProxy back.",
+        count(h, &exited),
+        of(h).count(),
+        count(h, &logged),
+        of(h).count() - served_ms(h).len(),
+        of(h).count(),
     ));
-    s.notes.push(
-        "nginx: the master holds the listening socket and respawns the worker at once; the \
-         failed requests are those the killed worker held."
-            .to_owned(),
-    );
+    let n = TARGETS[2];
+    s.notes.push(if count(n, &exited) > 0 {
+        format!(
+            "HAProxy with `master-worker no-exit-on-failure` (which `haproxy -c` accepts): the \
+             master still exited after {} of {} kills and logged exit-on-failure in {}. Our \
+             reading of the 2.6 source: since 2.5 the master re-executes itself in wait mode \
+             once its worker runs, without the full configuration, so the option is gone by \
+             the time a worker dies.",
+            count(n, &exited),
+            of(n).count(),
+            count(n, &logged),
+        )
+    } else {
+        format!(
+            "HAProxy with `master-worker no-exit-on-failure`: the master stayed after {} of {} \
+             kills; a fresh connection was served again after {} of them (no new worker until \
+             the next reload otherwise).",
+            of(n).count() - count(n, &exited),
+            of(n).count(),
+            served_ms(n).len(),
+        )
+    });
+    let x = Kind::Nginx;
+    s.notes.push(format!(
+        "nginx: {} refused connections in {} kills: the master holds the listening socket and \
+         started a new worker after {} kills, serving again after {:.1} ms (median); failed \
+         requests within the requests at risk in {} of {} kills.",
+        refused(x),
+        of(x).count(),
+        count(x, &respawned),
+        median(&served_ms(x)),
+        count(x, &within_risk),
+        of(x).count(),
+    ));
     s
 }

@@ -239,6 +239,11 @@ impl Target {
         }
     }
 
+    /// Everything the master process wrote to its log so far.
+    pub(super) fn master_log(&self) -> String {
+        self.master().log_text()
+    }
+
     /// Whether the master process still runs (reaps it if it has exited).
     pub(super) fn master_alive(&mut self) -> bool {
         self.master_mut().is_running()
