@@ -216,6 +216,7 @@ async fn run_in(
             let n = order.len();
             order.rotate_left(round % n);
             for target in order {
+                let t = Instant::now();
                 let s = measure(ctx, env, target, workload, secs, round)
                     .await
                     .with_context(|| {
@@ -227,7 +228,7 @@ async fn run_in(
                         )
                     })?;
                 eprintln!(
-                    "   round {} {:<36} {:<16} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}  cpu {}",
+                    "   round {} {:<36} {:<16} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}  cpu {}  ({:.1?})",
                     round + 1,
                     workload.title(),
                     target.kind.label(),
@@ -237,6 +238,7 @@ async fn run_in(
                     s.wrk.non_2xx + s.wrk.socket_errors,
                     s.cpu_us
                         .map_or("-".to_owned(), |c| format!("{c:.1} µs/req")),
+                    t.elapsed(),
                 );
                 samples.push((workload, target.kind, s));
             }
