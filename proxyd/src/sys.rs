@@ -241,6 +241,101 @@ impl SeqPacket {
     }
 }
 
+/// CPU time the calling thread has used, in ns: for benchmarks on a shared machine, where
+/// wall time counts the time spent waiting for a CPU.
+pub fn thread_cpu_ns() -> io::Result<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    cvt(unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) })?;
+    Ok(u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
+/// Unix time in ms from `CLOCK_REALTIME_COARSE`: the time of the last tick, read without
+/// touching the TSC (the stick cache reads it on every lookup).
+pub fn coarse_unix_ms() -> io::Result<i64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    cvt(unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) })?;
+    Ok(i64::from(ts.tv_sec) * 1000 + i64::from(ts.tv_nsec) / 1_000_000)
+}
+
+/// A global allocator that counts live heap bytes (process-wide and per thread), for the stick
+/// cache's memory figures: the `stick_cache` bench and the unit tests install it.
+#[derive(Debug, Clone, Copy)]
+pub struct CountingAlloc;
+
+static LIVE_BYTES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+thread_local! {
+    // Const-initialised without a destructor: reading it never allocates, so the allocator may.
+    static THREAD_BYTES: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+}
+
+impl CountingAlloc {
+    /// Heap bytes allocated and not yet freed, by every thread.
+    pub fn live_bytes() -> i64 {
+        LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Heap bytes this thread allocated minus those it freed (tests run side by side).
+    pub fn thread_bytes() -> i64 {
+        THREAD_BYTES.try_with(std::cell::Cell::get).unwrap_or(0)
+    }
+
+    fn count(delta: i64) {
+        LIVE_BYTES.fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+        let _ = THREAD_BYTES.try_with(|b| b.set(b.get() + delta));
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; only counters are added.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for `alloc` is passed on as is.
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            Self::count(layout.size() as i64);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`.
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            Self::count(layout.size() as i64);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` came from this allocator (hence from System) with `layout`.
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        Self::count(-(layout.size() as i64));
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as for `dealloc` and `alloc`.
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            Self::count(new_size as i64 - layout.size() as i64);
+        }
+        p
+    }
+}
+
+/// proxyd's unit tests count their allocations (stick cache memory per entry).
+#[cfg(test)]
+#[global_allocator]
+static TEST_ALLOC: CountingAlloc = CountingAlloc;
+
 #[cfg(test)]
 mod tests {
     use super::*;

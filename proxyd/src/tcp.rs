@@ -33,8 +33,8 @@ pub async fn serve(shared: Arc<Shared>, frontend: usize, mut client: TcpStream, 
         .and_then(|(t, c)| c.address_key(t, ip).map(|k| (c, t, k)));
     let stuck = key
         .as_ref()
-        .and_then(|(c, t, k)| c.lookup(*t, k))
-        .and_then(|n| backend.server_index(&n));
+        .and_then(|(c, t, k)| c.lookup_with(*t, k, |n| backend.server_index(n)))
+        .flatten();
     let mut store = key.is_some() && stuck.is_none();
     let got = match stuck {
         Some(i) => match backend.acquire_on(i, d.timeout_queue).await {

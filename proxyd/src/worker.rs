@@ -392,11 +392,12 @@ fn stats_msg(proxy: &Proxy) -> pb::WorkerToMaster {
     let stick = proxy.shared().stick.as_ref().map(|c| {
         let st = &c.stats;
         let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        // One lock per shard, no walk: this runs every 250 ms beside the request path.
+        let counts: Vec<_> = (0..c.tables.len()).map(|t| c.counts(t)).collect();
         pb::StickStats {
-            hits: ld(&st.hits),
-            misses: ld(&st.misses),
-            // O(1) per table: this runs every 250 ms beside the request path.
-            entries: (0..c.tables.len()).map(|t| c.held(t) as u64).sum(),
+            hits: counts.iter().map(|n| n.hits).sum(),
+            misses: counts.iter().map(|n| n.misses).sum(),
+            entries: counts.iter().map(|n| n.entries).sum(),
             pending: c.pending_len() as u64,
             dropped: ld(&st.dropped),
             link_up: st.link_up.load(std::sync::atomic::Ordering::Relaxed),

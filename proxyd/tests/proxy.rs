@@ -103,11 +103,12 @@ async fn chunked_bodies_both_ways_and_content_length_bodies() {
 }
 
 #[tokio::test]
-async fn connect_failure_and_garbage_are_502() {
+async fn failed_connects_are_503_and_garbage_is_502() {
+    // As HAProxy: no connection could be made (retries included) is 503, not 502.
     let (_proxy, addr) = start(&[closed_port()]);
     let mut c = Client::connect(addr).await.expect("connect");
     let r = c.send(&get("/"), false).await.expect("reply");
-    assert_eq!(r.status, 502);
+    assert_eq!(r.status, 503);
     assert!(r.closes());
 
     let g = backend(|_| Action::Respond(b"SSH-2.0-OpenSSH\r\n\r\n".to_vec())).await;

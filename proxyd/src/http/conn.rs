@@ -351,8 +351,8 @@ async fn exchange(
         });
     let stuck = key
         .as_ref()
-        .and_then(|(cache, t, k)| cache.lookup(*t, k))
-        .and_then(|name| backend.server_index(&name));
+        .and_then(|(cache, t, k)| cache.lookup_with(*t, k, |name| backend.server_index(name)))
+        .flatten();
     let queue = d.timeout_queue;
     // Whether the key must be (re)stored once a server answers.
     let mut store_key = key.is_some() && stuck.is_none();
@@ -585,11 +585,10 @@ async fn connect(shared: &Shared, server: &ServerRt) -> Result<TcpStream, Failur
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, address = %server.address, "cannot connect to the server");
-            if e.kind() == std::io::ErrorKind::TimedOut {
-                Failure::Connect(Status::GatewayTimeout)
-            } else {
-                Failure::Connect(Status::BadGateway)
-            }
+            // HAProxy's answer when no connection could be made (refused or timed out, after
+            // the retries and redispatch): 503. 502 and 504 are for a server that took the
+            // request and answered badly or not in time.
+            Failure::Connect(Status::ServiceUnavailable)
         })
 }
 
