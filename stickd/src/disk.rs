@@ -72,8 +72,11 @@ pub fn chunk_put(buf: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     put_bytes(buf, value);
 }
 
+/// (key, record) pairs of a checkpoint chunk.
+pub type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
+
 /// A checkpoint chunk's table and pairs.
-pub fn chunk(mut b: &[u8]) -> Result<(&[u8], Vec<(&[u8], &[u8])>), String> {
+pub fn chunk(mut b: &[u8]) -> Result<(&[u8], Pairs<'_>), String> {
     let table = get_bytes(&mut b)?;
     let mut pairs = Vec::new();
     while !b.is_empty() {

@@ -517,6 +517,7 @@ impl pb::peer_server::Peer for PeerService {
         let remote = request
             .remote_addr()
             .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let certs = request.peer_certs();
         let mut incoming = request.into_inner();
         let dead_after = self.config.heartbeat * 3;
         let hello = match tokio::time::timeout(dead_after, incoming.next()).await {
@@ -546,6 +547,17 @@ impl pb::peer_server::Peer for PeerService {
                 self.store.local()
             )));
         };
+        if self.config.tls.is_some()
+            && let Err(reason) =
+                crate::tls::check_peer_name(certs.as_deref().map(Vec::as_slice), &hello.from)
+        {
+            warn!(client.addr = %remote, from = %hello.from, reason = %reason, "refused a peer whose certificate does not name the peer it claims to be");
+            state.error(format!("refused its connection: {reason}"));
+            return Err(Status::permission_denied(format!(
+                "peer '{}': {reason}",
+                hello.from
+            )));
+        }
         let ours = self.store.table_defs();
         let mism = mismatches(&ours, &hello.tables, &hello.from);
         for (table, reason) in &mism {

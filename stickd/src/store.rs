@@ -366,6 +366,9 @@ pub struct Store {
     pub counters: Counters,
 }
 
+/// A (key, encoded record) pair as sled holds it.
+type RawRecord = (Vec<u8>, Vec<u8>);
+
 /// The writer's bookkeeping (under `persist_lock`).
 #[derive(Default)]
 struct Disk {
@@ -378,7 +381,7 @@ struct Disk {
     checkpoint_bytes: u64,
     /// Tables on disk that are no longer configured: carried from checkpoint to checkpoint
     /// untouched, so that a table put back in the config finds its entries again.
-    orphans: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>,
+    orphans: Vec<(String, Vec<RawRecord>)>,
 }
 
 /// One table of a snapshot in the making (see `Store::snapshot_keys`).

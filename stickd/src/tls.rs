@@ -1,6 +1,8 @@
 //! Optional mTLS between peers: both sides present a certificate signed by the configured CA.
 
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{
+    Certificate, CertificateDer, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
 
 use crate::config::{Config, Tls};
 
@@ -65,4 +67,22 @@ pub fn client(ep: Endpoint, config: &Config) -> Result<Endpoint, tonic::transpor
             .identity(id)
             .domain_name(host),
     )
+}
+
+/// Checks that a peer's client certificate names the peer it claims to be in its hello: one of
+/// the certificate's DNS subject alternative names must be that name. The CA vouches for the
+/// certificate; without this, any certificate it signed could claim to be any configured peer.
+pub fn check_peer_name(certs: Option<&[CertificateDer<'_>]>, peer: &str) -> Result<(), String> {
+    let Some(cert) = certs.and_then(<[_]>::first) else {
+        return Err("no client certificate".to_owned());
+    };
+    let cert = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| format!("cannot read the client certificate: {e}"))?;
+    let name = rustls_pki_types::ServerName::try_from(peer)
+        .map_err(|_| format!("peer name '{peer}' cannot appear in a certificate"))?;
+    cert.verify_is_valid_for_subject_name(&name).map_err(|_| {
+        format!(
+            "the client certificate does not name '{peer}' (no such DNS subject alternative name)"
+        )
+    })
 }

@@ -452,7 +452,8 @@ fn bad_config_exits_64_naming_file_and_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("local peer 'zz'"));
 }
 
-/// A CA and one certificate per node (IP SANs for 127.0.0.1-2), made with the openssl CLI.
+/// A CA and one certificate per node (IP SANs for 127.0.0.1-3, the node's name as a DNS SAN),
+/// made with the openssl CLI.
 fn make_certs(dir: &std::path::Path, nodes: &[&str]) {
     let run = |args: &[&str]| {
         let out = std::process::Command::new("openssl")
@@ -481,12 +482,15 @@ fn make_certs(dir: &std::path::Path, nodes: &[&str]) {
         "-subj",
         "/CN=stickd-test-ca",
     ]);
-    std::fs::write(
-        dir.join("ext"),
-        "subjectAltName=IP:127.0.0.1,IP:127.0.0.2,DNS:localhost\n",
-    )
-    .unwrap();
     for n in nodes {
+        // The peer's name as a DNS SAN: stickd binds the name a peer claims to its certificate.
+        std::fs::write(
+            dir.join("ext"),
+            format!(
+                "subjectAltName=IP:127.0.0.1,IP:127.0.0.2,IP:127.0.0.3,DNS:localhost,DNS:{n}\n"
+            ),
+        )
+        .unwrap();
         run(&[
             "req",
             "-newkey",
@@ -588,6 +592,48 @@ async fn peers_replicate_over_mtls_and_refuse_plaintext() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("stick.v1.Peer"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_certificate_names_another_is_refused() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path(), &["node1", "node2"]);
+    let dir = certs.path().to_owned();
+    // node3 presents node2's certificate (valid, signed by the CA) but says it is node3.
+    let c = Cluster::start(3, move |i| {
+        let cert = if i == 3 { 2 } else { i };
+        format!(
+            "{TABLES}\n[tls]\ncert = \"{d}/node{cert}.pem\"\nkey = \"{d}/node{cert}.key\"\nca = \"{d}/ca.pem\"\n",
+            d = dir.display()
+        )
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let p = c.nodes[2].peers().await;
+        let to1 = p.peers.iter().find(|p| p.name == "node1").unwrap();
+        if to1.state == "refused" {
+            assert!(to1.last_error.contains("does not name 'node3'"), "{to1:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node3 was not refused: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log1 = c.nodes[0].log();
+    assert!(
+        log1.lines()
+            .any(|l| l.contains("certificate does not name the peer") && l.contains("from=node3")),
+        "{log1}"
+    );
+    // The honest pair still replicates.
+    c.nodes[0].store("web", &[("honest", "app1")]).await;
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while !c.nodes[1].table("web").await.contains_key("honest") {
+        assert!(std::time::Instant::now() < deadline, "node2 never got it");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
