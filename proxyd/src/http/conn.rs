@@ -70,14 +70,7 @@ pub async fn serve(shared: Arc<Shared>, frontend: usize, stream: TcpStream, peer
             Err(status) => {
                 tracing::debug!(status = status as u16, "refusing request");
                 let _ = client.stream.write_all(status.response()).await;
-                access_log(
-                    &shared,
-                    frontend,
-                    peer,
-                    &Log::refused(status),
-                    "<BADREQ>",
-                    "",
-                );
+                access_log(&shared, frontend, peer, &Log::refused(status), None);
                 break;
             }
         };
@@ -92,7 +85,7 @@ pub async fn serve(shared: Arc<Shared>, frontend: usize, stream: TcpStream, peer
             log.status = status as u16;
             log.proxy_error = true;
         }
-        access_log(&shared, frontend, peer, &log, head.method(), head.target());
+        access_log(&shared, frontend, peer, &log, Some(&head));
         match next {
             Next::KeepAlive => continue,
             Next::Close => break,
@@ -149,8 +142,7 @@ fn access_log(
     frontend: usize,
     peer: SocketAddr,
     log: &Log,
-    method: &str,
-    target: &str,
+    req: Option<&RequestHead>,
 ) {
     if let Some((b, s)) = log.server {
         let server = &shared.backends[b].servers[s];
@@ -195,8 +187,20 @@ fn access_log(
         retries = log.retries,
         redispatched = log.redispatched,
         stick = %log.stick,
-        request = %format_args!("{method} {target}"),
+        request = %RequestLine(req),
     );
+}
+
+/// The request line of the access log, formatted only when the log is on.
+struct RequestLine<'a>(Option<&'a RequestHead>);
+
+impl std::fmt::Display for RequestLine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(r) => write!(f, "{} {}", r.method(), r.target()),
+            None => f.write_str("<BADREQ>"),
+        }
+    }
 }
 
 /// Decrements the in-flight count however the exchange ends (even when cancelled).

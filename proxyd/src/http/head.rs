@@ -198,9 +198,9 @@ fn has_token(headers: &[httparse::Header<'_>], token: &str) -> bool {
     connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
-/// Whether a field is hop-by-hop and must not be forwarded; `connection` says whether the
-/// message has a `Connection` field at all (which may name more of them).
-fn hop_by_hop(name: &str, headers: &[httparse::Header<'_>], connection: bool) -> bool {
+/// Whether a field is hop-by-hop and must not be forwarded; `named` says whether the
+/// message's `Connection` fields name any field that is not always hop-by-hop anyway.
+fn hop_by_hop(name: &str, headers: &[httparse::Header<'_>], named: bool) -> bool {
     const ALWAYS: [&str; 6] = [
         "connection",
         "keep-alive",
@@ -213,7 +213,7 @@ fn hop_by_hop(name: &str, headers: &[httparse::Header<'_>], connection: bool) ->
         return true;
     }
     // A `Connection` field may name more hop-by-hop fields, but never the framing ones.
-    connection
+    named
         && !["content-length", "transfer-encoding", "host"]
             .iter()
             .any(|f| name.eq_ignore_ascii_case(f))
@@ -227,6 +227,9 @@ struct Present {
     content_length: bool,
     transfer_encoding: bool,
     connection: bool,
+    /// A `Connection` token other than `keep-alive` (which is hop-by-hop by itself): a
+    /// field it names must be dropped. Usually false, so fields are not checked against it.
+    names_fields: bool,
 }
 
 fn present(headers: &[httparse::Header<'_>]) -> Present {
@@ -243,6 +246,8 @@ fn present(headers: &[httparse::Header<'_>]) -> Present {
             p.connection = true;
         }
     }
+    p.names_fields =
+        p.connection && connection_tokens(headers).any(|t| !t.eq_ignore_ascii_case(b"keep-alive"));
     p
 }
 
@@ -384,7 +389,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
                 continue;
             }
             push_field(&mut upstream, h);
-        } else if !hop_by_hop(h.name, headers, p.connection) {
+        } else if !hop_by_hop(h.name, headers, p.names_fields) {
             if cookie_at.is_none() && h.name.eq_ignore_ascii_case("cookie") {
                 cookie_at = Some(upstream.len());
             }
@@ -484,7 +489,7 @@ pub fn parse_response(
     fields.extend_from_slice(b"\r\n");
     let mut set_cookie_at = None;
     for h in headers.iter() {
-        if !hop_by_hop(h.name, headers, p.connection) {
+        if !hop_by_hop(h.name, headers, p.names_fields) {
             if set_cookie_at.is_none() && h.name.eq_ignore_ascii_case("set-cookie") {
                 set_cookie_at = Some(fields.len());
             }
