@@ -18,6 +18,8 @@ static ALLOC: CountingAlloc = CountingAlloc;
 const KEY_LEN: usize = 26;
 const ALPHABET: &[u8; 32] = b"0123456789abcdefghijklmnopqrstuv";
 const SERVERS: [&str; 2] = ["app1", "app2"];
+/// Keys of the "hot set" lookups.
+const HOT_SET: usize = 2000;
 
 /// xorshift64*: reproducible keys and orders without a dependency.
 struct Rng(u64);
@@ -198,7 +200,7 @@ fn main() {
     // Hits in random order (no cache line of the table is warm for the next key), misses on
     // fresh keys, stores of new keys (with the write buffer for stickd, as in the proxy).
     let mut order: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let (mut hit, mut miss, mut store) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut hit, mut hot, mut miss, mut store) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut found = 0usize;
     for _ in 0..args.batches {
         rng.shuffle(&mut order);
@@ -209,6 +211,18 @@ fn main() {
             .map(|i| &probes[i * KEY_LEN..(i + 1) * KEY_LEN])
             .collect();
         hit.push(time_batch(&sample, |k| {
+            found += usize::from(cache.lookup(0, k).is_some());
+        }));
+        // The sessions active right now: a few thousand keys, over and over, whose entries
+        // stay in the CPU caches.
+        let active: Vec<&str> = sample
+            .iter()
+            .take(HOT_SET)
+            .copied()
+            .cycle()
+            .take(batch)
+            .collect();
+        hot.push(time_batch(&active, |k| {
             found += usize::from(cache.lookup(0, k).is_some());
         }));
         let fresh: Vec<String> = (0..batch).map(|_| rng.key()).collect();
@@ -224,17 +238,23 @@ fn main() {
         // What the flush task would send: taken so that the buffer never fills up.
         drop(cache.take_pending());
     }
-    assert_eq!(found, batch * args.batches, "every hit found");
-    let (hit, miss, store) = (Figure::of(hit), Figure::of(miss), Figure::of(store));
+    assert_eq!(found, 2 * batch * args.batches, "every hit found");
+    let (hit, hot, miss, store) = (
+        Figure::of(hit),
+        Figure::of(hot),
+        Figure::of(miss),
+        Figure::of(store),
+    );
     let minus_key = bytes_per_entry - KEY_LEN as f64;
     let rss_per_entry = rss.map(|r| r as f64 / n as f64);
 
     if args.json {
         println!(
-            "{{\"entries\": {n}, \"key_len\": {KEY_LEN}, \"servers\": {}, \"shards\": {SHARDS}, \"batches\": {}, \"batch\": {batch}, \"fill_s\": {fill_s:.3}, \"lookup_hit_ns\": {}, \"lookup_miss_ns\": {}, \"store_ns\": {}, \"bytes_per_entry\": {bytes_per_entry:.1}, \"bytes_per_entry_minus_key\": {minus_key:.1}, \"rss_bytes_per_entry\": {}}}",
+            "{{\"entries\": {n}, \"key_len\": {KEY_LEN}, \"servers\": {}, \"shards\": {SHARDS}, \"batches\": {}, \"batch\": {batch}, \"fill_s\": {fill_s:.3}, \"hot_set\": {HOT_SET}, \"lookup_hit_ns\": {}, \"lookup_hot_ns\": {}, \"lookup_miss_ns\": {}, \"store_ns\": {}, \"bytes_per_entry\": {bytes_per_entry:.1}, \"bytes_per_entry_minus_key\": {minus_key:.1}, \"rss_bytes_per_entry\": {}}}",
             SERVERS.len(),
             args.batches,
             hit.json(),
+            hot.json(),
             miss.json(),
             store.json(),
             rss_per_entry.map_or("null".into(), |r| format!("{r:.1}")),
@@ -247,6 +267,7 @@ fn main() {
         );
         for (what, f) in [
             ("lookup hit", &hit),
+            ("hit, hot set", &hot),
             ("lookup miss", &miss),
             ("store", &store),
         ] {
