@@ -1065,6 +1065,15 @@ fn section(
          so it routes by `hash $cookie_PHPSESSID consistent`: sticky, but it stores nothing, and \
          new sessions all hash alike (to one backend)."
     ));
+    let maxconn = haproxy_maxconn();
+    if maxconn < 20_000 {
+        s.text.push(format!(
+            "HAProxy's global `maxconn` is {maxconn} instead of the seed's 20000: HAProxy needs two \
+             open files per connection and refuses to start above this machine's limit of {} \
+             (50 connections are used here).",
+            nofile_limit().map_or("?".to_owned(), |n| n.to_string())
+        ));
+    }
     s.text.push(format!(
         "Workloads: **keep-alive, sticky cookie**: each request carries one of {sessions} \
          `PHPSESSID` cookies that the target itself stored first (cookie-less requests, Set-Cookie \
