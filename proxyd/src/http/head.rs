@@ -556,6 +556,34 @@ mod tests {
     }
 
     #[test]
+    fn cookie_lookups_start_at_the_first_cookie_field() {
+        let h = req("GET /p?q=1 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert_eq!((h.method(), h.target()), ("GET", "/p?q=1"));
+        assert_eq!(h.cookie("PHPSESSID"), None);
+        let h = req("GET / HTTP/1.1\r\nCookie: a=1\r\nHost: x\r\ncookie: PHPSESSID=s2\r\nCookie: PHPSESSID=s3\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(h.cookie("a"), Some("1"));
+        assert_eq!(h.cookie("PHPSESSID"), Some("s2"));
+        let r = parse_response(
+            b"HTTP/1.1 404 Not Found\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .expect("ok")
+        .expect("complete");
+        assert_eq!(r.set_cookie("PHPSESSID"), None);
+        assert!(r.keep_alive);
+        let closing = r.downstream(true, 1);
+        assert_eq!(
+            String::from_utf8_lossy(&closing),
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        assert_eq!(r.into_downstream(true, 1), closing);
+    }
+
+    #[test]
     fn partial_then_complete() {
         assert!(req("GET / HTTP/1.1\r\nHost: x\r\n").expect("ok").is_none());
         let h = req("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
