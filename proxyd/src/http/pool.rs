@@ -98,3 +98,69 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<Tcp
     stream.set_nodelay(true)?;
     Ok(stream)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    /// A connected pair: our side wrapped for the pool, and the server's side.
+    async fn pair(l: &TcpListener) -> (Io<TcpStream>, TcpStream) {
+        let ours = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (theirs, _) = l.accept().await.expect("accept");
+        (Io::new(ours), theirs)
+    }
+
+    fn port(io: &Io<TcpStream>) -> u16 {
+        io.stream.local_addr().expect("addr").port()
+    }
+
+    #[tokio::test]
+    async fn newest_first_bounded_and_closed_ones_skipped() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let pool = Pool::new(2, Duration::from_secs(30));
+        let (a, _sa) = pair(&l).await;
+        let (b, mut sb) = pair(&l).await;
+        let (c, _sc) = pair(&l).await;
+        let (pa, pb, pc) = (port(&a), port(&b), port(&c));
+        pool.put(a);
+        pool.put(b);
+        pool.put(c);
+        // Bounded: the oldest (a) was dropped.
+        assert_eq!(pool.idle_count(), 2);
+        let got = pool.take().expect("an idle connection");
+        assert_eq!(port(&got), pc);
+        pool.put(got);
+        // The server closes b: once the reactor has seen it, b is never handed out.
+        sb.shutdown().await.expect("shutdown");
+        drop(sb);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let got = pool.take().expect("c again");
+        assert_eq!(port(&got), pc);
+        assert!(
+            pool.take().is_none(),
+            "b ({pb}) was closed, a ({pa}) dropped"
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_connections_are_dropped() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let pool = Pool::new(8, Duration::from_millis(30));
+        let (a, _sa) = pair(&l).await;
+        pool.put(a);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let (b, _sb) = pair(&l).await;
+        pool.put(b);
+        assert_eq!(
+            pool.idle_count(),
+            1,
+            "the expired one goes when another comes"
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(pool.take().is_none());
+    }
+}
