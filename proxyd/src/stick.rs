@@ -33,7 +33,7 @@ use crate::config::{Config, StickOn};
 pub const MAX_PENDING: usize = 100_000;
 /// Items per Store or Touch call.
 const BATCH: usize = 1000;
-/// How long writes gather before a flush (a flush also starts when a batch is full).
+/// How long touches gather before a flush; a store wakes the flusher at once (see `store`).
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Shards per table (a power of two): lookups from several threads seldom share a mutex.
@@ -450,17 +450,21 @@ impl StickCache {
             shard.servers[usize::from(s)].clone()
         };
         self.stats.stores.fetch_add(1, Ordering::Relaxed);
-        let full = {
+        let first = {
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let first = p.stores.is_empty();
             if p.len() < MAX_PENDING {
                 p.touches.remove(&(t, key.to_owned()));
                 p.stores.insert((t, key.to_owned()), name);
             } else {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
-            p.stores.len() >= BATCH
+            first
         };
-        if full {
+        // A new session goes to stickd (and on to the peers) at once, not after a timer: the
+        // first store wakes the flusher, and the stores made while its call is in flight form
+        // the next batch. Under load the batches grow by themselves, with no added delay.
+        if first {
             self.wake.notify_one();
         }
     }
