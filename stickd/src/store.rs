@@ -9,7 +9,7 @@
 //! kill -9 loses at most the writes of the last flush interval plus the flush itself (well under
 //! a second); anything written a second before the kill is on disk.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -86,6 +86,9 @@ struct Rec {
     version: u64,
     origin: Arc<str>,
     deleted: bool,
+    /// Tie-break of this entry in its table's expiry index (memory only): many entries share an
+    /// expiry millisecond, and integers compare much faster than keys.
+    slot: u64,
 }
 
 impl Rec {
@@ -128,6 +131,7 @@ impl Rec {
         let origin = b.get(18..18 + olen).ok_or("origin runs past the record")?;
         let server = &b[18 + olen..];
         Ok(Rec {
+            slot: 0,
             server: String::from_utf8(server.to_vec()).map_err(|e| e.to_string())?,
             expires,
             version,
@@ -182,7 +186,9 @@ struct Table {
     name: Arc<str>,
     pending: Arc<Pending>,
     entries: HashMap<String, Rec>,
-    by_expiry: BTreeSet<(i64, String)>,
+    /// (expiry, slot) -> key: the entries nearest to expiry first.
+    by_expiry: BTreeMap<(i64, u64), String>,
+    next_slot: u64,
     live: u64,
     cleared_version: u64,
     cleared_origin: String,
@@ -190,10 +196,12 @@ struct Table {
 
 impl Table {
     /// Inserts or replaces in memory, keeping the expiry index and the live count right.
-    fn set(&mut self, key: &str, rec: Rec) {
-        // The old expiry goes first: it may equal the new one.
+    fn set(&mut self, key: &str, mut rec: Rec) {
         self.unset(key);
-        self.by_expiry.insert((rec.expires, key.to_owned()));
+        self.next_slot += 1;
+        rec.slot = self.next_slot;
+        self.by_expiry
+            .insert((rec.expires, rec.slot), key.to_owned());
         if !rec.deleted {
             self.live += 1;
         }
@@ -203,7 +211,7 @@ impl Table {
     /// Removes from memory.
     fn unset(&mut self, key: &str) -> Option<Rec> {
         let old = self.entries.remove(key)?;
-        self.by_expiry.remove(&(old.expires, key.to_owned()));
+        self.by_expiry.remove(&(old.expires, old.slot));
         if !old.deleted {
             self.live -= 1;
         }
@@ -305,7 +313,7 @@ fn intern(origins: &mut Vec<Arc<str>>, name: &str) -> Arc<str> {
 /// Evicts the entries nearest to expiry until one more fits.
 fn make_room(t: &mut Table, counters: &Counters) -> Result<(), sled::Error> {
     while t.entries.len() as u64 >= t.def.size {
-        let Some((_, key)) = t.by_expiry.first().cloned() else {
+        let Some(key) = t.by_expiry.first_key_value().map(|(_, k)| k.clone()) else {
             break;
         };
         t.remove(&key)?;
@@ -500,7 +508,8 @@ impl Store {
                 name: Arc::from(def.name.as_str()),
                 pending: pending.clone(),
                 entries: HashMap::new(),
-                by_expiry: BTreeSet::new(),
+                by_expiry: BTreeMap::new(),
+                next_slot: 0,
                 live: 0,
                 cleared_version: 0,
                 cleared_origin: String::new(),
@@ -838,6 +847,7 @@ impl Store {
         for (it, key) in items.iter().zip(keyed) {
             let version = inner.hlc.now(now);
             let rec = Rec {
+                slot: 0,
                 server: it.server.clone(),
                 expires: if it.expires_unix_ms > 0 {
                     it.expires_unix_ms
@@ -898,6 +908,7 @@ impl Store {
                 continue;
             }
             let rec = Rec {
+                slot: 0,
                 expires,
                 ..old.clone()
             };
@@ -950,6 +961,7 @@ impl Store {
             .get(&key)
             .is_some_and(|r| !r.deleted && r.expires > now);
         let rec = Rec {
+            slot: 0,
             server: String::new(),
             expires: now.saturating_add(expire),
             version,
@@ -1060,6 +1072,7 @@ impl Store {
             make_room(t, &self.counters)?;
         }
         let rec = Rec {
+            slot: 0,
             server: if watched {
                 e.server.clone()
             } else {
@@ -1439,14 +1452,14 @@ impl Store {
             return Vec::new();
         };
         let now = now_ms();
-        keys.iter()
-            .filter_map(|k| {
-                t.entries
-                    .get(k)
-                    .filter(|r| r.expires > now)
-                    .map(|r| r.to_pb(k, now))
-            })
-            .collect()
+        let mut out = Vec::with_capacity(keys.len());
+        out.extend(keys.iter().filter_map(|k| {
+            t.entries
+                .get(k)
+                .filter(|r| r.expires > now)
+                .map(|r| r.to_pb(k, now))
+        }));
+        out
     }
 
     /// Current content of `tables` (all when empty) and a subscription that starts right after it.
@@ -1581,10 +1594,11 @@ impl Store {
         let mut inner = self.lock();
         let mut n = 0;
         for t in inner.tables.values_mut() {
-            while let Some((exp, key)) = t.by_expiry.first().cloned() {
-                if exp > now {
+            while let Some(((exp, _), key)) = t.by_expiry.first_key_value() {
+                if *exp > now {
                     break;
                 }
+                let key = key.clone();
                 t.remove(&key)?;
                 n += 1;
             }
@@ -1830,6 +1844,27 @@ expire = "5m"
     }
 
     #[test]
+    fn a_rewrite_with_the_same_expiry_is_still_swept() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open(&config(dir.path(), "a", "")).expect("open");
+        let soon = now_ms() + 30;
+        for server in ["s1", "s2"] {
+            s.store(
+                "web",
+                &[pb::StoreItem {
+                    key: "k".into(),
+                    server: server.into(),
+                    expires_unix_ms: soon,
+                }],
+            )
+            .expect("store");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(s.sweep().expect("sweep"), 1);
+        assert_eq!(s.tables_info()[1].used, 0);
+    }
+
+    #[test]
     fn lww_converges_in_any_order_and_touch_keeps_version() {
         let dir = tempfile::tempdir().expect("tmp");
         let a = Store::open(&config(dir.path(), "a", "")).expect("open a");
@@ -2004,6 +2039,7 @@ expire = "5m"
         {
             let db = sled::open(&c.data_dir).expect("sled");
             let rec = Rec {
+                slot: 0,
                 server: "app1".into(),
                 expires: now_ms() + 60_000,
                 version: 7 << 16,
