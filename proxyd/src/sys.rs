@@ -263,6 +263,8 @@ pub fn coarse_unix_ms() -> io::Result<i64> {
     };
     // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
     cvt(unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) })?;
+    // time_t and c_long are i64 here but i32 on 32-bit targets.
+    #[allow(clippy::useless_conversion)]
     Ok(i64::from(ts.tv_sec) * 1000 + i64::from(ts.tv_nsec) / 1_000_000)
 }
 
