@@ -41,6 +41,9 @@ pub struct Global {
     pub max_draining: usize,
     pub threads: usize,
     pub worker_ready_timeout: StdDuration,
+    /// Where the master keeps the servers' admin states (SetServer) across its restarts,
+    /// like HAProxy's `server-state-file`; none: they last as long as the master.
+    pub server_state_file: Option<PathBuf>,
 }
 
 /// Timeouts shared by every frontend and backend (HAProxy's `defaults` section).
@@ -237,6 +240,7 @@ struct RawGlobal {
     max_draining: Option<Spanned<u64>>,
     threads: Option<Spanned<u64>>,
     worker_ready_timeout: Option<Spanned<Duration>>,
+    server_state_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -386,10 +390,17 @@ fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
             )
         })?),
     };
+    let server_state_file = match g.server_state_file {
+        Some(p) if p.get_ref().as_os_str().is_empty() => {
+            return Err(src.error_at(p.span(), "server_state_file must not be empty"));
+        }
+        p => p.map(Spanned::into_inner),
+    };
     let global = Global {
         admin_socket,
         stickd_socket,
         metrics,
+        server_state_file,
         fdkeeper_socket,
         drain_timeout: g.drain_timeout.map_or(StdDuration::from_secs(30), |d| d.0),
         max_draining,

@@ -234,6 +234,7 @@ impl Master {
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let handle = Handle { tx: cmd_tx.clone() };
         let config_path = config.source.path.clone();
+        let admin = load_server_state(&config);
         let master = Master {
             exe,
             config_path,
@@ -253,7 +254,7 @@ impl Master {
             notified_ready: false,
             stopping: false,
             health: std::collections::BTreeMap::new(),
-            admin: std::collections::BTreeMap::new(),
+            admin,
         };
         (master, handle)
     }
@@ -386,6 +387,12 @@ impl Master {
             weight = w;
         }
         self.admin.insert(key, (state, weight));
+        if let Some(path) = &self.current.global.server_state_file
+            && let Err(e) = save_server_state(path, &self.admin)
+        {
+            // The change is made; only its survival across a restart of the master is lost.
+            tracing::warn!(file = %path.display(), error = %e, "cannot write the server state file");
+        }
         tracing::info!(backend = %req.backend, server = %req.server, state = admin_state_name(state), weight, "set server");
         let msg = to_worker(pb::master_to_worker::Kind::ServerAdmin(pb::ServerAdmin {
             backend: req.backend.clone(),
@@ -1102,9 +1109,157 @@ pub fn forward_signals(handle: Handle, shutdown: CancellationToken) -> std::io::
     Ok(())
 }
 
+/// Operators' overrides by (backend, server): (admin state, weight).
+type AdminStates = std::collections::BTreeMap<(String, String), (u32, u32)>;
+
+/// The server state file: one `backend server state weight` line per override.
+fn render_server_state(admin: &AdminStates) -> String {
+    let mut out = String::from("# proxyd server state (SetServer): backend server state weight\n");
+    for ((backend, server), (state, weight)) in admin {
+        out.push_str(&format!(
+            "{backend} {server} {} {weight}\n",
+            admin_state_name(*state)
+        ));
+    }
+    out
+}
+
+/// Parses a server state file; returns the overrides and the lines that made no sense.
+fn parse_server_state(text: &str) -> (AdminStates, Vec<String>) {
+    let mut admin = AdminStates::new();
+    let mut bad = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let state = match f.get(2).copied() {
+            Some("ready") => 0,
+            Some("drain") => 1,
+            Some("maint") => 2,
+            _ => u32::MAX,
+        };
+        match (f.len(), f.get(3).and_then(|w| w.parse::<u32>().ok())) {
+            (4, Some(weight)) if state != u32::MAX && weight <= 256 => {
+                admin.insert((f[0].to_owned(), f[1].to_owned()), (state, weight));
+            }
+            _ => bad.push(line.to_owned()),
+        }
+    }
+    (admin, bad)
+}
+
+/// The overrides kept in the config's `server_state_file` for servers the config still has;
+/// nothing when there is no file yet. A bad file is reported, never fatal: the servers then
+/// start as configured.
+fn load_server_state(config: &Config) -> AdminStates {
+    let Some(path) = &config.global.server_state_file else {
+        return AdminStates::new();
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return AdminStates::new(),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the server state file");
+            return AdminStates::new();
+        }
+    };
+    let (mut admin, bad) = parse_server_state(&text);
+    for line in bad {
+        tracing::warn!(file = %path.display(), line = %line, "server state line ignored");
+    }
+    admin.retain(|(backend, server), _| {
+        let known = config
+            .backend(backend)
+            .is_some_and(|b| b.servers.iter().any(|s| s.name == *server));
+        if !known {
+            tracing::info!(backend = %backend, server = %server, "server state for a server the config no longer has, dropped");
+        }
+        known
+    });
+    if !admin.is_empty() {
+        tracing::info!(file = %path.display(), servers = admin.len(), "server states restored");
+    }
+    admin
+}
+
+/// Writes the file whole, through a temporary file and a rename: a crash leaves the old or
+/// the new file, never half of one.
+fn save_server_state(path: &std::path::Path, admin: &AdminStates) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, render_server_state(admin))?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config_with_state_file(file: &std::path::Path) -> Config {
+        let text = format!(
+            r#"
+[global]
+admin_socket = "/tmp/p/admin.sock"
+fdkeeper_socket = "/tmp/f/fdkeeper.sock"
+server_state_file = "{}"
+
+[[frontend]]
+name = "www"
+bind = ["127.0.0.1:8080"]
+default_backend = "app"
+
+[[backend]]
+name = "app"
+[[backend.server]]
+name = "app1"
+address = "127.0.0.1:9001"
+[[backend.server]]
+name = "app2"
+address = "127.0.0.1:9002"
+"#,
+            file.display()
+        );
+        Config::from_source(common::SourceFile::from_text("p.toml", text)).expect("valid")
+    }
+
+    #[tokio::test]
+    async fn set_server_survives_a_restart_of_the_master() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("server-state");
+        let exe = PathBuf::from("/nonexistent");
+        let (mut m, _h) = Master::new(config_with_state_file(&file), exe.clone());
+        assert!(m.admin.is_empty(), "no file yet: nothing to restore");
+        let set = |state: &str, weight: Option<u32>| api::SetServerRequest {
+            backend: "app".into(),
+            server: "app1".into(),
+            state: state.into(),
+            weight,
+        };
+        m.set_server(set("drain", None)).expect("set");
+        m.set_server(set("", Some(7))).expect("set");
+        assert!(m.set_server(set("bogus", None)).is_err());
+        drop(m);
+        // A new master (a restart) with the same config starts from the saved states.
+        let (m, _h) = Master::new(config_with_state_file(&file), exe.clone());
+        assert_eq!(
+            m.admin.get(&("app".to_owned(), "app1".to_owned())),
+            Some(&(1, 7))
+        );
+        assert_eq!(m.admin.len(), 1);
+        // Lines for servers the config no longer has, and garbage, are dropped.
+        std::fs::write(
+            &file,
+            "app app2 maint 3\ngone app9 maint 1\napp app1 sleepy 1\napp app1 ready\n",
+        )
+        .expect("write");
+        let (m, _h) = Master::new(config_with_state_file(&file), exe);
+        assert_eq!(
+            m.admin.into_iter().collect::<Vec<_>>(),
+            vec![(("app".to_owned(), "app2".to_owned()), (2, 3))]
+        );
+    }
 
     #[test]
     fn respawn_is_immediate_until_a_crash_loop_then_backs_off_to_5s() {
