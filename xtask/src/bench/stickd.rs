@@ -188,6 +188,20 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         none(),
     ]);
     s.tables.push(t);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let all = stats::median(&repl.sat_cpu_all);
+    s.notes.push(format!(
+        "Where saturation stops: the three stickd together used {all:.1} µs of CPU per replicated \
+         update (sender, two receivers, their sled writers), so on this machine's {cores} cores \
+         they alone could carry at most {:.0} updates/s; the bench's load client and its two \
+         Watch streams run on the same cores, and so does whatever else the machine is doing \
+         (load average {} at the end of this section).",
+        cores as f64 * 1e6 / all,
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_else(|| "unknown".into())
+    ));
     s.notes.push(format!(
         "Resync: node1 wrote {} entries with `log_keep = {}`, so its log no longer reached back \
          to the start and the new peer got a full snapshot ({} snapshot(s), {} entries sent); the \
@@ -578,6 +592,8 @@ struct Replication {
     sat_p99: Vec<f64>,
     sat_cpu_sender: Vec<f64>,
     sat_cpu_receiver: Vec<f64>,
+    /// CPU µs per update of the three nodes together.
+    sat_cpu_all: Vec<f64>,
     paced_rate: Vec<f64>,
     paced_p50: Vec<f64>,
     paced_p99: Vec<f64>,
@@ -603,16 +619,13 @@ async fn replication(rounds: usize, dur: Duration) -> Result<Replication> {
         r.paced_p99.push(p99);
         tag += 1;
 
-        let (cpu1, cpu2) = (
-            stats::cpu_time(nodes[0].pid()),
-            stats::cpu_time(nodes[1].pid()),
-        );
+        let cpu = |i: usize| stats::cpu_time(nodes[i].pid());
+        let (cpu1, cpu2, cpu3) = (cpu(0), cpu(1), cpu(2));
         let w = saturate(&nodes[0], tag, usize::MAX, dur).await?;
         let last = drained(&watchers, tag, w.n).await?;
-        let (cpu1, cpu2) = (
-            stats::cpu_time(nodes[0].pid()) - cpu1,
-            stats::cpu_time(nodes[1].pid()) - cpu2,
-        );
+        let (cpu1, cpu2, cpu3) = (cpu(0) - cpu1, cpu(1) - cpu2, cpu(2) - cpu3);
+        r.sat_cpu_all
+            .push((cpu1 + cpu2 + cpu3).as_secs_f64() * 1e6 / w.n as f64);
         let (p50, p99) = lags(&watchers, tag, &w);
         r.sat_rate
             .push(w.n as f64 / (last - w.started).as_secs_f64());
