@@ -26,7 +26,10 @@ pub fn get_bytes<'a>(b: &mut &'a [u8]) -> Result<&'a [u8], String> {
     Ok(head)
 }
 
-/// One table write of a journal batch: table, key, encoded record or `None` for a removal.
+/// One table write of a journal batch: table, key, encoded record or `None` for a removal. The
+/// store encodes its writes in place the same way (`Pending::entry`), without the record as a
+/// separate buffer first.
+#[cfg(test)]
 pub fn put_write(buf: &mut Vec<u8>, table: &str, key: &[u8], value: Option<&[u8]>) {
     put_bytes(buf, table.as_bytes());
     put_bytes(buf, key);

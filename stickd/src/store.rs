@@ -104,10 +104,15 @@ impl Rec {
         }
     }
 
+    #[cfg(test)]
     fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(18 + self.origin.len() + self.server.len());
         self.encode_into(&mut v);
         v
+    }
+
+    fn encoded_len(&self) -> usize {
+        18 + self.origin.len().min(255) + self.server.len()
     }
 
     fn encode_into(&self, v: &mut Vec<u8>) {
@@ -146,37 +151,57 @@ impl Rec {
 /// few milliseconds, so the durability window grows by that much only.
 #[derive(Default)]
 struct Pending {
-    ops: Mutex<Vec<Op>>,
+    queue: Mutex<Queue>,
 }
 
-/// One queued write.
-enum Op {
-    /// A table entry: its encoded record, or `None` when it went.
-    Entry {
-        table: Arc<str>,
-        key: Vec<u8>,
-        value: Option<Vec<u8>>,
-    },
-    /// A record of our change log (an encoded `pb::Change`).
-    Log { seq: u64, change: Vec<u8> },
-    /// A key of the meta tree (positions, clears).
-    Meta { key: Vec<u8>, value: Vec<u8> },
+/// The queued writes, by kind (`persist` writes them in this order: table writes, log, meta).
+#[derive(Default)]
+struct Queue {
+    /// Table writes encoded in place as the next journal value (no allocation per write).
+    journal: Vec<u8>,
+    writes: usize,
+    /// Records of our change log (encoded `pb::Change`s), in sequence order.
+    log: Vec<(u64, Vec<u8>)>,
+    /// Keys of the meta tree (positions, clears), in order.
+    meta: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Pending {
-    fn lock(&self) -> MutexGuard<'_, Vec<Op>> {
-        self.ops.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push(&self, op: Op) {
-        self.lock().push(op);
+    /// A table entry written (`Some`) or gone (`None`).
+    fn entry(&self, table: &str, key: &str, rec: Option<&Rec>) {
+        let mut q = self.lock();
+        q.writes += 1;
+        let buf = &mut q.journal;
+        crate::disk::put_bytes(buf, table.as_bytes());
+        crate::disk::put_bytes(buf, key.as_bytes());
+        match rec {
+            Some(r) => {
+                buf.push(1);
+                prost::encoding::encode_varint(r.encoded_len() as u64, buf);
+                r.encode_into(buf);
+            }
+            None => buf.push(0),
+        }
+    }
+
+    fn log(&self, seq: u64, change: Vec<u8>) {
+        self.lock().log.push((seq, change));
+    }
+
+    fn meta(&self, key: Vec<u8>, value: Vec<u8>) {
+        self.lock().meta.push((key, value));
     }
 
     fn len(&self) -> usize {
-        self.lock().len()
+        let q = self.lock();
+        q.writes + q.log.len() + q.meta.len()
     }
 
-    fn take(&self) -> Vec<Op> {
+    fn take(&self) -> Queue {
         std::mem::take(&mut *self.lock())
     }
 }
@@ -221,22 +246,14 @@ impl Table {
     fn remove(&mut self, key: &str) -> Result<Option<Rec>, sled::Error> {
         let old = self.unset(key);
         if old.is_some() {
-            self.pending.push(Op::Entry {
-                table: self.name.clone(),
-                key: key.as_bytes().to_vec(),
-                value: None,
-            });
+            self.pending.entry(&self.name, key, None);
         }
         Ok(old)
     }
 
     /// Inserts or replaces, and queues the write for sled.
     fn put(&mut self, key: &str, rec: Rec) -> Result<(), sled::Error> {
-        self.pending.push(Op::Entry {
-            table: self.name.clone(),
-            key: key.as_bytes().to_vec(),
-            value: Some(rec.encode()),
-        });
+        self.pending.entry(&self.name, key, Some(&rec));
         self.set(key, rec);
         Ok(())
     }
@@ -770,10 +787,7 @@ impl Store {
         inner.head += 1;
         let seq = inner.head;
         let change = pb::Change { seq, ..change };
-        self.pending.push(Op::Log {
-            seq,
-            change: change.encode_to_vec(),
-        });
+        self.pending.log(seq, change.encode_to_vec());
         inner.tail.push_back(change);
         Ok(())
     }
@@ -1030,10 +1044,8 @@ impl Store {
         t.cleared_origin.clone_from(&c.origin);
         let mut v = c.version.to_be_bytes().to_vec();
         v.extend_from_slice(c.origin.as_bytes());
-        self.pending.push(Op::Meta {
-            key: format!("cleared/{}", c.table).into_bytes(),
-            value: v,
-        });
+        self.pending
+            .meta(format!("cleared/{}", c.table).into_bytes(), v);
         Ok(removed)
     }
 
@@ -1199,10 +1211,7 @@ impl Store {
         let mut v = epoch.to_be_bytes().to_vec();
         v.extend_from_slice(&seq.to_be_bytes());
         // Queued after the changes it covers, so it never reaches the disk before them.
-        self.pending.push(Op::Meta {
-            key: format!("recv/{peer}").into_bytes(),
-            value: v,
-        });
+        self.pending.meta(format!("recv/{peer}").into_bytes(), v);
         inner.received.insert(peer.to_owned(), (epoch, seq));
     }
 
@@ -1296,32 +1305,24 @@ impl Store {
         // Read the head first: every record up to it is already queued (append queues before
         // publishing the head), so after this batch sled has the log through it.
         let head = self.head();
-        let ops = self.pending.take();
-        if ops.is_empty() {
+        let queue = self.pending.take();
+        let n = queue.writes + queue.log.len() + queue.meta.len();
+        if n == 0 {
             return Ok(0);
         }
-        let n = ops.len();
-        let mut journal = Vec::new();
+        let journal = queue.journal;
+        let meta = queue.meta;
         let mut log: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut in_chunk = 0;
-        let mut meta = Vec::new();
-        for op in ops {
-            match op {
-                Op::Entry { table, key, value } => {
-                    crate::disk::put_write(&mut journal, &table, &key, value.as_deref());
-                }
-                Op::Log { seq, change } => {
-                    if log.is_empty() || in_chunk == LOG_CHUNK {
-                        log.push((seq, Vec::new()));
-                        in_chunk = 0;
-                    }
-                    if let Some((_, buf)) = log.last_mut() {
-                        crate::disk::batch_push(buf, &change);
-                    }
-                    in_chunk += 1;
-                }
-                Op::Meta { key, value } => meta.push((key, value)),
+        for (seq, change) in queue.log {
+            if log.is_empty() || in_chunk == LOG_CHUNK {
+                log.push((seq, Vec::new()));
+                in_chunk = 0;
             }
+            if let Some((_, buf)) = log.last_mut() {
+                crate::disk::batch_push(buf, &change);
+            }
+            in_chunk += 1;
         }
         if !journal.is_empty() {
             disk.journal_bytes += journal.len() as u64;
