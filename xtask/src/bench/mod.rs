@@ -5,8 +5,6 @@
 //! compared run alternately, round after round, so that a noisy neighbour hits all of them; the
 //! report gives medians and the spread (min..max) of the rounds, and ratios against HAProxy.
 
-// Until every section is written some shared helpers have no caller yet.
-#![allow(dead_code, unused_imports)]
 
 mod cache;
 mod http;

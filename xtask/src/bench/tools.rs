@@ -18,8 +18,6 @@ pub struct Tools {
     pub haproxy: PathBuf,
     pub nginx: PathBuf,
     pub wrk: PathBuf,
-    /// `None`: the plot is drawn without text labels... or not at all (see report).
-    pub font: Option<PathBuf>,
     pub versions: Vec<(String, String)>,
 }
 
@@ -61,7 +59,6 @@ impl Tools {
             haproxy,
             nginx,
             wrk,
-            font: Path::new(FONT).exists().then(|| PathBuf::from(FONT)),
             versions,
         })
     }
