@@ -201,6 +201,10 @@ mod tests {
         assert_eq!(rows[5][1], "93.5");
         assert_eq!(rows[5][3], "met");
         assert_eq!(rows[6][1], "n/a");
-        assert!(s.notes[2].contains("met for the hot set (61 ns)"), "{}", s.notes[2]);
+        assert!(
+            s.notes[2].contains("met for the hot set (61 ns)"),
+            "{}",
+            s.notes[2]
+        );
     }
 }

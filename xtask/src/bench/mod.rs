@@ -5,7 +5,6 @@
 //! compared run alternately, round after round, so that a noisy neighbour hits all of them; the
 //! report gives medians and the spread (min..max) of the rounds, and ratios against HAProxy.
 
-
 mod cache;
 mod http;
 mod kill;
@@ -13,8 +12,8 @@ mod peers;
 mod plot;
 mod reload;
 mod report;
-mod stickd;
 pub mod stats;
+mod stickd;
 pub mod tools;
 
 use std::path::PathBuf;

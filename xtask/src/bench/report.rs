@@ -100,14 +100,21 @@ impl Report {
     /// Starts a report with the machine, date, commit and tool versions.
     pub fn new(ctx: &Ctx) -> Result<Self> {
         let mut header = vec![
-            ("date".to_owned(), cmd_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"])),
+            (
+                "date".to_owned(),
+                cmd_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            ),
             ("commit".to_owned(), commit()),
             ("machine".to_owned(), machine()),
             ("kernel".to_owned(), cmd_line("uname", &["-r"])),
             (
                 "mode".to_owned(),
-                if ctx.opts.quick { "--quick (one round, short loads)" } else { "full" }
-                    .to_owned(),
+                if ctx.opts.quick {
+                    "--quick (one round, short loads)"
+                } else {
+                    "full"
+                }
+                .to_owned(),
             ),
         ];
         header.extend(ctx.tools.versions.iter().cloned());
@@ -163,7 +170,8 @@ impl Report {
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
         let md = dir.join("benchmarks.md");
-        std::fs::write(&md, self.markdown()).with_context(|| format!("writing {}", md.display()))?;
+        std::fs::write(&md, self.markdown())
+            .with_context(|| format!("writing {}", md.display()))?;
         eprintln!("report written to {}", md.display());
         let png = dir.join("benchmarks.png");
         if super::plot::write_png(&self.plots(), &png)? {

@@ -7,7 +7,11 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 /// Debian packages that provide what the bench needs, by the program that is looked for.
-const NEEDED: &[(&str, &str)] = &[("haproxy", "haproxy"), ("nginx", "nginx-light"), ("wrk", "wrk")];
+const NEEDED: &[(&str, &str)] = &[
+    ("haproxy", "haproxy"),
+    ("nginx", "nginx-light"),
+    ("wrk", "wrk"),
+];
 /// The font the plot writes its labels with (package fonts-dejavu-core).
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const FONT_PACKAGE: &str = "fonts-dejavu-core";
