@@ -232,6 +232,27 @@ struct Present {
     names_fields: bool,
 }
 
+impl Present {
+    /// Content-Length and Transfer-Encoding codings, each read only when the field is there
+    /// (the common head has neither, and pays no second pass).
+    fn framing_fields(
+        &self,
+        headers: &[httparse::Header<'_>],
+    ) -> Result<(Option<u64>, Option<Vec<String>>), HeadError> {
+        let length = if self.content_length {
+            content_length(headers)?
+        } else {
+            None
+        };
+        let codings = if self.transfer_encoding {
+            transfer_codings(headers)
+        } else {
+            None
+        };
+        Ok((length, codings))
+    }
+}
+
 fn present(headers: &[httparse::Header<'_>]) -> Present {
     let mut p = Present::default();
     for h in headers {
@@ -338,16 +359,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
             "a request needs exactly one host field",
         ));
     }
-    let length = if p.content_length {
-        content_length(headers)?
-    } else {
-        None
-    };
-    let codings = if p.transfer_encoding {
-        transfer_codings(headers)
-    } else {
-        None
-    };
+    let (length, codings) = p.framing_fields(headers)?;
     let framing = match codings {
         Some(_) if minor == 0 => {
             return Err(HeadError::Malformed(
@@ -436,16 +448,7 @@ pub fn parse_response(
     }
     let headers = resp.headers;
     let p = present(headers);
-    let length = if p.content_length {
-        content_length(headers)?
-    } else {
-        None
-    };
-    let codings = if p.transfer_encoding {
-        transfer_codings(headers)
-    } else {
-        None
-    };
+    let (length, codings) = p.framing_fields(headers)?;
     let no_body = request_is_head || (100..200).contains(&status) || status == 204 || status == 304;
     let framing = if no_body {
         Framing::Empty
