@@ -156,6 +156,8 @@ fdkeeper_socket = "{}"
 stickd_socket = "{}"
 metrics = "{metrics}"
 drain_timeout = "10s"
+# SetServer's states outlive a restart of the master (like HAProxy's server-state-file).
+server_state_file = "{}"
 # A new generation waits up to half of this for stickd's snapshot.
 worker_ready_timeout = "4s"
 
@@ -196,7 +198,8 @@ store_response = "res.cook(PHPSESSID)"
 "#,
         admin.display(),
         fdkeeper.display(),
-        stickd.display()
+        stickd.display(),
+        admin.with_file_name("server-state").display()
     );
     for (name, addr) in servers {
         s.push_str(&format!(
@@ -1130,7 +1133,7 @@ async fn new_sessions_on(fe: SocketAddr, n: usize) -> Result<Vec<(String, String
 }
 
 async fn admin(env: Env) -> Result<Outcome> {
-    let lb = Lb::start(env).await?;
+    let mut lb = Lb::start(env).await?;
     let n1 = &lb.nodes[0];
     let servers = harness::wait_for(
         "ShowServers to list both servers",
@@ -1223,6 +1226,30 @@ async fn admin(env: Env) -> Result<Outcome> {
         },
     )
     .await?;
+
+    // A crash of the whole proxyd tree keeps them too: the restarted master reads them back
+    // from its server_state_file.
+    let n1 = &mut lb.nodes[0];
+    n1.proxyd.restart()?;
+    let n1 = &lb.nodes[0];
+    harness::wait_for(
+        "the restarted master to report weight 3",
+        START_TIMEOUT,
+        || async {
+            let s = show_servers(n1).await?;
+            Ok(s.iter()
+                .any(|x| x["server"] == "app1" && x["weight"] == 3 && x["adminState"] == "ready")
+                .then_some(()))
+        },
+    )
+    .await?;
+    figure("kill -9 of proxyd, restarted", "app1 still weight 3");
+    // The reload counter below is the restarted master's: reload once more.
+    let before = cluster::serving(&cluster::proxyd_status(&n1.proxyd_admin).await?)
+        .context("no serving generation")?;
+    n1.proxyd.signal(nix::sys::signal::Signal::SIGUSR2)?;
+    cluster::wait_new_generation(&n1.proxyd_admin, before.generation, Duration::from_secs(20))
+        .await?;
 
     // Prometheus (counters are the new generation's: give it some traffic).
     new_sessions_on(n1.frontend, 4).await?;
