@@ -62,6 +62,9 @@ pub fn list_listeners(registry: &Shared) -> ListListenersReply {
                 borrowers,
                 origin: h.origin.as_str().to_owned(),
                 held_since_unix: unix_secs(h.held_since),
+                claims: h.claims.iter().map(ToString::to_string).collect(),
+                pinned: h.pinned,
+                closing: h.closing,
             }
         })
         .collect();

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use prost::Message;
-pub use proto::fdlend::v1::ListenSpec;
-use proto::fdlend::v1::error::Code;
+pub use proto::fdlend::v1::error::Code;
 use proto::fdlend::v1::{
     Acquire, Deposit, Deposited, Instance, List, Listing, Release, Request, Response, request,
     response,
 };
+pub use proto::fdlend::v1::{Claim, ClaimRelease, ListenSpec, Released};
 use tokio_util::sync::CancellationToken;
 
 use crate::conn::{Conn, MAX_DATAGRAM};
@@ -86,17 +86,30 @@ impl Client {
     }
 
     /// Bind-once-and-lend; one `LentListener` per spec, same order. Requests of more than
-    /// 64 specs are split, since fdkeeper caps fds per message.
+    /// 64 specs are split, since fdkeeper caps fds per message. Without a claim the sockets
+    /// are pinned (kept for ever); see [`Client::acquire_claimed`].
     pub async fn acquire(
         &mut self,
         borrower: &str,
         specs: &[ListenSpec],
+    ) -> Result<Vec<LentListener>, ClientError> {
+        self.acquire_claimed(borrower, specs, None).await
+    }
+
+    /// [`Client::acquire`] under `claim`: fdkeeper keeps the sockets open until a release
+    /// drops their last claim.
+    pub async fn acquire_claimed(
+        &mut self,
+        borrower: &str,
+        specs: &[ListenSpec],
+        claim: Option<&Claim>,
     ) -> Result<Vec<LentListener>, ClientError> {
         let mut out = Vec::with_capacity(specs.len());
         for chunk in specs.chunks(MAX_FDS_PER_MESSAGE) {
             let kind = request::Kind::Acquire(Acquire {
                 listeners: chunk.to_vec(),
                 borrower: borrower.to_owned(),
+                claim: claim.cloned(),
             });
             let (resp, fds) = self.call(kind, &[]).await?;
             let acquired = match resp {
@@ -130,14 +143,33 @@ impl Client {
     }
 
     /// Tells fdkeeper this borrower no longer uses these addresses (fdkeeper keeps the sockets).
-    pub async fn release(&mut self, addresses: &[String]) -> Result<(), ClientError> {
-        let kind = request::Kind::Release(Release {
+    pub async fn release(&mut self, addresses: &[String]) -> Result<Released, ClientError> {
+        self.release_request(Release {
             addresses: addresses.to_vec(),
-        });
-        match self.call(kind, &[]).await?.0 {
+            claims: None,
+        })
+        .await
+    }
+
+    /// Drops claims as `claims` says, on `addresses` (every held socket when empty); sockets
+    /// left without claim are closed (the reply lists them).
+    pub async fn release_claims(
+        &mut self,
+        addresses: &[String],
+        claims: ClaimRelease,
+    ) -> Result<Released, ClientError> {
+        self.release_request(Release {
+            addresses: addresses.to_vec(),
+            claims: Some(claims),
+        })
+        .await
+    }
+
+    async fn release_request(&mut self, req: Release) -> Result<Released, ClientError> {
+        match self.call(request::Kind::Release(req), &[]).await?.0 {
             response::Kind::Released(r) => {
-                self.instance = r.instance.or(self.instance.take());
-                Ok(())
+                self.instance = r.instance.clone().or(self.instance.take());
+                Ok(r)
             }
             other => Err(unexpected("Released", &other)),
         }
@@ -153,16 +185,18 @@ impl Client {
         }
     }
 
-    /// Hands listeners to fdkeeper (after its restart). Sent in batches of 64; the
-    /// results are merged.
+    /// Hands listeners to fdkeeper (after its restart), under the depositor's claim (without
+    /// one, adopted sockets are pinned). Sent in batches of 64; the results are merged.
     pub async fn deposit(
         &mut self,
         listeners: &[(ListenSpec, BorrowedFd<'_>)],
+        claim: Option<&Claim>,
     ) -> Result<Deposited, ClientError> {
         let mut all = Deposited::default();
         for chunk in listeners.chunks(MAX_FDS_PER_MESSAGE) {
             let kind = request::Kind::Deposit(Deposit {
                 listeners: chunk.iter().map(|(s, _)| s.clone()).collect(),
+                claim: claim.cloned(),
             });
             let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|(_, fd)| *fd).collect();
             match self.call(kind, &fds).await?.0 {
@@ -255,12 +289,13 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// Runs until `shutdown`: keeps a connection to fdkeeper; when it breaks (fdkeeper died),
 /// reconnects with backoff (5 ms doubling up to 500 ms) and, on meeting an fdkeeper,
-/// deposits the held listeners (dups of `held`), so that a restarted fdkeeper gets the very
-/// same sockets back.
+/// deposits the held listeners (dups of `held`) under `claim`, so that a restarted fdkeeper
+/// gets the very same sockets back, and knows again who keeps them.
 pub async fn guard_listeners(
     socket: PathBuf,
     mut client: Client,
     held: Vec<(ListenSpec, OwnedFd)>,
+    claim: Option<Claim>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -285,7 +320,7 @@ pub async fn guard_listeners(
             };
             let borrowed: Vec<(ListenSpec, BorrowedFd<'_>)> =
                 held.iter().map(|(s, fd)| (s.clone(), fd.as_fd())).collect();
-            match next.deposit(&borrowed).await {
+            match next.deposit(&borrowed, claim.as_ref()).await {
                 Ok(d) => {
                     tracing::info!(
                         instance = next.instance_id().unwrap_or(""),

@@ -14,7 +14,16 @@
 //!   address is still held by borrowers that have not deposited it yet (with
 //!   `reuseport` fdkeeper refuses to bind next to such a socket for the same reason);
 //! - restart-safety without systemd needs fixed ports: a fresh fdkeeper asked for
-//!   `127.0.0.1:0` before the deposits arrive binds a new port.
+//!   `127.0.0.1:0` before the deposits arrive binds a new port;
+//! - a socket is kept while something claims it: an Acquire or Deposit may carry a
+//!   `Claim` (owner, instance, generation), keyed with the peer's uid; a claimless one
+//!   pins the socket for ever. A `Release` with `claims` drops claims of the peer's own uid
+//!   only, and a socket left with no claim and no pin is closed: at once, or when the last
+//!   connected borrower holding a copy disconnects (so the admin view never loses a socket
+//!   that still accepts). Connections still in its accept queue are reset by that close;
+//!   connections a borrower accepted are its own and are not touched. A restarted fdkeeper
+//!   has no claims until borrowers deposit again; sockets back from systemd's fd store
+//!   carry none, so a release can close them only once a claim was made again.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -37,7 +46,9 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use client::{Client, ClientError, LentListener, ListenSpec, guard_listeners};
+pub use client::{
+    Claim, ClaimRelease, Client, ClientError, LentListener, ListenSpec, Released, guard_listeners,
+};
 pub use config::Config;
 pub use sys::MAX_FDS_PER_MESSAGE;
 
@@ -175,8 +186,9 @@ fn in_use(path: &Path) -> io::Error {
     )
 }
 
-/// Serves lending and admin until `shutdown`. Never closes a held listener on purpose:
-/// they go away with the process, and live on in borrowers and systemd's fd store.
+/// Serves lending and admin until `shutdown`. A held listener is closed only when a release
+/// drops its last claim; on shutdown they go away with the process, and live on in borrowers
+/// and systemd's fd store.
 pub async fn run(
     config: Config,
     sockets: Sockets,

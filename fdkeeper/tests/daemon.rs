@@ -185,10 +185,16 @@ async fn kill_9_and_restart_gets_the_same_sockets_back_from_the_guard() {
         })
         .collect();
     let shutdown = CancellationToken::new();
+    let claim = fdkeeper::Claim {
+        owner: "test worker".into(),
+        instance: "i1".into(),
+        generation: 1,
+    };
     let guard = tokio::spawn(fdkeeper::guard_listeners(
         socket.clone(),
         client,
         held,
+        Some(claim),
         shutdown.clone(),
     ));
 
@@ -220,6 +226,23 @@ async fn kill_9_and_restart_gets_the_same_sockets_back_from_the_guard() {
         restarted.elapsed()
     );
     assert_ne!(c.instance_id().map(str::to_owned), first_instance);
+    // The deposit made the guard's claim again: releasing it leaves a socket that the guard,
+    // still connected, holds: it is closed only once the guard lets go...
+    let released = c
+        .release_claims(
+            &["127.0.0.2:0".to_owned()],
+            fdkeeper::ClaimRelease {
+                owner: "test worker".into(),
+                instance: "i1".into(),
+                below: 2,
+                keep: Vec::new(),
+            },
+        )
+        .await
+        .expect("release");
+    assert_eq!(released.closing, ["127.0.0.2:0"], "{released:?}");
+    assert!(released.closed.is_empty(), "{released:?}");
+    // ...and a borrower asking for it before then gets the same socket, which stays.
     let again = c
         .acquire("worker 2", &[spec("127.0.0.1:0"), spec("127.0.0.2:0")])
         .await

@@ -308,7 +308,7 @@ async fn a_fresh_fdkeeper_adopts_deposited_sockets() {
         .iter()
         .map(|l| (l.spec.clone(), l.listener.as_fd()))
         .collect();
-    let d = c.deposit(&deposit).await.expect("deposit");
+    let d = c.deposit(&deposit, None).await.expect("deposit");
     assert_eq!(d.adopted, vec!["127.0.0.1:0", "127.0.0.2:0"]);
     assert!(d.already_held.is_empty() && d.rejected.is_empty(), "{d:?}");
     assert_ne!(c.instance_id().map(str::to_owned), old_instance);
@@ -321,7 +321,7 @@ async fn a_fresh_fdkeeper_adopts_deposited_sockets() {
     assert_eq!(spec2.backlog, 4096);
 
     // Depositing again: already held, and the duplicate fd is closed by fdkeeper.
-    let d = c.deposit(&deposit[..1]).await.expect("deposit again");
+    let d = c.deposit(&deposit[..1], None).await.expect("deposit again");
     assert_eq!(d.already_held, vec!["127.0.0.1:0"]);
 
     // A new borrower gets the very same sockets back.
@@ -347,11 +347,14 @@ async fn a_fresh_fdkeeper_adopts_deposited_sockets() {
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
     let other = std::net::TcpListener::bind("127.0.0.3:0").expect("tcp");
     let d = c
-        .deposit(&[
-            (spec("127.0.0.1:5"), udp.as_fd()),
-            (spec("127.0.0.4:0"), other.as_fd()),
-            (spec("10.0.0.1:0"), other.as_fd()),
-        ])
+        .deposit(
+            &[
+                (spec("127.0.0.1:5"), udp.as_fd()),
+                (spec("127.0.0.4:0"), other.as_fd()),
+                (spec("10.0.0.1:0"), other.as_fd()),
+            ],
+            None,
+        )
         .await
         .expect("deposit");
     assert!(d.adopted.is_empty(), "{d:?}");

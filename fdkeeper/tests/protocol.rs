@@ -7,7 +7,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use fdkeeper::conn::Conn;
 use prost::Message;
 use proto::fdlend::v1::error::Code;
-use proto::fdlend::v1::{Acquire, Deposit, List, Request, Response, request, response};
+use proto::fdlend::v1::{
+    Acquire, Claim, ClaimRelease, Deposit, List, Release, Request, Response, request, response,
+};
 use support::{Keeper, spec};
 
 fn open_fds() -> usize {
@@ -63,12 +65,42 @@ async fn malformed_requests_get_errors_and_fds_are_closed() {
         kind: Some(request::Kind::Acquire(Acquire {
             listeners: many,
             borrower: "t".into(),
+            claim: None,
         })),
     }
     .encode_to_vec();
     let (resp, fds) = ask(&conn, &bytes, &[]).await;
     assert_eq!(error_code(&resp), Some(Code::InvalidArgument), "{resp:?}");
     assert!(fds.is_empty());
+
+    // A claim without an owner, in an Acquire or a Release, is refused.
+    for (id, kind) in [
+        (
+            12,
+            request::Kind::Acquire(Acquire {
+                listeners: vec![spec("127.0.0.1:0")],
+                borrower: "t".into(),
+                claim: Some(Claim::default()),
+            }),
+        ),
+        (
+            13,
+            request::Kind::Release(Release {
+                addresses: Vec::new(),
+                claims: Some(ClaimRelease::default()),
+            }),
+        ),
+    ] {
+        let bytes = Request {
+            id,
+            kind: Some(kind),
+        }
+        .encode_to_vec();
+        let (resp, fds) = ask(&conn, &bytes, &[]).await;
+        assert_eq!(resp.id, id);
+        assert_eq!(error_code(&resp), Some(Code::InvalidArgument), "{resp:?}");
+        assert!(fds.is_empty());
+    }
 
     // fdkeeper itself opens nothing more from here on for malformed traffic.
     let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
@@ -90,6 +122,7 @@ async fn malformed_requests_get_errors_and_fds_are_closed() {
         id: 10,
         kind: Some(request::Kind::Deposit(Deposit {
             listeners: (0..70).map(|_| spec("127.0.0.1:0")).collect(),
+            claim: None,
         })),
     }
     .encode_to_vec();
@@ -105,6 +138,7 @@ async fn malformed_requests_get_errors_and_fds_are_closed() {
         id: 11,
         kind: Some(request::Kind::Deposit(Deposit {
             listeners: vec![spec("127.0.0.1:0")],
+            claim: None,
         })),
     }
     .encode_to_vec();

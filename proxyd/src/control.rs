@@ -6,6 +6,20 @@ use crate::sys::SeqPacket;
 
 pub use proto::proxyd::control::v1 as pb;
 
+/// Environment variable through which the master gives each worker its instance id (random
+/// per master start). Workers claim their listeners in fdkeeper as (owner, this instance, their
+/// generation), so that the master can later release exactly the claims of generations that
+/// are gone, and a restarted master those of its predecessor. (The Start message would be the
+/// natural carrier; it is a field to add to `proxyd/v1/control.proto` when that file moves.)
+pub const MASTER_INSTANCE_ENV: &str = "PROXYD_MASTER_INSTANCE";
+
+/// The owner of every fdkeeper claim a proxyd makes: one per config file, which is what tells
+/// two proxyds on one host apart (each needs its own admin socket, so its own file), and stays
+/// the same across reloads and master restarts.
+pub fn claim_owner(config_path: &std::path::Path) -> String {
+    format!("proxyd {}", config_path.display())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("control socket: {0}")]

@@ -1,9 +1,9 @@
 //! The master: supervises worker generations, reloads (start N+1, wait for Ready, drain N),
 //! respawns crashed workers, and tells systemd what is going on.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::control::{MasterEnd, pb, to_worker};
+use crate::control::{MASTER_INSTANCE_ENV, MasterEnd, claim_owner, pb, to_worker};
 use crate::proxy::StatsSnapshot;
 use crate::sys::{self, SeqPacket};
 
@@ -29,6 +29,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A worker that served at least this long before dying is not part of a crash loop: it is
 /// respawned at once however often that happens (kill -9 under load must not slow recovery).
 const STABLE_AFTER: Duration = Duration::from_millis(100);
+/// A claim release fdkeeper did not answer (down, restarting) is tried again after this.
+const RELEASE_RETRY: Duration = Duration::from_secs(1);
+/// Bound on one claim release round trip.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a reload did not happen.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -137,8 +141,19 @@ enum ToWorker {
 
 #[derive(Debug)]
 enum Event {
-    Msg { id: u64, msg: pb::WorkerToMaster },
-    Exited { id: u64, status: String },
+    Msg {
+        id: u64,
+        msg: pb::WorkerToMaster,
+    },
+    Exited {
+        id: u64,
+        status: String,
+    },
+    /// fdkeeper answered (or not) a release of the claims of generations `gone`.
+    Released {
+        gone: Vec<u64>,
+        result: Result<fdkeeper::Released, String>,
+    },
 }
 
 #[derive(Debug)]
@@ -163,7 +178,11 @@ struct Generation {
     number: u64,
     config: Arc<Config>,
     state: State,
+    /// The path its binary was opened from, for Status.
     binary: PathBuf,
+    /// That binary, opened at the generation's first spawn and kept open: every worker of the
+    /// generation (respawns too) execs this very file, not whatever the path holds by then.
+    binary_file: Option<std::fs::File>,
     worker: Option<Worker>,
     restarts: u32,
     crashes: VecDeque<Instant>,
@@ -211,6 +230,16 @@ pub struct Master {
     health: std::collections::BTreeMap<(String, String), bool>,
     /// Operators' `set server` overrides: (state, weight) by (backend, server).
     admin: std::collections::BTreeMap<(String, String), (u32, u32)>,
+    /// This master's run, as its workers name it in their fdkeeper claims.
+    instance: String,
+    /// Generations that may hold claims in fdkeeper and were not released yet.
+    unreleased: BTreeSet<u64>,
+    /// A claim release is on its way to fdkeeper (one at a time).
+    releasing: bool,
+    /// The claims of earlier masters (other instances) were released.
+    released_others: bool,
+    /// When to try a failed release again.
+    release_retry_at: Option<Instant>,
 }
 
 pub fn admin_state_name(state: u32) -> &'static str {
@@ -255,6 +284,17 @@ impl Master {
             stopping: false,
             health: std::collections::BTreeMap::new(),
             admin,
+            instance: format!(
+                "{:x}-{:x}",
+                std::process::id(),
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ),
+            unreleased: BTreeSet::new(),
+            releasing: false,
+            released_others: false,
+            release_retry_at: None,
         };
         (master, handle)
     }
@@ -282,6 +322,7 @@ impl Master {
             if self.stopping && self.generations.is_empty() {
                 break;
             }
+            self.release_claims();
             if !self.stopping
                 && self.pending.is_none()
                 && let Some((reply, asked)) = self.queued.pop_front()
@@ -307,6 +348,7 @@ impl Master {
                     ready,
                 ]
             })
+            .chain([self.release_retry_at])
             .flatten()
             .min()
     }
@@ -497,6 +539,7 @@ impl Master {
             config,
             state: State::Starting,
             binary: self.exe.clone(),
+            binary_file: None,
             worker: None,
             restarts: 0,
             crashes: VecDeque::new(),
@@ -509,6 +552,7 @@ impl Master {
             abandoned: false,
             inodes: Vec::new(),
         });
+        self.unreleased.insert(number);
         let idx = self.generations.len() - 1;
         self.spawn_worker(idx);
         number
@@ -518,10 +562,21 @@ impl Master {
     fn spawn_worker(&mut self, idx: usize) {
         let id = self.next_worker_id;
         self.next_worker_id += 1;
-        let exe = self.exe.clone();
         let g = &mut self.generations[idx];
-        g.binary = exe.clone();
         g.respawn_at = None;
+        // The first worker of a generation opens the file at the path (after an upgrade, the
+        // new binary: that is what a reload is for); a respawn runs that same open file. An
+        // operator who replaced the binary but has not reloaded yet (or whose reload failed)
+        // expects the crashed serving generation back as it was, not an untried binary under
+        // a config it was never started with.
+        let opened = match &g.binary_file {
+            Some(f) => Ok(f),
+            None => std::fs::File::open(&self.exe).map(|f| {
+                g.binary = self.exe.clone();
+                &*g.binary_file.insert(f)
+            }),
+        };
+        let program = opened.map(|f| PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())));
         let health: Vec<pb::ServerHealth> = self
             .health
             .iter()
@@ -547,13 +602,21 @@ impl Master {
                 .iter()
                 .any(|o| o.number != self.generations[idx].number && o.state == State::Serving);
         let g = &mut self.generations[idx];
-        match spawn_process(&exe, id, g, health, admin, need_stickd, self.ev_tx.clone()) {
+        let spawned = program.and_then(|program| {
+            let exec = Exec {
+                program: &program,
+                arg0: &g.binary,
+                instance: &self.instance,
+            };
+            spawn_process(&exec, id, g, health, admin, need_stickd, self.ev_tx.clone())
+        });
+        match spawned {
             Ok(worker) => {
-                tracing::info!(generation = g.number, pid = worker.pid, binary = %exe.display(), "worker spawned");
+                tracing::info!(generation = g.number, pid = worker.pid, binary = %g.binary.display(), "worker spawned");
                 g.worker = Some(worker);
             }
             Err(e) => {
-                tracing::error!(generation = g.number, error = %e, binary = %exe.display(), "cannot spawn a worker");
+                tracing::error!(generation = g.number, error = %e, binary = %g.binary.display(), "cannot spawn a worker");
                 let _ = self.ev_tx.send(Event::Exited {
                     id,
                     status: format!("spawn failed: {e}"),
@@ -619,7 +682,100 @@ impl Master {
                 let Some(idx) = self.find(id) else { return };
                 self.on_exit(idx, status);
             }
+            Event::Released { gone, result } => {
+                self.releasing = false;
+                match result {
+                    Ok(r) => {
+                        if !r.closed.is_empty() || !r.closing.is_empty() {
+                            tracing::info!(
+                                generations = ?gone,
+                                closed = ?r.closed,
+                                closing = ?r.closing,
+                                "listeners no serving generation uses released in fdkeeper"
+                            );
+                        } else {
+                            tracing::debug!(generations = ?gone, "fdkeeper claims released");
+                        }
+                        for n in gone {
+                            self.unreleased.remove(&n);
+                        }
+                        self.released_others = true;
+                    }
+                    Err(e) => {
+                        // Nothing is lost by waiting: the claims stay, and so do the listeners.
+                        tracing::warn!(generations = ?gone, error = %e, retry_in_ms = RELEASE_RETRY.as_millis() as u64, "cannot release listeners in fdkeeper");
+                        self.release_retry_at = Some(Instant::now() + RELEASE_RETRY);
+                    }
+                }
+            }
         }
+    }
+
+    /// Tells fdkeeper which of this master's listener claims still matter, whenever a
+    /// generation stopped accepting for good (drained, abandoned, failed to start): fdkeeper
+    /// then closes the listeners that only such generations used.
+    ///
+    /// A listener is released when no Starting or Serving generation has it in its config,
+    /// not when the last draining generation exits: a draining worker stops accepting at once
+    /// and closes its copies, so from then on nobody would ever accept what lands in that
+    /// accept queue, and clients would hang until the drain ends. Released at drain start,
+    /// new connections are refused at once. What is in the queue at that moment is reset by
+    /// the close (the draining generation can no longer accept it); what the draining worker
+    /// accepted is its own and is served to the end. A generation that re-adds the address
+    /// later binds it again; one that already holds a claim keeps the very socket: claims
+    /// are per generation, and a release only names generations below the next number, so
+    /// it never drops the claim of a generation started after it was computed.
+    ///
+    /// Nothing is released while stopping: listeners outlive a proxyd restart in fdkeeper.
+    /// The next master, once its first generation serves (and so claims what it uses),
+    /// releases every claim of earlier masters.
+    fn release_claims(&mut self) {
+        if self.stopping || !self.notified_ready || self.releasing {
+            return;
+        }
+        if self.release_retry_at.is_some_and(|t| t > Instant::now()) {
+            return;
+        }
+        self.release_retry_at = None;
+        let keep: Vec<u64> = self
+            .generations
+            .iter()
+            .filter(|g| !g.abandoned && matches!(g.state, State::Starting | State::Serving))
+            .map(|g| g.number)
+            .collect();
+        let gone: Vec<u64> = self
+            .unreleased
+            .iter()
+            .copied()
+            .filter(|n| !keep.contains(n))
+            .collect();
+        if gone.is_empty() && self.released_others {
+            return;
+        }
+        self.releasing = true;
+        let claims = fdkeeper::ClaimRelease {
+            owner: claim_owner(&self.config_path),
+            instance: self.instance.clone(),
+            below: self.next_generation,
+            keep,
+        };
+        let socket = self.current.global.fdkeeper_socket.clone();
+        let events = self.ev_tx.clone();
+        tokio::spawn(async move {
+            let call = async {
+                let mut client = fdkeeper::Client::connect(&socket)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                client
+                    .release_claims(&[], claims)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            let result = tokio::time::timeout(RELEASE_TIMEOUT, call)
+                .await
+                .unwrap_or_else(|_| Err("fdkeeper did not answer in time".to_owned()));
+            let _ = events.send(Event::Released { gone, result });
+        });
     }
 
     fn on_ready(&mut self, idx: usize, ready: pb::Ready) {
@@ -748,8 +904,19 @@ impl Master {
             .is_some_and(|t| t.elapsed() >= STABLE_AFTER);
         let failed = worker.and_then(|w| w.failed);
         let number = g.number;
+        // A draining generation is never respawned, crashed or not: it was going away, its
+        // listeners are accepted on by the generation that replaced it (which also holds the
+        // config and, after an upgrade, the binary the operator asked for), and the
+        // connections it was finishing died with the process; a respawn could not get them
+        // back, only add a worker that accepts nothing. Same for an abandoned generation and
+        // for everything while the master stops.
         if self.stopping || g.state == State::Draining || g.abandoned {
-            tracing::info!(generation = number, pid, status = %status, "worker exited");
+            let crashed = !self.stopping && g.state == State::Draining && !status_is_clean(&status);
+            if crashed {
+                tracing::warn!(generation = number, pid, status = %status, "draining worker died; not respawned (the serving generation has its listeners)");
+            } else {
+                tracing::info!(generation = number, pid, status = %status, "worker exited");
+            }
             self.generations.remove(idx);
             return;
         }
@@ -798,6 +965,10 @@ impl Master {
 
     fn on_timer(&mut self) {
         let now = Instant::now();
+        if self.release_retry_at.is_some_and(|t| t <= now) {
+            // Cleared here; `run` calls release_claims right after.
+            self.release_retry_at = Some(now);
+        }
         let mut i = 0;
         while i < self.generations.len() {
             let g = &mut self.generations[i];
@@ -963,6 +1134,11 @@ impl Master {
     }
 }
 
+/// Whether an exit status (as `ExitStatus` displays it) is a plain exit 0.
+fn status_is_clean(status: &str) -> bool {
+    status == "exit status: 0"
+}
+
 /// How long to wait before respawning after `recent` crashes within [`CRASH_WINDOW`]:
 /// at once, until it looks like a crash loop; then 100 ms doubling up to [`MAX_BACKOFF`].
 fn respawn_delay(recent: usize) -> Duration {
@@ -982,10 +1158,20 @@ async fn sleep_until_opt(t: Option<Instant>) {
     }
 }
 
+/// What a worker process is exec'd as.
+struct Exec<'a> {
+    /// The file to exec (`/proc/self/fd/N` of its generation's open binary).
+    program: &'a Path,
+    /// argv[0]: the binary's path, for ps and logs.
+    arg0: &'a Path,
+    /// The master's instance id, for the worker's fdkeeper claims.
+    instance: &'a str,
+}
+
 /// Forks and execs a worker with its control socket, and starts the task that relays
 /// its messages and its exit to the master.
 fn spawn_process(
-    exe: &std::path::Path,
+    exec: &Exec<'_>,
     id: u64,
     g: &Generation,
     health: Vec<pb::ServerHealth>,
@@ -994,8 +1180,10 @@ fn spawn_process(
     events: mpsc::UnboundedSender<Event>,
 ) -> std::io::Result<Worker> {
     let (ours, theirs) = sys::seqpacket_pair()?;
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg("worker")
+    let mut cmd = tokio::process::Command::new(exec.program);
+    cmd.arg0(exec.arg0)
+        .env(MASTER_INSTANCE_ENV, exec.instance)
+        .arg("worker")
         .arg("--control-fd")
         .arg(sys::CONTROL_FD.to_string())
         .stdin(Stdio::null())

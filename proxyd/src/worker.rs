@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use common::SourceFile;
 use common::daemon::{EXIT_CONFIG, EXIT_FAILURE, EXIT_OK};
-use fdkeeper::client::{Client, ClientError, LentListener, ListenSpec};
+use fdkeeper::client::{Claim, Client, ClientError, LentListener, ListenSpec};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::control::{WorkerEnd, pb, to_master};
+use crate::control::{MASTER_INSTANCE_ENV, WorkerEnd, claim_owner, pb, to_master};
 use crate::proxy::{Proxy, StatsSnapshot};
 use crate::stick::StickCache;
 use crate::sys::{self, SeqPacket};
@@ -155,11 +155,25 @@ pub fn listen_specs(config: &Config) -> Vec<(usize, ListenSpec)> {
         .collect()
 }
 
-/// Borrows every listener, retrying while fdkeeper is away or an address is busy (right after
-/// an fdkeeper restart, until the other borrowers have deposited).
+/// This generation's claim on its listeners: fdkeeper keeps them open until the master
+/// releases it (once no generation that still accepts uses them). `None` when the master did
+/// not say who it is (a worker started by hand): the listeners are then pinned, as before
+/// claims existed.
+pub fn claim(config: &Config, generation: u64) -> Option<Claim> {
+    let instance = std::env::var(MASTER_INSTANCE_ENV).ok()?;
+    Some(Claim {
+        owner: claim_owner(&config.source.path),
+        instance,
+        generation,
+    })
+}
+
+/// Borrows every listener under `claim`, retrying while fdkeeper is away or an address is busy
+/// (right after an fdkeeper restart, until the other borrowers have deposited).
 pub async fn acquire(
     config: &Config,
     borrower: &str,
+    claim: Option<&Claim>,
 ) -> Result<(Client, Vec<LentListener>), ClientError> {
     let specs: Vec<ListenSpec> = listen_specs(config).into_iter().map(|(_, s)| s).collect();
     let give_up = Instant::now() + ACQUIRE_PATIENCE;
@@ -167,7 +181,7 @@ pub async fn acquire(
     loop {
         let attempt = async {
             let mut client = Client::connect(&config.global.fdkeeper_socket).await?;
-            let lent = client.acquire(borrower, &specs).await?;
+            let lent = client.acquire_claimed(borrower, &specs, claim).await?;
             Ok::<_, ClientError>((client, lent))
         }
         .await;
@@ -193,7 +207,8 @@ async fn run(
 ) -> i32 {
     let pid = std::process::id();
     let borrower = format!("proxyd worker gen {generation} pid {pid}");
-    let (client, lent) = match acquire(&config, &borrower).await {
+    let claim = claim(&config, generation);
+    let (client, lent) = match acquire(&config, &borrower, claim.as_ref()).await {
         Ok(x) => x,
         Err(e) => {
             tracing::error!(error = %e, "cannot borrow the listeners");
@@ -268,10 +283,13 @@ async fn run(
         return EXIT_FAILURE;
     }
     let guard_stop = CancellationToken::new();
+    // Stopped at drain: that closes this worker's copies and its fdkeeper connection, which
+    // is what fdkeeper waits for before closing a listener whose claims the master released.
     tokio::spawn(fdkeeper::client::guard_listeners(
         config.global.fdkeeper_socket.clone(),
         client,
         held,
+        claim,
         guard_stop.clone(),
     ));
     let ready = to_master(pb::worker_to_master::Kind::Ready(pb::Ready {
