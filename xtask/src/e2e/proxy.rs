@@ -14,6 +14,8 @@ use crate::cluster::{self, Node, NodeOptions};
 use crate::harness::{self, Env};
 use crate::load::{FailKind, Load, LoadConfig, LoadReport, percentile};
 
+mod release;
+
 pub fn scenarios() -> Vec<Scenario> {
     let s = Scenario::new;
     vec![
@@ -54,6 +56,9 @@ pub fn scenarios() -> Vec<Scenario> {
             |env| Box::pin(binary_upgrade(env)),
         ),
     ]
+    .into_iter()
+    .chain(release::scenarios())
+    .collect()
 }
 
 /// The load every scenario runs: at least 50 keep-alive and 50 connection-close clients.
