@@ -576,7 +576,16 @@ impl Master {
                 &*g.binary_file.insert(f)
             }),
         };
-        let program = opened.map(|f| PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())));
+        let program = opened.map(|f| {
+            let by_fd = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+            if by_fd.exists() {
+                by_fd
+            } else {
+                // No /proc (an odd container): the path is all there is.
+                tracing::warn!(binary = %g.binary.display(), "no /proc/self/fd: the worker runs whatever file is at the path now");
+                g.binary.clone()
+            }
+        });
         let health: Vec<pb::ServerHealth> = self
             .health
             .iter()
