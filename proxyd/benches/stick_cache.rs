@@ -1,6 +1,7 @@
 //! The stick cache's figures for issue 4: lookup (hit, miss) and store time, and heap bytes per
 //! entry, measured on the real `StickCache` filled with PHPSESSID-like keys (no stickd). Times
-//! are the thread's CPU time per operation, medians over batches.
+//! are the thread's CPU time per operation, medians over batches, beside this machine's own
+//! floor: one random access to as much memory as the cache holds, measured in the same run.
 //!
 //! `cargo bench -p proxyd --bench stick_cache -- [--entries N] [--batches B] [--json]`
 
@@ -9,7 +10,7 @@ use std::time::Instant;
 
 use proto::stick::v1 as pb;
 use proxyd::stick::{KeyKind, SHARDS, StickCache, now_ms};
-use proxyd::sys::{CountingAlloc, thread_cpu_ns};
+use proxyd::sys::{CountingAlloc, TableAlloc, thread_cpu_ns};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
@@ -94,6 +95,46 @@ fn rss_bytes() -> Option<u64> {
     Some(pages * 4096)
 }
 
+/// Anonymous memory on transparent huge pages, from /proc/self/smaps_rollup.
+fn huge_page_bytes() -> Option<u64> {
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let line = rollup.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// A cache line of the pointer chase: the index of the next line to visit, and padding.
+type Line = [u64; 8];
+
+/// `bytes` of memory, from the allocator and in the pages the cache's tables use, linked into
+/// one random cycle of cache lines (Sattolo's shuffle): following it makes every access depend
+/// on the one before, as a lookup's bucket depends on its hash.
+fn chase_ring(bytes: usize, rng: &mut Rng) -> allocator_api2::vec::Vec<Line, TableAlloc> {
+    let lines = (bytes / size_of::<Line>()).max(2);
+    let mut order: Vec<u64> = (0..lines as u64).collect();
+    for i in (1..lines).rev() {
+        let j = (rng.next() % i as u64) as usize;
+        order.swap(i, j);
+    }
+    let mut ring = allocator_api2::vec::Vec::with_capacity_in(lines, TableAlloc::default());
+    ring.resize(lines, [0u64; 8]);
+    for w in 0..lines {
+        ring[order[w] as usize][0] = order[(w + 1) % lines];
+    }
+    ring
+}
+
+/// CPU ns per step of `steps` along the ring.
+fn chase(ring: &[Line], steps: usize) -> f64 {
+    let mut at = 0usize;
+    let start = cpu_ns();
+    for _ in 0..steps {
+        at = black_box(ring[at][0]) as usize;
+    }
+    black_box(at);
+    cpu_ns().saturating_sub(start) as f64 / steps as f64
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -173,6 +214,7 @@ fn main() {
     // keeps: whatever the batches allocate and free meanwhile cancels out.
     let expires = now_ms() + 30 * 60 * 1000;
     let rss_before = rss_bytes();
+    let huge_before = huge_page_bytes();
     let before = CountingAlloc::live_bytes();
     let fill_start = Instant::now();
     for (c, chunk) in keys.chunks(10_000).enumerate() {
@@ -194,7 +236,11 @@ fn main() {
     let rss = rss_before
         .zip(rss_bytes())
         .map(|(a, b)| b.saturating_sub(a));
+    let huge = huge_before
+        .zip(huge_page_bytes())
+        .map(|(a, b)| b.saturating_sub(a));
     assert_eq!(cache.held(0), n, "every key cached");
+    let ring = chase_ring(usize::try_from(heap).unwrap_or(0), &mut rng);
     let bytes_per_entry = heap as f64 / n as f64;
 
     // Hits in random order (no cache line of the table is warm for the next key), misses on
@@ -202,6 +248,7 @@ fn main() {
     // Lookups lend the name to a closure, as the proxy's do (it maps the name to a server).
     let mut order: Vec<&str> = keys.iter().map(String::as_str).collect();
     let (mut hit, mut hot, mut miss, mut store) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut access = Vec::new();
     let mut found = 0usize;
     for _ in 0..args.batches {
         rng.shuffle(&mut order);
@@ -211,6 +258,7 @@ fn main() {
         let sample: Vec<&str> = (0..batch)
             .map(|i| &probes[i * KEY_LEN..(i + 1) * KEY_LEN])
             .collect();
+        access.push(chase(&ring, batch));
         hit.push(time_batch(&sample, |k| {
             found += usize::from(cache.lookup_with(0, k, |name| name.len()).is_some());
         }));
@@ -240,24 +288,27 @@ fn main() {
         drop(cache.take_pending());
     }
     assert_eq!(found, 2 * batch * args.batches, "every hit found");
-    let (hit, hot, miss, store) = (
+    let (hit, hot, miss, store, access) = (
         Figure::of(hit),
         Figure::of(hot),
         Figure::of(miss),
         Figure::of(store),
+        Figure::of(access),
     );
     let minus_key = bytes_per_entry - KEY_LEN as f64;
     let rss_per_entry = rss.map(|r| r as f64 / n as f64);
 
     if args.json {
         println!(
-            "{{\"entries\": {n}, \"key_len\": {KEY_LEN}, \"servers\": {}, \"shards\": {SHARDS}, \"batches\": {}, \"batch\": {batch}, \"fill_s\": {fill_s:.3}, \"hot_set\": {HOT_SET}, \"lookup_hit_ns\": {}, \"lookup_hot_ns\": {}, \"lookup_miss_ns\": {}, \"store_ns\": {}, \"bytes_per_entry\": {bytes_per_entry:.1}, \"bytes_per_entry_minus_key\": {minus_key:.1}, \"rss_bytes_per_entry\": {}}}",
+            "{{\"entries\": {n}, \"key_len\": {KEY_LEN}, \"servers\": {}, \"shards\": {SHARDS}, \"batches\": {}, \"batch\": {batch}, \"fill_s\": {fill_s:.3}, \"hot_set\": {HOT_SET}, \"lookup_hit_ns\": {}, \"lookup_hot_ns\": {}, \"lookup_miss_ns\": {}, \"store_ns\": {}, \"memory_access_ns\": {}, \"huge_page_bytes\": {}, \"bytes_per_entry\": {bytes_per_entry:.1}, \"bytes_per_entry_minus_key\": {minus_key:.1}, \"rss_bytes_per_entry\": {}}}",
             SERVERS.len(),
             args.batches,
             hit.json(),
             hot.json(),
             miss.json(),
             store.json(),
+            access.json(),
+            huge.map_or("null".into(), |h| h.to_string()),
             rss_per_entry.map_or("null".into(), |r| format!("{r:.1}")),
         );
     } else {
@@ -271,6 +322,7 @@ fn main() {
             ("hit, hot set", &hot),
             ("lookup miss", &miss),
             ("store", &store),
+            ("memory access", &access),
         ] {
             println!(
                 "  {what:12} {:7.1} ns (min {:.1}, max {:.1})",
@@ -278,8 +330,9 @@ fn main() {
             );
         }
         println!(
-            "  heap         {bytes_per_entry:7.1} bytes/entry ({minus_key:.1} + key), RSS {} bytes/entry; filled in {fill_s:.2} s",
-            rss_per_entry.map_or("?".into(), |r| format!("{r:.1}"))
+            "  heap         {bytes_per_entry:7.1} bytes/entry ({minus_key:.1} + key), RSS {} bytes/entry, {} MiB on huge pages; filled in {fill_s:.2} s",
+            rss_per_entry.map_or("?".into(), |r| format!("{r:.1}")),
+            huge.map_or("?".into(), |h| (h >> 20).to_string()),
         );
     }
 }
