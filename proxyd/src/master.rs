@@ -720,6 +720,36 @@ impl Master {
         }
     }
 
+    /// The release to send now, with the generations it lets go of; `None` when there is
+    /// nothing to release (or it is not the time).
+    fn claims_to_release(&self) -> Option<(Vec<u64>, fdkeeper::ClaimRelease)> {
+        if self.stopping || !self.notified_ready || self.releasing {
+            return None;
+        }
+        let keep: Vec<u64> = self
+            .generations
+            .iter()
+            .filter(|g| !g.abandoned && matches!(g.state, State::Starting | State::Serving))
+            .map(|g| g.number)
+            .collect();
+        let gone: Vec<u64> = self
+            .unreleased
+            .iter()
+            .copied()
+            .filter(|n| !keep.contains(n))
+            .collect();
+        if gone.is_empty() && self.released_others {
+            return None;
+        }
+        let claims = fdkeeper::ClaimRelease {
+            owner: claim_owner(&self.config_path),
+            instance: self.instance.clone(),
+            below: self.next_generation,
+            keep,
+        };
+        Some((gone, claims))
+    }
+
     /// Tells fdkeeper which of this master's listener claims still matter, whenever a
     /// generation stopped accepting for good (drained, abandoned, failed to start): fdkeeper
     /// then closes the listeners that only such generations used.
@@ -739,35 +769,14 @@ impl Master {
     /// The next master, once its first generation serves (and so claims what it uses),
     /// releases every claim of earlier masters.
     fn release_claims(&mut self) {
-        if self.stopping || !self.notified_ready || self.releasing {
-            return;
-        }
         if self.release_retry_at.is_some_and(|t| t > Instant::now()) {
             return;
         }
         self.release_retry_at = None;
-        let keep: Vec<u64> = self
-            .generations
-            .iter()
-            .filter(|g| !g.abandoned && matches!(g.state, State::Starting | State::Serving))
-            .map(|g| g.number)
-            .collect();
-        let gone: Vec<u64> = self
-            .unreleased
-            .iter()
-            .copied()
-            .filter(|n| !keep.contains(n))
-            .collect();
-        if gone.is_empty() && self.released_others {
+        let Some((gone, claims)) = self.claims_to_release() else {
             return;
-        }
-        self.releasing = true;
-        let claims = fdkeeper::ClaimRelease {
-            owner: claim_owner(&self.config_path),
-            instance: self.instance.clone(),
-            below: self.next_generation,
-            keep,
         };
+        self.releasing = true;
         let socket = self.current.global.fdkeeper_socket.clone();
         let events = self.ev_tx.clone();
         tokio::spawn(async move {
@@ -1455,6 +1464,68 @@ address = "127.0.0.1:9002"
         assert_eq!(
             m.admin.into_iter().collect::<Vec<_>>(),
             vec![(("app".to_owned(), "app2".to_owned()), (2, 3))]
+        );
+    }
+
+    fn generation(config: &Arc<Config>, number: u64, state: State, abandoned: bool) -> Generation {
+        Generation {
+            number,
+            config: config.clone(),
+            state,
+            binary: PathBuf::from("/nonexistent"),
+            binary_file: None,
+            worker: None,
+            restarts: 0,
+            crashes: VecDeque::new(),
+            respawn_at: None,
+            down_since: None,
+            ready_deadline: None,
+            kill_at: None,
+            draining_since: None,
+            stopped: false,
+            abandoned,
+            inodes: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_of_generations_that_no_longer_accept_are_released() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config_with_state_file(&dir.path().join("state"));
+        let shared = Arc::new(config_with_state_file(&dir.path().join("state")));
+        let (mut m, _h) = Master::new(config, PathBuf::from("/nonexistent"));
+        m.generations = vec![
+            generation(&shared, 1, State::Draining, false),
+            generation(&shared, 2, State::Serving, false),
+            generation(&shared, 3, State::Starting, true),
+            generation(&shared, 4, State::Starting, false),
+        ];
+        m.unreleased = (1..=4).collect();
+        m.next_generation = 5;
+        assert!(
+            m.claims_to_release().is_none(),
+            "nothing before a generation of this master served: its claims may not exist yet"
+        );
+        m.notified_ready = true;
+        let (gone, claims) = m.claims_to_release().expect("a release");
+        assert_eq!(gone, [1, 3], "draining and abandoned generations let go");
+        assert_eq!(claims.keep, [2, 4], "serving and starting ones keep theirs");
+        assert_eq!(claims.below, 5, "later generations are never named");
+        assert_eq!(claims.instance, m.instance);
+        assert_eq!(claims.owner, format!("proxyd {}", m.config_path.display()));
+        // Once done, only a change sends another; the first one also released earlier masters.
+        m.unreleased.retain(|n| !gone.contains(n));
+        m.released_others = true;
+        assert!(m.claims_to_release().is_none());
+        m.generations[1].state = State::Draining;
+        assert_eq!(m.claims_to_release().map(|(g, _)| g), Some(vec![2]));
+        m.releasing = true;
+        assert!(m.claims_to_release().is_none(), "one release at a time");
+        m.releasing = false;
+        m.stopping = true;
+        assert!(
+            m.claims_to_release().is_none(),
+            "a stopping master keeps every listener for the next one"
         );
     }
 
