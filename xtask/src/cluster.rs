@@ -122,6 +122,98 @@ balance = "roundrobin"
     s
 }
 
+/// proxyd.toml with the seed's backend (examples/proxyd-seed.toml: roundrobin, HTTP checks of
+/// GET /index.php, redispatch, forwardfor, the seed's timeouts and maxconns), for the lb e2e
+/// nodes and the http bench; the stick rule is there when stickd is.
+pub struct SeedProxyd<'a> {
+    /// The file's first line, after `# `.
+    pub what: &'a str,
+    pub admin: &'a Path,
+    pub fdkeeper: &'a Path,
+    pub stickd: Option<&'a Path>,
+    /// More `[global]` lines (metrics, drain, threads...).
+    pub global: String,
+    pub frontend: SocketAddr,
+    pub table: &'a str,
+    pub timeout_check: &'a str,
+    pub check_inter: &'a str,
+    pub fall: u32,
+    pub servers: &'a [(String, SocketAddr)],
+}
+
+impl SeedProxyd<'_> {
+    pub fn toml(&self) -> String {
+        let SeedProxyd {
+            what,
+            admin,
+            fdkeeper,
+            stickd,
+            global,
+            frontend,
+            table,
+            timeout_check,
+            check_inter,
+            fall,
+            servers,
+        } = self;
+        let stickd = stickd.map_or(String::new(), |s| {
+            format!("stickd_socket = \"{}\"\n", s.display())
+        });
+        let mut s = format!(
+            r#"# {what}
+[global]
+admin_socket = "{}"
+fdkeeper_socket = "{}"
+{stickd}{global}
+[defaults]
+timeout_http_request = "2s"
+timeout_queue = "3s"
+timeout_connect = "1s"
+timeout_client = "10s"
+timeout_server = "2s"
+timeout_http_keep_alive = "10s"
+timeout_check = "{timeout_check}"
+maxconn = 18000
+retries = 3
+redispatch = true
+forwardfor = true
+forwardfor_except = "127.0.0.0/8"
+
+[[frontend]]
+name = "http-in"
+bind = ["{frontend}"]
+mode = "http"
+default_backend = "{table}"
+
+[[backend]]
+name = "{table}"
+balance = "roundrobin"
+
+[backend.check]
+type = "http"
+method = "GET"
+path = "/index.php"
+expect_status = 200
+inter = "{check_inter}"
+fall = {fall}
+"#,
+            admin.display(),
+            fdkeeper.display(),
+        );
+        if self.stickd.is_some() {
+            s.push_str(
+                "\n[backend.stick]\non = \"req.cook(PHPSESSID)\"\nstore_response = \"res.cook(PHPSESSID)\"\n",
+            );
+        }
+        for (name, addr) in *servers {
+            s.push_str(&format!(
+                "\n[[backend.server]]\nname = \"{name}\"\naddress = \"{addr}\"\ncheck = true\nrise = 1\nmaxconn = 3000\n"
+            ));
+        }
+        s
+    }
+}
+
 /// Starts one demo backend per name on 127.0.0.`host` (ports from `preferred_base` up when
 /// free), and waits until each accepts.
 pub async fn start_backends(

@@ -538,62 +538,20 @@ fn proxyd_toml(
     frontend: SocketAddr,
     servers: &[(String, SocketAddr)],
 ) -> String {
-    let stickd_line = stickd.map_or(String::new(), |s| {
-        format!("stickd_socket = \"{}\"\n", s.display())
-    });
-    let mut s = format!(
-        r#"# proxyd for the http bench: the seed's backend, one thread.
-[global]
-admin_socket = "{}"
-fdkeeper_socket = "{}"
-{stickd_line}threads = 1
-
-[defaults]
-timeout_http_request = "2s"
-timeout_queue = "3s"
-timeout_connect = "1s"
-timeout_client = "10s"
-timeout_server = "2s"
-timeout_http_keep_alive = "10s"
-timeout_check = "2s"
-maxconn = 18000
-retries = 3
-redispatch = true
-forwardfor = true
-forwardfor_except = "127.0.0.0/8"
-
-[[frontend]]
-name = "http-in"
-bind = ["{frontend}"]
-mode = "http"
-default_backend = "{TABLE}"
-
-[[backend]]
-name = "{TABLE}"
-balance = "roundrobin"
-
-[backend.check]
-type = "http"
-method = "GET"
-path = "/index.php"
-expect_status = 200
-inter = "{CHECK_INTER}"
-fall = 3
-"#,
-        admin.display(),
-        fdkeeper.display(),
-    );
-    if stickd.is_some() {
-        s.push_str(
-            "\n[backend.stick]\non = \"req.cook(PHPSESSID)\"\nstore_response = \"res.cook(PHPSESSID)\"\n",
-        );
+    cluster::SeedProxyd {
+        what: "proxyd for the http bench: the seed's backend, one thread.",
+        admin,
+        fdkeeper,
+        stickd,
+        global: "threads = 1\n".into(),
+        frontend,
+        table: TABLE,
+        timeout_check: "2s",
+        check_inter: CHECK_INTER,
+        fall: 3,
+        servers,
     }
-    for (name, addr) in servers {
-        s.push_str(&format!(
-            "\n[[backend.server]]\nname = \"{name}\"\naddress = \"{addr}\"\ncheck = true\nrise = 1\nmaxconn = 3000\n"
-        ));
-    }
-    s
+    .toml()
 }
 
 /// fdkeeper, stickd (when `stick`) and proxyd; waits until proxyd serves.

@@ -148,65 +148,30 @@ pub fn proxyd_seed_toml(
     metrics: SocketAddr,
     servers: &[(String, SocketAddr)],
 ) -> String {
-    let mut s = format!(
-        r#"# proxyd for an lb e2e node: the seed's sticky backend.
-[global]
-admin_socket = "{}"
-fdkeeper_socket = "{}"
-stickd_socket = "{}"
-metrics = "{metrics}"
+    let global = format!(
+        r#"metrics = "{metrics}"
 drain_timeout = "10s"
 # SetServer's states outlive a restart of the master (like HAProxy's server-state-file).
 server_state_file = "{}"
 # A new generation waits up to half of this for stickd's snapshot.
 worker_ready_timeout = "4s"
-
-[defaults]
-timeout_http_request = "2s"
-timeout_queue = "3s"
-timeout_connect = "1s"
-timeout_client = "10s"
-timeout_server = "2s"
-timeout_http_keep_alive = "10s"
-timeout_check = "1s"
-maxconn = 18000
-retries = 3
-redispatch = true
-forwardfor = true
-forwardfor_except = "127.0.0.0/8"
-
-[[frontend]]
-name = "http-in"
-bind = ["{frontend}"]
-default_backend = "{TABLE}"
-
-[[backend]]
-name = "{TABLE}"
-balance = "roundrobin"
-
-[backend.check]
-type = "http"
-method = "GET"
-path = "/index.php"
-expect_status = 200
-inter = "{INTER_MS}ms"
-fall = {FALL}
-
-[backend.stick]
-on = "req.cook(PHPSESSID)"
-store_response = "res.cook(PHPSESSID)"
 "#,
-        admin.display(),
-        fdkeeper.display(),
-        stickd.display(),
         admin.with_file_name("server-state").display()
     );
-    for (name, addr) in servers {
-        s.push_str(&format!(
-            "\n[[backend.server]]\nname = \"{name}\"\naddress = \"{addr}\"\ncheck = true\nrise = 1\nmaxconn = 3000\n"
-        ));
+    cluster::SeedProxyd {
+        what: "proxyd for an lb e2e node: the seed's sticky backend.",
+        admin,
+        fdkeeper,
+        stickd: Some(stickd),
+        global,
+        frontend,
+        table: TABLE,
+        timeout_check: "1s",
+        check_inter: &format!("{INTER_MS}ms"),
+        fall: FALL,
+        servers,
     }
-    s
+    .toml()
 }
 
 impl Lb {
