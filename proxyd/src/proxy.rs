@@ -286,6 +286,9 @@ pub struct Shared {
     pub stats: Stats,
     /// Fired when the worker drains: no more accepting, `Connection: close` on every response.
     pub drain: CancellationToken,
+    /// Set before `drain` fires for a graceful drain: each accept loop then takes what its
+    /// queue already holds before it closes its listener (see `accept_loop`).
+    take_queue: AtomicBool,
     pub stick: Option<Arc<StickCache>>,
     pub frontends: Vec<FrontendCounters>,
 }
@@ -450,6 +453,7 @@ impl Proxy {
                 backends,
                 stats: Stats::default(),
                 drain: CancellationToken::new(),
+                take_queue: AtomicBool::new(false),
                 stick,
             }),
             connections: TaskTracker::new(),
@@ -506,8 +510,12 @@ impl Proxy {
         self.accepting.wait().await;
     }
 
-    /// Waits until no connection is left, or hard-stops the rest at `deadline`.
+    /// Waits until no connection is left, or hard-stops the rest at `deadline`. With time left,
+    /// the connections already queued on the listeners are accepted and served first.
     pub async fn finish(&self, deadline: Instant) {
+        if deadline > Instant::now() {
+            self.shared.take_queue.store(true, Ordering::Relaxed);
+        }
         self.drain().await;
         self.connections.close();
         if tokio::time::timeout_at(deadline, self.connections.wait())
@@ -556,35 +564,15 @@ async fn accept_loop(
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                let shared = shared.clone();
-                let hard_stop = hard_stop.clone();
-                shared
-                    .stats
-                    .active_connections
-                    .fetch_add(1, Ordering::Relaxed);
-                let fc = &shared.frontends[frontend];
-                fc.connections_active.fetch_add(1, Ordering::Relaxed);
-                fc.connections_total.fetch_add(1, Ordering::Relaxed);
-                let span = tracing::debug_span!("conn", client.addr = %peer);
-                connections.spawn(
-                    async move {
-                        tokio::select! {
-                            _ = serve(shared.clone(), frontend, stream, peer) => {}
-                            _ = hard_stop.cancelled() => {}
-                        }
-                        shared
-                            .stats
-                            .active_connections
-                            .fetch_sub(1, Ordering::Relaxed);
-                        shared.frontends[frontend]
-                            .connections_active
-                            .fetch_sub(1, Ordering::Relaxed);
-                        drop(permit);
-                    }
-                    .instrument(span),
-                );
-            }
+            Ok((stream, peer)) => spawn_conn(
+                &shared,
+                frontend,
+                stream,
+                peer,
+                permit,
+                &connections,
+                &hard_stop,
+            ),
             Err(e) => {
                 // EMFILE and friends: back off briefly rather than spin.
                 tracing::warn!(error = %e, "accept failed");
@@ -592,7 +580,119 @@ async fn accept_loop(
             }
         }
     }
+    if shared.take_queue.load(Ordering::Relaxed) {
+        take_queue(
+            &shared,
+            frontend,
+            listener,
+            &limit,
+            &connections,
+            &hard_stop,
+        );
+    }
     tracing::debug!("stopped accepting");
+}
+
+/// Most connections a drain takes from one listener's queue.
+const TAKE_QUEUE_MAX: usize = 4096;
+
+/// Accepts, without waiting, what the kernel has already queued on a listener this worker
+/// stops using, and serves it (with `Connection: close`, as the worker drains). When the bind
+/// stays in the config the next generation would take these too; when the reload dropped it,
+/// nobody else will, and closing the listener would reset them: a reload loses no queued
+/// connection either way. Only what arrives in the microseconds between this and the close of
+/// the last copy of a dropped listener is refused.
+fn take_queue(
+    shared: &Arc<Shared>,
+    frontend: usize,
+    listener: tokio::net::TcpListener,
+    limit: &Arc<tokio::sync::Semaphore>,
+    connections: &TaskTracker,
+    hard_stop: &CancellationToken,
+) {
+    // Out of tokio's hands: its readiness may not have seen the last arrivals yet.
+    let Ok(listener) = listener.into_std() else {
+        return;
+    };
+    let mut taken = 0;
+    while taken < TAKE_QUEUE_MAX {
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            break;
+        };
+        let (stream, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept of a queued connection failed");
+                break;
+            }
+        };
+        let stream = match stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(stream))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot serve a queued connection");
+                continue;
+            }
+        };
+        spawn_conn(
+            shared,
+            frontend,
+            stream,
+            peer,
+            permit,
+            connections,
+            hard_stop,
+        );
+        taken += 1;
+    }
+    if taken > 0 {
+        tracing::info!(
+            connections = taken,
+            "took the queued connections before closing"
+        );
+    }
+}
+
+fn spawn_conn(
+    shared: &Arc<Shared>,
+    frontend: usize,
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    connections: &TaskTracker,
+    hard_stop: &CancellationToken,
+) {
+    let shared = shared.clone();
+    let hard_stop = hard_stop.clone();
+    shared
+        .stats
+        .active_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let fc = &shared.frontends[frontend];
+    fc.connections_active.fetch_add(1, Ordering::Relaxed);
+    fc.connections_total.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::debug_span!("conn", client.addr = %peer);
+    connections.spawn(
+        async move {
+            tokio::select! {
+                _ = serve(shared.clone(), frontend, stream, peer) => {}
+                _ = hard_stop.cancelled() => {}
+            }
+            shared
+                .stats
+                .active_connections
+                .fetch_sub(1, Ordering::Relaxed);
+            shared.frontends[frontend]
+                .connections_active
+                .fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        }
+        .instrument(span),
+    );
 }
 
 async fn serve(

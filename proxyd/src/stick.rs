@@ -1201,8 +1201,8 @@ mod tests {
                 .allocator()
                 .probe_start::<Slot>(hash)
                 .expect("a table");
-            let at = shard.entries.find(hash, |e| e.key.is(k)).expect("stored") as *const Slot
-                as usize;
+            let at =
+                shard.entries.find(hash, |e| e.key.is(k)).expect("stored") as *const Slot as usize;
             // Buckets are laid out in reverse: probe step i is `i` buckets below home.
             if at <= guess && (guess - at).is_multiple_of(size) {
                 let step = (guess - at) / size;

@@ -421,7 +421,8 @@ unsafe impl allocator_api2::alloc::Allocator for TableAlloc {
         use allocator_api2::alloc::{AllocError, Global};
         if !Self::mapped(layout) {
             let block = Global.allocate(layout)?;
-            self.block.set((block.cast::<u8>().as_ptr() as usize, layout.size()));
+            self.block
+                .set((block.cast::<u8>().as_ptr() as usize, layout.size()));
             return Ok(block);
         }
         let len = layout.size().next_multiple_of(PAGE);
@@ -495,10 +496,8 @@ mod tests {
         for line in smaps.lines() {
             if let Some((range, _)) = line.split_once(' ')
                 && let Some((lo, hi)) = range.split_once('-')
-                && let (Ok(lo), Ok(hi)) = (
-                    usize::from_str_radix(lo, 16),
-                    usize::from_str_radix(hi, 16),
-                )
+                && let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
             {
                 inside = (lo..hi).contains(&addr);
             } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
@@ -517,7 +516,11 @@ mod tests {
         let block = alloc.allocate(layout).expect("mapped");
         let p = block.cast::<u8>();
         let len = layout.size().next_multiple_of(PAGE);
-        assert_eq!(CountingAlloc::thread_bytes() - before, len as i64, "counted");
+        assert_eq!(
+            CountingAlloc::thread_bytes() - before,
+            len as i64,
+            "counted"
+        );
         assert_eq!(
             (p.as_ptr() as usize + len) % HUGE_PAGE,
             0,
@@ -537,7 +540,11 @@ mod tests {
         drop(flags);
         // SAFETY: allocated just above with this layout.
         unsafe { alloc.deallocate(p, layout) };
-        assert_eq!(CountingAlloc::thread_bytes(), before, "uncounted when freed");
+        assert_eq!(
+            CountingAlloc::thread_bytes(),
+            before,
+            "uncounted when freed"
+        );
         assert!(vm_flags(p.as_ptr() as usize + len - 1).is_none_or(|f| !f.contains("hg")));
 
         let small = Layout::from_size_align(HUGE_PAGE - 1, 16).expect("layout");

@@ -137,6 +137,34 @@ where
     }
 }
 
+/// Whether `pid` still holds a listening TCP socket, i.e. has not closed its listener copies
+/// on drain (a worker drains when it handles the master's message, a moment after the next
+/// generation is reported serving).
+fn listens(pid: u32) -> bool {
+    let mut inodes = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.get(3) == Some(&"0A")
+                && let Some(inode) = f.get(9)
+            {
+                inodes.insert(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten().any(|fd| {
+                std::fs::read_link(fd.path()).is_ok_and(|l| inodes.contains(&*l.to_string_lossy()))
+            })
+        })
+        .unwrap_or(false)
+}
+
 fn alive(pid: u32) -> bool {
     // A zombie is dead for our purposes.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -475,6 +503,8 @@ async fn oldest_draining_generation_is_stopped_beyond_max_draining() {
     c1.send(&get("/"), false).await.expect("reply");
     reload(&e.admin).await.expect("reload");
     let (_, pid2, _) = serving(&e.admin).await.expect("serving");
+    // c2 must reach generation 2, not the last accepts of generation 1.
+    wait_for(Duration::from_secs(5), || async { !listens(pid1) }).await;
     let mut c2 = Client::connect(e.front).await.expect("connect");
     c2.send(&get("/"), false).await.expect("reply");
     tokio::time::sleep(Duration::from_millis(100)).await;

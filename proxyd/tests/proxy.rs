@@ -251,6 +251,55 @@ async fn drain_stops_accepting_and_closes_idle_keepalive_only_after_its_next_req
     assert_eq!(proxy.stats().active_connections, 0);
 }
 
+/// Connections that completed their handshake before the drain but were not accepted yet are
+/// served, not reset when the listener closes (a reload that drops a bind).
+#[tokio::test]
+async fn a_graceful_drain_serves_the_connections_already_queued() {
+    use std::io::Write;
+    use tokio::io::AsyncReadExt;
+    let b = backend(|_| ok("queued")).await;
+    // On this single-threaded runtime the accept loop has not run yet: these five wait in the
+    // kernel's accept queue, as connections do between two accepts under load.
+    let (proxy, addr) = start(&[b.addr]);
+    let mut queued = Vec::new();
+    for _ in 0..5 {
+        let mut s = std::net::TcpStream::connect(addr).expect("handshake done by the kernel");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .expect("request");
+        s.set_nonblocking(true).expect("nonblocking");
+        queued.push(tokio::net::TcpStream::from_std(s).expect("tokio stream"));
+    }
+    let replies = async {
+        let mut out = Vec::new();
+        for mut s in queued {
+            let mut buf = Vec::new();
+            let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+            out.push((
+                r.map(|r| r.is_ok()),
+                String::from_utf8_lossy(&buf).into_owned(),
+            ));
+        }
+        out
+    };
+    let ((), replies) = tokio::join!(
+        proxy.finish(tokio::time::Instant::now() + Duration::from_secs(5)),
+        replies
+    );
+    for (read, text) in replies {
+        assert_eq!(read, Ok(true), "read to the end: {text}");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.ends_with("queued"), "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
+    }
+    assert!(
+        Client::connect(addr).await.is_err(),
+        "the listener is closed"
+    );
+}
+
 #[tokio::test]
 async fn drain_deadline_closes_what_is_left() {
     let b = backend(|_| ok("x")).await;
