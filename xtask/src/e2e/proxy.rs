@@ -723,11 +723,18 @@ fn install_new_build(path: &Path) -> Result<u64> {
     Ok(std::fs::metadata(path)?.ino())
 }
 
-async fn binary_upgrade(mut env: Env) -> Result<Outcome> {
+/// A copy of the release proxyd in the scenario's own bin/, for a node to run and a scenario to
+/// replace as an upgrade would.
+fn private_proxyd(env: &Env) -> Result<std::path::PathBuf> {
     let bin = env.path("bin/proxyd");
     std::fs::create_dir_all(env.path("bin"))?;
     std::fs::copy(harness::release_bin("proxyd"), &bin)?;
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+    Ok(bin)
+}
+
+async fn binary_upgrade(mut env: Env) -> Result<Outcome> {
+    let bin = private_proxyd(&env)?;
     let node = Node::start(
         &mut env,
         NodeOptions {

@@ -2,7 +2,6 @@
 //! closed in fdkeeper, and a crashed old generation is never run with a binary it did not start with.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -12,7 +11,9 @@ use proto::proxyd::v1::{GenerationState, StatusReply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{ensure_no_failures, exe_inode, install_new_build, ms, print_load, start_load};
+use super::{
+    ensure_no_failures, exe_inode, install_new_build, ms, print_load, private_proxyd, start_load,
+};
 use crate::cluster::{self, Node, NodeOptions};
 use crate::e2e::{Outcome, Scenario, figure};
 use crate::harness::{self, Env};
@@ -279,10 +280,7 @@ fn workers_running(master: u32, inode: u64) -> Vec<u32> {
 }
 
 async fn upgrade_old_generation_crash(mut env: Env) -> Result<Outcome> {
-    let bin = env.path("bin/proxyd");
-    std::fs::create_dir_all(env.path("bin"))?;
-    std::fs::copy(harness::release_bin("proxyd"), &bin)?;
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+    let bin = private_proxyd(&env)?;
     let node = Node::start(
         &mut env,
         NodeOptions {
