@@ -3,7 +3,9 @@
 //!
 //! Every time is taken in this process on one clock: a store's reply time comes from the writer
 //! task, an update's arrival from a `Watch` stream on the peer, so lag = arrival - reply.
-//! `STICKD_BENCH_BIN=/path/to/stickd` runs another build (for before/after comparisons).
+//! `STICKD_BENCH_BIN=/path/to/stickd` runs another build (for before/after comparisons);
+//! `STICKD_BENCH_RESYNC_ONLY=1` runs only the resync part and `STICKD_BENCH_RESYNC_ROUNDS=N`
+//! resyncs a wiped peer N times (default 1) against the same origin, for a median.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -54,6 +56,29 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
     let rounds = ctx.rounds(3);
     let secs = ctx.pick(Duration::from_secs(1), Duration::from_secs(3));
     let resync_n = ctx.pick(100_000, 1_000_000);
+    let resync_only = std::env::var_os("STICKD_BENCH_RESYNC_ONLY").is_some();
+    let resync_rounds = match std::env::var("STICKD_BENCH_RESYNC_ROUNDS") {
+        Ok(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+            .with_context(|| format!("STICKD_BENCH_RESYNC_ROUNDS={v}: a count above 0"))?,
+        Err(_) => 1,
+    };
+
+    if resync_only {
+        let rs = resync(resync_n, resync_rounds).await?;
+        let mut s = Section::new("stickd: resync only");
+        s.text.push(format!(
+            "`{}`, STICKD_BENCH_RESYNC_ONLY: the resync part alone.",
+            bin.display()
+        ));
+        let mut t = Table::new(&["figure", "measured", "target", "met"]);
+        resync_rows(&mut t, &rs);
+        s.tables.push(t);
+        s.notes.push(resync_note(&rs));
+        return Ok(s);
+    }
 
     let mut local = Vec::new();
     let mut local_cpu = Vec::new();
@@ -63,7 +88,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         local_cpu.push(cpu_us);
     }
     let repl = replication(rounds, secs).await?;
-    let rs = resync(resync_n).await?;
+    let rs = resync(resync_n, resync_rounds).await?;
 
     let mut s = Section::new("stickd: writes, replication lag, resync, size per entry");
     s.text.push(format!(
@@ -138,22 +163,58 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         none(),
         none(),
     ]);
+    resync_rows(&mut t, &rs);
+    s.tables.push(t);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let all = stats::median(&repl.sat_cpu_all);
+    s.notes.push(format!(
+        "Where saturation stops: the three stickd together used {all:.1} µs of CPU per replicated \
+         update (sender, two receivers, their sled writers), so on this machine's {cores} cores \
+         they alone could carry at most {:.0} updates/s; the bench's load client and its two \
+         Watch streams run on the same cores, and so does whatever else the machine is doing \
+         (load average {} at the end of this section).",
+        cores as f64 * 1e6 / all,
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_else(|| "unknown".into())
+    ));
+    s.notes.push(resync_note(&rs));
+    Ok(s)
+}
+
+/// The resync figures' rows.
+fn resync_rows(t: &mut Table, rs: &Resync) {
+    let met = |ok: bool| if ok { "met" } else { "missed" }.to_owned();
+    let none = || "-".to_owned();
+    let equal: Vec<f64> = rs.equal.iter().map(Duration::as_secs_f64).collect();
+    let serving: Vec<f64> = rs.serving.iter().map(Duration::as_secs_f64).collect();
     t.row(vec![
         format!(
             "full resync of {} entries: new empty peer started until its table equals",
             rs.n
         ),
         format!(
-            "{:.2} s (serving after {:.2} s)",
-            rs.equal.as_secs_f64(),
-            rs.serving.as_secs_f64()
+            "{} s (serving after {} s)",
+            stats::with_spread(&equal, 2),
+            stats::with_spread(&serving, 2)
         ),
         if rs.n >= 1_000_000 {
             "< 2 s".into()
         } else {
             "< 2 s at 1M (quick: smaller)".into()
         },
-        met(rs.equal < Duration::from_secs(2)),
+        met(stats::median(&equal) < 2.0),
+    ]);
+    t.row(vec![
+        "CPU s used until then: node1 (sender) / node2 (receiver, from its start)".into(),
+        format!(
+            "{} / {}",
+            stats::with_spread(&rs.cpu_sender, 2),
+            stats::with_spread(&rs.cpu_receiver, 2)
+        ),
+        none(),
+        none(),
     ]);
     t.row(vec![
         format!("local writes/s while filling {} entries", rs.n),
@@ -187,35 +248,23 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         none(),
         none(),
     ]);
-    s.tables.push(t);
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let all = stats::median(&repl.sat_cpu_all);
-    s.notes.push(format!(
-        "Where saturation stops: the three stickd together used {all:.1} µs of CPU per replicated \
-         update (sender, two receivers, their sled writers), so on this machine's {cores} cores \
-         they alone could carry at most {:.0} updates/s; the bench's load client and its two \
-         Watch streams run on the same cores, and so does whatever else the machine is doing \
-         (load average {} at the end of this section).",
-        cores as f64 * 1e6 / all,
-        std::fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-            .unwrap_or_else(|| "unknown".into())
-    ));
-    s.notes.push(format!(
+}
+
+fn resync_note(rs: &Resync) -> String {
+    format!(
         "Resync: node1 wrote {} entries with `log_keep = {}`, so its log no longer reached back \
-         to the start and the new peer got a full snapshot ({} snapshot(s), {} entries sent); the \
-         time runs from the peer's process start until its `Stats` count equals node1's, and the \
-         two tables were then compared key by key (server and version): equal. Disk is the \
-         data_dir's allocated blocks after a flush; RSS per entry is the growth over an empty \
-         stickd ({:.1} MiB).",
+         to the start and the new peer got a full snapshot ({} snapshot(s), {} entries sent over \
+         {} round(s), each with node2's data_dir wiped before its start); the time runs from the \
+         peer's process start until its `Stats` count equals node1's, and the two tables were \
+         then compared key by key (server and version): equal. Disk is the data_dir's allocated \
+         blocks after a flush; RSS per entry is the growth over an empty stickd ({:.1} MiB).",
         rs.n,
         rs.log_keep,
         rs.snapshots_sent,
         rs.entries_sent,
+        rs.equal.len(),
         rs.rss_empty as f64 / f64::from(1 << 20)
-    ));
-    Ok(s)
+    )
 }
 
 fn stickd_bin() -> PathBuf {
@@ -668,17 +717,24 @@ struct Resync {
     rss_empty: u64,
     disk_origin: u64,
     rss_origin: u64,
+    /// Of the last round.
     disk_peer: u64,
     rss_peer: u64,
-    serving: Duration,
-    equal: Duration,
+    /// One per round.
+    serving: Vec<Duration>,
+    equal: Vec<Duration>,
+    /// CPU seconds of node1 (sender) and node2 (receiver) until equal, per round: what the
+    /// resync costs whatever else the machine runs.
+    cpu_sender: Vec<f64>,
+    cpu_receiver: Vec<f64>,
     snapshots_sent: u64,
     entries_sent: u64,
 }
 
 /// node1 takes `n` entries while node2 does not exist yet; node2 then starts with an empty
 /// data_dir and a log position that node1's trimmed log no longer reaches: a full snapshot.
-async fn resync(n: usize) -> Result<Resync> {
+/// Each further round stops node2, wipes its data_dir and starts it again.
+async fn resync(n: usize, rounds: usize) -> Result<Resync> {
     let log_keep = (n / 10) as u64;
     let mut env = Env::new("bench-stickd-resync")?;
     let mut nodes = configure(&mut env, &[1, 2], log_keep)?;
@@ -705,33 +761,56 @@ async fn resync(n: usize) -> Result<Resync> {
     );
     let disk_origin = nodes[0].disk_bytes();
     let rss_origin = stats::rss_bytes(nodes[0].pid()).saturating_sub(rss_empty);
+    let expected = table(&mut c1).await?;
 
-    let started = Instant::now();
-    nodes[1].start(&env)?;
-    let mut c2 = nodes[1].client().await?;
-    let serving = started.elapsed();
-    let deadline = started + DRAIN;
-    let equal = loop {
-        let s = nodes[1].stats(&mut c2).await?;
-        if used(&s) >= origin_used {
-            break started.elapsed();
+    let mut serving = Vec::new();
+    let mut equal = Vec::new();
+    let (mut cpu_sender, mut cpu_receiver) = (Vec::new(), Vec::new());
+    let (mut disk_peer, mut rss_peer) = (0, 0);
+    for round in 0..rounds {
+        if round > 0 {
+            let node = &mut nodes[1];
+            if let Some(p) = node.proc.as_mut() {
+                p.signal(nix::sys::signal::Signal::SIGTERM)?;
+                p.wait_exit(BOOT).await?;
+            }
+            let data = node.dir.join("data");
+            std::fs::remove_dir_all(&data).with_context(|| format!("wiping {}", data.display()))?;
         }
-        if Instant::now() > deadline {
-            bail!(
-                "node2 holds {} of {origin_used} entries after {DRAIN:?}",
-                used(&s)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    // Not timed: the two tables, key by key.
-    let (a, b) = (table(&mut c1).await?, table(&mut c2).await?);
-    ensure!(
-        a == b,
-        "node2's table differs from node1's ({} and {} entries)",
-        a.len(),
-        b.len()
-    );
+        let sender_cpu0 = stats::cpu_time(nodes[0].pid());
+        let started = Instant::now();
+        nodes[1].start(&env)?;
+        let mut c2 = nodes[1].client().await?;
+        serving.push(started.elapsed());
+        let deadline = started + DRAIN;
+        equal.push(loop {
+            let s = nodes[1].stats(&mut c2).await?;
+            if used(&s) >= origin_used {
+                let at = started.elapsed();
+                cpu_sender.push((stats::cpu_time(nodes[0].pid()) - sender_cpu0).as_secs_f64());
+                cpu_receiver.push(stats::cpu_time(nodes[1].pid()).as_secs_f64());
+                break at;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node2 holds {} of {origin_used} entries after {DRAIN:?}",
+                    used(&s)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        });
+        // Not timed: the two tables, key by key.
+        let b = table(&mut c2).await?;
+        ensure!(
+            expected == b,
+            "round {round}: node2's table differs from node1's ({} and {} entries)",
+            expected.len(),
+            b.len()
+        );
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        disk_peer = nodes[1].disk_bytes();
+        rss_peer = stats::rss_bytes(nodes[1].pid()).saturating_sub(rss_empty);
+    }
     let p = c1
         .show_peers(pb::ShowPeersRequest {})
         .await?
@@ -740,9 +819,6 @@ async fn resync(n: usize) -> Result<Resync> {
         .into_iter()
         .find(|p| p.name == "node2")
         .context("node1 does not list node2")?;
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let disk_peer = nodes[1].disk_bytes();
-    let rss_peer = stats::rss_bytes(nodes[1].pid()).saturating_sub(rss_empty);
     Ok(Resync {
         n,
         log_keep,
@@ -754,6 +830,8 @@ async fn resync(n: usize) -> Result<Resync> {
         rss_peer,
         serving,
         equal,
+        cpu_sender,
+        cpu_receiver,
         snapshots_sent: p.snapshots_sent,
         entries_sent: p.entries_sent,
     })
