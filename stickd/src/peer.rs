@@ -365,14 +365,12 @@ async fn push_once(
         // table, and the peer applies the first chunks while we copy the next.
         let mut entries = 0;
         let n = tables.len();
-        for (i, t) in tables.into_iter().enumerate() {
-            let parts: Vec<&[String]> = if t.keys.is_empty() {
-                vec![&[]]
-            } else {
-                t.keys.chunks(SNAPSHOT_CHUNK).collect()
-            };
-            let m = parts.len();
-            for (j, part) in parts.into_iter().enumerate() {
+        for (i, mut t) in tables.into_iter().enumerate() {
+            // At least one chunk per table (it carries the clear).
+            let m = t.keys.len().div_ceil(SNAPSHOT_CHUNK).max(1);
+            let mut rest = std::mem::take(&mut t.keys).into_iter();
+            for j in 0..m {
+                let part: Vec<String> = rest.by_ref().take(SNAPSHOT_CHUNK).collect();
                 let chunk = store.snapshot_entries(&t.name, part);
                 entries += chunk.len();
                 let last = i + 1 == n && j + 1 == m;
@@ -644,17 +642,21 @@ async fn receive(
     shutdown: &CancellationToken,
 ) -> Result<(), Status> {
     let from = state.peer.name.clone();
+    // A snapshot chunk is applied while the next message is read and decoded; anything else
+    // waits for it, so that changes apply in the order sent and no ack runs ahead of the data.
+    let mut applying: Option<Applying> = None;
     loop {
         let msg = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => return finish(&mut applying, state).await,
             m = tokio::time::timeout(dead_after, incoming.next()) => match m {
                 Err(_) => return Err(Status::deadline_exceeded(format!("nothing from {from} for {dead_after:?}"))),
-                Ok(None) => return Ok(()),
+                Ok(None) => return finish(&mut applying, state).await,
                 Ok(Some(m)) => m?,
             },
         };
         let answer = match msg.msg {
             Some(pb::peer_message::Msg::Batch(b)) => {
+                finish(&mut applying, state).await?;
                 let Some(last) = b.changes.last().map(|c| c.seq) else {
                     continue;
                 };
@@ -684,23 +686,25 @@ async fn receive(
                 pb::peer_reply::Msg::Ack(pb::Ack { seq: position })
             }
             Some(pb::peer_message::Msg::Snapshot(c)) => {
+                finish(&mut applying, state).await?;
                 if !c.table.is_empty() && skip.contains(&c.table) {
                     continue;
                 }
                 let n = c.entries.len() as u64;
                 let (last, through) = (c.last, c.through_seq);
                 let (st, from2) = (store.clone(), from.clone());
-                tokio::task::spawn_blocking(move || st.apply_snapshot(&from2, epoch, c))
-                    .await
-                    .map_err(|e| Status::internal(format!("apply task failed: {e}")))?
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                let mut s = state.lock();
-                s.entries_received += n;
+                let task = tokio::task::spawn_blocking(move || {
+                    let r = st.apply_snapshot(&from2, epoch, c);
+                    st.backpressure();
+                    r
+                });
+                applying = Some(Applying { task, entries: n });
                 if !last {
                     continue;
                 }
+                finish(&mut applying, state).await?;
                 position = through;
-                s.received = position;
+                state.lock().received = position;
                 info!(through = position, "snapshot from peer applied");
                 pb::peer_reply::Msg::Ack(pb::Ack { seq: position })
             }
@@ -712,9 +716,28 @@ async fn receive(
             }
         };
         if tx.send(reply(answer)).await.is_err() {
-            return Ok(());
+            return finish(&mut applying, state).await;
         }
     }
+}
+
+/// A snapshot chunk being applied (off the async workers) while the stream is read on.
+struct Applying {
+    task: tokio::task::JoinHandle<Result<(), StoreError>>,
+    entries: u64,
+}
+
+/// Waits for the chunk being applied, if any, and counts its entries.
+async fn finish(applying: &mut Option<Applying>, state: &PeerState) -> Result<(), Status> {
+    let Some(a) = applying.take() else {
+        return Ok(());
+    };
+    a.task
+        .await
+        .map_err(|e| Status::internal(format!("apply task failed: {e}")))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+    state.lock().entries_received += a.entries;
+    Ok(())
 }
 
 #[cfg(test)]

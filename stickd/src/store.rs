@@ -154,6 +154,31 @@ struct Pending {
     queue: Mutex<Queue>,
 }
 
+/// Table writes encoded as a journal value (see `disk::writes`), and how many.
+#[derive(Default)]
+struct Journal {
+    buf: Vec<u8>,
+    writes: usize,
+}
+
+impl Journal {
+    /// A table entry written (`Some`) or gone (`None`), encoded in place (no buffer per write).
+    fn entry(&mut self, table: &str, key: &str, rec: Option<&Rec>) {
+        self.writes += 1;
+        let buf = &mut self.buf;
+        crate::disk::put_bytes(buf, table.as_bytes());
+        crate::disk::put_bytes(buf, key.as_bytes());
+        match rec {
+            Some(r) => {
+                buf.push(1);
+                prost::encoding::encode_varint(r.encoded_len() as u64, buf);
+                r.encode_into(buf);
+            }
+            None => buf.push(0),
+        }
+    }
+}
+
 /// The queued writes, by kind (`persist` writes them in this order: table writes, log, meta).
 #[derive(Default)]
 struct Queue {
@@ -175,17 +200,29 @@ impl Pending {
     fn entry(&self, table: &str, key: &str, rec: Option<&Rec>) {
         let mut q = self.lock();
         q.writes += 1;
-        let buf = &mut q.journal;
-        crate::disk::put_bytes(buf, table.as_bytes());
-        crate::disk::put_bytes(buf, key.as_bytes());
-        match rec {
-            Some(r) => {
-                buf.push(1);
-                prost::encoding::encode_varint(r.encoded_len() as u64, buf);
-                r.encode_into(buf);
-            }
-            None => buf.push(0),
+        let mut j = Journal {
+            buf: std::mem::take(&mut q.journal),
+            writes: 0,
+        };
+        j.entry(table, key, rec);
+        q.journal = j.buf;
+    }
+
+    /// Queues the writes of `j` after those already queued, and empties it (one lock for a
+    /// whole batch of writes made under the store's lock).
+    fn append(&self, j: &mut Journal) {
+        if j.writes == 0 {
+            return;
         }
+        let mut q = self.lock();
+        q.writes += j.writes;
+        if q.journal.is_empty() {
+            std::mem::swap(&mut q.journal, &mut j.buf);
+        } else {
+            q.journal.extend_from_slice(&j.buf);
+        }
+        j.buf.clear();
+        j.writes = 0;
     }
 
     fn log(&self, seq: u64, change: Vec<u8>) {
@@ -220,17 +257,21 @@ struct Table {
 }
 
 impl Table {
-    /// Inserts or replaces in memory, keeping the expiry index and the live count right.
-    fn set(&mut self, key: &str, mut rec: Rec) {
-        self.unset(key);
+    /// Inserts or replaces in memory, keeping the expiry index and the live count right (one
+    /// lookup of the key).
+    fn set(&mut self, key: String, mut rec: Rec) {
         self.next_slot += 1;
         rec.slot = self.next_slot;
-        self.by_expiry
-            .insert((rec.expires, rec.slot), key.to_owned());
+        self.by_expiry.insert((rec.expires, rec.slot), key.clone());
         if !rec.deleted {
             self.live += 1;
         }
-        self.entries.insert(key.to_owned(), rec);
+        if let Some(old) = self.entries.insert(key, rec) {
+            self.by_expiry.remove(&(old.expires, old.slot));
+            if !old.deleted {
+                self.live -= 1;
+            }
+        }
     }
 
     /// Removes from memory.
@@ -254,8 +295,88 @@ impl Table {
     /// Inserts or replaces, and queues the write for sled.
     fn put(&mut self, key: &str, rec: Rec) -> Result<(), sled::Error> {
         self.pending.entry(&self.name, key, Some(&rec));
-        self.set(key, rec);
+        self.set(key.to_owned(), rec);
         Ok(())
+    }
+
+    /// Merges one entry from a peer by LWW on (version, origin); the same write with a later
+    /// expiry (a touch) replaces it. The caller has checked the table's clear and the expiry.
+    /// The write for sled goes to `journal`, which the caller hands to the queue; an eviction
+    /// hands it over first, so that the queue keeps the order of the changes.
+    #[allow(clippy::too_many_arguments)]
+    fn merge(
+        &mut self,
+        key: String,
+        e: pb::Entry,
+        origin: Arc<str>,
+        now: i64,
+        watched: bool,
+        journal: &mut Journal,
+        counters: &Counters,
+    ) -> Result<Merged, sled::Error> {
+        use std::collections::hash_map::Entry as Slot;
+        let event = watched.then(|| pb::Entry {
+            key: key.clone(),
+            server: e.server.clone(),
+            expires_unix_ms: e.expires_unix_ms,
+            version: e.version,
+            origin: e.origin.clone(),
+            deleted: e.deleted,
+            expires_in_ms: e.expires_unix_ms - now,
+        });
+        let full = self.entries.len() as u64 >= self.def.size;
+        let slot = self.next_slot + 1;
+        let rec = Rec {
+            slot,
+            server: e.server,
+            expires: e.expires_unix_ms,
+            version: e.version,
+            origin,
+            deleted: e.deleted,
+        };
+        // One lookup of the key for the common cases (a new key with room, or a newer write).
+        match self.entries.entry(key) {
+            Slot::Occupied(mut o) => {
+                let old = o.get();
+                match (rec.version, &*rec.origin).cmp(&(old.version, &*old.origin)) {
+                    std::cmp::Ordering::Less => return Ok(Merged::Ignored),
+                    // The same write, touched: the later expiry wins.
+                    std::cmp::Ordering::Equal if rec.expires <= old.expires => {
+                        return Ok(Merged::Ignored);
+                    }
+                    _ => {}
+                }
+                journal.entry(&self.name, o.key(), Some(&rec));
+                self.next_slot = slot;
+                self.by_expiry.insert((rec.expires, slot), o.key().clone());
+                if !rec.deleted {
+                    self.live += 1;
+                }
+                let old = o.insert(rec);
+                self.by_expiry.remove(&(old.expires, old.slot));
+                if !old.deleted {
+                    self.live -= 1;
+                }
+            }
+            Slot::Vacant(v) if !full => {
+                journal.entry(&self.name, v.key(), Some(&rec));
+                self.next_slot = slot;
+                self.by_expiry.insert((rec.expires, slot), v.key().clone());
+                if !rec.deleted {
+                    self.live += 1;
+                }
+                v.insert(rec);
+            }
+            Slot::Vacant(v) => {
+                let key = v.into_key();
+                // The evictions go to the queue after the writes before them.
+                self.pending.append(journal);
+                make_room(self, counters)?;
+                journal.entry(&self.name, &key, Some(&rec));
+                self.set(key, rec);
+            }
+        }
+        Ok(Merged::Applied(event))
     }
 
     /// A record read from disk at start-up: kept unless expired; returns its version.
@@ -276,7 +397,7 @@ impl Table {
         if rec.expires <= now {
             self.unset(key);
         } else {
-            self.set(key, rec);
+            self.set(key.to_owned(), rec);
         }
         Ok(version)
     }
@@ -349,6 +470,8 @@ const LOG_CHUNK: usize = 512;
 const CHECKPOINT_CHUNK: usize = 4096;
 /// Journal bytes that call for a checkpoint, at least (else: the last checkpoint's size).
 const CHECKPOINT_AFTER: u64 = 32 << 20;
+/// After a snapshot chunk that is not the last, checkpoints wait this long for the next one.
+const SNAPSHOT_QUIET_MS: i64 = 2000;
 
 /// Counters for Stats.
 #[derive(Debug, Default)]
@@ -385,6 +508,9 @@ pub struct Store {
     epochs: Vec<(u64, u64)>,
     /// Set when we may have lost writes of our own (see `open`).
     recover_since: Option<u64>,
+    /// Until when (unix ms) a snapshot from a peer is taken to be arriving: checkpoints wait
+    /// meanwhile (see `persist`).
+    snapshot_until: std::sync::atomic::AtomicI64,
     log_keep: u64,
     events: broadcast::Sender<Arc<Event>>,
     head_tx: watch::Sender<u64>,
@@ -730,6 +856,7 @@ impl Store {
             epoch,
             epochs,
             recover_since,
+            snapshot_until: std::sync::atomic::AtomicI64::new(0),
             log_keep: config.log_keep,
             events,
             head_tx,
@@ -1051,57 +1178,27 @@ impl Store {
 
     /// Merges one entry from a peer by LWW. The entry is taken by value so that its strings
     /// move into the record instead of being copied; the event for watchers is built only when
-    /// someone watches.
+    /// someone watches. Table writes go to `journal` (see `Table::merge`).
+    #[allow(clippy::too_many_arguments)]
     fn merge(
         &self,
-        inner: &mut Inner,
+        tables: &mut HashMap<String, Table>,
+        origins: &mut Vec<Arc<str>>,
         table: &str,
         mut e: pb::Entry,
+        now: i64,
         watched: bool,
+        journal: &mut Journal,
     ) -> Result<Merged, StoreError> {
-        inner.hlc.observe(e.version);
-        let Inner {
-            tables, origins, ..
-        } = inner;
         let Some(t) = tables.get_mut(table) else {
             return Ok(Merged::Ignored);
         };
-        let now = now_ms();
         if e.version <= t.cleared_version || e.expires_unix_ms <= now {
             return Ok(Merged::Ignored);
         }
         let key = canonical_key_owned(&t.def, std::mem::take(&mut e.key))?;
-        if let Some(old) = t.entries.get(&key) {
-            match (e.version, e.origin.as_str()).cmp(&(old.version, &*old.origin)) {
-                std::cmp::Ordering::Less => return Ok(Merged::Ignored),
-                // The same write, touched: the later expiry wins.
-                std::cmp::Ordering::Equal if e.expires_unix_ms <= old.expires => {
-                    return Ok(Merged::Ignored);
-                }
-                _ => {}
-            }
-        } else {
-            make_room(t, &self.counters)?;
-        }
-        let rec = Rec {
-            slot: 0,
-            server: if watched {
-                e.server.clone()
-            } else {
-                std::mem::take(&mut e.server)
-            },
-            expires: e.expires_unix_ms,
-            version: e.version,
-            origin: intern(origins, &e.origin),
-            deleted: e.deleted,
-        };
-        let event = watched.then(|| pb::Entry {
-            key: key.clone(),
-            expires_in_ms: e.expires_unix_ms - now,
-            ..e
-        });
-        t.put(&key, rec)?;
-        Ok(Merged::Applied(event))
+        let origin = intern(origins, &e.origin);
+        Ok(t.merge(key, e, origin, now, watched, journal, &self.counters)?)
     }
 
     /// Applies changes received from peer `from`, then records `through` as its position,
@@ -1117,6 +1214,8 @@ impl Store {
         let mut inner = self.lock();
         // Under the lock, as `watch` subscribes under it: no watcher can slip in between.
         let watched = self.events.receiver_count() > 0;
+        let now = now_ms();
+        let mut journal = Journal::default();
         let mut events: Vec<Event> = Vec::new();
         let (mut applied, mut ignored) = (0, 0);
         for c in changes {
@@ -1125,7 +1224,11 @@ impl Store {
             }
             match c.kind {
                 Some(pb::change::Kind::Entry(e)) => {
-                    match self.merge(&mut inner, &c.table, e, watched) {
+                    inner.hlc.observe(e.version);
+                    let Inner {
+                        tables, origins, ..
+                    } = &mut *inner;
+                    match self.merge(tables, origins, &c.table, e, now, watched, &mut journal) {
                         Ok(Merged::Applied(e)) => {
                             applied += 1;
                             let Some(e) = e else { continue };
@@ -1145,10 +1248,14 @@ impl Store {
                         | Err(StoreError::BadKey { .. } | StoreError::KeyTooLong { .. }) => {
                             ignored += 1;
                         }
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            self.pending.append(&mut journal);
+                            return Err(e);
+                        }
                     }
                 }
                 Some(pb::change::Kind::Cleared(cl)) => {
+                    self.pending.append(&mut journal);
                     inner.hlc.observe(cl.version);
                     self.apply_clear(&mut inner, &cl)?;
                     events.push(Event::Cleared(cl));
@@ -1156,6 +1263,7 @@ impl Store {
                 None => {}
             }
         }
+        self.pending.append(&mut journal);
         self.counters
             .remote_applied
             .fetch_add(applied, Ordering::Relaxed);
@@ -1171,35 +1279,90 @@ impl Store {
         Ok(())
     }
 
-    /// Applies one chunk of a peer's snapshot (entries merge by LWW like any change).
+    /// Applies one chunk of a peer's snapshot: entries merge by LWW like any change, in one
+    /// hold of the lock, without a change record per entry, and with one hand-over of the
+    /// chunk's table writes to the sled queue (the journal makes them as durable as any write).
     pub fn apply_snapshot(
         &self,
         from: &str,
         epoch: u64,
         chunk: pb::SnapshotChunk,
     ) -> Result<(), StoreError> {
-        let mut changes = Vec::with_capacity(chunk.entries.len() + 1);
-        if chunk.cleared_version > 0 {
-            changes.push(pb::Change {
-                seq: 0,
-                table: chunk.table.clone(),
-                kind: Some(pb::change::Kind::Cleared(pb::TableCleared {
-                    table: chunk.table.clone(),
-                    version: chunk.cleared_version,
-                    origin: chunk.cleared_origin,
-                })),
-            });
+        let pb::SnapshotChunk {
+            table,
+            entries,
+            cleared_version,
+            cleared_origin,
+            last,
+            through_seq,
+        } = chunk;
+        let mut inner = self.lock();
+        let watched = self.events.receiver_count() > 0;
+        let now = now_ms();
+        let mut events: Vec<Event> = Vec::new();
+        if cleared_version > 0 {
+            let cl = pb::TableCleared {
+                table: table.clone(),
+                version: cleared_version,
+                origin: cleared_origin,
+            };
+            inner.hlc.observe(cl.version);
+            self.apply_clear(&mut inner, &cl)?;
+            events.push(Event::Cleared(cl));
         }
-        for e in chunk.entries {
-            changes.push(pb::Change {
-                seq: 0,
-                table: chunk.table.clone(),
-                kind: Some(pb::change::Kind::Entry(e)),
-            });
+        if let Some(max) = entries.iter().map(|e| e.version).max() {
+            inner.hlc.observe(max);
         }
+        let mut journal = Journal {
+            // About what the chunk's writes take, so that the buffer grows once.
+            buf: Vec::with_capacity(entries.len() * 64),
+            writes: 0,
+        };
+        let mut changed = Vec::new();
+        let (mut applied, mut ignored) = (0, 0);
+        let Inner {
+            tables, origins, ..
+        } = &mut *inner;
+        for e in entries {
+            match self.merge(tables, origins, &table, e, now, watched, &mut journal) {
+                Ok(Merged::Applied(e)) => {
+                    applied += 1;
+                    changed.extend(e);
+                }
+                Ok(Merged::Ignored)
+                | Err(StoreError::BadKey { .. } | StoreError::KeyTooLong { .. }) => ignored += 1,
+                Err(e) => {
+                    self.pending.append(&mut journal);
+                    return Err(e);
+                }
+            }
+        }
+        self.pending.append(&mut journal);
+        self.counters
+            .remote_applied
+            .fetch_add(applied, Ordering::Relaxed);
+        self.counters
+            .remote_ignored
+            .fetch_add(ignored, Ordering::Relaxed);
         // The position moves only with the last chunk: an interrupted snapshot starts over.
-        let through = chunk.last.then_some(chunk.through_seq);
-        self.apply_remote(from, epoch, changes, &[], through)
+        if last {
+            self.set_received(&mut inner, from, epoch, through_seq);
+            self.snapshot_until.store(0, Ordering::Relaxed);
+        } else {
+            // A stream cut in the middle of a snapshot stops holding checkpoints back soon.
+            self.snapshot_until
+                .store(now.saturating_add(SNAPSHOT_QUIET_MS), Ordering::Relaxed);
+        }
+        if !changed.is_empty() {
+            events.push(Event::Changes {
+                table: Arc::from(table.as_str()),
+                entries: changed,
+            });
+        }
+        for ev in events {
+            self.publish(&inner, ev);
+        }
+        Ok(())
     }
 
     /// The last (epoch, sequence) of `peer`'s log applied here ((0, 0) when nothing was).
@@ -1346,7 +1509,11 @@ impl Store {
                 inner.tail.pop_front();
             }
         }
-        if disk.journal_bytes > CHECKPOINT_AFTER.max(disk.checkpoint_bytes) {
+        // Not while a snapshot arrives: its writes are in the journal already (as durable as
+        // any), and a checkpoint then would copy the table while it fills, then again after.
+        if disk.journal_bytes > CHECKPOINT_AFTER.max(disk.checkpoint_bytes)
+            && self.snapshot_until.load(Ordering::Relaxed) < now_ms()
+        {
             self.write_checkpoint(&mut disk)?;
         }
         Ok(n)
@@ -1439,26 +1606,30 @@ impl Store {
                     name: name.clone(),
                     cleared_version: t.cleared_version,
                     cleared_origin: t.cleared_origin.clone(),
-                    keys: t.entries.keys().cloned().collect(),
+                    // Nearest expiry first: the receiver's expiry index then grows at its end
+                    // (an insert at a random place of a large B-tree misses the cache).
+                    keys: t.by_expiry.values().cloned().collect(),
                 })
             })
             .collect();
         (inner.head, out)
     }
 
-    /// The unexpired entries (tombstones included) of `keys` that are still there.
-    pub fn snapshot_entries(&self, table: &str, keys: &[String]) -> Vec<pb::Entry> {
+    /// The unexpired entries (tombstones included) of `keys` that are still there. The keys
+    /// move into the entries (they were copied for the snapshot already).
+    pub fn snapshot_entries(&self, table: &str, keys: Vec<String>) -> Vec<pb::Entry> {
         let inner = self.lock();
         let Some(t) = inner.tables.get(table) else {
             return Vec::new();
         };
         let now = now_ms();
         let mut out = Vec::with_capacity(keys.len());
-        out.extend(keys.iter().filter_map(|k| {
-            t.entries
-                .get(k)
-                .filter(|r| r.expires > now)
-                .map(|r| r.to_pb(k, now))
+        out.extend(keys.into_iter().filter_map(|k| {
+            let r = t.entries.get(&k).filter(|r| r.expires > now)?;
+            Some(pb::Entry {
+                key: k,
+                ..r.to_pb("", now)
+            })
         }));
         out
     }
@@ -1896,6 +2067,72 @@ expire = "5m"
         assert!(after[0].expires_unix_ms > va[0].expires_unix_ms);
         assert_eq!(a.received("b").expect("recv"), (b.epoch(), 1));
         assert_eq!(a.received("c").expect("recv"), (0, 0));
+    }
+
+    fn entry(key: &str, server: &str, version: u64, expires: i64, deleted: bool) -> pb::Entry {
+        pb::Entry {
+            key: key.into(),
+            server: server.into(),
+            expires_unix_ms: expires,
+            version,
+            origin: "b".into(),
+            deleted,
+            expires_in_ms: 0,
+        }
+    }
+
+    #[test]
+    fn snapshot_chunks_merge_by_lww_evict_in_order_and_survive_a_restart() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = config(dir.path(), "a", "");
+        let now = now_ms();
+        let far = now + 600_000;
+        {
+            let s = Store::open(&c).expect("open");
+            let mine = s.store("web", &[item("k1", "mine")]).expect("store");
+            let (_, mut events) = s.watch(&["web".into()]).expect("watch");
+            // "web" holds 3. k1 is ours and newer than b's; k3 is a tombstone (it takes room);
+            // k4 arrives with the table full: the nearest expiry (k2, from this very chunk) goes.
+            let chunk = pb::SnapshotChunk {
+                table: "web".into(),
+                entries: vec![
+                    entry("k1", "old", mine[0].version - 1, far, false),
+                    entry("k2", "s2", 5 << 16, now + 60_000, false),
+                    entry("k3", "", 6 << 16, far, true),
+                    entry("k4", "s4", 7 << 16, far, false),
+                    entry("gone", "s5", 8 << 16, now - 1, false),
+                ],
+                last: true,
+                through_seq: 9,
+                ..Default::default()
+            };
+            s.apply_snapshot("b", 42, chunk).expect("apply");
+            assert_eq!(s.received("b").expect("received"), (42, 9));
+            assert_eq!(s.counters.evicted.load(Ordering::Relaxed), 1);
+            assert_eq!(s.counters.remote_applied.load(Ordering::Relaxed), 3);
+            assert_eq!(s.counters.remote_ignored.load(Ordering::Relaxed), 2);
+            let ev = events.try_recv().expect("an event for the chunk");
+            let Event::Changes { entries, .. } = &*ev else {
+                panic!("not changes: {ev:?}");
+            };
+            let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+            assert_eq!(keys, ["k2", "k3", "k4"]);
+            s.persist().expect("persist");
+        }
+        let s = reopen(&c);
+        let live: Vec<(String, String)> = s
+            .lookup("web", &["k1".into(), "k2".into(), "k3".into(), "k4".into()])
+            .expect("lookup")
+            .into_iter()
+            .map(|e| (e.key, e.server))
+            .collect();
+        assert_eq!(
+            live,
+            [("k1".into(), "mine".into()), ("k4".into(), "s4".into())]
+        );
+        let info = &s.tables_info()[1];
+        assert_eq!((info.used, info.tombstones), (2, 1));
+        assert_eq!(s.received("b").expect("received"), (42, 9));
     }
 
     #[test]
