@@ -368,6 +368,7 @@ async fn push_once(
         for (i, mut t) in tables.into_iter().enumerate() {
             // At least one chunk per table (it carries the clear).
             let m = t.keys.len().div_ceil(SNAPSHOT_CHUNK).max(1);
+            let total = t.keys.len() as u64;
             let mut rest = std::mem::take(&mut t.keys).into_iter();
             for j in 0..m {
                 let part: Vec<String> = rest.by_ref().take(SNAPSHOT_CHUNK).collect();
@@ -385,6 +386,7 @@ async fn push_once(
                     },
                     last,
                     through_seq: if last { through } else { 0 },
+                    table_entries: if j == 0 { total } else { 0 },
                 };
                 send(&tx, pb::peer_message::Msg::Snapshot(c)).await?;
             }
