@@ -1267,12 +1267,7 @@ impl Store {
             }
         }
         self.pending.append(&mut journal);
-        self.counters
-            .remote_applied
-            .fetch_add(applied, Ordering::Relaxed);
-        self.counters
-            .remote_ignored
-            .fetch_add(ignored, Ordering::Relaxed);
+        self.count_remote(applied, ignored);
         if let Some(through) = through {
             self.set_received(&mut inner, from, epoch, through);
         }
@@ -1280,6 +1275,13 @@ impl Store {
             self.publish(&inner, ev);
         }
         Ok(())
+    }
+
+    /// Counts what a batch from a peer changed and what it did not (older, expired, bad keys).
+    fn count_remote(&self, applied: u64, ignored: u64) {
+        let c = &self.counters;
+        c.remote_applied.fetch_add(applied, Ordering::Relaxed);
+        c.remote_ignored.fetch_add(ignored, Ordering::Relaxed);
     }
 
     /// Applies one chunk of a peer's snapshot: entries merge by LWW like any change, in one
@@ -1351,12 +1353,7 @@ impl Store {
             }
         }
         self.pending.append(&mut journal);
-        self.counters
-            .remote_applied
-            .fetch_add(applied, Ordering::Relaxed);
-        self.counters
-            .remote_ignored
-            .fetch_add(ignored, Ordering::Relaxed);
+        self.count_remote(applied, ignored);
         // The position moves only with the last chunk: an interrupted snapshot starts over.
         if last {
             self.set_received(&mut inner, from, epoch, through_seq);
