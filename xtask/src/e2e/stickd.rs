@@ -689,7 +689,20 @@ impl Netns {
             ns.names.push(n.clone());
             let (h, v) = (format!("h{i}"), format!("v{i}"));
             Self::ip(&[
-                "-n", &br, "link", "add", &h, "type", "veth", "peer", "name", &v, "netns", &n,
+                "-n",
+                &br,
+                "link",
+                "add",
+                &h,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &v,
+                "address",
+                &Self::mac(i),
+                "netns",
+                &n,
             ])?;
             Self::ip(&["-n", &br, "link", "set", &h, "master", "br0", "up"])?;
             Self::ip(&[
@@ -703,8 +716,30 @@ impl Netns {
             ])?;
             Self::ip(&["-n", &n, "link", "set", &v, "up"])?;
             Self::ip(&["-n", &n, "link", "set", "lo", "up"])?;
+            // Fixed neighbours: after a cut, ARP would retry a lost request only a second later
+            // and the healing time would be ARP's, not stickd's.
+            for j in (1..=3).filter(|&j| j != i) {
+                Self::ip(&[
+                    "-n",
+                    &n,
+                    "neigh",
+                    "replace",
+                    &format!("10.251.7.{j}"),
+                    "lladdr",
+                    &Self::mac(j),
+                    "dev",
+                    &v,
+                    "nud",
+                    "permanent",
+                ])?;
+            }
         }
         Ok(ns)
+    }
+
+    /// Node i's veth address.
+    fn mac(i: usize) -> String {
+        format!("02:00:0a:fb:07:{i:02x}")
     }
 
     fn set_link(&self, node: usize, up: bool) -> Result<()> {
