@@ -7,6 +7,7 @@
 
 pub mod config;
 mod disk;
+mod entries;
 pub mod hlc;
 pub mod peer;
 pub mod service;

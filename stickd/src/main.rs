@@ -6,6 +6,12 @@ use clap::Parser;
 use common::daemon::{EXIT_CONFIG, EXIT_FAILURE, EXIT_OK};
 use tokio_util::sync::CancellationToken;
 
+// Tables of millions of entries hold a few small strings each, and a resync or a sweep makes and
+// frees them by the million: mimalloc's per-thread size classes do that for less CPU and less
+// fragmentation than glibc's malloc, whose frees and consolidations were a quarter of a resync.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Stick tables in sled, replicated to every peer over gRPC.
 #[derive(Debug, Parser)]
 #[command(version)]

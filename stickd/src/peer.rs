@@ -372,19 +372,19 @@ async fn push_once(
             .filter(|n| !skip.contains(n))
             .collect();
         let (through, tables) = store.snapshot_keys(&tables);
-        let keys: usize = tables.iter().map(|t| t.keys.len()).sum();
+        let keys: usize = tables.iter().map(|t| t.slots.len()).sum();
         info!(peer = %peer.name, from = next, first = store.first_seq(), through, keys, "peer is behind our log: sending a full snapshot");
         // Copied a chunk at a time while sending: the store's lock is never held for a whole
         // table, and the peer applies the first chunks while we copy the next.
         let mut entries = 0;
         let n = tables.len();
-        for (i, mut t) in tables.into_iter().enumerate() {
+        for (i, t) in tables.into_iter().enumerate() {
             // At least one chunk per table (it carries the clear).
-            let m = t.keys.len().div_ceil(SNAPSHOT_CHUNK).max(1);
-            let total = t.keys.len() as u64;
-            let mut rest = std::mem::take(&mut t.keys).into_iter();
+            let m = t.slots.len().div_ceil(SNAPSHOT_CHUNK).max(1);
+            let total = t.slots.len() as u64;
+            let mut parts = t.slots.chunks(SNAPSHOT_CHUNK);
             for j in 0..m {
-                let part: Vec<String> = rest.by_ref().take(SNAPSHOT_CHUNK).collect();
+                let part = parts.next().unwrap_or_default();
                 let chunk = store.snapshot_entries(&t.name, part);
                 entries += chunk.len();
                 let last = i + 1 == n && j + 1 == m;

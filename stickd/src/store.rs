@@ -1,6 +1,7 @@
 //! The stick tables: in-memory maps backed by sled, the local change log, LWW merge and expiry.
 //!
-//! Every table lives twice: a `HashMap` that answers reads and a sled tree that survives restarts.
+//! Every table lives twice: in memory ([`Entries`]), which answers reads, and in sled (a
+//! checkpoint and the journal of the writes since), which survives restarts.
 //! Local changes get a sequence number in the `log` tree (what peers replay); remote changes are
 //! merged by last-writer-wins on (HLC version, origin name) and are not logged again, because every
 //! node pushes only its own changes to every other node (full mesh).
@@ -9,7 +10,7 @@
 //! kill -9 loses at most the writes of the last flush interval plus the flush itself (well under
 //! a second); anything written a second before the kill is on disk.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,6 +21,7 @@ use proto::stick::v1 as pb;
 use tokio::sync::{broadcast, watch};
 
 use crate::config::{Config, KeyType, TableDef};
+use crate::entries::{Entries, Found};
 use crate::hlc::Hlc;
 
 /// Entries a watcher may fall behind before it is cut off (and must watch again).
@@ -78,24 +80,22 @@ impl Event {
     }
 }
 
-/// One entry in memory (the key is the map's).
+/// One entry in memory (the key is kept beside it, see [`Entries`]). Server and origin names
+/// are shared by every entry that names them (see [`Names`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Rec {
-    server: String,
-    expires: i64,
-    version: u64,
-    origin: Arc<str>,
-    deleted: bool,
-    /// Tie-break of this entry in its table's expiry index (memory only): many entries share an
-    /// expiry millisecond, and integers compare much faster than keys.
-    slot: u64,
+pub(crate) struct Rec {
+    pub server: Arc<str>,
+    pub expires: i64,
+    pub version: u64,
+    pub origin: Arc<str>,
+    pub deleted: bool,
 }
 
 impl Rec {
     fn to_pb(&self, key: &str, now: i64) -> pb::Entry {
         pb::Entry {
             key: key.to_owned(),
-            server: self.server.clone(),
+            server: self.server.to_string(),
             expires_unix_ms: self.expires,
             version: self.version,
             origin: self.origin.to_string(),
@@ -125,7 +125,7 @@ impl Rec {
         v.extend_from_slice(self.server.as_bytes());
     }
 
-    fn decode(b: &[u8]) -> Result<Rec, String> {
+    fn decode(b: &[u8], names: &mut Names) -> Result<Rec, String> {
         if b.len() < 18 {
             return Err(format!("{} bytes, expected at least 18", b.len()));
         }
@@ -136,13 +136,41 @@ impl Rec {
         let origin = b.get(18..18 + olen).ok_or("origin runs past the record")?;
         let server = &b[18 + olen..];
         Ok(Rec {
-            slot: 0,
-            server: String::from_utf8(server.to_vec()).map_err(|e| e.to_string())?,
+            server: names.get(std::str::from_utf8(server).map_err(|e| e.to_string())?),
             expires,
             version,
-            origin: Arc::from(std::str::from_utf8(origin).map_err(|e| e.to_string())?),
+            origin: names.get(std::str::from_utf8(origin).map_err(|e| e.to_string())?),
             deleted,
         })
+    }
+}
+
+/// Names that millions of entries share (their server's and their origin's): one allocation
+/// per name instead of one per entry, and no allocation to store or merge an entry whose names
+/// are known.
+#[derive(Default)]
+struct Names {
+    set: HashSet<Arc<str>, foldhash::fast::RandomState>,
+}
+
+/// Most names remembered: they come from clients and peers, and random ones must not grow the
+/// set for ever. Past this, names no entry holds any more are forgotten; if every one is still
+/// held, a new name gets an allocation of its own (correct, only bigger).
+const MAX_NAMES: usize = 4096;
+
+impl Names {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.set.get(name) {
+            return n.clone();
+        }
+        if self.set.len() >= MAX_NAMES {
+            self.set.retain(|n| Arc::strong_count(n) > 1);
+        }
+        let n: Arc<str> = Arc::from(name);
+        if self.set.len() < MAX_NAMES {
+            self.set.insert(n.clone());
+        }
+        n
     }
 }
 
@@ -247,44 +275,44 @@ struct Table {
     def: TableDef,
     name: Arc<str>,
     pending: Arc<Pending>,
-    /// Seeded at random per process and table (foldhash): keys come from clients, who never
-    /// see a hash and so cannot aim theirs at one probe sequence; SipHash was a tenth of a
-    /// resync's CPU.
-    entries: HashMap<String, Rec, foldhash::fast::RandomState>,
-    /// (expiry, slot) -> key: the entries nearest to expiry first.
-    by_expiry: BTreeMap<(i64, u64), String>,
-    next_slot: u64,
+    entries: Entries,
     live: u64,
     cleared_version: u64,
     cleared_origin: String,
 }
 
 impl Table {
-    /// Inserts or replaces in memory, keeping the expiry index and the live count right (one
-    /// lookup of the key).
-    fn set(&mut self, key: String, mut rec: Rec) {
-        self.next_slot += 1;
-        rec.slot = self.next_slot;
-        self.by_expiry.insert((rec.expires, rec.slot), key.clone());
+    /// Inserts or replaces in memory, keeping the live count right.
+    fn set(&mut self, key: &str, rec: Rec) {
         if !rec.deleted {
             self.live += 1;
         }
-        if let Some(old) = self.entries.insert(key, rec) {
-            self.by_expiry.remove(&(old.expires, old.slot));
-            if !old.deleted {
-                self.live -= 1;
-            }
+        if let Some(old) = self.entries.insert(key, rec)
+            && !old.deleted
+        {
+            self.live -= 1;
         }
     }
 
     /// Removes from memory.
     fn unset(&mut self, key: &str) -> Option<Rec> {
         let old = self.entries.remove(key)?;
-        self.by_expiry.remove(&(old.expires, old.slot));
         if !old.deleted {
             self.live -= 1;
         }
         Some(old)
+    }
+
+    /// Removes the entry nearest to expiry and queues its removal for sled; false when empty.
+    fn remove_first(&mut self) -> bool {
+        let Some((key, old)) = self.entries.pop_first() else {
+            return false;
+        };
+        if !old.deleted {
+            self.live -= 1;
+        }
+        self.pending.entry(&self.name, &key, None);
+        true
     }
 
     fn remove(&mut self, key: &str) -> Result<Option<Rec>, sled::Error> {
@@ -298,7 +326,7 @@ impl Table {
     /// Inserts or replaces, and queues the write for sled.
     fn put(&mut self, key: &str, rec: Rec) -> Result<(), sled::Error> {
         self.pending.entry(&self.name, key, Some(&rec));
-        self.set(key.to_owned(), rec);
+        self.set(key, rec);
         Ok(())
     }
 
@@ -310,37 +338,30 @@ impl Table {
     fn merge(
         &mut self,
         key: String,
-        e: pb::Entry,
-        origin: Arc<str>,
+        e: &pb::Entry,
+        rec: Rec,
         now: i64,
         watched: bool,
         journal: &mut Journal,
         counters: &Counters,
     ) -> Result<Merged, sled::Error> {
-        use std::collections::hash_map::Entry as Slot;
-        let event = watched.then(|| pb::Entry {
-            key: key.clone(),
-            server: e.server.clone(),
-            expires_unix_ms: e.expires_unix_ms,
-            version: e.version,
-            origin: e.origin.clone(),
-            deleted: e.deleted,
-            expires_in_ms: e.expires_unix_ms - now,
-        });
-        let full = self.entries.len() as u64 >= self.def.size;
-        let slot = self.next_slot + 1;
-        let rec = Rec {
-            slot,
-            server: e.server,
-            expires: e.expires_unix_ms,
-            version: e.version,
-            origin,
-            deleted: e.deleted,
+        let event = |key: &str| {
+            watched.then(|| pb::Entry {
+                key: key.to_owned(),
+                server: e.server.clone(),
+                expires_unix_ms: e.expires_unix_ms,
+                version: e.version,
+                origin: e.origin.clone(),
+                deleted: e.deleted,
+                expires_in_ms: e.expires_unix_ms - now,
+            })
         };
         // One lookup of the key for the common cases (a new key with room, or a newer write).
-        match self.entries.entry(key) {
-            Slot::Occupied(mut o) => {
-                let old = o.get();
+        match self.entries.find(&key) {
+            Found::At(slot) => {
+                let Some((k, old)) = self.entries.at(slot) else {
+                    return Ok(Merged::Ignored);
+                };
                 match (rec.version, &*rec.origin).cmp(&(old.version, &*old.origin)) {
                     std::cmp::Ordering::Less => return Ok(Merged::Ignored),
                     // The same write, touched: the later expiry wins.
@@ -349,41 +370,44 @@ impl Table {
                     }
                     _ => {}
                 }
-                journal.entry(&self.name, o.key(), Some(&rec));
-                self.next_slot = slot;
-                self.by_expiry.insert((rec.expires, slot), o.key().clone());
+                journal.entry(&self.name, k, Some(&rec));
                 if !rec.deleted {
                     self.live += 1;
                 }
-                let old = o.insert(rec);
-                self.by_expiry.remove(&(old.expires, old.slot));
-                if !old.deleted {
+                if let Some(old) = self.entries.replace(slot, rec)
+                    && !old.deleted
+                {
                     self.live -= 1;
                 }
             }
-            Slot::Vacant(v) if !full => {
-                journal.entry(&self.name, v.key(), Some(&rec));
-                self.next_slot = slot;
-                self.by_expiry.insert((rec.expires, slot), v.key().clone());
+            Found::Vacant(hash) if (self.entries.len() as u64) < self.def.size => {
+                journal.entry(&self.name, &key, Some(&rec));
                 if !rec.deleted {
                     self.live += 1;
                 }
-                v.insert(rec);
+                let event = event(&key);
+                self.entries.insert_new(hash, key.into_boxed_str(), rec);
+                return Ok(Merged::Applied(event));
             }
-            Slot::Vacant(v) => {
-                let key = v.into_key();
+            Found::Vacant(_) => {
                 // The evictions go to the queue after the writes before them.
                 self.pending.append(journal);
                 make_room(self, counters)?;
                 journal.entry(&self.name, &key, Some(&rec));
-                self.set(key, rec);
+                self.set(&key, rec);
             }
         }
-        Ok(Merged::Applied(event))
+        Ok(Merged::Applied(event(&key)))
     }
 
     /// A record read from disk at start-up: kept unless expired; returns its version.
-    fn load(&mut self, key: &[u8], value: Option<&[u8]>, now: i64) -> Result<u64, StoreError> {
+    fn load(
+        &mut self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        now: i64,
+        names: &mut Names,
+    ) -> Result<u64, StoreError> {
         let key = std::str::from_utf8(key).map_err(|e| StoreError::Corrupt {
             what: format!("table '{}'", self.def.name),
             reason: e.to_string(),
@@ -392,7 +416,7 @@ impl Table {
             self.unset(key);
             return Ok(0);
         };
-        let rec = Rec::decode(value).map_err(|reason| StoreError::Corrupt {
+        let rec = Rec::decode(value, names).map_err(|reason| StoreError::Corrupt {
             what: format!("table '{}' key '{key}'", self.def.name),
             reason,
         })?;
@@ -400,7 +424,7 @@ impl Table {
         if rec.expires <= now {
             self.unset(key);
         } else {
-            self.set(key.to_owned(), rec);
+            self.set(key, rec);
         }
         Ok(version)
     }
@@ -428,8 +452,8 @@ struct Inner {
     tail: std::collections::VecDeque<pb::Change>,
     /// Per peer: (epoch, sequence) of its log applied here.
     received: HashMap<String, (u64, u64)>,
-    /// Origin names seen, shared by every entry of that origin (see `intern`).
-    origins: Vec<Arc<str>>,
+    /// Server and origin names, shared by the entries that name them.
+    names: Names,
 }
 
 /// What merging a peer's entry did: nothing, or applied it (with the event for watchers).
@@ -438,26 +462,9 @@ enum Merged {
     Applied(Option<pb::Entry>),
 }
 
-/// The shared `Arc` of an origin name: a few peers write millions of entries.
-fn intern(origins: &mut Vec<Arc<str>>, name: &str) -> Arc<str> {
-    if let Some(o) = origins.iter().find(|o| ***o == *name) {
-        return o.clone();
-    }
-    let o: Arc<str> = Arc::from(name);
-    // Names come from peers: bounded, so that a confused one cannot grow this for ever.
-    if origins.len() < 64 {
-        origins.push(o.clone());
-    }
-    o
-}
-
 /// Evicts the entries nearest to expiry until one more fits.
 fn make_room(t: &mut Table, counters: &Counters) -> Result<(), sled::Error> {
-    while t.entries.len() as u64 >= t.def.size {
-        let Some(key) = t.by_expiry.first_key_value().map(|(_, k)| k.clone()) else {
-            break;
-        };
-        t.remove(&key)?;
+    while t.entries.len() as u64 >= t.def.size && t.remove_first() {
         counters.evicted.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())
@@ -543,7 +550,8 @@ pub struct SnapshotTable {
     pub name: String,
     pub cleared_version: u64,
     pub cleared_origin: String,
-    pub keys: Vec<String>,
+    /// Where the table's entries are, nearest expiry first (see `Store::snapshot_entries`).
+    pub slots: Vec<u32>,
 }
 
 /// Unix milliseconds now.
@@ -643,6 +651,7 @@ impl Store {
         let journal = db.open_tree("journal")?;
         let checkpoint = db.open_tree("checkpoint")?;
         let pending = Arc::new(Pending::default());
+        let mut names = Names::default();
         let now = now_ms();
         let mut max_version = 0u64;
         let mut tables = HashMap::new();
@@ -653,9 +662,7 @@ impl Store {
                 def: def.clone(),
                 name: Arc::from(def.name.as_str()),
                 pending: pending.clone(),
-                entries: HashMap::default(),
-                by_expiry: BTreeMap::new(),
-                next_slot: 0,
+                entries: Entries::new(),
                 live: 0,
                 cleared_version: 0,
                 cleared_origin: String::new(),
@@ -669,7 +676,7 @@ impl Store {
             if db.tree_names().iter().any(|n| **n == *old.as_bytes()) {
                 for kv in db.open_tree(&old)?.iter() {
                     let (k, v) = kv?;
-                    max_version = max_version.max(t.load(&k, Some(&v), now)?);
+                    max_version = max_version.max(t.load(&k, Some(&v), now, &mut names)?);
                 }
                 legacy.push(old);
             }
@@ -695,7 +702,7 @@ impl Store {
             match tables.get_mut(&name) {
                 Some(t) => {
                     for (k, v) in pairs {
-                        max_version = max_version.max(t.load(k, Some(v), now)?);
+                        max_version = max_version.max(t.load(k, Some(v), now, &mut names)?);
                     }
                 }
                 None => orphans
@@ -718,7 +725,7 @@ impl Store {
             for (table, key, value) in writes {
                 let name = String::from_utf8_lossy(table);
                 match tables.get_mut(&*name) {
-                    Some(t) => max_version = max_version.max(t.load(key, value, now)?),
+                    Some(t) => max_version = max_version.max(t.load(key, value, now, &mut names)?),
                     None => {
                         let o = orphans.entry(name.into_owned()).or_default();
                         match value {
@@ -771,9 +778,9 @@ impl Store {
             .flat_map(|t: &Table| {
                 let cleared = (t.cleared_origin == config.local).then_some(t.cleared_version);
                 t.entries
-                    .values()
-                    .filter(|r| *r.origin == *config.local)
-                    .map(|r| r.version)
+                    .iter()
+                    .filter(|(_, r)| *r.origin == *config.local)
+                    .map(|(_, r)| r.version)
                     .chain(cleared)
             })
             .max()
@@ -850,7 +857,7 @@ impl Store {
                 head,
                 tail: std::collections::VecDeque::new(),
                 received,
-                origins: vec![Arc::from(config.local.as_str())],
+                names,
             }),
             pending,
             persist_lock: Mutex::new(disk),
@@ -991,8 +998,7 @@ impl Store {
         for (it, key) in items.iter().zip(keyed) {
             let version = inner.hlc.now(now);
             let rec = Rec {
-                slot: 0,
-                server: it.server.clone(),
+                server: inner.names.get(&it.server),
                 expires: if it.expires_unix_ms > 0 {
                     it.expires_unix_ms
                 } else {
@@ -1052,7 +1058,6 @@ impl Store {
                 continue;
             }
             let rec = Rec {
-                slot: 0,
                 expires,
                 ..old.clone()
             };
@@ -1105,8 +1110,7 @@ impl Store {
             .get(&key)
             .is_some_and(|r| !r.deleted && r.expires > now);
         let rec = Rec {
-            slot: 0,
-            server: String::new(),
+            server: inner.names.get(""),
             expires: now.saturating_add(expire),
             version,
             origin: self.local.clone(),
@@ -1162,7 +1166,7 @@ impl Store {
             .entries
             .iter()
             .filter(|(_, r)| r.version <= c.version)
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| k.to_owned())
             .collect();
         let mut removed = 0;
         for k in doomed {
@@ -1186,7 +1190,7 @@ impl Store {
     fn merge(
         &self,
         tables: &mut HashMap<String, Table>,
-        origins: &mut Vec<Arc<str>>,
+        names: &mut Names,
         table: &str,
         mut e: pb::Entry,
         now: i64,
@@ -1200,8 +1204,14 @@ impl Store {
             return Ok(Merged::Ignored);
         }
         let key = canonical_key_owned(&t.def, std::mem::take(&mut e.key))?;
-        let origin = intern(origins, &e.origin);
-        Ok(t.merge(key, e, origin, now, watched, journal, &self.counters)?)
+        let rec = Rec {
+            server: names.get(&e.server),
+            expires: e.expires_unix_ms,
+            version: e.version,
+            origin: names.get(&e.origin),
+            deleted: e.deleted,
+        };
+        Ok(t.merge(key, &e, rec, now, watched, journal, &self.counters)?)
     }
 
     /// Applies changes received from peer `from`, then records `through` as its position,
@@ -1228,10 +1238,8 @@ impl Store {
             match c.kind {
                 Some(pb::change::Kind::Entry(e)) => {
                     inner.hlc.observe(e.version);
-                    let Inner {
-                        tables, origins, ..
-                    } = &mut *inner;
-                    match self.merge(tables, origins, &c.table, e, now, watched, &mut journal) {
+                    let Inner { tables, names, .. } = &mut *inner;
+                    match self.merge(tables, names, &c.table, e, now, watched, &mut journal) {
                         Ok(Merged::Applied(e)) => {
                             applied += 1;
                             let Some(e) = e else { continue };
@@ -1335,11 +1343,9 @@ impl Store {
         };
         let mut changed = Vec::new();
         let (mut applied, mut ignored) = (0, 0);
-        let Inner {
-            tables, origins, ..
-        } = &mut *inner;
+        let Inner { tables, names, .. } = &mut *inner;
         for e in entries {
-            match self.merge(tables, origins, &table, e, now, watched, &mut journal) {
+            match self.merge(tables, names, &table, e, now, watched, &mut journal) {
                 Ok(Merged::Applied(e)) => {
                     applied += 1;
                     changed.extend(e);
@@ -1536,32 +1542,43 @@ impl Store {
     fn write_checkpoint(&self, disk: &mut Disk) -> Result<(), StoreError> {
         let generation = disk.generation + 1;
         let journal_from = disk.journal_next;
-        let keys: Vec<(Arc<str>, Vec<String>)> = {
-            let inner = self.lock();
-            inner
-                .tables
-                .values()
-                .map(|t| (t.name.clone(), t.entries.keys().cloned().collect()))
-                .collect()
-        };
+        let names: Vec<Arc<str>> = self
+            .lock()
+            .tables
+            .values()
+            .map(|t| t.name.clone())
+            .collect();
         let mut n = 0u32;
         let mut bytes = 0u64;
         let mut value = Vec::new();
-        for (name, keys) in keys {
-            for part in keys.chunks(CHECKPOINT_CHUNK) {
+        for name in names {
+            // In slot order: an entry that moves to another slot meanwhile was removed and
+            // written again, and both are in the journal that the start-up replays over this.
+            let mut slot = 0;
+            loop {
                 let mut chunk = crate::disk::chunk_start(&name);
+                let mut entries = 0;
                 {
                     let inner = self.lock();
                     let Some(t) = inner.tables.get(&*name) else {
                         break;
                     };
-                    for k in part {
-                        if let Some(r) = t.entries.get(k) {
+                    let end = t.entries.slot_end();
+                    if slot >= end {
+                        break;
+                    }
+                    while slot < end && entries < CHECKPOINT_CHUNK {
+                        if let Some((k, r)) = t.entries.at(slot) {
                             value.clear();
                             r.encode_into(&mut value);
                             crate::disk::chunk_put(&mut chunk, k.as_bytes(), &value);
+                            entries += 1;
                         }
+                        slot += 1;
                     }
+                }
+                if entries == 0 {
+                    continue;
                 }
                 bytes += chunk.len() as u64;
                 self.checkpoint
@@ -1601,11 +1618,12 @@ impl Store {
         Ok(())
     }
 
-    /// The start of a snapshot of `tables`: their keys and the log head they correspond to.
-    /// `snapshot_entries` then copies them a chunk at a time, so that the store's lock is held
-    /// for one chunk, never for a whole table. A key written after this point is in the log
-    /// after the head, which follows the snapshot; one written meanwhile may arrive twice,
-    /// which LWW makes harmless.
+    /// The start of a snapshot of `tables`: the slots of their entries and the log head they
+    /// correspond to. `snapshot_entries` then copies them a chunk at a time, so that the store's
+    /// lock is held for one chunk, never for a whole table. An entry stays in its slot for as
+    /// long as it is there (see [`Entries`]); a key written after this point is in the log after
+    /// the head, which follows the snapshot, and one written meanwhile may arrive twice (or a
+    /// slot emptied and reused may send another key than planned), which LWW makes harmless.
     pub fn snapshot_keys(&self, tables: &[String]) -> (u64, Vec<SnapshotTable>) {
         let inner = self.lock();
         let out = tables
@@ -1618,28 +1636,24 @@ impl Store {
                     cleared_origin: t.cleared_origin.clone(),
                     // Nearest expiry first: the receiver's expiry index then grows at its end
                     // (an insert at a random place of a large B-tree misses the cache).
-                    keys: t.by_expiry.values().cloned().collect(),
+                    slots: t.entries.slots_by_expiry(),
                 })
             })
             .collect();
         (inner.head, out)
     }
 
-    /// The unexpired entries (tombstones included) of `keys` that are still there. The keys
-    /// move into the entries (they were copied for the snapshot already).
-    pub fn snapshot_entries(&self, table: &str, keys: Vec<String>) -> Vec<pb::Entry> {
+    /// The unexpired entries (tombstones included) in `slots` of `table`.
+    pub fn snapshot_entries(&self, table: &str, slots: &[u32]) -> Vec<pb::Entry> {
         let inner = self.lock();
         let Some(t) = inner.tables.get(table) else {
             return Vec::new();
         };
         let now = now_ms();
-        let mut out = Vec::with_capacity(keys.len());
-        out.extend(keys.into_iter().filter_map(|k| {
-            let r = t.entries.get(&k).filter(|r| r.expires > now)?;
-            Some(pb::Entry {
-                key: k,
-                ..r.to_pb("", now)
-            })
+        let mut out = Vec::with_capacity(slots.len());
+        out.extend(slots.iter().filter_map(|&slot| {
+            let (k, r) = t.entries.at(slot).filter(|(_, r)| r.expires > now)?;
+            Some(r.to_pb(k, now))
         }));
         out
     }
@@ -1733,10 +1747,8 @@ impl Store {
                 None => t
                     .entries
                     .iter()
-                    .filter(|(k, _)| {
-                        req.page_token.is_empty() || k.as_str() > req.page_token.as_str()
-                    })
-                    .map(|(k, r)| (k.clone(), r.clone()))
+                    .filter(|(k, _)| req.page_token.is_empty() || *k > req.page_token.as_str())
+                    .map(|(k, r)| (k.to_owned(), r.clone()))
                     .collect(),
             };
             (t.info(), found)
@@ -1744,7 +1756,7 @@ impl Store {
         found.retain(|(k, r)| {
             r.expires > now
                 && (req.include_deleted || !r.deleted)
-                && (req.server.is_empty() || r.server == req.server)
+                && (req.server.is_empty() || *r.server == *req.server)
                 && (req.page_token.is_empty() || k.as_str() > req.page_token.as_str())
         });
         found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -1776,12 +1788,7 @@ impl Store {
         let mut inner = self.lock();
         let mut n = 0;
         for t in inner.tables.values_mut() {
-            while let Some(((exp, _), key)) = t.by_expiry.first_key_value() {
-                if *exp > now {
-                    break;
-                }
-                let key = key.clone();
-                t.remove(&key)?;
+            while t.entries.first_expiry().is_some_and(|e| e <= now) && t.remove_first() {
                 n += 1;
             }
         }
@@ -2291,7 +2298,6 @@ expire = "5m"
         {
             let db = sled::open(&c.data_dir).expect("sled");
             let rec = Rec {
-                slot: 0,
                 server: "app1".into(),
                 expires: now_ms() + 60_000,
                 version: 7 << 16,
