@@ -31,18 +31,22 @@ pub fn release_bin(name: &str) -> PathBuf {
 
 /// Builds every release binary once; e2e and demo run what this produces.
 pub fn build_release() -> Result<()> {
+    // xtask itself runs from the debug build; its release build would only cost time.
+    cargo_build_release(&["--exclude", "xtask"])
+}
+
+/// The release binaries and xtask's own release build, whose load clients the bench runs (see
+/// `bench_in_release` in main.rs).
+pub fn build_release_with_xtask() -> Result<()> {
+    cargo_build_release(&[])
+}
+
+fn cargo_build_release(extra: &[&str]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(workspace_root())
-        // xtask itself runs from the debug build; its release build would only cost time.
-        .args([
-            "build",
-            "--release",
-            "--bins",
-            "--workspace",
-            "--exclude",
-            "xtask",
-        ])
+        .args(["build", "--release", "--bins", "--workspace"])
+        .args(extra)
         .status()
         .context("cannot run cargo build --release")?;
     if !status.success() {

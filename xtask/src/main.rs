@@ -169,6 +169,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             no_build,
             out,
         } => {
+            bench_in_release(no_build)?;
             harness::become_subreaper();
             let out_dir = if out.is_absolute() {
                 out
@@ -192,6 +193,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Runs the bench from xtask's release build: its load clients (gRPC writers and watchers, HTTP
+/// clients) share the two cores with the daemons they measure, and a debug build of them spent
+/// about as much CPU as the three stickd of the replication run together. Builds it unless
+/// `no_build`, then replaces this process with it (with `--no-build`: everything is built by
+/// then). Returns an error if that fails, and `Ok` where this already is the release build or
+/// there is none, in which case the bench goes on here and says so.
+fn bench_in_release(no_build: bool) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    if !cfg!(debug_assertions) {
+        return Ok(());
+    }
+    if !no_build {
+        harness::build_release_with_xtask()?;
+    }
+    let exe = harness::release_bin("xtask");
+    if !exe.exists() {
+        eprintln!(
+            "note: {} is not built: the bench's load clients run from this debug build",
+            exe.display()
+        );
+        return Ok(());
+    }
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if !no_build {
+        args.push("--no-build".into());
+    }
+    let err = Command::new(&exe).args(&args).exec();
+    Err(err).with_context(|| format!("cannot run {}", exe.display()))
 }
 
 fn exit_for(ok: bool) -> ExitCode {
