@@ -287,6 +287,13 @@ fn validate(src: &SourceFile, raw: Raw, local: String) -> Result<Config, ConfigE
         if size == 0 {
             return Err(src.error_at(t.size.span(), "size must be above zero"));
         }
+        // Entries are numbered with 32 bits in memory (see entries.rs).
+        if size > u64::from(u32::MAX) {
+            return Err(src.error_at(
+                t.size.span(),
+                format!("size {size} is above the most entries a table holds ({})", u32::MAX),
+            ));
+        }
         let expire = t.expire.get_ref().0;
         if expire < Duration::from_millis(1) {
             return Err(src.error_at(t.expire.span(), "expire must be at least 1ms"));
@@ -389,6 +396,12 @@ expire = "5m"
     fn unknown_key_is_refused() {
         let err = load(&format!("{GOOD}\nbogus = 1\n"), "a").expect_err("unknown key");
         assert!(err.reason.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn size_past_32_bits_is_refused() {
+        let err = load(&GOOD.replace("size = \"5k\"", "size = \"5g\""), "a").expect_err("5g");
+        assert!(err.reason.contains("most entries"), "{err}");
     }
 
     #[test]

@@ -1183,9 +1183,10 @@ impl Store {
         Ok(removed)
     }
 
-    /// Merges one entry from a peer by LWW. The entry is taken by value so that its strings
-    /// move into the record instead of being copied; the event for watchers is built only when
-    /// someone watches. Table writes go to `journal` (see `Table::merge`).
+    /// Merges one entry from a peer by LWW. The entry is taken by value so that its key moves
+    /// into the table instead of being copied (its server and origin are shared names); the
+    /// event for watchers is built only when someone watches. Table writes go to `journal` (see
+    /// `Table::merge`).
     #[allow(clippy::too_many_arguments)]
     fn merge(
         &self,
