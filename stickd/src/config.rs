@@ -291,7 +291,10 @@ fn validate(src: &SourceFile, raw: Raw, local: String) -> Result<Config, ConfigE
         if size > u64::from(u32::MAX) {
             return Err(src.error_at(
                 t.size.span(),
-                format!("size {size} is above the most entries a table holds ({})", u32::MAX),
+                format!(
+                    "size {size} is above the most entries a table holds ({})",
+                    u32::MAX
+                ),
             ));
         }
         let expire = t.expire.get_ref().0;

@@ -2025,7 +2025,10 @@ expire = "5m"
             .collect();
         s.store("ips", &items).expect("store");
         let mut want: Vec<String> = s
-            .lookup("ips", &items.iter().map(|i| i.key.clone()).collect::<Vec<_>>())
+            .lookup(
+                "ips",
+                &items.iter().map(|i| i.key.clone()).collect::<Vec<_>>(),
+            )
             .expect("lookup")
             .into_iter()
             .filter(|e| e.server == "app1")
