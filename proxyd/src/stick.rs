@@ -740,7 +740,11 @@ async fn watch_loop(
     let mut backoff = Duration::from_millis(50);
     loop {
         let end = watch_once(&cache, &socket, &stop, &mut first).await;
-        cache.stats.link_up.store(false, Ordering::Relaxed);
+        // A link that was up starts its retries over from the shortest wait: the backoff is for
+        // a stickd that stays away, and a restarted one is back within a few hundred ms.
+        if cache.stats.link_up.swap(false, Ordering::Relaxed) {
+            backoff = Duration::from_millis(50);
+        }
         match end {
             WatchEnd::Stopped => return,
             WatchEnd::Lost(why) => {

@@ -1762,6 +1762,7 @@ async fn restart_stickd(lab: &Lab) -> Result<()> {
         ensure!(before.contains_key(&it.key), "{} was not stored", it.key);
     }
     let old_pid = c.main_pid("stickd").await?;
+    let cursor = c.cursor().await?;
     let t0 = Instant::now();
     c.systemctl(&["restart", "stickd"]).await?;
     let took = t0.elapsed();
@@ -1808,6 +1809,18 @@ async fn restart_stickd(lab: &Lab) -> Result<()> {
     ensure!(
         master_now == master && still.pid == serving.pid,
         "proxyd was restarted with stickd (master {master} -> {master_now})"
+    );
+    // First the fresh stream itself: until proxyd's worker has reloaded its cache from the new
+    // stickd, a request with an unknown cookie stores the worker's own pick (`stick on` matches
+    // and stores, as in HAProxy), a newer write than the test's, which it would then win.
+    journal_line(c, "proxyd", &cursor, |l| {
+        l.contains("stick cache loaded from stickd")
+    })
+    .await
+    .context("proxyd's worker did not reload its stick cache from the restarted stickd")?;
+    figure(
+        "proxyd's stick cache reloaded from the new stickd",
+        format!("seen {} after the restart began", ms(t0.elapsed())),
     );
     let key = backend::new_session_id();
     let server = lab.servers[1].clone();
