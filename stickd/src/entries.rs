@@ -198,21 +198,22 @@ impl Entries {
     }
 
     pub fn remove(&mut self, key: &str) -> Option<Rec> {
-        let Found::At(slot) = self.find(key) else {
-            return None;
-        };
-        self.vacate(slot).map(|(_, r)| r)
+        let h = self.hash(key);
+        let &(slot, _) = self
+            .index
+            .find(spread(h), |&(i, ih)| ih == h && self.key_is(i, key))?;
+        self.vacate(slot, h).map(|(_, r)| r)
     }
 
     /// Removes the entry nearest to expiry, with its key.
     pub fn pop_first(&mut self) -> Option<(Box<str>, Rec)> {
         let &(_, slot) = self.by_expiry.first()?;
-        self.vacate(slot)
+        let h = self.hash(&self.slot(slot)?.key);
+        self.vacate(slot, h)
     }
 
-    /// Empties `slot`: out of the index, the expiry order and the slab.
-    fn vacate(&mut self, slot: u32) -> Option<(Box<str>, Rec)> {
-        let h = self.hash(&self.slot(slot)?.key);
+    /// Empties `slot`, whose key hashes to `h`: out of the index, the expiry order and the slab.
+    fn vacate(&mut self, slot: u32, h: u32) -> Option<(Box<str>, Rec)> {
         if let Ok(e) = self.index.find_entry(spread(h), |&(i, _)| i == slot) {
             e.remove();
         }

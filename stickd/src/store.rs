@@ -1747,12 +1747,16 @@ impl Store {
                     && (req.page_token.is_empty() || k > req.page_token.as_str())
             };
             let mut refs: Vec<(&str, &Rec)> = Vec::new();
+            // The one key asked for is checked like the others (expiry, server, page token).
             match &key {
-                Some(k) => refs.extend(t.entries.get(k).map(|r| (k.as_str(), r))),
+                Some(k) => refs.extend(
+                    t.entries
+                        .get(k)
+                        .map(|r| (k.as_str(), r))
+                        .filter(|(k, r)| wanted(k, r)),
+                ),
                 None => refs.extend(t.entries.iter().filter(|(k, r)| wanted(k, r))),
             }
-            // The one key asked for is checked like the others (expiry, server, page token).
-            refs.retain(|(k, r)| wanted(k, r));
             if refs.len() > page + 1 {
                 refs.select_nth_unstable_by(page, |a, b| a.0.cmp(b.0));
                 refs.truncate(page + 1);
