@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod fuzz;
 pub mod grpc;
 pub mod units;
 

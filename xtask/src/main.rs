@@ -61,6 +61,15 @@ enum Cmd {
         #[arg(long, default_value = "0ms")]
         delay: common::Duration,
     },
+    /// Every `fuzz_*` test of the workspace from a release build, each for N seconds.
+    Fuzz {
+        /// Time per fuzz target.
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+        /// Replay one run: the seed a failing target printed.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Benchmarks against HAProxy and nginx; writes docs/benchmarks.md and docs/benchmarks.png.
     Bench {
         /// A one-minute run: one round and short loads.
@@ -157,6 +166,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", totals.line());
             Ok(exit_for(totals.failed == 0))
         }
+        Cmd::Fuzz { seconds, seed } => fuzz(seconds, seed),
         Cmd::Demo { no_build, nodes } => {
             harness::become_subreaper();
             runtime(2)?.block_on(demo::run(!no_build, nodes))?;
@@ -249,6 +259,32 @@ fn kill_all_on_interrupt() -> Result<()> {
         std::process::exit(130);
     });
     Ok(())
+}
+
+/// Runs the workspace's fuzz targets (tests named `fuzz_*`, see `common::fuzz`) from a release
+/// build, one at a time so that each has a core to itself beside the test harness.
+fn fuzz(seconds: f64, seed: Option<u64>) -> Result<ExitCode> {
+    anyhow::ensure!(
+        seconds.is_finite() && seconds > 0.0,
+        "--seconds must be a positive number"
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(harness::workspace_root())
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--no-fail-fast",
+            "fuzz_",
+        ])
+        .args(["--", "--test-threads=1", "--nocapture"])
+        .env("FUZZ_SECONDS", seconds.to_string());
+    if let Some(seed) = seed {
+        cmd.env("FUZZ_SEED", seed.to_string());
+    }
+    let status = cmd.status().context("cannot run cargo test")?;
+    Ok(exit_for(status.success()))
 }
 
 /// What `cargo test --workspace` reported.
