@@ -104,7 +104,8 @@ impl Rng {
         let mut v = Vec::with_capacity(n);
         while v.len() < n {
             if self.chance(3) {
-                v.extend_from_slice(*self.pick(INTERESTING));
+                let piece: &&[u8] = self.pick(INTERESTING);
+                v.extend_from_slice(piece);
             } else {
                 v.push(self.next_u64() as u8);
             }

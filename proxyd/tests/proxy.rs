@@ -82,7 +82,7 @@ async fn chunked_bodies_both_ways_and_content_length_bodies() {
         .await
         .expect("reply");
     assert_eq!(r.status, 200);
-    // Bodies travel verbatim, chunk framing included: the server saw the client's chunks
+    // Chunk framing travels (re-written without extensions): the server saw the client's chunks
     // and the client sees the server's.
     let sent = "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
     assert_eq!(r.text(), format!("3\r\ngot\r\n1a\r\n{sent}\r\n0\r\n\r\n"));

@@ -4,9 +4,12 @@
 use std::io;
 use std::time::Duration;
 
+use std::io::Write as _;
+
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::fields;
 use super::head::Framing;
 
 /// Longest chunk-size line or trailer line accepted.
@@ -187,11 +190,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
         }
     }
 
+    /// Re-frames a chunked body: chunk sizes are written anew without their extensions (which
+    /// servers parse in different ways), trailer fields are checked and passed on.
     async fn chunked(&mut self) -> Result<(), BodyError> {
         loop {
             let len = self.line().await?;
             let size = chunk_size(&self.src.buf[..len - 2])?;
-            self.take(len);
+            self.src.buf.advance(len);
+            write!(self.out, "{size:x}\r\n").map_err(|_| BodyError::Framing("chunk size"))?;
             if size == 0 {
                 break;
             }
@@ -212,35 +218,106 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
             if trailers > MAX_TRAILERS {
                 return Err(BodyError::Framing("trailers too large"));
             }
-            self.take(len);
             if len == 2 {
+                self.take(len);
                 return Ok(());
             }
+            if !valid_trailer(&self.src.buf[..len - 2]) {
+                return Err(BodyError::Framing("bad trailer field"));
+            }
+            self.take(len);
         }
     }
 }
 
 /// The size of a chunk from its size line (without CRLF): hex digits, then optional
-/// whitespace and `;extensions`.
+/// `;extensions` (RFC 9112 §7.1.1), which are checked and dropped.
 fn chunk_size(line: &[u8]) -> Result<u64, BodyError> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     if digits == 0 {
         return Err(BodyError::Framing("chunk size missing"));
     }
-    if digits > 15 {
+    let hex = &line[..digits];
+    let significant = hex.iter().skip_while(|b| **b == b'0').count();
+    if significant > 15 {
         return Err(BodyError::Framing("chunk size too large"));
     }
-    let rest = &line[digits..];
-    let rest_ok = rest.is_empty()
-        || rest
-            .iter()
-            .position(|&b| b != b' ' && b != b'\t')
-            .is_some_and(|p| rest[p] == b';');
-    if !rest_ok {
+    if !valid_chunk_extensions(&line[digits..]) {
         return Err(BodyError::Framing("junk after chunk size"));
     }
-    let hex = std::str::from_utf8(&line[..digits]).map_err(|_| BodyError::Framing("chunk size"))?;
-    u64::from_str_radix(hex, 16).map_err(|_| BodyError::Framing("chunk size"))
+    Ok(hex.iter().fold(0u64, |n, d| {
+        // Every byte is a hex digit, and at most 15 of them are significant.
+        n * 16 + u64::from((*d as char).to_digit(16).unwrap_or(0))
+    }))
+}
+
+/// `*( BWS ";" BWS name [ BWS "=" BWS value ] )` with a token name and a token or quoted
+/// value: anything looser could be read as the end of the size by one server and not another.
+fn valid_chunk_extensions(mut rest: &[u8]) -> bool {
+    let bws = |r: &[u8]| -> usize { r.iter().take_while(|b| **b == b' ' || **b == b'\t').count() };
+    let token = |r: &[u8]| -> usize { r.iter().take_while(|b| fields::is_tchar(**b)).count() };
+    loop {
+        rest = &rest[bws(rest)..];
+        let Some(r) = rest.strip_prefix(b";") else {
+            return rest.is_empty();
+        };
+        rest = &r[bws(r)..];
+        let n = token(rest);
+        if n == 0 {
+            return false;
+        }
+        rest = &rest[n..];
+        let after = &rest[bws(rest)..];
+        let Some(r) = after.strip_prefix(b"=") else {
+            continue;
+        };
+        rest = &r[bws(r)..];
+        if let Some(r) = rest.strip_prefix(b"\"") {
+            let Some(end) = quoted_end(r) else {
+                return false;
+            };
+            rest = &r[end..];
+        } else {
+            let n = token(rest);
+            if n == 0 {
+                return false;
+            }
+            rest = &rest[n..];
+        }
+    }
+}
+
+/// Where a quoted string that began just before `r` ends (past its closing quote).
+fn quoted_end(r: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < r.len() {
+        match r[i] {
+            b'"' => return Some(i + 1),
+            b'\\'
+                if i + 1 < r.len()
+                    && (r[i + 1] == b'\t' || r[i + 1] >= 0x20)
+                    && r[i + 1] != 0x7f =>
+            {
+                i += 2;
+            }
+            b'\t' | 0x20..=0x7e | 0x80..=0xff if r[i] != b'\\' => i += 1,
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// A trailer line (without CRLF) is a field line: a token, a colon, and a value of visible
+/// characters, spaces and tabs.
+fn valid_trailer(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|b| *b == b':') else {
+        return false;
+    };
+    colon > 0
+        && line[..colon].iter().all(|b| fields::is_tchar(*b))
+        && line[colon + 1..]
+            .iter()
+            .all(|b| *b == b'\t' || *b >= 0x20 && *b != 0x7f)
 }
 
 #[cfg(test)]
@@ -288,13 +365,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn chunked_body_is_forwarded_verbatim() {
-        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-T: 1\r\n\r\n";
+    async fn chunked_body_is_reframed_without_extensions() {
+        let body = b"5\r\nhello\r\n006;ext=1 ; q=\"a;b\"\r\n world\r\n0\r\nX-T: 1\r\n\r\n";
         let mut input = body.to_vec();
         input.extend_from_slice(b"GET /next");
         let (r, dst, _) = run(&input, Framing::Chunked).await;
         r.expect("ok");
-        assert_eq!(&dst[5..], body);
+        assert_eq!(
+            String::from_utf8_lossy(&dst[5..]),
+            "5\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n"
+        );
     }
 
     #[tokio::test]
@@ -305,6 +385,18 @@ mod tests {
             b"5 x\r\nhello\r\n0\r\n\r\n",
             b"ffffffffffffffffff\r\n",
             b"5\nhello\r\n0\r\n\r\n",
+            b"5;\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"b\r\nhello\r\n0\r\n\r\n",
+            b"5 ;a b\r\nhello\r\n0\r\n\r\n",
+            b"5;\xc2\xa0a\r\nhello\r\n0\r\n\r\n",
+            b"0x5\r\nhello\r\n0\r\n\r\n",
+            b"-5\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nno colon\r\n\r\n",
+            b"5\r\nhello\r\n0\r\n: empty name\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX-T\x00: 1\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX-T: \x01\r\n\r\n",
+            b"1000000000000000\r\n",
         ] {
             let (r, _, _) = run(bad, Framing::Chunked).await;
             assert!(r.is_err(), "{:?} accepted", String::from_utf8_lossy(bad));

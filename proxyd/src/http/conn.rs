@@ -21,8 +21,6 @@ use crate::proxy::{NoServer, ServerRt, Shared};
 /// Request bodies up to this size are read before the server is chosen, so that the request
 /// can be sent again on another connection if a reused one turns out closed.
 const MAX_BUFFERED_BODY: u64 = 64 * 1024;
-/// How often a request is re-sent after a reused server connection failed before answering.
-const MAX_ATTEMPTS: usize = 4;
 
 /// Statuses the proxy answers itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +28,7 @@ pub enum Status {
     BadRequest = 400,
     RequestTimeout = 408,
     HeadersTooLarge = 431,
+    NotImplemented = 501,
     BadGateway = 502,
     ServiceUnavailable = 503,
     GatewayTimeout = 504,
@@ -41,6 +40,7 @@ impl Status {
             Status::BadRequest => b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 16\r\nConnection: close\r\n\r\n400 bad request\n",
             Status::RequestTimeout => b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\n408 request timeout\n",
             Status::HeadersTooLarge => b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 22\r\nConnection: close\r\n\r\n431 headers too large\n",
+            Status::NotImplemented => b"HTTP/1.1 501 Not Implemented\r\nContent-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\n501 not implemented\n",
             Status::BadGateway => b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 16\r\nConnection: close\r\n\r\n502 bad gateway\n",
             Status::ServiceUnavailable => b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 24\r\nConnection: close\r\n\r\n503 service unavailable\n",
             Status::GatewayTimeout => b"HTTP/1.1 504 Gateway Timeout\r\nContent-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\n504 gateway timeout\n",
@@ -259,6 +259,10 @@ async fn read_request_head(
                     tracing::debug!(reason = why, "malformed request");
                     return Err(Status::BadRequest);
                 }
+                Err(HeadError::Unsupported(why)) => {
+                    tracing::debug!(reason = why, "unsupported request");
+                    return Err(Status::NotImplemented);
+                }
             }
         }
         // An idle connection waits for its next request however long the keep-alive timeout
@@ -390,36 +394,48 @@ async fn exchange(
         log.server = Some((b, slot.index));
         let server = slot.server();
         let span = tracing::debug_span!("request", server = %server.name, method = %req.method());
-        match send_request(shared, server, client, req, &body)
+        let failure = match send_request(shared, server, client, req, &body)
             .instrument(span)
             .await
         {
             Ok(x) => break x,
             Err(Failure::Next(n)) => return n,
-            Err(Failure::Connect(status)) => {
-                slot.server().errors.fetch_add(1, Ordering::Relaxed);
-                if attempt >= bconf.retries {
-                    return Next::Fail(status);
-                }
-                attempt += 1;
-                log.retries = attempt;
-                // HAProxy's `option redispatch`: the last retry goes to another server; a server
-                // known down is left at once.
-                let last = attempt == bconf.retries;
-                if bconf.redispatch && (last || !slot.server().takes_stuck()) {
-                    let prev = slot.index;
-                    drop(slot);
-                    slot = match backend.acquire(client_ip, Some(prev), queue).await {
-                        Ok(s) => s,
-                        Err(_) => return Next::Fail(Status::ServiceUnavailable),
-                    };
-                    if slot.index != prev {
-                        log.redispatched = true;
-                        store_key = key.is_some();
-                        if log.stick == "hit" {
-                            log.stick = "moved";
-                        }
-                    }
+            Err(Failure::Attempt(f)) => f,
+        };
+        // RFC 9110 §9.2.2: a request the server may have received goes again only if it is
+        // idempotent and still in hand; and nothing goes more than `retries` times again.
+        let again = match failure.sent {
+            Sent::Nothing => matches!(body, ReqBody::Buffered(_)),
+            Sent::Some => retriable(req, &body),
+        };
+        if !failure.stale {
+            server.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if !again || attempt >= bconf.retries {
+            return Next::Fail(failure.status);
+        }
+        attempt += 1;
+        log.retries = attempt;
+        if failure.stale {
+            // The server closed an idle connection as it was reused: it is not failing, so
+            // the request stays with it, on another connection.
+            continue;
+        }
+        // HAProxy's `option redispatch`: the last retry goes to another server; a server
+        // known down is left at once.
+        let last = attempt == bconf.retries;
+        if bconf.redispatch && (last || !slot.server().takes_stuck()) {
+            let prev = slot.index;
+            drop(slot);
+            slot = match backend.acquire(client_ip, Some(prev), queue).await {
+                Ok(s) => s,
+                Err(_) => return Next::Fail(Status::ServiceUnavailable),
+            };
+            if slot.index != prev {
+                log.redispatched = true;
+                store_key = key.is_some();
+                if log.stick == "hit" {
+                    log.stick = "moved";
                 }
             }
         }
@@ -475,21 +491,46 @@ async fn forward_response(
     if close { Next::Close } else { Next::KeepAlive }
 }
 
-/// Whether a request that got no answer may be sent again: idempotent and still in hand.
+/// Whether a request that may have reached the server can be sent again: its method is
+/// idempotent (RFC 9110 §9.2.2) and its body is still in hand.
 fn retriable(req: &RequestHead, body: &ReqBody) -> bool {
-    matches!(body, ReqBody::Buffered(_)) && matches!(req.method(), "GET" | "HEAD" | "OPTIONS")
+    matches!(body, ReqBody::Buffered(_))
+        && matches!(
+            req.method(),
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        )
+}
+
+/// How much of a request reached the server before an attempt failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    /// Not one byte: no connection, or the first write was refused.
+    Nothing,
+    /// Some or all of it: the server may have acted on it.
+    Some,
+}
+
+/// One attempt at a server that failed without an answer.
+#[derive(Debug)]
+struct AttemptFailed {
+    /// The answer to the client if the request does not go again.
+    status: Status,
+    sent: Sent,
+    /// The connection was an idle one from the pool, which the server may close at any
+    /// moment: no sign that the server is failing.
+    stale: bool,
 }
 
 /// Why a request could not be sent.
 enum Failure {
-    /// No connection to the server could be made: another attempt (or server) may work.
-    Connect(Status),
+    /// The server did not answer: the request may go again (see [`Sent`]).
+    Attempt(AttemptFailed),
     /// Anything else: what to do with the client connection.
     Next(Next),
 }
 
-/// Sends the request to `server` and reads the response head, retrying on another
-/// connection when a reused one turns out closed before any byte of the answer.
+/// Sends the request to `server` once, on a pooled connection if its body is in hand, and
+/// reads the response head.
 async fn send_request(
     shared: &Shared,
     server: &ServerRt,
@@ -498,89 +539,110 @@ async fn send_request(
     body: &ReqBody,
 ) -> Result<(Io<TcpStream>, ResponseHead), Failure> {
     let d = &shared.config.defaults;
-    for _attempt in 0..MAX_ATTEMPTS {
-        let (mut srv, reused) = match body {
-            ReqBody::Buffered(_) => match server.pool.take() {
-                Some(s) => (s, true),
-                None => (Io::new(connect(shared, server).await?), false),
-            },
-            ReqBody::Streamed => (Io::new(connect(shared, server).await?), false),
-        };
-        let sent = match body {
-            // The usual request: its head goes out as it is, without a copy.
-            ReqBody::Buffered(b) if b.is_empty() => {
-                body::write(&mut srv.stream, &req.upstream, d.timeout_server).await
-            }
-            ReqBody::Buffered(b) => {
-                let mut out = Vec::with_capacity(req.upstream.len() + b.len());
-                out.extend_from_slice(&req.upstream);
-                out.extend_from_slice(b);
-                body::flush(&mut srv.stream, &mut out, d.timeout_server).await
-            }
-            ReqBody::Streamed => {
-                let mut out = Vec::with_capacity(req.upstream.len() + 1024);
-                out.extend_from_slice(&req.upstream);
-                body::forward(
-                    client,
-                    &mut srv.stream,
-                    req.framing,
-                    &mut out,
-                    d.timeout_client,
-                )
-                .await
-            }
-        };
-        match sent {
-            Ok(()) => {}
-            Err(BodyError::Write(_)) if reused => continue,
-            Err(BodyError::Write(e)) => {
-                tracing::warn!(error = %e, "sending the request to the server failed");
-                return Err(if retriable(req, body) {
-                    Failure::Connect(Status::BadGateway)
-                } else {
-                    Failure::Next(Next::Fail(Status::BadGateway))
-                });
-            }
-            Err(BodyError::Read(e)) => {
-                tracing::debug!(error = %e, "client stopped sending its body");
-                return Err(Failure::Next(Next::Close));
-            }
-            Err(BodyError::Framing(why)) => {
-                tracing::debug!(reason = why, "bad request body");
-                return Err(Failure::Next(Next::Fail(Status::BadRequest)));
-            }
+    let pooled = match body {
+        ReqBody::Buffered(_) => server.pool.take(),
+        ReqBody::Streamed => None,
+    };
+    let stale = pooled.is_some();
+    let mut srv = match pooled {
+        Some(s) => s,
+        None => Io::new(connect(shared, server).await?),
+    };
+    let fail = |status, sent| {
+        Failure::Attempt(AttemptFailed {
+            status,
+            sent,
+            stale,
+        })
+    };
+    let sent = match body {
+        // The usual request: its head goes out as it is, without a copy.
+        ReqBody::Buffered(b) if b.is_empty() => {
+            send_all(&mut srv.stream, &req.upstream, d.timeout_server).await
         }
-        match read_response_head(shared, &mut srv, client, req).await {
-            Ok(resp) => return Ok((srv, resp)),
-            Err(HeadRead::ClosedBeforeAnswer) if reused => {
-                tracing::debug!("reused server connection was closed, sending again");
-                continue;
+        ReqBody::Buffered(b) => {
+            let mut out = Vec::with_capacity(req.upstream.len() + b.len());
+            out.extend_from_slice(&req.upstream);
+            out.extend_from_slice(b);
+            send_all(&mut srv.stream, &out, d.timeout_server).await
+        }
+        ReqBody::Streamed => {
+            let mut out = Vec::with_capacity(req.upstream.len() + 1024);
+            out.extend_from_slice(&req.upstream);
+            body::forward(
+                client,
+                &mut srv.stream,
+                req.framing,
+                &mut out,
+                d.timeout_client,
+            )
+            .await
+            .map_err(|e| (e, Sent::Some))
+        }
+    };
+    match sent {
+        Ok(()) => {}
+        Err((BodyError::Write(e), sent)) => {
+            if !stale {
+                tracing::warn!(error = %e, "sending the request to the server failed");
             }
-            Err(HeadRead::ClosedBeforeAnswer) => {
-                tracing::warn!("server closed the connection without answering");
-                // A server dying with the request in hand: an idempotent request that the proxy
-                // can send again goes through the retries (and redispatch) like a refused connect.
-                return Err(if retriable(req, body) {
-                    Failure::Connect(Status::BadGateway)
-                } else {
-                    Failure::Next(Next::Fail(Status::BadGateway))
-                });
-            }
-            Err(HeadRead::Timeout) => {
-                return Err(Failure::Next(Next::Fail(Status::GatewayTimeout)));
-            }
-            Err(HeadRead::Bad(why)) => {
-                tracing::warn!(reason = why, "bad response from the server");
-                return Err(Failure::Next(Next::Fail(Status::BadGateway)));
-            }
-            Err(HeadRead::ClientGone) => return Err(Failure::Next(Next::Close)),
+            return Err(fail(Status::BadGateway, sent));
+        }
+        Err((BodyError::Read(e), _)) => {
+            tracing::debug!(error = %e, "client stopped sending its body");
+            return Err(Failure::Next(Next::Close));
+        }
+        Err((BodyError::Framing(why), _)) => {
+            tracing::debug!(reason = why, "bad request body");
+            return Err(Failure::Next(Next::Fail(Status::BadRequest)));
         }
     }
-    tracing::warn!("server kept closing reused connections");
-    Err(if retriable(req, body) {
-        Failure::Connect(Status::BadGateway)
-    } else {
-        Failure::Next(Next::Fail(Status::BadGateway))
+    match read_response_head(shared, &mut srv, client, req).await {
+        Ok(resp) => Ok((srv, resp)),
+        Err(HeadRead::ClosedBeforeAnswer) => {
+            if stale {
+                tracing::debug!("reused server connection was closed before answering");
+            } else {
+                tracing::warn!("server closed the connection without answering");
+            }
+            Err(fail(Status::BadGateway, Sent::Some))
+        }
+        Err(HeadRead::Timeout) => Err(Failure::Next(Next::Fail(Status::GatewayTimeout))),
+        Err(HeadRead::Bad(why)) => {
+            tracing::warn!(reason = why, "bad response from the server");
+            Err(Failure::Next(Next::Fail(Status::BadGateway)))
+        }
+        Err(HeadRead::ClientGone) => Err(Failure::Next(Next::Close)),
+    }
+}
+
+/// Writes all of `bytes` within `timeout`; a failure says whether any byte was accepted, since
+/// a request of which not one byte left may go again whatever its method.
+async fn send_all(
+    stream: &mut TcpStream,
+    bytes: &[u8],
+    timeout: Duration,
+) -> Result<(), (BodyError, Sent)> {
+    let mut written = 0;
+    let result = tokio::time::timeout(timeout, async {
+        while written < bytes.len() {
+            match stream.write(&bytes[written..]).await {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    result.map_err(|e| {
+        let sent = if written == 0 {
+            Sent::Nothing
+        } else {
+            Sent::Some
+        };
+        (BodyError::Write(e), sent)
     })
 }
 
@@ -592,7 +654,11 @@ async fn connect(shared: &Shared, server: &ServerRt) -> Result<TcpStream, Failur
             // HAProxy's answer when no connection could be made (refused or timed out, after
             // the retries and redispatch): 503. 502 and 504 are for a server that took the
             // request and answered badly or not in time.
-            Failure::Connect(Status::ServiceUnavailable)
+            Failure::Attempt(AttemptFailed {
+                status: Status::ServiceUnavailable,
+                sent: Sent::Nothing,
+                stale: false,
+            })
         })
 }
 
@@ -610,7 +676,9 @@ async fn read_response_head(
     client: &mut Io<TcpStream>,
     req: &RequestHead,
 ) -> Result<ResponseHead, HeadRead> {
-    let timeout = shared.config.defaults.timeout_server;
+    // One deadline for the whole head: a server sending it a byte at a time must not hold
+    // the request past `timeout_server`.
+    let deadline = Instant::now() + shared.config.defaults.timeout_server;
     let mut got_any = false;
     loop {
         if !srv.buf.is_empty() {
@@ -631,10 +699,16 @@ async fn read_response_head(
                 Ok(Some(resp)) => return Ok(resp),
                 Ok(None) => {}
                 Err(HeadError::TooLarge) => return Err(HeadRead::Bad("response head too large")),
-                Err(HeadError::Malformed(why)) => return Err(HeadRead::Bad(why)),
+                Err(HeadError::Malformed(why) | HeadError::Unsupported(why)) => {
+                    return Err(HeadRead::Bad(why));
+                }
             }
         }
-        match srv.fill(timeout).await {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HeadRead::Timeout);
+        }
+        match srv.fill(left).await {
             Ok(0) if !got_any => return Err(HeadRead::ClosedBeforeAnswer),
             Ok(0) => return Err(HeadRead::Bad("truncated response head")),
             Ok(_) => {}

@@ -1,6 +1,8 @@
 //! Parsing request and response heads with httparse, refusing what could smuggle a request,
 //! and rewriting them for the other side (hop-by-hop headers, `Connection`).
 
+use super::fields::{self, ContentLength, TransferCodings};
+
 /// Largest request or response head (beyond: 431 for requests, 502 for responses).
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one head.
@@ -23,6 +25,8 @@ pub enum HeadError {
     TooLarge,
     /// Not valid HTTP/1.x, or ambiguous framing.
     Malformed(&'static str),
+    /// Valid, but not something this proxy does (a `CONNECT` tunnel).
+    Unsupported(&'static str),
 }
 
 /// A complete request head.
@@ -238,18 +242,19 @@ impl Present {
     fn framing_fields(
         &self,
         headers: &[httparse::Header<'_>],
-    ) -> Result<(Option<u64>, Option<Vec<String>>), HeadError> {
-        let length = if self.content_length {
-            content_length(headers)?
-        } else {
-            None
-        };
-        let codings = if self.transfer_encoding {
-            transfer_codings(headers)
-        } else {
-            None
-        };
-        Ok((length, codings))
+    ) -> Result<(Option<u64>, Option<TransferCodings>), HeadError> {
+        let mut length = ContentLength::default();
+        let mut codings = None::<TransferCodings>;
+        if self.content_length || self.transfer_encoding {
+            for h in headers {
+                if h.name.eq_ignore_ascii_case("content-length") {
+                    length.add(h.value)?;
+                } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                    codings.get_or_insert_with(Default::default).add(h.value)?;
+                }
+            }
+        }
+        Ok((length.get(), codings))
     }
 }
 
@@ -272,48 +277,38 @@ fn present(headers: &[httparse::Header<'_>]) -> Present {
     p
 }
 
-/// The single Content-Length of a message: every value (and every comma-separated item)
-/// must be the same number, else the framing is ambiguous.
-fn content_length(headers: &[httparse::Header<'_>]) -> Result<Option<u64>, HeadError> {
-    let mut found: Option<u64> = None;
-    for h in headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
-    {
-        let v =
-            std::str::from_utf8(h.value).map_err(|_| HeadError::Malformed("bad content-length"))?;
-        for item in v.split(',') {
-            let item = item.trim();
-            if item.is_empty() || item.len() > 18 || !item.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(HeadError::Malformed("bad content-length"));
-            }
-            let n: u64 = item
-                .parse()
-                .map_err(|_| HeadError::Malformed("bad content-length"))?;
-            match found {
-                Some(prev) if prev != n => {
-                    return Err(HeadError::Malformed("conflicting content-length values"));
-                }
-                _ => found = Some(n),
-            }
-        }
-    }
-    Ok(found)
+fn is_framing_field(name: &str) -> bool {
+    name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("transfer-encoding")
 }
 
-/// The transfer codings, lower-cased, in order; `None` without a Transfer-Encoding field.
-fn transfer_codings(headers: &[httparse::Header<'_>]) -> Option<Vec<String>> {
-    let mut codings = None::<Vec<String>>;
-    for h in headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
-    {
-        let list = codings.get_or_insert_with(Vec::new);
-        for t in String::from_utf8_lossy(h.value).split(',') {
-            list.push(t.trim().to_ascii_lowercase());
-        }
+fn push_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"Content-Length: ");
+    out.extend_from_slice(n.to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Checks the request target's form against the method (RFC 9112 §3.2); returns its parts
+/// when it is in absolute form, which is then forwarded in origin form.
+fn check_target<'a>(
+    method: &str,
+    target: &'a [u8],
+) -> Result<Option<fields::AbsoluteTarget<'a>>, HeadError> {
+    if method == "CONNECT" {
+        return Err(HeadError::Unsupported("connect"));
     }
-    codings
+    // httparse lets bytes above 0x7f and `#` through; a fragment is never sent and raw
+    // non-ASCII is read differently by different servers.
+    if target.iter().any(|b| !b.is_ascii_graphic() || *b == b'#') {
+        return Err(HeadError::Malformed("bad byte in request target"));
+    }
+    match target {
+        [b'/', ..] => Ok(None),
+        b"*" if method == "OPTIONS" => Ok(None),
+        _ => match fields::absolute_target(target) {
+            Some(t) if fields::valid_host(t.authority) && !t.authority.is_empty() => Ok(Some(t)),
+            _ => Err(HeadError::Malformed("bad request target")),
+        },
+    }
 }
 
 fn push_field(out: &mut Vec<u8>, h: &httparse::Header<'_>) {
@@ -349,15 +344,31 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
         return Err(HeadError::Malformed("incomplete request line"));
     };
-    if target.is_empty() {
-        return Err(HeadError::Malformed("empty request target"));
-    }
+    let target = target.as_bytes();
+    let absolute = check_target(method, target)?;
     let headers = req.headers;
     let p = present(headers);
     if p.hosts > 1 || (minor == 1 && p.hosts == 0) {
         return Err(HeadError::Malformed(
             "a request needs exactly one host field",
         ));
+    }
+    if p.hosts == 1 {
+        let host = headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("host"))
+            .map_or(&[][..], |h| fields::trim_ows(h.value));
+        if !fields::valid_host(host) {
+            return Err(HeadError::Malformed("bad host field"));
+        }
+        // RFC 9112 §3.2.2 lets the target's authority win; a server behind us may instead
+        // believe the field, so a request that names two hosts is refused, as HAProxy does.
+        if absolute
+            .as_ref()
+            .is_some_and(|t| !t.authority.eq_ignore_ascii_case(host))
+        {
+            return Err(HeadError::Malformed("request target and host field differ"));
+        }
     }
     let (length, codings) = p.framing_fields(headers)?;
     let framing = match codings {
@@ -371,7 +382,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
                 "both content-length and transfer-encoding",
             ));
         }
-        Some(codings) if codings == ["chunked"] => Framing::Chunked,
+        Some(codings) if codings.is_only_chunked() => Framing::Chunked,
         Some(_) => return Err(HeadError::Malformed("unsupported transfer-encoding")),
         None => match length {
             None | Some(0) => Framing::Empty,
@@ -388,12 +399,17 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
     let mut upstream = Vec::with_capacity(len + 32);
     upstream.extend_from_slice(method.as_bytes());
     upstream.push(b' ');
-    upstream.extend_from_slice(target.as_bytes());
+    match &absolute {
+        Some(t) => t.write_origin_form(&mut upstream),
+        None => upstream.extend_from_slice(target),
+    }
+    let target_end = upstream.len();
     upstream.extend_from_slice(if minor == 1 {
         b" HTTP/1.1\r\n"
     } else {
         b" HTTP/1.0\r\n"
     });
+    let mut framing_written = false;
     for h in headers.iter() {
         if h.name.eq_ignore_ascii_case("expect") {
             if h.value.eq_ignore_ascii_case(b"100-continue") {
@@ -401,6 +417,16 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
                 continue;
             }
             push_field(&mut upstream, h);
+        } else if is_framing_field(h.name) {
+            // The framing as parsed, once, where the first framing field stood.
+            if !std::mem::replace(&mut framing_written, true) {
+                match framing {
+                    Framing::Chunked => {
+                        upstream.extend_from_slice(b"Transfer-Encoding: chunked\r\n")
+                    }
+                    _ => push_length(&mut upstream, length.unwrap_or(0)),
+                }
+            }
         } else if !hop_by_hop(h.name, headers, p.names_fields) {
             if cookie_at.is_none() && h.name.eq_ignore_ascii_case("cookie") {
                 cookie_at = Some(upstream.len());
@@ -415,7 +441,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
     upstream.extend_from_slice(b"\r\n");
     Ok(Some(RequestHead {
         method_len: method.len(),
-        target_end: method.len() + 1 + target.len(),
+        target_end,
         cookie_at,
         minor,
         len,
@@ -453,14 +479,14 @@ pub fn parse_response(
     let framing = if no_body {
         Framing::Empty
     } else {
-        match codings {
+        match &codings {
             Some(_) if length.is_some() => {
                 return Err(HeadError::Malformed(
                     "both content-length and transfer-encoding",
                 ));
             }
-            Some(c) if c.last().map(String::as_str) == Some("chunked") => {
-                if c.iter().filter(|t| *t == "chunked").count() > 1 {
+            Some(c) if c.codings().last() == Some(&fields::Coding::Chunked) => {
+                if c.chunked_count() > 1 {
                     return Err(HeadError::Malformed("chunked applied twice"));
                 }
                 Framing::Chunked
@@ -479,7 +505,8 @@ pub fn parse_response(
         } else {
             p.connection && has_token(headers, "keep-alive")
         };
-    let mut fields = Vec::with_capacity(len + 32);
+    let mut out = Vec::with_capacity(len + 32);
+    let fields = &mut out;
     fields.extend_from_slice(if minor == 1 {
         b"HTTP/1.1 "
     } else {
@@ -491,12 +518,27 @@ pub fn parse_response(
     fields.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     fields.extend_from_slice(b"\r\n");
     let mut set_cookie_at = None;
+    let mut framing_written = false;
     for h in headers.iter() {
-        if !hop_by_hop(h.name, headers, p.names_fields) {
+        if is_framing_field(h.name) {
+            // The framing as parsed, once, where the first framing field stood; a length
+            // beside codings (allowed only without a body) is dropped, as RFC 9112 §6.2 asks.
+            if !std::mem::replace(&mut framing_written, true) {
+                match (codings.as_ref(), length) {
+                    (Some(c), _) => {
+                        fields.extend_from_slice(b"Transfer-Encoding: ");
+                        fields.extend_from_slice(c.names());
+                        fields.extend_from_slice(b"\r\n");
+                    }
+                    (None, Some(n)) => push_length(fields, n),
+                    (None, None) => {}
+                }
+            }
+        } else if !hop_by_hop(h.name, headers, p.names_fields) {
             if set_cookie_at.is_none() && h.name.eq_ignore_ascii_case("set-cookie") {
                 set_cookie_at = Some(fields.len());
             }
-            push_field(&mut fields, h);
+            push_field(fields, h);
         }
     }
     Ok(Some(ResponseHead {
@@ -505,7 +547,7 @@ pub fn parse_response(
         len,
         framing,
         keep_alive,
-        fields,
+        fields: out,
         set_cookie_at,
     }))
 }

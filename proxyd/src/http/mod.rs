@@ -2,5 +2,6 @@
 
 pub mod body;
 pub mod conn;
+pub mod fields;
 pub mod head;
 pub mod pool;

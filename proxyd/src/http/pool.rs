@@ -10,11 +10,6 @@ use tokio::net::TcpStream;
 
 use super::body::Io;
 
-/// Past this idle time a pooled connection is also checked with a real `recv(MSG_PEEK)`: a
-/// server closes idle connections at its keep-alive timeout, so only long-idle connections
-/// race with a FIN the reactor has not seen yet. Busier ones trust the reactor's readiness.
-const PEEK_AFTER: Duration = Duration::from_secs(1);
-
 #[derive(Debug)]
 pub struct Pool {
     /// Oldest first: expired connections are always a prefix.
@@ -42,11 +37,13 @@ impl Pool {
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
                 idle.pop_back()?
             };
-            let idle_for = now.saturating_duration_since(since);
-            if idle_for >= self.idle_timeout {
+            if now.saturating_duration_since(since) >= self.idle_timeout {
                 continue;
             }
-            if !broken(&io.stream, idle_for) {
+            // Always a real `recv(MSG_PEEK)`: the reactor's cached readiness may not have seen
+            // a FIN, or stray bytes a server sent after its response, that arrived since its
+            // last poll; such bytes would be read as the next client's response.
+            if !crate::sys::idle_connection_broken(io.stream.as_fd()) {
                 return Some(io);
             }
         }
@@ -74,19 +71,6 @@ impl Pool {
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
-}
-
-/// Whether an idle connection is unusable: an idle HTTP connection has nothing to read, so EOF,
-/// an error or stray bytes all mean it must not carry a request.
-fn broken(stream: &TcpStream, idle_for: Duration) -> bool {
-    // Without readiness recorded by the reactor this costs no syscall; with it, the read
-    // consumes a byte of a connection that is dropped anyway.
-    let mut byte = [0u8; 1];
-    match stream.try_read(&mut byte) {
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-        Ok(_) | Err(_) => return true,
-    }
-    idle_for >= PEEK_AFTER && crate::sys::idle_connection_broken(stream.as_fd())
 }
 
 /// Opens a new connection to a server within `timeout`.
@@ -144,6 +128,24 @@ mod tests {
             pool.take().is_none(),
             "b ({pb}) was closed, a ({pa}) dropped"
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_with_unasked_bytes_is_never_handed_out() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let pool = Pool::new(8, Duration::from_secs(30));
+        let (a, mut sa) = pair(&l).await;
+        pool.put(a);
+        // A server that answers twice: the second answer is in our receive queue as soon as
+        // the write returns, before the reactor has polled the socket.
+        sa.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale")
+            .await
+            .expect("write");
+        assert!(
+            pool.take().is_none(),
+            "the stray response would reach the next client"
+        );
+        assert_eq!(pool.idle_count(), 0);
     }
 
     #[tokio::test]

@@ -23,6 +23,12 @@ pub enum Action {
     Hang(Duration),
     /// Answer, then close the connection without having said so.
     RespondClose(Vec<u8>),
+    /// Answer after this long.
+    RespondAfter(Duration, Vec<u8>),
+    /// Answer, then send more bytes nobody asked for, in a write of their own.
+    RespondThen(Vec<u8>, Vec<u8>),
+    /// Send the answer a byte at a time, one every this long.
+    Trickle(Vec<u8>, Duration),
 }
 
 /// A request as the backend saw it.
@@ -107,6 +113,28 @@ where
                         Action::Hang(d) => {
                             tokio::time::sleep(d).await;
                             return;
+                        }
+                        Action::RespondAfter(d, bytes) => {
+                            tokio::time::sleep(d).await;
+                            if io.stream.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                        Action::RespondThen(bytes, stray) => {
+                            if io.stream.write_all(&bytes).await.is_err()
+                                || io.stream.flush().await.is_err()
+                                || io.stream.write_all(&stray).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Action::Trickle(bytes, every) => {
+                            for b in bytes {
+                                if io.stream.write_all(&[b]).await.is_err() {
+                                    return;
+                                }
+                                tokio::time::sleep(every).await;
+                            }
                         }
                     }
                 }
