@@ -158,6 +158,7 @@ fn attribute(mut events: Vec<Event>) -> Attributed {
         };
         if blame.is_empty() {
             out.orphans.push(e.seen);
+            continue;
         }
         for id in blame {
             out.by_variant.entry(id).or_default().push(e.seen.clone());
@@ -172,9 +173,34 @@ enum Verdict {
     Intact,
 }
 
-/// One variant on one backend: refused, forwarded intact, or why neither.
+/// Whether `seen` is what a backend should receive for `req`.
+fn same(req: &strict::Request, seen: &Seen) -> bool {
+    let Seen::Request {
+        method,
+        target,
+        hosts,
+        body,
+    } = seen
+    else {
+        return false;
+    };
+    let hosts: Vec<String> = hosts
+        .iter()
+        .map(|h| h.trim_matches([' ', '\t']).to_ascii_lowercase())
+        .collect();
+    let want: Vec<String> = req.host.iter().map(|h| h.to_ascii_lowercase()).collect();
+    *method == req.method
+        && (*target == req.target || *target == req.origin_form)
+        && hosts == want
+        && *body == req.body
+}
+
+/// One variant on one backend: refused, forwarded intact, or why neither. When a strict parser
+/// reads several requests (a body that a lenient reader would take for a request, after a
+/// framing field that a strict one ignores), the backend must see the first ones in order:
+/// proxyd may refuse the rest, never forward anything else.
 fn judge(
-    expect: &Result<strict::Request, strict::Error>,
+    expect: &Result<Vec<strict::Request>, strict::Error>,
     answer: &Answer,
     seen: &[Seen],
 ) -> std::result::Result<Verdict, String> {
@@ -189,7 +215,7 @@ fn judge(
             Answer::Garbled(g) => Err(format!("garbled answer {g}")),
         };
     }
-    let req = match expect {
+    let reqs = match expect {
         Ok(r) => r,
         Err(e) => {
             return Err(format!(
@@ -197,40 +223,34 @@ fn judge(
             ));
         }
     };
-    let want_hosts: Vec<String> = req.host.iter().map(|h| h.to_ascii_lowercase()).collect();
-    let intact = match seen {
-        [
-            Seen::Request {
-                method,
-                target,
-                hosts,
-                body,
-            },
-        ] => {
-            let hosts: Vec<String> = hosts
-                .iter()
-                .map(|h| h.trim_matches([' ', '\t']).to_ascii_lowercase())
-                .collect();
-            *method == req.method
-                && (*target == req.target || *target == req.origin_form)
-                && hosts == want_hosts
-                && *body == req.body
+    // In any order: they may have come on different backend connections.
+    if seen.len() <= reqs.len() {
+        let mut unused: Vec<&strict::Request> = reqs[..seen.len()].iter().collect();
+        let all_matched = seen.iter().all(|s| match unused.iter().position(|r| same(r, s)) {
+            Some(i) => {
+                unused.swap_remove(i);
+                true
+            }
+            None => false,
+        });
+        if all_matched {
+            return Ok(Verdict::Intact);
         }
-        _ => false,
-    };
-    if intact {
-        Ok(Verdict::Intact)
-    } else {
-        Err(format!(
-            "expected one {} {} (host {:?}, body {}); the backend saw {seen:?}",
-            req.method, req.target, req.host, req.body
-        ))
     }
+    let want: Vec<String> = reqs
+        .iter()
+        .map(|r| format!("{} {} (host {:?}, body {})", r.method, r.target, r.host, r.body))
+        .collect();
+    Err(format!(
+        "expected {}; the backend saw {seen:?}",
+        want.join(" then ")
+    ))
 }
 
 async fn requests(mut env: Env) -> Result<Outcome> {
     let hyper = HyperBackend::start(env.free_port(2)?).await?;
-    let python = PythonBackend::start(&env, env.free_port(4)?).await?;
+    let python_addr = env.free_port(4)?;
+    let python = PythonBackend::start(&env, python_addr).await?;
     let mut nodes = Vec::new();
     for (host, name, addr) in [(1, "hyper", hyper.addr), (3, "python", python.addr)] {
         let node = Node::start(
@@ -277,7 +297,7 @@ async fn requests(mut env: Env) -> Result<Outcome> {
 
     let (mut refused, mut intact, mut failed, mut strict_ok, mut refused_valid) = (0, 0, 0, 0, 0);
     for v in &variants {
-        let expect = strict::request(&v.bytes);
+        let expect = strict::requests(&v.bytes);
         strict_ok += usize::from(expect.is_ok());
         let mut verdicts = Vec::new();
         let mut why = Vec::new();
@@ -439,7 +459,7 @@ mod tests {
 
     #[test]
     fn judging() {
-        let ok = strict::request(b"POST /v0001/ HTTP/1.1\r\nHost: X\r\nContent-Length: 2\r\n\r\nab");
+        let ok = strict::requests(b"POST /v0001/ HTTP/1.1\r\nHost: X\r\nContent-Length: 2\r\n\r\nab");
         let refused = Answer::Status(400);
         assert_eq!(judge(&ok, &refused, &[]), Ok(Verdict::Refused));
         assert_eq!(judge(&ok, &Answer::Status(200), &[request("/v0001/", 2)]), Ok(Verdict::Intact));
@@ -447,9 +467,9 @@ mod tests {
         assert!(judge(&ok, &Answer::Status(200), &[request("/v0001/", 2), request("/h0001/", 0)]).is_err());
         assert!(judge(&ok, &Answer::Status(200), &[]).is_err());
         assert!(judge(&ok, &Answer::NoAnswer, &[]).is_err());
-        let bad = strict::request(b"POST /v0001/ HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\nab");
+        let bad = strict::requests(b"POST /v0001/ HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\nab");
         assert!(judge(&bad, &Answer::Status(200), &[request("/v0001/", 2)]).is_err());
-        let absolute = strict::request(b"GET http://evil/v0001/ HTTP/1.1\r\nHost: x\r\n\r\n");
+        let absolute = strict::requests(b"GET http://evil/v0001/ HTTP/1.1\r\nHost: x\r\n\r\n");
         let mut seen = request("http://evil/v0001/", 0);
         if let Seen::Request { method, .. } = &mut seen {
             *method = "GET".into();

@@ -169,9 +169,9 @@ fn framing(head: &Head, request: bool) -> Result<Framing> {
         if codings.iter().any(|c| !is_token(c)) {
             return invalid("bad transfer coding");
         }
-        let chunked = |c: &&[u8]| c.eq_ignore_ascii_case(b"chunked");
-        let count = codings.iter().filter(chunked).count();
-        if codings.last().is_some_and(chunked) && count == 1 {
+        let chunked = |c: &[u8]| c.eq_ignore_ascii_case(b"chunked");
+        let count = codings.iter().filter(|c| chunked(c)).count();
+        if codings.last().is_some_and(|c| chunked(c)) && count == 1 {
             // Transfer-Encoding overrides Content-Length (a proxy must drop the latter).
             return Ok(Framing::Chunked);
         }
@@ -407,6 +407,19 @@ pub fn request(buf: &[u8]) -> Result<Request> {
     })
 }
 
+/// Every request a strict reader finds in `buf`, one after the other, until the bytes end or
+/// stop being a request (bytes that follow a request without being one must reach no server).
+pub fn requests(buf: &[u8]) -> Result<Vec<Request>> {
+    let mut out = vec![request(buf)?];
+    let mut at = out[0].len;
+    while at < buf.len() {
+        let Ok(next) = request(&buf[at..]) else { break };
+        at += next.len;
+        out.push(next);
+    }
+    Ok(out)
+}
+
 /// The first response in `buf`, which holds everything the server sent before closing.
 pub fn response(buf: &[u8]) -> Result<Response> {
     let head = head(buf)?;
@@ -461,8 +474,9 @@ mod tests {
 
     #[test]
     fn plain_and_chunked_requests() {
-        let r = req(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n\r\nabc").expect("ok");
-        assert_eq!((r.body, r.len, r.host.as_deref()), (3, 50, Some("x")));
+        let m = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n\r\nabc";
+        let r = req(m).expect("ok");
+        assert_eq!((r.body, r.len, r.host.as_deref()), (3, m.len(), Some("x")));
         let r = req(b"POST /a HTTP/1.1\nHost: x\nTransfer-Encoding: Chunked\n\n5;a=\"b c\"\r\nhello\r\n0\r\nX: 1\r\n\r\n")
             .expect("ok");
         assert_eq!(r.body, 5);
@@ -507,9 +521,10 @@ mod tests {
     fn responses() {
         let r = response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA").expect("ok");
         assert_eq!((r.status, r.body.as_slice(), r.len), (200, &b"hello"[..], 43));
-        let r = response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: \xc2\xa0chunked\r\n\r\n0\r\n\r\nX")
+        let r = response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\nX")
             .expect("ok");
         assert_eq!(r.body, b"0\r\n\r\nX");
+        assert!(response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: \xc2\xa0chunked\r\n\r\n0\r\n\r\n").is_err());
         let r = response(b"HTTP/1.1 404 \r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n")
             .expect("ok");
         assert_eq!((r.status, r.body.as_slice()), (404, &b"ab"[..]));
