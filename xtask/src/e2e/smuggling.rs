@@ -69,7 +69,11 @@ fn shown(v: &Variant, few: bool) -> String {
     } else {
         &v.bytes[..v.bytes.len().min(PRINT_BYTES)]
     };
-    let more = if bytes.len() < v.bytes.len() { "..." } else { "" };
+    let more = if bytes.len() < v.bytes.len() {
+        "..."
+    } else {
+        ""
+    };
     format!("b\"{}\"{more}", corpus::escape(bytes))
 }
 
@@ -79,7 +83,8 @@ enum Answer {
     Status(u16),
     /// Closed (or reset) without a byte of answer.
     Closed,
-    NoAnswer,
+    /// Nothing within [`ANSWER_TIMEOUT`], and the connection still open.
+    Silent,
     Garbled(String),
 }
 
@@ -112,7 +117,7 @@ async fn send(addr: SocketAddr, bytes: &[u8], linger: Duration) -> (Answer, Vec<
     }
     let answer = match strict::response(&buf) {
         Ok(r) => Answer::Status(r.status),
-        Err(_) if buf.is_empty() && timed_out => Answer::NoAnswer,
+        Err(_) if buf.is_empty() && timed_out => Answer::Silent,
         Err(_) if buf.is_empty() => Answer::Closed,
         Err(e) => Answer::Garbled(format!(
             "{e:?}: {}",
@@ -142,10 +147,7 @@ fn attribute(mut events: Vec<Event>) -> Attributed {
                     last = Some((e.conn, id));
                     vec![id]
                 }
-                None => corpus::find_tag(target, 'h')
-                    .or(prev)
-                    .into_iter()
-                    .collect(),
+                None => corpus::find_tag(target, 'h').or(prev).into_iter().collect(),
             },
             Seen::Rejected { raw, .. } | Seen::Incomplete { raw, .. } => {
                 let tags = corpus::all_tags(raw, 'v');
@@ -209,7 +211,7 @@ fn judge(
             Answer::Status(s) if (400..500).contains(s) => Ok(Verdict::Refused),
             Answer::Closed => Ok(Verdict::Refused),
             Answer::Status(s) => Err(format!("answered {s} but the backend saw nothing")),
-            Answer::NoAnswer => Err(format!(
+            Answer::Silent => Err(format!(
                 "no answer within {ANSWER_TIMEOUT:?}, nothing reached the backend"
             )),
             Answer::Garbled(g) => Err(format!("garbled answer {g}")),
@@ -219,31 +221,40 @@ fn judge(
         Ok(r) => r,
         Err(e) => {
             return Err(format!(
-                "a strict parser refuses it ({e:?}) but it was forwarded; the backend saw {seen:?}"
+                "a strict parser refuses it ({e:?}) but it was forwarded; the backend saw {}",
+                backends::show(seen)
             ));
         }
     };
     // In any order: they may have come on different backend connections.
     if seen.len() <= reqs.len() {
         let mut unused: Vec<&strict::Request> = reqs[..seen.len()].iter().collect();
-        let all_matched = seen.iter().all(|s| match unused.iter().position(|r| same(r, s)) {
-            Some(i) => {
-                unused.swap_remove(i);
-                true
-            }
-            None => false,
-        });
+        let all_matched = seen
+            .iter()
+            .all(|s| match unused.iter().position(|r| same(r, s)) {
+                Some(i) => {
+                    unused.swap_remove(i);
+                    true
+                }
+                None => false,
+            });
         if all_matched {
             return Ok(Verdict::Intact);
         }
     }
     let want: Vec<String> = reqs
         .iter()
-        .map(|r| format!("{} {} (host {:?}, body {})", r.method, r.target, r.host, r.body))
+        .map(|r| {
+            format!(
+                "{} {} (host {:?}, body {})",
+                r.method, r.target, r.host, r.body
+            )
+        })
         .collect();
     Err(format!(
-        "expected {}; the backend saw {seen:?}",
-        want.join(" then ")
+        "expected {}; the backend saw {}",
+        want.join(" then "),
+        backends::show(seen)
     ))
 }
 
@@ -303,7 +314,7 @@ async fn requests(mut env: Env) -> Result<Outcome> {
         let mut why = Vec::new();
         for (b, (name, _)) in nodes.iter().enumerate() {
             let seen_here = seen[b].by_variant.get(&v.id).map_or(&[][..], Vec::as_slice);
-            let answer = answers.get(&(v.id, b)).cloned().unwrap_or(Answer::NoAnswer);
+            let answer = answers.get(&(v.id, b)).cloned().unwrap_or(Answer::Silent);
             match judge(&expect, &answer, seen_here) {
                 Ok(verdict) => verdicts.push(verdict),
                 Err(e) => why.push(format!("[{name}] {e}")),
@@ -322,7 +333,7 @@ async fn requests(mut env: Env) -> Result<Outcome> {
     }
     for (b, (name, _)) in nodes.iter().enumerate() {
         for o in &seen[b].orphans {
-            println!("    FAILED [{name}] no variant to charge with {o:?}");
+            println!("    FAILED [{name}] no variant to charge with {o}");
         }
     }
     let orphans: usize = seen.iter().map(|s| s.orphans.len()).sum();
@@ -338,7 +349,10 @@ async fn requests(mut env: Env) -> Result<Outcome> {
         "outcome",
         format!("refused 4xx: {refused}, forwarded intact: {intact}, failed: {failed}"),
     );
-    figure("refused although a strict parser accepts them", refused_valid);
+    figure(
+        "refused although a strict parser accepts them",
+        refused_valid,
+    );
     figure("backend events charged to no variant", orphans);
     ensure!(
         failed == 0 && orphans == 0,
@@ -404,7 +418,10 @@ async fn responses(mut env: Env) -> Result<Outcome> {
                 v.id,
                 v.name,
                 expect.as_ref().map(|r| (r.status, corpus::escape(&r.body))),
-                format_args!("b\"{}\"", corpus::escape(&got[..got.len().min(PRINT_BYTES)]))
+                format_args!(
+                    "b\"{}\"",
+                    corpus::escape(&got[..got.len().min(PRINT_BYTES)])
+                )
             );
             println!("      backend sent {}", shown(v, few));
         }
@@ -423,7 +440,11 @@ async fn responses(mut env: Env) -> Result<Outcome> {
             "502: {bad_gateway}, framed as a strict parser does: {exact}, closed mid-body after a bad body: {truncated}, failed: {failed}"
         ),
     );
-    ensure!(failed == 0, "{failed} of {} response variants failed", variants.len());
+    ensure!(
+        failed == 0,
+        "{failed} of {} response variants failed",
+        variants.len()
+    );
     Ok(Outcome::Pass)
 }
 
@@ -446,10 +467,24 @@ mod tests {
         let a = attribute(vec![
             ev(1, 2, request("ACE ;/x", 0)),
             ev(1, 1, request("/v0007/innocent", 0)),
-            ev(1, 3, Seen::Rejected { reason: "400".into(), raw: "AAAA".into() }),
+            ev(
+                1,
+                3,
+                Seen::Rejected {
+                    reason: "400".into(),
+                    raw: "AAAA".into(),
+                },
+            ),
             ev(2, 1, request("/h0009/hidden", 0)),
             ev(3, 1, request("/untagged", 0)),
-            ev(3, 2, Seen::Rejected { reason: "400".into(), raw: "POST /v0011/ HTTP/1.1".into() }),
+            ev(
+                3,
+                2,
+                Seen::Rejected {
+                    reason: "400".into(),
+                    raw: "POST /v0011/ HTTP/1.1".into(),
+                },
+            ),
         ]);
         assert_eq!(a.by_variant[&7].len(), 3);
         assert_eq!(a.by_variant[&9].len(), 1);
@@ -459,15 +494,27 @@ mod tests {
 
     #[test]
     fn judging() {
-        let ok = strict::requests(b"POST /v0001/ HTTP/1.1\r\nHost: X\r\nContent-Length: 2\r\n\r\nab");
+        let ok =
+            strict::requests(b"POST /v0001/ HTTP/1.1\r\nHost: X\r\nContent-Length: 2\r\n\r\nab");
         let refused = Answer::Status(400);
         assert_eq!(judge(&ok, &refused, &[]), Ok(Verdict::Refused));
-        assert_eq!(judge(&ok, &Answer::Status(200), &[request("/v0001/", 2)]), Ok(Verdict::Intact));
+        assert_eq!(
+            judge(&ok, &Answer::Status(200), &[request("/v0001/", 2)]),
+            Ok(Verdict::Intact)
+        );
         assert!(judge(&ok, &Answer::Status(200), &[request("/v0001/", 0)]).is_err());
-        assert!(judge(&ok, &Answer::Status(200), &[request("/v0001/", 2), request("/h0001/", 0)]).is_err());
+        assert!(
+            judge(
+                &ok,
+                &Answer::Status(200),
+                &[request("/v0001/", 2), request("/h0001/", 0)]
+            )
+            .is_err()
+        );
         assert!(judge(&ok, &Answer::Status(200), &[]).is_err());
-        assert!(judge(&ok, &Answer::NoAnswer, &[]).is_err());
-        let bad = strict::requests(b"POST /v0001/ HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\nab");
+        assert!(judge(&ok, &Answer::Silent, &[]).is_err());
+        let bad =
+            strict::requests(b"POST /v0001/ HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\nab");
         assert!(judge(&bad, &Answer::Status(200), &[request("/v0001/", 2)]).is_err());
         let absolute = strict::requests(b"GET http://evil/v0001/ HTTP/1.1\r\nHost: x\r\n\r\n");
         let mut seen = request("http://evil/v0001/", 0);

@@ -46,6 +46,45 @@ pub enum Seen {
     Incomplete { reason: String, raw: String },
 }
 
+/// Raw bytes shown with a rejection: enough to recognise them, not a pooled connection's worth.
+const SHOW_RAW: usize = 160;
+
+impl std::fmt::Display for Seen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Seen::Request {
+                method,
+                target,
+                hosts,
+                body,
+            } => write!(f, "{method} {target:?} hosts {hosts:?} body {body}"),
+            Seen::Rejected { reason, raw } | Seen::Incomplete { reason, raw } => {
+                let what = if matches!(self, Seen::Rejected { .. }) {
+                    "rejected"
+                } else {
+                    "incomplete"
+                };
+                write!(f, "{what} ({}) at {:?}", cut(reason), cut(raw))
+            }
+        }
+    }
+}
+
+/// The first [`SHOW_RAW`] characters of `s`, marked when cut.
+fn cut(s: &str) -> String {
+    let mut shown: String = s.chars().take(SHOW_RAW).collect();
+    if shown.len() < s.len() {
+        shown.push_str("...");
+    }
+    shown
+}
+
+/// `seen` as one line.
+pub fn show(seen: &[Seen]) -> String {
+    let all: Vec<String> = seen.iter().map(ToString::to_string).collect();
+    format!("[{}]", all.join(", "))
+}
+
 #[derive(Clone, Debug)]
 pub struct Event {
     pub conn: u64,
@@ -205,7 +244,8 @@ async fn hyper_conn(stream: TcpStream, conn: u64, log: Log) {
                         seen,
                     },
                 );
-                let mut resp = hyper::Response::new(Full::new(Bytes::from_static(b"server: hyper\n")));
+                let mut resp =
+                    hyper::Response::new(Full::new(Bytes::from_static(b"server: hyper\n")));
                 if !ok {
                     *resp.status_mut() = hyper::StatusCode::BAD_REQUEST;
                 }
@@ -220,8 +260,14 @@ async fn hyper_conn(stream: TcpStream, conn: u64, log: Log) {
         .await;
     let Err(e) = result else { return };
     let text = String::from_utf8_lossy(&raw.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
-    let tail = match last_tag.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
-        Some(t) => text.rfind(t).map_or(text.as_str(), |at| &text[at + t.len()..]),
+    let tail = match last_tag
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_deref()
+    {
+        Some(t) => text
+            .rfind(t)
+            .map_or(text.as_str(), |at| &text[at + t.len()..]),
         None => text.as_str(),
     }
     .to_owned();
@@ -296,7 +342,11 @@ fn python_event(line: &str) -> Result<Event> {
             target: s("target"),
             hosts: v["hosts"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_owned)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|h| h.as_str().map(str::to_owned))
+                        .collect()
+                })
                 .unwrap_or_default(),
             body: v["body"].as_u64().context("no body length")? as usize,
         },

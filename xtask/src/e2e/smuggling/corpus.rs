@@ -88,7 +88,13 @@ fn chunk(data: &[u8]) -> Vec<u8> {
 
 /// A request to `TAG` + `path` with `Host: x`, then `fields` (each a whole line without CRLF).
 fn request(method: &str, path: &str, fields: &[&[u8]], body: &[u8]) -> Vec<u8> {
-    let mut v = cat(&[method.as_bytes(), b" ", TAG, path.as_bytes(), b" HTTP/1.1\r\nHost: x\r\n"]);
+    let mut v = cat(&[
+        method.as_bytes(),
+        b" ",
+        TAG,
+        path.as_bytes(),
+        b" HTTP/1.1\r\nHost: x\r\n",
+    ]);
     for f in fields {
         v.extend_from_slice(f);
         v.extend_from_slice(b"\r\n");
@@ -121,7 +127,10 @@ fn spaced_fields(name: &[u8], value: &[u8], ws: &[u8]) -> Vec<(&'static str, Vec
         ("after-sp-before-value", cat(&[name, b": ", ws, value])),
         ("after-value", cat(&[name, b": ", value, ws])),
         ("before-colon", cat(&[name, ws, b": ", value])),
-        ("inside-value", cat(&[name, b": ", &value[..mid], ws, &value[mid..]])),
+        (
+            "inside-value",
+            cat(&[name, b": ", &value[..mid], ws, &value[mid..]]),
+        ),
         ("before-name", cat(&[b"X-A: 1\r\n", ws, name, b": ", value])),
     ]
 }
@@ -173,17 +182,28 @@ pub fn requests() -> Vec<Variant> {
         ("te-name-underscore", b"Transfer_Encoding: chunked"),
         ("te-name-dotless-i", b"Transfer-Encod\xc4\xb1ng: chunked"),
     ] {
-        b.add(format!("case/{name}"), request("POST", "/", &[field], &chunked_hidden));
+        b.add(
+            format!("case/{name}"),
+            request("POST", "/", &[field], &chunked_hidden),
+        );
     }
     for (name, field) in [
         ("cl-name-lower", format!("content-length: {n}")),
         ("cl-name-upper", format!("CONTENT-LENGTH: {n}")),
     ] {
-        b.add(format!("case/{name}"), request("POST", "/", &[field.as_bytes()], &hidden));
+        b.add(
+            format!("case/{name}"),
+            request("POST", "/", &[field.as_bytes()], &hidden),
+        );
     }
     b.add(
         "case/cl-name-cyrillic-e",
-        request("POST", "/", &[format!("Cont\u{435}nt-Length: {n}").as_bytes()], &hidden),
+        request(
+            "POST",
+            "/",
+            &[format!("Cont\u{435}nt-Length: {n}").as_bytes()],
+            &hidden,
+        ),
     );
 
     for (name, value) in [
@@ -206,7 +226,10 @@ pub fn requests() -> Vec<Variant> {
         ("empty", b""),
     ] {
         let field = cat(&[b"Transfer-Encoding: ", value]);
-        b.add(format!("te-form/{name}"), request("POST", "/", &[&field], &chunked_hidden));
+        b.add(
+            format!("te-form/{name}"),
+            request("POST", "/", &[&field], &chunked_hidden),
+        );
     }
     for (name, first, second) in [
         ("two-fields-chunked-identity", "chunked", "identity"),
@@ -218,7 +241,12 @@ pub fn requests() -> Vec<Variant> {
         let f2 = format!("Transfer-Encoding: {second}");
         b.add(
             format!("te-form/{name}"),
-            request("POST", "/", &[f1.as_bytes(), f2.as_bytes()], &chunked_hidden),
+            request(
+                "POST",
+                "/",
+                &[f1.as_bytes(), f2.as_bytes()],
+                &chunked_hidden,
+            ),
         );
     }
 
@@ -257,7 +285,10 @@ pub fn requests() -> Vec<Variant> {
         ("fullwidth-digits", fullwidth),
     ] {
         let field = format!("Content-Length: {value}");
-        b.add(format!("cl-form/{name}"), request("POST", "/", &[field.as_bytes()], &hidden));
+        b.add(
+            format!("cl-form/{name}"),
+            request("POST", "/", &[field.as_bytes()], &hidden),
+        );
     }
     for (name, first, second) in [
         ("two-fields-same", n, n),
@@ -277,35 +308,64 @@ pub fn requests() -> Vec<Variant> {
     let cl_all = format!("Content-Length: {}", cl_te_body.len());
     let short_cl = format!("Content-Length: {}", format!("{:x}\r\n", n).len());
     for (name, fields) in [
-        ("cl-then-te", vec![cl_all.as_bytes(), b"Transfer-Encoding: chunked"]),
-        ("te-then-cl", vec![b"Transfer-Encoding: chunked", cl_all.as_bytes()]),
-        ("te-cl-short", vec![short_cl.as_bytes(), b"Transfer-Encoding: chunked"]),
-        ("te-cl-zero", vec![b"Content-Length: 0", b"Transfer-Encoding: chunked"]),
-        ("nbsp-te-cl", vec![short_cl.as_bytes(), b"Transfer-Encoding: \xc2\xa0chunked"]),
-        ("identity-te-cl", vec![short_cl.as_bytes(), b"Transfer-Encoding: identity"]),
-        ("folded-te-cl", vec![short_cl.as_bytes(), b"Transfer-Encoding:\r\n chunked"]),
+        (
+            "cl-then-te",
+            vec![cl_all.as_bytes(), b"Transfer-Encoding: chunked"],
+        ),
+        (
+            "te-then-cl",
+            vec![b"Transfer-Encoding: chunked", cl_all.as_bytes()],
+        ),
+        (
+            "te-cl-short",
+            vec![short_cl.as_bytes(), b"Transfer-Encoding: chunked"],
+        ),
+        (
+            "te-cl-zero",
+            vec![b"Content-Length: 0", b"Transfer-Encoding: chunked"],
+        ),
+        (
+            "nbsp-te-cl",
+            vec![short_cl.as_bytes(), b"Transfer-Encoding: \xc2\xa0chunked"],
+        ),
+        (
+            "identity-te-cl",
+            vec![short_cl.as_bytes(), b"Transfer-Encoding: identity"],
+        ),
+        (
+            "folded-te-cl",
+            vec![short_cl.as_bytes(), b"Transfer-Encoding:\r\n chunked"],
+        ),
     ] {
-        b.add(format!("cl-te/{name}"), request("POST", "/", &fields, &cl_te_body));
+        b.add(
+            format!("cl-te/{name}"),
+            request("POST", "/", &fields, &cl_te_body),
+        );
     }
 
     let te = [&b"Transfer-Encoding: chunked"[..]];
-    let size_line = |line: &[u8], data: &[u8]| -> Vec<u8> {
-        cat(&[line, b"\r\n", data, b"\r\n0\r\n\r\n"])
-    };
+    let size_line =
+        |line: &[u8], data: &[u8]| -> Vec<u8> { cat(&[line, b"\r\n", data, b"\r\n0\r\n\r\n"]) };
     let nx = format!("{n:x}");
     let nxu = nx.to_uppercase();
     for (name, line) in [
         ("lower-hex", nx.clone()),
         ("upper-hex", nxu.clone()),
         ("leading-zero", format!("0{nx}")),
-        ("leading-zeros-23", format!("{}{nx}", "0".repeat(23 - nx.len()))),
+        (
+            "leading-zeros-23",
+            format!("{}{nx}", "0".repeat(23 - nx.len())),
+        ),
         ("0x-prefix", format!("0x{nx}")),
         ("negative", format!("-{nx}")),
         ("plus", format!("+{nx}")),
         ("leading-space", format!(" {nx}")),
         ("trailing-space", format!("{nx} ")),
         ("trailing-tab", format!("{nx}\t")),
-        ("overflow-wraps", format!("1{}{nx}", "0".repeat(16 - nx.len()))),
+        (
+            "overflow-wraps",
+            format!("1{}{nx}", "0".repeat(16 - nx.len())),
+        ),
         ("overflow-long", format!("{}{nx}", "f".repeat(20))),
         ("too-small", format!("{:x}", n - 1)),
         ("too-large", format!("{:x}", n + 1)),
@@ -317,7 +377,12 @@ pub fn requests() -> Vec<Variant> {
     }
     b.add(
         "chunk-size/nul-suffix",
-        request("POST", "/", &te, &size_line(&cat(&[nx.as_bytes(), b"\x00"]), &hidden)),
+        request(
+            "POST",
+            "/",
+            &te,
+            &size_line(&cat(&[nx.as_bytes(), b"\x00"]), &hidden),
+        ),
     );
 
     for (name, ext) in [
@@ -348,14 +413,20 @@ pub fn requests() -> Vec<Variant> {
         );
     }
     let long = cat(&[nx.as_bytes(), b";a=", &[b'x'; 3000]]);
-    b.add("chunk-ext/long-3000", request("POST", "/", &te, &size_line(&long, &hidden)));
+    b.add(
+        "chunk-ext/long-3000",
+        request("POST", "/", &te, &size_line(&long, &hidden)),
+    );
     for (name, last) in [
         ("last-token", &b"0;a=b"[..]),
         ("last-space", b"0 ;a"),
         ("last-bad", b"0;/x y"),
     ] {
         let body = cat(&[nx.as_bytes(), b"\r\n", &hidden, b"\r\n", last, b"\r\n\r\n"]);
-        b.add(format!("chunk-ext/{name}"), request("POST", "/", &te, &body));
+        b.add(
+            format!("chunk-ext/{name}"),
+            request("POST", "/", &te, &body),
+        );
     }
 
     for (name, trailers) in [
@@ -370,59 +441,193 @@ pub fn requests() -> Vec<Variant> {
         ("bare-lf", b"X-T: 1\n"),
         ("space-before-colon", b"X-T : 1\r\n"),
     ] {
-        let body = cat(&[format!("{nx}\r\n").as_bytes(), &hidden, b"\r\n0\r\n", trailers, b"\r\n"]);
+        let body = cat(&[
+            format!("{nx}\r\n").as_bytes(),
+            &hidden,
+            b"\r\n0\r\n",
+            trailers,
+            b"\r\n",
+        ]);
         b.add(format!("trailer/{name}"), request("POST", "/", &te, &body));
     }
 
     let line = |s: &[u8]| cat(&[s, b"\r\n"]);
     let get = |start: &[u8], fields: &[u8]| cat(&[start, b"\r\n", fields, b"\r\n"]);
     for (name, bytes) in [
-        ("absolute-other-host", get(&cat(&[b"GET http://evil", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n")),
-        ("absolute-same-host", get(&cat(&[b"GET http://x", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n")),
-        ("absolute-other-port", get(&cat(&[b"GET http://x:81", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n")),
-        ("absolute-https-other", get(&cat(&[b"GET https://evil", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n")),
-        ("absolute-upper-scheme", get(&cat(&[b"GET HTTP://evil", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n")),
-        ("absolute-userinfo", get(&cat(&[b"GET http://x@evil", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n")),
-        ("absolute-no-host", get(&cat(&[b"GET http://evil", TAG, b"/ HTTP/1.1"]), b"")),
-        ("missing-host", get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1"]), b"")),
-        ("two-hosts-same", get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1"]), b"Host: x\r\nHost: x\r\n")),
-        ("two-hosts-differ", get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1"]), b"Host: x\r\nHost: evil\r\n")),
-        ("empty-host", get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1"]), b"Host:\r\n")),
-        ("host-ows", get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1"]), b"Host:  x \r\n")),
-        ("host-nbsp", get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1"]), b"Host: \xc2\xa0x\r\n")),
-        ("host-space-inside", get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1"]), b"Host: x evil\r\n")),
-        ("http10-no-host", get(&cat(&[b"GET ", TAG, b"/ HTTP/1.0"]), b"")),
-        ("http10-host", get(&cat(&[b"GET ", TAG, b"/ HTTP/1.0"]), b"Host: x\r\n")),
-        ("lowercase-method", get(&cat(&[b"get ", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n")),
-        ("extension-method", get(&cat(&[b"PURGE ", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n")),
-        ("nul-in-method", get(&cat(&[b"G\x00ET ", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n")),
-        ("tab-after-method", get(&cat(&[b"GET\t", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n")),
-        ("two-spaces-after-method", get(&cat(&[b"GET  ", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n")),
-        ("space-after-version", get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1 "]), b"Host: x\r\n")),
-        ("space-in-target", get(&cat(&[b"GET ", TAG, b"/a b HTTP/1.1"]), b"Host: x\r\n")),
-        ("tab-in-target", get(&cat(&[b"GET ", TAG, b"/a\tb HTTP/1.1"]), b"Host: x\r\n")),
-        ("nbsp-in-target", get(&cat(&[b"GET ", TAG, b"/a\xc2\xa0b HTTP/1.1"]), b"Host: x\r\n")),
-        ("utf8-in-target", get(&cat(&[b"GET ", TAG, b"/\xc3\xa9 HTTP/1.1"]), b"Host: x\r\n")),
-        ("percent-dots", get(&cat(&[b"GET ", TAG, b"/%2e%2e/a HTTP/1.1"]), b"Host: x\r\n")),
-        ("lowercase-version", get(&cat(&[b"GET ", TAG, b"/ http/1.1"]), b"Host: x\r\n")),
-        ("version-1-2", get(&cat(&[b"GET ", TAG, b"/ HTTP/1.2"]), b"Host: x\r\n")),
-        ("version-2-0", get(&cat(&[b"GET ", TAG, b"/ HTTP/2.0"]), b"Host: x\r\n")),
-        ("bare-cr-in-field", get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1"]), b"Host: x\rX: 1\r\n")),
+        (
+            "absolute-other-host",
+            get(
+                &cat(&[b"GET http://evil", TAG, b"/ HTTP/1.1"]),
+                b"Host: x\r\n",
+            ),
+        ),
+        (
+            "absolute-same-host",
+            get(&cat(&[b"GET http://x", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n"),
+        ),
+        (
+            "absolute-other-port",
+            get(
+                &cat(&[b"GET http://x:81", TAG, b"/ HTTP/1.1"]),
+                b"Host: x\r\n",
+            ),
+        ),
+        (
+            "absolute-https-other",
+            get(
+                &cat(&[b"GET https://evil", TAG, b"/ HTTP/1.1"]),
+                b"Host: x\r\n",
+            ),
+        ),
+        (
+            "absolute-upper-scheme",
+            get(
+                &cat(&[b"GET HTTP://evil", TAG, b"/ HTTP/1.1"]),
+                b"Host: x\r\n",
+            ),
+        ),
+        (
+            "absolute-userinfo",
+            get(
+                &cat(&[b"GET http://x@evil", TAG, b"/ HTTP/1.1"]),
+                b"Host: x\r\n",
+            ),
+        ),
+        (
+            "absolute-no-host",
+            get(&cat(&[b"GET http://evil", TAG, b"/ HTTP/1.1"]), b""),
+        ),
+        (
+            "missing-host",
+            get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1"]), b""),
+        ),
+        (
+            "two-hosts-same",
+            get(
+                &cat(&[b"GET ", TAG, b"/ HTTP/1.1"]),
+                b"Host: x\r\nHost: x\r\n",
+            ),
+        ),
+        (
+            "two-hosts-differ",
+            get(
+                &cat(&[b"GET ", TAG, b"/ HTTP/1.1"]),
+                b"Host: x\r\nHost: evil\r\n",
+            ),
+        ),
+        (
+            "empty-host",
+            get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1"]), b"Host:\r\n"),
+        ),
+        (
+            "host-ows",
+            get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1"]), b"Host:  x \r\n"),
+        ),
+        (
+            "host-nbsp",
+            get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1"]), b"Host: \xc2\xa0x\r\n"),
+        ),
+        (
+            "host-space-inside",
+            get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1"]), b"Host: x evil\r\n"),
+        ),
+        (
+            "http10-no-host",
+            get(&cat(&[b"GET ", TAG, b"/ HTTP/1.0"]), b""),
+        ),
+        (
+            "http10-host",
+            get(&cat(&[b"GET ", TAG, b"/ HTTP/1.0"]), b"Host: x\r\n"),
+        ),
+        (
+            "lowercase-method",
+            get(&cat(&[b"get ", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n"),
+        ),
+        (
+            "extension-method",
+            get(&cat(&[b"PURGE ", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n"),
+        ),
+        (
+            "nul-in-method",
+            get(&cat(&[b"G\x00ET ", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n"),
+        ),
+        (
+            "tab-after-method",
+            get(&cat(&[b"GET\t", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n"),
+        ),
+        (
+            "two-spaces-after-method",
+            get(&cat(&[b"GET  ", TAG, b"/ HTTP/1.1"]), b"Host: x\r\n"),
+        ),
+        (
+            "space-after-version",
+            get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1 "]), b"Host: x\r\n"),
+        ),
+        (
+            "space-in-target",
+            get(&cat(&[b"GET ", TAG, b"/a b HTTP/1.1"]), b"Host: x\r\n"),
+        ),
+        (
+            "tab-in-target",
+            get(&cat(&[b"GET ", TAG, b"/a\tb HTTP/1.1"]), b"Host: x\r\n"),
+        ),
+        (
+            "nbsp-in-target",
+            get(
+                &cat(&[b"GET ", TAG, b"/a\xc2\xa0b HTTP/1.1"]),
+                b"Host: x\r\n",
+            ),
+        ),
+        (
+            "utf8-in-target",
+            get(&cat(&[b"GET ", TAG, b"/\xc3\xa9 HTTP/1.1"]), b"Host: x\r\n"),
+        ),
+        (
+            "percent-dots",
+            get(&cat(&[b"GET ", TAG, b"/%2e%2e/a HTTP/1.1"]), b"Host: x\r\n"),
+        ),
+        (
+            "lowercase-version",
+            get(&cat(&[b"GET ", TAG, b"/ http/1.1"]), b"Host: x\r\n"),
+        ),
+        (
+            "version-1-2",
+            get(&cat(&[b"GET ", TAG, b"/ HTTP/1.2"]), b"Host: x\r\n"),
+        ),
+        (
+            "version-2-0",
+            get(&cat(&[b"GET ", TAG, b"/ HTTP/2.0"]), b"Host: x\r\n"),
+        ),
+        (
+            "bare-cr-in-field",
+            get(&cat(&[b"GET ", TAG, b"/ HTTP/1.1"]), b"Host: x\rX: 1\r\n"),
+        ),
     ] {
         b.add(format!("request-line/{name}"), bytes);
     }
-    let te_10 = cat(&[b"POST ", TAG, b"/ HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", &chunked_hidden]);
+    let te_10 = cat(&[
+        b"POST ",
+        TAG,
+        b"/ HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        &chunked_hidden,
+    ]);
     b.add("request-line/http10-te", te_10);
     let te_cl_10 = cat(&[
-        b"POST ", TAG, b"/ HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n",
+        b"POST ",
+        TAG,
+        b"/ HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n",
         line(format!("Content-Length: {}", chunked_hidden.len()).as_bytes()).as_slice(),
-        b"\r\n", &chunked_hidden,
+        b"\r\n",
+        &chunked_hidden,
     ]);
     b.add("request-line/http10-te-cl", te_cl_10);
     let lf = |s: Vec<u8>| replace(&s, b"\r\n", b"\n");
     let cl = format!("Content-Length: {n}");
     b.add("bare-lf/get", lf(request("GET", "/", &[b"X-A: 1"], b"")));
-    b.add("bare-lf/post-cl", cat(&[&lf(request("POST", "/", &[cl.as_bytes()], b"")), &hidden]));
+    b.add(
+        "bare-lf/post-cl",
+        cat(&[&lf(request("POST", "/", &[cl.as_bytes()], b"")), &hidden]),
+    );
     b.add(
         "bare-lf/post-chunked-head",
         cat(&[&lf(request("POST", "/", &te, b"")), &chunked_hidden]),
@@ -442,11 +647,19 @@ pub fn requests() -> Vec<Variant> {
         ("te-value", vec![b"Transfer-Encoding:\r\n chunked"]),
         ("te-list", vec![b"Transfer-Encoding: gzip,\r\n chunked"]),
     ] {
-        b.add(format!("obs-fold/{name}"), request("POST", "/", &fields, &chunked_hidden));
+        b.add(
+            format!("obs-fold/{name}"),
+            request("POST", "/", &fields, &chunked_hidden),
+        );
     }
     b.add(
         "obs-fold/content-length",
-        request("POST", "/", &[format!("Content-Length:\r\n {n}").as_bytes()], &hidden),
+        request(
+            "POST",
+            "/",
+            &[format!("Content-Length:\r\n {n}").as_bytes()],
+            &hidden,
+        ),
     );
     b.add(
         "obs-fold/host-continued",
@@ -468,10 +681,22 @@ pub fn requests() -> Vec<Variant> {
     let double = cat(&[&hidden, &hidden]);
     let cl_double = format!("Content-Length: {}", double.len());
     for (name, bytes) in [
-        ("cl-post", request("POST", "/", &[cl_hidden.as_bytes()], &hidden)),
-        ("cl-get", request("GET", "/", &[cl_hidden.as_bytes()], &hidden)),
-        ("cl-two-requests", request("POST", "/", &[cl_double.as_bytes()], &double)),
-        ("chunked-one-chunk", request("POST", "/", &te, &chunked_hidden)),
+        (
+            "cl-post",
+            request("POST", "/", &[cl_hidden.as_bytes()], &hidden),
+        ),
+        (
+            "cl-get",
+            request("GET", "/", &[cl_hidden.as_bytes()], &hidden),
+        ),
+        (
+            "cl-two-requests",
+            request("POST", "/", &[cl_double.as_bytes()], &double),
+        ),
+        (
+            "chunked-one-chunk",
+            request("POST", "/", &te, &chunked_hidden),
+        ),
         ("chunked-split", request("POST", "/", &te, &two_chunks)),
         ("chunked-get", request("GET", "/", &te, &chunked_hidden)),
     ] {
@@ -484,7 +709,11 @@ pub fn requests() -> Vec<Variant> {
         .map(|(id, (name, template))| {
             let t = tag(id);
             let h = format!("/h{id:04}");
-            let bytes = replace(&replace(&template, TAG, t.as_bytes()), HIDDEN_TAG, h.as_bytes());
+            let bytes = replace(
+                &replace(&template, TAG, t.as_bytes()),
+                HIDDEN_TAG,
+                h.as_bytes(),
+            );
             Variant { id, name, bytes }
         })
         .collect()
@@ -500,33 +729,108 @@ pub fn responses() -> Vec<Variant> {
     let list: Vec<(&str, Vec<u8>)> = vec![
         ("cl/plain", ok(b"Content-Length: 5\r\n", b"hello")),
         ("cl/nbsp-latin1", ok(b"Content-Length: \xa05\r\n", b"hello")),
-        ("cl/nbsp-utf8", ok(b"Content-Length: \xc2\xa05\r\n", b"hello")),
-        ("cl/nbsp-utf8-after", ok(b"Content-Length: 5\xc2\xa0\r\n", b"hello")),
-        ("cl/ideographic-space", ok(b"Content-Length: \xe3\x80\x805\r\n", b"hello")),
+        (
+            "cl/nbsp-utf8",
+            ok(b"Content-Length: \xc2\xa05\r\n", b"hello"),
+        ),
+        (
+            "cl/nbsp-utf8-after",
+            ok(b"Content-Length: 5\xc2\xa0\r\n", b"hello"),
+        ),
+        (
+            "cl/ideographic-space",
+            ok(b"Content-Length: \xe3\x80\x805\r\n", b"hello"),
+        ),
         ("cl/plus", ok(b"Content-Length: +5\r\n", b"hello")),
         ("cl/leading-zero", ok(b"Content-Length: 05\r\n", b"hello")),
         ("cl/list-same", ok(b"Content-Length: 5, 5\r\n", b"hello")),
-        ("cl/list-differ", ok(b"Content-Length: 5, 9\r\n", b"helloevil")),
-        ("cl/two-fields-differ", ok(b"Content-Length: 5\r\nContent-Length: 9\r\n", b"helloevil")),
-        ("cl/extra-bytes", ok(b"Content-Length: 5\r\n", &cat(&[b"hello", next]))),
+        (
+            "cl/list-differ",
+            ok(b"Content-Length: 5, 9\r\n", b"helloevil"),
+        ),
+        (
+            "cl/two-fields-differ",
+            ok(b"Content-Length: 5\r\nContent-Length: 9\r\n", b"helloevil"),
+        ),
+        (
+            "cl/extra-bytes",
+            ok(b"Content-Length: 5\r\n", &cat(&[b"hello", next])),
+        ),
         ("cl/hex", ok(b"Content-Length: 0x5\r\n", b"hello")),
         ("te/chunked", ok(b"Transfer-Encoding: chunked\r\n", chunked)),
-        ("te/chunked-ext", ok(b"Transfer-Encoding: chunked\r\n", b"5;a=b\r\nhello\r\n0\r\n\r\n")),
-        ("te/nbsp-utf8-then-more", ok(b"Transfer-Encoding: \xc2\xa0chunked\r\n", &with_next)),
-        ("te/nel-then-more", ok(b"Transfer-Encoding: \xc2\x85chunked\r\n", &with_next)),
-        ("te/vt-then-more", ok(b"Transfer-Encoding: \x0bchunked\r\n", &with_next)),
+        (
+            "te/chunked-ext",
+            ok(
+                b"Transfer-Encoding: chunked\r\n",
+                b"5;a=b\r\nhello\r\n0\r\n\r\n",
+            ),
+        ),
+        (
+            "te/nbsp-utf8-then-more",
+            ok(b"Transfer-Encoding: \xc2\xa0chunked\r\n", &with_next),
+        ),
+        (
+            "te/nel-then-more",
+            ok(b"Transfer-Encoding: \xc2\x85chunked\r\n", &with_next),
+        ),
+        (
+            "te/vt-then-more",
+            ok(b"Transfer-Encoding: \x0bchunked\r\n", &with_next),
+        ),
         ("te/upper", ok(b"Transfer-Encoding: CHUNKED\r\n", chunked)),
-        ("te/chunked-twice", ok(b"Transfer-Encoding: chunked, chunked\r\n", chunked)),
-        ("te/gzip-chunked", ok(b"Transfer-Encoding: gzip, chunked\r\n", chunked)),
-        ("te/identity-until-close", ok(b"Transfer-Encoding: identity\r\n", &with_next)),
-        ("te/xchunked-until-close", ok(b"Transfer-Encoding: xchunked\r\n", &with_next)),
-        ("te/and-cl", ok(b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n", chunked)),
-        ("chunk/0x-size", ok(b"Transfer-Encoding: chunked\r\n", b"0x5\r\nhello\r\n0\r\n\r\n")),
-        ("chunk/bad-ext", ok(b"Transfer-Encoding: chunked\r\n", b"5 ;/x y\r\nhello\r\n0\r\n\r\n")),
-        ("chunk/bare-lf", ok(b"Transfer-Encoding: chunked\r\n", b"5\nhello\r\n0\r\n\r\n")),
-        ("chunk/overflow", ok(b"Transfer-Encoding: chunked\r\n", b"10000000000000005\r\nhello\r\n0\r\n\r\n")),
+        (
+            "te/chunked-twice",
+            ok(b"Transfer-Encoding: chunked, chunked\r\n", chunked),
+        ),
+        (
+            "te/gzip-chunked",
+            ok(b"Transfer-Encoding: gzip, chunked\r\n", chunked),
+        ),
+        (
+            "te/identity-until-close",
+            ok(b"Transfer-Encoding: identity\r\n", &with_next),
+        ),
+        (
+            "te/xchunked-until-close",
+            ok(b"Transfer-Encoding: xchunked\r\n", &with_next),
+        ),
+        (
+            "te/and-cl",
+            ok(
+                b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+                chunked,
+            ),
+        ),
+        (
+            "chunk/0x-size",
+            ok(
+                b"Transfer-Encoding: chunked\r\n",
+                b"0x5\r\nhello\r\n0\r\n\r\n",
+            ),
+        ),
+        (
+            "chunk/bad-ext",
+            ok(
+                b"Transfer-Encoding: chunked\r\n",
+                b"5 ;/x y\r\nhello\r\n0\r\n\r\n",
+            ),
+        ),
+        (
+            "chunk/bare-lf",
+            ok(b"Transfer-Encoding: chunked\r\n", b"5\nhello\r\n0\r\n\r\n"),
+        ),
+        (
+            "chunk/overflow",
+            ok(
+                b"Transfer-Encoding: chunked\r\n",
+                b"10000000000000005\r\nhello\r\n0\r\n\r\n",
+            ),
+        ),
         ("none/until-close", ok(b"", &with_next)),
-        ("status/no-reason", cat(&[b"HTTP/1.1 200\r\nContent-Length: 5\r\n\r\nhello"])),
+        (
+            "status/no-reason",
+            cat(&[b"HTTP/1.1 200\r\nContent-Length: 5\r\n\r\nhello"]),
+        ),
     ];
     list.into_iter()
         .enumerate()
@@ -567,19 +871,36 @@ mod tests {
             );
         }
         // Both kinds are there: the corpus is not all refusals or all valid.
-        let valid = v.iter().filter(|r| strict::request(&r.bytes).is_ok()).count();
-        assert!(valid > 40 && valid < v.len() - 40, "{valid} valid of {}", v.len());
+        let valid = v
+            .iter()
+            .filter(|r| strict::request(&r.bytes).is_ok())
+            .count();
+        assert!(
+            valid > 40 && valid < v.len() - 40,
+            "{valid} valid of {}",
+            v.len()
+        );
     }
 
     #[test]
     fn the_must_have_vector_is_exact() {
         let v = &requests()[0];
         let text = String::from_utf8_lossy(&v.bytes);
-        assert!(text.starts_with("POST /v0000/innocent HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "));
-        let body_at = v.bytes.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+        assert!(
+            text.starts_with("POST /v0000/innocent HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: ")
+        );
+        let body_at = v
+            .bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("head")
+            + 4;
         let body = &v.bytes[body_at..];
         assert!(body.starts_with(b"ACE ;/x HTTP/1.1\r\nHost: x\r\n\r\nAAA"));
-        assert_eq!(body.len(), "ACE ;/x HTTP/1.1\r\n".len() + 0xace + "\r\n0\r\n\r\n".len());
+        assert_eq!(
+            body.len(),
+            "ACE ;/x HTTP/1.1\r\n".len() + 0xace + "\r\n0\r\n\r\n".len()
+        );
     }
 
     #[test]

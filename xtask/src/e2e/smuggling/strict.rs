@@ -91,7 +91,10 @@ fn trim_ows(mut v: &[u8]) -> &[u8] {
 /// where the line after it starts.
 fn head_line(buf: &[u8], at: usize) -> Result<(&[u8], usize)> {
     let rest = &buf[at..];
-    let nl = rest.iter().position(|&b| b == b'\n').ok_or(Error::Incomplete)?;
+    let nl = rest
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or(Error::Incomplete)?;
     let line = rest[..nl].strip_suffix(b"\r").unwrap_or(&rest[..nl]);
     if line.contains(&b'\r') {
         return invalid("bare cr in the head");
@@ -261,7 +264,7 @@ fn chunked(buf: &[u8]) -> Result<(Vec<u8>, usize)> {
 fn crlf_line(buf: &[u8], at: usize) -> Result<&[u8]> {
     let rest = &buf[at..];
     let Some(end) = rest.windows(2).position(|w| w == b"\r\n") else {
-        return if rest.iter().any(|&b| b == b'\n') {
+        return if rest.contains(&b'\n') {
             invalid("bare lf in a chunked body")
         } else {
             Err(Error::Incomplete)
@@ -357,7 +360,9 @@ pub fn request(buf: &[u8]) -> Result<Request> {
     let (origin_form, host) = if target.starts_with('/') {
         (
             target.clone(),
-            hosts.first().map(|h| String::from_utf8_lossy(h).into_owned()),
+            hosts
+                .first()
+                .map(|h| String::from_utf8_lossy(h).into_owned()),
         )
     } else {
         let lower = target.to_ascii_lowercase();
@@ -436,9 +441,7 @@ pub fn response(buf: &[u8]) -> Result<Response> {
     {
         return invalid("bad reason phrase");
     }
-    let status = code
-        .iter()
-        .fold(0u16, |n, &d| n * 10 + u16::from(d - b'0'));
+    let status = code.iter().fold(0u16, |n, &d| n * 10 + u16::from(d - b'0'));
     let rest = &buf[head.len..];
     let no_body = (100..200).contains(&status) || status == 204 || status == 304;
     let (body, used) = if no_body {
@@ -483,8 +486,12 @@ mod tests {
         let r = req(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
             .expect("ok");
         assert_eq!(r.body, 0);
-        let r = req(b"GET http://Other:8/p?q HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n").expect("ok");
-        assert_eq!((r.origin_form.as_str(), r.host.as_deref()), ("/p?q", Some("Other:8")));
+        let r =
+            req(b"GET http://Other:8/p?q HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n").expect("ok");
+        assert_eq!(
+            (r.origin_form.as_str(), r.host.as_deref()),
+            ("/p?q", Some("Other:8"))
+        );
     }
 
     #[test]
@@ -520,15 +527,28 @@ mod tests {
     #[test]
     fn responses() {
         let r = response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA").expect("ok");
-        assert_eq!((r.status, r.body.as_slice(), r.len), (200, &b"hello"[..], 43));
+        assert_eq!(
+            (r.status, r.body.as_slice(), r.len),
+            (200, &b"hello"[..], 43)
+        );
         let r = response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\nX")
             .expect("ok");
         assert_eq!(r.body, b"0\r\n\r\nX");
-        assert!(response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: \xc2\xa0chunked\r\n\r\n0\r\n\r\n").is_err());
-        let r = response(b"HTTP/1.1 404 \r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n")
-            .expect("ok");
+        assert!(
+            response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: \xc2\xa0chunked\r\n\r\n0\r\n\r\n")
+                .is_err()
+        );
+        let r = response(
+            b"HTTP/1.1 404 \r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+        )
+        .expect("ok");
         assert_eq!((r.status, r.body.as_slice()), (404, &b"ab"[..]));
         assert!(response(b"HTTP/1.1 200 OK\r\nContent-Length: \xa05\r\n\r\nhello").is_err());
-        assert!(response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n").is_err());
+        assert!(
+            response(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n"
+            )
+            .is_err()
+        );
     }
 }
