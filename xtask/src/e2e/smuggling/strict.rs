@@ -353,7 +353,8 @@ pub fn request(buf: &[u8]) -> Result<Request> {
     if hosts.len() > 1 || (minor == 1 && hosts.is_empty()) {
         return invalid("a request needs exactly one host");
     }
-    if hosts.iter().any(|h| !is_host(h)) {
+    // The grammar lets reg-name be empty: an empty Host is odd but not ambiguous.
+    if hosts.iter().any(|h| !h.is_empty() && !is_host(h)) {
         return invalid("bad host");
     }
     let target = String::from_utf8_lossy(target).into_owned();
