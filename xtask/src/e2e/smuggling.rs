@@ -11,6 +11,7 @@
 
 mod backends;
 mod corpus;
+mod responses;
 mod strict;
 
 use std::collections::HashMap;
@@ -363,8 +364,8 @@ async fn requests(mut env: Env) -> Result<Outcome> {
 }
 
 async fn responses(mut env: Env) -> Result<Outcome> {
-    let variants = selected(corpus::responses());
-    let all = corpus::responses();
+    let variants = selected(responses::all());
+    let all = responses::all();
     let raw = RawBackend::start(
         env.free_port(6)?,
         all.iter().map(|v| v.bytes.clone()).collect(),
