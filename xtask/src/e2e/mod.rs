@@ -6,6 +6,7 @@
 
 pub mod lb;
 mod proxy;
+mod smuggling;
 mod stickd;
 mod systemd;
 
@@ -58,6 +59,7 @@ pub fn all() -> Vec<Scenario> {
     let mut all = proxy::scenarios();
     all.extend(stickd::scenarios());
     all.extend(lb::scenarios());
+    all.extend(smuggling::scenarios());
     all
 }
 
