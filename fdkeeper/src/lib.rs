@@ -26,10 +26,13 @@
 //!   carry none, so a release can close them only once a claim was made again.
 #![deny(unsafe_code)]
 
+pub mod address;
 pub mod admin;
 pub mod client;
 pub mod config;
 pub mod conn;
+#[cfg(test)]
+mod fuzz;
 pub mod listener;
 pub mod pattern;
 mod registry;
