@@ -27,7 +27,9 @@ impl Bind {
     /// dual-stack socket is the IPv4 address it maps.
     fn effective_ip(&self) -> IpAddr {
         match self.addr.ip() {
-            IpAddr::V6(v6) if !self.v6only => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            IpAddr::V6(v6) if !self.v6only => {
+                v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+            }
             ip => ip,
         }
     }
@@ -120,9 +122,18 @@ mod tests {
             both_ways(b("0.0.0.0:80"), b("127.0.0.1:80")),
             Some(Overlap::Covers)
         );
-        assert_eq!(both_ways(b("[::]:80"), b("[::1]:80")), Some(Overlap::Covers));
-        assert_eq!(both_ways(b("[::]:80"), b("10.0.0.1:80")), Some(Overlap::Covers));
-        assert_eq!(both_ways(b("[::]:80"), b("0.0.0.0:80")), Some(Overlap::Covers));
+        assert_eq!(
+            both_ways(b("[::]:80"), b("[::1]:80")),
+            Some(Overlap::Covers)
+        );
+        assert_eq!(
+            both_ways(b("[::]:80"), b("10.0.0.1:80")),
+            Some(Overlap::Covers)
+        );
+        assert_eq!(
+            both_ways(b("[::]:80"), b("0.0.0.0:80")),
+            Some(Overlap::Covers)
+        );
         assert_eq!(both_ways(b6only("[::]:80"), b("0.0.0.0:80")), None);
         assert_eq!(
             both_ways(b6only("[::]:80"), b6only("[::1]:80")),
@@ -166,9 +177,8 @@ mod tests {
         let port = probe.local_addr().map(|a| a.port()).unwrap_or(0);
         drop(probe);
         let ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
-        let at = |s: &str, v6only: bool| {
-            Bind::new(format!("{s}:{port}").parse().expect("addr"), v6only)
-        };
+        let at =
+            |s: &str, v6only: bool| Bind::new(format!("{s}:{port}").parse().expect("addr"), v6only);
         let mut pairs = vec![
             (at("127.0.0.1", false), at("127.0.0.1", false)),
             (at("0.0.0.0", false), at("127.0.0.1", false)),

@@ -370,7 +370,10 @@ max_listeners = 32
             "socket = \"/tmp/./lend.sock\"\nadmin = \"/tmp/../tmp/lend.sock\"\nallowed_uids = [0]\nallowed_binds = [\"*\"]\n",
         );
         assert!(e.starts_with("/etc/fdkeeper.toml:2:9: "), "{e}");
-        assert!(e.contains("same file as socket '/tmp/./lend.sock' at /etc/fdkeeper.toml:1:10"), "{e}");
+        assert!(
+            e.contains("same file as socket '/tmp/./lend.sock' at /etc/fdkeeper.toml:1:10"),
+            "{e}"
+        );
 
         let e = err("socket = \"/a/s\"\nallowed_uids = [0]\nallowed_binds = [\"*\"]\n");
         assert!(e.contains("admin"), "{e}");

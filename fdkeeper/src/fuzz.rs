@@ -175,7 +175,11 @@ fn request_seeds(listening: SocketAddr) -> Vec<Vec<u8>> {
             claim: claim(3),
         })),
         req(request::Kind::Deposit(Deposit {
-            listeners: vec![spec("127.0.0.1:0"), spec("127.0.0.4:0"), spec("127.0.0.5:0")],
+            listeners: vec![
+                spec("127.0.0.1:0"),
+                spec("127.0.0.4:0"),
+                spec("127.0.0.5:0"),
+            ],
             claim: None,
         })),
     ]
@@ -188,7 +192,11 @@ fn check_invariants(reg: &Registry) {
         "{} held",
         reg.held.len()
     );
-    assert!(reg.peers.len() <= 64 + 1, "{} peers remembered", reg.peers.len());
+    assert!(
+        reg.peers.len() <= 64 + 1,
+        "{} peers remembered",
+        reg.peers.len()
+    );
     let mut inodes = BTreeSet::new();
     let held: Vec<_> = reg.held.iter().collect();
     for (i, (key, h)) in held.iter().enumerate() {
@@ -198,8 +206,15 @@ fn check_invariants(reg: &Registry) {
             "{key} is lent to a forgotten peer"
         );
         let canonical = listener::parse_address(key).map(|a| a.to_string());
-        assert_eq!(canonical.as_deref(), Ok(key.as_str()), "a key in canonical form");
-        assert!(inodes.insert(h.inode), "{key}: one socket held under two names");
+        assert_eq!(
+            canonical.as_deref(),
+            Ok(key.as_str()),
+            "a key in canonical form"
+        );
+        assert!(
+            inodes.insert(h.inode),
+            "{key}: one socket held under two names"
+        );
         for (other, o) in &held[..i] {
             let overlap = address::overlap(
                 Bind::new(h.local_addr, h.spec.v6only),
@@ -224,8 +239,7 @@ fn fuzz_lending_requests() {
     run("lending_requests", &seeds, |input| {
         inputs += 1;
         let Ok(Request {
-            kind: Some(kind),
-            ..
+            kind: Some(kind), ..
         }) = Request::decode(input)
         else {
             return;
@@ -276,7 +290,7 @@ fn fuzz_lending_requests() {
         }
         drop(lent);
         // Borrowers come and go: a new connection every few requests.
-        if inputs % 3 == 0 {
+        if inputs.is_multiple_of(3) {
             reg.disconnected(conn);
             conn += 1;
         }
@@ -317,7 +331,10 @@ fn fuzz_lending_server_receive() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime();
     let probes = Probes::new();
-    let registry = Arc::new(Mutex::new(Registry::new(Arc::new(config(dir.path())), false)));
+    let registry = Arc::new(Mutex::new(Registry::new(
+        Arc::new(config(dir.path())),
+        false,
+    )));
     let shutdown = CancellationToken::new();
     let path = dir.path().join("lend.sock");
     let acceptor = {
@@ -350,10 +367,13 @@ fn fuzz_lending_server_receive() {
         }
         let got = rt.block_on(async {
             peer.send(&data, &fds).await.expect("send");
-            tokio::time::timeout(Duration::from_secs(5), peer.recv(&mut reply, MAX_FDS_PER_MESSAGE))
-                .await
-                .expect("fdkeeper answers every datagram")
-                .expect("recv")
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                peer.recv(&mut reply, MAX_FDS_PER_MESSAGE),
+            )
+            .await
+            .expect("fdkeeper answers every datagram")
+            .expect("recv")
         });
         assert!(!got.truncated && !got.fds_truncated);
         let resp = Response::decode(&reply[..got.len]).expect("a decodable answer");
@@ -373,7 +393,11 @@ fn fuzz_lending_server_receive() {
         drop(reg);
         let now = probes.counts();
         assert_eq!(now[0], probes.base[0], "a received pipe fd stayed open");
-        assert_eq!(now[1], probes.base[1] + held_probe, "a received socket fd stayed open");
+        assert_eq!(
+            now[1],
+            probes.base[1] + held_probe,
+            "a received socket fd stayed open"
+        );
         assert_eq!(now[2], probes.base[2], "a received idle socket stayed open");
     });
     shutdown.cancel();
@@ -429,8 +453,13 @@ fn fuzz_lending_client_receive() {
         let choice = input.last().copied().unwrap_or(0);
         let fds = probes.pick(choice);
         let server_side = async {
-            let got = server.recv(&mut buf, MAX_FDS_PER_MESSAGE).await.expect("request");
-            let id = Request::decode(&buf[..got.len]).expect("the client's request").id;
+            let got = server
+                .recv(&mut buf, MAX_FDS_PER_MESSAGE)
+                .await
+                .expect("request");
+            let id = Request::decode(&buf[..got.len])
+                .expect("the client's request")
+                .id;
             let data = match Response::decode(input) {
                 Ok(mut r) => {
                     r.id = id;
@@ -439,7 +468,11 @@ fn fuzz_lending_client_receive() {
                 Err(_) => input.to_vec(),
             };
             // An empty datagram reads as end of file: the client would take fdkeeper as gone.
-            let mut data = if data.is_empty() { vec![0x08, 0x00] } else { data };
+            let mut data = if data.is_empty() {
+                vec![0x08, 0x00]
+            } else {
+                data
+            };
             // One datagram must fit the socket's send buffer (~208 KiB by default).
             data.truncate(128 * 1024);
             server.send(&data, &fds).await.expect("answer");
@@ -475,6 +508,10 @@ fn fuzz_lending_client_receive() {
             Err(e) => panic!("the connection broke: {e}"),
         }
         // Lent listeners were dropped with the result; refused fds were never kept.
-        assert_eq!(probes.counts(), probes.base, "the client kept a received fd");
+        assert_eq!(
+            probes.counts(),
+            probes.base,
+            "the client kept a received fd"
+        );
     });
 }

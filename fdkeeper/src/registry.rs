@@ -369,9 +369,11 @@ impl Registry {
             let bind = Bind::new(addr, spec.v6only);
             // One socket lent twice in one answer would be served as two listeners (two
             // frontends sharing one accept queue); two overlapping ones cannot both be bound.
-            let earlier = wanted.iter().enumerate().find_map(|(j, (a, s)): (usize, &(SocketAddr, ListenSpec))| {
-                address::overlap(Bind::new(*a, s.v6only), bind).map(|o| (j, o))
-            });
+            let earlier = wanted.iter().enumerate().find_map(
+                |(j, (a, s)): (usize, &(SocketAddr, ListenSpec))| {
+                    address::overlap(Bind::new(*a, s.v6only), bind).map(|o| (j, o))
+                },
+            );
             if let Some((j, o)) = earlier {
                 return Err(fail(
                     Code::InvalidArgument,

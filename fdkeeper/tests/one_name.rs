@@ -49,7 +49,9 @@ async fn two_spellings_in_one_request_are_refused() {
     let (code, message) = refusal(c.acquire("t", &[spec(&plain), spec(&padded)]).await);
     assert_eq!(code, Code::InvalidArgument, "{message}");
     assert!(
-        message.contains(&format!("listener 2 ('{padded}') is the same socket as listener 1 ('{plain}')")),
+        message.contains(&format!(
+            "listener 2 ('{padded}') is the same socket as listener 1 ('{plain}')"
+        )),
         "{message}"
     );
     assert!(c.list().await.expect("list").listeners.is_empty());
@@ -90,7 +92,10 @@ async fn the_port_a_zero_bind_got_is_not_a_second_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     let keeper = Keeper::start(dir.path(), "");
     let mut c = keeper.client().await;
-    let lent = c.acquire("t", &[spec("127.0.0.1:0")]).await.expect("acquire");
+    let lent = c
+        .acquire("t", &[spec("127.0.0.1:0")])
+        .await
+        .expect("acquire");
     let actual = lent[0].local_addr;
     let (code, message) = refusal(c.acquire("t", &[spec(&actual.to_string())]).await);
     assert_eq!(code, Code::InvalidArgument, "{message}");
@@ -105,7 +110,10 @@ async fn the_port_a_zero_bind_got_is_not_a_second_name() {
         .expect("deposit answered");
     assert!(d.adopted.is_empty(), "{d:?}");
     assert_eq!(d.rejected.len(), 1, "{d:?}");
-    assert!(d.rejected[0].reason.contains("held as 127.0.0.1:0"), "{d:?}");
+    assert!(
+        d.rejected[0].reason.contains("held as 127.0.0.1:0"),
+        "{d:?}"
+    );
     keeper.stop().await;
 }
 
@@ -126,20 +134,32 @@ async fn a_wildcard_and_a_specific_address_of_one_port_are_refused() {
         .acquire("wild", &[reuse(&format!("0.0.0.0:{port}"))])
         .await
         .expect("acquire the wildcard");
-    let (code, message) = refusal(c.acquire("specific", &[reuse(&format!("127.0.0.1:{port}"))]).await);
+    let (code, message) = refusal(
+        c.acquire("specific", &[reuse(&format!("127.0.0.1:{port}"))])
+            .await,
+    );
     assert_eq!(code, Code::InvalidArgument, "{message}");
-    assert!(message.contains(&format!("overlaps 0.0.0.0:{port}")), "{message}");
+    assert!(
+        message.contains(&format!("overlaps 0.0.0.0:{port}")),
+        "{message}"
+    );
     // Every loopback connection still reaches the wildcard's queue.
     let _c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     wild[0].listener.set_nonblocking(false).expect("blocking");
-    wild[0].listener.accept().expect("accepted by the wildcard's borrower");
+    wild[0]
+        .listener
+        .accept()
+        .expect("accepted by the wildcard's borrower");
 
     // The other order, in one request, is refused as well.
     let other = free_port();
     let (code, message) = refusal(
         c.acquire(
             "both",
-            &[reuse(&format!("127.0.0.1:{other}")), reuse(&format!("0.0.0.0:{other}"))],
+            &[
+                reuse(&format!("127.0.0.1:{other}")),
+                reuse(&format!("0.0.0.0:{other}")),
+            ],
         )
         .await,
     );
