@@ -303,7 +303,7 @@ impl Registry {
             if let Some(o) = address::overlap(bind, Bind::new(h.local_addr, h.spec.v6only)) {
                 let how = match o {
                     address::Overlap::Same => format!("ask for it as {key}"),
-                    address::Overlap::Covers => "both cannot listen".to_owned(),
+                    address::Overlap::Covers => "the two cannot listen side by side".to_owned(),
                 };
                 return Err(fail(
                     Code::InvalidArgument,
