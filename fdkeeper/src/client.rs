@@ -129,6 +129,18 @@ impl Client {
                 let local_addr = lent.local_address.parse::<SocketAddr>().map_err(|_| {
                     ClientError::Protocol(format!("bad local address '{}'", lent.local_address))
                 })?;
+                // A borrower accepts on what it gets: anything but the listening socket the
+                // answer describes is refused here (and closed), not served.
+                let actual = crate::listener::verify_listening_tcp(fd.as_fd()).map_err(|m| {
+                    ClientError::Protocol(format!(
+                        "the fd lent for {local_addr} is not a listening TCP socket: {m}"
+                    ))
+                })?;
+                if actual != local_addr {
+                    return Err(ClientError::Protocol(format!(
+                        "the fd lent for {local_addr} listens on {actual}"
+                    )));
+                }
                 let listener = std::net::TcpListener::from(fd);
                 listener.set_nonblocking(true)?;
                 out.push(LentListener {

@@ -89,8 +89,17 @@ impl Config {
 fn validate(src: &SourceFile, raw: Raw) -> Result<Config, ConfigError> {
     let socket = unix_path(src, &raw.socket, "socket")?;
     let admin = unix_path(src, &raw.admin, "admin")?;
-    if socket == admin {
-        return Err(src.error_at(raw.admin.span(), "admin must differ from socket"));
+    if same_file(&socket, &admin) {
+        let (line, col) = src.line_col(raw.socket.span().start);
+        return Err(src.error_at(
+            raw.admin.span(),
+            format!(
+                "admin '{}' is the same file as socket '{}' at {}:{line}:{col}",
+                admin.display(),
+                socket.display(),
+                src.path.display()
+            ),
+        ));
     }
 
     let socket_mode = match &raw.socket_mode {
@@ -210,6 +219,23 @@ fn unix_path(src: &SourceFile, p: &Spanned<PathBuf>, key: &str) -> Result<PathBu
         return Err(src.error_at(p.span(), format!("{key} must name a file")));
     }
     Ok(path.clone())
+}
+
+/// Whether two socket paths name one file: compared by their directory as it resolves on
+/// this host (symlinks, `..`, `./`) and their file name, never as text.
+fn same_file(a: &Path, b: &Path) -> bool {
+    let resolved = |p: &Path| -> PathBuf {
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        match (std::fs::canonicalize(dir), p.file_name()) {
+            (Ok(dir), Some(name)) => dir.join(name),
+            // A directory that does not exist yet is compared as written, component-wise.
+            _ => p.components().collect(),
+        }
+    };
+    resolved(a) == resolved(b)
 }
 
 #[derive(Clone, Copy)]
@@ -339,6 +365,15 @@ max_listeners = 32
 
         let e = err("socket = \"/a/s\"\nadmin = \"/a/b\"\nallowed_binds = [\"*\"]\n");
         assert!(e.contains("nobody could borrow"), "{e}");
+
+        let e = err(
+            "socket = \"/tmp/./lend.sock\"\nadmin = \"/tmp/../tmp/lend.sock\"\nallowed_uids = [0]\nallowed_binds = [\"*\"]\n",
+        );
+        assert!(e.starts_with("/etc/fdkeeper.toml:2:9: "), "{e}");
+        assert!(
+            e.contains("same file as socket '/tmp/./lend.sock' at /etc/fdkeeper.toml:1:10"),
+            "{e}"
+        );
 
         let e = err("socket = \"/a/s\"\nallowed_uids = [0]\nallowed_binds = [\"*\"]\n");
         assert!(e.contains("admin"), "{e}");

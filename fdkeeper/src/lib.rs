@@ -10,6 +10,10 @@
 //!   `PERMISSION_DENIED` answer to its first request, then the connection closes;
 //! - the key of a held socket is its spec address in canonical form; `127.0.0.1:0` is a
 //!   key of its own (one kernel-chosen port, the same for every borrower);
+//! - a socket has one name: a request naming one socket twice (`127.0.0.1:80` and
+//!   `127.0.0.1:080`), or two binds that collide (`0.0.0.0:P` and `127.0.0.1:P`, a dual-stack
+//!   `[::]:P` and any IPv4 `P`), is refused, and so is a bind colliding with a held socket
+//!   under another key (see [`address::overlap`]); such a deposit is rejected;
 //! - `BIND_FAILED` is worth retrying: right after an fdkeeper restart without systemd the
 //!   address is still held by borrowers that have not deposited it yet (with
 //!   `reuseport` fdkeeper refuses to bind next to such a socket for the same reason);
@@ -26,10 +30,13 @@
 //!   carry none, so a release can close them only once a claim was made again.
 #![deny(unsafe_code)]
 
+pub mod address;
 pub mod admin;
 pub mod client;
 pub mod config;
 pub mod conn;
+#[cfg(test)]
+mod fuzz;
 pub mod listener;
 pub mod pattern;
 mod registry;

@@ -12,6 +12,7 @@ use proto::fdlend::v1::{
     Listing, Rejected, Release, Released, Response, response,
 };
 
+use crate::address::{self, Bind};
 use crate::config::Config;
 use crate::listener;
 use crate::sys::{self, MAX_FDS_PER_MESSAGE, PeerCred};
@@ -294,6 +295,28 @@ impl Registry {
         }
     }
 
+    /// Refuses a new bind that collides with a socket held under another address: the same
+    /// socket under a second name (`127.0.0.1:0` that the kernel put on port P, asked for as
+    /// `127.0.0.1:P`), or a wildcard and a specific address of one port.
+    fn refuse_overlap_with_held(&self, asked: &str, bind: Bind) -> Result<(), Failure> {
+        for (key, h) in &self.held {
+            if let Some(o) = address::overlap(bind, Bind::new(h.local_addr, h.spec.v6only)) {
+                let how = match o {
+                    address::Overlap::Same => format!("ask for it as {key}"),
+                    address::Overlap::Covers => "the two cannot listen side by side".to_owned(),
+                };
+                return Err(fail(
+                    Code::InvalidArgument,
+                    format!(
+                        "'{asked}' {o} {key} (listening on {}), which fdkeeper holds: {how}",
+                        h.local_addr
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Adopts a socket inherited from systemd's fd store under its FDNAME.
     pub fn adopt_inherited(&mut self, name: &str, fd: OwnedFd) -> Result<(), String> {
         let key = systemd::address_from_fdname(name);
@@ -333,8 +356,8 @@ impl Registry {
         let claim = self.claim_key(conn, req.claim.as_ref())?;
         let mut wanted = Vec::with_capacity(req.listeners.len());
         let mut new_keys = Vec::new();
-        for spec in &req.listeners {
-            let addr = listener::parse_address(&spec.address)
+        for (i, asked) in req.listeners.iter().enumerate() {
+            let addr = listener::parse_address(&asked.address)
                 .map_err(|m| fail(Code::InvalidArgument, m))?;
             if !self.config.allows_bind(&addr) {
                 return Err(fail(
@@ -342,7 +365,30 @@ impl Registry {
                     format!("{addr} is not in allowed_binds"),
                 ));
             }
-            let spec = listener::normalize(spec, addr, self.config.default_backlog);
+            let spec = listener::normalize(asked, addr, self.config.default_backlog);
+            let bind = Bind::new(addr, spec.v6only);
+            // One socket lent twice in one answer would be served as two listeners (two
+            // frontends sharing one accept queue); two overlapping ones cannot both be bound.
+            let earlier = wanted.iter().enumerate().find_map(
+                |(j, (a, s)): (usize, &(SocketAddr, ListenSpec))| {
+                    address::overlap(Bind::new(*a, s.v6only), bind).map(|o| (j, o))
+                },
+            );
+            if let Some((j, o)) = earlier {
+                return Err(fail(
+                    Code::InvalidArgument,
+                    format!(
+                        "listener {} ('{}') {o} listener {} ('{}') of the same request",
+                        i + 1,
+                        asked.address,
+                        j + 1,
+                        req.listeners[j].address
+                    ),
+                ));
+            }
+            if !self.held.contains_key(&spec.address) {
+                self.refuse_overlap_with_held(&asked.address, bind)?;
+            }
             match self.held.get(&spec.address) {
                 Some(h) => {
                     if let Some(m) = listener::conflict(&h.spec, &spec) {
@@ -598,6 +644,23 @@ impl Registry {
                     continue;
                 }
             };
+            // One socket is held under one name: a second name for it, or another socket
+            // that collides with a held one, is refused rather than lent twice.
+            let same = sys::inode(fd.as_fd())
+                .ok()
+                .and_then(|ino| self.held.iter().find(|(_, h)| h.inode == ino));
+            if let Some((other, _)) = same {
+                out.rejected.push(reject(format!(
+                    "this socket is held as {other}; it has one name"
+                )));
+                continue;
+            }
+            if let Err(f) =
+                self.refuse_overlap_with_held(&spec.address, Bind::new(actual, held_spec.v6only))
+            {
+                out.rejected.push(reject(f.message));
+                continue;
+            }
             // TCP_DEFER_ACCEPT reads back rounded up; keep the depositor's exact value.
             if held_spec.defer_accept_secs != 0 && spec.defer_accept_secs != 0 {
                 held_spec.defer_accept_secs = spec.defer_accept_secs;

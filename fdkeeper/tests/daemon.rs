@@ -93,6 +93,30 @@ fn check_reports_file_line_and_reason() {
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     assert!(!dir.path().join("run").exists(), "nothing was created");
 
+    // The admin socket spelled as another path to the lending socket: one file, both lines named.
+    let same = dir.path().join("same.toml");
+    let text = config_text(dir.path(), "").replace("/run/admin.sock", "/./run/lend.sock");
+    std::fs::write(&same, &text).expect("write");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&same)
+        .output()
+        .expect("run check");
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with(&format!("{}:2:9: ", same.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "same file as socket '{}/run/lend.sock' at {}:1:10",
+            dir.path().display(),
+            same.display()
+        )),
+        "{err}"
+    );
+
     let out = Command::new(BIN).arg("--bogus").output().expect("run");
     assert_eq!(out.status.code(), Some(64), "usage errors exit 64");
 }

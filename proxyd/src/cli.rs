@@ -177,10 +177,20 @@ pub fn reload(config_path: &Path, admin_socket: Option<PathBuf>) -> i32 {
             }
             Err(status) => {
                 eprintln!("reload failed: {}", status.message());
-                EXIT_FAILURE
+                reload_exit_code(status.code())
             }
         }
     })
+}
+
+/// The exit code of a reload the master refused: a configuration it refused (INVALID_ARGUMENT,
+/// or FAILED_PRECONDITION) is the user's to fix, so 64 as for `proxyd check`; anything else
+/// (a worker that could not start, a master stopping) is 1.
+pub fn reload_exit_code(code: tonic::Code) -> i32 {
+    match code {
+        tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => EXIT_CONFIG,
+        _ => EXIT_FAILURE,
+    }
 }
 
 /// The admin socket named in a config, read leniently: the file may be broken (that is
@@ -197,4 +207,20 @@ fn admin_socket_of(path: &Path) -> Result<PathBuf, common::ConfigError> {
         .and_then(|s| s.as_str())
         .map(PathBuf::from)
         .ok_or_else(|| src.error("no [global] admin_socket to find the running proxyd"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_configuration_exits_64_and_other_failures_1() {
+        assert_eq!(reload_exit_code(tonic::Code::InvalidArgument), EXIT_CONFIG);
+        assert_eq!(
+            reload_exit_code(tonic::Code::FailedPrecondition),
+            EXIT_CONFIG
+        );
+        assert_eq!(reload_exit_code(tonic::Code::Internal), EXIT_FAILURE);
+        assert_eq!(reload_exit_code(tonic::Code::Unavailable), EXIT_FAILURE);
+    }
 }

@@ -90,8 +90,9 @@ pub enum Balance {
 #[derive(Clone, Debug)]
 pub struct Frontend {
     pub name: String,
-    /// Addresses as written (the key under which fdkeeper holds the socket).
-    pub bind: Vec<String>,
+    /// Listen addresses; fdkeeper holds one socket per address (in its canonical form), and
+    /// no two binds of a config overlap.
+    pub bind: Vec<SocketAddr>,
     /// 0: fdkeeper's default.
     pub backlog: u32,
     pub mode: Mode,
@@ -381,6 +382,7 @@ fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
         }
         p => p.map(Spanned::into_inner),
     };
+    let metrics_span = g.metrics.as_ref().map(Spanned::span);
     let metrics = match g.metrics {
         None => None,
         Some(m) => Some(m.get_ref().parse::<SocketAddr>().map_err(|_| {
@@ -630,7 +632,18 @@ fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
     }
 
     let mut frontends: Vec<Frontend> = Vec::with_capacity(raw.frontend.len());
-    let mut all_binds: HashMap<String, String> = HashMap::new();
+    // Every listen address so far, parsed, with whose it is and where it was written: binds
+    // are compared as the kernel sees them, never as text.
+    let mut taken: Vec<Taken> = Vec::new();
+    // The master binds metrics itself: on port 0 it gets a port of its own.
+    if let (Some(addr), Some(span)) = (metrics.filter(|m| m.port() != 0), metrics_span) {
+        taken.push(Taken {
+            addr,
+            text: addr.to_string(),
+            owner: "[global] metrics".to_owned(),
+            at: src.line_col(span.start),
+        });
+    }
     for f in raw.frontend {
         let f_span = f.span();
         let f = f.into_inner();
@@ -642,26 +655,25 @@ fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
             return Err(src.error_at(f.bind.span(), format!("frontend '{name}' binds nothing")));
         }
         let mut bind = Vec::new();
-        for addr in f.bind.into_inner() {
-            if addr.get_ref().parse::<SocketAddr>().is_err() {
+        for text in f.bind.into_inner() {
+            let Ok(addr) = text.get_ref().parse::<SocketAddr>() else {
                 return Err(src.error_at(
-                    addr.span(),
+                    text.span(),
                     format!(
                         "bad bind address '{}' (expected ip:port, [ipv6]:port)",
-                        addr.get_ref()
+                        text.get_ref()
                     ),
                 ));
-            }
-            if let Some(other) = all_binds.insert(addr.get_ref().clone(), name.clone()) {
-                return Err(src.error_at(
-                    addr.span(),
-                    format!(
-                        "address '{}' is already bound by frontend '{other}'",
-                        addr.get_ref()
-                    ),
-                ));
-            }
-            bind.push(addr.into_inner());
+            };
+            let here = Taken {
+                addr,
+                text: text.get_ref().clone(),
+                owner: format!("frontend '{name}'"),
+                at: src.line_col(text.span().start),
+            };
+            check_overlap(&src, &taken, &here, text.span())?;
+            taken.push(here);
+            bind.push(addr);
         }
         let Some(db) = f.default_backend else {
             return Err(src.error_at(f_span, format!("frontend '{name}' has no default_backend")));
@@ -718,6 +730,44 @@ fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
         frontends,
         backends,
     })
+}
+
+/// A listen address of the config and where it was written.
+struct Taken {
+    addr: SocketAddr,
+    text: String,
+    owner: String,
+    at: (usize, usize),
+}
+
+/// Refuses `here` when it is the same socket as an earlier bind (fdkeeper would lend one socket
+/// to two frontends) or overlaps one (`0.0.0.0:P` and `127.0.0.1:P`, or a dual-stack `[::]:P`
+/// and any IPv4 `P`: one of them would fail to bind). proxyd binds IPv6 without IPV6_V6ONLY.
+fn check_overlap(
+    src: &SourceFile,
+    taken: &[Taken],
+    here: &Taken,
+    span: std::ops::Range<usize>,
+) -> Result<(), ConfigError> {
+    let bind = |a: SocketAddr| fdkeeper::address::Bind::new(a, false);
+    for t in taken {
+        if let Some(o) = fdkeeper::address::overlap(bind(t.addr), bind(here.addr)) {
+            return Err(src.error_at(
+                span,
+                format!(
+                    "bind '{}' of {} {o} '{}' of {} at {}:{}:{}",
+                    here.text,
+                    here.owner,
+                    t.text,
+                    t.owner,
+                    src.path.display(),
+                    t.at.0,
+                    t.at.1
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `req.cook(NAME)` -> `NAME`.
@@ -985,6 +1035,100 @@ address = "127.0.0.1:9002"
             ok.backends[0].stick.as_ref().map(|s| s.table.as_str()),
             Some("app")
         );
+    }
+
+    /// GOOD with a second frontend `api` binding `api_bind`, and `www` binding `www_bind`.
+    fn two_frontends(www_bind: &str, api_bind: &str) -> String {
+        GOOD.replace("\"127.0.0.1:8080\"", www_bind).replace(
+            "[[backend]]",
+            &format!(
+                "[[frontend]]\nname = \"api\"\nbind = [{api_bind}]\ndefault_backend = \"app\"\n\n[[backend]]"
+            ),
+        )
+    }
+
+    #[test]
+    fn binds_are_compared_as_sockets_not_as_text() {
+        // www's bind is at 9:9; api's is at 14:9.
+        let refused = [
+            (
+                "\"127.0.0.1:23080\"",
+                "\"127.0.0.1:023080\"",
+                "is the same socket as",
+            ),
+            ("\"0.0.0.0:23080\"", "\"127.0.0.1:23080\"", "overlaps"),
+            ("\"127.0.0.1:23080\"", "\"0.0.0.0:23080\"", "overlaps"),
+            ("\"[::]:23080\"", "\"127.0.0.1:23080\"", "overlaps"),
+            ("\"[::]:23080\"", "\"[::1]:23080\"", "overlaps"),
+            (
+                "\"[::ffff:127.0.0.1]:23080\"",
+                "\"127.0.0.1:23080\"",
+                "is the same socket as",
+            ),
+            ("\"[::1]:443\"", "\"[0::1]:0443\"", "is the same socket as"),
+            // Port 0 is one kernel-chosen port per address in fdkeeper: shared, so refused.
+            (
+                "\"127.0.0.1:0\"",
+                "\"127.0.0.1:00\"",
+                "is the same socket as",
+            ),
+        ];
+        for (www, api, why) in refused {
+            let e = load(&two_frontends(www, api)).expect_err(&format!("{www} and {api}"));
+            let text = e.to_string();
+            assert!(text.starts_with("p.toml:14:9: "), "{www} {api}: {text}");
+            assert!(text.contains(why), "{www} {api}: {text}");
+            assert!(text.contains("frontend 'www' at p.toml:9:9"), "{text}");
+            assert!(text.contains(&api.replace('"', "'")), "{text}");
+        }
+        // Within one frontend too: the socket would be accepted on twice.
+        let e = load(&GOOD.replace(
+            "\"127.0.0.1:8080\"",
+            "\"127.0.0.1:8080\", \"127.0.0.1:08080\"",
+        ))
+        .expect_err("one frontend, one socket twice");
+        assert!(e.to_string().starts_with("p.toml:9:27: "), "{e}");
+        assert!(e.reason.contains("frontend 'www' is the same socket as '127.0.0.1:8080' of frontend 'www' at p.toml:9:9"), "{e}");
+
+        let fine = [
+            ("\"127.0.0.1:23080\"", "\"127.0.0.2:23080\""),
+            ("\"127.0.0.1:23080\"", "\"127.0.0.1:23081\""),
+            ("\"[::1]:23080\"", "\"127.0.0.1:23080\""),
+            ("\"0.0.0.0:23080\"", "\"[::1]:23080\""),
+            ("\"127.0.0.1:0\"", "\"0.0.0.0:0\""),
+        ];
+        for (www, api) in fine {
+            let c = load(&two_frontends(www, api)).unwrap_or_else(|e| panic!("{www} {api}: {e}"));
+            assert_eq!(c.frontends.len(), 2);
+        }
+        // What fdkeeper is asked for is the canonical address, not the text.
+        let c = load(&two_frontends("\"127.0.0.1:023080\"", "\"[0::1]:0443\"")).expect("valid");
+        let specs: Vec<String> = crate::worker::listen_specs(&c)
+            .into_iter()
+            .map(|(_, s)| s.address)
+            .collect();
+        assert_eq!(specs, ["127.0.0.1:23080", "[::1]:443"]);
+    }
+
+    #[test]
+    fn the_metrics_listener_must_not_overlap_a_frontend() {
+        let with_metrics = |m: &str, bind: &str| {
+            GOOD.replace(
+                "drain_timeout = \"5s\"",
+                &format!("drain_timeout = \"5s\"\nmetrics = \"{m}\""),
+            )
+            .replace("127.0.0.1:8080", bind)
+        };
+        let e = load(&with_metrics("0.0.0.0:9100", "127.0.0.1:09100")).expect_err("overlap");
+        assert!(e.to_string().starts_with("p.toml:10:9: "), "{e}");
+        assert!(
+            e.reason
+                .contains("overlaps '0.0.0.0:9100' of [global] metrics at p.toml:6:11"),
+            "{e}"
+        );
+        load(&with_metrics("127.0.0.1:0", "127.0.0.1:0"))
+            .expect("metrics on port 0 gets its own port");
+        load(&with_metrics("127.0.0.1:9100", "127.0.0.1:8080")).expect("distinct ports");
     }
 
     fn with_stick(text: &str, on: &str) -> String {

@@ -145,7 +145,7 @@ pub fn listen_specs(config: &Config) -> Vec<(usize, ListenSpec)> {
                 (
                     i,
                     ListenSpec {
-                        address: addr.clone(),
+                        address: addr.to_string(),
                         backlog: f.backlog,
                         ..ListenSpec::default()
                     },

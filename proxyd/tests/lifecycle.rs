@@ -274,12 +274,14 @@ async fn broken_config_is_refused_and_the_old_generation_keeps_serving() {
     );
     assert!(err.message().contains("nope"));
 
-    let out = Command::new(PROXYD)
-        .args(["reload", "--config"])
-        .arg(&e.config)
-        .output()
-        .expect("proxyd reload");
-    assert_eq!(out.status.code(), Some(1));
+    // The file parses; validation refuses it: a configuration error, 64 as for `check`.
+    let out = proxyd_reload(&e.config);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains(&want));
 
     assert_eq!(serving(&e.admin).await, Some((g1, pid1, 0)));
@@ -290,6 +292,28 @@ async fn broken_config_is_refused_and_the_old_generation_keeps_serving() {
     let mut c = Client::connect(e.front).await.expect("connect");
     assert_eq!(c.send(&get("/"), false).await.expect("reply").status, 200);
 
+    // A second frontend on the serving socket, spelled with a leading zero: the master refuses
+    // it (fdkeeper would lend the one socket to both frontends), naming both lines.
+    let padded = format!("{}:0{}", e.front.ip(), e.front.port());
+    std::fs::write(
+        &e.config,
+        good.replace(
+            "[[backend]]",
+            &format!("[[frontend]]\nname = \"api\"\nbind = [\"{padded}\"]\ndefault_backend = \"app\"\n\n[[backend]]"),
+        ),
+    )
+    .expect("write");
+    let out = proxyd_reload(&e.config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:13:9: bind '{padded}' of frontend 'api' is the same socket as '{}' of frontend 'www' at {}:8:9", e.config.display(), e.front, e.config.display())),
+        "{stderr}"
+    );
+    assert_eq!(serving(&e.admin).await, Some((g1, pid1, 0)));
+    let mut c = Client::connect(e.front).await.expect("connect");
+    assert_eq!(c.send(&get("/"), false).await.expect("reply").status, 200);
+
     // A worker that cannot start (its backend list is fine, its listener is not lendable)
     // fails the reload and leaves the running generation alone.
     std::fs::write(&e.config, good.replace(&e.front.to_string(), "10.9.9.9:80")).expect("write");
@@ -297,6 +321,24 @@ async fn broken_config_is_refused_and_the_old_generation_keeps_serving() {
     assert_eq!(err.code(), tonic::Code::Internal);
     assert!(err.message().contains("borrow"), "{}", err.message());
     assert_eq!(serving(&e.admin).await, Some((g1, pid1, 0)));
+    // A valid config whose worker fails is no configuration error: 1.
+    let out = proxyd_reload(&e.config);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(serving(&e.admin).await, Some((g1, pid1, 0)));
+}
+
+/// `proxyd reload --config FILE`, run to its end.
+fn proxyd_reload(config: &Path) -> std::process::Output {
+    Command::new(PROXYD)
+        .args(["reload", "--config"])
+        .arg(config)
+        .output()
+        .expect("proxyd reload")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,6 +479,14 @@ fn check_reports_file_line_and_exits_64() {
             "duplicate backend",
         ),
         (text.replace("fdkeeper_socket", "#"), 1, "fdkeeper_socket"),
+        (
+            text.replace(
+                "[[backend]]",
+                "[[frontend]]\nname = \"api\"\nbind = [\"0.0.0.0:08080\"]\ndefault_backend = \"app\"\n[[backend]]",
+            ),
+            13,
+            "bind '0.0.0.0:08080' of frontend 'api' overlaps '127.0.0.1:8080' of frontend 'www' at ",
+        ),
     ];
     for (bad, line, why) in cases {
         std::fs::write(&path, &bad).expect("write");
