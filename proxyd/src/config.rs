@@ -247,15 +247,15 @@ struct RawGlobal {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDefaults {
-    timeout_connect: Option<Duration>,
-    timeout_client: Option<Duration>,
-    timeout_server: Option<Duration>,
-    timeout_http_request: Option<Duration>,
+    timeout_connect: Option<Spanned<Duration>>,
+    timeout_client: Option<Spanned<Duration>>,
+    timeout_server: Option<Spanned<Duration>>,
+    timeout_http_request: Option<Spanned<Duration>>,
     timeout_http_keep_alive: Option<Duration>,
     timeout_pool_idle: Option<Duration>,
     pool_max_idle: Option<u64>,
-    timeout_queue: Option<Duration>,
-    timeout_check: Option<Duration>,
+    timeout_queue: Option<Spanned<Duration>>,
+    timeout_check: Option<Spanned<Duration>>,
     /// Defaults for every frontend and backend (HAProxy's `defaults` section).
     maxconn: Option<Spanned<u64>>,
     retries: Option<Spanned<u32>>,
@@ -412,16 +412,25 @@ fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
 
     let d = raw.defaults;
     let secs = StdDuration::from_secs;
+    // Zero would time every exchange out at once; an unlimited timeout lets one stuck peer
+    // hold a connection and its slot for ever, so neither is offered.
+    let positive = |t: Option<Spanned<Duration>>, name: &str, default: StdDuration| match t {
+        None => Ok(default),
+        Some(t) if t.get_ref().0.is_zero() => {
+            Err(src.error_at(t.span(), &format!("{name} must be greater than 0")))
+        }
+        Some(t) => Ok(t.into_inner().0),
+    };
     let defaults = Defaults {
-        timeout_connect: d.timeout_connect.map_or(secs(5), |d| d.0),
-        timeout_client: d.timeout_client.map_or(secs(60), |d| d.0),
-        timeout_server: d.timeout_server.map_or(secs(60), |d| d.0),
-        timeout_http_request: d.timeout_http_request.map_or(secs(10), |d| d.0),
+        timeout_connect: positive(d.timeout_connect, "timeout_connect", secs(5))?,
+        timeout_client: positive(d.timeout_client, "timeout_client", secs(60))?,
+        timeout_server: positive(d.timeout_server, "timeout_server", secs(60))?,
+        timeout_http_request: positive(d.timeout_http_request, "timeout_http_request", secs(10))?,
         timeout_http_keep_alive: d.timeout_http_keep_alive.map_or(secs(60), |d| d.0),
         timeout_pool_idle: d.timeout_pool_idle.map_or(secs(30), |d| d.0),
         pool_max_idle: d.pool_max_idle.map_or(64, |n| n as usize),
-        timeout_queue: d.timeout_queue.map_or(secs(5), |d| d.0),
-        timeout_check: d.timeout_check.map_or(secs(2), |d| d.0),
+        timeout_queue: positive(d.timeout_queue, "timeout_queue", secs(5))?,
+        timeout_check: positive(d.timeout_check, "timeout_check", secs(2))?,
     };
     let default_maxconn = match &d.maxconn {
         None => 10_000,
@@ -943,6 +952,20 @@ address = "127.0.0.1:9002"
         let (line, reason) = err_line(&GOOD.replace("127.0.0.1:9002", "localhost"));
         assert_eq!(line, 19);
         assert!(reason.contains("bad server address"), "{reason}");
+    }
+
+    #[test]
+    fn a_zero_timeout_is_refused_at_its_line() {
+        for key in ["timeout_server", "timeout_connect", "timeout_http_request"] {
+            let text = format!("{GOOD}\n[defaults]\n{key} = \"0s\"\n");
+            let (line, reason) = err_line(&text);
+            let at = text.lines().position(|l| l.starts_with(key)).map(|i| i + 1);
+            assert_eq!(Some(line), at, "{key}");
+            assert!(
+                reason.contains(key) && reason.contains("greater than 0"),
+                "{reason}"
+            );
+        }
     }
 
     #[test]
