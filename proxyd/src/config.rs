@@ -417,7 +417,7 @@ fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
     let positive = |t: Option<Spanned<Duration>>, name: &str, default: StdDuration| match t {
         None => Ok(default),
         Some(t) if t.get_ref().0.is_zero() => {
-            Err(src.error_at(t.span(), &format!("{name} must be greater than 0")))
+            Err(src.error_at(t.span(), format!("{name} must be greater than 0")))
         }
         Some(t) => Ok(t.into_inner().0),
     };
