@@ -321,3 +321,22 @@ async fn a_response_head_sent_a_byte_at_a_time_times_out() {
     assert_eq!(r.status, 504);
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
 }
+
+#[tokio::test]
+async fn a_streamed_upload_still_goes_to_another_server_when_no_connection_could_be_made() {
+    let b = backend(|s: &Seen| ok(&s.body.len().to_string())).await;
+    let (_proxy, addr) = start_with(
+        &[util::closed_port(), b.addr],
+        "retries = 1\nredispatch = true",
+    );
+    let body = vec![b'u'; 200_000];
+    let mut req = format!(
+        "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    let mut c = Client::connect(addr).await.expect("connect");
+    let r = c.send(&req, false).await.expect("reply");
+    assert_eq!((r.status, r.text().as_str()), (200, "200000"));
+}

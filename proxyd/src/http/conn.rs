@@ -405,7 +405,8 @@ async fn exchange(
         // RFC 9110 §9.2.2: a request the server may have received goes again only if it is
         // idempotent and still in hand; and nothing goes more than `retries` times again.
         let again = match failure.sent {
-            Sent::Nothing => matches!(body, ReqBody::Buffered(_)),
+            // Nothing left, and nothing of a streamed body was read from the client yet.
+            Sent::Nothing => true,
             Sent::Some => retriable(req, &body),
         };
         if !failure.stale {
