@@ -625,12 +625,13 @@ async fn read_response(
     {
         return Err((
             FailKind::Other,
-            format!("unexpected body: {:?}", String::from_utf8_lossy(&reply.body)),
+            format!(
+                "unexpected body: {:?}",
+                String::from_utf8_lossy(&reply.body)
+            ),
         ));
     }
-    Ok(Answer {
-        close: reply.close,
-    })
+    Ok(Answer { close: reply.close })
 }
 
 #[cfg(test)]

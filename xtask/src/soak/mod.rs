@@ -226,14 +226,15 @@ async fn act(
             conns = procfs::client_conns(before.pid, n.frontend);
             kill(pid, Signal::SIGKILL).context("kill -9 of the worker")?;
             let admin = n.proxyd_admin.clone();
-            let after = harness::wait_for("the master to respawn its worker", START_TIMEOUT, || {
-                let admin = admin.clone();
-                async move {
-                    let s = cluster::serving(&cluster::proxyd_status(&admin).await?);
-                    Ok(s.filter(|s| s.pid != before.pid))
-                }
-            })
-            .await?;
+            let after =
+                harness::wait_for("the master to respawn its worker", START_TIMEOUT, || {
+                    let admin = admin.clone();
+                    async move {
+                        let s = cluster::serving(&cluster::proxyd_status(&admin).await?);
+                        Ok(s.filter(|s| s.pid != before.pid))
+                    }
+                })
+                .await?;
             format!(
                 "worker {} held {} client connections; worker {} serves",
                 before.pid,
@@ -359,10 +360,7 @@ async fn settle(lb: &Lb) -> Result<(Duration, usize), String> {
                     .enumerate()
                     .skip(1)
                     .map(|(i, t)| {
-                        let differ = base
-                            .iter()
-                            .filter(|(k, v)| t.get(*k) != Some(v))
-                            .count()
+                        let differ = base.iter().filter(|(k, v)| t.get(*k) != Some(v)).count()
                             + t.keys().filter(|k| !base.contains_key(*k)).count();
                         format!("node{} differs from node1 in {differ} keys", i + 1)
                     })

@@ -151,15 +151,36 @@ pub struct Move {
     /// The node where the client's entry was created (or last moved).
     pub holder: usize,
     pub at: Duration,
+    /// When the session was created (or last moved), and the servers before and after.
+    pub since: Duration,
+    pub from: String,
+    pub to: String,
+    /// Per node, the last time before the move that it answered this session: a node it
+    /// visited during a partition keeps its own version of the entry, which may win once healed.
+    pub seen: Vec<Option<Duration>>,
 }
 
-/// The event that excuses a move: a kill or partition (not a reload) of the node that held the
-/// entry or of the node the request went to, shortly before.
+/// A session answered on a node this long before a kill there may have had its entry only in
+/// that worker's batch of stores not yet sent to stickd.
+pub const SEEN_BEFORE: Duration = Duration::from_secs(2);
+
+/// The event that excuses a move: a kill or partition (not a reload), shortly before, of a node
+/// that held a version of the entry: where it was created or last moved, where the request went,
+/// or where the session was answered since just before the event.
 pub fn excuse(m: &Move, events: &[Event]) -> Option<EventKind> {
+    let held = |e: &Event| {
+        e.node == m.node
+            || e.node == m.holder
+            || m.seen
+                .get(e.node)
+                .copied()
+                .flatten()
+                .is_some_and(|t| t + SEEN_BEFORE >= e.start)
+    };
     events
         .iter()
         .filter(|e| e.kind != EventKind::Reload)
-        .filter(|e| e.node == m.node || e.node == m.holder)
+        .filter(|e| held(e))
         .find(|e| e.touches(m.at, m.at, MOVE_GRACE))
         .map(|e| e.kind)
 }
@@ -264,7 +285,10 @@ pub fn render(run: &Run) -> Verdict {
         run.uploaded_bytes as f64 / (1024.0 * 1024.0)
     );
 
-    let _ = writeln!(t, "\n## Traffic\n\n| class | requests | failed |\n|---|---:|---:|");
+    let _ = writeln!(
+        t,
+        "\n## Traffic\n\n| class | requests | failed |\n|---|---:|---:|"
+    );
     for (name, c) in &run.classes {
         let _ = writeln!(t, "| {name} | {} | {} |", c.requests, c.failed);
     }
@@ -331,10 +355,25 @@ pub fn render(run: &Run) -> Verdict {
 
     let mut excused: BTreeMap<EventKind, u64> = BTreeMap::new();
     let mut unexcused = 0u64;
+    let mut listed = String::new();
     for m in &run.moves {
         match excuse(m, &run.events) {
             Some(k) => *excused.entry(k).or_default() += 1,
-            None => unexcused += 1,
+            None => {
+                unexcused += 1;
+                if unexcused <= 10 {
+                    let _ = writeln!(
+                        listed,
+                        "- +{:.3}s on node{}: {} -> {} (entry from node{} at +{:.3}s)",
+                        m.at.as_secs_f64(),
+                        m.node + 1,
+                        m.from,
+                        m.to,
+                        m.holder + 1,
+                        m.since.as_secs_f64()
+                    );
+                }
+            }
         }
     }
     let _ = writeln!(
@@ -346,6 +385,7 @@ pub fn render(run: &Run) -> Verdict {
             .map(|(k, n)| format!(", {n} after a {}", k.name()))
             .collect::<String>()
     );
+    t.push_str(&listed);
     if unexcused > 0 {
         v.push(format!(
             "{unexcused} sticky moves not after a kill or partition of the node holding the entry"
@@ -538,12 +578,28 @@ mod tests {
             node,
             holder,
             at: s(at),
+            since: s(0),
+            from: "app1".into(),
+            to: "app2".into(),
+            seen: vec![Some(s(at - 1)), None, Some(s(90))],
         };
         assert_eq!(excuse(&m(0, 2, 103), &events), Some(EventKind::Partition));
         assert_eq!(excuse(&m(2, 1, 114), &events), Some(EventKind::Partition));
-        assert_eq!(excuse(&m(0, 1, 103), &events), None, "node3 held nothing");
+        assert_eq!(
+            excuse(&m(0, 1, 103), &events),
+            None,
+            "node3 answered it only 10 s before the partition"
+        );
+        // Answered by node3 during its partition: node3's version may win after the heal.
+        let mut visited = m(0, 1, 110);
+        visited.seen[2] = Some(s(102));
+        assert_eq!(excuse(&visited, &events), Some(EventKind::Partition));
         assert_eq!(excuse(&m(0, 2, 116), &events), None, "too long after");
-        assert_eq!(excuse(&m(0, 0, 200), &events), None, "a reload excuses nothing");
+        assert_eq!(
+            excuse(&m(0, 0, 200), &events),
+            None,
+            "a reload excuses nothing"
+        );
     }
 
     fn series(points: &[(f64, f64, u32)]) -> Vec<RssSample> {
@@ -621,13 +677,20 @@ mod tests {
             elapsed: s(1200),
             partition_method: "test",
             classes: BTreeMap::new(),
-            failures: vec![failure(0, 40000, 90, 99, 100), failure(0, 40001, 90, 500, 500)],
+            failures: vec![
+                failure(0, 40000, 90, 99, 100),
+                failure(0, 40001, 90, 500, 500),
+            ],
             unrecorded_failures: 0,
             events: vec![kill, refused],
             moves: vec![Move {
                 node: 0,
                 holder: 1,
                 at: s(700),
+                since: s(650),
+                from: "app1".into(),
+                to: "app2".into(),
+                seen: vec![None, None, None],
             }],
             sessions: 1,
             uploaded_bytes: 0,
@@ -637,6 +700,10 @@ mod tests {
         let verdict = render(&run);
         assert_eq!(verdict.violations.len(), 5, "{:#?}", verdict.violations);
         assert!(verdict.text.contains("+60.0 OVER"), "{}", verdict.text);
-        assert!(verdict.text.contains("| expected: in flight on the killed worker | 1 |"));
+        assert!(
+            verdict
+                .text
+                .contains("| expected: in flight on the killed worker | 1 |")
+        );
     }
 }

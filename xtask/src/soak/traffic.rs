@@ -210,6 +210,9 @@ struct Session {
     server: String,
     /// The node where its entry was created or last moved.
     holder: usize,
+    since: Duration,
+    /// Per node, when it last answered this session.
+    seen: Vec<Option<Duration>>,
     /// Requests left before the user "logs out" and starts a new session.
     left: u32,
 }
@@ -269,6 +272,12 @@ impl Client {
                         cookie: cookie.to_owned(),
                         server,
                         holder: node,
+                        since: self.rec.now(),
+                        seen: {
+                            let mut seen = vec![None; self.frontends.len()];
+                            seen[node] = Some(self.rec.now());
+                            seen
+                        },
                         left: self.rng.random_range(30..80),
                     });
                 }
@@ -283,9 +292,17 @@ impl Client {
                             node,
                             holder: s.holder,
                             at: self.rec.now(),
+                            since: s.since,
+                            from: s.server.clone(),
+                            to: server.clone(),
+                            seen: s.seen.clone(),
                         });
                     s.server = server;
                     s.holder = node;
+                    s.since = self.rec.now();
+                }
+                if let Some(t) = s.seen.get_mut(node) {
+                    *t = Some(self.rec.now());
                 }
                 s.left = s.left.saturating_sub(1);
                 if s.left == 0 {
@@ -379,7 +396,8 @@ impl Client {
             Class::Sticky => ("GET", "/index.php"),
             _ => ("GET", "/"),
         };
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: soak\r\nUser-Agent: xtask-soak\r\n");
+        let mut head =
+            format!("{method} {path} HTTP/1.1\r\nHost: soak\r\nUser-Agent: xtask-soak\r\n");
         if let Some(c) = cookie {
             head.push_str(&format!("Cookie: PHPSESSID={c}\r\n"));
         }
