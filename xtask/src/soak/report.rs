@@ -164,9 +164,11 @@ pub struct Move {
 /// that worker's batch of stores not yet sent to stickd.
 pub const SEEN_BEFORE: Duration = Duration::from_secs(2);
 
-/// The event that excuses a move: a kill or partition (not a reload), shortly before, of a node
-/// that held a version of the entry: where it was created or last moved, where the request went,
-/// or where the session was answered since just before the event.
+/// The event that excuses a move (the latest, if several): a kill of a daemon that holds stick
+/// entries (a worker's cache, stickd; a master's workers go with it) or a partition, shortly
+/// before, of a node that held a version of the entry: where it was created or last moved, where
+/// the request went, or where the session was answered since just before the event. Reloads and
+/// fdkeeper kills excuse nothing: they hold no entry.
 pub fn excuse(m: &Move, events: &[Event]) -> Option<EventKind> {
     let held = |e: &Event| {
         e.node == m.node
@@ -179,9 +181,10 @@ pub fn excuse(m: &Move, events: &[Event]) -> Option<EventKind> {
     };
     events
         .iter()
-        .filter(|e| e.kind != EventKind::Reload)
+        .filter(|e| !matches!(e.kind, EventKind::Reload | EventKind::KillFdkeeper))
         .filter(|e| held(e))
-        .find(|e| e.touches(m.at, m.at, MOVE_GRACE))
+        .filter(|e| e.touches(m.at, m.at, MOVE_GRACE))
+        .max_by_key(|e| e.start)
         .map(|e| e.kind)
 }
 
@@ -571,8 +574,11 @@ mod tests {
     #[test]
     fn moves_are_excused_by_kills_and_partitions_of_the_holder_or_landing_node() {
         let events = vec![
+            event(EventKind::KillFdkeeper, 2, 95, 96),
+            event(EventKind::KillStickd, 2, 97, 98),
             event(EventKind::Partition, 2, 100, 105),
             event(EventKind::Reload, 0, 200, 201),
+            event(EventKind::KillFdkeeper, 0, 300, 301),
         ];
         let m = |node, holder, at| Move {
             node,
@@ -600,6 +606,10 @@ mod tests {
             None,
             "a reload excuses nothing"
         );
+        assert_eq!(excuse(&m(0, 0, 300), &events), None, "nor an fdkeeper kill");
+        // The stickd kill before the partition also covers it: the latest event is named.
+        assert_eq!(excuse(&m(2, 2, 99), &events), Some(EventKind::KillStickd));
+        assert_eq!(excuse(&m(2, 2, 101), &events), Some(EventKind::Partition));
     }
 
     fn series(points: &[(f64, f64, u32)]) -> Vec<RssSample> {
