@@ -143,12 +143,12 @@ fn kill_tree(pid: u32) {
     }
 }
 
-/// SIGKILLs every live process whose process group is `pgid` (read from /proc, so that a
-/// recycled pid that is not a group leader is never hit).
-fn kill_group_members(pgid: u32) {
+/// Every live process whose process group is `pgid` (read from /proc).
+pub fn group_members(pgid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
+        return Vec::new();
     };
+    let mut out = Vec::new();
     for entry in entries.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -161,13 +161,25 @@ fn kill_group_members(pgid: u32) {
             continue;
         };
         // After the command name: state, ppid, pgrp.
-        let pgrp = stat
+        let mut fields = stat
             .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().nth(2))
-            .and_then(|s| s.parse::<u32>().ok());
-        if pgrp == Some(pgid) {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            .map(|(_, r)| r.split_whitespace())
+            .into_iter()
+            .flatten();
+        let zombie = fields.next() == Some("Z");
+        let pgrp = fields.nth(1).and_then(|s| s.parse::<u32>().ok());
+        if pgrp == Some(pgid) && !zombie {
+            out.push(pid);
         }
+    }
+    out
+}
+
+/// SIGKILLs every live process whose process group is `pgid` (read from /proc, so that a
+/// recycled pid that is not a group leader is never hit).
+fn kill_group_members(pgid: u32) {
+    for pid in group_members(pgid) {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
 }
 

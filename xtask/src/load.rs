@@ -490,7 +490,8 @@ async fn wait_server_close(mut stream: TcpStream) {
     .await;
 }
 
-fn classify(e: &std::io::Error, got_bytes: bool) -> FailKind {
+/// The kind of failure an I/O error means; `got_bytes`: part of the response had arrived.
+pub fn classify(e: &std::io::Error, got_bytes: bool) -> FailKind {
     match e.kind() {
         ErrorKind::ConnectionRefused => FailKind::Refused,
         ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
@@ -506,14 +507,32 @@ fn classify(e: &std::io::Error, got_bytes: bool) -> FailKind {
     }
 }
 
-/// Reads one response: head, then exactly Content-Length body bytes, and checks it.
-async fn read_response(
-    stream: &mut TcpStream,
-    expect_servers: &[String],
-) -> Result<Answer, (FailKind, String)> {
+/// One response as read off the wire.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: u16,
+    /// The server asked to close the connection after this response.
+    pub close: bool,
+    /// The first `Set-Cookie` header's value.
+    pub set_cookie: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The server name in a demo backend's body (its `server: NAME` line).
+    pub fn server(&self) -> Option<&str> {
+        std::str::from_utf8(&self.body)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("server: "))
+    }
+}
+
+/// Reads one response: head, then exactly Content-Length body bytes; any status.
+pub async fn read_reply(stream: &mut TcpStream) -> Result<Reply, (FailKind, String)> {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
-    let (status, close, body_start, content_length) = loop {
+    let (status, close, set_cookie, body_start, content_length) = loop {
         let n = stream
             .read(&mut chunk)
             .await
@@ -535,6 +554,7 @@ async fn read_response(
             Ok(httparse::Status::Complete(head_len)) => {
                 let mut close = resp.version == Some(0);
                 let mut len = None;
+                let mut set_cookie = None;
                 for h in resp.headers.iter() {
                     let v = std::str::from_utf8(h.value).unwrap_or("").trim();
                     if h.name.eq_ignore_ascii_case("connection") {
@@ -542,6 +562,8 @@ async fn read_response(
                         close = v.contains("close") || (close && !v.contains("keep-alive"));
                     } else if h.name.eq_ignore_ascii_case("content-length") {
                         len = v.parse::<usize>().ok();
+                    } else if h.name.eq_ignore_ascii_case("set-cookie") && set_cookie.is_none() {
+                        set_cookie = Some(v.to_owned());
                     }
                 }
                 let Some(len) = len else {
@@ -550,7 +572,7 @@ async fn read_response(
                         "response without a valid content-length".into(),
                     ));
                 };
-                break (resp.code.unwrap_or(0), close, head_len, len);
+                break (resp.code.unwrap_or(0), close, set_cookie, head_len, len);
             }
             Ok(httparse::Status::Partial) if buf.len() > 64 * 1024 => {
                 return Err((FailKind::Other, "response head too large".into()));
@@ -578,19 +600,38 @@ async fn read_response(
     if buf.len() > body_start + content_length {
         return Err((FailKind::Other, "bytes after the response body".into()));
     }
-    if status != 200 {
-        return Err((FailKind::BadStatus, format!("status {status}")));
+    buf.drain(..body_start);
+    Ok(Reply {
+        status,
+        close,
+        set_cookie,
+        body: buf,
+    })
+}
+
+/// Reads one response and checks it: status 200, and a body naming one of `expect_servers`.
+async fn read_response(
+    stream: &mut TcpStream,
+    expect_servers: &[String],
+) -> Result<Answer, (FailKind, String)> {
+    let reply = read_reply(stream).await?;
+    if reply.status != 200 {
+        return Err((FailKind::BadStatus, format!("status {}", reply.status)));
     }
-    let body = String::from_utf8_lossy(&buf[body_start..]);
     if !expect_servers.is_empty()
-        && !expect_servers.iter().any(|s| {
-            body.lines()
-                .any(|l| l.strip_prefix("server: ") == Some(s.as_str()))
-        })
+        && !expect_servers
+            .iter()
+            .any(|s| reply.server() == Some(s.as_str()))
     {
-        return Err((FailKind::Other, format!("unexpected body: {body:?}")));
+        return Err((
+            FailKind::Other,
+            format!(
+                "unexpected body: {:?}",
+                String::from_utf8_lossy(&reply.body)
+            ),
+        ));
     }
-    Ok(Answer { close })
+    Ok(Answer { close: reply.close })
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! cargo xtask: test, e2e, demo, bench, and the demo backend the e2e scenarios spawn.
+//! cargo xtask: test, e2e, demo, bench, soak, and the demo backend the e2e scenarios spawn.
 #![forbid(unsafe_code)]
 
 mod backend;
@@ -8,6 +8,7 @@ mod demo;
 mod e2e;
 mod harness;
 mod load;
+mod soak;
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -69,6 +70,22 @@ enum Cmd {
         /// Replay one run: the seed a failing target printed.
         #[arg(long)]
         seed: Option<u64>,
+    },
+    /// Endurance run: mixed traffic on a 3-node cluster for N minutes under seeded random reloads,
+    /// kill -9s and stickd partitions; non-zero if a promise broke. Writes OUT/report.md.
+    Soak {
+        /// How long the traffic runs.
+        #[arg(long)]
+        minutes: f64,
+        /// Replay the event schedule of an earlier run (printed at its start).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Use the release binaries already in target/release instead of building them.
+        #[arg(long)]
+        no_build: bool,
+        /// Directory for report.md (relative to the workspace root).
+        #[arg(long, default_value = "target/soak")]
+        out: std::path::PathBuf,
     },
     /// Benchmarks against HAProxy and nginx; writes docs/benchmarks.md and docs/benchmarks.png.
     Bench {
@@ -171,6 +188,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             harness::become_subreaper();
             runtime(2)?.block_on(demo::run(!no_build, nodes))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Soak {
+            minutes,
+            seed,
+            no_build,
+            out,
+        } => {
+            harness::become_subreaper();
+            let options = soak::Options {
+                minutes,
+                seed,
+                build: !no_build,
+                out: harness::workspace_root().join(out),
+            };
+            let ok = runtime(2)?.block_on(async {
+                kill_all_on_interrupt()?;
+                let result = soak::run(options).await;
+                harness::kill_all();
+                result
+            })?;
+            Ok(exit_for(ok))
         }
         Cmd::Bench {
             quick,

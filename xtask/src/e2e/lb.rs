@@ -368,7 +368,8 @@ async fn stick_client(socket: &Path) -> Result<StickClient<tonic::transport::Cha
     Ok(StickClient::new(common::grpc::connect_unix(socket).await?))
 }
 
-async fn show(socket: &Path) -> Result<BTreeMap<String, String>> {
+/// key -> server of the stick table on the stickd at `socket` (stick.v1 Show).
+pub async fn show(socket: &Path) -> Result<BTreeMap<String, String>> {
     let mut c = stick_client(socket).await?;
     let r = c
         .show(pb::ShowRequest {
