@@ -47,6 +47,11 @@ impl Node {
     }
 
     pub fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    /// Starts with extra arguments (`--recover-from-peers`).
+    pub fn start_with(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -57,6 +62,7 @@ impl Node {
             .arg(&self.config)
             .arg("-L")
             .arg(&self.name)
+            .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

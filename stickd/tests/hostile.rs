@@ -1,0 +1,365 @@
+//! Hostile input against real stickd processes: a damaged data_dir, out-of-bounds values and
+//! sizes, a second process claiming a connected peer's name, peers without the shared secret.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use proto::stick::v1 as pb;
+use proto::stick::v1::peer_client::PeerClient;
+use support::{Cluster, TABLES};
+use tonic::Code;
+
+const CONVERGE: Duration = Duration::from_secs(10);
+
+/// A raw replication stream to `addr` that sends one message (and `secret`, if any) and returns
+/// the server's answer to it.
+async fn replicate_once(
+    addr: std::net::SocketAddr,
+    first: pb::peer_message::Msg,
+    secret: Option<&[u8]>,
+) -> Result<pb::PeerReply, tonic::Status> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = PeerClient::new(ch).max_encoding_message_size(usize::MAX);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::PeerMessage { msg: Some(first) }).await.unwrap();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(s) = secret {
+        req.metadata_mut().insert_bin(
+            "x-stickd-peer-secret-bin",
+            tonic::metadata::MetadataValue::from_bytes(s),
+        );
+    }
+    let mut replies = client.replicate(req).await?.into_inner();
+    let first = replies.message().await?;
+    drop(tx);
+    first.ok_or_else(|| tonic::Status::unknown("stream ended without a reply"))
+}
+
+fn hello(from: &str, to: &str) -> pb::peer_message::Msg {
+    pb::peer_message::Msg::Hello(pb::Hello {
+        from: from.into(),
+        to: to.into(),
+        ..Default::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_past_the_table_expire_is_clamped() {
+    let c = Cluster::start(1, |_| TABLES.to_owned());
+    let mut client = c.nodes[0].client().await;
+    let r = client
+        .store(pb::StoreRequest {
+            table: "web".into(),
+            items: vec![pb::StoreItem {
+                key: "forever".into(),
+                server: "app1".into(),
+                expires_unix_ms: i64::MAX,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let left = r.entries[0].expires_in_ms;
+    // The table's expire is 5m.
+    assert!((1..=300_000).contains(&left), "expires in {left} ms");
+    let r = client
+        .set(pb::SetRequest {
+            table: "web".into(),
+            key: "forever2".into(),
+            server: "app1".into(),
+            expires_unix_ms: i64::MAX - 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.entry.unwrap().expires_in_ms <= 300_000);
+    // A shorter expiry is the client's to choose.
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 10_000;
+    let r = client
+        .store(pb::StoreRequest {
+            table: "web".into(),
+            items: vec![pb::StoreItem {
+                key: "soon".into(),
+                server: "app1".into(),
+                expires_unix_ms: soon,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.entries[0].expires_unix_ms, soon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_and_long_keys_are_refused_naming_the_problem() {
+    let c = Cluster::start(1, |_| TABLES.to_owned());
+    let mut client = c.nodes[0].client().await;
+    for (key, what) in [
+        ("a\0b", "a NUL at byte 1"),
+        ("ab\nc", "a newline at byte 2"),
+    ] {
+        let e = client
+            .store(pb::StoreRequest {
+                table: "web".into(),
+                items: vec![pb::StoreItem {
+                    key: key.into(),
+                    server: "app1".into(),
+                    expires_unix_ms: 0,
+                }],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(what), "{}", e.message());
+        let e = client
+            .lookup(pb::LookupRequest {
+                table: "web".into(),
+                keys: vec![key.into()],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
+    // An ip key padded with a megabyte of spaces is refused before it is parsed.
+    let padded = format!("{}10.0.0.1", " ".repeat(1 << 20));
+    let e = client
+        .store(pb::StoreRequest {
+            table: "ips".into(),
+            items: vec![pb::StoreItem {
+                key: padded,
+                server: "app1".into(),
+                expires_unix_ms: 0,
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("longer than"), "{}", e.message());
+    assert!(c.nodes[0].table("web").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_60_mb_request_is_refused_on_both_ports() {
+    let c = Cluster::start(1, |_| TABLES.to_owned());
+    let n = &c.nodes[0];
+    let big: Vec<pb::StoreItem> = (0..15_000)
+        .map(|i| pb::StoreItem {
+            key: format!("{i:04000}"),
+            server: "app1".into(),
+            expires_unix_ms: 0,
+        })
+        .collect();
+    let mut client = n.client().await.max_encoding_message_size(usize::MAX);
+    let e = client
+        .store(pb::StoreRequest {
+            table: "web".into(),
+            items: big,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    // The peer port: a batch of 60 MB as the first message.
+    let changes: Vec<pb::Change> = (0..15_000u64)
+        .map(|i| pb::Change {
+            seq: i + 1,
+            table: "web".into(),
+            kind: Some(pb::change::Kind::Entry(pb::Entry {
+                key: format!("{i:04000}"),
+                ..Default::default()
+            })),
+        })
+        .collect();
+    let e = replicate_once(
+        n.addr,
+        pb::peer_message::Msg::Batch(pb::Batch { changes }),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    // Still serving.
+    n.store("web", &[("after", "app1")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stream_for_a_connected_peer_is_refused() {
+    let c = Cluster::start(2, |_| TABLES.to_owned());
+    c.connected().await;
+    let e = replicate_once(c.nodes[0].addr, hello("node2", "node1"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains("already connected"), "{}", e.message());
+    let log = c.nodes[0].log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("refused a second stream"))
+        .unwrap_or_else(|| panic!("not logged:\n{log}"));
+    // Both addresses: the impostor's (127.0.0.1, the test) and the real node2's (127.0.0.2).
+    assert!(
+        line.contains("client.addr=127.0.0.1:") && line.contains("connected.addr=127.0.0.2:"),
+        "{line}"
+    );
+    // The real stream was not disturbed.
+    c.nodes[1].store("web", &[("still", "app2")]).await;
+    let (t, _) = c.converge("web", CONVERGE).await;
+    assert_eq!(t.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_need_the_shared_secret() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "correct horse battery staple\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let extra = format!("peer_secret_file = \"{}\"\n{TABLES}", secret.display());
+    let c = Cluster::start(2, |_| extra.clone());
+    c.connected().await;
+    c.nodes[0].store("web", &[("k", "app1")]).await;
+    let (t, _) = c.converge("web", CONVERGE).await;
+    assert_eq!(t.len(), 1);
+    // node1 is not connected to itself: without or with a wrong secret, refused before anything.
+    for given in [None, Some(&b"correct horse battery stapl"[..])] {
+        let e = replicate_once(c.nodes[1].addr, hello("node1", "node2"), given)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    }
+    assert!(
+        c.nodes[1]
+            .log()
+            .contains("refused a peer without the shared secret")
+    );
+    // A world-readable secret file is a config error naming its line.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_stickd"))
+        .args(["check", "--config"])
+        .arg(&c.nodes[0].config)
+        .args(["-L", "node1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("stickd.toml:4:") && err.contains("chmod o="),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_data_dir_exits_65_and_recovers_from_the_peers() {
+    let mut c = Cluster::start(2, |_| TABLES.to_owned());
+    c.connected().await;
+    let pairs: Vec<(String, String)> = (0..2000)
+        .map(|i| (format!("k{i}"), "app1".to_owned()))
+        .collect();
+    let refs: Vec<(&str, &str)> = pairs.iter().map(|(k, s)| (&**k, &**s)).collect();
+    c.nodes[0].store("web", &refs).await;
+    c.converge("web", CONVERGE).await;
+    assert_eq!(c.nodes[1].stop().code(), Some(0));
+    let data = c.nodes[1].dir.join("data");
+    let db = data.join("db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_stickd"))
+            .arg("--config")
+            .arg(&c.nodes[1].config)
+            .args(["-L", "node2"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(err.contains(&data.display().to_string()), "{err}");
+    assert!(err.contains("--recover-from-peers"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    c.nodes[1].start_with(&["--recover-from-peers"]);
+    let (t, _) = c.converge("web", CONVERGE).await;
+    assert_eq!(t.len(), 2000);
+    assert!(c.nodes[1].log().contains("damaged data_dir moved aside"));
+}
+
+#[test]
+fn recover_from_peers_without_peers_is_refused() {
+    let c = Cluster::start(1, |_| TABLES.to_owned());
+    let out = Command::new(env!("CARGO_BIN_EXE_stickd"))
+        .arg("--config")
+        .arg(&c.nodes[0].config)
+        .args(["-L", "node1", "--recover-from-peers"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("nobody to recover from"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_small_table_keeps_a_short_log_and_a_lagging_peer_converges() {
+    const SMALL: &str = r#"
+[[tables]]
+name = "web"
+type = "string"
+len = 32
+size = "500"
+expire = "5m"
+"#;
+    let mut c = Cluster::start(2, |_| SMALL.to_owned());
+    c.connected().await;
+    c.nodes[1].kill9();
+    // 40k stores into 500 entries: the log's bound is its floor, 16384 changes (+ a chunk).
+    for batch in 0..40 {
+        let keys: Vec<String> = (0..1000)
+            .map(|i| format!("k{}", (batch * 1000 + i) % 700))
+            .collect();
+        let pairs: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "app1")).collect();
+        c.nodes[0].store("web", &pairs).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = c.nodes[0]
+            .client()
+            .await
+            .stats(pb::StatsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.head_seq + 1 - s.log_first_seq <= 16_384 + 512 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "log not trimmed: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.nodes[1].start();
+    let (t, _) = c.converge("web", CONVERGE).await;
+    assert_eq!(t.len(), 500);
+    let p = c.nodes[0].peers().await;
+    assert!(p.peers[0].snapshots_sent >= 1, "{p:?}");
+}
