@@ -45,7 +45,7 @@ pub fn open(config: &Config) -> Result<Store, DataDirError> {
             return Err(DataDirError::Store { dir, source: e });
         }
         Err(Opened::Failed(e)) => e.to_string(),
-        Err(Opened::Panicked(why)) => format!("reading it panicked: {why}"),
+        Err(Opened::Panicked(why)) => format!("sled gave up reading it: {why}"),
     };
     if !config.recover_from_peers {
         return Err(DataDirError::Damaged { dir, reason });
@@ -60,7 +60,7 @@ pub fn open(config: &Config) -> Result<Store, DataDirError> {
         Err(Opened::Failed(e)) => Err(DataDirError::Store { dir, source: e }),
         Err(Opened::Panicked(why)) => Err(DataDirError::Damaged {
             dir,
-            reason: format!("an empty store panicked: {why}"),
+            reason: format!("sled gave up on an empty store: {why}"),
         }),
     }
 }
