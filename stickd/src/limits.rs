@@ -64,6 +64,6 @@ mod tests {
             })),
         };
         assert!(batch.encoded_len() <= MAX_REQUEST);
-        assert!(MAX_REQUEST < 60 << 20);
+        const { assert!(MAX_REQUEST < 60 << 20) };
     }
 }

@@ -390,3 +390,69 @@ expire = "5m"
     let p = c.nodes[0].peers().await;
     assert!(p.peers[0].snapshots_sent >= 1, "{p:?}");
 }
+
+/// Memory and disk of a writer after 500k stores into a 5k table (a measurement, not a check:
+/// `STICKD_BIN=target/release/stickd cargo test -p stickd --test hostile -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement of a few minutes"]
+async fn measure_500k_stores_into_a_5k_table() {
+    const SMALL: &str = r#"
+[[tables]]
+name = "web"
+type = "string"
+len = 32
+size = "5k"
+expire = "5m"
+"#;
+    let mut c = Cluster::start(1, |_| SMALL.to_owned());
+    if let Ok(bin) = std::env::var("STICKD_BIN") {
+        c.nodes[0].kill9();
+        c.nodes[0].start_bin(std::path::Path::new(&bin));
+    }
+    let n = &c.nodes[0];
+    let mut client = n.client().await;
+    let started = std::time::Instant::now();
+    for batch in 0..500u32 {
+        let items = (0..1000u32)
+            .map(|i| pb::StoreItem {
+                key: format!("session-{:08}", (batch * 1000 + i) % 20_000),
+                server: format!("app{}", i % 4),
+                expires_unix_ms: 0,
+            })
+            .collect();
+        client
+            .store(pb::StoreRequest {
+                table: "web".into(),
+                items,
+            })
+            .await
+            .unwrap();
+    }
+    let took = started.elapsed();
+    // Two trims and flushes.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pid = n.child.as_ref().unwrap().id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .to_owned();
+    let du = Command::new("du")
+        .args(["-sk"])
+        .arg(n.dir.join("data"))
+        .output()
+        .unwrap();
+    let s = client
+        .stats(pb::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    println!(
+        "500k stores in {took:?}; {rss}; data_dir {} KiB; log {} changes (first {} head {})",
+        String::from_utf8_lossy(&du.stdout).split_whitespace().next().unwrap_or("?"),
+        s.head_seq + 1 - s.log_first_seq,
+        s.log_first_seq,
+        s.head_seq
+    );
+}

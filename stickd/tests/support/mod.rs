@@ -52,12 +52,21 @@ impl Node {
 
     /// Starts with extra arguments (`--recover-from-peers`).
     pub fn start_with(&mut self, extra: &[&str]) {
+        self.spawn(Path::new(env!("CARGO_BIN_EXE_stickd")), extra);
+    }
+
+    /// Starts another stickd binary (an older build, for comparisons).
+    pub fn start_bin(&mut self, bin: &Path) {
+        self.spawn(bin, &[]);
+    }
+
+    fn spawn(&mut self, bin: &Path, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("log"))
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_stickd"))
+        let child = Command::new(bin)
             .arg("--config")
             .arg(&self.config)
             .arg("-L")
