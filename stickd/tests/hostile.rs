@@ -391,8 +391,9 @@ expire = "5m"
     assert!(p.peers[0].snapshots_sent >= 1, "{p:?}");
 }
 
-/// Memory and disk of a writer after 500k stores into a 5k table (a measurement, not a check:
-/// `STICKD_BIN=target/release/stickd cargo test -p stickd --test hostile -- --ignored --nocapture`).
+/// Memory and disk of a writer after 500k stores (or `STORES`) into a 5k table (a measurement,
+/// not a check: `STICKD_BIN=target/release/stickd cargo test -p stickd --test hostile --
+/// --ignored --nocapture`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement of a few minutes"]
 async fn measure_500k_stores_into_a_5k_table() {
@@ -411,8 +412,12 @@ expire = "5m"
     }
     let n = &c.nodes[0];
     let mut client = n.client().await;
+    let batches: u32 = std::env::var("STORES")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .map_or(500, |s| s / 1000);
     let started = std::time::Instant::now();
-    for batch in 0..500u32 {
+    for batch in 0..batches {
         let items = (0..1000u32)
             .map(|i| pb::StoreItem {
                 key: format!("session-{:08}", (batch * 1000 + i) % 20_000),
@@ -449,8 +454,12 @@ expire = "5m"
         .unwrap()
         .into_inner();
     println!(
-        "500k stores in {took:?}; {rss}; data_dir {} KiB; log {} changes (first {} head {})",
-        String::from_utf8_lossy(&du.stdout).split_whitespace().next().unwrap_or("?"),
+        "{}k stores in {took:?}; {rss}; data_dir {} KiB; log {} changes (first {} head {})",
+        batches,
+        String::from_utf8_lossy(&du.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or("?"),
         s.head_seq + 1 - s.log_first_seq,
         s.log_first_seq,
         s.head_seq
