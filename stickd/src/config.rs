@@ -9,6 +9,9 @@ use common::config::Spanned;
 use common::{ConfigError, SourceFile};
 use serde::Deserialize;
 
+pub use crate::auth::PeerSecret;
+use crate::limits::MAX_KEY_LEN;
+
 /// The file as written. Only [`Config`] (validated) leaves this module.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -18,14 +21,15 @@ struct Raw {
     socket: PathBuf,
     /// Peer gRPC listen address; defaults to the local peer's own `address`.
     listen: Option<Spanned<String>>,
-    /// How often sled flushes to disk (the durability window).
-    #[serde(default = "default_flush")]
-    flush_interval: common::Duration,
-    /// How many of our own changes the log keeps for incremental catch-up.
-    #[serde(default = "default_log_keep")]
-    log_keep: u64,
-    #[serde(default = "default_heartbeat")]
-    heartbeat: common::Duration,
+    /// How often sled flushes to disk (the durability window); default 500ms.
+    flush_interval: Option<Spanned<common::Duration>>,
+    /// How many of our own changes the log keeps at most for incremental catch-up.
+    log_keep: Option<Spanned<u64>>,
+    /// Default 1s.
+    heartbeat: Option<Spanned<common::Duration>>,
+    /// A file holding a secret every peer shares: sent with each replication stream and
+    /// required of every incoming one (for peers that do not use mTLS).
+    peer_secret_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
     peers: Vec<RawPeer>,
     #[serde(default)]
@@ -33,15 +37,9 @@ struct Raw {
     tls: Option<Tls>,
 }
 
-fn default_flush() -> common::Duration {
-    common::Duration(Duration::from_millis(500))
-}
-fn default_log_keep() -> u64 {
-    1_000_000
-}
-fn default_heartbeat() -> common::Duration {
-    common::Duration(Duration::from_secs(1))
-}
+const DEFAULT_FLUSH: Duration = Duration::from_millis(500);
+const DEFAULT_LOG_KEEP: u64 = 1_000_000;
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,6 +148,11 @@ pub struct Config {
     pub peers: Vec<Peer>,
     pub tables: Vec<TableDef>,
     pub tls: Option<Tls>,
+    /// The shared secret of `peer_secret_file`, if set.
+    pub peer_secret: Option<PeerSecret>,
+    /// Set by `--recover-from-peers`, not by the file: a damaged data_dir is moved aside and
+    /// refilled from the peers (see `datadir`).
+    pub recover_from_peers: bool,
 }
 
 impl Config {
@@ -190,15 +193,34 @@ fn validate(src: &SourceFile, raw: Raw, local: String) -> Result<Config, ConfigE
     if raw.socket.as_os_str().is_empty() {
         return Err(src.error("socket must not be empty"));
     }
-    if raw.flush_interval.0.is_zero() {
-        return Err(src.error("flush_interval must be above zero"));
-    }
-    if raw.heartbeat.0.is_zero() {
-        return Err(src.error("heartbeat must be above zero"));
-    }
-    if raw.log_keep < 1000 {
-        return Err(src.error("log_keep must be at least 1000"));
-    }
+    let flush_interval = match &raw.flush_interval {
+        Some(f) if f.get_ref().0.is_zero() => {
+            return Err(src.error_at(f.span(), "flush_interval must be above zero"));
+        }
+        Some(f) => f.get_ref().0,
+        None => DEFAULT_FLUSH,
+    };
+    let heartbeat = match &raw.heartbeat {
+        Some(h) if h.get_ref().0.is_zero() => {
+            return Err(src.error_at(h.span(), "heartbeat must be above zero"));
+        }
+        Some(h) => h.get_ref().0,
+        None => DEFAULT_HEARTBEAT,
+    };
+    let log_keep = match &raw.log_keep {
+        Some(k) if *k.get_ref() < 1000 => {
+            return Err(src.error_at(k.span(), "log_keep must be at least 1000"));
+        }
+        Some(k) => *k.get_ref(),
+        None => DEFAULT_LOG_KEEP,
+    };
+    let peer_secret = match &raw.peer_secret_file {
+        Some(f) => Some(
+            PeerSecret::read(f.get_ref())
+                .map_err(|e| src.error_at(f.span(), format!("peer_secret_file: {e}")))?,
+        ),
+        None => None,
+    };
     let mut names = HashSet::new();
     let mut peers = Vec::new();
     let mut own_address = None;
@@ -263,11 +285,16 @@ fn validate(src: &SourceFile, raw: Raw, local: String) -> Result<Config, ConfigE
             return Err(src.error_at(t.name.span(), format!("table '{name}' is defined twice")));
         }
         let key = match (t.kind.get_ref().as_str(), &t.len) {
-            ("string", Some(len)) if (1..=4096).contains(len.get_ref()) => KeyType::String {
-                len: *len.get_ref(),
-            },
+            ("string", Some(len)) if (1..=MAX_KEY_LEN).contains(&(*len.get_ref() as usize)) => {
+                KeyType::String {
+                    len: *len.get_ref(),
+                }
+            }
             ("string", Some(len)) => {
-                return Err(src.error_at(len.span(), "len must be between 1 and 4096"));
+                return Err(src.error_at(
+                    len.span(),
+                    format!("len must be between 1 and {MAX_KEY_LEN}"),
+                ));
             }
             ("string", None) => KeyType::String { len: 32 },
             (_, Some(len)) => {
@@ -324,12 +351,14 @@ fn validate(src: &SourceFile, raw: Raw, local: String) -> Result<Config, ConfigE
         data_dir: raw.data_dir,
         socket: raw.socket,
         listen,
-        flush_interval: raw.flush_interval.0,
-        log_keep: raw.log_keep,
-        heartbeat: raw.heartbeat.0,
+        flush_interval,
+        log_keep,
+        heartbeat,
         peers,
         tables,
         tls: raw.tls,
+        peer_secret,
+        recover_from_peers: false,
     })
 }
 
@@ -405,6 +434,29 @@ expire = "5m"
     fn size_past_32_bits_is_refused() {
         let err = load(&GOOD.replace("size = \"5k\"", "size = \"5g\""), "a").expect_err("5g");
         assert!(err.reason.contains("most entries"), "{err}");
+    }
+
+    #[test]
+    fn zero_durations_name_their_line() {
+        for key in ["flush_interval", "heartbeat"] {
+            let text = GOOD.replace(
+                "socket = \"/tmp/x.sock\"\n",
+                &format!("socket = \"/tmp/x.sock\"\n{key} = \"0s\"\n"),
+            );
+            let err = load(&text, "a").expect_err("zero");
+            assert_eq!(err.at, Some((4, 1 + key.len() + 3)), "{err}");
+            assert!(err.to_string().starts_with("s.toml:4:"), "{err}");
+            assert!(err.reason.contains(key), "{err}");
+        }
+        let err = load(
+            &GOOD.replace(
+                "socket = \"/tmp/x.sock\"\n",
+                "socket = \"/tmp/x.sock\"\nlog_keep = 10\n",
+            ),
+            "a",
+        )
+        .expect_err("small log_keep");
+        assert_eq!(err.at.map(|a| a.0), Some(4), "{err}");
     }
 
     #[test]

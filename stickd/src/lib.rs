@@ -5,11 +5,17 @@
 //! every peer and keeps the store tidy (flush, expiry sweep, log trim) until `shutdown` fires.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
+pub mod datadir;
 mod disk;
 mod entries;
 pub mod hlc;
+pub mod limits;
+mod logbound;
 pub mod peer;
+#[cfg(test)]
+mod peer_fuzz;
 pub mod service;
 pub mod store;
 pub mod tls;
@@ -30,7 +36,7 @@ pub use store::Store;
 const PERSIST_EVERY: Duration = Duration::from_millis(20);
 /// How often expired entries are swept (cheap: the expiry index is ordered).
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
-/// Log trimming runs this often; between runs the log may exceed `log_keep` a little.
+/// Log trimming runs this often; between runs the log may exceed its bound a little.
 const TRIM_EVERY: Duration = Duration::from_secs(2);
 
 /// Sockets bound by the caller before `run`.
@@ -55,6 +61,9 @@ impl Listeners {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The data directory is damaged or cannot be opened (its own exit code, see main.rs).
+    #[error(transparent)]
+    DataDir(#[from] datadir::DataDirError),
     #[error("store: {0}")]
     Store(#[from] store::StoreError),
     #[error("tls: {0}")]
@@ -81,7 +90,7 @@ pub async fn run(
     let config = Arc::new(config);
     let store = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || Store::open(&config))
+        tokio::task::spawn_blocking(move || datadir::open(&config))
             .await
             .map_err(|e| std::io::Error::other(format!("store open task: {e}")))??
     };
@@ -110,8 +119,8 @@ pub async fn run(
         )
         .add_service(
             pb::stick_server::StickServer::new(local)
-                .max_decoding_message_size(peer::MAX_MESSAGE)
-                .max_encoding_message_size(peer::MAX_MESSAGE),
+                .max_decoding_message_size(limits::MAX_REQUEST)
+                .max_encoding_message_size(limits::MAX_REPLY),
         );
     let router = common::grpc::with_reflection(router, &[pb::stick_server::SERVICE_NAME])?;
     let local_task = {
@@ -140,8 +149,8 @@ pub async fn run(
         .add_service(common::grpc::health::<pb::peer_server::PeerServer<peer::PeerService>>().await)
         .add_service(
             pb::peer_server::PeerServer::new(peer_svc)
-                .max_decoding_message_size(peer::MAX_MESSAGE)
-                .max_encoding_message_size(peer::MAX_MESSAGE),
+                .max_decoding_message_size(limits::MAX_REQUEST)
+                .max_encoding_message_size(limits::MAX_REPLY),
         );
     let peer_router = common::grpc::with_reflection(peer_router, &[pb::peer_server::SERVICE_NAME])?;
     let peer_listener = tokio::net::TcpListener::from_std(listeners.peer)?;

@@ -25,20 +25,20 @@ use crate::config::{Config, Peer, TableDef};
 use crate::store::{Store, StoreError, now_ms};
 
 /// Entries per snapshot chunk (and per hold of the store's lock while copying one).
-const SNAPSHOT_CHUNK: usize = 4096;
-/// Changes per pushed batch: big enough to amortise a round trip, small enough to stay far from
-/// gRPC's message size limit.
-const BATCH: usize = 4096;
+const SNAPSHOT_CHUNK: usize = crate::limits::MAX_BATCH;
+/// Changes per pushed batch: big enough to amortise a round trip; the receiver's message bound
+/// is derived from it (see `limits`).
+const BATCH: usize = crate::limits::MAX_BATCH;
 /// Changes pushed but not yet acknowledged before the sender waits for acks.
 const WINDOW: u64 = 64 * 1024;
-/// Largest gRPC message either side accepts (snapshot chunks of long keys).
-pub const MAX_MESSAGE: usize = 64 << 20;
 
 /// What ShowPeers reports about one peer.
 #[derive(Clone, Debug, Default)]
 pub struct PeerStatus {
     pub state: &'static str,
     pub inbound: u32,
+    /// Where the live inbound stream comes from.
+    pub inbound_addr: String,
     pub last_handshake_ms: i64,
     pub pushed: u64,
     pub acked: u64,
@@ -71,10 +71,34 @@ impl PeerState {
         self.lock().clone()
     }
 
+    /// Takes the peer's one inbound slot for a stream from `remote`; `Err` with the address of
+    /// the stream that holds it. One live stream per name: a second process claiming a
+    /// connected peer's name is refused instead of having its writes replicated.
+    fn claim_inbound(self: &Arc<Self>, remote: &str) -> Result<InboundGuard, String> {
+        let mut s = self.lock();
+        if s.inbound > 0 {
+            return Err(s.inbound_addr.clone());
+        }
+        s.inbound = 1;
+        s.inbound_addr = remote.to_owned();
+        Ok(InboundGuard(self.clone()))
+    }
+
     fn error(&self, e: impl std::fmt::Display) {
         let mut s = self.lock();
         s.errors += 1;
         s.last_error = e.to_string();
+    }
+}
+
+/// Holds a peer's inbound slot (see `PeerState::claim_inbound`) until dropped.
+struct InboundGuard(Arc<PeerState>);
+
+impl Drop for InboundGuard {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.inbound = 0;
+        s.inbound_addr.clear();
     }
 }
 
@@ -253,8 +277,8 @@ pub async fn push_loop(
             }
             Err(e) => {
                 failures += 1;
-                let refused =
-                    matches!(&e, PushError::Status(s) if s.code() == tonic::Code::PermissionDenied);
+                let refused = matches!(&e, PushError::Status(s)
+                    if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated));
                 if failures == 1 || failures.is_multiple_of(100) {
                     warn!(peer = %state.peer.name, error = %e, failures, "replication stream to peer ended");
                 } else {
@@ -310,8 +334,8 @@ async fn push_once(
         () = state.wake.notified() => return Err(PushError::Woken),
     };
     let mut client = pb::peer_client::PeerClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(crate::limits::MAX_REPLY)
+        .max_encoding_message_size(crate::limits::MAX_REQUEST);
     state.lock().state = "handshaking";
     let (tx, rx) = mpsc::channel::<pb::PeerMessage>(16);
     let hello = pb::Hello {
@@ -323,10 +347,11 @@ async fn push_once(
         first_seq: store.first_seq(),
     };
     send(&tx, pb::peer_message::Msg::Hello(hello)).await?;
-    let mut replies = client
-        .replicate(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut request = Request::new(ReceiverStream::new(rx));
+    if let Some(secret) = &config.peer_secret {
+        secret.attach(request.metadata_mut());
+    }
+    let mut replies = client.replicate(request).await?.into_inner();
     let dead_after = config.heartbeat * 3;
     let welcome = match tokio::time::timeout(dead_after, replies.next()).await {
         Err(_) => return Err(PushError::Dead(dead_after)),
@@ -531,6 +556,14 @@ impl pb::peer_server::Peer for PeerService {
             .remote_addr()
             .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let certs = request.peer_certs();
+        if let Some(secret) = &self.config.peer_secret
+            && !secret.verify(request.metadata())
+        {
+            warn!(client.addr = %remote, "refused a peer without the shared secret");
+            return Err(Status::unauthenticated(
+                "missing or wrong peer secret (peer_secret_file)",
+            ));
+        }
         let mut incoming = request.into_inner();
         let dead_after = self.config.heartbeat * 3;
         let hello = match tokio::time::timeout(dead_after, incoming.next()).await {
@@ -571,6 +604,20 @@ impl pb::peer_server::Peer for PeerService {
                 hello.from
             )));
         }
+        let inbound = match state.claim_inbound(&remote) {
+            Ok(g) => g,
+            Err(holder) => {
+                warn!(client.addr = %remote, from = %hello.from, connected.addr = %holder, "refused a second stream for a peer that is already connected");
+                state.error(format!(
+                    "refused a second stream from {remote}: already connected from {holder}"
+                ));
+                return Err(Status::already_exists(format!(
+                    "peer '{}' is already connected to '{}' (from {holder})",
+                    hello.from,
+                    self.store.local()
+                )));
+            }
+        };
         let ours = self.store.table_defs();
         let mism = mismatches(&ours, &hello.tables, &hello.from);
         for (table, reason) in &mism {
@@ -584,7 +631,6 @@ impl pb::peer_server::Peer for PeerService {
             .map_err(|e| Status::internal(e.to_string()))?;
         {
             let mut s = state.lock();
-            s.inbound += 1;
             s.received = received;
             s.mismatches = mism.clone();
         }
@@ -636,7 +682,7 @@ impl pb::peer_server::Peer for PeerService {
                 } else {
                     debug!("inbound replication stream closed");
                 }
-                state.lock().inbound -= 1;
+                drop(inbound);
             }
             .instrument(span),
         );
@@ -672,29 +718,21 @@ async fn receive(
         let answer = match msg.msg {
             Some(pb::peer_message::Msg::Batch(b)) => {
                 finish(&mut applying, state).await?;
-                let Some(last) = b.changes.last().map(|c| c.seq) else {
-                    continue;
-                };
-                let first = b.changes.first().map_or(last, |c| c.seq);
-                if first > position + 1 {
-                    return Err(Status::failed_precondition(format!(
-                        "gap in {from}'s log: have {position}, got {first}"
-                    )));
-                }
                 let n = b.changes.len() as u64;
-                let through = last.max(position);
                 // Applying thousands of changes takes the store's lock and touches sled: keep it
                 // off the async workers.
                 let (st, from2, skip2) = (store.clone(), from.clone(), skip.to_vec());
-                tokio::task::spawn_blocking(move || {
-                    let r = st.apply_remote(&from2, epoch, b.changes, &skip2, Some(through));
+                let applied = tokio::task::spawn_blocking(move || {
+                    let r = apply_batch(&st, &from2, epoch, position, b.changes, &skip2);
                     st.backpressure();
                     r
                 })
                 .await
-                .map_err(|e| Status::internal(format!("apply task failed: {e}")))?
-                .map_err(|e| Status::internal(e.to_string()))?;
-                position = position.max(last);
+                .map_err(|e| Status::internal(format!("apply task failed: {e}")))??;
+                let Some(through) = applied else {
+                    continue;
+                };
+                position = through;
                 let mut s = state.lock();
                 s.received = position;
                 s.entries_received += n;
@@ -734,6 +772,33 @@ async fn receive(
             return finish(&mut applying, state).await;
         }
     }
+}
+
+/// Applies one batch of `from`'s log received at `position`: it must not leave a gap after it;
+/// its changes merge by LWW (entries that do not fit our tables are skipped). Returns the new
+/// position, or `None` for an empty batch.
+pub(crate) fn apply_batch(
+    store: &Store,
+    from: &str,
+    epoch: u64,
+    position: u64,
+    changes: Vec<pb::Change>,
+    skip: &[String],
+) -> Result<Option<u64>, Status> {
+    let Some(last) = changes.last().map(|c| c.seq) else {
+        return Ok(None);
+    };
+    let first = changes.first().map_or(last, |c| c.seq);
+    if first > position.saturating_add(1) {
+        return Err(Status::failed_precondition(format!(
+            "gap in {from}'s log: have {position}, got {first}"
+        )));
+    }
+    let through = last.max(position);
+    store
+        .apply_remote(from, epoch, changes, skip, Some(through))
+        .map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Some(through))
 }
 
 /// A snapshot chunk being applied (off the async workers) while the stream is read on.

@@ -21,6 +21,7 @@ impl From<StoreError> for Status {
             StoreError::UnknownTable(_) => Status::not_found(e.to_string()),
             StoreError::BadKey { .. }
             | StoreError::KeyTooLong { .. }
+            | StoreError::KeyControl { .. }
             | StoreError::BadServer { .. }
             | StoreError::Empty(_) => Status::invalid_argument(e.to_string()),
             StoreError::Sled(_) | StoreError::Corrupt { .. } | StoreError::LogGap(_) => {

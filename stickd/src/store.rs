@@ -23,11 +23,11 @@ use tokio::sync::{broadcast, watch};
 use crate::config::{Config, KeyType, TableDef};
 use crate::entries::{Entries, Found};
 use crate::hlc::Hlc;
+use crate::limits::{MAX_SERVER_LEN, MAX_TYPED_KEY_LEN};
+use crate::logbound::LogBound;
 
 /// Entries a watcher may fall behind before it is cut off (and must watch again).
 const WATCH_BUFFER: usize = 16 * 1024;
-/// Longest server name we accept (it is stored with a one-byte length elsewhere in the mesh).
-const MAX_SERVER_LEN: usize = 255;
 /// Earlier log epochs remembered (one per restart).
 const EPOCH_HISTORY: usize = 64;
 
@@ -45,6 +45,14 @@ pub enum StoreError {
         "table '{table}': key of {len} bytes is longer than the table's len {max} (keys are refused, not truncated)"
     )]
     KeyTooLong { table: String, len: usize, max: u32 },
+    #[error(
+        "table '{table}': key has {what} at byte {at} (control characters are refused in keys)"
+    )]
+    KeyControl {
+        table: String,
+        at: usize,
+        what: &'static str,
+    },
     #[error("table '{table}': key '{key}': {reason}")]
     BadServer {
         table: String,
@@ -59,6 +67,18 @@ pub enum StoreError {
     Corrupt { what: String, reason: String },
     #[error("the change log no longer holds sequence {0}")]
     LogGap(u64),
+}
+
+impl StoreError {
+    /// A key that does not fit its table's definition (a peer's such entries are skipped).
+    pub fn is_bad_key(&self) -> bool {
+        matches!(
+            self,
+            StoreError::BadKey { .. }
+                | StoreError::KeyTooLong { .. }
+                | StoreError::KeyControl { .. }
+        )
+    }
 }
 
 /// What watchers receive: a batch of entries as applied, or a clear.
@@ -521,7 +541,8 @@ pub struct Store {
     /// Until when (unix ms) a snapshot from a peer is taken to be arriving: checkpoints wait
     /// meanwhile (see `persist`).
     snapshot_until: std::sync::atomic::AtomicI64,
-    log_keep: u64,
+    /// How much of the log `trim_log` keeps (and the in-memory tail holds at most).
+    log_bound: LogBound,
     events: broadcast::Sender<Arc<Event>>,
     head_tx: watch::Sender<u64>,
     pub counters: Counters,
@@ -568,6 +589,14 @@ pub fn canonical_key(def: &TableDef, key: &str) -> Result<String, StoreError> {
         key: key.chars().take(80).collect(),
         expected,
     };
+    // Parsing trims spaces: bound what it is given first.
+    if !matches!(def.key, KeyType::String { .. }) && key.len() > MAX_TYPED_KEY_LEN {
+        return Err(StoreError::KeyTooLong {
+            table: def.name.clone(),
+            len: key.len(),
+            max: MAX_TYPED_KEY_LEN as u32,
+        });
+    }
     match def.key {
         KeyType::Ip => key
             .trim()
@@ -595,15 +624,40 @@ pub fn canonical_key(def: &TableDef, key: &str) -> Result<String, StoreError> {
                     max: len,
                 });
             }
+            check_key_chars(def, key)?;
             Ok(key.to_owned())
         }
     }
 }
 
+/// Refuses control characters in a string key: a NUL or a newline in a key breaks every
+/// line-oriented view of the table (logs, grpcurl output, HAProxy-style dumps) and no cookie or
+/// header value that proxyd stores can hold one.
+fn check_key_chars(def: &TableDef, key: &str) -> Result<(), StoreError> {
+    let Some(at) = key.bytes().position(|b| b < 0x20 || b == 0x7f) else {
+        return Ok(());
+    };
+    let what = match key.as_bytes()[at] {
+        0 => "a NUL",
+        b'\n' => "a newline",
+        b'\r' => "a carriage return",
+        b'\t' => "a tab",
+        _ => "a control character",
+    };
+    Err(StoreError::KeyControl {
+        table: def.name.clone(),
+        at,
+        what,
+    })
+}
+
 /// `canonical_key` of a key we own: a string key is checked and kept, not copied.
 fn canonical_key_owned(def: &TableDef, key: String) -> Result<String, StoreError> {
     match def.key {
-        KeyType::String { len } if !key.is_empty() && key.len() <= len as usize => Ok(key),
+        KeyType::String { len } if !key.is_empty() && key.len() <= len as usize => {
+            check_key_chars(def, &key)?;
+            Ok(key)
+        }
         _ => canonical_key(def, &key),
     }
 }
@@ -867,7 +921,7 @@ impl Store {
             epochs,
             recover_since,
             snapshot_until: std::sync::atomic::AtomicI64::new(0),
-            log_keep: config.log_keep,
+            log_bound: LogBound::new(config.log_keep, config.tables.iter().map(|t| t.size).sum()),
             events,
             head_tx,
             counters: Counters::default(),
@@ -999,8 +1053,10 @@ impl Store {
             let version = inner.hlc.now(now);
             let rec = Rec {
                 server: inner.names.get(&it.server),
+                // A client may shorten an entry's life, never make it outlive the table's
+                // expire (i64::MAX would be an entry that never goes).
                 expires: if it.expires_unix_ms > 0 {
-                    it.expires_unix_ms
+                    it.expires_unix_ms.min(now.saturating_add(expire))
                 } else {
                     now.saturating_add(expire)
                 },
@@ -1205,6 +1261,12 @@ impl Store {
             return Ok(Merged::Ignored);
         }
         let key = canonical_key_owned(&t.def, std::mem::take(&mut e.key))?;
+        // The origin already bounded the expiry by the table's expire; twice that leaves room
+        // for clocks that disagree, and still no peer can send an entry that never expires.
+        let expire = i64::try_from(t.def.expire.as_millis()).unwrap_or(i64::MAX);
+        e.expires_unix_ms = e
+            .expires_unix_ms
+            .min(now.saturating_add(expire.saturating_mul(2)));
         let rec = Rec {
             server: names.get(&e.server),
             expires: e.expires_unix_ms,
@@ -1256,10 +1318,8 @@ impl Store {
                         }
                         // A key that does not fit our definition: the handshake should have
                         // caught it; skip the entry rather than the whole stream.
-                        Ok(Merged::Ignored)
-                        | Err(StoreError::BadKey { .. } | StoreError::KeyTooLong { .. }) => {
-                            ignored += 1;
-                        }
+                        Ok(Merged::Ignored) => ignored += 1,
+                        Err(e) if e.is_bad_key() => ignored += 1,
                         Err(e) => {
                             self.pending.append(&mut journal);
                             return Err(e);
@@ -1351,8 +1411,8 @@ impl Store {
                     applied += 1;
                     changed.extend(e);
                 }
-                Ok(Merged::Ignored)
-                | Err(StoreError::BadKey { .. } | StoreError::KeyTooLong { .. }) => ignored += 1,
+                Ok(Merged::Ignored) => ignored += 1,
+                Err(e) if e.is_bad_key() => ignored += 1,
                 Err(e) => {
                     self.pending.append(&mut journal);
                     return Err(e);
@@ -1520,7 +1580,8 @@ impl Store {
         let persisted = self.persisted_seq.load(Ordering::Relaxed);
         {
             let mut inner = self.lock();
-            while inner.tail.len() > LOG_TAIL
+            let keep = usize::try_from(self.log_bound.changes).unwrap_or(usize::MAX);
+            while inner.tail.len() > LOG_TAIL.min(keep)
                 && inner.tail.front().is_some_and(|c| c.seq <= persisted)
             {
                 inner.tail.pop_front();
@@ -1804,27 +1865,17 @@ impl Store {
         Ok(n)
     }
 
-    /// Trims the log to `log_keep` records; peers further behind get a snapshot.
+    /// Trims the log to its bound (see `logbound`); peers further behind get a snapshot.
     pub fn trim_log(&self) -> Result<u64, StoreError> {
         let head = self.head();
         let first = self.first_seq();
-        if head < first || head - first < self.log_keep {
-            return Ok(0);
-        }
-        let new_first =
-            (head + 1 - self.log_keep).min(self.persisted_seq.load(Ordering::Relaxed) + 1);
-        if new_first <= first {
-            return Ok(0);
-        }
-        // Whole chunks only: those that end before `new_first` (a chunk ends where the next
-        // one starts).
-        let starts: Vec<u64> = self
+        // Every chunk's first sequence and size (a few hundred values at most once trimmed).
+        let chunks: Vec<(u64, u64)> = self
             .log
-            .range(..=seq_key(new_first))
-            .keys()
-            .map(|k| k.map(|k| u64_at(&k, 0).unwrap_or(0)))
+            .iter()
+            .map(|kv| kv.map(|(k, v)| (u64_at(&k, 0).unwrap_or(0), v.len() as u64)))
             .collect::<Result<_, _>>()?;
-        let Some(&keep_from) = starts.last() else {
+        let Some(keep_from) = self.log_bound.first_kept(head, &chunks) else {
             return Ok(0);
         };
         if keep_from <= first {
@@ -1832,10 +1883,15 @@ impl Store {
         }
         // Move the mark first: a reader that raced us sees a gap, never a half-deleted range.
         self.first_seq.store(keep_from, Ordering::Relaxed);
-        for s in &starts[..starts.len() - 1] {
-            self.log.remove(seq_key(*s))?;
+        for &(s, _) in chunks.iter().take_while(|(s, _)| *s < keep_from) {
+            self.log.remove(seq_key(s))?;
         }
         Ok(keep_from - first)
+    }
+
+    /// Changes the log holds now (for tests and Stats' log_first_seq).
+    pub fn log_len(&self) -> u64 {
+        (self.head() + 1).saturating_sub(self.first_seq())
     }
 
     /// Called by writers after a write (off the async workers): when sled falls behind, the
@@ -2080,7 +2136,8 @@ expire = "5m"
     fn full_table_evicts_nearest_expiry_first() {
         let dir = tempfile::tempdir().expect("tmp");
         let s = Store::open(&config(dir.path(), "a", "")).expect("open");
-        let far = now_ms() + 600_000;
+        // Within the table's expire (5m): a longer one would be clamped to it.
+        let far = now_ms() + 200_000;
         for (k, exp) in [("a", far), ("b", far - 1000), ("c", far + 1000)] {
             s.store(
                 "web",
@@ -2099,7 +2156,7 @@ expire = "5m"
             .into_iter()
             .map(|e| e.key)
             .collect();
-        // "d" expires in 5m, sooner than "a" and "c" (10m): "b" was nearest and went.
+        // "d" expires in 5m, later than "a", "b" and "c" (about 3m20s): "b" was nearest and went.
         assert_eq!(keys, ["a", "c", "d"]);
         assert_eq!(s.counters.evicted.load(Ordering::Relaxed), 1);
     }

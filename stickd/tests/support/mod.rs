@@ -47,16 +47,31 @@ impl Node {
     }
 
     pub fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    /// Starts with extra arguments (`--recover-from-peers`).
+    pub fn start_with(&mut self, extra: &[&str]) {
+        self.spawn(Path::new(env!("CARGO_BIN_EXE_stickd")), extra);
+    }
+
+    /// Starts another stickd binary (an older build, for comparisons).
+    pub fn start_bin(&mut self, bin: &Path) {
+        self.spawn(bin, &[]);
+    }
+
+    fn spawn(&mut self, bin: &Path, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("log"))
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_stickd"))
+        let child = Command::new(bin)
             .arg("--config")
             .arg(&self.config)
             .arg("-L")
             .arg(&self.name)
+            .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
