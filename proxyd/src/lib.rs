@@ -28,6 +28,7 @@ pub mod health;
 pub mod http;
 pub mod master;
 pub mod metrics;
+pub mod model;
 pub mod proxy;
 pub mod stick;
 pub mod sys;

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::control::{MASTER_INSTANCE_ENV, MasterEnd, claim_owner, pb, to_worker};
-use crate::proxy::StatsSnapshot;
+use crate::model::{AdminState, StatsSnapshot, UnknownAdminState};
 use crate::sys::{self, SeqPacket};
 
 /// Grace after a drain deadline (or a Stop) before a worker is killed.
@@ -229,7 +229,7 @@ pub struct Master {
     /// generation starts from it.
     health: std::collections::BTreeMap<(String, String), bool>,
     /// Operators' `set server` overrides: (state, weight) by (backend, server).
-    admin: std::collections::BTreeMap<(String, String), (u32, u32)>,
+    admin: AdminStates,
     /// This master's run, as its workers name it in their fdkeeper claims.
     instance: String,
     /// Generations that may hold claims in fdkeeper and were not released yet.
@@ -240,14 +240,6 @@ pub struct Master {
     released_others: bool,
     /// When to try a failed release again.
     release_retry_at: Option<Instant>,
-}
-
-pub fn admin_state_name(state: u32) -> &'static str {
-    match state {
-        0 => "ready",
-        1 => "drain",
-        _ => "maint",
-    }
 }
 
 fn unix_ms(t: SystemTime) -> i64 {
@@ -408,17 +400,16 @@ impl Master {
             .find(|s| s.name == req.server)
             .ok_or_else(not_found)?;
         let key = (req.backend.clone(), req.server.clone());
-        let (mut state, mut weight) = self.admin.get(&key).copied().unwrap_or((0, server.weight));
-        match req.state.as_str() {
-            "" => {}
-            "ready" => state = 0,
-            "drain" => state = 1,
-            "maint" => state = 2,
-            other => {
-                return Err(SetServerError::Invalid(format!(
-                    "unknown state '{other}' (ready, drain or maint)"
-                )));
-            }
+        let (mut state, mut weight) = self
+            .admin
+            .get(&key)
+            .copied()
+            .unwrap_or((AdminState::Ready, server.weight));
+        if !req.state.is_empty() {
+            state = req
+                .state
+                .parse()
+                .map_err(|e: UnknownAdminState| SetServerError::Invalid(e.to_string()))?;
         }
         if let Some(w) = req.weight {
             if w > 256 {
@@ -435,11 +426,11 @@ impl Master {
             // The change is made; only its survival across a restart of the master is lost.
             tracing::warn!(file = %path.display(), error = %e, "cannot write the server state file");
         }
-        tracing::info!(backend = %req.backend, server = %req.server, state = admin_state_name(state), weight, "set server");
+        tracing::info!(backend = %req.backend, server = %req.server, state = state.as_str(), weight, "set server");
         let msg = to_worker(pb::master_to_worker::Kind::ServerAdmin(pb::ServerAdmin {
             backend: req.backend.clone(),
             server: req.server.clone(),
-            state,
+            state: state.to_wire(),
             weight,
         }));
         for g in &self.generations {
@@ -463,7 +454,7 @@ impl Master {
                 maxconn: server.maxconn,
                 ..Default::default()
             });
-        shown.admin_state = admin_state_name(state).into();
+        shown.admin_state = state.as_str().into();
         shown.weight = weight;
         Ok(shown)
     }
@@ -601,7 +592,7 @@ impl Master {
             .map(|((backend, server), (state, weight))| pb::ServerAdmin {
                 backend: backend.clone(),
                 server: server.clone(),
-                state: *state,
+                state: state.to_wire(),
                 weight: *weight,
             })
             .collect();
@@ -1316,16 +1307,13 @@ pub fn forward_signals(handle: Handle, shutdown: CancellationToken) -> std::io::
 }
 
 /// Operators' overrides by (backend, server): (admin state, weight).
-type AdminStates = std::collections::BTreeMap<(String, String), (u32, u32)>;
+type AdminStates = std::collections::BTreeMap<(String, String), (AdminState, u32)>;
 
 /// The server state file: one `backend server state weight` line per override.
 fn render_server_state(admin: &AdminStates) -> String {
     let mut out = String::from("# proxyd server state (SetServer): backend server state weight\n");
     for ((backend, server), (state, weight)) in admin {
-        out.push_str(&format!(
-            "{backend} {server} {} {weight}\n",
-            admin_state_name(*state)
-        ));
+        out.push_str(&format!("{backend} {server} {state} {weight}\n"));
     }
     out
 }
@@ -1339,14 +1327,9 @@ fn parse_server_state(text: &str) -> (AdminStates, Vec<String>) {
             continue;
         }
         let f: Vec<&str> = line.split_whitespace().collect();
-        let state = match f.get(2).copied() {
-            Some("ready") => 0,
-            Some("drain") => 1,
-            Some("maint") => 2,
-            _ => u32::MAX,
-        };
-        match (f.len(), f.get(3).and_then(|w| w.parse::<u32>().ok())) {
-            (4, Some(weight)) if state != u32::MAX && weight <= 256 => {
+        let state = f.get(2).and_then(|s| s.parse::<AdminState>().ok());
+        match (f.len(), state, f.get(3).and_then(|w| w.parse::<u32>().ok())) {
+            (4, Some(state), Some(weight)) if weight <= 256 => {
                 admin.insert((f[0].to_owned(), f[1].to_owned()), (state, weight));
             }
             _ => bad.push(line.to_owned()),
@@ -1451,7 +1434,7 @@ address = "127.0.0.1:9002"
         let (m, _h) = Master::new(config_with_state_file(&file), exe.clone());
         assert_eq!(
             m.admin.get(&("app".to_owned(), "app1".to_owned())),
-            Some(&(1, 7))
+            Some(&(AdminState::Drain, 7))
         );
         assert_eq!(m.admin.len(), 1);
         // Lines for servers the config no longer has, and garbage, are dropped.
@@ -1463,7 +1446,10 @@ address = "127.0.0.1:9002"
         let (m, _h) = Master::new(config_with_state_file(&file), exe);
         assert_eq!(
             m.admin.into_iter().collect::<Vec<_>>(),
-            vec![(("app".to_owned(), "app2".to_owned()), (2, 3))]
+            vec![(
+                ("app".to_owned(), "app2".to_owned()),
+                (AdminState::Maint, 3)
+            )]
         );
     }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::balance::{Balancer, Candidate};
 use crate::config::Config;
 use crate::http::pool::Pool;
+use crate::model::{AdminState, AtomicAdminState, StatsSnapshot};
 use crate::stick::StickCache;
 
 /// Counters a worker reports to the master.
@@ -23,13 +24,6 @@ pub struct Stats {
     pub active_connections: AtomicU64,
     pub requests_total: AtomicU64,
     pub requests_in_flight: AtomicU64,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StatsSnapshot {
-    pub active_connections: u64,
-    pub requests_total: u64,
-    pub requests_in_flight: u64,
 }
 
 impl Stats {
@@ -42,18 +36,6 @@ impl Stats {
     }
 }
 
-/// A server's administrative state (HAProxy's `set server ... state`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum AdminState {
-    /// Takes new sessions.
-    Ready = 0,
-    /// Keeps its stuck sessions, takes no new one.
-    Drain = 1,
-    /// Takes nothing.
-    Maint = 2,
-}
-
 #[derive(Debug)]
 pub struct ServerRt {
     pub name: String,
@@ -62,7 +44,7 @@ pub struct ServerRt {
     pub config: crate::config::Server,
     /// Health (always true for unchecked servers).
     pub up: AtomicBool,
-    pub admin: AtomicU8,
+    pub admin: AtomicAdminState,
     pub weight: AtomicU32,
     /// Requests (HTTP) or connections (TCP) being served now.
     pub active: AtomicU32,
@@ -74,24 +56,16 @@ pub struct ServerRt {
 }
 
 impl ServerRt {
-    fn admin(&self) -> AdminState {
-        match self.admin.load(Ordering::Relaxed) {
-            0 => AdminState::Ready,
-            1 => AdminState::Drain,
-            _ => AdminState::Maint,
-        }
-    }
-
     /// May take a new session.
     pub fn takes_new(&self) -> bool {
         self.up.load(Ordering::Relaxed)
-            && self.admin() == AdminState::Ready
+            && self.admin.load() == AdminState::Ready
             && self.weight.load(Ordering::Relaxed) > 0
     }
 
     /// May take a session stuck to it.
     pub fn takes_stuck(&self) -> bool {
-        self.up.load(Ordering::Relaxed) && self.admin() != AdminState::Maint
+        self.up.load(Ordering::Relaxed) && self.admin.load() != AdminState::Maint
     }
 
     pub fn is_full(&self) -> bool {
@@ -310,10 +284,7 @@ impl Shared {
                         (true, false) => "down",
                     }
                     .into(),
-                    admin_state: crate::master::admin_state_name(u32::from(
-                        s.admin.load(Ordering::Relaxed),
-                    ))
-                    .into(),
+                    admin_state: s.admin.load().as_str().into(),
                     weight: s.weight.load(Ordering::Relaxed),
                     active: s.active.load(Ordering::Relaxed),
                     maxconn: s.config.maxconn,
@@ -367,14 +338,14 @@ impl Shared {
     }
 
     /// An operator's `set server`; unknown names are ignored (another generation's config).
-    pub fn apply_admin(&self, backend: &str, server: &str, state: u32, weight: u32) {
+    pub fn apply_admin(&self, backend: &str, server: &str, state: AdminState, weight: u32) {
         let Some(b) = self.backends.iter().find(|b| b.name == backend) else {
             return;
         };
         let Some(s) = b.servers.iter().find(|s| s.name == server) else {
             return;
         };
-        s.admin.store(state.min(2) as u8, Ordering::Relaxed);
+        s.admin.store(state);
         s.weight.store(weight.min(256), Ordering::Relaxed);
         b.freed.notify_waiters();
     }
@@ -423,7 +394,7 @@ impl Proxy {
                                     .copied()
                                     .unwrap_or(true),
                         ),
-                        admin: AtomicU8::new(AdminState::Ready as u8),
+                        admin: AtomicAdminState::new(AdminState::Ready),
                         weight: AtomicU32::new(s.weight),
                         active: AtomicU32::new(0),
                         requests: AtomicU64::new(0),
