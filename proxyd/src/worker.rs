@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::control::{MASTER_INSTANCE_ENV, WorkerEnd, claim_owner, pb, to_master};
 use crate::model::{AdminState, StatsSnapshot};
-use crate::proxy::Proxy;
+use crate::serve::Proxy;
 use crate::stick::StickCache;
 use crate::sys::{self, SeqPacket};
 
