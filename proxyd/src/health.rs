@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::CheckKind;
-use crate::proxy::{ServerRt, Shared};
+use crate::shared::{ServerRt, Shared};
 
 /// A server's health changed (reported to the master, which hands the last known state to
 /// the next generation).

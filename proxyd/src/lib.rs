@@ -8,13 +8,18 @@
 //!   datagram on a socketpair found on fd 3 by the worker; parent-death signal for workers.
 //! - [`worker`]: borrows its frontends' listeners from fdkeeper (the same kernel sockets every
 //!   generation shares, so nothing queued is lost), serves, reports `Stats`, drains on demand.
-//! - [`proxy`] + [`http`]: the serving half, usable on its own with any bound listeners.
+//! - [`serve`] over [`http`] and [`tcp`] over [`shared`]: the serving half, usable on its own
+//!   with any bound listeners. `serve` accepts and hands each connection to its frontend's
+//!   protocol; the protocols take the client as a generic stream and use the worker's
+//!   [`shared`] state (backends, slots, counters); nothing below `serve` imports it.
 //!   Draining stops accepting at once and answers the next request of each keep-alive
 //!   connection with `Connection: close`; an idle connection is never closed early, since the
 //!   client may be sending on it (the reload race HAProxy and nginx lose).
-//! - [`balance`], [`health`], [`stick`], [`tcp`]: the load balancer proper: smooth weighted
+//! - [`model`]: the plain types the master and the serving code share (a server's admin
+//!   state, a worker's counters), at the bottom of the crate's module graph.
+//! - [`balance`], [`health`], [`stick`]: the load balancer proper: smooth weighted
 //!   round robin, leastconn and source; tcp/http health checks with rise/fall; the stick
-//!   cache fed by stickd's Watch stream (the request path never waits on stickd); TCP mode.
+//!   cache fed by stickd's Watch stream (the request path never waits on stickd).
 //! - [`admin`]: `proxyd.v1.Admin` (Status, Reload) with reflection and health, on a unix socket.
 //! - [`config`]: `proxyd.toml`; only validated configs leave the module.
 #![deny(unsafe_code)]
@@ -28,7 +33,9 @@ pub mod health;
 pub mod http;
 pub mod master;
 pub mod metrics;
-pub mod proxy;
+pub mod model;
+pub mod serve;
+pub mod shared;
 pub mod stick;
 pub mod sys;
 pub mod tcp;

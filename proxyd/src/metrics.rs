@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::master::Handle;
+use crate::model::AdminState;
 use proto::proxyd::v1 as api;
 
 /// Serves `GET /metrics` (anything else: 404) until `stop`.
@@ -236,7 +237,7 @@ async fn render(handle: &Handle) -> String {
                 "proxyd_server_maint{{{},state=\"{}\"}} {}",
                 labels(s),
                 s.admin_state,
-                u8::from(s.admin_state != "ready")
+                u8::from(s.admin_state != AdminState::Ready.as_str())
             );
         }
         metric(

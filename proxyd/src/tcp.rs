@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::StickOn;
-use crate::proxy::Shared;
+use crate::shared::{NoServer, Shared};
 
 /// Serves one accepted client connection until either side closes.
 pub async fn serve(shared: Arc<Shared>, frontend: usize, mut client: TcpStream, peer: SocketAddr) {
@@ -38,7 +38,7 @@ pub async fn serve(shared: Arc<Shared>, frontend: usize, mut client: TcpStream, 
     let mut store = key.is_some() && stuck.is_none();
     let got = match stuck {
         Some(i) => match backend.acquire_on(i, d.timeout_queue).await {
-            Err(crate::proxy::NoServer::Unavailable) if bconf.redispatch => {
+            Err(NoServer::Unavailable) if bconf.redispatch => {
                 store = true;
                 backend.acquire(ip, Some(i), d.timeout_queue).await
             }

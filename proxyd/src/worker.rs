@@ -16,7 +16,8 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::control::{MASTER_INSTANCE_ENV, WorkerEnd, claim_owner, pb, to_master};
-use crate::proxy::{Proxy, StatsSnapshot};
+use crate::model::{AdminState, StatsSnapshot};
+use crate::serve::Proxy;
 use crate::stick::StickCache;
 use crate::sys::{self, SeqPacket};
 
@@ -271,9 +272,12 @@ async fn run(
     }
     let proxy = Arc::new(Proxy::with_state(config.clone(), stick.clone(), &health));
     for a in &admin {
-        proxy
-            .shared()
-            .apply_admin(&a.backend, &a.server, a.state, a.weight);
+        proxy.shared().apply_admin(
+            &a.backend,
+            &a.server,
+            AdminState::from_wire(a.state),
+            a.weight,
+        );
     }
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
     let checks_stop = CancellationToken::new();
@@ -363,7 +367,7 @@ async fn run(
                     return EXIT_OK;
                 }
                 Ok(Some(pb::master_to_worker::Kind::ServerAdmin(a))) => {
-                    proxy.shared().apply_admin(&a.backend, &a.server, a.state, a.weight);
+                    proxy.shared().apply_admin(&a.backend, &a.server, AdminState::from_wire(a.state), a.weight);
                 }
                 Ok(Some(pb::master_to_worker::Kind::Start(_))) => {
                     tracing::warn!("ignoring a second start message");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::SourceFile;
 use proxyd::Config;
-use proxyd::proxy::Proxy;
+use proxyd::serve::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use util::{Action, Client, Seen, backend, config_text, get, ok};

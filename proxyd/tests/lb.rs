@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::SourceFile;
 use proxyd::Config;
-use proxyd::proxy::Proxy;
+use proxyd::serve::Proxy;
 use proxyd::stick::{KeyKind, StickCache};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;

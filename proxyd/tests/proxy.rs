@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::SourceFile;
 use proxyd::Config;
-use proxyd::proxy::Proxy;
+use proxyd::serve::Proxy;
 use tokio::io::AsyncWriteExt;
 use util::{Action, Client, backend, closed_port, config_text, get, ok};
 

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Buf;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
@@ -16,7 +16,7 @@ use super::body::{self, BodyError, Io};
 use super::head::{self, Framing, HeadError, RequestHead, ResponseHead};
 use super::pool;
 use crate::config::StickOn;
-use crate::proxy::{NoServer, ServerRt, Shared};
+use crate::shared::{NoServer, ServerRt, Shared};
 
 /// Request bodies up to this size are read before the server is chosen, so that the request
 /// can be sent again on another connection if a reused one turns out closed.
@@ -56,11 +56,20 @@ enum Next {
     Fail(Status),
 }
 
-/// Serves one accepted client connection until it closes.
-pub async fn serve(shared: Arc<Shared>, frontend: usize, stream: TcpStream, peer: SocketAddr) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "set_nodelay failed");
-    }
+/// What a client connection is carried on: a TCP stream set up by `serve`, and later one
+/// wrapped by a transport (TLS). Each kind is its own instance of the code below: no dynamic
+/// dispatch per read or write.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> ClientStream for T {}
+
+/// Serves one accepted client connection, from `peer`, until it closes.
+pub async fn serve<C: ClientStream>(
+    shared: Arc<Shared>,
+    frontend: usize,
+    stream: C,
+    peer: SocketAddr,
+) {
     let mut client = Io::new(stream);
     let mut first = true;
     loop {
@@ -221,7 +230,7 @@ fn scopeguard(shared: &Shared) -> InFlight<'_> {
 
 /// Shuts our side down and reads what the client still sends for a moment, so that the kernel
 /// does not answer unread bytes with a reset that could destroy the last response in flight.
-async fn close_gracefully(mut client: Io<TcpStream>) {
+async fn close_gracefully<C: ClientStream>(mut client: Io<C>) {
     if client.stream.shutdown().await.is_err() {
         return;
     }
@@ -238,9 +247,9 @@ async fn close_gracefully(mut client: Io<TcpStream>) {
 
 /// Waits for the next complete request head; `Ok(None)` when the client is gone or stayed
 /// idle past the keep-alive timeout.
-async fn read_request_head(
+async fn read_request_head<C: ClientStream>(
     shared: &Shared,
-    client: &mut Io<TcpStream>,
+    client: &mut Io<C>,
     first: bool,
 ) -> Result<Option<RequestHead>, Status> {
     let d = &shared.config.defaults;
@@ -294,10 +303,10 @@ enum ReqBody {
     Streamed,
 }
 
-async fn exchange(
+async fn exchange<C: ClientStream>(
     shared: &Shared,
     frontend: usize,
-    client: &mut Io<TcpStream>,
+    client: &mut Io<C>,
     peer: SocketAddr,
     req: &mut RequestHead,
     log: &mut Log,
@@ -466,10 +475,10 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
 }
 
 /// Streams the response to the client once its head is read.
-async fn forward_response(
+async fn forward_response<C: ClientStream>(
     shared: &Shared,
     server: &ServerRt,
-    client: &mut Io<TcpStream>,
+    client: &mut Io<C>,
     req: &RequestHead,
     mut srv: Io<TcpStream>,
     resp: ResponseHead,
@@ -532,10 +541,10 @@ enum Failure {
 
 /// Sends the request to `server` once, on a pooled connection if its body is in hand, and
 /// reads the response head.
-async fn send_request(
+async fn send_request<C: ClientStream>(
     shared: &Shared,
     server: &ServerRt,
-    client: &mut Io<TcpStream>,
+    client: &mut Io<C>,
     req: &RequestHead,
     body: &ReqBody,
 ) -> Result<(Io<TcpStream>, ResponseHead), Failure> {
@@ -671,10 +680,10 @@ enum HeadRead {
 }
 
 /// Reads the final response head, passing informational (1xx) responses to the client.
-async fn read_response_head(
+async fn read_response_head<C: ClientStream>(
     shared: &Shared,
     srv: &mut Io<TcpStream>,
-    client: &mut Io<TcpStream>,
+    client: &mut Io<C>,
     req: &RequestHead,
 ) -> Result<ResponseHead, HeadRead> {
     // One deadline for the whole head: a server sending it a byte at a time must not hold

@@ -1,0 +1,178 @@
+//! One listener's accept loop: maxconn, the drain that takes what is already queued, and the
+//! hand-over of each connection to its frontend's protocol.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::Mode;
+use crate::shared::Shared;
+
+/// Most connections a drain takes from one listener's queue.
+const TAKE_QUEUE_MAX: usize = 4096;
+
+/// What the accept loop of one listener needs, and hands to each connection task.
+pub(super) struct Acceptor {
+    shared: Arc<Shared>,
+    frontend: usize,
+    connections: TaskTracker,
+    hard_stop: CancellationToken,
+    /// Whether to take the queued connections when the drain stops this loop.
+    take_queue: Arc<AtomicBool>,
+    /// The frontend's maxconn: past it, connections wait in the accept queue (shared with the
+    /// other generation).
+    limit: Arc<Semaphore>,
+}
+
+impl Acceptor {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        frontend: usize,
+        connections: TaskTracker,
+        hard_stop: CancellationToken,
+        take_queue: Arc<AtomicBool>,
+    ) -> Self {
+        let limit = Arc::new(Semaphore::new(shared.config.frontends[frontend].maxconn));
+        Self {
+            shared,
+            frontend,
+            connections,
+            hard_stop,
+            take_queue,
+            limit,
+        }
+    }
+
+    /// Accepts until the drain, then (for a graceful drain) takes what is queued.
+    pub(super) async fn run(self, listener: TcpListener) {
+        let shared = &self.shared;
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = shared.drain.cancelled() => break,
+                p = self.limit.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let accepted = tokio::select! {
+                biased;
+                _ = shared.drain.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((stream, peer)) => self.spawn_conn(stream, peer, permit),
+                Err(e) => {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        if self.take_queue.load(Ordering::Relaxed) {
+            self.take_queue(listener);
+        }
+        tracing::debug!("stopped accepting");
+    }
+
+    /// Accepts, without waiting, what the kernel has already queued on a listener this worker
+    /// stops using, and serves it (with `Connection: close`, as the worker drains). When the
+    /// bind stays in the config the next generation would take these too; when the reload
+    /// dropped it, nobody else will, and closing the listener would reset them: a reload loses
+    /// no queued connection either way. Only what arrives in the microseconds between this and
+    /// the close of the last copy of a dropped listener is refused.
+    fn take_queue(&self, listener: TcpListener) {
+        // Out of tokio's hands: its readiness may not have seen the last arrivals yet.
+        let Ok(listener) = listener.into_std() else {
+            return;
+        };
+        let mut taken = 0;
+        while taken < TAKE_QUEUE_MAX {
+            let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+                break;
+            };
+            let (stream, peer) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept of a queued connection failed");
+                    break;
+                }
+            };
+            let stream = match stream
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(stream))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot serve a queued connection");
+                    continue;
+                }
+            };
+            self.spawn_conn(stream, peer, permit);
+            taken += 1;
+        }
+        if taken > 0 {
+            tracing::info!(
+                connections = taken,
+                "took the queued connections before closing"
+            );
+        }
+    }
+
+    /// Counts the connection and serves it in its own task until it ends or the hard stop.
+    fn spawn_conn(&self, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+        let shared = self.shared.clone();
+        let hard_stop = self.hard_stop.clone();
+        let frontend = self.frontend;
+        shared
+            .stats
+            .active_connections
+            .fetch_add(1, Ordering::Relaxed);
+        let fc = &shared.frontends[frontend];
+        fc.connections_active.fetch_add(1, Ordering::Relaxed);
+        fc.connections_total.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::debug_span!("conn", client.addr = %peer);
+        self.connections.spawn(
+            async move {
+                tokio::select! {
+                    _ = dispatch(shared.clone(), frontend, stream, peer) => {}
+                    _ = hard_stop.cancelled() => {}
+                }
+                shared
+                    .stats
+                    .active_connections
+                    .fetch_sub(1, Ordering::Relaxed);
+                shared.frontends[frontend]
+                    .connections_active
+                    .fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Sets the accepted socket up for its protocol and serves it. The protocols take the client
+/// as a generic stream, so a transport layer (TLS) can come in between here.
+async fn dispatch(shared: Arc<Shared>, frontend: usize, stream: TcpStream, peer: SocketAddr) {
+    match shared.config.frontends[frontend].mode {
+        Mode::Http => {
+            // A head and its body go out in separate writes: with Nagle the second would wait
+            // for the client's (delayed) ACK of the first.
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "set_nodelay failed");
+            }
+            crate::http::conn::serve(shared, frontend, stream, peer).await;
+        }
+        Mode::Tcp => crate::tcp::serve(shared, frontend, stream, peer).await,
+    }
+}
