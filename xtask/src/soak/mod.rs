@@ -36,8 +36,12 @@ pub struct Options {
 /// Traffic before the first event, and after the last one.
 const WARM_UP: Duration = Duration::from_secs(10);
 const QUIET_END: Duration = Duration::from_secs(10);
-/// Seconds between two events (drawn uniformly), and how long a partition lasts.
+/// Seconds between two events (drawn uniformly), and how long a partition lasts. Runs of
+/// `LONG_RUN` or more space their events wider, so that a daemon lives minutes between two kills:
+/// an RSS trend can only be read over lifetimes longer than a process's warm-up.
 const GAP_S: (f64, f64) = (3.0, 10.0);
+const LONG_GAP_S: (f64, f64) = (10.0, 30.0);
+const LONG_RUN: Duration = Duration::from_secs(600);
 const PARTITION_S: (f64, f64) = (3.0, 8.0);
 const RSS_EVERY: Duration = Duration::from_secs(10);
 /// How long the tables may take to agree once the traffic has stopped.
@@ -101,7 +105,12 @@ pub async fn run(opts: Options) -> Result<bool> {
     let stop_rss = CancellationToken::new();
     let sampler = tokio::spawn(sample_rss(logs.clone(), t0, stop_rss.clone()));
 
-    let events = inject(&mut lb, seed, t0, until).await?;
+    let gap = if length >= LONG_RUN {
+        LONG_GAP_S
+    } else {
+        GAP_S
+    };
+    let events = inject(&mut lb, seed, t0, until, gap).await?;
     for c in clients {
         c.await?;
     }
@@ -133,13 +142,26 @@ pub async fn run(opts: Options) -> Result<bool> {
     let path = opts.out.join("report.md");
     std::fs::write(&path, &verdict.text)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    println!("report written to {}", path.display());
+    let csv = opts.out.join("rss.csv");
+    std::fs::write(&csv, report::rss_csv(&run.rss))
+        .with_context(|| format!("cannot write {}", csv.display()))?;
+    println!(
+        "report written to {}, RSS samples to {}",
+        path.display(),
+        csv.display()
+    );
     Ok(verdict.violations.is_empty())
 }
 
 /// The events, at seeded random times from `WARM_UP` until `QUIET_END` before the end, one at a
 /// time; every kind once in each round, in a shuffled order, on a random node.
-async fn inject(lb: &mut Lb, seed: u64, t0: Instant, until: Instant) -> Result<Vec<Event>> {
+async fn inject(
+    lb: &mut Lb,
+    seed: u64,
+    t0: Instant,
+    until: Instant,
+    gap: (f64, f64),
+) -> Result<Vec<Event>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut events = Vec::new();
     let mut bag: Vec<EventKind> = Vec::new();
@@ -180,7 +202,7 @@ async fn inject(lb: &mut Lb, seed: u64, t0: Instant, until: Instant) -> Result<V
             ok,
             note,
         });
-        next = Instant::now() + Duration::from_secs_f64(rng.random_range(GAP_S.0..GAP_S.1));
+        next = Instant::now() + Duration::from_secs_f64(rng.random_range(gap.0..gap.1));
     }
     Ok(events)
 }

@@ -19,6 +19,9 @@ pub const RSS_SLOPE_LIMIT_MIB_PER_H: f64 = 10.0;
 /// Slopes are judged only over at least this long: a minute's noise, extrapolated to an hour,
 /// says nothing.
 pub const RSS_MIN_SPAN: Duration = Duration::from_secs(300);
+/// The first minute of each process lifetime is left out of the slope: allocator arenas, the
+/// stick cache and sled's page cache fill then, which is growth to a plateau, not a trend.
+pub const LIFETIME_WARM_UP_S: f64 = 60.0;
 
 /// What the soak did to the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -195,6 +198,40 @@ pub struct RssSample {
     pub t: f64,
     pub mib: f64,
     pub pids: Vec<u32>,
+}
+
+/// The samples of `series` taken at least [`LIFETIME_WARM_UP_S`] after the first sample of
+/// their lifetime (a run of samples with the same pids).
+pub fn settled(series: &[RssSample]) -> Vec<RssSample> {
+    series
+        .chunk_by(|a, b| a.pids == b.pids)
+        .flat_map(|life| {
+            let born = life[0].t;
+            life.iter()
+                .filter(move |s| s.t >= born + LIFETIME_WARM_UP_S)
+                .cloned()
+        })
+        .collect()
+}
+
+/// Every sample as CSV (`t_s,node,daemon,mib,pids`), for a closer look than the slope.
+pub fn rss_csv(rss: &BTreeMap<(usize, Daemon), Vec<RssSample>>) -> String {
+    let mut out = String::from("t_s,node,daemon,mib,pids\n");
+    for ((node, daemon), series) in rss {
+        for s in series {
+            let pids: Vec<String> = s.pids.iter().map(u32::to_string).collect();
+            let _ = writeln!(
+                out,
+                "{:.1},node{},{},{:.2},{}",
+                s.t,
+                node + 1,
+                daemon.name(),
+                s.mib,
+                pids.join(" ")
+            );
+        }
+    }
+    out
 }
 
 /// Least-squares slope in MiB per hour, with one intercept per lifetime (a run of samples with
@@ -414,7 +451,7 @@ pub fn render(run: &Run) -> Verdict {
     let judged = Duration::from_secs_f64(half) >= RSS_MIN_SPAN;
     let _ = writeln!(
         t,
-        "\n## RSS (MiB, sampled from /proc)\n\nSlope: least squares over the second half (from +{half:.0}s), one intercept per process lifetime; limit {RSS_SLOPE_LIMIT_MIB_PER_H} MiB/h{}.\n\n| node | daemon | first | last | max | samples | slope MiB/h |\n|---|---|---:|---:|---:|---:|---:|",
+        "\n## RSS (MiB, sampled from /proc)\n\nSlope: least squares over the second half (from +{half:.0}s), one intercept per process lifetime, each lifetime's first {LIFETIME_WARM_UP_S:.0} s left out; limit {RSS_SLOPE_LIMIT_MIB_PER_H} MiB/h{}.\n\n| node | daemon | first | last | max | samples | slope MiB/h |\n|---|---|---:|---:|---:|---:|---:|",
         if judged {
             String::new()
         } else {
@@ -425,7 +462,10 @@ pub fn render(run: &Run) -> Verdict {
         }
     );
     for ((node, daemon), series) in &run.rss {
-        let late: Vec<RssSample> = series.iter().filter(|s| s.t >= half).cloned().collect();
+        let late: Vec<RssSample> = settled(series)
+            .into_iter()
+            .filter(|s| s.t >= half)
+            .collect();
         let slope = slope_mib_per_hour(&late);
         let first = series.first().map_or(0.0, |s| s.mib);
         let last = series.last().map_or(0.0, |s| s.mib);
@@ -621,6 +661,31 @@ mod tests {
                 pids: vec![pid],
             })
             .collect()
+    }
+
+    #[test]
+    fn each_lifetime_warm_up_is_left_out() {
+        // Two lifetimes that each grow in their first minute and then stay flat: no trend.
+        let mut pts = Vec::new();
+        for (pid, born) in [(1, 0.0), (2, 300.0)] {
+            for i in 0..30 {
+                let t = born + f64::from(i) * 10.0;
+                let mib = if t - born < 60.0 {
+                    30.0 + (t - born) / 6.0
+                } else {
+                    40.0
+                };
+                pts.push((t, mib, pid));
+            }
+        }
+        let all = series(&pts);
+        assert!(
+            slope_mib_per_hour(&all).is_some_and(|s| s > 10.0),
+            "warm-up reads as growth"
+        );
+        let calm = settled(&all);
+        assert_eq!(calm.len(), 2 * 24);
+        assert_eq!(slope_mib_per_hour(&calm), Some(0.0));
     }
 
     #[test]
