@@ -8,27 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::SourceFile;
-use proxyd::Config;
-use proxyd::serve::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use util::{Action, Client, Seen, backend, config_text, get, ok};
-
-fn start_with(servers: &[SocketAddr], defaults: &str) -> (Proxy, SocketAddr) {
-    let dir = std::path::Path::new("/nonexistent");
-    let text = format!(
-        "{}\n[defaults]\n{defaults}\n",
-        config_text(dir, "127.0.0.1:0", servers, "")
-    );
-    let config =
-        Config::from_source(SourceFile::from_text("test.toml", text)).expect("valid config");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let proxy = Proxy::new(Arc::new(config));
-    proxy.start(vec![(0, listener)]).expect("start");
-    (proxy, addr)
-}
+use util::{Action, Client, Seen, backend, get, ok, start_with};
 
 /// A backend that parses nothing: it keeps every byte it receives, as a naive server's log
 /// would show them, and answers each connection's first bytes with an empty 200.

@@ -2,27 +2,16 @@
 
 mod util;
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::SourceFile;
-use proxyd::Config;
 use proxyd::serve::Proxy;
 use tokio::io::AsyncWriteExt;
-use util::{Action, Client, backend, closed_port, config_text, get, ok};
+use util::{Action, Client, backend, closed_port, get, ok, start_with};
 
 /// Starts a proxy on 127.0.0.1:0 in front of `servers`.
 fn start(servers: &[std::net::SocketAddr]) -> (Proxy, std::net::SocketAddr) {
-    let dir = std::path::Path::new("/nonexistent");
-    let text = config_text(dir, "127.0.0.1:0", servers, "");
-    let config =
-        Config::from_source(SourceFile::from_text("test.toml", text)).expect("valid config");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let proxy = Proxy::new(Arc::new(config));
-    proxy.start(vec![(0, listener)]).expect("start");
-    (proxy, addr)
+    start_with(servers, "")
 }
 
 #[tokio::test]
@@ -335,22 +324,6 @@ async fn expect_continue_is_answered_by_the_proxy() {
     c.io.buf.clear();
     let r = c.send(b"abc", false).await.expect("reply");
     assert_eq!(r.text(), "3 bytes");
-}
-
-/// Like `start`, with a `[defaults]` section.
-fn start_with(servers: &[std::net::SocketAddr], defaults: &str) -> (Proxy, std::net::SocketAddr) {
-    let dir = std::path::Path::new("/nonexistent");
-    let text = format!(
-        "{}\n[defaults]\n{defaults}\n",
-        config_text(dir, "127.0.0.1:0", servers, "")
-    );
-    let config =
-        Config::from_source(SourceFile::from_text("test.toml", text)).expect("valid config");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let proxy = Proxy::new(Arc::new(config));
-    proxy.start(vec![(0, listener)]).expect("start");
-    (proxy, addr)
 }
 
 #[tokio::test]

@@ -240,6 +240,22 @@ pub fn closed_port() -> SocketAddr {
     l.local_addr().expect("addr")
 }
 
+/// Starts a proxy on 127.0.0.1:0 in front of `servers`, with `defaults` as its `[defaults]`.
+pub fn start_with(servers: &[SocketAddr], defaults: &str) -> (proxyd::serve::Proxy, SocketAddr) {
+    let dir = std::path::Path::new("/nonexistent");
+    let text = format!(
+        "{}\n[defaults]\n{defaults}\n",
+        config_text(dir, "127.0.0.1:0", servers, "")
+    );
+    let config = proxyd::Config::from_source(common::SourceFile::from_text("test.toml", text))
+        .expect("valid config");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let proxy = proxyd::serve::Proxy::new(Arc::new(config));
+    proxy.start(vec![(0, listener)]).expect("start");
+    (proxy, addr)
+}
+
 /// A proxyd config with one frontend and one backend of the given servers.
 pub fn config_text(
     dir: &std::path::Path,

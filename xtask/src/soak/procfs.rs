@@ -17,17 +17,7 @@ pub fn cluster_rss(logs: &Path) -> BTreeMap<(usize, Daemon), (u64, Vec<u32>)> {
         .flatten()
         .unwrap_or(4096) as u64;
     let mut out: BTreeMap<(usize, Daemon), (u64, Vec<u32>)> = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in crate::harness::all_pids() {
         let Ok(log) = std::fs::read_link(format!("/proc/{pid}/fd/2")) else {
             continue;
         };
