@@ -354,8 +354,14 @@ async fn upgrade_old_generation_crash(mut env: Env) -> Result<Outcome> {
             let admin = admin.clone();
             async move {
                 let st = cluster::proxyd_status(&admin).await?;
+                // A worker reports its counts every 250 ms: only a report sent after the
+                // drain began (when the load's connections can only go) is believed.
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
                 Ok(generation(&st, old_gen)
                     .filter(|g| g.state == GenerationState::Draining as i32)
+                    .filter(|g| now_ms - g.draining_since_unix_ms >= 400)
                     .and_then(|g| g.worker)
                     .filter(|w| w.active_connections <= 1 && w.requests_in_flight == 0))
             }
