@@ -5,6 +5,7 @@ pub mod config;
 pub mod daemon;
 pub mod fuzz;
 pub mod grpc;
+pub mod stick_key;
 pub mod units;
 
 pub use config::{ConfigError, SourceFile};

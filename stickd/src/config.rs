@@ -10,6 +10,7 @@ use common::{ConfigError, SourceFile};
 use serde::Deserialize;
 
 pub use crate::auth::PeerSecret;
+pub use common::stick_key::KeyType;
 use crate::limits::MAX_KEY_LEN;
 
 /// The file as written. Only [`Config`] (validated) leaves this module.
@@ -67,37 +68,6 @@ pub struct Tls {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
-}
-
-/// Key type of a table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum KeyType {
-    Ip,
-    Ipv6,
-    Integer,
-    /// Text of at most `len` bytes.
-    String {
-        len: u32,
-    },
-}
-
-impl KeyType {
-    pub fn name(self) -> &'static str {
-        match self {
-            KeyType::Ip => "ip",
-            KeyType::Ipv6 => "ipv6",
-            KeyType::Integer => "integer",
-            KeyType::String { .. } => "string",
-        }
-    }
-
-    /// Maximum key length of string tables (0 for the others, as in the proto).
-    pub fn max_len(self) -> u32 {
-        match self {
-            KeyType::String { len } => len,
-            _ => 0,
-        }
-    }
 }
 
 /// One stick table's definition.

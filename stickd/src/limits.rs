@@ -7,9 +7,8 @@
 
 /// Longest string key, and the largest `len` a string table may have.
 pub const MAX_KEY_LEN: usize = 4096;
-/// Longest key text of ip, ipv6 and integer tables: an IPv6 address is at most 45 characters,
-/// an integer 20; the rest leaves room for surrounding spaces.
-pub const MAX_TYPED_KEY_LEN: usize = 64;
+/// Longest key text of ip, ipv6 and integer tables (the key's canonical form is common's).
+pub use common::stick_key::MAX_TYPED_KEY_LEN;
 /// Longest server name (it is stored with a one-byte length elsewhere in the mesh).
 pub const MAX_SERVER_LEN: usize = 255;
 /// Longest peer name (the config's limit).
