@@ -165,12 +165,21 @@ mod tests {
     #[test]
     fn typed_keys_are_parsed_and_printed_again() {
         assert_eq!(canonical(KeyType::Ip, " 10.0.0.1 ").unwrap(), "10.0.0.1");
-        assert_eq!(canonical(KeyType::Ipv6, "10.0.0.1").unwrap(), "::ffff:10.0.0.1");
-        assert_eq!(canonical(KeyType::Ipv6, "2001:DB8::0:1").unwrap(), "2001:db8::1");
+        assert_eq!(
+            canonical(KeyType::Ipv6, "10.0.0.1").unwrap(),
+            "::ffff:10.0.0.1"
+        );
+        assert_eq!(
+            canonical(KeyType::Ipv6, "2001:DB8::0:1").unwrap(),
+            "2001:db8::1"
+        );
         assert_eq!(canonical(KeyType::Integer, " -007").unwrap(), "-7");
         assert!(matches!(
             canonical(KeyType::Ip, "10.0.0.300"),
-            Err(KeyError::Bad { expected: "an IPv4 address", .. })
+            Err(KeyError::Bad {
+                expected: "an IPv4 address",
+                ..
+            })
         ));
         assert!(matches!(
             canonical(KeyType::Ip, "::1"),
@@ -198,9 +207,15 @@ mod tests {
                 what: "a newline"
             }
         );
-        assert!(matches!(canonical(t, "a\x7f"), Err(KeyError::Control { at: 1, .. })));
+        assert!(matches!(
+            canonical(t, "a\x7f"),
+            Err(KeyError::Control { at: 1, .. })
+        ));
         assert_eq!(canonical_owned(t, "ab".into()).unwrap(), "ab");
-        assert_eq!(canonical_owned(KeyType::Ip, "1.2.3.4 ".into()).unwrap(), "1.2.3.4");
+        assert_eq!(
+            canonical_owned(KeyType::Ip, "1.2.3.4 ".into()).unwrap(),
+            "1.2.3.4"
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@ use common::{ConfigError, SourceFile};
 use serde::Deserialize;
 
 pub use crate::auth::PeerSecret;
-pub use common::stick_key::KeyType;
 use crate::limits::MAX_KEY_LEN;
+pub use common::stick_key::KeyType;
 
 /// The file as written. Only [`Config`] (validated) leaves this module.
 #[derive(Debug, Deserialize)]

@@ -97,6 +97,18 @@ pub fn batch_push(buf: &mut Vec<u8>, change: &[u8]) {
     put_bytes(buf, change);
 }
 
+/// The big-endian `u64` at `at`, if `b` is long enough.
+pub fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    b.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map(u64::from_be_bytes)
+}
+
+/// Sequence number to sled key (big-endian, so that sled's order is numeric).
+pub fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
 /// Checkpoint chunk key: generation then chunk number, big-endian so that sled orders them.
 pub fn chunk_key(generation: u64, n: u32) -> [u8; 12] {
     let mut k = [0u8; 12];

@@ -18,7 +18,7 @@ use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
 
-use crate::store::Rec;
+use crate::record::Rec;
 
 /// A record with its key.
 struct Slot {

@@ -16,6 +16,7 @@ mod logbound;
 pub mod peer;
 #[cfg(test)]
 mod peer_fuzz;
+mod record;
 pub mod service;
 pub mod store;
 pub mod tls;
@@ -95,7 +96,7 @@ pub async fn run(
             .map_err(|e| std::io::Error::other(format!("store open task: {e}")))??
     };
     let store = Arc::new(store);
-    let peers = Arc::new(peer::Peers::new(&config, &store));
+    let peers = Arc::new(peer::Peers::new(&config, &store)?);
     info!(
         local = %config.local,
         data_dir = %config.data_dir.display(),

@@ -5,7 +5,7 @@ use prost::Message;
 use proto::stick::v1 as pb;
 
 use crate::config::Config;
-use crate::peer::{apply_batch, mismatches};
+use crate::peer::{Positions, apply_batch, mismatches};
 use crate::store::Store;
 
 fn store(dir: &std::path::Path) -> Store {
@@ -105,6 +105,7 @@ fn seeds() -> Vec<Vec<u8>> {
 /// What the receiving side does with one message (see `peer::receive`).
 fn apply(
     store: &Store,
+    positions: &Positions,
     position: &mut u64,
     msg: pb::peer_message::Msg,
     defs: &[crate::config::TableDef],
@@ -112,11 +113,17 @@ fn apply(
     match msg {
         pb::peer_message::Msg::Batch(b) => {
             let first = b.changes.first().map_or(0, |c| c.seq);
-            let r = match apply_batch(store, "b", 1, *position, b.changes.clone(), &[]) {
+            let r = match apply_batch(store, positions, "b", 1, *position, b.changes.clone(), &[]) {
                 // A stream resuming right before this batch takes it.
-                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-                    apply_batch(store, "b", 1, first.saturating_sub(1), b.changes, &[])
-                }
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => apply_batch(
+                    store,
+                    positions,
+                    "b",
+                    1,
+                    first.saturating_sub(1),
+                    b.changes,
+                    &[],
+                ),
                 r => r,
             };
             if let Ok(Some(p)) = r {
@@ -125,7 +132,7 @@ fn apply(
             }
         }
         pb::peer_message::Msg::Snapshot(c) => {
-            let _ = store.apply_snapshot("b", 1, c);
+            let _ = positions.apply_snapshot(store, "b", 1, c);
         }
         pb::peer_message::Msg::Hello(h) => {
             let m = mismatches(defs, &h.tables, &h.from);
@@ -140,6 +147,7 @@ fn fuzz_peer_messages() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = store(dir.path());
     let defs = store.table_defs();
+    let positions = Positions::load(&store).expect("positions");
     let seeds = seeds();
     let seed_refs: Vec<&[u8]> = seeds.iter().map(Vec::as_slice).collect();
     let mut position = 0u64;
@@ -148,12 +156,13 @@ fn fuzz_peer_messages() {
         if let Ok(m) = pb::PeerMessage::decode(input)
             && let Some(msg) = m.msg
         {
-            apply(&store, &mut position, msg, &defs);
+            apply(&store, &positions, &mut position, msg, &defs);
         }
         // The same bytes as the inner messages a stream carries.
         if let Ok(b) = pb::Batch::decode(input) {
             apply(
                 &store,
+                &positions,
                 &mut position,
                 pb::peer_message::Msg::Batch(b),
                 &defs,
@@ -162,6 +171,7 @@ fn fuzz_peer_messages() {
         if let Ok(c) = pb::SnapshotChunk::decode(input) {
             apply(
                 &store,
+                &positions,
                 &mut position,
                 pb::peer_message::Msg::Snapshot(c),
                 &defs,
@@ -171,6 +181,7 @@ fn fuzz_peer_messages() {
             let b = pb::Batch { changes: vec![c] };
             apply(
                 &store,
+                &positions,
                 &mut position,
                 pb::peer_message::Msg::Batch(b),
                 &defs,

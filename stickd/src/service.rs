@@ -19,11 +19,9 @@ impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
         match e {
             StoreError::UnknownTable(_) => Status::not_found(e.to_string()),
-            StoreError::BadKey { .. }
-            | StoreError::KeyTooLong { .. }
-            | StoreError::KeyControl { .. }
-            | StoreError::BadServer { .. }
-            | StoreError::Empty(_) => Status::invalid_argument(e.to_string()),
+            StoreError::Key { .. } | StoreError::BadServer { .. } | StoreError::Empty(_) => {
+                Status::invalid_argument(e.to_string())
+            }
             StoreError::Sled(_) | StoreError::Corrupt { .. } | StoreError::LogGap(_) => {
                 Status::internal(e.to_string())
             }
