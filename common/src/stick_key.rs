@@ -164,16 +164,22 @@ mod tests {
 
     #[test]
     fn typed_keys_are_parsed_and_printed_again() {
-        assert_eq!(canonical(KeyType::Ip, " 10.0.0.1 ").unwrap(), "10.0.0.1");
         assert_eq!(
-            canonical(KeyType::Ipv6, "10.0.0.1").unwrap(),
+            canonical(KeyType::Ip, " 10.0.0.1 ").expect("canonical"),
+            "10.0.0.1"
+        );
+        assert_eq!(
+            canonical(KeyType::Ipv6, "10.0.0.1").expect("canonical"),
             "::ffff:10.0.0.1"
         );
         assert_eq!(
-            canonical(KeyType::Ipv6, "2001:DB8::0:1").unwrap(),
+            canonical(KeyType::Ipv6, "2001:DB8::0:1").expect("canonical"),
             "2001:db8::1"
         );
-        assert_eq!(canonical(KeyType::Integer, " -007").unwrap(), "-7");
+        assert_eq!(
+            canonical(KeyType::Integer, " -007").expect("canonical"),
+            "-7"
+        );
         assert!(matches!(
             canonical(KeyType::Ip, "10.0.0.300"),
             Err(KeyError::Bad {
@@ -197,11 +203,11 @@ mod tests {
         assert!(matches!(canonical(t, " a b "), Ok(Cow::Borrowed(" a b "))));
         assert!(matches!(canonical(t, ""), Err(KeyError::Bad { .. })));
         assert_eq!(
-            canonical(t, "123456789").unwrap_err().to_string(),
+            canonical(t, "123456789").expect_err("refused").to_string(),
             "key of 9 bytes is longer than the table's len 8 (keys are refused, not truncated)"
         );
         assert_eq!(
-            canonical(t, "a\nb").unwrap_err(),
+            canonical(t, "a\nb").expect_err("refused"),
             KeyError::Control {
                 at: 1,
                 what: "a newline"
@@ -211,18 +217,18 @@ mod tests {
             canonical(t, "a\x7f"),
             Err(KeyError::Control { at: 1, .. })
         ));
-        assert_eq!(canonical_owned(t, "ab".into()).unwrap(), "ab");
+        assert_eq!(canonical_owned(t, "ab".into()).expect("canonical"), "ab");
         assert_eq!(
-            canonical_owned(KeyType::Ip, "1.2.3.4 ".into()).unwrap(),
+            canonical_owned(KeyType::Ip, "1.2.3.4 ".into()).expect("canonical"),
             "1.2.3.4"
         );
     }
 
     #[test]
     fn address_keys_are_the_canonical_text_of_the_address() {
-        let v4: IpAddr = "192.0.2.7".parse().unwrap();
-        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
-        let v6: IpAddr = "2001:db8::7".parse().unwrap();
+        let v4: IpAddr = "192.0.2.7".parse().expect("address");
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().expect("address");
+        let v6: IpAddr = "2001:db8::7".parse().expect("address");
         for (t, ip, want) in [
             (KeyType::Ip, v4, Some("192.0.2.7")),
             (KeyType::Ip, mapped, Some("192.0.2.7")),
@@ -235,7 +241,7 @@ mod tests {
             let got = address_key(t, ip);
             assert_eq!(got.as_deref(), want, "{t:?} {ip}");
             if let Some(k) = got {
-                assert_eq!(canonical(t, &k).unwrap(), k, "{t:?} {ip}");
+                assert_eq!(canonical(t, &k).expect("canonical"), k, "{t:?} {ip}");
             }
         }
         assert_eq!(

@@ -1,8 +1,8 @@
-//! One entry's record (server, expiry, version, origin, tombstone), its encoding on disk, and the
-//! names that records share.
+//! One entry's record, its encoding on disk, and the names that records share.
 //!
-//! The key is not part of the record: [`crate::entries::Entries`] keeps it beside it in memory,
-//! and sled keeps it beside the record's encoding on disk.
+//! A record holds the server, the expiry, the version, the origin and whether it is a tombstone.
+//! The key is not part of the record: a table's entries keep it beside it in memory, and sled
+//! keeps it beside the record's encoding on disk.
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -1,5 +1,7 @@
-//! Replication over gRPC: one outgoing stream per peer carrying our log, and the server side that
-//! applies a peer's log here.
+//! Replication over gRPC: our log pushed to every peer, and the peers' logs applied here.
+//!
+//! One outgoing stream per peer carries our log (`push`); the server side applies a peer's log
+//! here (`receive`); `positions` keeps where each stands.
 //!
 //! Each node pushes only its own changes (full mesh), so the pair (A, B) has two streams: A's log
 //! to B over a stream A opened, and B's log to A over one B opened. The receiver keeps, per origin,

@@ -1,6 +1,7 @@
-//! Where replication stands with each peer, across restarts: how far its log has been applied
-//! here (`received`, which a peer resumes from), and how far it has acknowledged ours (`acked`,
-//! shown by ShowPeers).
+//! Where replication stands with each peer, kept across restarts.
+//!
+//! `received`: how far the peer's log has been applied here, which it resumes from. `acked`:
+//! how far it has acknowledged ours, shown by ShowPeers.
 //!
 //! Both live in the store's meta tree. A received position is queued with the data it covers
 //! and reaches the disk after it (see `store::Mark`): a crash may lose a position, never leave

@@ -1,5 +1,7 @@
-//! The sending side: one stream per peer carrying our log, from a handshake through a snapshot
-//! (when the peer is too far behind) to live changes, reconnecting for ever.
+//! The sending side: one stream per peer carrying our log, reconnecting for ever.
+//!
+//! A stream goes from the handshake through a snapshot (when the peer is too far behind) to
+//! live changes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

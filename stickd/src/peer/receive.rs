@@ -1,5 +1,6 @@
-//! The receiving side: the Peer service, which checks who connects and applies the log that
-//! peer pushes to us, acknowledging each batch once applied.
+//! The receiving side: the Peer service, which applies the logs peers push to us.
+//!
+//! It checks who connects, and acknowledges each batch once applied.
 
 use std::pin::Pin;
 use std::sync::Arc;

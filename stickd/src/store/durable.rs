@@ -1,5 +1,8 @@
-//! Durability: the queue handed to sled (journal values, log chunks, meta keys), checkpoints of
-//! whole tables, flushes and the clean-stop mark, and the tables read back at start-up.
+//! Durability: the queue handed to sled, checkpoints, flushes, and the tables read back at start.
+//!
+//! `persist` writes the queue as a journal value, log chunks and meta keys, in that order; a
+//! checkpoint rewrites whole tables now and then so that the journal can go; `close` marks a
+//! clean stop, which spares the next start from asking the peers for lost writes.
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -1,7 +1,7 @@
-//! Our change log: every local change gets the next sequence number, peers replay it from the
-//! position they have, and it is trimmed to its bound. Each start opens a new epoch of it.
+//! Our change log: its head, the in-memory tail, epochs, resuming from a position, and trimming.
 //!
-//! The newest records are kept in memory too (the tail), so that pushers rarely read sled.
+//! Every local change gets the next sequence number, peers replay the log from the position
+//! they have, and it is trimmed to its bound. Each start opens a new epoch of it. The newest records are kept in memory too (the tail), so that pushers rarely read sled.
 
 use std::sync::atomic::Ordering;
 

@@ -1,5 +1,7 @@
-//! Data directories of older versions, read once and rewritten in today's layout: tables kept
-//! as one sled tree per table (a key per entry), and the log kept as one key per change.
+//! Data directories of older versions, read once and rewritten in today's layout.
+//!
+//! Tables were kept as one sled tree per table (a key per entry), the log as one key per
+//! change.
 
 use super::tables::Loading;
 use super::{Store, StoreError, log};

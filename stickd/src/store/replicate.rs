@@ -1,5 +1,7 @@
-//! What replication writes to and reads from the tables: a peer's changes and snapshot chunks
-//! merged by LWW, and the snapshots and lost writes of its own that a peer is sent.
+//! What replication writes to and reads from the tables.
+//!
+//! A peer's changes and snapshot chunks merge by LWW; a peer is sent snapshots of the tables,
+//! and the writes of its own that it lost.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

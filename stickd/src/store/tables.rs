@@ -1,5 +1,4 @@
-//! One stick table in memory: its entries and live count, the last-writer-wins merge of a peer's
-//! entry, eviction when full, and the tables as start-up reads them back from disk.
+//! One stick table in memory: its entries, the LWW merge, eviction, and loading at start-up.
 //!
 //! Nothing here touches sled: every write is queued for the writer (see `queue`).
 
@@ -10,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use common::stick_key::{self, KeyError};
 use proto::stick::v1 as pb;
 
-use super::StoreError;
+use super::error::StoreError;
 use super::queue::{Journal, Pending};
 use crate::config::TableDef;
 use crate::entries::{Entries, Found};

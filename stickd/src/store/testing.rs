@@ -1,5 +1,6 @@
-//! What the store's tests (and the peer code's tests over a real store) share: a config of two
-//! tables, a reopen that waits for sled's lock, and entries to write.
+//! Helpers for the tests of the store, and of the peer code over a real store.
+//!
+//! A config of two tables, a reopen that waits for sled's lock, and entries to write.
 
 use common::SourceFile;
 use proto::stick::v1 as pb;

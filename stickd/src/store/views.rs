@@ -1,5 +1,6 @@
-//! Reads for clients and operators: Lookup, HAProxy's `show table`, the tables' summary, and
-//! Watch (the current content, then every change).
+//! Reads for clients and operators: Lookup, Show, the tables' summary, and Watch.
+//!
+//! Show is HAProxy's `show table`; Watch sends the current content, then every change.
 
 use std::sync::Arc;
 

@@ -1,5 +1,7 @@
-//! Local writes: Store, Touch, Delete and Clear from clients (each logged for the peers), and the
-//! expiry sweep (not logged: expiry is absolute, every node sweeps the same entries).
+//! Local writes (Store, Touch, Delete, Clear) and the expiry sweep.
+//!
+//! Every local write is logged for the peers; the sweep is not: expiry is absolute, so every
+//! node sweeps the same entries by itself.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
