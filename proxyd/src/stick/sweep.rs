@@ -15,6 +15,7 @@ pub const SWEEP_BUCKETS: usize = 4096;
 const SWEEP_EVERY: Duration = Duration::from_millis(20);
 
 impl StickCache {
+    /// One sweep step: visits up to `budget` buckets from where the last step stopped (all
     /// tables, shard after shard, each locked only for its part) and drops expired entries.
     /// Returns how many went. A shard that grew meanwhile may have moved some entries past
     /// or before the cursor: they are found by the next pass (or by the lookup that hits them).
