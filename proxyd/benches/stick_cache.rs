@@ -9,8 +9,9 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use proto::stick::v1 as pb;
+use proxyd::stick::{CountingAlloc, TableAlloc};
 use proxyd::stick::{KeyKind, SHARDS, StickCache, now_ms};
-use proxyd::sys::{CountingAlloc, TableAlloc, thread_cpu_ns};
+use proxyd::sys::thread_cpu_ns;
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;

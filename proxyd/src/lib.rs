@@ -8,10 +8,12 @@
 //!   datagram on a socketpair found on fd 3 by the worker; parent-death signal for workers.
 //! - [`worker`]: borrows its frontends' listeners from fdkeeper (the same kernel sockets every
 //!   generation shares, so nothing queued is lost), serves, reports `Stats`, drains on demand.
-//! - [`serve`] over [`http`] and [`tcp`] over [`shared`]: the serving half, usable on its own
-//!   with any bound listeners. `serve` accepts and hands each connection to its frontend's
-//!   protocol; the protocols take the client as a generic stream and use the worker's
-//!   [`shared`] state (backends, slots, counters); nothing below `serve` imports it.
+//! - [`serve`] over [`http`] and [`tcp`] over [`shared`] and [`net`]: the serving half, usable
+//!   on its own with any bound listeners. `serve` accepts and hands each connection to its
+//!   frontend's protocol; the protocols take the client as a generic [`net::ClientStream`] (so
+//!   a transport such as TLS fits under both) and use the worker's [`shared`] state (backends,
+//!   slots, counters); nothing below `serve` imports it. [`net`] holds what sits under the
+//!   protocols: the buffered stream and each server's connection pool.
 //!   Draining stops accepting at once and answers the next request of each keep-alive
 //!   connection with `Connection: close`; an idle connection is never closed early, since the
 //!   client may be sending on it (the reload race HAProxy and nginx lose).
@@ -22,6 +24,25 @@
 //!   cache fed by stickd's Watch stream (the request path never waits on stickd).
 //! - [`admin`]: `proxyd.v1.Admin` (Status, Reload) with reflection and health, on a unix socket.
 //! - [`config`]: `proxyd.toml`; only validated configs leave the module.
+//!
+//! Imports point down only. The serving half, top to bottom:
+//!
+//! ```text
+//! worker -> serve -> http, tcp -> shared -> balance, stick, net -> config, model, sys
+//! ```
+//!
+//! (`http` and `tcp` also use `net`, `stick` and `config` directly; `health` sits beside them,
+//! on `shared`.) The master's side is `cli -> admin, metrics -> master -> control -> sys`, with
+//! `config` and `model` shared by both halves. Nothing imports `worker`, `master` or `serve`
+//! from below; the one exception is a test of `config` that checks the addresses
+//! `worker::listen_specs` asks fdkeeper for.
+//!
+//! `unsafe` is denied crate-wide and allowed in two modules only, each call with a `SAFETY`
+//! comment: [`sys`], for the syscalls std and tokio do not wrap (seqpacket sockets, the
+//! worker's inherited fd and parent-death signal, the peek at an idle pooled connection, the
+//! coarse clock), and `stick::alloc`, for
+//! the stick cache's allocators (an allocator is an unsafe trait; huge-page mappings and the
+//! prefetch of a lookup's bucket are raw syscalls and intrinsics).
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -34,6 +55,7 @@ pub mod http;
 pub mod master;
 pub mod metrics;
 pub mod model;
+pub mod net;
 pub mod serve;
 pub mod shared;
 pub mod stick;

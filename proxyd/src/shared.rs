@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Balancer, Candidate};
 use crate::config::Config;
-use crate::http::pool::Pool;
 use crate::model::{AdminState, AtomicAdminState, StatsSnapshot};
+use crate::net::pool::Pool;
 use crate::stick::StickCache;
 
 /// Counters a worker reports to the master.

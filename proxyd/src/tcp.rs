@@ -11,10 +11,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::StickOn;
+use crate::net::{ClientStream, pool};
 use crate::shared::{NoServer, Shared};
 
 /// Serves one accepted client connection until either side closes.
-pub async fn serve(shared: Arc<Shared>, frontend: usize, mut client: TcpStream, peer: SocketAddr) {
+pub async fn serve<C: ClientStream>(
+    shared: Arc<Shared>,
+    frontend: usize,
+    mut client: C,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let d = &shared.config.defaults;
     let b = shared.config.frontends[frontend].default_backend;
@@ -53,7 +59,7 @@ pub async fn serve(shared: Arc<Shared>, frontend: usize, mut client: TcpStream, 
     let mut attempt = 0;
     let mut server_conn = loop {
         let server = slot.server();
-        match crate::http::pool::connect(server.address, d.timeout_connect).await {
+        match pool::connect(server.address, d.timeout_connect).await {
             Ok(s) => break s,
             Err(e) if attempt < bconf.retries => {
                 attempt += 1;
@@ -100,8 +106,15 @@ pub async fn serve(shared: Arc<Shared>, frontend: usize, mut client: TcpStream, 
 
 /// Copies both ways until both sides have closed (each half-close is passed on), an error, or
 /// `idle` without a byte in either direction. Returns the bytes sent up and down.
-async fn pipe(client: &mut TcpStream, server: &mut TcpStream, idle: Duration) -> (u64, u64) {
-    let (mut cr, mut cw) = client.split();
+///
+/// The client's halves come from `tokio::io::split`, which works on any stream (a transport
+/// such as TLS cannot be split by the socket); the server's are a `TcpStream`'s own.
+async fn pipe<C: ClientStream>(
+    client: &mut C,
+    server: &mut TcpStream,
+    idle: Duration,
+) -> (u64, u64) {
+    let (mut cr, mut cw) = tokio::io::split(client);
     let (mut sr, mut sw) = server.split();
     let mut up_buf = vec![0u8; 16 * 1024];
     let mut down_buf = vec![0u8; 16 * 1024];

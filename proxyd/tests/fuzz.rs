@@ -2,8 +2,9 @@
 //! the chunked decoder. Each checks that what the proxy forwards reads back the same way.
 
 use common::fuzz;
-use proxyd::http::body::{self, BodyError, Io};
+use proxyd::http::body::{self, BodyError};
 use proxyd::http::head::{self, Framing, MAX_HEAD};
+use proxyd::net::Io;
 
 const REQUESTS: &[&[u8]] = &[
     b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",

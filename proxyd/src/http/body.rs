@@ -1,16 +1,17 @@
-//! Buffered connection reads and streaming a message body from one side to the other by its
-//! framing (Content-Length, chunked, until close) without ever holding a whole body.
+//! Streaming a message body from one side to the other by its framing (Content-Length,
+//! chunked, until close) without ever holding a whole body.
 
 use std::io;
 use std::time::Duration;
 
 use std::io::Write as _;
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::Buf;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::fields;
 use super::head::Framing;
+use crate::net::Io;
 
 /// Longest chunk-size line or trailer line accepted.
 const MAX_LINE: usize = 4096;
@@ -18,33 +19,6 @@ const MAX_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
 /// Flush what was gathered once it is this large.
 const FLUSH_AT: usize = 64 * 1024;
-
-/// A stream with the bytes read from it but not consumed yet.
-#[derive(Debug)]
-pub struct Io<S> {
-    pub stream: S,
-    pub buf: BytesMut,
-}
-
-impl<S: AsyncRead + Unpin> Io<S> {
-    pub fn new(stream: S) -> Self {
-        Self {
-            stream,
-            buf: BytesMut::with_capacity(16 * 1024),
-        }
-    }
-
-    /// Reads more into the buffer; 0 at end of stream; `TimedOut` after `timeout`.
-    pub async fn fill(&mut self, timeout: Duration) -> io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < 4096 {
-            self.buf.reserve(16 * 1024);
-        }
-        match tokio::time::timeout(timeout, self.stream.read_buf(&mut self.buf)).await {
-            Ok(r) => r,
-            Err(_) => Err(io::ErrorKind::TimedOut.into()),
-        }
-    }
-}
 
 /// Why a body could not be forwarded: the side matters for the status and for blame.
 #[derive(Debug, thiserror::Error)]

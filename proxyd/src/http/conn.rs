@@ -8,14 +8,14 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Buf;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use super::body::{self, BodyError, Io};
+use super::body::{self, BodyError};
 use super::head::{self, Framing, HeadError, RequestHead, ResponseHead};
-use super::pool;
 use crate::config::StickOn;
+use crate::net::{ClientStream, Io, pool};
 use crate::shared::{NoServer, ServerRt, Shared};
 
 /// Request bodies up to this size are read before the server is chosen, so that the request
@@ -55,13 +55,6 @@ enum Next {
     /// Answer with this status, then close.
     Fail(Status),
 }
-
-/// What a client connection is carried on: a TCP stream set up by `serve`, and later one
-/// wrapped by a transport (TLS). Each kind is its own instance of the code below: no dynamic
-/// dispatch per read or write.
-pub trait ClientStream: AsyncRead + AsyncWrite + Unpin {}
-
-impl<T: AsyncRead + AsyncWrite + Unpin> ClientStream for T {}
 
 /// Serves one accepted client connection, from `peer`, until it closes.
 pub async fn serve<C: ClientStream>(

@@ -4,4 +4,3 @@ pub mod body;
 pub mod conn;
 pub mod fields;
 pub mod head;
-pub mod pool;

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Buf;
-use proxyd::http::body::{self, Io};
+use proxyd::http::body;
 use proxyd::http::head;
+use proxyd::net::Io;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 

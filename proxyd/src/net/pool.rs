@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
-use super::body::Io;
+use super::Io;
 
 #[derive(Debug)]
 pub struct Pool {

@@ -1,0 +1,250 @@
+//! proxyd.toml: serde structs, defaults, and the validation that every loaded config goes through.
+//!
+//! The layout follows HAProxy (global, frontends, backends with servers) so that new load
+//! balancing features add keys to these tables instead of inventing new ones.
+//!
+//! - this file: the validated config, the only kind the rest of proxyd sees, and its loading
+//!   (errors name the file, line and column, through `common::SourceFile`);
+//! - `raw`: the file as written, the serde schema that refuses unknown keys;
+//! - `validate`: from the raw file to a [`Config`], with defaults, or the first error at its line.
+
+mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration as StdDuration;
+
+use common::{ConfigError, SourceFile};
+use serde::Deserialize;
+
+use raw::RawConfig;
+
+/// Where `proxyd` looks when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/proxyd/proxyd.toml";
+
+/// Largest config the master will pass to a worker in one control datagram.
+pub const MAX_CONFIG_BYTES: usize = 192 * 1024;
+
+/// A config that passed `validate()`; the only kind the rest of proxyd ever sees.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The exact file text, handed to workers so they run what the master validated.
+    pub source: SourceFile,
+    pub global: Global,
+    pub defaults: Defaults,
+    pub frontends: Vec<Frontend>,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Global {
+    pub admin_socket: PathBuf,
+    /// stickd's local socket; required when a backend has a stick rule.
+    pub stickd_socket: Option<PathBuf>,
+    /// Prometheus `/metrics` listener of the master (bound by it, not lent by fdkeeper).
+    pub metrics: Option<SocketAddr>,
+    pub fdkeeper_socket: PathBuf,
+    pub drain_timeout: StdDuration,
+    pub max_draining: usize,
+    pub threads: usize,
+    pub worker_ready_timeout: StdDuration,
+    /// Where the master keeps the servers' admin states (SetServer) across its restarts,
+    /// like HAProxy's `server-state-file`; none: they last as long as the master.
+    pub server_state_file: Option<PathBuf>,
+}
+
+/// Timeouts shared by every frontend and backend (HAProxy's `defaults` section).
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    /// Connecting to a server.
+    pub timeout_connect: StdDuration,
+    /// Waiting for the client while it sends a request.
+    pub timeout_client: StdDuration,
+    /// Waiting for the server while it answers.
+    pub timeout_server: StdDuration,
+    /// From the first byte of a request to the end of its head.
+    pub timeout_http_request: StdDuration,
+    /// How long an idle keep-alive client connection waits for its next request.
+    pub timeout_http_keep_alive: StdDuration,
+    /// How long an idle pooled server connection is kept.
+    pub timeout_pool_idle: StdDuration,
+    /// Idle connections kept per server.
+    pub pool_max_idle: usize,
+    /// How long a request waits for a server slot (`maxconn`) before a 503.
+    pub timeout_queue: StdDuration,
+    /// A health check's connect + answer.
+    pub timeout_check: StdDuration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Http,
+    Tcp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    /// Smooth weighted round robin (nginx's): weights spread evenly, not in bursts.
+    Roundrobin,
+    /// Fewest active connections relative to weight.
+    Leastconn,
+    /// A hash of the client address over the weights.
+    Source,
+}
+
+#[derive(Clone, Debug)]
+pub struct Frontend {
+    pub name: String,
+    /// Listen addresses; fdkeeper holds one socket per address (in its canonical form), and
+    /// no two binds of a config overlap.
+    pub bind: Vec<SocketAddr>,
+    /// 0: fdkeeper's default.
+    pub backlog: u32,
+    pub mode: Mode,
+    /// Index into `Config::backends`.
+    pub default_backend: usize,
+    /// Connections served at once; further ones wait in the kernel's accept queue.
+    pub maxconn: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Backend {
+    pub name: String,
+    pub balance: Balance,
+    pub servers: Vec<Server>,
+    /// Health check parameters (used by servers with `check = true`).
+    pub check: Check,
+    pub stick: Option<Stick>,
+    /// Another server may be chosen when the stuck one is unusable or on the last retry.
+    pub redispatch: bool,
+    /// Connection attempts after the first failed one.
+    pub retries: u32,
+    /// Add `X-Forwarded-For` with the client address (HTTP).
+    pub forwardfor: Option<ForwardFor>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Server {
+    pub name: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+    /// Requests (HTTP) or connections (TCP) at once; 0: no limit.
+    pub maxconn: u32,
+    /// Health-checked (else always up).
+    pub check: bool,
+    pub inter: StdDuration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connect.
+    Tcp,
+    /// An HTTP/1.0 request whose answer must have `expect_status`.
+    Http {
+        method: String,
+        path: String,
+        expect_status: u16,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub kind: CheckKind,
+}
+
+/// What a stick rule keys on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StickOn {
+    /// `req.cook(NAME)`: a request cookie.
+    Cookie(String),
+    /// `src`: the client address.
+    Src,
+}
+
+#[derive(Clone, Debug)]
+pub struct Stick {
+    /// The stickd table (by default the backend's name, as in HAProxy).
+    pub table: String,
+    pub on: StickOn,
+    /// `res.cook(NAME)`: store the value of this response cookie.
+    pub store_response: Option<String>,
+}
+
+/// `option forwardfor [except NET]`.
+#[derive(Clone, Debug)]
+pub struct ForwardFor {
+    pub except: Option<Cidr>,
+}
+
+/// An address block such as `127.0.0.0/8`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: std::net::IpAddr = a.trim().parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.trim().parse().ok()?
+        };
+        (prefix <= max).then_some(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (std::net::IpAddr::V4(n), std::net::IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (std::net::IpAddr::V6(n), std::net::IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::from_source(SourceFile::read(path)?)
+    }
+
+    /// Parses and validates text (the worker's copy of what the master validated; tests).
+    pub fn from_source(source: SourceFile) -> Result<Config, ConfigError> {
+        if source.text.len() > MAX_CONFIG_BYTES {
+            return Err(source.error(format!(
+                "file is larger than {} KiB",
+                MAX_CONFIG_BYTES / 1024
+            )));
+        }
+        let raw: RawConfig = source.parse()?;
+        validate::validate(source, raw)
+    }
+
+    pub fn backend(&self, name: &str) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.name == name)
+    }
+}

@@ -1,0 +1,47 @@
+//! The connections beneath the protocols: what a client connection is carried on, a stream
+//! with its unread bytes, and the pooled connections to the servers.
+//!
+//! Below `http` and `tcp` and above nothing but `sys`, so that `shared` can hold each server's
+//! pool without importing a protocol.
+
+pub mod pool;
+
+use std::io;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+/// What a client connection is carried on: a TCP stream set up by `serve`, and later one
+/// wrapped by a transport (TLS). The protocols (`http`, `tcp`) are generic over it, so each
+/// kind is its own instance of their code: no dynamic dispatch per read or write.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> ClientStream for T {}
+
+/// A stream with the bytes read from it but not consumed yet.
+#[derive(Debug)]
+pub struct Io<S> {
+    pub stream: S,
+    pub buf: BytesMut,
+}
+
+impl<S: AsyncRead + Unpin> Io<S> {
+    pub fn new(stream: S) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::with_capacity(16 * 1024),
+        }
+    }
+
+    /// Reads more into the buffer; 0 at end of stream; `TimedOut` after `timeout`.
+    pub async fn fill(&mut self, timeout: Duration) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(16 * 1024);
+        }
+        match tokio::time::timeout(timeout, self.stream.read_buf(&mut self.buf)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The writes to stickd: the cache's buffered stores and touches sent in batches, soon after
+//! the first of them, and put back to be resent when stickd cannot take them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use proto::stick::v1 as pb;
+use proto::stick::v1::stick_client::StickClient;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use super::{BACKOFF_MAX, MAX_PENDING, StickCache, connect};
+
+/// Items per Store or Touch call.
+const BATCH: usize = 1000;
+/// How long touches gather before a flush; a store wakes the flusher at once (see `store`).
+const FLUSH_EVERY: Duration = Duration::from_millis(20);
+
+pub(super) async fn flush_loop(cache: Arc<StickCache>, socket: PathBuf, stop: CancellationToken) {
+    let mut client: Option<StickClient<Channel>> = None;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                // Last chance for what is buffered (a draining worker's final stores).
+                if let Some(c) = client.as_mut() {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), flush(&cache, c)).await;
+                }
+                return;
+            }
+            _ = cache.wake.notified() => {}
+            _ = tokio::time::sleep(FLUSH_EVERY) => {}
+        }
+        if cache.pending_len() == 0 {
+            continue;
+        }
+        if client.is_none() {
+            match connect(&socket).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    tracing::debug!(error = %e, "stickd unreachable, writes stay buffered");
+                    sleep_or_stop(&stop, backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            }
+        }
+        let Some(c) = client.as_mut() else { continue };
+        match flush(&cache, c).await {
+            Ok(()) => backoff = Duration::from_millis(50),
+            Err(e) => {
+                tracing::warn!(error = %e, pending = cache.pending_len(), "cannot write to stickd, will resend");
+                client = None;
+                sleep_or_stop(&stop, backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+async fn sleep_or_stop(stop: &CancellationToken, d: Duration) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(d) => {}
+    }
+}
+
+/// Sends everything pending; on failure the unsent part goes back (behind newer writes).
+async fn flush(cache: &StickCache, client: &mut StickClient<Channel>) -> Result<(), String> {
+    let taken = cache.take_pending();
+    let mut stores: Vec<Vec<pb::StoreItem>> = cache.tables.iter().map(|_| Vec::new()).collect();
+    for ((t, key), server) in &taken.stores {
+        stores[*t].push(pb::StoreItem {
+            key: key.clone(),
+            server: server.to_string(),
+            expires_unix_ms: 0,
+        });
+    }
+    let mut touches: Vec<Vec<String>> = cache.tables.iter().map(|_| Vec::new()).collect();
+    for (t, key) in &taken.touches {
+        touches[*t].push(key.clone());
+    }
+    let result = async {
+        for (t, items) in stores.into_iter().enumerate() {
+            for chunk in items.chunks(BATCH) {
+                let n = chunk.len() as u64;
+                let req = pb::StoreRequest {
+                    table: cache.tables[t].name.clone(),
+                    items: chunk.to_vec(),
+                };
+                match client.store(req).await {
+                    Ok(_) => {}
+                    // A refused item (e.g. a key stickd finds invalid) would be resent for ever.
+                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                        tracing::warn!(table = %cache.tables[t].name, error = %s.message(), "stickd refused a batch of stores; dropped");
+                    }
+                    Err(s) => return Err(format!("Store: {}", s.message())),
+                }
+                cache.stats.stores_sent.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        for (t, keys) in touches.into_iter().enumerate() {
+            for chunk in keys.chunks(BATCH) {
+                let n = chunk.len() as u64;
+                let req = pb::TouchRequest {
+                    table: cache.tables[t].name.clone(),
+                    keys: chunk.to_vec(),
+                };
+                match client.touch(req).await {
+                    Ok(_) => {}
+                    Err(s) if s.code() == tonic::Code::InvalidArgument => {}
+                    Err(s) => return Err(format!("Touch: {}", s.message())),
+                }
+                cache.stats.touches_sent.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        // Resend everything (stores are idempotent), newer writes made meanwhile win.
+        let mut p = cache.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, v) in taken.stores {
+            if p.len() >= MAX_PENDING {
+                cache.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            p.stores.entry(k).or_insert(v);
+        }
+        for k in taken.touches {
+            if p.len() >= MAX_PENDING {
+                break;
+            }
+            if !p.stores.contains_key(&k) {
+                p.touches.insert(k);
+            }
+        }
+    }
+    result
+}
