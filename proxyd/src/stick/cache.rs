@@ -133,10 +133,9 @@ impl StickCache {
     /// Sticks `key` to `server`: visible to this worker at once, sent to stickd soon.
     pub fn store(&self, t: usize, key: &str, server: &str) {
         let table = &self.tables[t];
-        let max_len = table.max_len.load(Ordering::Relaxed);
-        if key.is_empty() || (max_len > 0 && key.len() as u64 > max_len) {
+        if let Err(e) = common::stick_key::canonical(table.key_type(), key) {
             // stickd refuses it (never truncates): keep it out of the buffer.
-            tracing::debug!(table = %table.name, key_len = key.len(), "key too long for the table, not stored");
+            tracing::debug!(table = %table.name, key_len = key.len(), error = %e, "key refused by the table, not stored");
             return;
         }
         let now = now_ms();
@@ -398,7 +397,7 @@ mod tests {
     }
 
     #[test]
-    fn expired_entries_and_long_keys() {
+    fn expired_entries_and_refused_keys_are_not_kept() {
         let c = cache();
         c.apply(
             0,
@@ -414,7 +413,12 @@ mod tests {
         c.tables[0].max_len.store(4, Ordering::Relaxed);
         c.store(0, "toolong", "app1");
         assert!(c.lookup(0, "toolong").is_none());
-        assert_eq!(c.pending_len(), 0);
+        // stickd refuses control characters in keys: they never reach its buffer either.
+        c.store(0, "a\nb", "app1");
+        assert!(c.lookup(0, "a\nb").is_none());
+        c.store(0, "ok", "app1");
+        assert!(c.lookup(0, "ok").is_some());
+        assert_eq!(c.pending_len(), 1);
     }
 
     #[test]

@@ -42,16 +42,7 @@ impl StickCache {
 
     /// The key of a client address in table `t` (its canonical form in stickd).
     pub fn address_key(&self, t: usize, ip: std::net::IpAddr) -> Option<String> {
-        let v6 = self.tables[t].ipv6.load(Ordering::Relaxed);
-        match ip {
-            std::net::IpAddr::V4(a) if v6 => Some(a.to_ipv6_mapped().to_string()),
-            std::net::IpAddr::V4(a) => Some(a.to_string()),
-            std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
-                Some(v4) if !v6 => Some(v4.to_string()),
-                _ if v6 => Some(a.to_string()),
-                _ => None,
-            },
-        }
+        common::stick_key::address_key(self.tables[t].key_type(), ip)
     }
 
     /// Learns the tables' types, expiry and key length from stickd's ListTables; names the

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 
+use common::stick_key::KeyType;
+
 use super::KeyKind;
 use super::alloc::TableAlloc;
 
@@ -197,6 +199,21 @@ impl Table {
             ipv6: AtomicBool::new(false),
             hasher: RandomState::default(),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// The table's key type as far as stickd has told it (ListTables): a string table of
+    /// unknown length takes any length until then.
+    pub(super) fn key_type(&self) -> KeyType {
+        match self.kind {
+            KeyKind::Text => match self.max_len.load(Ordering::Relaxed) {
+                0 => KeyType::String { len: u32::MAX },
+                len => KeyType::String {
+                    len: u32::try_from(len).unwrap_or(u32::MAX),
+                },
+            },
+            KeyKind::Address if self.ipv6.load(Ordering::Relaxed) => KeyType::Ipv6,
+            KeyKind::Address => KeyType::Ip,
         }
     }
 
