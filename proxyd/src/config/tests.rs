@@ -271,3 +271,25 @@ fn with_stick(text: &str, on: &str) -> String {
         &format!("[backend.stick]\non = \"{on}\"\n[[backend.server]]\nname = \"app1\""),
     )
 }
+
+#[test]
+fn one_path_for_two_sockets_is_refused_at_the_second() {
+    let (line, reason) = err_line(&GOOD.replace(
+        "fdkeeper_socket = \"/tmp/f/fdkeeper.sock\"",
+        "fdkeeper_socket = \"/tmp/p//admin.sock\"",
+    ));
+    assert_eq!(line, 4);
+    assert!(
+        reason.contains("fdkeeper_socket is the same path as admin_socket"),
+        "{reason}"
+    );
+    let (line, reason) = err_line(&GOOD.replace(
+        "drain_timeout = \"5s\"",
+        "stickd_socket = \"/tmp/f/fdkeeper.sock\"",
+    ));
+    assert_eq!(line, 5);
+    assert!(
+        reason.contains("stickd_socket is the same path as fdkeeper_socket"),
+        "{reason}"
+    );
+}

@@ -19,6 +19,15 @@ use super::{
 pub(super) fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
     let global_span = raw.global.span();
     let g = raw.global.into_inner();
+    distinct_paths(
+        &src,
+        &[
+            ("admin_socket", g.admin_socket.as_ref()),
+            ("fdkeeper_socket", g.fdkeeper_socket.as_ref()),
+            ("stickd_socket", g.stickd_socket.as_ref()),
+            ("server_state_file", g.server_state_file.as_ref()),
+        ],
+    )?;
     let admin_socket = required_path(&src, g.admin_socket, global_span.clone(), "admin_socket")?;
     let fdkeeper_socket = required_path(
         &src,
@@ -524,6 +533,31 @@ fn forwardfor(
         None if except.is_some() => Some(ForwardFor { except }),
         None => None,
     })
+}
+
+/// proxyd binds its admin socket and writes its server-state file, and talks to fdkeeper and
+/// stickd on theirs: one path given twice would have proxyd unlink a peer's socket, or talk to
+/// itself, and fail only at run time.
+fn distinct_paths(
+    src: &SourceFile,
+    paths: &[(&str, Option<&Spanned<PathBuf>>)],
+) -> Result<(), ConfigError> {
+    let given: Vec<(&str, &Spanned<PathBuf>)> = paths
+        .iter()
+        .filter_map(|(k, p)| p.map(|p| (*k, p)))
+        .collect();
+    for (i, (key, p)) in given.iter().enumerate() {
+        if let Some((first, _)) = given[..i].iter().find(|(_, q)| q.get_ref() == p.get_ref()) {
+            return Err(src.error_at(
+                p.span(),
+                format!(
+                    "{key} is the same path as {first} ('{}')",
+                    p.get_ref().display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn required_path(
