@@ -8,9 +8,10 @@
 use std::hint::black_box;
 use std::time::Instant;
 
+use common::time::thread_cpu_ns;
 use proto::stick::v1 as pb;
 use proxyd::stick::{KeyKind, SHARDS, StickCache, now_ms};
-use proxyd::sys::{CountingAlloc, TableAlloc, thread_cpu_ns};
+use proxyd::sys::{CountingAlloc, TableAlloc};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;

@@ -309,7 +309,7 @@ pub struct StickCache {
 /// Unix time in ms from the coarse clock (a few ns instead of tens on the lookup path; a few
 /// ms of resolution are nothing against an expiry of seconds or minutes).
 pub fn now_ms() -> i64 {
-    crate::sys::coarse_unix_ms().unwrap_or_else(|_| {
+    common::time::coarse_unix_ms().unwrap_or_else(|_| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
