@@ -11,6 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
 
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::socket::{
     self as sock, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
     SockType, UnixAddr, sockopt,
@@ -94,7 +95,7 @@ pub fn accept(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// Sets both socket buffers to `bytes`, so that a datagram of about half that fits.
+/// Sets SO_SNDBUF and SO_RCVBUF to `bytes`: a datagram larger than the send buffer is refused.
 pub fn set_buffer_sizes(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
     sock::setsockopt(&fd, sockopt::SndBuf, &bytes)?;
     sock::setsockopt(&fd, sockopt::RcvBuf, &bytes)?;
@@ -168,6 +169,12 @@ fn recv_with_fds(
     })
 }
 
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
 /// Registers an owned fd with tokio's reactor.
 fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the OwnedFd is a valid, open fd, and the AsyncFd owns it: nothing else can
@@ -185,7 +192,7 @@ pub struct SeqPacket {
 impl SeqPacket {
     /// Wraps a seqpacket (or datagram) socket, making it non-blocking; needs a tokio runtime.
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
-        socket2::SockRef::from(&fd).set_nonblocking(true)?;
+        set_nonblocking(&fd)?;
         Ok(Self {
             fd: register(fd, Interest::READABLE | Interest::WRITABLE)?,
         })
@@ -288,7 +295,7 @@ pub struct Acceptor {
 
 impl Acceptor {
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
-        socket2::SockRef::from(&fd).set_nonblocking(true)?;
+        set_nonblocking(&fd)?;
         Ok(Self {
             fd: register(fd, Interest::READABLE)?,
         })
@@ -358,7 +365,7 @@ mod tests {
         assert!(got.fds_truncated && !got.truncated);
         // Received fds are close-on-exec.
         for fd in &got.fds {
-            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).expect("fcntl");
+            let flags = fcntl(fd, FcntlArg::F_GETFD).expect("fcntl");
             assert_ne!(flags & libc::FD_CLOEXEC, 0);
         }
         a.send(b"yy", &borrowed[..2]).await.expect("send");

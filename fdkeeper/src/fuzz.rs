@@ -319,10 +319,7 @@ fn seqpacket_listener(path: &std::path::Path) -> OwnedFd {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
+    common::daemon::runtime(1).expect("runtime")
 }
 
 /// A peer (here: fdkeeper's server, the real one) gets garbage, truncated datagrams, too many
