@@ -1,13 +1,46 @@
-//! Process plumbing shared by the daemons: exit codes, tracing set-up, sd_notify, unix sockets.
+//! Process plumbing shared by the daemons: arguments, exit codes, runtime, tracing, sd_notify, unix sockets.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-/// Exit codes of every binary (DESIGN.md): 0 ok, 64 bad configuration or usage, 1 anything else.
+/// Exit codes of every binary, sysexits-style (DESIGN.md): 0 ok, 64 bad configuration or
+/// usage (EX_USAGE), 65 damaged data (EX_DATAERR: stickd's data_dir), 1 anything else.
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_CONFIG: i32 = 64;
+pub const EXIT_DATA: i32 = 65;
 pub const EXIT_FAILURE: i32 = 1;
+
+/// Parses the command line; on `--help` or `--version` (exit 0) or a usage error (exit 64)
+/// clap's text is printed and the exit code comes back instead.
+pub fn parse_args<A: clap::Parser>() -> Result<A, i32> {
+    A::try_parse().map_err(|e| {
+        let code = if e.use_stderr() { EXIT_CONFIG } else { EXIT_OK };
+        // Nothing better to do if stderr is gone.
+        drop(e.print());
+        code
+    })
+}
+
+/// The process exit status for one of the codes above (anything out of range is 1).
+pub fn exit_status(code: i32) -> std::process::ExitCode {
+    std::process::ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// A tokio runtime with every driver: `threads == 1` runs everything on the calling thread,
+/// more gives that many worker threads, 0 one per CPU.
+pub fn runtime(threads: usize) -> io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b
+    };
+    builder.enable_all().build()
+}
 
 /// Logs to stderr (journald picks it up under systemd); `RUST_LOG` overrides `default`.
 pub fn init_tracing(default: &str) {

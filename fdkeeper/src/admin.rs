@@ -2,11 +2,11 @@
 
 use std::os::fd::AsFd;
 
+use common::time::unix_secs;
 use proto::fdkeeper::v1::admin_server::Admin;
 use proto::fdkeeper::v1::{Borrower, ListListenersReply, ListListenersRequest, Listener};
 use tonic::{Request, Response, Status};
 
-use crate::registry::unix_secs;
 use crate::server::{Shared, lock};
 use crate::sys;
 

@@ -15,8 +15,9 @@ use proto::fdlend::v1::{
 pub use proto::fdlend::v1::{Claim, ClaimRelease, ListenSpec, Released};
 use tokio_util::sync::CancellationToken;
 
-use crate::conn::{Conn, MAX_DATAGRAM};
-use crate::sys::MAX_FDS_PER_MESSAGE;
+use common::seqpacket::SeqPacket;
+
+use crate::limits::{MAX_DATAGRAM, MAX_FDS_PER_MESSAGE};
 
 /// One listener lent by fdkeeper: a dup of the very socket fdkeeper holds.
 #[derive(Debug)]
@@ -58,7 +59,7 @@ impl ClientError {
 /// An async connection to fdkeeper's lending socket (one request at a time).
 #[derive(Debug)]
 pub struct Client {
-    conn: Conn,
+    conn: SeqPacket,
     next_id: u64,
     instance: Option<Instance>,
     buf: Vec<u8>,
@@ -66,7 +67,7 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(socket: &Path) -> Result<Client, ClientError> {
-        let conn = Conn::connect(socket)
+        let conn = SeqPacket::connect(socket)
             .await
             .map_err(|source| ClientError::Connect {
                 path: socket.to_owned(),

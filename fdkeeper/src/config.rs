@@ -206,12 +206,12 @@ fn unix_path(src: &SourceFile, p: &Spanned<PathBuf>, key: &str) -> Result<PathBu
     if len == 0 {
         return Err(src.error_at(p.span(), format!("{key} must not be empty")));
     }
-    if len > sys::max_unix_path_len() {
+    if len > common::seqpacket::max_path_len() {
         return Err(src.error_at(
             p.span(),
             format!(
                 "{key} is {len} bytes long; a unix socket path holds at most {}",
-                sys::max_unix_path_len()
+                common::seqpacket::max_path_len()
             ),
         ));
     }

@@ -22,9 +22,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::address::{self, Bind};
 use crate::config::Config;
-use crate::conn::{Conn, MAX_DATAGRAM, MAX_REQUEST};
+use common::seqpacket::{self, SeqPacket};
+
+use crate::limits::{MAX_DATAGRAM, MAX_FDS_PER_MESSAGE, MAX_REQUEST};
 use crate::registry::{MAX_CLAIMS, Registry};
-use crate::sys::{self, MAX_FDS_PER_MESSAGE};
+use crate::sys;
 use crate::{Client, ClientError, listener};
 
 const MAX_LISTENERS: u32 = 8;
@@ -310,17 +312,14 @@ fn fuzz_lending_requests() {
 
 /// A SEQPACKET listener on a temp path, for a client or a server under test.
 fn seqpacket_listener(path: &std::path::Path) -> OwnedFd {
-    let fd = sys::seqpacket_socket().expect("socket");
-    sys::bind_unix(fd.as_fd(), path).expect("bind");
-    sys::listen(fd.as_fd(), 8).expect("listen");
+    let fd = seqpacket::socket().expect("socket");
+    seqpacket::bind(fd.as_fd(), path).expect("bind");
+    seqpacket::listen(fd.as_fd(), 8).expect("listen");
     fd
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
+    common::daemon::runtime(1).expect("runtime")
 }
 
 /// A peer (here: fdkeeper's server, the real one) gets garbage, truncated datagrams, too many
@@ -339,7 +338,7 @@ fn fuzz_lending_server_receive() {
     let path = dir.path().join("lend.sock");
     let acceptor = {
         let _guard = rt.enter();
-        crate::conn::Acceptor::new(seqpacket_listener(&path)).expect("acceptor")
+        seqpacket::Acceptor::new(seqpacket_listener(&path)).expect("acceptor")
     };
     rt.spawn(crate::server::serve(
         acceptor,
@@ -347,7 +346,7 @@ fn fuzz_lending_server_receive() {
         TaskTracker::new(),
         shutdown.clone(),
     ));
-    let peer = rt.block_on(Conn::connect(&path)).expect("connect");
+    let peer = rt.block_on(SeqPacket::connect(&path)).expect("connect");
     let seeds = request_seeds(probes.listening_addr());
     let seeds: Vec<&[u8]> = seeds.iter().map(Vec::as_slice).collect();
     let mut reply = vec![0u8; MAX_DATAGRAM];
@@ -416,7 +415,7 @@ fn fuzz_lending_client_receive() {
     let (mut client, server) = rt.block_on(async {
         let client = Client::connect(&path).await.expect("connect");
         let accepted = loop {
-            match sys::accept(listener_fd.as_fd()) {
+            match seqpacket::accept(listener_fd.as_fd()) {
                 Ok(fd) => break fd,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -424,7 +423,7 @@ fn fuzz_lending_client_receive() {
                 Err(e) => panic!("accept: {e}"),
             }
         };
-        (client, Conn::new(accepted).expect("server end"))
+        (client, SeqPacket::new(accepted).expect("server end"))
     });
     let lent_at = probes.listening_addr();
     let response_seeds: Vec<Vec<u8>> = [

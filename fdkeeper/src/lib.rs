@@ -32,11 +32,12 @@
 
 pub mod address;
 pub mod admin;
+pub mod cli;
 pub mod client;
 pub mod config;
-pub mod conn;
 #[cfg(test)]
 mod fuzz;
+pub mod limits;
 pub mod listener;
 pub mod pattern;
 mod registry;
@@ -50,6 +51,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use common::seqpacket;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -57,7 +59,7 @@ pub use client::{
     Claim, ClaimRelease, Client, ClientError, LentListener, ListenSpec, Released, guard_listeners,
 };
 pub use config::Config;
-pub use sys::MAX_FDS_PER_MESSAGE;
+pub use limits::MAX_FDS_PER_MESSAGE;
 
 /// Backlog of the lending socket itself (borrowers waiting to be accepted).
 const LENDING_BACKLOG: i32 = 128;
@@ -147,14 +149,14 @@ fn bind_lending(config: &Config) -> Result<OwnedFd, BindError> {
         );
     }
     remove_stale(path).map_err(err)?;
-    let fd = sys::seqpacket_socket().map_err(err)?;
-    sys::bind_unix(fd.as_fd(), path).map_err(err)?;
+    let fd = seqpacket::socket().map_err(err)?;
+    seqpacket::bind(fd.as_fd(), path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.socket_mode))
         .map_err(err)?;
     if let Some(gid) = config.socket_group {
         std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
     }
-    sys::listen(fd.as_fd(), LENDING_BACKLOG).map_err(err)?;
+    seqpacket::listen(fd.as_fd(), LENDING_BACKLOG).map_err(err)?;
     Ok(fd)
 }
 
@@ -165,8 +167,8 @@ fn remove_stale(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
         Ok(meta) if meta.file_type().is_socket() => {
-            let probe = sys::seqpacket_socket()?;
-            match sys::connect_unix(probe.as_fd(), path) {
+            let probe = seqpacket::socket()?;
+            match seqpacket::connect(probe.as_fd(), path) {
                 // A full backlog (EAGAIN) means a live listener too.
                 Ok(()) => Err(in_use(path)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(in_use(path)),
@@ -229,7 +231,7 @@ pub async fn run(
         );
     }
 
-    let acceptor = conn::Acceptor::new(sockets.lending).map_err(RunError::Lending)?;
+    let acceptor = seqpacket::Acceptor::new(sockets.lending).map_err(RunError::Lending)?;
     let tracker = TaskTracker::new();
     let lending = tokio::spawn(server::serve(
         acceptor,

@@ -120,7 +120,7 @@ pub fn conflict(held: &ListenSpec, wanted: &ListenSpec) -> Option<String> {
 pub fn update(fd: BorrowedFd<'_>, held: &mut ListenSpec, wanted: &ListenSpec) -> io::Result<()> {
     if held.backlog != wanted.backlog {
         // listen() again on a listening socket only changes its backlog.
-        sys::listen(fd, backlog_arg(wanted.backlog))?;
+        SockRef::from(&fd).listen(backlog_arg(wanted.backlog))?;
         held.backlog = wanted.backlog;
     }
     if held.defer_accept_secs != wanted.defer_accept_secs {

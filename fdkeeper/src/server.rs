@@ -12,9 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::conn::{Acceptor, Conn, MAX_REQUEST};
+use common::seqpacket::{Acceptor, SeqPacket};
+
+use crate::limits::{MAX_FDS_PER_MESSAGE, MAX_REQUEST};
 use crate::registry::{Registry, error_kind, response};
-use crate::sys::{self, MAX_FDS_PER_MESSAGE, PeerCred};
+use crate::sys::{self, PeerCred};
 
 /// How long a refused peer may take to send its first request (which gets the refusal).
 const REFUSAL_WAIT: Duration = Duration::from_secs(5);
@@ -76,7 +78,7 @@ async fn connection(
     registry: Shared,
     shutdown: CancellationToken,
 ) {
-    let conn = match Conn::new(fd) {
+    let conn = match SeqPacket::new(fd) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot register a borrower connection");
@@ -164,7 +166,7 @@ async fn connection(
 
 /// Answers the first request of a refused peer with PERMISSION_DENIED, then lets the
 /// connection close. Nothing else is read or sent.
-async fn refuse(conn: &Conn, shutdown: &CancellationToken) {
+async fn refuse(conn: &SeqPacket, shutdown: &CancellationToken) {
     let mut buf = vec![0u8; MAX_REQUEST];
     let got = tokio::select! {
         () = shutdown.cancelled() => return,

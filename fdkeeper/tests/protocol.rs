@@ -4,7 +4,7 @@ mod support;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use fdkeeper::conn::Conn;
+use common::seqpacket::SeqPacket;
 use prost::Message;
 use proto::fdlend::v1::error::Code;
 use proto::fdlend::v1::{
@@ -16,7 +16,7 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
-async fn ask(conn: &Conn, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> (Response, Vec<OwnedFd>) {
+async fn ask(conn: &SeqPacket, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> (Response, Vec<OwnedFd>) {
     conn.send(bytes, fds).await.expect("send");
     let mut buf = vec![0u8; 64 * 1024];
     let got = conn.recv(&mut buf, 64).await.expect("recv");
@@ -37,7 +37,7 @@ fn error_code(resp: &Response) -> Option<Code> {
 async fn malformed_requests_get_errors_and_fds_are_closed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let keeper = Keeper::start(dir.path(), "");
-    let conn = Conn::connect(&keeper.socket).await.expect("connect");
+    let conn = SeqPacket::connect(&keeper.socket).await.expect("connect");
 
     // Garbage bytes.
     let (resp, fds) = ask(&conn, &[0xff, 0xff, 0xff, 0x01, 0x02], &[]).await;

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::seqpacket::SeqPacket;
 use fdkeeper::Client;
-use fdkeeper::conn::Conn;
 use support::{config_text, spec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fdkeeper");
@@ -36,7 +36,7 @@ async fn connect_retrying(socket: &Path) -> Client {
 }
 
 /// Reads notifications until one contains `needle`; returns its text and fds.
-async fn wait_for(notify: &Conn, needle: &str) -> (String, Vec<OwnedFd>) {
+async fn wait_for(notify: &SeqPacket, needle: &str) -> (String, Vec<OwnedFd>) {
     let mut buf = vec![0u8; 4096];
     loop {
         let got = tokio::time::timeout(Duration::from_secs(10), notify.recv(&mut buf, 8))
@@ -66,7 +66,7 @@ async fn fd_store_round_trip() {
     std::fs::write(&config, config_text(dir.path(), "")).expect("write");
     let socket = dir.path().join("run/lend.sock");
     let notify_path = dir.path().join("notify.sock");
-    let notify = Conn::new(OwnedFd::from(
+    let notify = SeqPacket::new(OwnedFd::from(
         UnixDatagram::bind(&notify_path).expect("bind notify"),
     ))
     .expect("notify conn");

@@ -8,10 +8,11 @@
 use std::hint::black_box;
 use std::time::Instant;
 
+use common::time::coarse_now_ms;
+use common::time::thread_cpu_ns;
 use proto::stick::v1 as pb;
 use proxyd::stick::{CountingAlloc, TableAlloc};
-use proxyd::stick::{KeyKind, SHARDS, StickCache, now_ms};
-use proxyd::sys::thread_cpu_ns;
+use proxyd::stick::{KeyKind, SHARDS, StickCache};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
@@ -213,7 +214,7 @@ fn main() {
     let keys: Vec<String> = (0..n).map(|_| rng.key()).collect();
     // Fill as the Watch stream does (batches of stickd entries), counting the heap the cache
     // keeps: whatever the batches allocate and free meanwhile cancels out.
-    let expires = now_ms() + 30 * 60 * 1000;
+    let expires = coarse_now_ms() + 30 * 60 * 1000;
     let rss_before = rss_bytes();
     let huge_before = huge_page_bytes();
     let before = CountingAlloc::live_bytes();

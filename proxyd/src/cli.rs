@@ -1,4 +1,4 @@
-//! What the binary's commands do, kept out of main.rs: the master's start-up and `proxyd reload`.
+//! What the binary's commands do, kept out of main.rs: `check`, the master's start-up, `reload` and `status`.
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +7,20 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::master::Master;
+
+/// `proxyd check`: exit 0, or 64 with file:line:column: reason.
+pub fn check(config_path: &Path) -> i32 {
+    match Config::load(config_path) {
+        Ok(_) => {
+            println!("{}: ok", config_path.display());
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            EXIT_CONFIG
+        }
+    }
+}
 
 /// `proxyd --config FILE`: validate, bind the admin socket, run the master until stopped.
 pub fn master(config_path: &Path) -> i32 {
@@ -43,10 +57,7 @@ pub fn master(config_path: &Path) -> i32 {
     };
     let admin_path = config.global.admin_socket.clone();
     // One thread: workers' parent-death signal follows the thread that spawned them.
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match common::daemon::runtime(1) {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the runtime");
@@ -102,10 +113,7 @@ where
             }
         },
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match common::daemon::runtime(1) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot build the runtime: {e}");

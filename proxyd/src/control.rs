@@ -1,10 +1,24 @@
 //! The master/worker control channel: one prost message per SOCK_SEQPACKET datagram.
 
+use std::os::fd::{AsFd, OwnedFd};
+
+use common::seqpacket::{self, SeqPacket};
 use prost::Message;
 
-use crate::sys::SeqPacket;
-
 pub use proto::proxyd::control::v1 as pb;
+
+/// Largest control datagram (a Start message carries the whole config).
+pub const MAX_DATAGRAM: usize = 256 * 1024;
+
+/// The two ends of a new channel: connected, non-blocking, close-on-exec, with socket buffers
+/// that hold a Start message.
+pub fn socket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let pair = seqpacket::pair()?;
+    for fd in [&pair.0, &pair.1] {
+        seqpacket::set_buffer_sizes(fd.as_fd(), MAX_DATAGRAM * 2)?;
+    }
+    Ok(pair)
+}
 
 /// Environment variable through which the master gives each worker its instance id (random
 /// per master start). Workers claim their listeners in fdkeeper as (owner, this instance, their
@@ -55,12 +69,12 @@ impl<S: Message, R: Message + Default> Channel<S, R> {
     }
 
     pub async fn send(&self, msg: &S) -> Result<(), ControlError> {
-        Ok(self.sock.send(&msg.encode_to_vec()).await?)
+        Ok(self.sock.send(&msg.encode_to_vec(), &[]).await?)
     }
 
     /// The next message, or `None` when the other end closed.
     pub async fn recv(&self) -> Result<Option<R>, ControlError> {
-        match self.sock.recv().await? {
+        match self.sock.recv_message(MAX_DATAGRAM).await? {
             None => Ok(None),
             Some(buf) => Ok(Some(R::decode(buf.as_slice())?)),
         }

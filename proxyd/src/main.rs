@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use common::daemon::{EXIT_CONFIG, EXIT_OK};
-use proxyd::config::{Config, DEFAULT_PATH};
+use common::daemon::{exit_status, parse_args};
+use proxyd::config::DEFAULT_PATH;
 
 #[derive(Parser)]
 #[command(
@@ -46,31 +46,15 @@ enum Cmd {
 
 fn main() -> ExitCode {
     common::daemon::init_tracing("info");
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match parse_args() {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return code(if e.use_stderr() { EXIT_CONFIG } else { EXIT_OK });
-        }
+        Err(code) => return exit_status(code),
     };
-    code(match cli.command {
+    exit_status(match cli.command {
         None => proxyd::cli::master(&cli.config),
-        Some(Cmd::Check) => match Config::load(&cli.config) {
-            Ok(_) => {
-                println!("{}: ok", cli.config.display());
-                EXIT_OK
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                EXIT_CONFIG
-            }
-        },
+        Some(Cmd::Check) => proxyd::cli::check(&cli.config),
         Some(Cmd::Reload { admin_socket }) => proxyd::cli::reload(&cli.config, admin_socket),
         Some(Cmd::Status { admin_socket }) => proxyd::cli::status(&cli.config, admin_socket),
         Some(Cmd::Worker { control_fd }) => proxyd::worker::main(control_fd),
     })
-}
-
-fn code(c: i32) -> ExitCode {
-    ExitCode::from(u8::try_from(c).unwrap_or(1))
 }

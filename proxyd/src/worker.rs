@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use common::SourceFile;
 use common::daemon::{EXIT_CONFIG, EXIT_FAILURE, EXIT_OK};
+use common::seqpacket::SeqPacket;
+use common::signals::{Signal, Signals};
 use fdkeeper::client::{Claim, Client, ClientError, LentListener, ListenSpec};
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -19,7 +20,7 @@ use crate::control::{MASTER_INSTANCE_ENV, WorkerEnd, claim_owner, pb, to_master}
 use crate::model::{AdminState, StatsSnapshot};
 use crate::serve::Proxy;
 use crate::stick::StickCache;
-use crate::sys::{self, SeqPacket};
+use crate::sys;
 
 /// How often counters go to the master.
 const STATS_EVERY: Duration = Duration::from_millis(250);
@@ -56,17 +57,7 @@ pub fn main(control_fd: RawFd) -> i32 {
     };
     let config = Config::from_source(SourceFile::from_text(&start.config_path, start.config_toml));
     let threads = config.as_ref().map_or(1, |c| c.global.threads);
-    let rt = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    };
-    let rt = match rt {
+    let rt = match common::daemon::runtime(threads) {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the runtime");
@@ -117,9 +108,7 @@ pub fn main(control_fd: RawFd) -> i32 {
 }
 
 fn read_start(fd: OwnedFd) -> Result<(pb::Start, OwnedFd), WorkerError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = common::daemon::runtime(1)?;
     rt.block_on(async move {
         let control = WorkerEnd::new(SeqPacket::new(fd)?);
         let msg = control.recv().await?;
@@ -307,13 +296,9 @@ async fn run(
 
     // Ctrl-C and a closing terminal reach the whole process group: the master decides what
     // the workers do, so those signals are caught and ignored here.
-    let (mut sigterm, _sigint, _sighup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+    let mut signals = match Signals::new(&[Signal::Terminate, Signal::Interrupt, Signal::Hangup]) {
+        Ok(s) => s,
+        Err(e) => {
             tracing::error!(error = %e, "cannot install signal handlers");
             return EXIT_FAILURE;
         }
@@ -379,8 +364,8 @@ async fn run(
                     }
                 }
             },
-            _ = sigterm.recv() => {
-                if finishing.is_none() {
+            s = signals.recv() => {
+                if s == Signal::Terminate && finishing.is_none() {
                     finishing = Some(begin_drain(config.global.drain_timeout, "SIGTERM"));
                 }
             }

@@ -4,7 +4,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Once;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use crate::config::Config;
 use crate::store::{Store, StoreError};
@@ -146,9 +146,7 @@ fn is_damage(e: &StoreError) -> bool {
 /// write (systemd's StateDirectory is the data_dir itself, under a read-only /var/lib), its
 /// content moves instead into `<dir>/damaged-<unix seconds>`, which sled ignores.
 pub fn move_aside(dir: &Path) -> std::io::Result<PathBuf> {
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let stamp = common::time::unix_secs(SystemTime::now());
     let name = dir
         .file_name()
         .map_or_else(|| "data".into(), |n| n.to_string_lossy().into_owned());
@@ -164,7 +162,7 @@ pub fn move_aside(dir: &Path) -> std::io::Result<PathBuf> {
 }
 
 /// Moves the content of `dir` into a new `<dir>/damaged-<stamp>`, earlier ones excepted.
-fn move_inside(dir: &Path, stamp: u64) -> std::io::Result<PathBuf> {
+fn move_inside(dir: &Path, stamp: i64) -> std::io::Result<PathBuf> {
     let inside = free_name(|n| dir.join(format!("{DAMAGED_PREFIX}{stamp}{n}")));
     std::fs::create_dir(&inside)?;
     for entry in std::fs::read_dir(dir)? {

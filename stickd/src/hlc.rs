@@ -4,15 +4,6 @@
 //! operators, and still ordered when clocks disagree, because every version a node sees from a
 //! peer pushes its own clock past it.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Unix milliseconds now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// The clock of one node. Not thread-safe on its own: the store keeps it under its lock.
 #[derive(Debug, Default)]
 pub struct Hlc {

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod datadir;
 mod disk;
@@ -62,7 +63,7 @@ impl Listeners {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The data directory is damaged or cannot be opened (its own exit code, see main.rs).
+    /// The data directory is damaged or cannot be opened (its own exit code, see cli.rs).
     #[error(transparent)]
     DataDir(#[from] datadir::DataDirError),
     #[error("store: {0}")]

@@ -1,20 +1,16 @@
-//! The stickd binary: parse arguments, load the config, bind, run, map errors to exit codes.
+//! The stickd binary: parse arguments, then `check` or run the daemon (see [`stickd::cli`]).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use common::daemon::{EXIT_CONFIG, EXIT_FAILURE, EXIT_OK};
-use tokio_util::sync::CancellationToken;
+use common::daemon::{EXIT_CONFIG, exit_status, parse_args};
 
 // Tables of millions of entries hold a few small strings each, and a resync or a sweep makes and
 // frees them by the million: mimalloc's per-thread size classes do that for less CPU and less
 // fragmentation than glibc's malloc, whose frees and consolidations were a quarter of a resync.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// The data_dir is damaged (sysexits' EX_DATAERR): restarting cannot help, so systemd's unit
-/// lists it in RestartPreventExitStatus.
-const EXIT_DATA_DIR: i32 = 65;
 
 /// Stick tables in sled, replicated to every peer over gRPC.
 ///
@@ -47,91 +43,22 @@ enum Command {
     Check,
 }
 
-fn main() {
+fn main() -> ExitCode {
     common::daemon::init_tracing("info");
-    let args = match Args::try_parse() {
+    let args: Args = match parse_args() {
         Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() { EXIT_CONFIG } else { EXIT_OK };
-            let _ = e.print();
-            std::process::exit(code);
-        }
+        Err(code) => return exit_status(code),
     };
     let Some(path) = args.config else {
         eprintln!("stickd: --config FILE is required (see --help)");
-        std::process::exit(EXIT_CONFIG);
+        return exit_status(EXIT_CONFIG);
     };
-    let mut config = match stickd::Config::load(&path, args.local_peer.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("stickd: {e}");
-            std::process::exit(EXIT_CONFIG);
-        }
-    };
-    if args.check || matches!(args.command, Some(Command::Check)) {
-        println!("{}: ok", path.display());
-        std::process::exit(EXIT_OK);
-    }
-    if args.recover_from_peers {
-        if config.peers.is_empty() {
-            eprintln!(
-                "stickd: --recover-from-peers: {} configures no peer besides '{}': there is nobody to recover from",
-                path.display(),
-                config.local
-            );
-            std::process::exit(EXIT_CONFIG);
-        }
-        config.recover_from_peers = true;
-    }
-    std::process::exit(match serve(config) {
-        Ok(()) => EXIT_OK,
-        Err(e) => match e.downcast_ref::<stickd::Error>() {
-            Some(e @ stickd::Error::DataDir(d)) => {
-                eprintln!("stickd: {e}");
-                match d {
-                    stickd::datadir::DataDirError::Damaged { .. } => EXIT_DATA_DIR,
-                    _ => EXIT_FAILURE,
-                }
-            }
-            _ => {
-                eprintln!("stickd: {e:#}");
-                EXIT_FAILURE
-            }
+    let local_peer = args.local_peer.as_deref();
+    exit_status(
+        if args.check || matches!(args.command, Some(Command::Check)) {
+            stickd::cli::check(&path, local_peer)
+        } else {
+            stickd::cli::daemon(&path, local_peer, args.recover_from_peers)
         },
-    });
-}
-
-fn serve(config: stickd::Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let listeners = stickd::Listeners::bind(&config).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot bind {} or {}: {e}",
-                config.socket.display(),
-                config.listen
-            )
-        })?;
-        let shutdown = CancellationToken::new();
-        let signals = shutdown.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                tracing::error!("cannot install signal handlers");
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            tracing::info!("signal received: shutting down");
-            signals.cancel();
-        });
-        stickd::run(config, listeners, shutdown).await?;
-        Ok(())
-    })
+    )
 }

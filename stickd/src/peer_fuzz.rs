@@ -41,7 +41,7 @@ expire = "5m"
 
 /// Valid messages of every kind, as the seeds.
 fn seeds() -> Vec<Vec<u8>> {
-    let now = crate::store::now_ms();
+    let now = common::time::now_ms();
     let entry = |key: &str, deleted| pb::Entry {
         key: key.into(),
         server: "app1".into(),

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::daemon::notify;
+use common::time::unix_ms;
 use proto::proxyd::v1 as api;
 use tokio::time::Instant;
 
 use super::spawn::{Binary, Worker};
-use super::{Master, ReloadError, unix_ms};
+use super::{Master, ReloadError};
 use crate::config::Config;
 use crate::control::{pb, to_worker};
 

@@ -22,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::ConfigError;
 use common::daemon::notify;
+use common::time::unix_ms;
 use proto::proxyd::v1 as api;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -183,11 +184,6 @@ pub struct Master {
     released_others: bool,
     /// When to try a failed release again.
     release_retry_at: Option<Instant>,
-}
-
-fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl Master {

@@ -14,9 +14,10 @@ use tokio::time::Instant;
 use super::generation::{Crashes, Generation, Phase, Process};
 use super::{Event, Master};
 use crate::config::Config;
-use crate::control::{MASTER_INSTANCE_ENV, MasterEnd, pb, to_worker};
+use crate::control::{self, MASTER_INSTANCE_ENV, MasterEnd, pb, to_worker};
 use crate::model::StatsSnapshot;
-use crate::sys::{self, SeqPacket};
+use crate::sys;
+use common::seqpacket::SeqPacket;
 
 #[derive(Debug)]
 enum ToWorker {
@@ -246,7 +247,7 @@ fn spawn_process(
     start: pb::MasterToWorker,
     events: mpsc::UnboundedSender<Event>,
 ) -> std::io::Result<Worker> {
-    let (ours, theirs) = sys::seqpacket_pair()?;
+    let (ours, theirs) = control::socket_pair()?;
     let mut cmd = tokio::process::Command::new(exec.program);
     cmd.arg0(exec.arg0)
         .env(MASTER_INSTANCE_ENV, exec.instance)

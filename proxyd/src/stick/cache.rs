@@ -10,7 +10,9 @@ use proto::stick::v1 as pb;
 use tokio::sync::Notify;
 
 use super::table::{SHARDS, Shard, Slot, Table};
-use super::{KeyKind, now_ms};
+use common::time::coarse_now_ms;
+
+use super::KeyKind;
 
 /// Unsent writes kept while stickd is away; beyond this new ones are dropped (and counted).
 pub const MAX_PENDING: usize = 100_000;
@@ -88,7 +90,7 @@ impl StickCache {
     /// keep it short) instead of cloning it. Allocates nothing unless a touch is due.
     pub fn lookup_with<R>(&self, t: usize, key: &str, f: impl FnOnce(&Arc<str>) -> R) -> Option<R> {
         let table = &self.tables[t];
-        let now = now_ms();
+        let now = coarse_now_ms();
         let life = table.life_ms();
         let hash = table.hash(key);
         let mut touch = false;
@@ -138,7 +140,7 @@ impl StickCache {
             tracing::debug!(table = %table.name, key_len = key.len(), error = %e, "key refused by the table, not stored");
             return;
         }
-        let now = now_ms();
+        let now = coarse_now_ms();
         let hash = table.hash(key);
         let name = {
             let mut shard = table.shard(hash);
@@ -209,7 +211,7 @@ impl StickCache {
 
     /// Live entries of table `t` (tests); walks the whole table.
     pub fn len(&self, t: usize) -> usize {
-        let now = now_ms();
+        let now = coarse_now_ms();
         let table = &self.tables[t];
         (0..SHARDS)
             .map(|i| {
@@ -235,7 +237,7 @@ impl StickCache {
     /// Replaces table `t` with a snapshot; unsent local stores stay on top.
     pub(super) fn install_snapshot(&self, t: usize, entries: Vec<pb::Entry>) {
         let table = &self.tables[t];
-        let now = now_ms();
+        let now = coarse_now_ms();
         let mut fresh: Vec<Shard> = (0..SHARDS).map(|_| Shard::default()).collect();
         for e in entries {
             if !e.deleted && e.expires_unix_ms > now {
@@ -277,7 +279,7 @@ impl StickCache {
     /// store of the same key is still unsent.
     pub fn apply(&self, t: usize, entries: Vec<pb::Entry>) {
         let table = &self.tables[t];
-        let now = now_ms();
+        let now = coarse_now_ms();
         let unsent: HashSet<String> = {
             let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             if p.stores.is_empty() {
@@ -347,7 +349,7 @@ mod tests {
     #[test]
     fn touches_are_coalesced() {
         let c = cache();
-        let now = now_ms();
+        let now = coarse_now_ms();
         c.apply(
             0,
             vec![pb::Entry {
@@ -378,7 +380,7 @@ mod tests {
         let e = |server: &str| pb::Entry {
             key: "k".into(),
             server: server.into(),
-            expires_unix_ms: now_ms() + 60_000,
+            expires_unix_ms: coarse_now_ms() + 60_000,
             version: 9,
             ..Default::default()
         };
@@ -404,7 +406,7 @@ mod tests {
             vec![pb::Entry {
                 key: "old".into(),
                 server: "app1".into(),
-                expires_unix_ms: now_ms() - 1,
+                expires_unix_ms: coarse_now_ms() - 1,
                 version: 1,
                 ..Default::default()
             }],
@@ -426,7 +428,7 @@ mod tests {
         const N: usize = 100_000;
         let c = cache();
         let keys: Vec<String> = (0..N as u64).map(session_key).collect();
-        let expires = now_ms() + 600_000;
+        let expires = coarse_now_ms() + 600_000;
         let before = CountingAlloc::thread_bytes();
         for chunk in keys.chunks(10_000) {
             let batch = chunk
@@ -460,7 +462,7 @@ mod tests {
     #[test]
     fn clear_keeps_only_newer_entries() {
         let c = cache();
-        let now = now_ms();
+        let now = coarse_now_ms();
         let mut newer = entry("new", "app1", now + 60_000);
         newer.version = 10;
         c.apply(0, vec![entry("old", "app1", now + 60_000), newer]);

@@ -32,7 +32,7 @@ mod watch;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use proto::stick::v1::stick_client::StickClient;
 use tokio::sync::oneshot;
@@ -47,16 +47,6 @@ pub use table::{SHARDS, Table};
 
 /// Longest wait between two attempts to reach stickd (the watch's and the flusher's).
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// Unix time in ms from the coarse clock (a few ns instead of tens on the lookup path; a few
-/// ms of resolution are nothing against an expiry of seconds or minutes).
-pub fn now_ms() -> i64 {
-    crate::sys::coarse_unix_ms().unwrap_or_else(|_| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-    })
-}
 
 impl StickCache {
     /// Starts the watch, flush and sweep tasks. Returns `Ok(true)` once the first snapshot is

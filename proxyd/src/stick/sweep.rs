@@ -7,7 +7,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::table::SHARDS;
-use super::{StickCache, now_ms};
+use common::time::coarse_now_ms;
+
+use super::StickCache;
 
 /// Buckets a sweep step visits (over all tables), each shard locked only for its part.
 pub const SWEEP_BUCKETS: usize = 4096;
@@ -20,7 +22,7 @@ impl StickCache {
     /// Returns how many went. A shard that grew meanwhile may have moved some entries past
     /// or before the cursor: they are found by the next pass (or by the lookup that hits them).
     pub fn sweep_step(&self, budget: usize) -> usize {
-        let now = now_ms();
+        let now = coarse_now_ms();
         let mut at = self.sweep_at.lock().unwrap_or_else(|p| p.into_inner());
         let (mut t, mut s, mut b) = *at;
         let mut left = budget;
@@ -80,7 +82,7 @@ mod tests {
     #[test]
     fn the_sweep_goes_a_bounded_step_at_a_time() {
         let c = cache();
-        let now = now_ms();
+        let now = coarse_now_ms();
         // 20 000 expired entries (slipped past a lookup's check: expired after the apply)
         // and 100 live ones.
         let batch = (0..20_000)

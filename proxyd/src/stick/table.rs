@@ -243,8 +243,8 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stick::now_ms;
     use crate::stick::testing::{cache, entry, session_key};
+    use common::time::coarse_now_ms;
 
     /// The lookup's prefetch guesses hashbrown's layout: most entries must sit in the first
     /// group of buckets their probe visits, starting at the guessed home bucket.
@@ -252,7 +252,7 @@ mod tests {
     fn prefetch_hints_point_at_the_buckets_lookups_read() {
         let h = RandomState::default();
         let mut shard = Shard::default();
-        let now = now_ms();
+        let now = coarse_now_ms();
         let keys: Vec<String> = (0..20_000).map(session_key).collect();
         for k in &keys {
             assert!(shard.upsert(&h, hash_key(&h, k.as_bytes()), k, "app1", now + 60_000, 1));
@@ -286,7 +286,7 @@ mod tests {
     #[test]
     fn server_names_are_interned_per_shard() {
         let c = cache();
-        let now = now_ms();
+        let now = coarse_now_ms();
         c.apply(
             0,
             (0..1000)

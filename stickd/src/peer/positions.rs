@@ -117,8 +117,9 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
+    use crate::store::Event;
     use crate::store::testing::{config, entry, item, reopen};
-    use crate::store::{Event, now_ms};
+    use common::time::now_ms;
 
     #[test]
     fn snapshot_chunks_merge_by_lww_evict_in_order_and_survive_a_restart() {

@@ -17,7 +17,8 @@ use tracing::{debug, info, warn};
 
 use super::{LinkState, PeerState, Positions, def_to_pb, mismatches};
 use crate::config::{Config, Peer};
-use crate::store::{Store, StoreError, now_ms};
+use crate::store::{Store, StoreError};
+use common::time::now_ms;
 
 /// Entries per snapshot chunk (and per hold of the store's lock while copying one).
 const SNAPSHOT_CHUNK: usize = crate::limits::MAX_BATCH;

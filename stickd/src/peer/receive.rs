@@ -16,7 +16,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{PeerState, Peers, Positions, def_to_pb, mismatches};
 use crate::config::Config;
-use crate::store::{Store, StoreError, now_ms};
+use crate::store::{Store, StoreError};
+use common::time::now_ms;
 
 /// The receiving side: applies the logs peers push to us.
 pub struct PeerService {

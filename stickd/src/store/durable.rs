@@ -12,8 +12,9 @@ use std::sync::{Arc, MutexGuard};
 use proto::stick::v1 as pb;
 
 use super::tables::Loading;
-use super::{Store, StoreError, log, now_ms};
+use super::{Store, StoreError, log};
 use crate::disk::u64_at;
+use common::time::now_ms;
 
 /// Queued sled writes past which writers wait for sled (see `Store::backpressure`).
 const PENDING_HIGH_WATER: usize = 100_000;

@@ -81,8 +81,8 @@ mod tests {
 
     use super::super::testing::{config, reopen};
     use super::*;
-    use crate::hlc::now_ms;
     use crate::record::Rec;
+    use common::time::now_ms;
 
     #[test]
     fn per_key_trees_of_older_versions_are_read_and_moved() {

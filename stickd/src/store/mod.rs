@@ -27,6 +27,7 @@ pub(crate) mod testing;
 mod views;
 mod writes;
 
+use common::time::now_ms;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,7 +43,6 @@ use durable::Disk;
 use queue::Pending;
 use tables::{Loading, Table};
 
-pub use crate::hlc::now_ms;
 pub use error::StoreError;
 pub use replicate::{Mark, SnapshotTable};
 

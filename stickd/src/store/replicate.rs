@@ -10,7 +10,8 @@ use proto::stick::v1 as pb;
 
 use super::queue::Journal;
 use super::tables::{self, Merged, Merging};
-use super::{Event, Inner, Store, StoreError, now_ms};
+use super::{Event, Inner, Store, StoreError};
+use common::time::now_ms;
 
 /// After a snapshot chunk that is not the last, checkpoints wait this long for the next one.
 const SNAPSHOT_QUIET_MS: i64 = 2000;

@@ -8,8 +8,9 @@ use proto::stick::v1 as pb;
 use tokio::sync::broadcast;
 
 use super::tables::Table;
-use super::{Event, Store, StoreError, now_ms};
+use super::{Event, Store, StoreError};
 use crate::record::Rec;
+use common::time::now_ms;
 
 impl Store {
     /// Current content of `tables` (all when empty) and a subscription that starts right after it.

@@ -9,8 +9,9 @@ use std::sync::atomic::Ordering;
 use proto::stick::v1 as pb;
 
 use super::tables::check_server;
-use super::{Event, Inner, Store, StoreError, durable, now_ms};
+use super::{Event, Inner, Store, StoreError, durable};
 use crate::record::Rec;
+use common::time::now_ms;
 
 impl Store {
     /// One local write (a store or a tombstone): makes room for a new key, keeps the record and
