@@ -1,7 +1,5 @@
 //! One load-balancer node made of the real binaries (demo backends, fdkeeper, proxyd) in an
 //! [`Env`], with its generated configs and admin clients; shared by e2e scenarios and the demo.
-// Shared API for every scenario module (stickd's too) and bench: not all of it is used yet.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use proto::proxyd::v1::admin_client::AdminClient as ProxydAdminClient;
 use proto::proxyd::v1::{GenerationState, StatusReply, StatusRequest};
 
-use crate::harness::{self, Env, GrpcTarget, Proc, ProcSpec};
+use crate::harness::{self, Env, Proc, ProcSpec};
 
 /// Generous waits: the e2e machine has 2 cores and four builds may run beside it.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -54,19 +52,18 @@ impl Default for NodeOptions {
 
 /// A running node.
 pub struct Node {
-    /// The demo backends this node started (none when given `servers`).
-    pub backends: Vec<(String, SocketAddr, Proc)>,
+    /// Held: the demo backends this node started (none when given `servers`); dropping a
+    /// `Proc` kills it.
+    _backends: Vec<Proc>,
     /// What its proxyd balances over.
     pub servers: Vec<(String, SocketAddr)>,
     pub fdkeeper: Proc,
     pub proxyd: Proc,
     pub frontend: SocketAddr,
-    pub fdkeeper_config: PathBuf,
     pub fdkeeper_socket: PathBuf,
     pub fdkeeper_admin: PathBuf,
     pub proxyd_config: PathBuf,
     pub proxyd_admin: PathBuf,
-    pub options: NodeOptions,
 }
 
 /// fdkeeper.toml for a node whose files live under `dir`.
@@ -282,7 +279,7 @@ impl Node {
             ["--config".as_ref(), fdkeeper_config.as_os_str()],
         )?;
         harness::wait_unix(&fdkeeper_admin, START_TIMEOUT).await?;
-        harness::wait_grpc_health(&GrpcTarget::Unix(fdkeeper_admin.clone()), START_TIMEOUT).await?;
+        harness::wait_grpc_health(&fdkeeper_admin, START_TIMEOUT).await?;
         harness::wait_seqpacket(&fdkeeper_socket, START_TIMEOUT).await?;
 
         let frontend = env.port_or_free(h, options.preferred_ports.map(|(f, _)| f))?;
@@ -308,17 +305,15 @@ impl Node {
             ["--config".as_ref(), proxyd_config.as_os_str()],
         )?;
         let node = Node {
-            backends,
+            _backends: backends.into_iter().map(|(_, _, p)| p).collect(),
             servers,
             fdkeeper,
             proxyd,
             frontend,
-            fdkeeper_config,
             fdkeeper_socket,
             fdkeeper_admin,
             proxyd_config,
             proxyd_admin,
-            options,
         };
         node.wait_serving(START_TIMEOUT).await?;
         Ok(node)
@@ -346,14 +341,6 @@ impl Node {
         })
         .await?;
         Ok(generation)
-    }
-
-    pub fn fdkeeper_target(&self) -> GrpcTarget {
-        GrpcTarget::Unix(self.fdkeeper_admin.clone())
-    }
-
-    pub fn proxyd_target(&self) -> GrpcTarget {
-        GrpcTarget::Unix(self.proxyd_admin.clone())
     }
 
     pub async fn status(&self) -> Result<StatusReply> {
@@ -468,8 +455,8 @@ pub async fn wait_new_generation(
 }
 
 /// Inode of each listener fdkeeper holds, by address, from its admin API through grpcurl.
-pub fn fdkeeper_inodes(target: &GrpcTarget) -> Result<Vec<(String, u64)>> {
-    let v = harness::grpcurl(target, "fdkeeper.v1.Admin/ListListeners", None)?;
+pub fn fdkeeper_inodes(admin: &Path) -> Result<Vec<(String, u64)>> {
+    let v = harness::grpcurl(admin, "fdkeeper.v1.Admin/ListListeners", None)?;
     let mut out = Vec::new();
     for l in v["listeners"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         let addr = l["localAddress"]

@@ -1,8 +1,6 @@
 //! Test environment for e2e scenarios and the demo: a temp dir, free ports on 127.0.0.x, the real
 //! binaries with their output in per-process log files, readiness waits, signals, and cleanup that
 //! leaves no process behind (on drop, on panic and on Ctrl-C).
-// Shared API for every scenario module (stickd's too) and bench: not all of it is used yet.
-#![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -695,13 +693,6 @@ pub fn pid_alive(pid: u32) -> bool {
     })
 }
 
-/// What a gRPC call is addressed to.
-#[derive(Clone, Debug)]
-pub enum GrpcTarget {
-    Unix(PathBuf),
-    Tcp(SocketAddr),
-}
-
 /// Fails with the install hint when grpcurl is not on PATH.
 pub fn require_grpcurl() -> Result<()> {
     match Command::new("grpcurl").arg("-version").output() {
@@ -712,10 +703,10 @@ pub fn require_grpcurl() -> Result<()> {
     }
 }
 
-/// Runs the real grpcurl (`-plaintext`, `-unix` for a socket path) and returns what it printed.
-/// `method` is e.g. "proxyd.v1.Admin/Status" or "list".
+/// Runs the real grpcurl (`-plaintext -unix` on the daemon's socket) and returns what it
+/// printed. `method` is e.g. "proxyd.v1.Admin/Status" or "list".
 pub fn grpcurl_output(
-    target: &GrpcTarget,
+    socket: &Path,
     method: &str,
     data: Option<&serde_json::Value>,
 ) -> Result<std::process::Output> {
@@ -724,16 +715,9 @@ pub fn grpcurl_output(
     if let Some(d) = data {
         cmd.arg("-d").arg(d.to_string());
     }
-    match target {
-        GrpcTarget::Unix(p) => {
-            // grpcurl 1.8 would send the socket path as the HTTP/2 :authority, which h2 rejects
-            // as malformed (PROTOCOL_ERROR); any host name will do.
-            cmd.args(["-authority", "localhost", "-unix"]).arg(p);
-        }
-        GrpcTarget::Tcp(a) => {
-            cmd.arg(a.to_string());
-        }
-    }
+    // grpcurl 1.8 would send the socket path as the HTTP/2 :authority, which h2 rejects as
+    // malformed (PROTOCOL_ERROR); any host name will do.
+    cmd.args(["-authority", "localhost", "-unix"]).arg(socket);
     for part in method.split_whitespace() {
         cmd.arg(part);
     }
@@ -752,11 +736,11 @@ pub fn grpcurl_output(
 /// A unary call through grpcurl, parsed as JSON. A gRPC error becomes an `Err` carrying
 /// grpcurl's report (code and message).
 pub fn grpcurl(
-    target: &GrpcTarget,
+    socket: &Path,
     method: &str,
     data: Option<&serde_json::Value>,
 ) -> Result<serde_json::Value> {
-    let out = grpcurl_output(target, method, data)?;
+    let out = grpcurl_output(socket, method, data)?;
     if !out.status.success() {
         bail!(
             "grpcurl {method} failed ({}): {}",
@@ -773,12 +757,12 @@ pub fn grpcurl(
 }
 
 /// Waits until `grpc.health.v1.Health/Check` (through grpcurl) answers SERVING.
-pub async fn wait_grpc_health(target: &GrpcTarget, timeout: Duration) -> Result<()> {
+pub async fn wait_grpc_health(socket: &Path, timeout: Duration) -> Result<()> {
     wait_for("the gRPC health check to say SERVING", timeout, || {
-        let target = target.clone();
+        let socket = socket.to_owned();
         async move {
             let v = tokio::task::spawn_blocking(move || {
-                grpcurl(&target, "grpc.health.v1.Health/Check", None)
+                grpcurl(&socket, "grpc.health.v1.Health/Check", None)
             })
             .await??;
             Ok((v["status"] == "SERVING").then_some(()))

@@ -1,7 +1,5 @@
 //! HTTP/1.1 load generator for e2e and bench: keep-alive and connection-close clients, bounded in
 //! time and count, every response checked, every failure counted by kind.
-// Shared API for every scenario module (stickd's too) and bench: not all of it is used yet.
-#![allow(dead_code)]
 
 use std::fmt;
 use std::io::ErrorKind;
@@ -150,7 +148,6 @@ struct Shared {
 pub struct Snapshot {
     pub ok: u64,
     pub failures: Failures,
-    pub in_flight: u64,
 }
 
 /// Everything a finished run measured.
@@ -265,14 +262,7 @@ impl Load {
         Snapshot {
             ok: s.ok.load(Ordering::SeqCst),
             failures,
-            in_flight: s.in_flight.load(Ordering::SeqCst),
         }
-    }
-
-    /// Requests started and not yet answered (a keep-alive client is counted from the moment it
-    /// starts writing a request until its response is complete).
-    pub fn in_flight(&self) -> u64 {
-        self.shared.in_flight.load(Ordering::SeqCst)
     }
 
     /// Requests that a server dying right now could fail: those in flight, plus one per

@@ -379,11 +379,10 @@ enum Kind {
 /// Three HAProxy processes peered in `mypeers`, in front of their own two demo backends.
 struct Haproxy {
     /// Held: the temp dir with configs, stats sockets and logs.
-    #[allow(dead_code)]
-    env: Env,
-    /// Held: dropping a `Proc` kills it.
-    #[allow(dead_code)]
-    backends: Vec<(String, SocketAddr, Proc)>,
+    _env: Env,
+    /// Held: the demo backends; dropping a `Proc` kills it.
+    _backends: Vec<Proc>,
+    /// HAProxy on node `i`.
     procs: Vec<Proc>,
     stats: Vec<PathBuf>,
     /// Server names by HAProxy's `server_id` (1-based, in config order).
@@ -457,8 +456,8 @@ impl Nodes {
             frontends,
             clients: Default::default(),
             kind: Kind::Haproxy(Haproxy {
-                env,
-                backends,
+                _env: env,
+                _backends: backends.into_iter().map(|(_, _, p)| p).collect(),
                 procs,
                 stats,
                 servers: names,

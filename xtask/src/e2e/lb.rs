@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Outcome, Scenario, figure};
 use crate::cluster::{self, START_TIMEOUT};
-use crate::harness::{self, Env, GrpcTarget, Proc};
+use crate::harness::{self, Env, Proc};
 
 pub fn scenarios() -> Vec<Scenario> {
     let s = Scenario::new;
@@ -88,19 +88,16 @@ pub struct LbNode {
     pub stickd: Proc,
     pub stickd_socket: PathBuf,
     /// Held: dropping a `Proc` kills it.
-    #[allow(dead_code)]
     pub fdkeeper: Proc,
     pub proxyd: Proc,
     pub frontend: SocketAddr,
     pub proxyd_admin: PathBuf,
     pub metrics: SocketAddr,
-    #[allow(dead_code)]
     pub proxyd_config: PathBuf,
 }
 
 pub struct Lb {
     /// Held: the temp dir with configs, sockets and logs.
-    #[allow(dead_code)]
     pub env: Env,
     pub backends: Vec<(String, SocketAddr, Proc)>,
     pub nodes: Vec<LbNode>,
@@ -456,7 +453,7 @@ async fn seed(env: Env) -> Result<Outcome> {
     // The operator's view, with the real grpcurl, on every node.
     for n in &lb.nodes {
         let v = harness::grpcurl(
-            &GrpcTarget::Unix(n.stickd_socket.clone()),
+            &n.stickd_socket,
             "stick.v1.Stick/Show",
             Some(&serde_json::json!({ "table": TABLE })),
         )?;
@@ -745,7 +742,7 @@ async fn server_down(env: Env) -> Result<Outcome> {
         Duration::from_secs(5),
         || async {
             let v = harness::grpcurl(
-                &GrpcTarget::Unix(n1.proxyd_admin.clone()),
+                &n1.proxyd_admin,
                 "proxyd.v1.Admin/ShowServers",
                 Some(&serde_json::json!({})),
             )?;
@@ -1070,7 +1067,7 @@ retries = 1
 
 fn set_server(node: &LbNode, data: serde_json::Value) -> Result<serde_json::Value> {
     harness::grpcurl(
-        &GrpcTarget::Unix(node.proxyd_admin.clone()),
+        &node.proxyd_admin,
         "proxyd.v1.Admin/SetServer",
         Some(&data),
     )
@@ -1078,7 +1075,7 @@ fn set_server(node: &LbNode, data: serde_json::Value) -> Result<serde_json::Valu
 
 async fn show_servers(node: &LbNode) -> Result<Vec<serde_json::Value>> {
     let v = harness::grpcurl(
-        &GrpcTarget::Unix(node.proxyd_admin.clone()),
+        &node.proxyd_admin,
         "proxyd.v1.Admin/ShowServers",
         Some(&serde_json::json!({})),
     )?;

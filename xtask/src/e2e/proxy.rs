@@ -9,10 +9,10 @@ use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use super::{Outcome, Scenario, figure};
+use super::{Outcome, Scenario, ensure_no_failures, figure, ms, print_load};
 use crate::cluster::{self, Node, NodeOptions};
 use crate::harness::{self, Env};
-use crate::load::{FailKind, Load, LoadConfig, LoadReport, percentile};
+use crate::load::{FailKind, Load, LoadConfig, percentile};
 
 mod release;
 
@@ -93,28 +93,6 @@ async fn start_load(node: &Node) -> Result<Load> {
         .await
         .context("the load never got going")?;
     Ok(load)
-}
-
-fn print_load(report: &LoadReport) {
-    figure("load", report.summary());
-    for s in &report.samples {
-        figure("failure", s);
-    }
-}
-
-fn ensure_no_failures(report: &LoadReport) -> Result<()> {
-    ensure!(
-        report.failures.total() == 0,
-        "{} failed requests ({}); first: {:?}",
-        report.failures.total(),
-        report.failures,
-        report.samples.first()
-    );
-    Ok(())
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1}ms", d.as_secs_f64() * 1000.0)
 }
 
 fn quantiles(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
@@ -409,7 +387,7 @@ async fn broken_config(mut env: Env) -> Result<Outcome> {
     );
 
     // 2. The admin API.
-    let target = node.proxyd_target();
+    let target = node.proxyd_admin.clone();
     let grpc = tokio::task::spawn_blocking(move || {
         harness::grpcurl(
             &target,
@@ -487,8 +465,8 @@ async fn broken_config(mut env: Env) -> Result<Outcome> {
 async fn fdkeeper_restart(mut env: Env) -> Result<Outcome> {
     let mut node = Node::start(&mut env, NodeOptions::default()).await?;
     let frontend = node.frontend.to_string();
-    let target = node.fdkeeper_target();
-    let inode_of = |target: &harness::GrpcTarget| -> Result<u64> {
+    let target = node.fdkeeper_admin.clone();
+    let inode_of = |target: &Path| -> Result<u64> {
         cluster::fdkeeper_inodes(target)?
             .into_iter()
             .find(|(a, _)| *a == frontend)

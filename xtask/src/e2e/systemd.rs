@@ -22,11 +22,11 @@ use nix::unistd::Pid;
 use proto::stick::v1 as pb;
 use proto::stick::v1::stick_client::StickClient;
 
-use super::{Totals, figure};
+use super::{Totals, ensure_no_failures, figure, ms, print_load};
 use crate::backend::{self, BackendConfig};
 use crate::cluster;
-use crate::harness::{self, GrpcTarget};
-use crate::load::{FailKind, Load, LoadConfig, LoadReport, percentile};
+use crate::harness;
+use crate::load::{FailKind, Load, LoadConfig, percentile};
 
 /// Packages on top of debootstrap's minbase: systemd as pid 1 (issue 5), and procps for the
 /// `/bin/kill` of proxyd's ExecReload. Changing this list rebuilds the cached root.
@@ -617,8 +617,8 @@ impl Lab {
         self.c().path("/run/proxyd/admin.sock")
     }
 
-    fn fdkeeper_admin(&self) -> GrpcTarget {
-        GrpcTarget::Unix(self.c().path("/run/fdkeeper/admin.sock"))
+    fn fdkeeper_admin(&self) -> PathBuf {
+        self.c().path("/run/fdkeeper/admin.sock")
     }
 
     /// Starts proxyd (and so the other two) if needed, and waits until the frontend answers.
@@ -911,28 +911,6 @@ fn free_port() -> Result<SocketAddr> {
 }
 
 // ---- shared bits of the checks ----------------------------------------------------------------
-
-fn ms(d: Duration) -> String {
-    format!("{:.1}ms", d.as_secs_f64() * 1000.0)
-}
-
-fn print_load(report: &LoadReport) {
-    figure("load", report.summary());
-    for s in &report.samples {
-        figure("failure", s);
-    }
-}
-
-fn ensure_no_failures(report: &LoadReport) -> Result<()> {
-    ensure!(
-        report.failures.total() == 0,
-        "{} failed requests ({}); first: {:?}",
-        report.failures.total(),
-        report.failures,
-        report.samples.first()
-    );
-    Ok(())
-}
 
 /// Polls `systemctl show` until `prop` of `unit` satisfies `ok`.
 async fn wait_prop(
