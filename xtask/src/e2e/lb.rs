@@ -1066,11 +1066,7 @@ retries = 1
 // ---- admin ------------------------------------------------------------------------------------
 
 fn set_server(node: &LbNode, data: serde_json::Value) -> Result<serde_json::Value> {
-    harness::grpcurl(
-        &node.proxyd_admin,
-        "proxyd.v1.Admin/SetServer",
-        Some(&data),
-    )
+    harness::grpcurl(&node.proxyd_admin, "proxyd.v1.Admin/SetServer", Some(&data))
 }
 
 async fn show_servers(node: &LbNode) -> Result<Vec<serde_json::Value>> {

@@ -224,7 +224,8 @@ impl StickNode {
 
 /// grpcurl on a node's unix socket, `data` being the request as JSON text.
 fn grpcurl(node: &StickNode, method: &str, data: &str) -> Result<serde_json::Value> {
-    let data: serde_json::Value = serde_json::from_str(data).context("a request that is not JSON")?;
+    let data: serde_json::Value =
+        serde_json::from_str(data).context("a request that is not JSON")?;
     harness::grpcurl(&node.socket, method, Some(&data)).with_context(|| format!("on {}", node.name))
 }
 

@@ -13,7 +13,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -946,6 +946,26 @@ async fn journal_line(
         },
     )
     .await
+}
+
+/// How a unit's main process ended, from systemd's `ExecMainCode` (waitid's `CLD_*` code) and
+/// `ExecMainStatus` (the exit code, or the signal).
+fn main_exit(code: &str, status: &str) -> Result<ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    let status: i32 = status
+        .parse()
+        .with_context(|| format!("ExecMainStatus {status:?} is not a number"))?;
+    let code: i32 = code
+        .parse()
+        .with_context(|| format!("ExecMainCode {code:?} is not a number"))?;
+    // The wait status that waitpid would have given.
+    let raw = match code {
+        libc::CLD_EXITED => (status & 0xff) << 8,
+        libc::CLD_KILLED => status & 0x7f,
+        libc::CLD_DUMPED => (status & 0x7f) | 0x80,
+        _ => bail!("ExecMainCode {code}: the main process has not ended"),
+    };
+    Ok(ExitStatus::from_raw(raw))
 }
 
 /// "[ 2351.730203] host ident[pid]: text" → the monotonic seconds.
@@ -1890,8 +1910,12 @@ async fn stop(lab: &Lab) -> Result<()> {
     );
     for u in UNITS {
         let p = c
-            .show(u, &["ActiveState", "Result", "ExecMainStatus"])
+            .show(
+                u,
+                &["ActiveState", "Result", "ExecMainCode", "ExecMainStatus"],
+            )
             .await?;
+        let exit = main_exit(&p["ExecMainCode"], &p["ExecMainStatus"]);
         let journal = c.journal_since(u, &cursor).await?;
         let stopping = format!("Got notification message from PID {} (STOPPING=1", mains[u]);
         let seen = journal.iter().find(|l| l.contains(&stopping));
@@ -1901,10 +1925,11 @@ async fn stop(lab: &Lab) -> Result<()> {
         figure(
             u,
             format!(
-                "{}, result {}, exit status {}; {}",
+                "{}, result {}, {}; {}",
                 p["ActiveState"],
                 p["Result"],
-                p["ExecMainStatus"],
+                exit.as_ref()
+                    .map_or_else(|e| format!("{e:#}"), ToString::to_string),
                 seen.map_or("no STOPPING=1".to_owned(), |l| l
                     .split_once(": ")
                     .map_or(String::new(), |(_, r)| r.to_owned()))
@@ -1917,11 +1942,8 @@ async fn stop(lab: &Lab) -> Result<()> {
         );
         ensure!(p["Result"] == "success", "{u}: result {}", p["Result"]);
         // Result=success already rules out a non-zero exit and an unclean signal.
-        ensure!(
-            p["ExecMainStatus"] == "0",
-            "{u} exited with status {}",
-            p["ExecMainStatus"]
-        );
+        let exit = exit?;
+        ensure!(exit.success(), "{u} ended with {exit}");
         ensure!(seen.is_some(), "{u}: no STOPPING=1 from pid {}", mains[u]);
         ensure!(killed.is_none(), "{u} needed a SIGKILL: {killed:?}");
     }
@@ -1981,6 +2003,22 @@ mod tests {
             &[(r#""127.0.0.1:10000""#, String::new())],
         )
         .expect("stickd.toml");
+    }
+
+    #[test]
+    fn main_exit_reads_systemd_codes() {
+        let ok = main_exit("1", "0").expect("exited");
+        assert!(ok.success());
+        assert_eq!(ok.code(), Some(0));
+        assert_eq!(main_exit("1", "64").expect("exited").code(), Some(64));
+        let killed = main_exit("2", "9").expect("killed");
+        assert!(!killed.success());
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&killed),
+            Some(9)
+        );
+        assert!(main_exit("0", "0").is_err());
+        assert!(main_exit("1", "x").is_err());
     }
 
     #[test]
