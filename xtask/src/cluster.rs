@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use proto::proxyd::v1::admin_client::AdminClient as ProxydAdminClient;
 use proto::proxyd::v1::{GenerationState, StatusReply, StatusRequest};
 
+use crate::configs::{self, proxyd};
 use crate::harness::{self, Env, Proc, ProcSpec};
 
 /// Generous waits: the e2e machine has 2 cores and four builds may run beside it.
@@ -66,149 +67,33 @@ pub struct Node {
     pub proxyd_admin: PathBuf,
 }
 
-/// fdkeeper.toml for a node whose files live under `dir`.
-pub fn fdkeeper_toml(socket: &Path, admin: &Path, uid: u32) -> String {
-    format!(
-        r#"# fdkeeper for an xtask node: lends loopback listeners to proxyd (same uid).
-socket = "{}"
-admin = "{}"
-allowed_uids = [{uid}]
-allowed_binds = ["127.0.0.0/8"]
-"#,
-        socket.display(),
-        admin.display()
-    )
+/// Writes `DIR/fdkeeper.toml` (lending socket `DIR/fdkeeper/lend.sock`, admin socket
+/// `DIR/fdkeeper-admin.sock`) and starts fdkeeper as `name`; returns once it lends.
+pub async fn start_fdkeeper(env: &Env, dir: &str, name: &str) -> Result<RunningFdkeeper> {
+    let socket = env.path(&format!("{dir}/fdkeeper/lend.sock"));
+    let admin = env.path(&format!("{dir}/fdkeeper-admin.sock"));
+    let config = env.write(
+        &format!("{dir}/fdkeeper.toml"),
+        &configs::Fdkeeper::new(socket.clone(), admin.clone()).render(),
+    )?;
+    let proc = env.spawn(
+        name,
+        harness::release_bin("fdkeeper"),
+        ["--config".as_ref(), config.as_os_str()],
+    )?;
+    harness::wait_seqpacket(&socket, START_TIMEOUT).await?;
+    Ok(RunningFdkeeper {
+        proc,
+        socket,
+        admin,
+    })
 }
 
-/// proxyd.toml: one HTTP frontend on `frontend`, round robin over `servers`.
-pub fn proxyd_toml(
-    admin: &Path,
-    fdkeeper_socket: &Path,
-    frontend: SocketAddr,
-    servers: &[(String, SocketAddr)],
-    drain_timeout: &str,
-    max_draining: u32,
-) -> String {
-    let mut s = format!(
-        r#"# proxyd for an xtask node.
-[global]
-admin_socket = "{}"
-fdkeeper_socket = "{}"
-drain_timeout = "{drain_timeout}"
-max_draining = {max_draining}
-threads = 1
-
-[[frontend]]
-name = "www"
-bind = ["{frontend}"]
-mode = "http"
-default_backend = "app"
-
-[[backend]]
-name = "app"
-balance = "roundrobin"
-"#,
-        admin.display(),
-        fdkeeper_socket.display()
-    );
-    for (name, addr) in servers {
-        s.push_str(&format!(
-            "\n[[backend.server]]\nname = \"{name}\"\naddress = \"{addr}\"\n"
-        ));
-    }
-    s
-}
-
-/// proxyd.toml with the seed's backend (examples/proxyd-seed.toml: roundrobin, HTTP checks of
-/// GET /index.php, redispatch, forwardfor, the seed's timeouts and maxconns), for the lb e2e
-/// nodes and the http bench; the stick rule is there when stickd is.
-pub struct SeedProxyd<'a> {
-    /// The file's first line, after `# `.
-    pub what: &'a str,
-    pub admin: &'a Path,
-    pub fdkeeper: &'a Path,
-    pub stickd: Option<&'a Path>,
-    /// More `[global]` lines (metrics, drain, threads...).
-    pub global: String,
-    pub frontend: SocketAddr,
-    pub table: &'a str,
-    pub timeout_check: &'a str,
-    pub check_inter: &'a str,
-    pub fall: u32,
-    pub servers: &'a [(String, SocketAddr)],
-}
-
-impl SeedProxyd<'_> {
-    pub fn toml(&self) -> String {
-        let SeedProxyd {
-            what,
-            admin,
-            fdkeeper,
-            stickd,
-            global,
-            frontend,
-            table,
-            timeout_check,
-            check_inter,
-            fall,
-            servers,
-        } = self;
-        let stickd = stickd.map_or(String::new(), |s| {
-            format!("stickd_socket = \"{}\"\n", s.display())
-        });
-        let mut s = format!(
-            r#"# {what}
-[global]
-admin_socket = "{}"
-fdkeeper_socket = "{}"
-{stickd}{global}
-[defaults]
-timeout_http_request = "2s"
-timeout_queue = "3s"
-timeout_connect = "1s"
-timeout_client = "10s"
-timeout_server = "2s"
-timeout_http_keep_alive = "10s"
-timeout_check = "{timeout_check}"
-maxconn = 18000
-retries = 3
-redispatch = true
-forwardfor = true
-forwardfor_except = "127.0.0.0/8"
-
-[[frontend]]
-name = "http-in"
-bind = ["{frontend}"]
-mode = "http"
-default_backend = "{table}"
-
-[[backend]]
-name = "{table}"
-balance = "roundrobin"
-
-[backend.check]
-type = "http"
-method = "GET"
-path = "/index.php"
-expect_status = 200
-inter = "{check_inter}"
-fall = {fall}
-"#,
-            admin.display(),
-            fdkeeper.display(),
-        );
-        if self.stickd.is_some() {
-            s.push_str(
-                "\n[backend.stick]\non = \"req.cook(PHPSESSID)\"\nstore_response = \"res.cook(PHPSESSID)\"\n",
-            );
-        }
-        for (name, addr) in *servers {
-            s.push_str(&format!(
-                "\n[[backend.server]]\nname = \"{name}\"\naddress = \"{addr}\"\ncheck = true\nrise = 1\nmaxconn = 3000\n"
-            ));
-        }
-        s
-    }
+/// An fdkeeper that [`start_fdkeeper`] started.
+pub struct RunningFdkeeper {
+    pub proc: Proc,
+    pub socket: PathBuf,
+    pub admin: PathBuf,
 }
 
 /// Starts one demo backend per name on 127.0.0.`host` (ports from `preferred_base` up when
@@ -266,34 +151,23 @@ impl Node {
             None => backends.iter().map(|(n, a, _)| (n.clone(), *a)).collect(),
         };
 
-        let uid = nix::unistd::getuid().as_raw();
-        let fdkeeper_socket = env.path(&format!("n{h}/fdkeeper/lend.sock"));
-        let fdkeeper_admin = env.path(&format!("n{h}/fdkeeper-admin.sock"));
-        let fdkeeper_config = env.write(
-            &format!("n{h}/fdkeeper.toml"),
-            &fdkeeper_toml(&fdkeeper_socket, &fdkeeper_admin, uid),
-        )?;
-        let fdkeeper = env.spawn(
-            &format!("fdkeeper-n{h}"),
-            harness::release_bin("fdkeeper"),
-            ["--config".as_ref(), fdkeeper_config.as_os_str()],
-        )?;
+        let RunningFdkeeper {
+            proc: fdkeeper,
+            socket: fdkeeper_socket,
+            admin: fdkeeper_admin,
+        } = start_fdkeeper(env, &format!("n{h}"), &format!("fdkeeper-n{h}")).await?;
         harness::wait_unix(&fdkeeper_admin, START_TIMEOUT).await?;
         harness::wait_grpc_health(&fdkeeper_admin, START_TIMEOUT).await?;
-        harness::wait_seqpacket(&fdkeeper_socket, START_TIMEOUT).await?;
 
         let frontend = env.port_or_free(h, options.preferred_ports.map(|(f, _)| f))?;
         let proxyd_admin = env.path(&format!("n{h}/proxyd-admin.sock"));
+        let mut global = proxyd::Global::new(&proxyd_admin, &fdkeeper_socket);
+        global.drain_timeout = Some(options.drain_timeout);
+        global.max_draining = Some(options.max_draining);
+        global.threads = Some(1);
         let proxyd_config = env.write(
             &format!("n{h}/proxyd.toml"),
-            &proxyd_toml(
-                &proxyd_admin,
-                &fdkeeper_socket,
-                frontend,
-                &servers,
-                options.drain_timeout,
-                options.max_draining,
-            ),
+            &configs::Proxyd::round_robin(global, frontend, &servers).render(),
         )?;
         let binary = options
             .proxyd_binary

@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail, ensure};
 use super::stats::{self, median, ratio, spread, with_spread};
 use super::{Ctx, Plot, PlotBar, Section, Table};
 use crate::cluster::{self, START_TIMEOUT};
+use crate::configs::{self, haproxy, nginx, proxyd};
 use crate::harness::{self, Env, Proc, ProcSpec};
 
 /// wrk's connections, as issue 6 asks.
@@ -507,51 +508,36 @@ end
 // ---- targets ---------------------------------------------------------------------------------
 
 /// stickd.toml: one table like the seed's, but `TABLE_SIZE` entries.
-fn stickd_toml(dir: &Path, socket: &Path, peer: SocketAddr) -> String {
-    format!(
-        r#"# stickd for the http bench: a single node (its own peer entry only).
-data_dir = "{}"
-socket = "{}"
-
-[[peers]]
-name = "node1"
-address = "{peer}"
-
-# HAProxy: stick-table type string len 32 size {TABLE_SIZE} expire 5m
-[[tables]]
-name = "{TABLE}"
-type = "string"
-len = 32
-size = "{TABLE_SIZE}"
-expire = "5m"
-"#,
-        dir.join("data").display(),
-        socket.display()
-    )
+fn stickd_config(dir: &Path, socket: &Path, peer: SocketAddr) -> configs::Stickd {
+    configs::Stickd {
+        comment: "stickd for the http bench: a single node (its own peer entry only).",
+        peers: vec![("node1".to_owned(), peer)],
+        tables: vec![configs::stickd::Table::string(TABLE, 32, TABLE_SIZE, "5m")],
+        ..configs::Stickd::new(dir.join("data"), socket.to_owned())
+    }
 }
 
 /// proxyd.toml: the seed's backend (examples/proxyd-seed.toml), with or without its stick rule.
-fn proxyd_toml(
+fn proxyd_config(
     admin: &Path,
     fdkeeper: &Path,
     stickd: Option<&Path>,
     frontend: SocketAddr,
     servers: &[(String, SocketAddr)],
-) -> String {
-    cluster::SeedProxyd {
-        what: "proxyd for the http bench: the seed's backend, one thread.",
-        admin,
-        fdkeeper,
-        stickd,
-        global: "threads = 1\n".into(),
+) -> configs::Proxyd {
+    let mut global = proxyd::Global::new(admin, fdkeeper);
+    global.stickd_socket = stickd.map(Path::to_owned);
+    global.threads = Some(1);
+    proxyd::Seed {
+        global,
         frontend,
         table: TABLE,
         timeout_check: "2s",
-        check_inter: CHECK_INTER,
+        check_inter: CHECK_INTER.to_owned(),
         fall: 3,
         servers,
     }
-    .toml()
+    .proxyd("proxyd for the http bench: the seed's backend, one thread.")
 }
 
 /// fdkeeper, stickd (when `stick`) and proxyd; waits until proxyd serves.
@@ -562,14 +548,13 @@ async fn start_proxyd(
     procs: &mut Vec<Proc>,
 ) -> Result<Target> {
     let tag = if stick { "proxyd" } else { "proxyd-nostick" };
-    let uid = nix::unistd::getuid().as_raw();
     let dir = env.path(tag);
     let stickd = if stick {
         let socket = dir.join("stickd.sock");
         let peer = env.free_port(1)?;
         let config = env.write(
             &format!("{tag}/stickd.toml"),
-            &stickd_toml(&dir.join("stickd"), &socket, peer),
+            &stickd_config(&dir.join("stickd"), &socket, peer).render(),
         )?;
         let p = env.spawn(
             &format!("{tag}-stickd"),
@@ -588,29 +573,20 @@ async fn start_proxyd(
     } else {
         None
     };
-    let fdkeeper_socket = dir.join("fdkeeper/lend.sock");
-    let fdkeeper_admin = dir.join("fdkeeper-admin.sock");
-    let config = env.write(
-        &format!("{tag}/fdkeeper.toml"),
-        &cluster::fdkeeper_toml(&fdkeeper_socket, &fdkeeper_admin, uid),
-    )?;
-    procs.push(env.spawn(
-        &format!("{tag}-fdkeeper"),
-        harness::release_bin("fdkeeper"),
-        ["--config".as_ref(), config.as_os_str()],
-    )?);
-    harness::wait_seqpacket(&fdkeeper_socket, START_TIMEOUT).await?;
+    let fdkeeper = cluster::start_fdkeeper(env, tag, &format!("{tag}-fdkeeper")).await?;
+    procs.push(fdkeeper.proc);
     let frontend = env.free_port(1)?;
     let admin = dir.join("proxyd-admin.sock");
     let config = env.write(
         &format!("{tag}/proxyd.toml"),
-        &proxyd_toml(
+        &proxyd_config(
             &admin,
-            &fdkeeper_socket,
+            &fdkeeper.socket,
             stickd.as_ref().map(|(s, _)| s.as_path()),
             frontend,
             servers,
-        ),
+        )
+        .render(),
     )?;
     // No access log: HAProxy and nginx log nothing either here.
     let spec = ProcSpec::new(&format!("{tag}-proxyd"), &harness::release_bin("proxyd"))
@@ -655,48 +631,38 @@ fn haproxy_maxconn() -> u64 {
 }
 
 /// haproxy.cfg: the seed's config (001), one thread, no peers, no logging, `TABLE_SIZE` entries.
-fn haproxy_cfg(frontend: SocketAddr, servers: &[(String, SocketAddr)], maxconn: u64) -> String {
-    let fe_maxconn = maxconn.min(18_000);
-    let mut s = format!(
-        r#"# HAProxy for the http bench: the seed's backend, one thread, in the foreground (-db).
-global
-    nbthread 1
-    maxconn {maxconn}
-
-defaults
-    mode http
-    option http-keep-alive
-    option forwardfor except 127.0.0.0/8
-    option redispatch
-    retries 3
-    timeout http-request 2s
-    timeout queue 3s
-    timeout connect 1s
-    timeout client 10s
-    timeout server 2s
-    timeout http-keep-alive 10s
-    timeout check 2s
-    maxconn {fe_maxconn}
-
-frontend http-in
-    bind {frontend}
-    default_backend {TABLE}
-
-backend {TABLE}
-    stick-table type string len 32 size {TABLE_SIZE} expire 5m
-    stick on req.cook(PHPSESSID)
-    stick store-response res.cook(PHPSESSID)
-    balance roundrobin
-    option httpchk GET /index.php
-    http-check expect status 200
-"#
-    );
-    for (name, addr) in servers {
-        s.push_str(&format!(
-            "    server {name} {addr} check inter {CHECK_INTER} rise 1 maxconn 3000\n"
-        ));
+fn haproxy_config(
+    frontend: SocketAddr,
+    servers: &[(String, SocketAddr)],
+    maxconn: u64,
+) -> configs::Haproxy {
+    let mut defaults = haproxy::Defaults::seed("http-keep-alive", "2s");
+    defaults.retries = Some(3);
+    defaults.maxconn = Some(maxconn.min(18_000));
+    configs::Haproxy {
+        comment: "HAProxy for the http bench: the seed's backend, one thread, in the foreground (-db).",
+        global: haproxy::Global {
+            maxconn: Some(maxconn),
+            ..haproxy::Global::default()
+        },
+        peers: Vec::new(),
+        defaults,
+        frontend: haproxy::Frontend {
+            name: "http-in",
+            bind: frontend,
+        },
+        backend: haproxy::Backend::seed(
+            TABLE,
+            haproxy::StickTable {
+                size: TABLE_SIZE,
+                peers: false,
+            },
+            haproxy::servers(
+                servers,
+                &format!("check inter {CHECK_INTER} rise 1 maxconn 3000"),
+            ),
+        ),
     }
-    s
 }
 
 async fn start_haproxy(
@@ -708,7 +674,7 @@ async fn start_haproxy(
     let frontend = env.free_port(1)?;
     let cfg = env.write(
         "haproxy/haproxy.cfg",
-        &haproxy_cfg(frontend, servers, haproxy_maxconn()),
+        &haproxy_config(frontend, servers, haproxy_maxconn()).render(),
     )?;
     check_config(&ctx.tools.haproxy, &["-c", "-q", "-f"], &cfg)?;
     let p = env.spawn(
@@ -723,62 +689,37 @@ async fn start_haproxy(
 }
 
 /// nginx.conf: one worker, upstream keepalive 64, the cookie hashed (OSS nginx has no sticky
-/// cookie), files under `prefix`.
-fn nginx_conf(
+/// cookie), files under `prefix`, the seed's timeouts and no cap on requests per connection
+/// (HAProxy and proxyd have none).
+fn nginx_config(
     prefix: &Path,
     frontend: SocketAddr,
     servers: &[(String, SocketAddr)],
     user: Option<&str>,
-) -> String {
-    let p = prefix.display();
-    let user = user.map_or(String::new(), |u| format!("user {u};\n"));
-    let upstream: String = servers
-        .iter()
-        .map(|(_, a)| format!("        server {a} max_fails=3 fail_timeout=2s;\n"))
-        .collect();
-    format!(
-        r#"# nginx for the http bench: one worker in the foreground, upstream keep-alive.
-{user}worker_processes 1;
-daemon off;
-pid {p}/nginx.pid;
-error_log {p}/error.log warn;
-
-events {{
-    worker_connections 4096;
-}}
-
-http {{
-    access_log off;
-    client_body_temp_path {p}/body;
-    proxy_temp_path {p}/proxy;
-    fastcgi_temp_path {p}/fastcgi;
-    uwsgi_temp_path {p}/uwsgi;
-    scgi_temp_path {p}/scgi;
-    # The seed's timeouts; no cap on requests per connection (HAProxy and proxyd have none).
-    keepalive_timeout 10s;
-    keepalive_requests 1000000000;
-    client_header_timeout 2s;
-    proxy_connect_timeout 1s;
-    proxy_read_timeout 2s;
-
-    upstream {TABLE} {{
-        # OSS nginx has no sticky cookie: the session cookie is hashed instead.
-        hash $cookie_PHPSESSID consistent;
-{upstream}        keepalive 64;
-        keepalive_requests 1000000000;
-    }}
-
-    server {{
-        listen {frontend};
-        location / {{
-            proxy_pass http://{TABLE};
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-    }}
-}}
-"#
-    )
+) -> configs::Nginx {
+    configs::Nginx {
+        comment: "nginx for the http bench: one worker in the foreground, upstream keep-alive.",
+        prefix: prefix.to_owned(),
+        user: user.map(str::to_owned),
+        master_process: false,
+        error_log: nginx::ErrorLog::File("warn"),
+        listen: frontend,
+        keepalive_timeout: "10s",
+        keepalive_requests: 1_000_000_000,
+        timeouts: Some(nginx::Timeouts {
+            client_header: "2s",
+            proxy_connect: "1s",
+            proxy_read: "2s",
+        }),
+        upstream: nginx::Upstream {
+            name: TABLE.to_owned(),
+            hash_cookie: Some("PHPSESSID"),
+            servers: servers.iter().map(|(_, a)| *a).collect(),
+            server_params: "max_fails=3 fail_timeout=2s",
+            keepalive: 64,
+            keepalive_requests: Some(1_000_000_000),
+        },
+    }
 }
 
 async fn start_nginx(
@@ -802,7 +743,7 @@ async fn start_nginx(
         .map(|u| u.name);
     let conf = env.write(
         "nginx/nginx.conf",
-        &nginx_conf(&prefix, frontend, servers, user.as_deref()),
+        &nginx_config(&prefix, frontend, servers, user.as_deref()).render(),
     )?;
     let prefix_arg = format!("{}/", prefix.display());
     check_config(
@@ -1321,24 +1262,25 @@ Transfer/sec:    810.44KB";
             ("app2".to_owned(), "127.0.0.2:9002".parse().expect("addr")),
         ];
         let fe: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
-        let h = haproxy_cfg(fe, &servers, 20_000);
+        let h = haproxy_config(fe, &servers, 20_000).render();
         assert!(h.contains("maxconn 20000") && h.contains("maxconn 18000"));
         assert!(haproxy_maxconn() <= 20_000);
         assert!(h.contains("stick on req.cook(PHPSESSID)"));
         assert!(h.contains("stick store-response res.cook(PHPSESSID)"));
         assert!(h.contains("nbthread 1"));
         assert!(h.contains("server app2 127.0.0.2:9002"));
-        let p = proxyd_toml(Path::new("/a"), Path::new("/f"), None, fe, &servers);
+        let p = proxyd_config(Path::new("/a"), Path::new("/f"), None, fe, &servers).render();
         assert!(!p.contains("[backend.stick]") && !p.contains("stickd_socket"));
-        let p = proxyd_toml(
+        let p = proxyd_config(
             Path::new("/a"),
             Path::new("/f"),
             Some(Path::new("/s")),
             fe,
             &servers,
-        );
+        )
+        .render();
         assert!(p.contains("[backend.stick]") && p.contains("stickd_socket = \"/s\""));
-        let n = nginx_conf(Path::new("/n"), fe, &servers, None);
+        let n = nginx_config(Path::new("/n"), fe, &servers, None).render();
         assert!(n.contains("hash $cookie_PHPSESSID consistent;"));
         assert!(n.contains("keepalive 64;"));
         assert!(!n.contains("user "));

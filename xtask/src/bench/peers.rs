@@ -22,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::stats::{median, ratio, with_spread};
 use super::{Ctx, Section, Table};
 use crate::cluster::{self, START_TIMEOUT};
+use crate::configs::{self, haproxy};
 use crate::e2e::lb::Lb;
 use crate::harness::{self, Env, Proc};
 use crate::load::{Load, LoadConfig, LoadReport};
@@ -420,7 +421,7 @@ impl Nodes {
             let socket = env.path(&format!("h{h}/stats.sock"));
             let config = env.write(
                 &format!("h{h}/haproxy.cfg"),
-                &haproxy_cfg(&socket, &peers, frontends[usize::from(h) - 1], &servers),
+                &haproxy_config(&socket, &peers, frontends[usize::from(h) - 1], &servers).render(),
             )?;
             procs.push(env.spawn(
                 &format!("haproxy-n{h}"),
@@ -607,61 +608,45 @@ impl Nodes {
 
 /// One node's HAProxy config: the seed's (global, peers, defaults, frontend, backend) with
 /// loopback addresses, `nbthread 1`, a stats socket in the temp dir and no daemon, chroot or log.
-fn haproxy_cfg(
+fn haproxy_config(
     stats: &Path,
     peers: &[SocketAddr],
     frontend: SocketAddr,
     servers: &[(String, SocketAddr)],
-) -> String {
-    let mut peer_lines = String::new();
-    for (i, a) in peers.iter().enumerate() {
-        peer_lines.push_str(&format!("    peer haproxy{} {a}\n", i + 1));
+) -> configs::Haproxy {
+    let mut backend = haproxy::Backend::seed(
+        TABLE,
+        haproxy::StickTable {
+            size: HAPROXY_SIZE,
+            peers: true,
+        },
+        haproxy::servers(servers, CHECK),
+    );
+    backend.options = vec!["http-server-close", "redispatch"];
+    configs::Haproxy {
+        comment: "HAProxy for bench peers: the seed's stick-table replication between three peers.",
+        global: haproxy::Global {
+            // The seed's 20000 needs 40k file descriptors, over this machine's hard limit
+            // (HAProxy refuses to start); 8000 is far above the 16 connections per node used here.
+            maxconn: Some(8000),
+            stats_socket: Some(haproxy::StatsSocket {
+                path: stats.to_owned(),
+                expose_fd_listeners: false,
+            }),
+            no_exit_on_failure: false,
+        },
+        peers: peers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!("haproxy{}", i + 1), *a))
+            .collect(),
+        defaults: haproxy::Defaults::seed("http-server-close", "1s"),
+        frontend: haproxy::Frontend {
+            name: "http-in",
+            bind: frontend,
+        },
+        backend,
     }
-    let mut server_lines = String::new();
-    for (name, a) in servers {
-        server_lines.push_str(&format!("    server {name} {a} {CHECK}\n"));
-    }
-    // maxconn: the seed's 20000 needs 40k file descriptors, over this machine's hard limit
-    // (HAProxy refuses to start); 8000 is far above the 16 connections per node used here.
-    format!(
-        r#"# HAProxy for bench peers: the seed's stick-table replication between three peers.
-global
-    nbthread 1
-    maxconn 8000
-    stats socket {stats} mode 600 level admin
-
-peers mypeers
-{peer_lines}
-defaults
-    mode                    http
-    option http-server-close
-    option forwardfor       except 127.0.0.0/8
-    option                  redispatch
-    timeout http-request    2s
-    timeout queue           3s
-    timeout connect         1s
-    timeout client          10s
-    timeout server          2s
-    timeout http-keep-alive 10s
-    timeout check           1s
-    maxconn                 18000
-
-frontend http-in
-    bind {frontend}
-    default_backend {TABLE}
-
-backend {TABLE}
-    stick-table type string len 32 size {HAPROXY_SIZE} expire 5m peers mypeers
-    stick on req.cook(PHPSESSID)
-    stick store-response res.cook(PHPSESSID)
-    balance roundrobin
-    option http-server-close
-    option httpchk GET /index.php
-    option redispatch
-    http-check expect status 200
-{server_lines}"#,
-        stats = stats.display()
-    )
 }
 
 /// One command on a HAProxy stats socket (non-interactive: HAProxy answers and closes).

@@ -15,6 +15,7 @@ use super::stats::{median, ratio, spread, with_spread};
 use super::tools::Tools;
 use super::{Ctx, Section, Table};
 use crate::cluster::{self, Node, NodeOptions, START_TIMEOUT};
+use crate::configs::{self, haproxy, nginx};
 use crate::harness::{self, Env, Proc};
 use crate::load::{FailKind, Load, LoadConfig, LoadReport};
 
@@ -157,7 +158,7 @@ impl Target {
                 let stats = env.path("haproxy-stats.sock");
                 let cfg = env.write(
                     "haproxy.cfg",
-                    &haproxy_cfg(&stats, frontend, servers, idle_close, no_exit),
+                    &haproxy_config(&stats, frontend, servers, idle_close, no_exit).render(),
                 )?;
                 check_haproxy(&tools.haproxy, kind, &cfg)?;
                 let haproxy = &tools.haproxy;
@@ -172,7 +173,10 @@ impl Target {
             Kind::Nginx => {
                 let frontend = env.free_port(1)?;
                 let dir = env.dir().to_owned();
-                let cfg = env.write("nginx.conf", &nginx_conf(&dir, frontend, servers))?;
+                let cfg = env.write(
+                    "nginx.conf",
+                    &nginx_config(&dir, frontend, servers).render(),
+                )?;
                 let nginx = &tools.nginx;
                 let proc = env.spawn(
                     "nginx",
@@ -355,35 +359,51 @@ impl Target {
 
 /// The HAProxy config: the same frontend and round-robin backend as proxyd's, one thread, the
 /// stats socket with `expose-fd listeners` so that a new worker takes the listeners over.
-fn haproxy_cfg(
+fn haproxy_config(
     stats: &Path,
     frontend: SocketAddr,
     servers: &[(String, SocketAddr)],
     idle_close: bool,
     no_exit: bool,
-) -> String {
-    let mut s = format!(
-        "global\n    nbthread 1\n    stats socket {} mode 600 level admin expose-fd listeners\n",
-        stats.display()
-    );
-    if no_exit {
-        s.push_str("    master-worker no-exit-on-failure\n");
+) -> configs::Haproxy {
+    configs::Haproxy {
+        comment: "",
+        global: haproxy::Global {
+            maxconn: None,
+            stats_socket: Some(haproxy::StatsSocket {
+                path: stats.to_owned(),
+                expose_fd_listeners: true,
+            }),
+            no_exit_on_failure: no_exit,
+        },
+        peers: Vec::new(),
+        defaults: haproxy::Defaults {
+            options: if idle_close {
+                vec!["idle-close-on-response"]
+            } else {
+                Vec::new()
+            },
+            retries: None,
+            timeouts: vec![
+                ("connect", "5s"),
+                ("client", "30s"),
+                ("server", "30s"),
+                ("http-keep-alive", "30s"),
+            ],
+            maxconn: None,
+        },
+        frontend: haproxy::Frontend {
+            name: "www",
+            bind: frontend,
+        },
+        backend: haproxy::Backend {
+            name: "app".into(),
+            stick: None,
+            options: Vec::new(),
+            http_check: None,
+            servers: haproxy::servers(servers, ""),
+        },
     }
-    s.push_str(
-        "\ndefaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n    \
-         timeout server 30s\n    timeout http-keep-alive 30s\n",
-    );
-    if idle_close {
-        s.push_str("    option idle-close-on-response\n");
-    }
-    s.push_str(&format!(
-        "\nfrontend www\n    bind {frontend}\n    default_backend app\n\n\
-         backend app\n    balance roundrobin\n"
-    ));
-    for (name, addr) in servers {
-        s.push_str(&format!("    server {name} {addr}\n"));
-    }
-    s
 }
 
 /// `haproxy -c`: fails naming the option when this HAProxy does not accept the config. Once
@@ -412,44 +432,30 @@ fn check_haproxy(haproxy: &Path, kind: Kind, cfg: &Path) -> Result<()> {
 
 /// The nginx config: one worker, the master in the foreground, upstream keep-alive, every file
 /// inside `dir`.
-fn nginx_conf(dir: &Path, frontend: SocketAddr, servers: &[(String, SocketAddr)]) -> String {
-    let d = dir.display();
-    let mut upstream = String::new();
-    for (_, addr) in servers {
-        upstream.push_str(&format!("        server {addr};\n"));
+fn nginx_config(
+    dir: &Path,
+    frontend: SocketAddr,
+    servers: &[(String, SocketAddr)],
+) -> configs::Nginx {
+    configs::Nginx {
+        comment: "",
+        prefix: dir.to_owned(),
+        user: None,
+        master_process: true,
+        error_log: nginx::ErrorLog::Stderr("notice"),
+        listen: frontend,
+        keepalive_timeout: "30s",
+        keepalive_requests: 1_000_000,
+        timeouts: None,
+        upstream: nginx::Upstream {
+            name: "app".into(),
+            hash_cookie: None,
+            servers: servers.iter().map(|(_, a)| *a).collect(),
+            server_params: "",
+            keepalive: 64,
+            keepalive_requests: None,
+        },
     }
-    format!(
-        r#"worker_processes 1;
-daemon off;
-master_process on;
-pid {d}/nginx.pid;
-error_log stderr notice;
-events {{
-    worker_connections 4096;
-}}
-http {{
-    access_log off;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    keepalive_timeout 30s;
-    keepalive_requests 1000000;
-    upstream app {{
-{upstream}        keepalive 64;
-    }}
-    server {{
-        listen {frontend};
-        location / {{
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-    }}
-}}
-"#
-    )
 }
 
 /// What HAProxy's master says about its processes.
@@ -916,17 +922,17 @@ mod tests {
             ("app2".to_owned(), SocketAddr::from(([127, 0, 0, 2], 8002))),
         ];
         let fe = SocketAddr::from(([127, 0, 0, 1], 8000));
-        let h = haproxy_cfg(Path::new("/x/stats.sock"), fe, &servers, true, true);
+        let h = haproxy_config(Path::new("/x/stats.sock"), fe, &servers, true, true).render();
         assert!(h.contains("expose-fd listeners"), "{h}");
         assert!(h.contains("master-worker no-exit-on-failure"), "{h}");
         assert!(h.contains("option idle-close-on-response"), "{h}");
         assert!(h.contains("server app2 127.0.0.2:8002"), "{h}");
-        let h = haproxy_cfg(Path::new("/x/stats.sock"), fe, &servers, false, false);
+        let h = haproxy_config(Path::new("/x/stats.sock"), fe, &servers, false, false).render();
         assert!(
             !h.contains("idle-close") && !h.contains("master-worker"),
             "{h}"
         );
-        let n = nginx_conf(Path::new("/x"), fe, &servers);
+        let n = nginx_config(Path::new("/x"), fe, &servers).render();
         assert!(n.contains("listen 127.0.0.1:8000;"), "{n}");
         assert!(n.contains("server 127.0.0.2:8001;"), "{n}");
         assert!(

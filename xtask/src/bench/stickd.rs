@@ -9,7 +9,6 @@
 //! median.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,6 +21,7 @@ use proto::stick::v1::stick_client::StickClient;
 use tonic::transport::Channel;
 
 use super::{Ctx, Section, Table, stats};
+use crate::configs;
 use crate::harness::{self, Env, Proc};
 
 const TABLE: &str = "bench";
@@ -35,15 +35,6 @@ const PACED_BATCH: usize = 10;
 const BOOT: Duration = Duration::from_secs(20);
 /// Bound on waiting for replication to deliver what was written.
 const DRAIN: Duration = Duration::from_secs(60);
-/// Big enough that no run evicts.
-const TABLE_DEF: &str = r#"
-[[tables]]
-name = "bench"
-type = "string"
-len = 32
-size = "4m"
-expire = "10m"
-"#;
 /// Largest message the bench's client accepts (a Watch batch of many entries).
 const MAX_MESSAGE: usize = 64 << 20;
 
@@ -356,25 +347,24 @@ fn used(s: &pb::StatsReply) -> u64 {
 
 /// Configs for node{h} on 127.0.0.{h} for each of `hosts`, each naming all of them as peers.
 fn configure(env: &mut Env, hosts: &[u8], log_keep: u64) -> Result<Vec<Node>> {
-    let mut peers = String::new();
-    for &h in hosts {
-        let a = env.free_port(h)?;
-        let _ = write!(
-            peers,
-            "[[peers]]\nname = \"node{h}\"\naddress = \"{a}\"\n\n"
-        );
-    }
+    let peers = hosts
+        .iter()
+        .map(|&h| Ok((format!("node{h}"), env.free_port(h)?)))
+        .collect::<Result<Vec<_>>>()?;
     hosts
         .iter()
         .map(|&h| {
             let name = format!("node{h}");
             let dir = env.path(&name);
             let socket = dir.join("stickd.sock");
-            let text = format!(
-                "data_dir = \"{}\"\nsocket = \"{}\"\nlog_keep = {log_keep}\n\n{peers}{TABLE_DEF}",
-                dir.join("data").display(),
-                socket.display()
-            );
+            let text = configs::Stickd {
+                log_keep: Some(log_keep),
+                peers: peers.clone(),
+                // Big enough that no run evicts.
+                tables: vec![configs::stickd::Table::string(TABLE, 32, "4m", "10m")],
+                ..configs::Stickd::new(dir.join("data"), socket.clone())
+            }
+            .render();
             let config = env.write(&format!("{name}/stickd.toml"), &text)?;
             Ok(Node {
                 name,

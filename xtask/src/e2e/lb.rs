@@ -15,6 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Outcome, Scenario, figure};
 use crate::cluster::{self, START_TIMEOUT};
+use crate::configs::stickd::Table;
+use crate::configs::{self, proxyd};
 use crate::harness::{self, Env, Proc};
 
 pub fn scenarios() -> Vec<Scenario> {
@@ -87,7 +89,6 @@ pub struct LbNode {
     pub host: u8,
     pub stickd: Proc,
     pub stickd_socket: PathBuf,
-    /// Held: dropping a `Proc` kills it.
     pub fdkeeper: Proc,
     pub proxyd: Proc,
     pub frontend: SocketAddr,
@@ -103,72 +104,50 @@ pub struct Lb {
     pub nodes: Vec<LbNode>,
 }
 
-fn stickd_toml(
+fn stickd_config(
     dir: &Path,
     socket: &Path,
     peers: &[(String, SocketAddr)],
     expire: &str,
     size: &str,
-) -> String {
-    let mut s = format!(
-        r#"# stickd for an lb e2e node.
-data_dir = "{}"
-socket = "{}"
-heartbeat = "500ms"
-flush_interval = "100ms"
-
-# HAProxy: stick-table type string len 32 size 5k expire 5m peers mypeers
-[[tables]]
-name = "{TABLE}"
-type = "string"
-len = 32
-size = "{size}"
-expire = "{expire}"
-"#,
-        dir.join("data").display(),
-        socket.display()
-    );
-    for (name, a) in peers {
-        s.push_str(&format!(
-            "\n[[peers]]\nname = \"{name}\"\naddress = \"{a}\"\n"
-        ));
+) -> configs::Stickd {
+    configs::Stickd {
+        comment: "stickd for an lb e2e node.",
+        heartbeat: Some("500ms"),
+        flush_interval: Some("100ms"),
+        peers: peers.to_vec(),
+        tables: vec![Table::string(TABLE, 32, size, expire)],
+        ..configs::Stickd::new(dir.join("data"), socket.to_owned())
     }
-    s
 }
 
 /// The seed's backend (examples/proxyd-seed.toml) with faster checks.
-pub fn proxyd_seed_toml(
+pub fn proxyd_seed_config(
     admin: &Path,
     fdkeeper: &Path,
     stickd: &Path,
     frontend: SocketAddr,
     metrics: SocketAddr,
     servers: &[(String, SocketAddr)],
-) -> String {
-    let global = format!(
-        r#"metrics = "{metrics}"
-drain_timeout = "10s"
-# SetServer's states outlive a restart of the master (like HAProxy's server-state-file).
-server_state_file = "{}"
-# A new generation waits up to half of this for stickd's snapshot.
-worker_ready_timeout = "4s"
-"#,
-        admin.with_file_name("server-state").display()
-    );
-    cluster::SeedProxyd {
-        what: "proxyd for an lb e2e node: the seed's sticky backend.",
-        admin,
-        fdkeeper,
-        stickd: Some(stickd),
+) -> configs::Proxyd {
+    let mut global = proxyd::Global::new(admin, fdkeeper);
+    global.stickd_socket = Some(stickd.to_owned());
+    global.metrics = Some(metrics);
+    global.drain_timeout = Some("10s");
+    // SetServer's states outlive a restart of the master (like HAProxy's server-state-file).
+    global.server_state_file = Some(admin.with_file_name("server-state"));
+    // A new generation waits up to half of this for stickd's snapshot.
+    global.worker_ready_timeout = Some("4s");
+    proxyd::Seed {
         global,
         frontend,
         table: TABLE,
         timeout_check: "1s",
-        check_inter: &format!("{INTER_MS}ms"),
+        check_inter: format!("{INTER_MS}ms"),
         fall: FALL,
         servers,
     }
-    .toml()
+    .proxyd("proxyd for an lb e2e node: the seed's sticky backend.")
 }
 
 impl Lb {
@@ -210,14 +189,13 @@ impl Lb {
             .enumerate()
             .map(|(i, a)| (format!("node{}", i + 1), *a))
             .collect();
-        let uid = nix::unistd::getuid().as_raw();
         let mut nodes = Vec::new();
         for h in 1..=count {
             let dir = env.path(&format!("n{h}"));
             let stickd_socket = dir.join("stickd.sock");
             let stickd_config = env.write(
                 &format!("n{h}/stickd.toml"),
-                &stickd_toml(&dir.join("stickd"), &stickd_socket, &peers, expire, size),
+                &stickd_config(&dir.join("stickd"), &stickd_socket, &peers, expire, size).render(),
             )?;
             let stickd = env.spawn(
                 &format!("stickd-n{h}"),
@@ -229,32 +207,23 @@ impl Lb {
                     format!("node{h}").as_ref(),
                 ],
             )?;
-            let fdkeeper_socket = env.path(&format!("n{h}/fdkeeper/lend.sock"));
-            let fdkeeper_admin = env.path(&format!("n{h}/fdkeeper-admin.sock"));
-            let fdkeeper_config = env.write(
-                &format!("n{h}/fdkeeper.toml"),
-                &cluster::fdkeeper_toml(&fdkeeper_socket, &fdkeeper_admin, uid),
-            )?;
-            let fdkeeper = env.spawn(
-                &format!("fdkeeper-n{h}"),
-                harness::release_bin("fdkeeper"),
-                ["--config".as_ref(), fdkeeper_config.as_os_str()],
-            )?;
+            let fdkeeper =
+                cluster::start_fdkeeper(&env, &format!("n{h}"), &format!("fdkeeper-n{h}")).await?;
             harness::wait_unix(&stickd_socket, START_TIMEOUT).await?;
-            harness::wait_seqpacket(&fdkeeper_socket, START_TIMEOUT).await?;
             let frontend = env.port_or_free(h, port(8080))?;
             let metrics = env.port_or_free(h, port(9100))?;
             let proxyd_admin = env.path(&format!("n{h}/proxyd-admin.sock"));
             let proxyd_config = env.write(
                 &format!("n{h}/proxyd.toml"),
-                &proxyd_seed_toml(
+                &proxyd_seed_config(
                     &proxyd_admin,
-                    &fdkeeper_socket,
+                    &fdkeeper.socket,
                     &stickd_socket,
                     frontend,
                     metrics,
                     &servers,
-                ),
+                )
+                .render(),
             )?;
             let proxyd = env.spawn(
                 &format!("proxyd-n{h}"),
@@ -265,7 +234,7 @@ impl Lb {
                 host: h,
                 stickd,
                 stickd_socket,
-                fdkeeper,
+                fdkeeper: fdkeeper.proc,
                 proxyd,
                 frontend,
                 proxyd_admin,
@@ -968,51 +937,54 @@ async fn bad_input(mut env: Env) -> Result<Outcome> {
     let garbage = fake_server(Some(b"this is not http\r\n\r\n")).await?;
     let silent = fake_server(None).await?;
     let dead = env.free_port(1)?;
-    let uid = nix::unistd::getuid().as_raw();
-    let fdk_socket = env.path("n1/fdkeeper/lend.sock");
-    let fdk_admin = env.path("n1/fdkeeper-admin.sock");
-    let fdk_config = env.write(
-        "n1/fdkeeper.toml",
-        &cluster::fdkeeper_toml(&fdk_socket, &fdk_admin, uid),
-    )?;
-    let _fdkeeper = env.spawn(
-        "fdkeeper-n1",
-        harness::release_bin("fdkeeper"),
-        ["--config".as_ref(), fdk_config.as_os_str()],
-    )?;
-    harness::wait_seqpacket(&fdk_socket, START_TIMEOUT).await?;
+    let fdkeeper = cluster::start_fdkeeper(&env, "n1", "fdkeeper-n1").await?;
     let fe: Vec<SocketAddr> = (0..4).map(|_| env.free_port(1)).collect::<Result<_>>()?;
     let admin = env.path("n1/proxyd-admin.sock");
-    let mut text = format!(
-        r#"[global]
-admin_socket = "{}"
-fdkeeper_socket = "{}"
-
-[defaults]
-timeout_http_request = "1s"
-timeout_connect = "1s"
-timeout_server = "1s"
-timeout_queue = "1s"
-retries = 1
-"#,
-        admin.display(),
-        fdk_socket.display()
-    );
+    let mut config = configs::Proxyd {
+        comment: "proxyd for lb-bad-input: one frontend per kind of server.",
+        global: proxyd::Global::new(&admin, &fdkeeper.socket),
+        defaults: proxyd::Defaults {
+            timeout_http_request: Some("1s"),
+            timeout_connect: Some("1s"),
+            timeout_server: Some("1s"),
+            timeout_queue: Some("1s"),
+            retries: Some(1),
+            ..proxyd::Defaults::default()
+        },
+        frontends: Vec::new(),
+        backends: Vec::new(),
+    };
     for (i, (name, server, check)) in [
         ("ok", backends[0].1, false),
         ("garbage", garbage, false),
         ("silent", silent, false),
         ("dead", dead, true),
     ]
-    .iter()
+    .into_iter()
     .enumerate()
     {
-        text.push_str(&format!(
-            "\n[[frontend]]\nname = \"{name}\"\nbind = [\"{}\"]\ndefault_backend = \"{name}\"\n\n[[backend]]\nname = \"{name}\"\n[backend.check]\ninter = \"100ms\"\nfall = 1\n[[backend.server]]\nname = \"s\"\naddress = \"{server}\"\ncheck = {check}\n",
-            fe[i]
-        ));
+        config.frontends.push(proxyd::Frontend {
+            name: name.into(),
+            bind: vec![fe[i]],
+            mode: None,
+            default_backend: name.into(),
+        });
+        config.backends.push(proxyd::Backend {
+            name: name.into(),
+            balance: None,
+            check: Some(proxyd::Check {
+                http_get: None,
+                inter: "100ms".into(),
+                fall: 1,
+            }),
+            stick: None,
+            servers: vec![proxyd::Server {
+                check: Some(check),
+                ..proxyd::Server::plain("s", server)
+            }],
+        });
     }
-    let config = env.write("n1/proxyd.toml", &text)?;
+    let config = env.write("n1/proxyd.toml", &config.render())?;
     let mut proxyd = env.spawn(
         "proxyd-n1",
         harness::release_bin("proxyd"),

@@ -11,6 +11,7 @@ use nix::unistd::Pid;
 
 use super::{Outcome, Scenario, ensure_no_failures, figure, ms, print_load};
 use crate::cluster::{self, Node, NodeOptions};
+use crate::configs;
 use crate::harness::{self, Env};
 use crate::load::{FailKind, Load, LoadConfig, percentile};
 
@@ -575,17 +576,12 @@ async fn peercred(mut env: Env) -> Result<Outcome> {
     let admin = env.path("fdk-admin.sock");
     let config = env.write(
         "fdkeeper.toml",
-        &format!(
-            r#"socket = "{}"
-socket_mode = "0660"
-socket_group = {LEND_GID}
-admin = "{}"
-allowed_uids = [0, {ALLOWED_UID}]
-allowed_binds = ["127.0.0.0/8"]
-"#,
-            socket.display(),
-            admin.display()
-        ),
+        &configs::Fdkeeper {
+            allowed_uids: vec![0, ALLOWED_UID],
+            socket_access: Some(("0660", LEND_GID)),
+            ..configs::Fdkeeper::new(socket.clone(), admin.clone())
+        }
+        .render(),
     )?;
     let daemon = env.spawn(
         "fdkeeper",

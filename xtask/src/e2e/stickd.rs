@@ -13,6 +13,7 @@ use proto::stick::v1::stick_client::StickClient;
 use tonic::transport::Channel;
 
 use super::{Outcome, Scenario, figure, ms};
+use crate::configs::{self, stickd::Key, stickd::Table};
 use crate::harness::{self, Env, Proc};
 
 pub fn scenarios() -> Vec<Scenario> {
@@ -75,28 +76,14 @@ pub fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-const TABLES: &str = r#"
-# HAProxy: stick-table type string len 32 size 5k expire 5m
-[[tables]]
-name = "dynamic_group"
-type = "string"
-len = 32
-size = "5k"
-expire = "5m"
-
-[[tables]]
-name = "bulk"
-type = "string"
-len = 32
-size = "200k"
-expire = "10m"
-
-[[tables]]
-name = "short"
-type = "integer"
-size = "1k"
-expire = "2s"
-"#;
+/// The tables of every node: the seed's, a big one and a short-lived one with integer keys.
+fn tables() -> Vec<Table> {
+    vec![
+        Table::string("dynamic_group", 32, "5k", "5m"),
+        Table::string("bulk", 32, "200k", "10m"),
+        Table::integer("short", "1k", "2s"),
+    ]
+}
 
 const BOOT: Duration = Duration::from_secs(20);
 
@@ -236,8 +223,8 @@ struct StickCluster {
 }
 
 impl StickCluster {
-    /// Three nodes on 127.0.0.1-3; `extra(i)` (1-based) is appended to node i's config.
-    async fn start(mut env: Env, extra: impl Fn(usize) -> String) -> Result<StickCluster> {
+    /// Three nodes on 127.0.0.1-3; node i (1-based) has the stick tables `tables(i)`.
+    async fn start(mut env: Env, tables: impl Fn(usize) -> Vec<Table>) -> Result<StickCluster> {
         let addrs = (1..=3u8)
             .map(|i| env.free_port(i))
             .collect::<Result<Vec<_>>>()?;
@@ -253,7 +240,7 @@ impl StickCluster {
             let socket = dir.join("stickd.sock");
             let config = env.write(
                 &format!("{name}/stickd.toml"),
-                &config_text(&dir, &socket, &peers, &extra(i)),
+                &stickd_config(&dir, &socket, &peers, tables(i)),
             )?;
             nodes.push(StickNode {
                 name,
@@ -363,23 +350,19 @@ impl StickCluster {
     }
 }
 
-fn config_text(
+fn stickd_config(
     dir: &std::path::Path,
     socket: &std::path::Path,
     peers: &[(String, SocketAddr)],
-    extra: &str,
+    tables: Vec<Table>,
 ) -> String {
-    let mut text = format!(
-        "data_dir = \"{}\"\nsocket = \"{}\"\nheartbeat = \"500ms\"\n{extra}\n",
-        dir.join("data").display(),
-        socket.display(),
-    );
-    for (name, a) in peers {
-        text.push_str(&format!(
-            "[[peers]]\nname = \"{name}\"\naddress = \"{a}\"\n\n"
-        ));
+    configs::Stickd {
+        heartbeat: Some("500ms"),
+        peers: peers.to_vec(),
+        tables,
+        ..configs::Stickd::new(dir.join("data"), socket.to_owned())
     }
-    text
+    .render()
 }
 
 fn pairs(prefix: &str, range: std::ops::Range<usize>, server: &str) -> Vec<(String, String)> {
@@ -391,7 +374,7 @@ fn pairs(prefix: &str, range: std::ops::Range<usize>, server: &str) -> Vec<(Stri
 // ---- 1 ----------------------------------------------------------------------------------------
 
 async fn fifteen_stores(env: Env) -> Result<Outcome> {
-    let c = StickCluster::start(env, |_| TABLES.to_owned()).await?;
+    let c = StickCluster::start(env, |_| tables()).await?;
     // Like the seed: five requests to each node, each storing a fresh session cookie.
     let mut last_store = Instant::now();
     for (i, node) in c.nodes.iter().enumerate() {
@@ -437,7 +420,7 @@ async fn fifteen_stores(env: Env) -> Result<Outcome> {
 // ---- 2 ----------------------------------------------------------------------------------------
 
 async fn kill9_resync(env: Env) -> Result<Outcome> {
-    let mut c = StickCluster::start(env, |_| TABLES.to_owned()).await?;
+    let mut c = StickCluster::start(env, |_| tables()).await?;
     let before: Vec<u64> = sent_to(&c, "node3").await?;
     c.nodes[2].kill9()?;
     let started = Instant::now();
@@ -512,7 +495,7 @@ async fn sent_to(c: &StickCluster, peer: &str) -> Result<Vec<u64>> {
 // ---- 3 ----------------------------------------------------------------------------------------
 
 async fn cluster_restart(env: Env) -> Result<Outcome> {
-    let mut c = StickCluster::start(env, |_| TABLES.to_owned()).await?;
+    let mut c = StickCluster::start(env, |_| tables()).await?;
     for (i, n) in c.nodes.iter().enumerate() {
         n.store(
             "bulk",
@@ -551,7 +534,7 @@ async fn cluster_restart(env: Env) -> Result<Outcome> {
 // ---- 4 ----------------------------------------------------------------------------------------
 
 async fn lww(env: Env) -> Result<Outcome> {
-    let c = StickCluster::start(env, |_| TABLES.to_owned()).await?;
+    let c = StickCluster::start(env, |_| tables()).await?;
     let (mut a, mut b) = (c.nodes[0].client().await?, c.nodes[1].client().await?);
     let mut versions = Vec::new();
     for round in 0..50 {
@@ -592,7 +575,7 @@ async fn lww(env: Env) -> Result<Outcome> {
 // ---- 5 ----------------------------------------------------------------------------------------
 
 async fn delete_clear(env: Env) -> Result<Outcome> {
-    let c = StickCluster::start(env, |_| TABLES.to_owned()).await?;
+    let c = StickCluster::start(env, |_| tables()).await?;
     c.nodes[0]
         .store("dynamic_group", &pairs("k", 0..10, "app1"))
         .await?;
@@ -778,7 +761,7 @@ async fn partition(env: Env) -> Result<Outcome> {
         let socket = dir.join("stickd.sock");
         let config = env.write(
             &format!("{name}/stickd.toml"),
-            &config_text(&dir, &socket, &peers, TABLES),
+            &stickd_config(&dir, &socket, &peers, tables()),
         )?;
         let mut args: Vec<std::ffi::OsString> =
             vec!["netns".into(), "exec".into(), ns.names[i].clone().into()];
@@ -879,11 +862,11 @@ async fn partition(env: Env) -> Result<Outcome> {
 async fn refusal_mismatch(env: Env) -> Result<Outcome> {
     // node2 defines dynamic_group with len 64.
     let mut c = StickCluster::start(env, |i| {
+        let mut t = tables();
         if i == 2 {
-            TABLES.replacen("len = 32", "len = 64", 1)
-        } else {
-            TABLES.to_owned()
+            t[0].key = Key::String { len: 64 };
         }
+        t
     })
     .await?;
     harness::wait_for("the mismatch in node1's ShowPeers", BOOT, || async {
@@ -933,7 +916,7 @@ async fn refusal_mismatch(env: Env) -> Result<Outcome> {
     let dir = c.env.path("node9");
     let socket = dir.join("stickd.sock");
     let peers = [("node9".to_owned(), addr), ("node1".to_owned(), c.addrs[0])];
-    let text = config_text(&dir, &socket, &peers, TABLES);
+    let text = stickd_config(&dir, &socket, &peers, tables());
     let config = c.env.write("node9/stickd.toml", &text)?;
     let mut intruder = StickNode {
         name: "node9".into(),
@@ -967,7 +950,7 @@ async fn refusal_mismatch(env: Env) -> Result<Outcome> {
 // ---- 8 ----------------------------------------------------------------------------------------
 
 async fn expiry(env: Env) -> Result<Outcome> {
-    let c = StickCluster::start(env, |_| TABLES.to_owned()).await?;
+    let c = StickCluster::start(env, |_| tables()).await?;
     c.nodes[1].store("short", &pairs("", 1..21, "app1")).await?;
     let (t, _) = c.converge("short", Duration::from_secs(1)).await?;
     ensure!(t.len() == 20, "expected 20 entries, have {}", t.len());
@@ -1017,7 +1000,7 @@ async fn expiry(env: Env) -> Result<Outcome> {
 // ---- damaged data_dir ---------------------------------------------------------------------------
 
 async fn damaged_data_dir(env: Env) -> Result<Outcome> {
-    let mut c = StickCluster::start(env, |_| TABLES.to_owned()).await?;
+    let mut c = StickCluster::start(env, |_| tables()).await?;
     for (i, n) in c.nodes.iter().enumerate() {
         n.store(
             "dynamic_group",
