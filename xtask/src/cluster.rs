@@ -1,6 +1,7 @@
 //! One load-balancer node made of the real binaries (demo backends, fdkeeper, proxyd) in an
 //! [`Env`], with its generated configs and admin clients; shared by e2e scenarios and the demo.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -8,6 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use proto::proxyd::v1::admin_client::AdminClient as ProxydAdminClient;
 use proto::proxyd::v1::{GenerationState, StatusReply, StatusRequest};
+use proto::stick::v1 as stick;
+use proto::stick::v1::stick_client::StickClient;
+use tonic::transport::Channel;
 
 use crate::configs::{self, proxyd};
 use crate::harness::{self, Env, Proc, ProcSpec};
@@ -257,6 +261,41 @@ pub async fn proxyd_status(admin: &Path) -> Result<StatusReply> {
         .await
         .context("proxyd.v1.Admin/Status")?;
     Ok(reply.into_inner())
+}
+
+/// A stick.v1 client on stickd's unix socket.
+pub async fn stick_client(socket: &Path) -> Result<StickClient<Channel>> {
+    let channel = common::grpc::connect_unix(socket)
+        .await
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    Ok(StickClient::new(channel))
+}
+
+/// key -> server of every entry of `table`, through stick.v1 Show `page_size` entries a page.
+pub async fn stick_table(
+    c: &mut StickClient<Channel>,
+    table: &str,
+    page_size: u32,
+) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let mut token = String::new();
+    loop {
+        let r = c
+            .show(stick::ShowRequest {
+                table: table.into(),
+                page_size,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("stick.v1.Stick/Show {table}"))?
+            .into_inner();
+        out.extend(r.entries.into_iter().map(|e| (e.key, e.server)));
+        if r.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        token = r.next_page_token;
+    }
 }
 
 /// One `GET /` on a fresh connection with `Connection: close`; the server name from the body.

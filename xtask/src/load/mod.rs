@@ -390,40 +390,48 @@ mod tests {
         assert_eq!(report.failures.get(FailKind::Refused), 10);
     }
 
-    /// A fake server that answers the first request on each connection and then closes without
-    /// answering the second: the keep-alive client's second request is a `reset` failure, while
-    /// a `Connection: close` answer only makes it reconnect.
-    #[tokio::test]
-    async fn closed_reused_connection_is_reset_but_connection_close_is_not() {
+    /// A server on 127.0.0.1 that hands each connection it accepts, numbered from 1, to `serve`.
+    async fn fake_server<F, Fut>(serve: F) -> SocketAddr
+    where
+        F: Fn(u32, tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let mut n = 0u32;
-            loop {
-                let Ok((mut s, _)) = listener.accept().await else {
-                    return;
-                };
+            while let Ok((s, _)) = listener.accept().await {
                 n += 1;
-                let say_close = n.is_multiple_of(2);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 1024];
-                    let _ = s.read(&mut buf).await;
-                    let body = "server: x\n";
-                    let conn = if say_close { "close" } else { "keep-alive" };
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: {conn}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = s.write_all(resp.as_bytes()).await;
-                    if !say_close {
-                        // Read the next request, then close without a byte.
-                        let _ = s.read(&mut buf).await;
-                    }
-                });
+                tokio::spawn(serve(n, s));
             }
         });
+        addr
+    }
+
+    /// A fake server that answers the first request on each connection and then closes without
+    /// answering the second: the keep-alive client's second request is a `reset` failure, while
+    /// a `Connection: close` answer only makes it reconnect.
+    #[tokio::test]
+    async fn closed_reused_connection_is_reset_but_connection_close_is_not() {
+        let addr = fake_server(|n, mut s| async move {
+            let say_close = n.is_multiple_of(2);
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let body = "server: x\n";
+            let conn = if say_close { "close" } else { "keep-alive" };
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: {conn}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            if !say_close {
+                // Read the next request, then close without a byte.
+                let _ = s.read(&mut buf).await;
+            }
+        })
+        .await;
         let cfg = LoadConfig {
             keepalive_clients: 1,
             close_clients: 0,
@@ -446,31 +454,19 @@ mod tests {
 
     #[tokio::test]
     async fn truncated_body_and_timeout() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let mut n = 0u32;
-            loop {
-                let Ok((mut s, _)) = listener.accept().await else {
-                    return;
-                };
-                n += 1;
-                let hang = n.is_multiple_of(2);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 1024];
-                    let _ = s.read(&mut buf).await;
-                    if hang {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        return;
-                    }
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
-                        .await;
-                });
+        let addr = fake_server(|n, mut s| async move {
+            let hang = n.is_multiple_of(2);
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            if hang {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                return;
             }
-        });
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+                .await;
+        })
+        .await;
         let cfg = LoadConfig {
             keepalive_clients: 0,
             close_clients: 1,

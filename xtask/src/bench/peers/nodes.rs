@@ -126,7 +126,7 @@ impl Nodes {
         if let Some(c) = cached {
             return Ok(c);
         }
-        let c = stick_client(&lb.nodes[i].stickd_socket).await?;
+        let c = cluster::stick_client(&lb.nodes[i].stickd_socket).await?;
         self.lock_clients()[i] = Some(c.clone());
         Ok(c)
     }
@@ -167,7 +167,8 @@ impl Nodes {
     async fn table(&self, i: usize) -> Result<BTreeMap<String, String>> {
         match &self.kind {
             Kind::Ours(lb) => {
-                let r = stickd_table(self.client(lb, i).await?).await;
+                // About 1.5 MB a page: under tonic's 4 MB default message limit.
+                let r = cluster::stick_table(&mut self.client(lb, i).await?, TABLE, 20_000).await;
                 if r.is_err() {
                     self.lock_clients()[i] = None;
                 }
@@ -366,36 +367,6 @@ fn parse_table(out: &str, servers: &[String]) -> Result<BTreeMap<String, String>
         table.insert(key.to_owned(), server);
     }
     Ok(table)
-}
-
-async fn stick_client(socket: &Path) -> Result<StickClient<tonic::transport::Channel>> {
-    Ok(StickClient::new(common::grpc::connect_unix(socket).await?))
-}
-
-/// key -> server of stickd's table through `Show`, page after page.
-async fn stickd_table(
-    mut c: StickClient<tonic::transport::Channel>,
-) -> Result<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    let mut token = String::new();
-    loop {
-        let r = c
-            .show(pb::ShowRequest {
-                table: TABLE.into(),
-                // About 1.5 MB a page: under tonic's 4 MB default message limit.
-                page_size: 20_000,
-                page_token: token,
-                ..Default::default()
-            })
-            .await
-            .context("stick.v1.Stick/Show")?
-            .into_inner();
-        out.extend(r.entries.into_iter().map(|e| (e.key, e.server)));
-        if r.next_page_token.is_empty() {
-            return Ok(out);
-        }
-        token = r.next_page_token;
-    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use proto::stick::v1 as pb;
-use proto::stick::v1::stick_client::StickClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Scenario;
@@ -274,7 +273,7 @@ impl Lb {
             harness::wait_for("stickd peers to connect", START_TIMEOUT, || {
                 let socket = socket.clone();
                 async move {
-                    let mut c = stick_client(&socket).await?;
+                    let mut c = cluster::stick_client(&socket).await?;
                     let peers = c.show_peers(pb::ShowPeersRequest {}).await?.into_inner();
                     let up = peers
                         .peers
@@ -335,23 +334,10 @@ impl Lb {
     }
 }
 
-async fn stick_client(socket: &Path) -> Result<StickClient<tonic::transport::Channel>> {
-    Ok(StickClient::new(common::grpc::connect_unix(socket).await?))
-}
-
 /// key -> server of the stick table on the stickd at `socket` (stick.v1 Show).
 pub async fn show(socket: &Path) -> Result<BTreeMap<String, String>> {
-    let mut c = stick_client(socket).await?;
-    let r = c
-        .show(pb::ShowRequest {
-            table: TABLE.into(),
-            page_size: 50_000,
-            ..Default::default()
-        })
-        .await
-        .context("stick.v1.Stick/Show")?
-        .into_inner();
-    Ok(r.entries.into_iter().map(|e| (e.key, e.server)).collect())
+    let mut c = cluster::stick_client(socket).await?;
+    cluster::stick_table(&mut c, TABLE, 50_000).await
 }
 
 /// What a client learns from one response.

@@ -221,6 +221,23 @@ fn sticky_traffic(
     (traffic, tasks)
 }
 
+/// Stops the traffic, waits for every client and returns its requests, failures and moves.
+async fn finish_traffic(
+    stop: &tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    traffic: &Traffic,
+) -> Result<(u64, u64, u64)> {
+    stop.cancel();
+    for t in tasks {
+        t.await?;
+    }
+    Ok((
+        traffic.requests.load(Ordering::Relaxed),
+        traffic.failed.load(Ordering::Relaxed),
+        traffic.moved.load(Ordering::Relaxed),
+    ))
+}
+
 pub(super) async fn server_down(env: Env) -> Result<Outcome> {
     let mut lb = Lb::start(env).await?;
     let frontends: Vec<SocketAddr> = lb.nodes.iter().map(|n| n.frontend).collect();
@@ -281,15 +298,7 @@ pub(super) async fn server_down(env: Env) -> Result<Outcome> {
             .insert(c.clone(), "app2".into());
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.cancel();
-    for t in tasks {
-        t.await?;
-    }
-    let (req, failed, moved) = (
-        traffic.requests.load(Ordering::Relaxed),
-        traffic.failed.load(Ordering::Relaxed),
-        traffic.moved.load(Ordering::Relaxed),
-    );
+    let (req, failed, moved) = finish_traffic(&stop, tasks, &traffic).await?;
     figure(
         "sticky requests",
         format!(
@@ -473,15 +482,7 @@ pub(super) async fn reload_sticky(env: Env) -> Result<Outcome> {
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.cancel();
-    for t in tasks {
-        t.await?;
-    }
-    let (req, failed, moved) = (
-        traffic.requests.load(Ordering::Relaxed),
-        traffic.failed.load(Ordering::Relaxed),
-        traffic.moved.load(Ordering::Relaxed),
-    );
+    let (req, failed, moved) = finish_traffic(&stop, tasks, &traffic).await?;
     figure(
         "during reloads",
         format!(

@@ -16,6 +16,7 @@ use proto::stick::v1::stick_client::StickClient;
 use tonic::transport::Channel;
 
 use super::Scenario;
+use crate::cluster;
 use crate::configs::{self, stickd::Table};
 use crate::harness::{self, Env, Proc};
 use partition::partition;
@@ -142,28 +143,12 @@ impl StickNode {
         .await
     }
 
-    /// key -> (server, deleted) of every live entry of `table`, through the tonic client.
+    /// key -> server of every entry of `table`, through the tonic client.
     async fn table(&self, table: &str) -> Result<BTreeMap<String, String>> {
         let mut c = self.client().await?;
-        let mut out = BTreeMap::new();
-        let mut token = String::new();
-        loop {
-            let r = c
-                .show(pb::ShowRequest {
-                    table: table.into(),
-                    page_size: 50_000,
-                    page_token: token.clone(),
-                    ..Default::default()
-                })
-                .await
-                .with_context(|| format!("Show {table} on {}", self.name))?
-                .into_inner();
-            out.extend(r.entries.into_iter().map(|e| (e.key, e.server)));
-            if r.next_page_token.is_empty() {
-                return Ok(out);
-            }
-            token = r.next_page_token;
-        }
+        cluster::stick_table(&mut c, table, 50_000)
+            .await
+            .with_context(|| format!("on {}", self.name))
     }
 
     /// key -> server through the real grpcurl (the operator's view).

@@ -266,11 +266,7 @@ impl Lab {
     }
 
     pub(super) async fn stick_client(&self) -> Result<StickClient<tonic::transport::Channel>> {
-        let socket = self.c().path("/run/stickd/stickd.sock");
-        let ch = common::grpc::connect_unix(&socket)
-            .await
-            .with_context(|| format!("cannot connect to {}", socket.display()))?;
-        Ok(StickClient::new(ch))
+        cluster::stick_client(&self.c().path("/run/stickd/stickd.sock")).await
     }
 }
 
