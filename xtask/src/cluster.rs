@@ -1,5 +1,6 @@
 //! One load-balancer node made of the real binaries (demo backends, fdkeeper, proxyd) in an
-//! [`Env`], with its generated configs and admin clients; shared by e2e scenarios and the demo.
+//! [`Env`], with its generated configs and the clients of proxyd's and stickd's gRPC; shared by
+//! the e2e scenarios, the demo and the bench.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

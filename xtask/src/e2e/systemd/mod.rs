@@ -245,8 +245,10 @@ async fn journal_line(
 }
 
 /// How a unit's main process ended, from systemd's `ExecMainCode` (waitid's `CLD_*` code) and
-/// `ExecMainStatus` (the exit code, or the signal).
-fn main_exit(code: &str, status: &str) -> Result<ExitStatus> {
+/// `ExecMainStatus` (the exit code, or the signal). `None` where systemd keeps no record of an
+/// end (code and status 0): a unit that stopped cleanly is garbage-collected at once, which
+/// resets both.
+fn main_exit(code: &str, status: &str) -> Result<Option<ExitStatus>> {
     use std::os::unix::process::ExitStatusExt;
     let status: i32 = status
         .parse()
@@ -256,12 +258,13 @@ fn main_exit(code: &str, status: &str) -> Result<ExitStatus> {
         .with_context(|| format!("ExecMainCode {code:?} is not a number"))?;
     // The wait status that waitpid would have given.
     let raw = match code {
+        0 if status == 0 => return Ok(None),
         libc::CLD_EXITED => (status & 0xff) << 8,
         libc::CLD_KILLED => status & 0x7f,
         libc::CLD_DUMPED => (status & 0x7f) | 0x80,
-        _ => bail!("ExecMainCode {code}: the main process has not ended"),
+        _ => bail!("ExecMainCode {code} with ExecMainStatus {status}: not an end of a process"),
     };
-    Ok(ExitStatus::from_raw(raw))
+    Ok(Some(ExitStatus::from_raw(raw)))
 }
 
 /// "[ 2351.730203] host ident[pid]: text" → the monotonic seconds.
@@ -281,17 +284,19 @@ mod tests {
 
     #[test]
     fn main_exit_reads_systemd_codes() {
-        let ok = main_exit("1", "0").expect("exited");
+        let ok = main_exit("1", "0").expect("read").expect("exited");
         assert!(ok.success());
         assert_eq!(ok.code(), Some(0));
-        assert_eq!(main_exit("1", "64").expect("exited").code(), Some(64));
-        let killed = main_exit("2", "9").expect("killed");
+        let bad = main_exit("1", "64").expect("read").expect("exited");
+        assert_eq!(bad.code(), Some(64));
+        let killed = main_exit("2", "9").expect("read").expect("killed");
         assert!(!killed.success());
         assert_eq!(
             std::os::unix::process::ExitStatusExt::signal(&killed),
             Some(9)
         );
-        assert!(main_exit("0", "0").is_err());
+        assert!(main_exit("0", "0").expect("read").is_none());
+        assert!(main_exit("0", "1").is_err());
         assert!(main_exit("1", "x").is_err());
     }
 

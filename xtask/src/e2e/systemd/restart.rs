@@ -423,8 +423,11 @@ pub(super) async fn stop(lab: &Lab) -> Result<()> {
                 "{}, result {}, {}; {}",
                 p["ActiveState"],
                 p["Result"],
-                exit.as_ref()
-                    .map_or_else(|e| format!("{e:#}"), ToString::to_string),
+                match &exit {
+                    Ok(Some(status)) => status.to_string(),
+                    Ok(None) => "no exit status kept".to_owned(),
+                    Err(e) => format!("{e:#}"),
+                },
                 seen.map_or("no STOPPING=1".to_owned(), |l| l
                     .split_once(": ")
                     .map_or(String::new(), |(_, r)| r.to_owned()))
@@ -437,8 +440,9 @@ pub(super) async fn stop(lab: &Lab) -> Result<()> {
         );
         ensure!(p["Result"] == "success", "{u}: result {}", p["Result"]);
         // Result=success already rules out a non-zero exit and an unclean signal.
-        let exit = exit?;
-        ensure!(exit.success(), "{u} ended with {exit}");
+        if let Some(exit) = exit? {
+            ensure!(exit.success(), "{u} ended with {exit}");
+        }
         ensure!(seen.is_some(), "{u}: no STOPPING=1 from pid {}", mains[u]);
         ensure!(killed.is_none(), "{u} needed a SIGKILL: {killed:?}");
     }
