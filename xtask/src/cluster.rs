@@ -1,8 +1,8 @@
 //! One load-balancer node made of the real binaries (demo backends, fdkeeper, proxyd) in an
-//! [`Env`], with its generated configs and admin clients; shared by e2e scenarios and the demo.
-// Shared API for every scenario module (stickd's too) and bench: not all of it is used yet.
-#![allow(dead_code)]
+//! [`Env`], with its generated configs and the clients of proxyd's and stickd's gRPC; shared by
+//! the e2e scenarios, the demo and the bench.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use proto::proxyd::v1::admin_client::AdminClient as ProxydAdminClient;
 use proto::proxyd::v1::{GenerationState, StatusReply, StatusRequest};
+use proto::stick::v1 as stick;
+use proto::stick::v1::stick_client::StickClient;
+use tonic::transport::Channel;
 
-use crate::harness::{self, Env, GrpcTarget, Proc, ProcSpec};
+use crate::configs::{self, proxyd};
+use crate::harness::{self, Env, Proc, ProcSpec};
 
 /// Generous waits: the e2e machine has 2 cores and four builds may run beside it.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -54,164 +58,47 @@ impl Default for NodeOptions {
 
 /// A running node.
 pub struct Node {
-    /// The demo backends this node started (none when given `servers`).
-    pub backends: Vec<(String, SocketAddr, Proc)>,
+    /// Held: the demo backends this node started (none when given `servers`); dropping a
+    /// `Proc` kills it.
+    _backends: Vec<Proc>,
     /// What its proxyd balances over.
     pub servers: Vec<(String, SocketAddr)>,
     pub fdkeeper: Proc,
     pub proxyd: Proc,
     pub frontend: SocketAddr,
-    pub fdkeeper_config: PathBuf,
     pub fdkeeper_socket: PathBuf,
     pub fdkeeper_admin: PathBuf,
     pub proxyd_config: PathBuf,
     pub proxyd_admin: PathBuf,
-    pub options: NodeOptions,
 }
 
-/// fdkeeper.toml for a node whose files live under `dir`.
-pub fn fdkeeper_toml(socket: &Path, admin: &Path, uid: u32) -> String {
-    format!(
-        r#"# fdkeeper for an xtask node: lends loopback listeners to proxyd (same uid).
-socket = "{}"
-admin = "{}"
-allowed_uids = [{uid}]
-allowed_binds = ["127.0.0.0/8"]
-"#,
-        socket.display(),
-        admin.display()
-    )
+/// Writes `DIR/fdkeeper.toml` (lending socket `DIR/fdkeeper/lend.sock`, admin socket
+/// `DIR/fdkeeper-admin.sock`) and starts fdkeeper as `name`; returns once it lends.
+pub async fn start_fdkeeper(env: &Env, dir: &str, name: &str) -> Result<RunningFdkeeper> {
+    let socket = env.path(&format!("{dir}/fdkeeper/lend.sock"));
+    let admin = env.path(&format!("{dir}/fdkeeper-admin.sock"));
+    let config = env.write(
+        &format!("{dir}/fdkeeper.toml"),
+        &configs::Fdkeeper::new(socket.clone(), admin.clone()).render(),
+    )?;
+    let proc = env.spawn(
+        name,
+        harness::release_bin("fdkeeper"),
+        ["--config".as_ref(), config.as_os_str()],
+    )?;
+    harness::wait_seqpacket(&socket, START_TIMEOUT).await?;
+    Ok(RunningFdkeeper {
+        proc,
+        socket,
+        admin,
+    })
 }
 
-/// proxyd.toml: one HTTP frontend on `frontend`, round robin over `servers`.
-pub fn proxyd_toml(
-    admin: &Path,
-    fdkeeper_socket: &Path,
-    frontend: SocketAddr,
-    servers: &[(String, SocketAddr)],
-    drain_timeout: &str,
-    max_draining: u32,
-) -> String {
-    let mut s = format!(
-        r#"# proxyd for an xtask node.
-[global]
-admin_socket = "{}"
-fdkeeper_socket = "{}"
-drain_timeout = "{drain_timeout}"
-max_draining = {max_draining}
-threads = 1
-
-[[frontend]]
-name = "www"
-bind = ["{frontend}"]
-mode = "http"
-default_backend = "app"
-
-[[backend]]
-name = "app"
-balance = "roundrobin"
-"#,
-        admin.display(),
-        fdkeeper_socket.display()
-    );
-    for (name, addr) in servers {
-        s.push_str(&format!(
-            "\n[[backend.server]]\nname = \"{name}\"\naddress = \"{addr}\"\n"
-        ));
-    }
-    s
-}
-
-/// proxyd.toml with the seed's backend (examples/proxyd-seed.toml: roundrobin, HTTP checks of
-/// GET /index.php, redispatch, forwardfor, the seed's timeouts and maxconns), for the lb e2e
-/// nodes and the http bench; the stick rule is there when stickd is.
-pub struct SeedProxyd<'a> {
-    /// The file's first line, after `# `.
-    pub what: &'a str,
-    pub admin: &'a Path,
-    pub fdkeeper: &'a Path,
-    pub stickd: Option<&'a Path>,
-    /// More `[global]` lines (metrics, drain, threads...).
-    pub global: String,
-    pub frontend: SocketAddr,
-    pub table: &'a str,
-    pub timeout_check: &'a str,
-    pub check_inter: &'a str,
-    pub fall: u32,
-    pub servers: &'a [(String, SocketAddr)],
-}
-
-impl SeedProxyd<'_> {
-    pub fn toml(&self) -> String {
-        let SeedProxyd {
-            what,
-            admin,
-            fdkeeper,
-            stickd,
-            global,
-            frontend,
-            table,
-            timeout_check,
-            check_inter,
-            fall,
-            servers,
-        } = self;
-        let stickd = stickd.map_or(String::new(), |s| {
-            format!("stickd_socket = \"{}\"\n", s.display())
-        });
-        let mut s = format!(
-            r#"# {what}
-[global]
-admin_socket = "{}"
-fdkeeper_socket = "{}"
-{stickd}{global}
-[defaults]
-timeout_http_request = "2s"
-timeout_queue = "3s"
-timeout_connect = "1s"
-timeout_client = "10s"
-timeout_server = "2s"
-timeout_http_keep_alive = "10s"
-timeout_check = "{timeout_check}"
-maxconn = 18000
-retries = 3
-redispatch = true
-forwardfor = true
-forwardfor_except = "127.0.0.0/8"
-
-[[frontend]]
-name = "http-in"
-bind = ["{frontend}"]
-mode = "http"
-default_backend = "{table}"
-
-[[backend]]
-name = "{table}"
-balance = "roundrobin"
-
-[backend.check]
-type = "http"
-method = "GET"
-path = "/index.php"
-expect_status = 200
-inter = "{check_inter}"
-fall = {fall}
-"#,
-            admin.display(),
-            fdkeeper.display(),
-        );
-        if self.stickd.is_some() {
-            s.push_str(
-                "\n[backend.stick]\non = \"req.cook(PHPSESSID)\"\nstore_response = \"res.cook(PHPSESSID)\"\n",
-            );
-        }
-        for (name, addr) in *servers {
-            s.push_str(&format!(
-                "\n[[backend.server]]\nname = \"{name}\"\naddress = \"{addr}\"\ncheck = true\nrise = 1\nmaxconn = 3000\n"
-            ));
-        }
-        s
-    }
+/// An fdkeeper that [`start_fdkeeper`] started.
+pub struct RunningFdkeeper {
+    pub proc: Proc,
+    pub socket: PathBuf,
+    pub admin: PathBuf,
 }
 
 /// Starts one demo backend per name on 127.0.0.`host` (ports from `preferred_base` up when
@@ -269,34 +156,23 @@ impl Node {
             None => backends.iter().map(|(n, a, _)| (n.clone(), *a)).collect(),
         };
 
-        let uid = nix::unistd::getuid().as_raw();
-        let fdkeeper_socket = env.path(&format!("n{h}/fdkeeper/lend.sock"));
-        let fdkeeper_admin = env.path(&format!("n{h}/fdkeeper-admin.sock"));
-        let fdkeeper_config = env.write(
-            &format!("n{h}/fdkeeper.toml"),
-            &fdkeeper_toml(&fdkeeper_socket, &fdkeeper_admin, uid),
-        )?;
-        let fdkeeper = env.spawn(
-            &format!("fdkeeper-n{h}"),
-            harness::release_bin("fdkeeper"),
-            ["--config".as_ref(), fdkeeper_config.as_os_str()],
-        )?;
+        let RunningFdkeeper {
+            proc: fdkeeper,
+            socket: fdkeeper_socket,
+            admin: fdkeeper_admin,
+        } = start_fdkeeper(env, &format!("n{h}"), &format!("fdkeeper-n{h}")).await?;
         harness::wait_unix(&fdkeeper_admin, START_TIMEOUT).await?;
-        harness::wait_grpc_health(&GrpcTarget::Unix(fdkeeper_admin.clone()), START_TIMEOUT).await?;
-        harness::wait_seqpacket(&fdkeeper_socket, START_TIMEOUT).await?;
+        harness::wait_grpc_health(&fdkeeper_admin, START_TIMEOUT).await?;
 
         let frontend = env.port_or_free(h, options.preferred_ports.map(|(f, _)| f))?;
         let proxyd_admin = env.path(&format!("n{h}/proxyd-admin.sock"));
+        let mut global = proxyd::Global::new(&proxyd_admin, &fdkeeper_socket);
+        global.drain_timeout = Some(options.drain_timeout);
+        global.max_draining = Some(options.max_draining);
+        global.threads = Some(1);
         let proxyd_config = env.write(
             &format!("n{h}/proxyd.toml"),
-            &proxyd_toml(
-                &proxyd_admin,
-                &fdkeeper_socket,
-                frontend,
-                &servers,
-                options.drain_timeout,
-                options.max_draining,
-            ),
+            &configs::Proxyd::round_robin(global, frontend, &servers).render(),
         )?;
         let binary = options
             .proxyd_binary
@@ -308,17 +184,15 @@ impl Node {
             ["--config".as_ref(), proxyd_config.as_os_str()],
         )?;
         let node = Node {
-            backends,
+            _backends: backends.into_iter().map(|(_, _, p)| p).collect(),
             servers,
             fdkeeper,
             proxyd,
             frontend,
-            fdkeeper_config,
             fdkeeper_socket,
             fdkeeper_admin,
             proxyd_config,
             proxyd_admin,
-            options,
         };
         node.wait_serving(START_TIMEOUT).await?;
         Ok(node)
@@ -346,14 +220,6 @@ impl Node {
         })
         .await?;
         Ok(generation)
-    }
-
-    pub fn fdkeeper_target(&self) -> GrpcTarget {
-        GrpcTarget::Unix(self.fdkeeper_admin.clone())
-    }
-
-    pub fn proxyd_target(&self) -> GrpcTarget {
-        GrpcTarget::Unix(self.proxyd_admin.clone())
     }
 
     pub async fn status(&self) -> Result<StatusReply> {
@@ -396,6 +262,41 @@ pub async fn proxyd_status(admin: &Path) -> Result<StatusReply> {
         .await
         .context("proxyd.v1.Admin/Status")?;
     Ok(reply.into_inner())
+}
+
+/// A stick.v1 client on stickd's unix socket.
+pub async fn stick_client(socket: &Path) -> Result<StickClient<Channel>> {
+    let channel = common::grpc::connect_unix(socket)
+        .await
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    Ok(StickClient::new(channel))
+}
+
+/// key -> server of every entry of `table`, through stick.v1 Show `page_size` entries a page.
+pub async fn stick_table(
+    c: &mut StickClient<Channel>,
+    table: &str,
+    page_size: u32,
+) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let mut token = String::new();
+    loop {
+        let r = c
+            .show(stick::ShowRequest {
+                table: table.into(),
+                page_size,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("stick.v1.Stick/Show {table}"))?
+            .into_inner();
+        out.extend(r.entries.into_iter().map(|e| (e.key, e.server)));
+        if r.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        token = r.next_page_token;
+    }
 }
 
 /// One `GET /` on a fresh connection with `Connection: close`; the server name from the body.
@@ -468,8 +369,8 @@ pub async fn wait_new_generation(
 }
 
 /// Inode of each listener fdkeeper holds, by address, from its admin API through grpcurl.
-pub fn fdkeeper_inodes(target: &GrpcTarget) -> Result<Vec<(String, u64)>> {
-    let v = harness::grpcurl(target, "fdkeeper.v1.Admin/ListListeners", None)?;
+pub fn fdkeeper_inodes(admin: &Path) -> Result<Vec<(String, u64)>> {
+    let v = harness::grpcurl(admin, "fdkeeper.v1.Admin/ListListeners", None)?;
     let mut out = Vec::new();
     for l in v["listeners"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         let addr = l["localAddress"]

@@ -4,6 +4,7 @@
 mod backend;
 mod bench;
 mod cluster;
+mod configs;
 mod demo;
 mod e2e;
 mod harness;

@@ -53,7 +53,7 @@ struct KillRun {
     /// Probes that met a refused connection.
     refused_probes: u64,
     /// What the master did, as seen from its processes.
-    aftermath: String,
+    aftermath: Aftermath,
     /// HAProxy: its log says "exit-on-failure" (the master killed everything and exited).
     exit_on_failure_logged: bool,
 }
@@ -136,14 +136,33 @@ async fn kill_once(
 }
 
 /// What the target's master did after its worker was killed.
-async fn aftermath(target: &mut Target, killed: u32) -> String {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Aftermath {
+    MasterExited,
+    NewWorker,
+    NoWorker,
+    NoNewWorker,
+}
+
+impl std::fmt::Display for Aftermath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Aftermath::MasterExited => "master exited",
+            Aftermath::NewWorker => "master started a new worker",
+            Aftermath::NoWorker => "master alive, no worker",
+            Aftermath::NoNewWorker => "master alive, no new worker",
+        })
+    }
+}
+
+async fn aftermath(target: &mut Target, killed: u32) -> Aftermath {
     if !target.master_alive() {
-        return "master exited".to_owned();
+        return Aftermath::MasterExited;
     }
     match target.current_worker().await {
-        Ok(Some(pid)) if pid != killed => "master started a new worker".to_owned(),
-        _ if target.workers().is_empty() => "master alive, no worker".to_owned(),
-        _ => "master alive, no new worker".to_owned(),
+        Ok(Some(pid)) if pid != killed => Aftermath::NewWorker,
+        _ if target.workers().is_empty() => Aftermath::NoWorker,
+        _ => Aftermath::NoNewWorker,
     }
 }
 
@@ -247,7 +266,7 @@ fn section(runs: &[KillRun], kills: usize, timing: Timing) -> Section {
                 why.join("; ")
             ),
         };
-        let mut what: Vec<String> = rs.iter().map(|r| r.aftermath.clone()).collect();
+        let mut what: Vec<String> = rs.iter().map(|r| r.aftermath.to_string()).collect();
         what.sort();
         what.dedup();
         t.row(vec![
@@ -273,8 +292,8 @@ fn section(runs: &[KillRun], kills: usize, timing: Timing) -> Section {
     let count = |kind: Kind, f: &dyn Fn(&KillRun) -> bool| of(kind).filter(|r| f(r)).count();
     let refused = |kind: Kind| -> u64 { of(kind).map(|r| r.refused + r.refused_probes).sum() };
     let within_risk = |r: &KillRun| r.failed <= r.at_risk;
-    let respawned = |r: &KillRun| r.aftermath == "master started a new worker";
-    let exited = |r: &KillRun| r.aftermath == "master exited";
+    let respawned = |r: &KillRun| r.aftermath == Aftermath::NewWorker;
+    let exited = |r: &KillRun| r.aftermath == Aftermath::MasterExited;
     let logged = |r: &KillRun| r.exit_on_failure_logged;
 
     let p = Kind::Proxyd;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use crate::harness::{self, Env};
+use crate::load::LoadReport;
 
 /// What a scenario concluded, when it did not fail.
 #[derive(Debug)]
@@ -66,6 +67,31 @@ pub fn all() -> Vec<Scenario> {
 /// Prints one measured figure of the running scenario.
 pub fn figure(label: &str, value: impl std::fmt::Display) {
     println!("    {label}: {value}");
+}
+
+/// A duration as milliseconds with one decimal, for figures.
+fn ms(d: Duration) -> String {
+    format!("{:.1}ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Prints a finished load's summary and its first failures.
+fn print_load(report: &LoadReport) {
+    figure("load", report.summary());
+    for s in &report.samples {
+        figure("failure", s);
+    }
+}
+
+/// Fails naming the count, the kinds and the first failure when any request failed.
+fn ensure_no_failures(report: &LoadReport) -> Result<()> {
+    anyhow::ensure!(
+        report.failures.total() == 0,
+        "{} failed requests ({}); first: {:?}",
+        report.failures.total(),
+        report.failures,
+        report.samples.first()
+    );
+    Ok(())
 }
 
 /// Totals of one e2e run.

@@ -9,10 +9,11 @@ use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use super::{Outcome, Scenario, figure};
+use super::{Outcome, Scenario, ensure_no_failures, figure, ms, print_load};
 use crate::cluster::{self, Node, NodeOptions};
+use crate::configs;
 use crate::harness::{self, Env};
-use crate::load::{FailKind, Load, LoadConfig, LoadReport, percentile};
+use crate::load::{FailKind, Load, LoadConfig, percentile};
 
 mod release;
 
@@ -93,28 +94,6 @@ async fn start_load(node: &Node) -> Result<Load> {
         .await
         .context("the load never got going")?;
     Ok(load)
-}
-
-fn print_load(report: &LoadReport) {
-    figure("load", report.summary());
-    for s in &report.samples {
-        figure("failure", s);
-    }
-}
-
-fn ensure_no_failures(report: &LoadReport) -> Result<()> {
-    ensure!(
-        report.failures.total() == 0,
-        "{} failed requests ({}); first: {:?}",
-        report.failures.total(),
-        report.failures,
-        report.samples.first()
-    );
-    Ok(())
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1}ms", d.as_secs_f64() * 1000.0)
 }
 
 fn quantiles(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
@@ -409,7 +388,7 @@ async fn broken_config(mut env: Env) -> Result<Outcome> {
     );
 
     // 2. The admin API.
-    let target = node.proxyd_target();
+    let target = node.proxyd_admin.clone();
     let grpc = tokio::task::spawn_blocking(move || {
         harness::grpcurl(
             &target,
@@ -487,8 +466,8 @@ async fn broken_config(mut env: Env) -> Result<Outcome> {
 async fn fdkeeper_restart(mut env: Env) -> Result<Outcome> {
     let mut node = Node::start(&mut env, NodeOptions::default()).await?;
     let frontend = node.frontend.to_string();
-    let target = node.fdkeeper_target();
-    let inode_of = |target: &harness::GrpcTarget| -> Result<u64> {
+    let target = node.fdkeeper_admin.clone();
+    let inode_of = |target: &Path| -> Result<u64> {
         cluster::fdkeeper_inodes(target)?
             .into_iter()
             .find(|(a, _)| *a == frontend)
@@ -597,17 +576,12 @@ async fn peercred(mut env: Env) -> Result<Outcome> {
     let admin = env.path("fdk-admin.sock");
     let config = env.write(
         "fdkeeper.toml",
-        &format!(
-            r#"socket = "{}"
-socket_mode = "0660"
-socket_group = {LEND_GID}
-admin = "{}"
-allowed_uids = [0, {ALLOWED_UID}]
-allowed_binds = ["127.0.0.0/8"]
-"#,
-            socket.display(),
-            admin.display()
-        ),
+        &configs::Fdkeeper {
+            allowed_uids: vec![0, ALLOWED_UID],
+            socket_access: Some(("0660", LEND_GID)),
+            ..configs::Fdkeeper::new(socket.clone(), admin.clone())
+        }
+        .render(),
     )?;
     let daemon = env.spawn(
         "fdkeeper",

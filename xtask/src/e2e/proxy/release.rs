@@ -11,11 +11,9 @@ use proto::proxyd::v1::{GenerationState, StatusReply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{
-    ensure_no_failures, exe_inode, install_new_build, ms, print_load, private_proxyd, start_load,
-};
+use super::{exe_inode, install_new_build, private_proxyd, start_load};
 use crate::cluster::{self, Node, NodeOptions};
-use crate::e2e::{Outcome, Scenario, figure};
+use crate::e2e::{Outcome, Scenario, ensure_no_failures, figure, ms, print_load};
 use crate::harness::{self, Env};
 
 pub fn scenarios() -> Vec<Scenario> {
@@ -112,7 +110,7 @@ fn generation(st: &StatusReply, number: u64) -> Option<&proto::proxyd::v1::Gener
 }
 
 fn fdkeeper_holds(node: &Node, addr: SocketAddr) -> Result<Option<u64>> {
-    Ok(cluster::fdkeeper_inodes(&node.fdkeeper_target())?
+    Ok(cluster::fdkeeper_inodes(&node.fdkeeper_admin)?
         .into_iter()
         .find(|(a, _)| *a == addr.to_string())
         .map(|(_, inode)| inode))
