@@ -1,4 +1,4 @@
-//! The stick cache's figures for issue 4: lookup (hit, miss) and store time, and heap bytes per
+//! The stick cache's figures: lookup (hit, miss) and store time, and heap bytes per
 //! entry, measured on the real `StickCache` filled with PHPSESSID-like keys (no stickd). Times
 //! are the thread's CPU time per operation, medians over batches, beside this machine's own
 //! floor: one random access to as much memory as the cache holds, measured in the same run.

@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use super::{Ctx, Section, Table};
 
-/// Issue 4's targets.
+/// The stick cache's targets.
 const LOOKUP_TARGET_NS: f64 = 100.0;
 const BYTES_TARGET: f64 = 120.0;
 
@@ -107,7 +107,7 @@ fn section(o: &Output) -> Section {
          took).",
         o.entries, o.key_len, o.servers, o.shards, o.batches, o.batch, o.hot_set
     ));
-    let mut t = Table::new(&["figure", "measured", "target (issue 4)", "verdict"]);
+    let mut t = Table::new(&["figure", "measured", "target", "verdict"]);
     let hit = o.lookup_hit_ns.median;
     t.row(vec![
         format!("lookup, hit, random over {} entries (ns)", o.entries),

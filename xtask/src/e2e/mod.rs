@@ -163,7 +163,7 @@ pub async fn run(filter: Option<&str>, build: bool) -> Result<Totals> {
         }
         drop(keep);
     }
-    // Issue 5's checks share one booted container, so they run as a group after the rest.
+    // The systemd checks share one booted container, so they run as a group after the rest.
     let units = systemd::run(filter).await?;
     totals.passed += units.passed;
     totals.failed += units.failed;

@@ -1,4 +1,4 @@
-//! Issue 2's scenarios: reloads, worker crashes, broken configs, an fdkeeper restart, peer
+//! The reload scenarios: reloads, worker crashes, broken configs, an fdkeeper restart, peer
 //! credentials and a binary upgrade, each under load, each with 0 failed requests.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

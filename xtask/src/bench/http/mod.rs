@@ -24,7 +24,7 @@ use report::section;
 use targets::{start_haproxy, start_nginx, start_proxyd};
 use wrk::parse_wrk;
 
-/// wrk's connections, as issue 6 asks.
+/// wrk's connections.
 const CONNECTIONS: u32 = 50;
 /// The seed's table name, in HAProxy and stickd alike.
 const TABLE: &str = "dynamic_group";

@@ -178,7 +178,7 @@ fn titled(mut t: Table, title: &str) -> Table {
     t
 }
 
-/// Issue 6's targets (and issue 4's stick-rule cost), met or missed, from this run's medians.
+/// The speed targets (and the stick rule's cost), met or missed, from this run's medians.
 fn verdicts(samples: &[(Workload, Kind, Sample)]) -> Vec<String> {
     let mut notes = Vec::new();
     let mark = |ok: bool| if ok { "met" } else { "**missed**" };
@@ -194,7 +194,7 @@ fn verdicts(samples: &[(Workload, Kind, Sample)]) -> Vec<String> {
         let cpu_all = median(&p.cpu_stickd) / median(&h.cpu);
         let p99 = median(&p.p99) / median(&h.p99);
         notes.push(format!(
-            "Issue 6 targets, {}: requests/s {rps:.2}× HAProxy (target ≥ 1.2×: {}); CPU µs/req \
+            "Targets, {}: requests/s {rps:.2}× HAProxy (target ≥ 1.2×: {}); CPU µs/req \
              {cpu:.2}× (≤ 0.8×: {}), {cpu_all:.2}× with stickd ({}); p99 {p99:.2}× (no worse, \
              ≤ 1.0×: {}).",
             w.title(),
@@ -217,7 +217,7 @@ fn verdicts(samples: &[(Workload, Kind, Sample)]) -> Vec<String> {
             "**missed**"
         };
         notes.push(format!(
-            "Stick rule cost (issue 4: at most 10 % of requests/s), keep-alive sticky run: proxyd \
+            "Stick rule cost (target: at most 10 % of requests/s), keep-alive sticky run: proxyd \
              with the rule {:.0} req/s, without {:.0} req/s: {:.1} % ({verdict}).",
             median(&stick.rps),
             median(&plain.rps),

@@ -245,7 +245,7 @@ pub(super) fn section(
     ];
     let all_met = verdicts.iter().all(|(_, met)| *met);
     s.notes.push(format!(
-        "Target (issue 6: replication at least as fast as HAProxy's peers): **{}**. {}. A gap \
+        "Target (replication at least as fast as HAProxy's peers): **{}**. {}. A gap \
          within one poll interval ({} ms) counts as a tie.",
         if all_met { "met" } else { "missed" },
         verdicts

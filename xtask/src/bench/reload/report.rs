@@ -128,7 +128,7 @@ pub(super) fn section(runs: &[Storm], reloads: usize, rounds: usize) -> Section 
         "missed"
     };
     s.notes.push(format!(
-        "Issue 6 target (0 failed requests for proxyd where HAProxy's default and nginx fail \
+        "Target (0 failed requests for proxyd where HAProxy's default and nginx fail \
          some): **{verdict}**: over {} reloads each, proxyd failed {proxyd} requests, HAProxy \
          (default) {haproxy} (median per storm {:.0}), HAProxy with idle-close-on-response {}, \
          nginx {nginx}.",

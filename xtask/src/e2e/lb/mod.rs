@@ -1,4 +1,4 @@
-//! Issue 4's scenarios: three load-balancer nodes on 127.0.0.1-3 (fdkeeper + stickd + proxyd
+//! The load balancer's scenarios: three load-balancer nodes on 127.0.0.1-3 (fdkeeper + stickd + proxyd
 //! each, with the seed's sticky config) in front of two demo backends.
 
 mod admin;

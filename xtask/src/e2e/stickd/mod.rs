@@ -1,4 +1,4 @@
-//! Issue 3's scenarios: three stickd on 127.0.0.1, .2 and .3 replicating stick tables, checked
+//! The replication scenarios: three stickd on 127.0.0.1, .2 and .3 replicating stick tables, checked
 //! with the real grpcurl and a tonic client.
 
 mod partition;

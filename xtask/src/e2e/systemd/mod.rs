@@ -1,4 +1,4 @@
-//! Issue 5's proof: the units of `dist/systemd/` under a real systemd, booted with systemd-nspawn
+//! The units of `dist/systemd/` under a real systemd, booted with systemd-nspawn
 //! from a cached debootstrap root and driven with `systemctl` through nsenter, while the load
 //! generator runs outside against 127.0.0.1 (the container shares the host's network).
 //!
@@ -27,7 +27,7 @@ use lab::Lab;
 use reload::{broken_reload, kill_proxyd, reloads};
 use restart::{restart_fdkeeper, restart_stickd, stop};
 
-/// Packages on top of debootstrap's minbase: systemd as pid 1 (issue 5), and procps for the
+/// Packages on top of debootstrap's minbase: systemd as pid 1, and procps for the
 /// `/bin/kill` of proxyd's ExecReload. Changing this list rebuilds the cached root.
 const INCLUDE: &str = "systemd,systemd-sysv,dbus,procps";
 const RELEASE: &str = "bookworm";
