@@ -70,6 +70,45 @@ impl RequestHead {
         cookie_in_fields(&self.upstream[self.cookie_at?..], name)
     }
 
+    /// The value of the `Host` field (checked by the parser), if the request has one.
+    pub fn host(&self) -> Option<&str> {
+        let fields = &self.upstream[self.target_end..];
+        let value = field_values(fields, "host").next()?;
+        std::str::from_utf8(value).ok()
+    }
+
+    /// Replaces every field called `name` in the head sent upstream by one with `value`: what
+    /// the proxy says there, the client cannot.
+    pub fn set_field(&mut self, name: &str, value: &str) {
+        let start = self.target_end
+            + self.upstream[self.target_end..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(0, |p| p + 1);
+        let is_named = |line: &[u8]| is_field(line, name);
+        // The usual head has no such field: it is not copied.
+        if self.upstream[start..]
+            .split(|b| *b == b'\n')
+            .any(|line| is_named(line))
+        {
+            let mut kept = Vec::with_capacity(self.upstream.len());
+            kept.extend_from_slice(&self.upstream[..start]);
+            let mut cookie_at = None;
+            for line in self.upstream[start..].split_inclusive(|b| *b == b'\n') {
+                if is_named(line) {
+                    continue;
+                }
+                if self.cookie_at.is_some() && cookie_at.is_none() && is_field(line, "cookie") {
+                    cookie_at = Some(kept.len());
+                }
+                kept.extend_from_slice(line);
+            }
+            self.upstream = kept;
+            self.cookie_at = cookie_at;
+        }
+        self.add_field(name, value);
+    }
+
     /// Adds a field to the head sent upstream.
     pub fn add_field(&mut self, name: &str, value: &str) {
         // `upstream` always ends with the blank line.
@@ -80,6 +119,13 @@ impl RequestHead {
         self.upstream.extend_from_slice(value.as_bytes());
         self.upstream.extend_from_slice(b"\r\n\r\n");
     }
+}
+
+/// Whether a serialized field line is a field called `name`.
+fn is_field(line: &[u8], name: &str) -> bool {
+    line.iter()
+        .position(|b| *b == b':')
+        .is_some_and(|c| line[..c].eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// The values of the fields called `name` in serialized field lines.

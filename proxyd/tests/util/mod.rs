@@ -253,7 +253,9 @@ pub fn start_with(servers: &[SocketAddr], defaults: &str) -> (proxyd::serve::Pro
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let proxy = proxyd::serve::Proxy::new(Arc::new(config));
-    proxy.start(vec![(0, listener)]).expect("start");
+    proxy
+        .start(vec![(proxyd::config::BindRef::default(), listener)])
+        .expect("start");
     (proxy, addr)
 }
 
