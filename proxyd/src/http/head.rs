@@ -85,17 +85,16 @@ impl RequestHead {
                 .iter()
                 .position(|b| *b == b'\n')
                 .map_or(0, |p| p + 1);
-        let is_named = |line: &[u8]| is_field(line, name);
         // The usual head has no such field: it is not copied.
         if self.upstream[start..]
             .split(|b| *b == b'\n')
-            .any(|line| is_named(line))
+            .any(|line| is_field(line, name))
         {
             let mut kept = Vec::with_capacity(self.upstream.len());
             kept.extend_from_slice(&self.upstream[..start]);
             let mut cookie_at = None;
             for line in self.upstream[start..].split_inclusive(|b| *b == b'\n') {
-                if is_named(line) {
+                if is_field(line, name) {
                     continue;
                 }
                 if self.cookie_at.is_some() && cookie_at.is_none() && is_field(line, "cookie") {
@@ -641,6 +640,29 @@ mod tests {
         .expect("complete");
         assert_eq!(r.set_cookie("PHPSESSID"), Some("q9"));
         assert_eq!(r.set_cookie("path"), None);
+    }
+
+    #[test]
+    fn a_set_field_replaces_every_one_the_client_sent() {
+        let mut h = req("GET /a HTTP/1.1\r\nX-Forwarded-Proto: https\r\nHost: x:8080\r\nx-forwarded-proto: ftp\r\nCookie: s=1\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(h.host(), Some("x:8080"));
+        h.set_field("X-Forwarded-Proto", "http");
+        assert_eq!(
+            String::from_utf8_lossy(&h.upstream),
+            "GET /a HTTP/1.1\r\nHost: x:8080\r\nCookie: s=1\r\nX-Forwarded-Proto: http\r\n\r\n"
+        );
+        // The cookie is found where it moved to.
+        assert_eq!(h.cookie("s"), Some("1"));
+        // Without the field, the head only grows by it.
+        let mut h = req("GET /b HTTP/1.0\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(h.host(), None);
+        h.set_field("X-Forwarded-Proto", "https");
+        assert!(h.upstream.ends_with(b"X-Forwarded-Proto: https\r\n\r\n"));
+        assert_eq!(h.target(), "/b");
     }
 
     #[test]

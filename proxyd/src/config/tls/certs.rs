@@ -184,11 +184,11 @@ fn load_one(
                 let tried = key_candidates(path);
                 let mut found = None;
                 for k in &tried {
-                    if k.is_file() {
-                        if let Some(key) = private_key(k, &read(k)?)? {
-                            found = Some((key, k.clone()));
-                            break;
-                        }
+                    if k.is_file()
+                        && let Some(key) = private_key(k, &read(k)?)?
+                    {
+                        found = Some((key, k.clone()));
+                        break;
                     }
                 }
                 found.ok_or_else(|| CertError::NoKey {

@@ -57,6 +57,20 @@ impl<K> CertStore<K> {
         }
     }
 
+    /// Orders each name's certificates by `rank`, lowest first, keeping the config's order
+    /// among equals.
+    pub fn prefer<R: Ord>(&mut self, rank: impl Fn(&K) -> R) {
+        let certs = &self.certs;
+        let lists = self
+            .exact
+            .values_mut()
+            .chain(self.wildcard.values_mut())
+            .chain(std::iter::once(&mut self.default));
+        for list in lists {
+            list.sort_by_key(|&i| rank(&certs[i]));
+        }
+    }
+
     /// The certificates for a server name, best first; never empty unless the store is.
     pub fn candidates(&self, sni: Option<&str>) -> impl Iterator<Item = &K> {
         let found = sni.and_then(|name| {
@@ -88,21 +102,17 @@ pub struct SniResolver {
 }
 
 impl SniResolver {
-    /// ECDSA (and Ed25519) keys come before RSA ones for the same name: smaller handshakes
-    /// and cheaper signatures, for every client that accepts them.
+    /// `certs` in the config's order, the first one the default. ECDSA (and Ed25519) keys come
+    /// before RSA ones for the same name: smaller handshakes and cheaper signatures, for every
+    /// client that accepts them.
     pub fn new(certs: &[Arc<LoadedCert>]) -> Self {
-        let mut order: Vec<&Arc<LoadedCert>> = certs.iter().collect();
-        // The first certificate stays first: it is the default.
-        if let Some((_, rest)) = order.split_first_mut() {
-            rest.sort_by_key(|c| c.algorithm == rustls::SignatureAlgorithm::RSA);
-        }
-        let entries = order
-            .into_iter()
+        let entries = certs
+            .iter()
             .map(|c| (c.names.clone(), c.key.clone()))
             .collect();
-        Self {
-            store: CertStore::new(entries),
-        }
+        let mut store = CertStore::new(entries);
+        store.prefer(|k: &Arc<CertifiedKey>| k.key.algorithm() == rustls::SignatureAlgorithm::RSA);
+        Self { store }
     }
 }
 
@@ -181,6 +191,19 @@ mod tests {
         assert_eq!(pick(&s, Some("A.Test")), ["a"]);
         assert_eq!(pick(&s, Some("a.test.")), ["a"]);
         assert_eq!(pick(&s, Some("X.W.TEST")), ["a"]);
+    }
+
+    #[test]
+    fn preference_reorders_each_name_but_not_the_rest() {
+        let mut s = store(&[
+            ("rsa", &["a.test"]),
+            ("ecdsa", &["a.test"]),
+            ("rsa-b", &["b.test"]),
+        ]);
+        s.prefer(|k| k.starts_with("rsa"));
+        assert_eq!(pick(&s, Some("a.test")), ["ecdsa", "rsa"]);
+        assert_eq!(pick(&s, None), ["ecdsa", "rsa"]);
+        assert_eq!(pick(&s, Some("b.test")), ["rsa-b"]);
     }
 
     #[test]
