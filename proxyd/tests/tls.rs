@@ -1028,3 +1028,32 @@ async fn a_reload_with_a_broken_certificate_is_refused_and_tls_keeps_serving() {
     assert!(got == renewed.der);
     drop(served);
 }
+
+#[test]
+fn the_tls_example_is_valid_with_its_certificates_in_place() {
+    let pki = Pki::new();
+    pki.write_pem(
+        "certs/www.example.com.pem",
+        &pki.leaf(&["www.example.com", "example.com"]),
+    );
+    let api = pki.leaf(&["api.example.com"]);
+    pki.write("certs/api.example.com.crt", &api.cert);
+    pki.write("certs/api.example.com.key", &api.key);
+    let shop = pki.leaf(&["*.shop.example.com"]);
+    pki.write("certs/more/shop.crt", &shop.cert);
+    pki.write("certs/more/shop.key", &shop.key);
+    pki.write_pem(
+        "certs/mail.example.com.pem",
+        &pki.leaf(&["mail.example.com"]),
+    );
+    let text = include_str!("../../examples/proxyd-tls.toml");
+    let c = load(&pki, text).expect("the example is valid");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let site = &c.tls[0];
+    assert_eq!(site.certs.len(), 3);
+    assert_eq!(site.certs[2].names, ["*.shop.example.com"]);
+    let www = &c.frontends[0].bind;
+    assert!(www[0].redirect_https.is_some() && www[1].tls == Some(0));
+    assert_eq!(c.frontends[1].bind[0].tls, Some(1));
+    assert!(c.tls[1].alpn.is_empty());
+}

@@ -11,7 +11,7 @@ use common::config::Spanned;
 use common::{ConfigError, Duration, SourceFile};
 
 use super::raw::{RawBind, RawConfig, Shorthand};
-use super::tls::{Tls, TlsCheck, tls_name};
+use super::tls::{Tls, TlsCheck};
 use super::{
     Backend, Balance, Bind, Check, CheckKind, Cidr, Config, Defaults, ForwardFor, Frontend, Global,
     Mode, RedirectHttps, Server, Stick, StickOn,
@@ -337,15 +337,11 @@ pub(super) fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, Config
     for t in raw.tls {
         let span = t.span();
         let t = t.into_inner();
-        let name = tls_name(&src, t.name.as_ref(), true, span)?.unwrap_or_default();
-        let checked = t
-            .name
-            .as_ref()
-            .map(|n| checked_name(&src, n, "tls"))
-            .transpose()?;
-        if let (Some(n), Some(checked)) = (&t.name, checked)
-            && tls_names.insert(checked, tls.len()).is_some()
-        {
+        let Some(n) = &t.name else {
+            return Err(src.error_at(span, "[[tls]] needs a name"));
+        };
+        let name = checked_name(&src, n, "tls")?;
+        if tls_names.insert(name.clone(), tls.len()).is_some() {
             return Err(src.error_at(n.span(), format!("duplicate tls name '{name}'")));
         }
         tls.push(tls_check.validate(t, name)?);
@@ -375,22 +371,21 @@ pub(super) fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, Config
             return Err(src.error_at(f.bind.span(), format!("frontend '{name}' binds nothing")));
         }
         let mode = f.mode.unwrap_or(Mode::Http);
-        let mut bind = Vec::new();
-        for entry in f.bind.into_inner() {
-            let b = frontend_bind(
-                &mut BindCheck {
-                    src: &src,
-                    frontend: &name,
-                    mode,
-                    taken: &mut taken,
-                    tls: &mut tls,
-                    tls_names: &tls_names,
-                    tls_check: &mut tls_check,
-                },
-                entry,
-            )?;
-            bind.push(b);
-        }
+        let mut check = BindCheck {
+            src: &src,
+            frontend: &name,
+            mode,
+            taken: &mut taken,
+            tls: &mut tls,
+            tls_names: &tls_names,
+            tls_check: &mut tls_check,
+        };
+        let bind = f
+            .bind
+            .into_inner()
+            .into_iter()
+            .map(|entry| frontend_bind(&mut check, entry))
+            .collect::<Result<Vec<_>, _>>()?;
         let Some(db) = f.default_backend else {
             return Err(src.error_at(f_span, format!("frontend '{name}' has no default_backend")));
         };
@@ -502,7 +497,12 @@ fn frontend_bind(
                     }
                 },
                 Shorthand::Table(raw) => {
-                    tls_name(src, raw.name.as_ref(), false, span)?;
+                    if let Some(n) = &raw.name {
+                        return Err(src.error_at(
+                            n.span(),
+                            "a bind's own tls takes no name (write a [[tls]] with it and refer to it by name)",
+                        ));
+                    }
                     let own = format!("{} {}", c.frontend, text.get_ref());
                     let t = c.tls_check.validate(raw, own)?;
                     c.tls.push(t);

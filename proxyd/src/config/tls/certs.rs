@@ -5,6 +5,7 @@
 //! A worker calls this when it loads its config, and the master and `proxyd check` when they
 //! validate one, so a broken certificate is found before a generation starts.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -45,6 +46,18 @@ pub struct LoadedCert {
     pub not_after: i64,
 }
 
+impl fmt::Debug for LoadedCert {
+    /// Names the file, never the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedCert")
+            .field("path", &self.path)
+            .field("names", &self.names)
+            .field("algorithm", &self.algorithm)
+            .field("not_after", &x509::date(self.not_after))
+            .finish()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("cannot read '{}': {source}", path.display())]
@@ -58,7 +71,7 @@ pub enum CertError {
     NoCertificate { path: PathBuf },
     #[error("no certificate file in directory '{}'", path.display())]
     EmptyDirectory { path: PathBuf },
-    #[error("no private key for '{}' (an unencrypted key in the file itself or in {})", path.display(), tried.iter().map(|p| format!("'{}'", p.display())).collect::<Vec<_>>().join(" or "))]
+    #[error("no private key for '{}' (an unencrypted key in the file itself or in {})", path.display(), quoted(tried))]
     NoKey { path: PathBuf, tried: Vec<PathBuf> },
     #[error("unusable private key in '{}': {why}", key.display())]
     BadKey { key: PathBuf, why: String },
@@ -68,6 +81,12 @@ pub enum CertError {
     BadCertificate { path: PathBuf, why: String },
     #[error("the certificate in '{}' expired on {}", path.display(), x509::date(*not_after))]
     Expired { path: PathBuf, not_after: i64 },
+}
+
+/// `'a' or 'b'`, for a message.
+fn quoted(paths: &[PathBuf]) -> String {
+    let quoted: Vec<String> = paths.iter().map(|p| format!("'{}'", p.display())).collect();
+    quoted.join(" or ")
 }
 
 /// Loads every certificate a source names, in order (a directory's files by name); `now` in unix

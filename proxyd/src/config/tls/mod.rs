@@ -10,12 +10,10 @@ mod certs;
 mod x509;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::config::Spanned;
 use common::{ConfigError, SourceFile};
 use rustls::crypto::CryptoProvider;
 
@@ -69,18 +67,6 @@ pub struct Tls {
     /// Offered in this order of preference; empty: no ALPN.
     pub alpn: Vec<AppProtocol>,
     pub min_version: TlsVersion,
-}
-
-impl fmt::Debug for LoadedCert {
-    /// Names the file, never the key.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LoadedCert")
-            .field("path", &self.path)
-            .field("names", &self.names)
-            .field("algorithm", &self.algorithm)
-            .field("not_after", &date(self.not_after))
-            .finish()
-    }
 }
 
 /// What validating TLS settings needs besides the raw table.
@@ -221,23 +207,5 @@ impl TlsCheck<'_> {
                 ),
             ));
         }
-    }
-}
-
-/// The name of a `[[tls]]`, required there and refused in a bind's own settings.
-pub(super) fn tls_name(
-    src: &SourceFile,
-    name: Option<&Spanned<String>>,
-    named: bool,
-    span: Range<usize>,
-) -> Result<Option<String>, ConfigError> {
-    match (name, named) {
-        (Some(n), true) => Ok(Some(n.get_ref().clone())),
-        (None, true) => Err(src.error_at(span, "[[tls]] needs a name")),
-        (Some(n), false) => Err(src.error_at(
-            n.span(),
-            "a bind's own tls takes no name (write a [[tls]] with it and refer to it by name)",
-        )),
-        (None, false) => Ok(None),
     }
 }
