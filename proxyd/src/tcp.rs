@@ -136,7 +136,8 @@ async fn pipe<C: ClientStream>(
                     let _ = cw.shutdown().await;
                 }
                 Ok(n) => {
-                    if cw.write_all(&down_buf[..n]).await.is_err() {
+                    // Flushed: over TLS the last records of a write may wait in the stream.
+                    if cw.write_all(&down_buf[..n]).await.is_err() || cw.flush().await.is_err() {
                         break;
                     }
                     down += n as u64;

@@ -1057,3 +1057,51 @@ fn the_tls_example_is_valid_with_its_certificates_in_place() {
     assert_eq!(c.frontends[1].bind[0].tls, Some(1));
     assert!(c.tls[1].alpn.is_empty());
 }
+
+#[tokio::test]
+async fn large_bodies_cross_tls_both_ways_on_a_kept_alive_connection() {
+    let pki = Pki::new();
+    pki.write_pem("site.pem", &pki.leaf(&["a.test"]));
+    // More than the socket buffers hold: the proxy's writes block while the client waits.
+    let big = 16 * 1024 * 1024;
+    let be = backend(move |s| {
+        let body = vec![b'x'; big + s.body.len()];
+        let mut r =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        r.extend_from_slice(&body);
+        Action::Respond(r)
+    })
+    .await;
+    let (l, addr) = listener();
+    let text = format!(
+        "{GLOBAL}[[frontend]]\nname = \"web\"\nbind = [{{ address = \"{addr}\", tls = {{ certs = [\"site.pem\"] }} }}]\ndefault_backend = \"app\"\n\
+         [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"{}\"\n",
+        be.addr
+    );
+    let _proxy = start(&pki, &text, vec![l]);
+    let (tls, _) = handshake(
+        addr,
+        Hello {
+            sni: Some("a.test"),
+            ..Hello::default()
+        },
+    )
+    .await
+    .expect("handshake");
+    let mut c = Client::over(tls);
+    let upload = 1024 * 1024;
+    for _ in 0..3 {
+        let mut req =
+            format!("POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: {upload}\r\n\r\n")
+                .into_bytes();
+        req.extend(std::iter::repeat_n(b'u', upload));
+        use tokio::io::AsyncWriteExt;
+        c.io.stream.write_all(&req).await.expect("send");
+        c.io.stream.flush().await.expect("send");
+        // Reads only once the proxy is stuck writing: what it wrote last must still come.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = c.read(false).await.expect("reply");
+        assert_eq!((r.status, r.body.len()), (200, big + upload));
+        assert!(!r.closes());
+    }
+}

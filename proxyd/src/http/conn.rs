@@ -69,7 +69,7 @@ pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, strea
             Ok(None) => break,
             Err(status) => {
                 tracing::debug!(status = status as u16, "refusing request");
-                let _ = client.stream.write_all(status.response()).await;
+                let _ = send(&mut client.stream, status.response()).await;
                 access_log(&shared, frontend, peer, &Log::refused(status), None);
                 break;
             }
@@ -94,7 +94,7 @@ pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, strea
             Next::Close => break,
             Next::Fail(status) => {
                 tracing::debug!(status = status as u16, "answering with an error");
-                let _ = client.stream.write_all(status.response()).await;
+                let _ = send(&mut client.stream, status.response()).await;
                 break;
             }
         }
@@ -225,6 +225,13 @@ fn scopeguard(shared: &Shared) -> InFlight<'_> {
     InFlight(shared)
 }
 
+/// Writes what the proxy says itself to the client, flushed: over TLS the last records of a
+/// write may wait in the stream until then, while the client waits for them.
+async fn send<C: ClientStream>(client: &mut C, bytes: &[u8]) -> std::io::Result<()> {
+    client.write_all(bytes).await?;
+    client.flush().await
+}
+
 /// Shuts our side down and reads what the client still sends for a moment, so that the kernel
 /// does not answer unread bytes with a reset that could destroy the last response in flight.
 async fn close_gracefully<C: ClientStream>(mut client: Io<C>) {
@@ -317,7 +324,7 @@ async fn redirect_https<C: ClientStream>(
     // A body is not read but left behind with the connection.
     let close = !req.keep_alive || req.framing != Framing::Empty || shared.drain.is_cancelled();
     let answer = redirect::moved_permanently(&location, close, req.minor);
-    if client.stream.write_all(&answer).await.is_err() || close {
+    if send(&mut client.stream, &answer).await.is_err() || close {
         return Next::Close;
     }
     Next::KeepAlive
@@ -340,9 +347,7 @@ async fn exchange<C: ClientStream>(
     let has_body = !matches!(req.framing, Framing::Empty);
     if req.expect_continue && has_body {
         // The proxy takes the body itself, so it answers the expectation itself.
-        if client
-            .stream
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if send(&mut client.stream, b"HTTP/1.1 100 Continue\r\n\r\n")
             .await
             .is_err()
         {
@@ -724,7 +729,7 @@ async fn read_response_head<C: ClientStream>(
                     // 100 Continue was answered by the proxy already; others go to 1.1 clients.
                     if resp.status != 100
                         && req.minor == 1
-                        && client.stream.write_all(&bytes).await.is_err()
+                        && send(&mut client.stream, &bytes).await.is_err()
                     {
                         return Err(HeadRead::ClientGone);
                     }
