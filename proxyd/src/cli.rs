@@ -8,10 +8,15 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::master::Master;
 
-/// `proxyd check`: exit 0, or 64 with file:line:column: reason.
+/// `proxyd check`: exit 0, or 64 with file:line:column: reason. Every certificate is loaded
+/// and checked against its key; warnings (a certificate that expires within 14 days) go to
+/// stderr and leave the exit code 0.
 pub fn check(config_path: &Path) -> i32 {
     match Config::load(config_path) {
-        Ok(_) => {
+        Ok(c) => {
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
             println!("{}: ok", config_path.display());
             EXIT_OK
         }
@@ -31,6 +36,9 @@ pub fn master(config_path: &Path) -> i32 {
             return EXIT_CONFIG;
         }
     };
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     // Resolved once: a reload after an upgrade on disk must exec the new file at this path,
     // while /proc/self/exe would keep pointing at the old (deleted) one.
     let exe = match std::env::current_exe() {

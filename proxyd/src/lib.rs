@@ -9,11 +9,12 @@
 //! - [`worker`]: borrows its frontends' listeners from fdkeeper (the same kernel sockets every
 //!   generation shares, so nothing queued is lost), serves, reports `Stats`, drains on demand.
 //! - [`serve`] over [`http`] and [`tcp`] over [`shared`] and [`net`]: the serving half, usable
-//!   on its own with any bound listeners. `serve` accepts and hands each connection to its
-//!   frontend's protocol; the protocols take the client as a generic [`net::ClientStream`] (so
-//!   a transport such as TLS fits under both) and use the worker's [`shared`] state (backends,
-//!   slots, counters); nothing below `serve` imports it. [`net`] holds what sits under the
-//!   protocols: the buffered stream and each server's connection pool.
+//!   on its own with any bound listeners. `serve` accepts, runs the TLS handshake on a TLS bind
+//!   and hands each connection to its frontend's protocol; the protocols take the client as a
+//!   generic [`net::ClientStream`] (plain TCP or TLS, each its own instance of their code) and
+//!   use the worker's [`shared`] state (backends, slots, counters); nothing below `serve`
+//!   imports it. [`net`] holds what sits under the protocols: the buffered stream, the TLS
+//!   server side (`net::tls`: rustls settings, SNI, the handshake) and each server's pool.
 //!   Draining stops accepting at once and answers the next request of each keep-alive
 //!   connection with `Connection: close`; an idle connection is never closed early, since the
 //!   client may be sending on it (the reload race HAProxy and nginx lose).
@@ -23,7 +24,8 @@
 //!   round robin, leastconn and source; tcp/http health checks with rise/fall; the stick
 //!   cache fed by stickd's Watch stream (the request path never waits on stickd).
 //! - [`admin`]: `proxyd.v1.Admin` (Status, Reload) with reflection and health, on a unix socket.
-//! - [`config`]: `proxyd.toml`; only validated configs leave the module.
+//! - [`config`]: `proxyd.toml`; only validated configs leave the module, with their
+//!   certificates loaded and checked (`config::tls`).
 //!
 //! Imports point down only. The serving half, top to bottom:
 //!

@@ -1,7 +1,7 @@
 //! TCP mode: one server connection per client connection, bytes copied both ways, with
 //! balancing, `stick on src`, maxconn and retries as in HTTP mode.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,16 +11,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::StickOn;
-use crate::net::{ClientStream, pool};
+use crate::net::{ClientInfo, ClientStream, pool};
 use crate::shared::{NoServer, Shared};
 
-/// Serves one accepted client connection until either side closes.
-pub async fn serve<C: ClientStream>(
-    shared: Arc<Shared>,
-    frontend: usize,
-    mut client: C,
-    peer: SocketAddr,
-) {
+/// Serves one accepted client connection (plain, or decrypted by TLS) until either side closes.
+pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, mut client: C) {
+    let (frontend, peer) = (info.at.frontend, info.peer);
     let started = Instant::now();
     let d = &shared.config.defaults;
     let b = shared.config.frontends[frontend].default_backend;
@@ -140,7 +136,8 @@ async fn pipe<C: ClientStream>(
                     let _ = cw.shutdown().await;
                 }
                 Ok(n) => {
-                    if cw.write_all(&down_buf[..n]).await.is_err() {
+                    // Flushed: over TLS the last records of a write may wait in the stream.
+                    if cw.write_all(&down_buf[..n]).await.is_err() || cw.flush().await.is_err() {
                         break;
                     }
                     down += n as u64;

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{BindRef, Config};
 use crate::control::{MASTER_INSTANCE_ENV, WorkerEnd, claim_owner, pb, to_master};
 use crate::model::{AdminState, StatsSnapshot};
 use crate::serve::Proxy;
@@ -124,23 +124,19 @@ fn failed(reason: String) -> pb::WorkerToMaster {
     to_master(pb::worker_to_master::Kind::Failed(pb::Failed { reason }))
 }
 
-/// The listen specs of every frontend, in config order, with their frontend's index.
-pub fn listen_specs(config: &Config) -> Vec<(usize, ListenSpec)> {
+/// The listen specs of every bind, in config order, with the bind they are for.
+pub fn listen_specs(config: &Config) -> Vec<(BindRef, ListenSpec)> {
     config
-        .frontends
-        .iter()
-        .enumerate()
-        .flat_map(|(i, f)| {
-            f.bind.iter().map(move |addr| {
-                (
-                    i,
-                    ListenSpec {
-                        address: addr.to_string(),
-                        backlog: f.backlog,
-                        ..ListenSpec::default()
-                    },
-                )
-            })
+        .binds()
+        .map(|(at, bind)| {
+            (
+                at,
+                ListenSpec {
+                    address: bind.address.to_string(),
+                    backlog: config.frontends[at.frontend].backlog,
+                    ..ListenSpec::default()
+                },
+            )
         })
         .collect()
 }
@@ -208,11 +204,14 @@ async fn run(
             return EXIT_FAILURE;
         }
     };
-    let frontends: Vec<usize> = listen_specs(&config).into_iter().map(|(i, _)| i).collect();
+    let binds: Vec<BindRef> = listen_specs(&config)
+        .into_iter()
+        .map(|(at, _)| at)
+        .collect();
     let mut held = Vec::with_capacity(lent.len());
     let mut inodes = Vec::with_capacity(lent.len());
     let mut listeners = Vec::with_capacity(lent.len());
-    for (l, frontend) in lent.into_iter().zip(frontends) {
+    for (l, at) in lent.into_iter().zip(binds) {
         // The guard keeps its own copies to deposit with a restarted fdkeeper.
         match l.listener.as_fd().try_clone_to_owned() {
             Ok(fd) => held.push((l.spec.clone(), fd)),
@@ -222,7 +221,7 @@ async fn run(
             }
         }
         inodes.push(l.inode);
-        listeners.push((frontend, l.listener));
+        listeners.push((at, l.listener));
     }
 
     // The stick cache is filled before this generation says it is ready, so that it routes

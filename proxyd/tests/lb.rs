@@ -27,7 +27,9 @@ fn start(text: &str, stick: Option<Arc<StickCache>>) -> (Proxy, SocketAddr, Canc
     let stop = CancellationToken::new();
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     proxyd::health::spawn_all(proxy.shared(), tx, stop.clone());
-    proxy.start(vec![(0, listener)]).expect("start");
+    proxy
+        .start(vec![(proxyd::config::BindRef::default(), listener)])
+        .expect("start");
     (proxy, addr, stop)
 }
 

@@ -6,11 +6,13 @@
 //! - this file: the validated config, the only kind the rest of proxyd sees, and its loading
 //!   (errors name the file, line and column, through `common::SourceFile`);
 //! - `raw`: the file as written, the serde schema that refuses unknown keys;
-//! - `validate`: from the raw file to a [`Config`], with defaults, or the first error at its line.
+//! - `validate`: from the raw file to a [`Config`], with defaults, or the first error at its line;
+//! - [`tls`]: the settings of the binds that terminate TLS, with their certificates loaded.
 
 mod raw;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 mod validate;
 
 use std::net::SocketAddr;
@@ -37,6 +39,11 @@ pub struct Config {
     pub defaults: Defaults,
     pub frontends: Vec<Frontend>,
     pub backends: Vec<Backend>,
+    /// The TLS settings the binds refer to by index: every `[[tls]]`, then each bind's own.
+    pub tls: Vec<tls::Tls>,
+    /// What is worth saying about a valid config (a certificate about to expire): `check`
+    /// prints these, the master logs them; each reads `file:line:column: reason` like an error.
+    pub warnings: Vec<ConfigError>,
 }
 
 #[derive(Clone, Debug)]
@@ -77,6 +84,9 @@ pub struct Defaults {
     pub timeout_queue: StdDuration,
     /// A health check's connect + answer.
     pub timeout_check: StdDuration,
+    /// From the accept of a TLS connection to the end of its handshake: a client that connects
+    /// and says nothing holds a `maxconn` slot no longer than this.
+    pub timeout_tls_handshake: StdDuration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -100,9 +110,9 @@ pub enum Balance {
 #[derive(Clone, Debug)]
 pub struct Frontend {
     pub name: String,
-    /// Listen addresses; fdkeeper holds one socket per address (in its canonical form), and
+    /// Where it listens; fdkeeper holds one socket per address (in its canonical form), and
     /// no two binds of a config overlap.
-    pub bind: Vec<SocketAddr>,
+    pub bind: Vec<Bind>,
     /// 0: fdkeeper's default.
     pub backlog: u32,
     pub mode: Mode,
@@ -110,6 +120,31 @@ pub struct Frontend {
     pub default_backend: usize,
     /// Connections served at once; further ones wait in the kernel's accept queue.
     pub maxconn: usize,
+}
+
+/// One listen address of a frontend and how its connections are carried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bind {
+    pub address: SocketAddr,
+    /// Index into `Config::tls`: the bind terminates TLS with those settings.
+    pub tls: Option<usize>,
+    /// Plain HTTP answered with a redirect to https (HAProxy's `redirect scheme https`).
+    pub redirect_https: Option<RedirectHttps>,
+}
+
+/// A bind's redirect of every request to the same URL in https.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedirectHttps {
+    /// The port the new URL names; none: the port of the request's host, if it has one.
+    pub port: Option<u16>,
+}
+
+/// One bind of the config: which frontend, which of its binds (the default: the first of the
+/// first).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BindRef {
+    pub frontend: usize,
+    pub bind: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -246,5 +281,24 @@ impl Config {
 
     pub fn backend(&self, name: &str) -> Option<&Backend> {
         self.backends.iter().find(|b| b.name == name)
+    }
+
+    /// Every bind of every frontend, in config order.
+    pub fn binds(&self) -> impl Iterator<Item = (BindRef, &Bind)> {
+        self.frontends.iter().enumerate().flat_map(|(f, fe)| {
+            fe.bind.iter().enumerate().map(move |(b, bind)| {
+                (
+                    BindRef {
+                        frontend: f,
+                        bind: b,
+                    },
+                    bind,
+                )
+            })
+        })
+    }
+
+    pub fn bind(&self, at: BindRef) -> &Bind {
+        &self.frontends[at.frontend].bind[at.bind]
     }
 }

@@ -1,11 +1,14 @@
 //! The config file as written: the serde schema, every table with `deny_unknown_fields` and
 //! spans kept for the errors; `validate` turns it into a `Config`.
 
+use std::fmt;
+use std::marker::PhantomData;
 use std::path::PathBuf;
 
 use common::Duration;
 use common::config::Spanned;
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use super::{Balance, Mode};
 
@@ -19,6 +22,9 @@ pub(super) struct RawConfig {
     pub(super) frontend: Vec<Spanned<RawFrontend>>,
     #[serde(default)]
     pub(super) backend: Vec<Spanned<RawBackend>>,
+    /// Named TLS settings that binds refer to by name.
+    #[serde(default)]
+    pub(super) tls: Vec<Spanned<RawTls>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -47,6 +53,7 @@ pub(super) struct RawDefaults {
     pub(super) pool_max_idle: Option<u64>,
     pub(super) timeout_queue: Option<Spanned<Duration>>,
     pub(super) timeout_check: Option<Spanned<Duration>>,
+    pub(super) timeout_tls_handshake: Option<Spanned<Duration>>,
     /// Defaults for every frontend and backend (HAProxy's `defaults` section).
     pub(super) maxconn: Option<Spanned<u64>>,
     pub(super) retries: Option<Spanned<u32>>,
@@ -59,7 +66,7 @@ pub(super) struct RawDefaults {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFrontend {
     pub(super) name: Spanned<String>,
-    pub(super) bind: Spanned<Vec<Spanned<String>>>,
+    pub(super) bind: Spanned<Vec<Spanned<Shorthand<RawBind>>>>,
     #[serde(default)]
     pub(super) backlog: u32,
     pub(super) mode: Option<Mode>,
@@ -115,4 +122,67 @@ pub(super) struct RawStick {
     pub(super) table: Option<Spanned<String>>,
     pub(super) on: Spanned<String>,
     pub(super) store_response: Option<Spanned<String>>,
+}
+
+/// A value written as a string or as a table: `"127.0.0.1:80"` or `{ address = "...", ... }`.
+///
+/// Deserialized by hand rather than as an untagged enum, so that a table keeps its own errors
+/// (an unknown key is named, not "data did not match any variant").
+#[derive(Debug)]
+pub(super) enum Shorthand<T> {
+    Text(String),
+    Table(T),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shorthand<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Shorthand<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a table")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(Shorthand::Text(s.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Shorthand::Table)
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
+}
+
+/// A bind written as a table: its address and what it does besides plain HTTP or TCP.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBind {
+    pub(super) address: Spanned<String>,
+    /// The name of a `[[tls]]`, or TLS settings of this bind alone.
+    pub(super) tls: Option<Spanned<Shorthand<RawTls>>>,
+    /// Answer every request with a redirect to the same URL in https (plain binds only).
+    pub(super) redirect_https: Option<Spanned<bool>>,
+    /// The port the redirect names (default: the port of the request's host, if any).
+    pub(super) redirect_port: Option<Spanned<u16>>,
+}
+
+/// TLS settings: a `[[tls]]` (with a name) or a bind's own (without).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) name: Option<Spanned<String>>,
+    /// PEM files (chain and key, or the key beside in `FILE.key`), directories of them, or
+    /// `{ cert = "...", key = "..." }` pairs; the first certificate is the default.
+    pub(super) certs: Spanned<Vec<Spanned<Shorthand<RawCertPair>>>>,
+    /// Protocols offered through ALPN, in order of preference.
+    pub(super) alpn: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `"1.2"` or `"1.3"`.
+    pub(super) min_version: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCertPair {
+    pub(super) cert: Spanned<PathBuf>,
+    pub(super) key: Spanned<PathBuf>,
 }

@@ -10,10 +10,11 @@ use std::time::Duration as StdDuration;
 use common::config::Spanned;
 use common::{ConfigError, Duration, SourceFile};
 
-use super::raw::RawConfig;
+use super::raw::{RawBind, RawConfig, Shorthand};
+use super::tls::{Tls, TlsCheck};
 use super::{
-    Backend, Balance, Check, CheckKind, Cidr, Config, Defaults, ForwardFor, Frontend, Global, Mode,
-    Server, Stick, StickOn,
+    Backend, Balance, Bind, Check, CheckKind, Cidr, Config, Defaults, ForwardFor, Frontend, Global,
+    Mode, RedirectHttps, Server, Stick, StickOn,
 };
 
 pub(super) fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -107,6 +108,11 @@ pub(super) fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, Config
         pool_max_idle: d.pool_max_idle.map_or(64, |n| n as usize),
         timeout_queue: positive(d.timeout_queue, "timeout_queue", secs(5))?,
         timeout_check: positive(d.timeout_check, "timeout_check", secs(2))?,
+        timeout_tls_handshake: positive(
+            d.timeout_tls_handshake,
+            "timeout_tls_handshake",
+            secs(10),
+        )?,
     };
     let default_maxconn = match &d.maxconn {
         None => 10_000,
@@ -316,6 +322,31 @@ pub(super) fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, Config
         });
     }
 
+    // Certificates are loaded here, so a file that cannot serve fails the config, at the line
+    // that names it, wherever the config is loaded (check, master, worker).
+    let provider = super::tls::provider();
+    let mut warnings = Vec::new();
+    let mut tls_check = TlsCheck {
+        src: &src,
+        provider: &provider,
+        now: common::time::now_ms().div_euclid(1000),
+        warnings: &mut warnings,
+    };
+    let mut tls: Vec<Tls> = Vec::new();
+    let mut tls_names: HashMap<String, usize> = HashMap::new();
+    for t in raw.tls {
+        let span = t.span();
+        let t = t.into_inner();
+        let Some(n) = &t.name else {
+            return Err(src.error_at(span, "[[tls]] needs a name"));
+        };
+        let name = checked_name(&src, n, "tls")?;
+        if tls_names.insert(name.clone(), tls.len()).is_some() {
+            return Err(src.error_at(n.span(), format!("duplicate tls name '{name}'")));
+        }
+        tls.push(tls_check.validate(t, name)?);
+    }
+
     let mut frontends: Vec<Frontend> = Vec::with_capacity(raw.frontend.len());
     // Every listen address so far, parsed, with whose it is and where it was written: binds
     // are compared as the kernel sees them, never as text.
@@ -339,27 +370,22 @@ pub(super) fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, Config
         if f.bind.get_ref().is_empty() {
             return Err(src.error_at(f.bind.span(), format!("frontend '{name}' binds nothing")));
         }
-        let mut bind = Vec::new();
-        for text in f.bind.into_inner() {
-            let Ok(addr) = text.get_ref().parse::<SocketAddr>() else {
-                return Err(src.error_at(
-                    text.span(),
-                    format!(
-                        "bad bind address '{}' (expected ip:port, [ipv6]:port)",
-                        text.get_ref()
-                    ),
-                ));
-            };
-            let here = Taken {
-                addr,
-                text: text.get_ref().clone(),
-                owner: format!("frontend '{name}'"),
-                at: src.line_col(text.span().start),
-            };
-            check_overlap(&src, &taken, &here, text.span())?;
-            taken.push(here);
-            bind.push(addr);
-        }
+        let mode = f.mode.unwrap_or(Mode::Http);
+        let mut check = BindCheck {
+            src: &src,
+            frontend: &name,
+            mode,
+            taken: &mut taken,
+            tls: &mut tls,
+            tls_names: &tls_names,
+            tls_check: &mut tls_check,
+        };
+        let bind = f
+            .bind
+            .into_inner()
+            .into_iter()
+            .map(|entry| frontend_bind(&mut check, entry))
+            .collect::<Result<Vec<_>, _>>()?;
         let Some(db) = f.default_backend else {
             return Err(src.error_at(f_span, format!("frontend '{name}' has no default_backend")));
         };
@@ -369,7 +395,6 @@ pub(super) fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, Config
                 format!("unknown backend '{}' in default_backend", db.get_ref()),
             ));
         };
-        let mode = f.mode.unwrap_or(Mode::Http);
         let maxconn = match &f.maxconn {
             None => default_maxconn,
             Some(m) => checked_maxconn(&src, m)?,
@@ -414,6 +439,116 @@ pub(super) fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, Config
         defaults,
         frontends,
         backends,
+        tls,
+        warnings,
+    })
+}
+
+/// What validating one frontend's binds needs from the rest of the config.
+struct BindCheck<'a, 'c> {
+    src: &'a SourceFile,
+    frontend: &'a str,
+    mode: Mode,
+    /// Every listen address so far.
+    taken: &'a mut Vec<Taken>,
+    /// The TLS settings so far: a bind's own are added to them.
+    tls: &'a mut Vec<Tls>,
+    tls_names: &'a HashMap<String, usize>,
+    tls_check: &'a mut TlsCheck<'c>,
+}
+
+/// One bind: `"ip:port"`, or a table with TLS (by name or its own) or a redirect to https.
+fn frontend_bind(
+    c: &mut BindCheck<'_, '_>,
+    entry: Spanned<Shorthand<RawBind>>,
+) -> Result<Bind, ConfigError> {
+    let src = c.src;
+    let entry_span = entry.span();
+    let (text, tls, redirect_https, redirect_port) = match entry.into_inner() {
+        Shorthand::Text(t) => (Spanned::new(entry_span, t), None, None, None),
+        Shorthand::Table(b) => (b.address, b.tls, b.redirect_https, b.redirect_port),
+    };
+    let Ok(address) = text.get_ref().parse::<SocketAddr>() else {
+        return Err(src.error_at(
+            text.span(),
+            format!(
+                "bad bind address '{}' (expected ip:port, [ipv6]:port)",
+                text.get_ref()
+            ),
+        ));
+    };
+    let here = Taken {
+        addr: address,
+        text: text.get_ref().clone(),
+        owner: format!("frontend '{}'", c.frontend),
+        at: src.line_col(text.span().start),
+    };
+    check_overlap(src, c.taken, &here, text.span())?;
+    c.taken.push(here);
+    let tls = match tls {
+        None => None,
+        Some(t) => {
+            let span = t.span();
+            match t.into_inner() {
+                Shorthand::Text(name) => match c.tls_names.get(&name) {
+                    Some(&i) => Some(i),
+                    None => {
+                        return Err(src.error_at(span, format!("unknown tls '{name}'")));
+                    }
+                },
+                Shorthand::Table(raw) => {
+                    if let Some(n) = &raw.name {
+                        return Err(src.error_at(
+                            n.span(),
+                            "a bind's own tls takes no name (write a [[tls]] with it and refer to it by name)",
+                        ));
+                    }
+                    let own = format!("{} {}", c.frontend, text.get_ref());
+                    let t = c.tls_check.validate(raw, own)?;
+                    c.tls.push(t);
+                    Some(c.tls.len() - 1)
+                }
+            }
+        }
+    };
+    let wants_redirect = redirect_https.as_ref().is_some_and(|r| *r.get_ref());
+    if let Some(p) = &redirect_port
+        && !wants_redirect
+    {
+        return Err(src.error_at(p.span(), "redirect_port needs redirect_https = true"));
+    }
+    let redirect_https = match redirect_https {
+        Some(r) if *r.get_ref() => {
+            if tls.is_some() {
+                return Err(src.error_at(
+                    r.span(),
+                    "redirect_https is for plain binds: this one has tls",
+                ));
+            }
+            if c.mode == Mode::Tcp {
+                return Err(src.error_at(
+                    r.span(),
+                    format!(
+                        "redirect_https needs http: frontend '{}' is in tcp mode",
+                        c.frontend
+                    ),
+                ));
+            }
+            if let Some(p) = &redirect_port
+                && *p.get_ref() == 0
+            {
+                return Err(src.error_at(p.span(), "redirect_port must not be 0"));
+            }
+            Some(RedirectHttps {
+                port: redirect_port.map(Spanned::into_inner),
+            })
+        }
+        _ => None,
+    };
+    Ok(Bind {
+        address,
+        tls,
+        redirect_https,
     })
 }
 

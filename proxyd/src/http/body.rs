@@ -42,7 +42,8 @@ pub async fn flush<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Writes all of `bytes` to `dst` within `timeout`.
+/// Writes all of `bytes` to `dst` and flushes it within `timeout`: a TLS stream may keep the
+/// last records of a write until it is flushed, and the peer waits for them.
 pub async fn write<W: AsyncWrite + Unpin>(
     dst: &mut W,
     bytes: &[u8],
@@ -51,7 +52,11 @@ pub async fn write<W: AsyncWrite + Unpin>(
     if bytes.is_empty() {
         return Ok(());
     }
-    match tokio::time::timeout(timeout, dst.write_all(bytes)).await {
+    let written = async {
+        dst.write_all(bytes).await?;
+        dst.flush().await
+    };
+    match tokio::time::timeout(timeout, written).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(BodyError::Write(e)),
         Err(_) => Err(BodyError::Write(io::ErrorKind::TimedOut.into())),
@@ -382,5 +387,59 @@ mod tests {
         let (r, dst, _) = run(b"all of it", Framing::UntilClose).await;
         r.expect("ok");
         assert_eq!(dst, b"HEAD|all of it");
+    }
+
+    /// A writer that, like a TLS stream, keeps what it was given until it is flushed.
+    #[derive(Default)]
+    struct HoldsUntilFlushed {
+        held: Vec<u8>,
+        sent: Vec<u8>,
+    }
+
+    impl tokio::io::AsyncWrite for HoldsUntilFlushed {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.held.extend_from_slice(buf);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            let held = std::mem::take(&mut self.held);
+            self.sent.extend_from_slice(&held);
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_body_is_flushed_when_forward_returns() {
+        let (mut tx, rx) = tokio::io::duplex(1024);
+        tx.write_all(b"hello").await.expect("write");
+        let mut src = Io::new(rx);
+        let mut dst = HoldsUntilFlushed::default();
+        let mut out = b"head;".to_vec();
+        forward(
+            &mut src,
+            &mut dst,
+            Framing::Length(5),
+            &mut out,
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("forward");
+        assert_eq!(dst.sent, b"head;hello");
+        assert!(dst.held.is_empty());
     }
 }

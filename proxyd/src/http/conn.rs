@@ -14,8 +14,9 @@ use tracing::Instrument;
 
 use super::body::{self, BodyError};
 use super::head::{self, Framing, HeadError, RequestHead, ResponseHead};
-use crate::config::StickOn;
-use crate::net::{ClientStream, Io, pool};
+use super::redirect;
+use crate::config::{RedirectHttps, StickOn};
+use crate::net::{ClientInfo, ClientStream, Io, pool};
 use crate::shared::{NoServer, ServerRt, Shared};
 
 /// Request bodies up to this size are read before the server is chosen, so that the request
@@ -56,13 +57,10 @@ enum Next {
     Fail(Status),
 }
 
-/// Serves one accepted client connection, from `peer`, until it closes.
-pub async fn serve<C: ClientStream>(
-    shared: Arc<Shared>,
-    frontend: usize,
-    stream: C,
-    peer: SocketAddr,
-) {
+/// Serves one accepted client connection (plain, or decrypted by TLS) until it closes.
+pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, stream: C) {
+    let (frontend, peer) = (info.at.frontend, info.peer);
+    let redirect = shared.config.bind(info.at).redirect_https;
     let mut client = Io::new(stream);
     let mut first = true;
     loop {
@@ -71,7 +69,7 @@ pub async fn serve<C: ClientStream>(
             Ok(None) => break,
             Err(status) => {
                 tracing::debug!(status = status as u16, "refusing request");
-                let _ = client.stream.write_all(status.response()).await;
+                let _ = send(&mut client.stream, status.response()).await;
                 access_log(&shared, frontend, peer, &Log::refused(status), None);
                 break;
             }
@@ -82,7 +80,10 @@ pub async fn serve<C: ClientStream>(
         stats.requests_in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = scopeguard(&shared);
         let mut log = Log::start();
-        let next = exchange(&shared, frontend, &mut client, peer, &mut head, &mut log).await;
+        let next = match redirect {
+            Some(r) => redirect_https(&shared, &mut client, &head, r, &mut log).await,
+            None => exchange(&shared, info, &mut client, &mut head, &mut log).await,
+        };
         if let Next::Fail(status) = next {
             log.status = status as u16;
             log.proxy_error = true;
@@ -93,7 +94,7 @@ pub async fn serve<C: ClientStream>(
             Next::Close => break,
             Next::Fail(status) => {
                 tracing::debug!(status = status as u16, "answering with an error");
-                let _ = client.stream.write_all(status.response()).await;
+                let _ = send(&mut client.stream, status.response()).await;
                 break;
             }
         }
@@ -113,6 +114,8 @@ struct Log {
     stick: &'static str,
     /// The status was the proxy's own (the server failed), not the server's.
     proxy_error: bool,
+    /// Answered by the proxy by design (a redirect), without a backend.
+    intercepted: bool,
 }
 
 impl Log {
@@ -126,6 +129,7 @@ impl Log {
             redispatched: false,
             stick: "-",
             proxy_error: false,
+            intercepted: false,
         }
     }
 
@@ -158,7 +162,7 @@ fn access_log(
     }
     let fc = &shared.frontends[frontend];
     fc.requests_total.fetch_add(1, Ordering::Relaxed);
-    if log.backend.is_none() {
+    if log.backend.is_none() && !log.intercepted {
         fc.requests_denied.fetch_add(1, Ordering::Relaxed);
     }
     if let Some(b) = log.backend {
@@ -219,6 +223,13 @@ impl Drop for InFlight<'_> {
 
 fn scopeguard(shared: &Shared) -> InFlight<'_> {
     InFlight(shared)
+}
+
+/// Writes what the proxy says itself to the client, flushed: over TLS the last records of a
+/// write may wait in the stream until then, while the client waits for them.
+async fn send<C: ClientStream>(client: &mut C, bytes: &[u8]) -> std::io::Result<()> {
+    client.write_all(bytes).await?;
+    client.flush().await
 }
 
 /// Shuts our side down and reads what the client still sends for a moment, so that the kernel
@@ -296,14 +307,37 @@ enum ReqBody {
     Streamed,
 }
 
+/// Answers a request on a bind that sends plain HTTP to https: a 301 to the same URL in https
+/// (HAProxy's `redirect scheme https`).
+async fn redirect_https<C: ClientStream>(
+    shared: &Shared,
+    client: &mut Io<C>,
+    req: &RequestHead,
+    to: RedirectHttps,
+    log: &mut Log,
+) -> Next {
+    let Some(location) = redirect::https_location(req.host(), req.target(), to.port) else {
+        return Next::Fail(Status::BadRequest);
+    };
+    log.status = 301;
+    log.intercepted = true;
+    // A body is not read but left behind with the connection.
+    let close = !req.keep_alive || req.framing != Framing::Empty || shared.drain.is_cancelled();
+    let answer = redirect::moved_permanently(&location, close, req.minor);
+    if send(&mut client.stream, &answer).await.is_err() || close {
+        return Next::Close;
+    }
+    Next::KeepAlive
+}
+
 async fn exchange<C: ClientStream>(
     shared: &Shared,
-    frontend: usize,
+    info: ClientInfo,
     client: &mut Io<C>,
-    peer: SocketAddr,
     req: &mut RequestHead,
     log: &mut Log,
 ) -> Next {
+    let (frontend, peer) = (info.at.frontend, info.peer);
     let d = &shared.config.defaults;
     let b = shared.config.frontends[frontend].default_backend;
     let backend = &shared.backends[b];
@@ -313,9 +347,7 @@ async fn exchange<C: ClientStream>(
     let has_body = !matches!(req.framing, Framing::Empty);
     if req.expect_continue && has_body {
         // The proxy takes the body itself, so it answers the expectation itself.
-        if client
-            .stream
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if send(&mut client.stream, b"HTTP/1.1 100 Continue\r\n\r\n")
             .await
             .is_err()
         {
@@ -341,6 +373,10 @@ async fn exchange<C: ClientStream>(
         && !ff.except.is_some_and(|net| net.contains(client_ip))
     {
         req.add_field("X-Forwarded-For", &client_ip.to_string());
+    }
+    if bconf.forwardfor.is_some() {
+        // The scheme is the bind's to say: a client's own claim is dropped, never forwarded.
+        req.set_field("X-Forwarded-Proto", if info.tls { "https" } else { "http" });
     }
 
     // The stick rule: which key, and which server it is stuck to (from the local cache only).
@@ -693,7 +729,7 @@ async fn read_response_head<C: ClientStream>(
                     // 100 Continue was answered by the proxy already; others go to 1.1 clients.
                     if resp.status != 100
                         && req.minor == 1
-                        && client.stream.write_all(&bytes).await.is_err()
+                        && send(&mut client.stream, &bytes).await.is_err()
                     {
                         return Err(HeadRead::ClientGone);
                     }

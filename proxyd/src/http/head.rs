@@ -70,6 +70,44 @@ impl RequestHead {
         cookie_in_fields(&self.upstream[self.cookie_at?..], name)
     }
 
+    /// The value of the `Host` field (checked by the parser), if the request has one.
+    pub fn host(&self) -> Option<&str> {
+        let fields = &self.upstream[self.target_end..];
+        let value = field_values(fields, "host").next()?;
+        std::str::from_utf8(value).ok()
+    }
+
+    /// Replaces every field called `name` in the head sent upstream by one with `value`: what
+    /// the proxy says there, the client cannot.
+    pub fn set_field(&mut self, name: &str, value: &str) {
+        let start = self.target_end
+            + self.upstream[self.target_end..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(0, |p| p + 1);
+        // The usual head has no such field: it is not copied.
+        if self.upstream[start..]
+            .split(|b| *b == b'\n')
+            .any(|line| is_field(line, name))
+        {
+            let mut kept = Vec::with_capacity(self.upstream.len());
+            kept.extend_from_slice(&self.upstream[..start]);
+            let mut cookie_at = None;
+            for line in self.upstream[start..].split_inclusive(|b| *b == b'\n') {
+                if is_field(line, name) {
+                    continue;
+                }
+                if self.cookie_at.is_some() && cookie_at.is_none() && is_field(line, "cookie") {
+                    cookie_at = Some(kept.len());
+                }
+                kept.extend_from_slice(line);
+            }
+            self.upstream = kept;
+            self.cookie_at = cookie_at;
+        }
+        self.add_field(name, value);
+    }
+
     /// Adds a field to the head sent upstream.
     pub fn add_field(&mut self, name: &str, value: &str) {
         // `upstream` always ends with the blank line.
@@ -80,6 +118,13 @@ impl RequestHead {
         self.upstream.extend_from_slice(value.as_bytes());
         self.upstream.extend_from_slice(b"\r\n\r\n");
     }
+}
+
+/// Whether a serialized field line is a field called `name`.
+fn is_field(line: &[u8], name: &str) -> bool {
+    line.iter()
+        .position(|b| *b == b':')
+        .is_some_and(|c| line[..c].eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// The values of the fields called `name` in serialized field lines.
@@ -595,6 +640,29 @@ mod tests {
         .expect("complete");
         assert_eq!(r.set_cookie("PHPSESSID"), Some("q9"));
         assert_eq!(r.set_cookie("path"), None);
+    }
+
+    #[test]
+    fn a_set_field_replaces_every_one_the_client_sent() {
+        let mut h = req("GET /a HTTP/1.1\r\nX-Forwarded-Proto: https\r\nHost: x:8080\r\nx-forwarded-proto: ftp\r\nCookie: s=1\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(h.host(), Some("x:8080"));
+        h.set_field("X-Forwarded-Proto", "http");
+        assert_eq!(
+            String::from_utf8_lossy(&h.upstream),
+            "GET /a HTTP/1.1\r\nHost: x:8080\r\nCookie: s=1\r\nX-Forwarded-Proto: http\r\n\r\n"
+        );
+        // The cookie is found where it moved to.
+        assert_eq!(h.cookie("s"), Some("1"));
+        // Without the field, the head only grows by it.
+        let mut h = req("GET /b HTTP/1.0\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(h.host(), None);
+        h.set_field("X-Forwarded-Proto", "https");
+        assert!(h.upstream.ends_with(b"X-Forwarded-Proto: https\r\n\r\n"));
+        assert_eq!(h.target(), "/b");
     }
 
     #[test]

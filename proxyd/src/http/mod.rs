@@ -4,3 +4,4 @@ pub mod body;
 pub mod conn;
 pub mod fields;
 pub mod head;
+pub mod redirect;

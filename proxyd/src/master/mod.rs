@@ -325,6 +325,9 @@ impl Master {
         if config.global.admin_socket != self.current.global.admin_socket {
             tracing::warn!("admin_socket changed: the master keeps the old one until it restarts");
         }
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
         let config = Arc::new(config);
         let number = self.start_generation(config);
         self.pending = Some(Pending {

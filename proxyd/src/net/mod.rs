@@ -1,23 +1,35 @@
-//! The connections beneath the protocols: what a client connection is carried on, a stream
-//! with its unread bytes, and the pooled connections to the servers.
+//! The connections beneath the protocols: what a client connection is carried on (plain TCP
+//! or [`tls`]), a stream with its unread bytes, and the pooled connections to the servers.
 //!
-//! Below `http` and `tcp` and above nothing but `sys`, so that `shared` can hold each server's
-//! pool without importing a protocol.
+//! Below `http` and `tcp` and above nothing but `config` and `sys`, so that `shared` can hold
+//! each server's pool without importing a protocol.
 
 pub mod pool;
+pub mod tls;
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-/// What a client connection is carried on: a TCP stream set up by `serve`, and later one
-/// wrapped by a transport (TLS). The protocols (`http`, `tcp`) are generic over it, so each
-/// kind is its own instance of their code: no dynamic dispatch per read or write.
+/// What a client connection is carried on: a TCP stream set up by `serve`, or one wrapped by
+/// TLS. The protocols (`http`, `tcp`) are generic over it, so each kind is its own instance of
+/// their code: no dynamic dispatch per read or write.
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin> ClientStream for T {}
+
+/// What the protocols know of a client connection besides its bytes: who, and where it came in.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientInfo {
+    pub peer: SocketAddr,
+    /// The bind it was accepted on.
+    pub at: crate::config::BindRef,
+    /// It came in over TLS (the scheme of its requests is https).
+    pub tls: bool,
+}
 
 /// A stream with the bytes read from it but not consumed yet.
 #[derive(Debug)]

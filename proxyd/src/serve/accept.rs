@@ -1,5 +1,5 @@
 //! One listener's accept loop: maxconn, the drain that takes what is already queued, and the
-//! hand-over of each connection to its frontend's protocol.
+//! hand-over of each connection to its transport (plain or TLS), then to its frontend's protocol.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::Mode;
+use crate::config::tls::AppProtocol;
+use crate::config::{BindRef, Mode};
+use crate::net::tls::TlsServer;
+use crate::net::{ClientInfo, ClientStream};
 use crate::shared::Shared;
 
 /// Most connections a drain takes from one listener's queue.
@@ -20,36 +23,20 @@ const TAKE_QUEUE_MAX: usize = 4096;
 
 /// What the accept loop of one listener needs, and hands to each connection task.
 pub(super) struct Acceptor {
-    shared: Arc<Shared>,
-    frontend: usize,
-    connections: TaskTracker,
-    hard_stop: CancellationToken,
+    pub(super) shared: Arc<Shared>,
+    pub(super) at: BindRef,
+    /// The bind's TLS, when it terminates TLS.
+    pub(super) tls: Option<TlsServer>,
+    pub(super) connections: TaskTracker,
+    pub(super) hard_stop: CancellationToken,
     /// Whether to take the queued connections when the drain stops this loop.
-    take_queue: Arc<AtomicBool>,
-    /// The frontend's maxconn: past it, connections wait in the accept queue (shared with the
-    /// other generation).
-    limit: Arc<Semaphore>,
+    pub(super) take_queue: Arc<AtomicBool>,
+    /// The frontend's maxconn, shared by its binds: past it, connections (TLS handshakes
+    /// included) wait in the accept queue (shared with the other generation).
+    pub(super) limit: Arc<Semaphore>,
 }
 
 impl Acceptor {
-    pub(super) fn new(
-        shared: Arc<Shared>,
-        frontend: usize,
-        connections: TaskTracker,
-        hard_stop: CancellationToken,
-        take_queue: Arc<AtomicBool>,
-    ) -> Self {
-        let limit = Arc::new(Semaphore::new(shared.config.frontends[frontend].maxconn));
-        Self {
-            shared,
-            frontend,
-            connections,
-            hard_stop,
-            take_queue,
-            limit,
-        }
-    }
-
     /// Accepts until the drain, then (for a graceful drain) takes what is queued.
     pub(super) async fn run(self, listener: TcpListener) {
         let shared = &self.shared;
@@ -132,7 +119,13 @@ impl Acceptor {
     fn spawn_conn(&self, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
         let shared = self.shared.clone();
         let hard_stop = self.hard_stop.clone();
-        let frontend = self.frontend;
+        let frontend = self.at.frontend;
+        let info = ClientInfo {
+            peer,
+            at: self.at,
+            tls: false,
+        };
+        let tls = self.tls.clone();
         shared
             .stats
             .active_connections
@@ -144,7 +137,7 @@ impl Acceptor {
         self.connections.spawn(
             async move {
                 tokio::select! {
-                    _ = dispatch(shared.clone(), frontend, stream, peer) => {}
+                    _ = dispatch(shared.clone(), info, tls, stream) => {}
                     _ = hard_stop.cancelled() => {}
                 }
                 shared
@@ -161,18 +154,56 @@ impl Acceptor {
     }
 }
 
-/// Sets the accepted socket up for its protocol and serves it. The protocols take the client
-/// as a generic stream, so a transport layer (TLS) can come in between here.
-async fn dispatch(shared: Arc<Shared>, frontend: usize, stream: TcpStream, peer: SocketAddr) {
-    match shared.config.frontends[frontend].mode {
-        Mode::Http => {
-            // A head and its body go out in separate writes: with Nagle the second would wait
-            // for the client's (delayed) ACK of the first.
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(error = %e, "set_nodelay failed");
-            }
-            crate::http::conn::serve(shared, frontend, stream, peer).await;
+/// Sets the accepted socket up, runs the TLS handshake on a TLS bind, and serves the
+/// connection with its frontend's protocol.
+async fn dispatch(
+    shared: Arc<Shared>,
+    info: ClientInfo,
+    tls: Option<TlsServer>,
+    stream: TcpStream,
+) {
+    // A head and its body go out in separate writes: with Nagle the second would wait for the
+    // client's (delayed) ACK of the first. A handshake's flights are written whole.
+    if shared.config.frontends[info.at.frontend].mode == Mode::Http
+        && let Err(e) = stream.set_nodelay(true)
+    {
+        tracing::debug!(error = %e, "set_nodelay failed");
+    }
+    let Some(tls) = tls else {
+        return protocol(shared, info, None, stream).await;
+    };
+    match tls
+        .accept(stream, shared.config.defaults.timeout_tls_handshake)
+        .await
+    {
+        Ok((stream, alpn)) => {
+            let info = ClientInfo { tls: true, ..info };
+            protocol(shared, info, alpn, stream).await;
         }
-        Mode::Tcp => crate::tcp::serve(shared, frontend, stream, peer).await,
+        Err(e) => {
+            tracing::info!(
+                target: "proxyd::access",
+                client = %info.peer,
+                frontend = %shared.config.frontends[info.at.frontend].name,
+                error = %e,
+                "tls handshake failed"
+            );
+        }
+    }
+}
+
+/// Serves a connection, plain or decrypted, with the protocol of its frontend and, over TLS,
+/// the one agreed through ALPN.
+async fn protocol<C: ClientStream>(
+    shared: Arc<Shared>,
+    info: ClientInfo,
+    alpn: Option<AppProtocol>,
+    stream: C,
+) {
+    match shared.config.frontends[info.at.frontend].mode {
+        Mode::Http => match alpn {
+            None | Some(AppProtocol::Http1) => crate::http::conn::serve(shared, info, stream).await,
+        },
+        Mode::Tcp => crate::tcp::serve(shared, info, stream).await,
     }
 }

@@ -1,5 +1,5 @@
-//! The top of the serving half: accepts on a worker's listeners, sets each connection up and
-//! hands it to its frontend's protocol (`http`, `tcp`), and drains.
+//! The top of the serving half: accepts on a worker's listeners, sets each connection up (TLS
+//! on a TLS bind) and hands it to its frontend's protocol (`http`, `tcp`), and drains.
 //!
 //! Usable on its own with any bound listeners (tests). Draining stops accepting at once and
 //! answers the next request of each keep-alive connection with `Connection: close`.
@@ -11,13 +11,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{BindRef, Config};
 use crate::model::StatsSnapshot;
+use crate::net::tls::TlsServer;
 use crate::shared::Shared;
 use crate::stick::StickCache;
 
@@ -68,27 +70,46 @@ impl Proxy {
         self.shared.drain.is_cancelled()
     }
 
-    /// Starts accepting; each listener comes with the index of its frontend.
-    pub fn start(&self, listeners: Vec<(usize, std::net::TcpListener)>) -> std::io::Result<()> {
+    /// Starts accepting; each listener comes with the bind it is for. Fails if a listener
+    /// cannot join the runtime or rustls refuses a TLS setting.
+    pub fn start(&self, listeners: Vec<(BindRef, std::net::TcpListener)>) -> std::io::Result<()> {
+        let config = &self.shared.config;
+        let tls = config
+            .tls
+            .iter()
+            .map(|t| {
+                TlsServer::new(t)
+                    .map_err(|e| std::io::Error::other(format!("tls settings '{}': {e}", t.name)))
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        // maxconn is the frontend's: one count for all of its binds.
+        let limits: Vec<Arc<Semaphore>> = config
+            .frontends
+            .iter()
+            .map(|f| Arc::new(Semaphore::new(f.maxconn)))
+            .collect();
         let mut loops = Vec::with_capacity(listeners.len());
-        for (frontend, l) in listeners {
+        for (at, l) in listeners {
             l.set_nonblocking(true)?;
-            loops.push((frontend, tokio::net::TcpListener::from_std(l)?));
+            loops.push((at, tokio::net::TcpListener::from_std(l)?));
         }
-        for (frontend, listener) in loops {
-            let name = self.shared.config.frontends[frontend].name.clone();
+        for (at, listener) in loops {
+            let name = config.frontends[at.frontend].name.clone();
             let addr = listener
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default();
-            let span = tracing::info_span!("frontend", frontend = %name, bind = %addr);
-            let acceptor = Acceptor::new(
-                self.shared.clone(),
-                frontend,
-                self.connections.clone(),
-                self.hard_stop.clone(),
-                self.take_queue.clone(),
-            );
+            let bind_tls = config.bind(at).tls;
+            let span = tracing::info_span!("frontend", frontend = %name, bind = %addr, tls = bind_tls.is_some());
+            let acceptor = Acceptor {
+                shared: self.shared.clone(),
+                at,
+                tls: bind_tls.map(|i| tls[i].clone()),
+                connections: self.connections.clone(),
+                hard_stop: self.hard_stop.clone(),
+                take_queue: self.take_queue.clone(),
+                limit: limits[at.frontend].clone(),
+            };
             self.accepting
                 .spawn(acceptor.run(listener).instrument(span));
         }

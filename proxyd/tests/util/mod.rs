@@ -10,7 +10,7 @@ use bytes::Buf;
 use proxyd::http::body;
 use proxyd::http::head;
 use proxyd::net::Io;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub const T: Duration = Duration::from_secs(5);
@@ -176,9 +176,9 @@ impl Reply {
     }
 }
 
-/// A raw client connection to the proxy.
-pub struct Client {
-    pub io: Io<TcpStream>,
+/// A raw client connection to the proxy, over TCP or anything else (a TLS stream).
+pub struct Client<S = TcpStream> {
+    pub io: Io<S>,
 }
 
 impl Client {
@@ -186,6 +186,15 @@ impl Client {
         Ok(Client {
             io: Io::new(TcpStream::connect(addr).await?),
         })
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// A client on a stream already set up.
+    pub fn over(stream: S) -> Client<S> {
+        Client {
+            io: Io::new(stream),
+        }
     }
 
     /// Sends raw bytes and reads one response (`is_head` for responses without a body).
@@ -253,7 +262,9 @@ pub fn start_with(servers: &[SocketAddr], defaults: &str) -> (proxyd::serve::Pro
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let proxy = proxyd::serve::Proxy::new(Arc::new(config));
-    proxy.start(vec![(0, listener)]).expect("start");
+    proxy
+        .start(vec![(proxyd::config::BindRef::default(), listener)])
+        .expect("start");
     (proxy, addr)
 }
 

@@ -1,0 +1,211 @@
+//! TLS in proxyd.toml: the settings of the binds that terminate TLS, validated with their
+//! certificates loaded, so that `proxyd check`, the master (at start and on every reload) and
+//! each worker refuse the same broken file, and a generation never starts on one.
+//!
+//! - this file: the validated settings ([`Tls`]) and their validation from the raw tables;
+//! - `certs`: reading PEM chains and keys, key against certificate, names and dates;
+//! - `x509`: the validity dates, read from a certificate's DER.
+
+mod certs;
+mod x509;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::{ConfigError, SourceFile};
+use rustls::crypto::CryptoProvider;
+
+pub use certs::{CertError, CertSource, LoadedCert};
+pub use x509::date;
+
+use super::raw::{RawTls, Shorthand};
+
+/// A certificate that expires sooner than this is worth a warning from `proxyd check`.
+pub const EXPIRY_WARNING_SECS: i64 = 14 * 86_400;
+
+/// The one crypto provider of proxyd's TLS: ring, which tonic already brings.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The oldest TLS version a bind accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+/// An application protocol offered through ALPN. The protocol a connection speaks is chosen
+/// from it once the handshake is done, so a new one (`h2`) is a variant and a branch there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppProtocol {
+    Http1,
+}
+
+impl AppProtocol {
+    /// The ALPN identifier (RFC 7301).
+    pub fn id(self) -> &'static [u8] {
+        match self {
+            AppProtocol::Http1 => b"http/1.1",
+        }
+    }
+
+    pub fn from_id(id: &[u8]) -> Option<AppProtocol> {
+        [AppProtocol::Http1].into_iter().find(|p| p.id() == id)
+    }
+}
+
+/// TLS settings shared by one or more binds, with their certificates loaded.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    /// The `[[tls]]` name, or `FRONTEND ADDRESS` for a bind's own settings.
+    pub name: String,
+    /// In the config's order; the first is served for an unknown or absent SNI.
+    pub certs: Vec<Arc<LoadedCert>>,
+    /// Offered in this order of preference; empty: no ALPN.
+    pub alpn: Vec<AppProtocol>,
+    pub min_version: TlsVersion,
+}
+
+/// What validating TLS settings needs besides the raw table.
+pub(super) struct TlsCheck<'a> {
+    pub(super) src: &'a SourceFile,
+    pub(super) provider: &'a CryptoProvider,
+    /// Unix seconds.
+    pub(super) now: i64,
+    /// What `check` prints without refusing the file.
+    pub(super) warnings: &'a mut Vec<ConfigError>,
+}
+
+impl TlsCheck<'_> {
+    /// Validates TLS settings called `name` and loads their certificates.
+    pub(super) fn validate(&mut self, raw: RawTls, name: String) -> Result<Tls, ConfigError> {
+        let src = self.src;
+        if raw.certs.get_ref().is_empty() {
+            return Err(src.error_at(raw.certs.span(), format!("tls '{name}' has no certificate")));
+        }
+        let mut certs: Vec<Arc<LoadedCert>> = Vec::new();
+        // Which certificate serves each (name, key type): two would make SNI a coin toss.
+        let mut serves: HashMap<(String, u8), PathBuf> = HashMap::new();
+        for entry in raw.certs.into_inner() {
+            let at = entry.span();
+            let source = match entry.into_inner() {
+                Shorthand::Text(p) => CertSource::Path(self.resolve(Path::new(&p))),
+                Shorthand::Table(pair) => CertSource::Pair {
+                    cert: self.resolve(pair.cert.get_ref()),
+                    key: self.resolve(pair.key.get_ref()),
+                },
+            };
+            let loaded = certs::load(&source, self.provider, self.now)
+                .map_err(|e| src.error_at(at.clone(), e.to_string()))?;
+            for cert in loaded {
+                for n in &cert.names {
+                    let key = (n.clone(), u8::from(cert.algorithm));
+                    if let Some(first) = serves.insert(key, cert.path.clone()) {
+                        return Err(src.error_at(
+                            at,
+                            format!(
+                                "'{}' and '{}' both serve '{n}' with {:?} keys: keep one",
+                                first.display(),
+                                cert.path.display(),
+                                cert.algorithm
+                            ),
+                        ));
+                    }
+                }
+                self.warn(&cert, at.clone(), certs.is_empty());
+                certs.push(Arc::new(cert));
+            }
+        }
+        let alpn = match raw.alpn {
+            None => vec![AppProtocol::Http1],
+            Some(list) => {
+                let mut out = Vec::new();
+                for p in list.into_inner() {
+                    let proto = match p.get_ref().as_str() {
+                        "h2" => {
+                            return Err(src.error_at(
+                                p.span(),
+                                "alpn 'h2': proxyd does not speak HTTP/2 yet (http/1.1)",
+                            ));
+                        }
+                        id => AppProtocol::from_id(id.as_bytes()).ok_or_else(|| {
+                            src.error_at(
+                                p.span(),
+                                format!("unknown alpn protocol '{id}' (http/1.1)"),
+                            )
+                        })?,
+                    };
+                    if out.contains(&proto) {
+                        return Err(
+                            src.error_at(p.span(), format!("alpn '{}' given twice", p.get_ref()))
+                        );
+                    }
+                    out.push(proto);
+                }
+                out
+            }
+        };
+        let min_version = match raw.min_version {
+            None => TlsVersion::V1_2,
+            Some(v) => match v.get_ref().as_str() {
+                "1.2" => TlsVersion::V1_2,
+                "1.3" => TlsVersion::V1_3,
+                other => {
+                    return Err(src.error_at(
+                        v.span(),
+                        format!("bad min_version '{other}' (\"1.2\" or \"1.3\")"),
+                    ));
+                }
+            },
+        };
+        Ok(Tls {
+            name,
+            certs,
+            alpn,
+            min_version,
+        })
+    }
+
+    /// A relative path is read from the config file's directory, whatever the daemon's.
+    fn resolve(&self, p: &Path) -> PathBuf {
+        match self.src.path.parent() {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_owned(),
+        }
+    }
+
+    fn warn(&mut self, cert: &LoadedCert, at: Range<usize>, first: bool) {
+        let path = cert.path.display();
+        let left = cert.not_after - self.now;
+        if left < EXPIRY_WARNING_SECS {
+            self.warnings.push(self.src.error_at(
+                at.clone(),
+                format!(
+                    "the certificate in '{path}' expires in {} days, on {}",
+                    left / 86_400,
+                    date(cert.not_after)
+                ),
+            ));
+        }
+        if cert.not_before > self.now {
+            self.warnings.push(self.src.error_at(
+                at.clone(),
+                format!(
+                    "the certificate in '{path}' is not valid before {}",
+                    date(cert.not_before)
+                ),
+            ));
+        }
+        if cert.names.is_empty() && !first {
+            self.warnings.push(self.src.error_at(
+                at,
+                format!(
+                    "the certificate in '{path}' has no DNS name in its subjectAltName: no SNI picks it"
+                ),
+            ));
+        }
+    }
+}

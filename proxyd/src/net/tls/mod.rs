@@ -1,0 +1,80 @@
+//! The TLS transport under the protocols: rustls's server settings of each `[[tls]]` (or a
+//! bind's own), and the handshake that turns an accepted TCP stream into a [`ClientStream`]
+//! bounded by its own timeout.
+//!
+//! `serve` runs the handshake inside the connection's task, after its `maxconn` slot is taken:
+//! a handshake counts as a connection, and one that stalls gives its slot back at the timeout.
+//! Certificates are chosen per handshake by [`sni::SniResolver`]; swapping them without a new
+//! generation means swapping its store. Session resumption uses rustls's per-worker cache:
+//! tickets whose keys outlive a reload need keys from the master.
+//!
+//! [`ClientStream`]: super::ClientStream
+
+pub mod sni;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use rustls::version::{TLS12, TLS13};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use crate::config::tls::{AppProtocol, Tls, TlsVersion, provider};
+
+/// The server side of one TLS setting, shared by its binds' connections.
+#[derive(Clone)]
+pub struct TlsServer {
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for TlsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsServer")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("no handshake within {} ms", .0.as_millis())]
+    TimedOut(Duration),
+    #[error("{0}")]
+    Failed(#[from] io::Error),
+}
+
+impl TlsServer {
+    /// rustls's settings for `tls`; fails only on settings rustls refuses.
+    pub fn new(tls: &Tls) -> Result<Self, rustls::Error> {
+        let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
+            TlsVersion::V1_2 => &[&TLS13, &TLS12],
+            TlsVersion::V1_3 => &[&TLS13],
+        };
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(sni::SniResolver::new(&tls.certs)));
+        config.alpn_protocols = tls.alpn.iter().map(|p| p.id().to_vec()).collect();
+        Ok(Self {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+
+    /// Runs the server side of a handshake on `stream` for at most `timeout`: the stream, and
+    /// the protocol agreed through ALPN (none when the client offered none).
+    pub async fn accept(
+        &self,
+        stream: TcpStream,
+        timeout: Duration,
+    ) -> Result<(TlsStream<TcpStream>, Option<AppProtocol>), HandshakeError> {
+        let tls = tokio::time::timeout(timeout, self.acceptor.accept(stream))
+            .await
+            .map_err(|_| HandshakeError::TimedOut(timeout))??;
+        let alpn = tls
+            .get_ref()
+            .1
+            .alpn_protocol()
+            .and_then(AppProtocol::from_id);
+        Ok((tls, alpn))
+    }
+}

@@ -1,0 +1,1107 @@
+//! TLS on a bind, with certificates made at test time by a CA of the test's own: SNI, ALPN,
+//! curl through it, X-Forwarded-Proto, the redirect to https, TCP mode, the handshake timeout,
+//! and `proxyd check` and reload refusing certificate files that cannot serve.
+
+mod util;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proxyd::config::BindRef;
+use proxyd::serve::Proxy;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+use util::{Action, Client, backend, ok};
+
+const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
+
+/// A CA and the certificates it signs, written in a temp dir (where the configs are too, so
+/// that they name the files relative to themselves).
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A certificate and its key, in PEM, and the certificate's DER to recognise it by.
+struct Leaf {
+    cert: String,
+    key: String,
+    der: Vec<u8>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "proxyd test ca");
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca =
+            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("ca key")).expect("ca");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write ca");
+        Pki { dir, ca }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    fn ca_path(&self) -> PathBuf {
+        self.path("ca.pem")
+    }
+
+    /// A certificate for `names`, valid until `days` from now (negative: expired), on `key`.
+    fn leaf_with(&self, names: &[&str], days: i64, key: KeyPair) -> Leaf {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names.first().copied().unwrap_or("none"));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(30);
+        params.not_after = now + time::Duration::days(days);
+        let cert = params.signed_by(&key, &self.ca).expect("sign");
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        }
+    }
+
+    /// An ECDSA P-256 certificate valid for a year.
+    fn leaf(&self, names: &[&str]) -> Leaf {
+        self.leaf_with(names, 365, KeyPair::generate().expect("key"))
+    }
+
+    /// Chain and key in one file, as HAProxy takes them.
+    fn write_pem(&self, file: &str, leaf: &Leaf) -> PathBuf {
+        self.write(file, &format!("{}{}", leaf.cert, leaf.key))
+    }
+
+    fn write(&self, file: &str, text: &str) -> PathBuf {
+        let p = self.path(file);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+}
+
+/// An RSA key: ring signs with RSA but does not make RSA keys.
+fn rsa_key() -> KeyPair {
+    let out = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ])
+        .output()
+        .expect("openssl genpkey");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    KeyPair::from_pem(&String::from_utf8_lossy(&out.stdout)).expect("rsa key")
+}
+
+const GLOBAL: &str =
+    "[global]\nadmin_socket = \"/nonexistent/a.sock\"\nfdkeeper_socket = \"/nonexistent/f.sock\"\n";
+
+fn listener() -> (std::net::TcpListener, SocketAddr) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("addr");
+    (l, a)
+}
+
+/// Validates `text` as `DIR/proxyd.toml` (relative certificate paths are the pki dir's).
+fn load(pki: &Pki, text: &str) -> Result<proxyd::Config, common::ConfigError> {
+    proxyd::Config::from_source(common::SourceFile::from_text(pki.path("proxyd.toml"), text))
+}
+
+/// Starts the serving half of proxyd in-process on already bound listeners, one per bind of
+/// the first frontend in order.
+fn start(pki: &Pki, text: &str, listeners: Vec<std::net::TcpListener>) -> Proxy {
+    let config = load(pki, text).expect("valid config");
+    let proxy = Proxy::new(Arc::new(config));
+    proxy
+        .start(
+            listeners
+                .into_iter()
+                .enumerate()
+                .map(|(bind, l)| (BindRef { frontend: 0, bind }, l))
+                .collect(),
+        )
+        .expect("start");
+    proxy
+}
+
+/// A client verifier that accepts any certificate and keeps the one it saw, so that a test
+/// can ask which certificate a name got (also for names the certificate does not cover), and
+/// that offers only `schemes` when given (to ask for an RSA certificate).
+#[derive(Debug)]
+struct Recorder {
+    seen: Mutex<Option<Vec<u8>>>,
+    schemes: Vec<SignatureScheme>,
+}
+
+impl ServerCertVerifier for Recorder {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.seen.lock().expect("lock") = Some(end_entity.to_vec());
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.schemes.clone()
+    }
+}
+
+/// How a test client says hello.
+#[derive(Default)]
+struct Hello<'a> {
+    /// None: no SNI (a client connecting to an address).
+    sni: Option<&'a str>,
+    alpn: &'a [&'a str],
+    /// Only these signature schemes (default: all of ring's).
+    schemes: Option<Vec<SignatureScheme>>,
+    /// TLS 1.2 only.
+    tls12: bool,
+}
+
+/// A TLS connection to `addr` and the end-entity certificate it got.
+async fn handshake(
+    addr: SocketAddr,
+    hello: Hello<'_>,
+) -> std::io::Result<(TlsStream<TcpStream>, Vec<u8>)> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let recorder = Arc::new(Recorder {
+        seen: Mutex::new(None),
+        schemes: hello.schemes.unwrap_or_else(|| {
+            provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }),
+    });
+    let versions: &[&rustls::SupportedProtocolVersion] = if hello.tls12 {
+        &[&rustls::version::TLS12]
+    } else {
+        rustls::DEFAULT_VERSIONS
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(recorder.clone())
+        .with_no_client_auth();
+    config.alpn_protocols = hello.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let name = match hello.sni {
+        Some(n) => ServerName::try_from(n.to_owned()).expect("name"),
+        None => ServerName::IpAddress(addr.ip().into()),
+    };
+    let tcp = TcpStream::connect(addr).await?;
+    let tls = tokio::time::timeout(
+        util::T,
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let seen = recorder
+        .seen
+        .lock()
+        .expect("lock")
+        .take()
+        .unwrap_or_default();
+    Ok((tls, seen))
+}
+
+/// The heads a backend received, to look for the fields the proxy wrote.
+fn recording_backend_heads() -> (Arc<Mutex<Vec<String>>>, impl Fn(&util::Seen) -> Action) {
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let h = heads.clone();
+    (heads, move |s: &util::Seen| {
+        h.lock().expect("lock").push(s.head.clone());
+        ok("from the backend")
+    })
+}
+
+/// curl, trusting the test's CA; awaited, since the proxy runs on the test's runtime.
+async fn curl(pki: &Pki, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--cacert"])
+        .arg(pki.ca_path())
+        .args(args)
+        .output()
+        .await
+        .expect("run curl")
+}
+
+#[tokio::test]
+async fn sni_picks_the_certificate_by_name_and_the_first_for_any_other() {
+    let pki = Pki::new();
+    let a = pki.leaf(&["a.test"]);
+    let b = pki.leaf(&["b.test"]);
+    let wild = pki.leaf(&["*.w.test"]);
+    let exact = pki.leaf(&["x.w.test"]);
+    pki.write_pem("a.pem", &a);
+    pki.write_pem("b.pem", &b);
+    pki.write_pem("wild.pem", &wild);
+    pki.write_pem("exact.pem", &exact);
+    let be = backend(|_| ok("hi")).await;
+    let (l, addr) = listener();
+    let text = format!(
+        "{GLOBAL}[[tls]]\nname = \"site\"\ncerts = [\"a.pem\", \"b.pem\", \"wild.pem\", \"exact.pem\"]\n\
+         [[frontend]]\nname = \"web\"\nbind = [{{ address = \"{addr}\", tls = \"site\" }}]\ndefault_backend = \"app\"\n\
+         [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"{}\"\n",
+        be.addr
+    );
+    let _proxy = start(&pki, &text, vec![l]);
+    for (sni, want, which) in [
+        (Some("a.test"), &a, "a"),
+        (Some("b.test"), &b, "b"),
+        (Some("B.Test"), &b, "b, names without case"),
+        (Some("y.w.test"), &wild, "the wildcard"),
+        (
+            Some("x.w.test"),
+            &exact,
+            "the exact name before the wildcard",
+        ),
+        (
+            Some("y.z.w.test"),
+            &a,
+            "the default: a wildcard covers one label",
+        ),
+        (Some("unknown.test"), &a, "the default"),
+        (None, &a, "the default, without SNI"),
+    ] {
+        let (_tls, got) = handshake(
+            addr,
+            Hello {
+                sni,
+                ..Hello::default()
+            },
+        )
+        .await
+        .expect("handshake");
+        assert!(got == want.der, "{sni:?} should get {which}");
+    }
+    // OpenSSL's client sees the same.
+    for (sni, cn) in [
+        (Some("b.test"), "b.test"),
+        (Some("other.test"), "a.test"),
+        (None, "a.test"),
+    ] {
+        let mut cmd = tokio::process::Command::new("openssl");
+        cmd.args(["s_client", "-connect", &addr.to_string()]);
+        match sni {
+            Some(name) => cmd.args(["-servername", name]),
+            None => cmd.arg("-noservername"),
+        };
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("openssl s_client");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("subject=CN = {cn}\n")),
+            "{sni:?}: {text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn ecdsa_first_and_rsa_for_a_client_that_verifies_only_rsa() {
+    let pki = Pki::new();
+    let ec = pki.leaf(&["a.test"]);
+    let rsa = pki.leaf_with(&["a.test"], 365, rsa_key());
+    // The RSA chain with its key beside it, in `rsa.crt` and `rsa.key`.
+    pki.write("rsa.crt", &rsa.cert);
+    pki.write("rsa.key", &rsa.key);
+    pki.write_pem("ec.pem", &ec);
+    let be = backend(|_| ok("hi")).await;
+    let (l, addr) = listener();
+    let text = format!(
+        "{GLOBAL}[[frontend]]\nname = \"web\"\nbind = [{{ address = \"{addr}\", tls = {{ certs = [\"rsa.crt\", \"ec.pem\"] }} }}]\ndefault_backend = \"app\"\n\
+         [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"{}\"\n",
+        be.addr
+    );
+    let _proxy = start(&pki, &text, vec![l]);
+    let (_, got) = handshake(
+        addr,
+        Hello {
+            sni: Some("a.test"),
+            ..Hello::default()
+        },
+    )
+    .await
+    .expect("handshake");
+    assert!(got == ec.der, "ECDSA is preferred for a name that has both");
+    let rsa_only = vec![
+        SignatureScheme::RSA_PSS_SHA256,
+        SignatureScheme::RSA_PKCS1_SHA256,
+    ];
+    let (mut tls, got) = handshake(
+        addr,
+        Hello {
+            sni: Some("a.test"),
+            schemes: Some(rsa_only.clone()),
+            ..Hello::default()
+        },
+    )
+    .await
+    .expect("handshake");
+    assert!(
+        got == rsa.der,
+        "a client that verifies only RSA gets the RSA one"
+    );
+    // And the RSA key does sign: the request goes through.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.expect("read");
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("hi"),
+        "{answer}"
+    );
+    // The default (the first certificate listed, and its ECDSA twin) for a client without SNI.
+    let (_, got) = handshake(
+        addr,
+        Hello {
+            schemes: Some(rsa_only),
+            ..Hello::default()
+        },
+    )
+    .await
+    .expect("handshake");
+    assert!(got == rsa.der);
+}
+
+#[tokio::test]
+async fn alpn_agrees_on_http11_and_refuses_a_client_without_it() {
+    let pki = Pki::new();
+    pki.write_pem("site.pem", &pki.leaf(&["a.test"]));
+    let be = backend(|_| ok("hi")).await;
+    let (l, addr) = listener();
+    let text = format!(
+        "{GLOBAL}[[frontend]]\nname = \"web\"\nbind = [{{ address = \"{addr}\", tls = {{ certs = [\"site.pem\"] }} }}]\ndefault_backend = \"app\"\n\
+         [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"{}\"\n",
+        be.addr
+    );
+    let _proxy = start(&pki, &text, vec![l]);
+    for offered in [&["h2", "http/1.1"][..], &["http/1.1"], &[]] {
+        let (tls, _) = handshake(
+            addr,
+            Hello {
+                sni: Some("a.test"),
+                alpn: offered,
+                ..Hello::default()
+            },
+        )
+        .await
+        .expect("handshake");
+        let agreed = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let want = (!offered.is_empty()).then(|| b"http/1.1".to_vec());
+        assert_eq!(agreed, want, "offered {offered:?}");
+        let mut c = Client::over(tls);
+        let r = c
+            .send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", false)
+            .await
+            .expect("reply");
+        assert_eq!((r.status, r.text().as_str()), (200, "hi"));
+    }
+    // A client that speaks only h2 is told there is nothing in common (RFC 7301).
+    let refused = handshake(
+        addr,
+        Hello {
+            sni: Some("a.test"),
+            alpn: &["h2"],
+            ..Hello::default()
+        },
+    )
+    .await;
+    assert!(refused.is_err());
+}
+
+#[tokio::test]
+async fn curl_gets_the_backend_over_tls_with_x_forwarded_proto_https() {
+    let pki = Pki::new();
+    pki.write_pem("certs/b.pem", &pki.leaf(&["b.test"]));
+    pki.write_pem("certs/a.pem", &pki.leaf(&["a.test"]));
+    // Beside the certificates in the directory, and skipped.
+    pki.write("certs/notes.ocsp", "not a certificate");
+    let (heads, script) = recording_backend_heads();
+    let be = backend(script).await;
+    let (plain_l, plain) = listener();
+    let (tls_l, tls) = listener();
+    let text = format!(
+        "{GLOBAL}[defaults]\nforwardfor = true\n\
+         [[frontend]]\nname = \"web\"\nbind = [\"{plain}\", {{ address = \"{tls}\", tls = {{ certs = [\"certs\"] }} }}]\ndefault_backend = \"app\"\n\
+         [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"{}\"\n",
+        be.addr
+    );
+    let _proxy = start(&pki, &text, vec![plain_l, tls_l]);
+    let port = tls.port();
+    for name in ["a.test", "b.test"] {
+        let out = curl(
+            &pki,
+            &[
+                "--resolve",
+                &format!("{name}:{port}:127.0.0.1"),
+                "-H",
+                "X-Forwarded-Proto: http",
+                "-H",
+                "x-forwarded-proto: ftp",
+                &format!("https://{name}:{port}/hello"),
+            ],
+        )
+        .await;
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "from the backend");
+    }
+    // The same request on the plain bind says http.
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-H", "X-Forwarded-Proto: https"])
+        .arg(format!("http://{plain}/plain"))
+        .output()
+        .await
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from the backend");
+    let heads = heads.lock().expect("lock").clone();
+    assert_eq!(heads.len(), 3);
+    for (head, want) in heads.iter().zip(["https", "https", "http"]) {
+        let protos: Vec<&str> = head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("x-forwarded-proto:"))
+            .collect();
+        assert_eq!(protos, [format!("X-Forwarded-Proto: {want}")], "{head}");
+        assert!(head.contains("X-Forwarded-For: 127.0.0.1"), "{head}");
+    }
+}
+
+#[tokio::test]
+async fn a_plain_bind_with_redirect_answers_301_to_https() {
+    let pki = Pki::new();
+    pki.write_pem("site.pem", &pki.leaf(&["a.test"]));
+    let be = backend(|_| ok("secure")).await;
+    let (plain_l, plain) = listener();
+    let (tls_l, tls) = listener();
+    let text = format!(
+        "{GLOBAL}[[frontend]]\nname = \"web\"\n\
+         bind = [{{ address = \"{plain}\", redirect_https = true, redirect_port = {} }}, {{ address = \"{tls}\", tls = {{ certs = [\"site.pem\"] }} }}]\n\
+         default_backend = \"app\"\n\
+         [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"{}\"\n",
+        tls.port(),
+        be.addr
+    );
+    let proxy = start(&pki, &text, vec![plain_l, tls_l]);
+    let mut c = Client::connect(plain).await.expect("connect");
+    let r = c
+        .send(
+            format!(
+                "GET /a/b?c=d HTTP/1.1\r\nHost: a.test:{}\r\n\r\n",
+                plain.port()
+            )
+            .as_bytes(),
+            false,
+        )
+        .await
+        .expect("reply");
+    assert_eq!(r.status, 301);
+    let location = format!("location: https://a.test:{}/a/b?c=d", tls.port());
+    assert!(
+        r.head.to_ascii_lowercase().contains(&location),
+        "{}",
+        r.head
+    );
+    assert!(!r.closes(), "the connection stays for the next request");
+    // A request with a body is answered and the connection closed: its body is not read.
+    let r = c
+        .send(
+            b"POST /form HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\n\r\nabc",
+            false,
+        )
+        .await
+        .expect("reply");
+    assert_eq!(r.status, 301);
+    assert!(r.head.contains("Location: https://a.test:"), "{}", r.head);
+    assert!(r.closes() && c.closed().await);
+    assert_eq!(be.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // curl follows it to the TLS bind and gets the backend's answer.
+    let out = curl(
+        &pki,
+        &[
+            "-L",
+            "--resolve",
+            &format!("a.test:{}:127.0.0.1", plain.port()),
+            "--resolve",
+            &format!("a.test:{}:127.0.0.1", tls.port()),
+            &format!("http://a.test:{}/x", plain.port()),
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "secure");
+    assert_eq!(be.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Redirects are answered, not denied.
+    let (frontends, _) = proxy.shared().frontend_backend_stats();
+    assert_eq!(frontends[0].requests_denied, 0);
+}
+
+#[tokio::test]
+async fn a_tcp_frontend_terminates_tls_too() {
+    let pki = Pki::new();
+    pki.write_pem("site.pem", &pki.leaf(&["t.test"]));
+    let (heads, script) = recording_backend_heads();
+    let be = backend(script).await;
+    let (l, addr) = listener();
+    let text = format!(
+        "{GLOBAL}[[tls]]\nname = \"t\"\ncerts = [\"site.pem\"]\nalpn = []\n\
+         [[frontend]]\nname = \"raw\"\nmode = \"tcp\"\nbind = [{{ address = \"{addr}\", tls = \"t\" }}]\ndefault_backend = \"app\"\n\
+         [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"{}\"\n",
+        be.addr
+    );
+    let _proxy = start(&pki, &text, vec![l]);
+    let (tls, _) = handshake(
+        addr,
+        Hello {
+            sni: Some("t.test"),
+            alpn: &["http/1.1"],
+            ..Hello::default()
+        },
+    )
+    .await
+    .expect("handshake");
+    // No ALPN offered by this setting.
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    let mut c = Client::over(tls);
+    let r = c
+        .send(
+            b"GET /raw HTTP/1.1\r\nHost: t.test\r\nX-Forwarded-Proto: mine\r\n\r\n",
+            false,
+        )
+        .await
+        .expect("reply");
+    assert_eq!(r.text(), "from the backend");
+    // Bytes, decrypted, untouched: TCP mode adds no field.
+    let heads = heads.lock().expect("lock").clone();
+    assert!(heads[0].contains("X-Forwarded-Proto: mine"), "{}", heads[0]);
+}
+
+#[tokio::test]
+async fn min_version_13_refuses_a_tls12_client() {
+    let pki = Pki::new();
+    pki.write_pem("site.pem", &pki.leaf(&["a.test"]));
+    let be = backend(|_| ok("hi")).await;
+    let (l13, a13) = listener();
+    let (l12, a12) = listener();
+    let text = format!(
+        "{GLOBAL}[[frontend]]\nname = \"web\"\n\
+         bind = [{{ address = \"{a13}\", tls = {{ certs = [\"site.pem\"], min_version = \"1.3\" }} }}, {{ address = \"{a12}\", tls = {{ certs = [\"site.pem\"] }} }}]\n\
+         default_backend = \"app\"\n\
+         [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"{}\"\n",
+        be.addr
+    );
+    let _proxy = start(&pki, &text, vec![l13, l12]);
+    let tls12 = |addr| {
+        handshake(
+            addr,
+            Hello {
+                sni: Some("a.test"),
+                tls12: true,
+                ..Hello::default()
+            },
+        )
+    };
+    assert!(tls12(a13).await.is_err());
+    let (tls, _) = tls12(a12).await.expect("1.2 where allowed");
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_never_says_hello_frees_its_slot_at_the_handshake_timeout() {
+    let pki = Pki::new();
+    pki.write_pem("site.pem", &pki.leaf(&["a.test"]));
+    let be = backend(|_| ok("hi")).await;
+    let (l, addr) = listener();
+    let text = format!(
+        "{GLOBAL}[defaults]\ntimeout_tls_handshake = \"300ms\"\n\
+         [[frontend]]\nname = \"web\"\nmaxconn = 1\nbind = [{{ address = \"{addr}\", tls = {{ certs = [\"site.pem\"] }} }}]\ndefault_backend = \"app\"\n\
+         [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"{}\"\n",
+        be.addr
+    );
+    let proxy = start(&pki, &text, vec![l]);
+    // Takes the only slot and says nothing.
+    let mut silent = Client::connect(addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(proxy.stats().active_connections, 1);
+    let began = Instant::now();
+    let (tls, _) = handshake(
+        addr,
+        Hello {
+            sni: Some("a.test"),
+            ..Hello::default()
+        },
+    )
+    .await
+    .expect("served once the silent one is gone");
+    let waited = began.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200),
+        "the handshake counted against maxconn: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    assert!(silent.closed().await, "the silent connection was closed");
+    let r = Client::over(tls)
+        .send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", false)
+        .await
+        .expect("reply");
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn tls_settings_are_checked_at_their_line() {
+    let pki = Pki::new();
+    pki.write_pem("a.pem", &pki.leaf(&["a.test", "*.w.test"]));
+    pki.write_pem("a2.pem", &pki.leaf(&["a.test"]));
+    let bind = |tls: &str| {
+        format!(
+            "{GLOBAL}[[frontend]]\nname = \"web\"\nbind = [\"127.0.0.1:1\", {{ address = \"127.0.0.1:2\", {tls} }}]\ndefault_backend = \"app\"\n\
+             [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"127.0.0.1:9\"\n"
+        )
+    };
+    let good = load(&pki, &bind("tls = { certs = [\"a.pem\"] }")).expect("valid");
+    let b = &good.frontends[0].bind;
+    assert_eq!((b[0].tls, b[1].tls), (None, Some(0)));
+    assert_eq!(good.tls[0].name, "web 127.0.0.1:2");
+    assert_eq!(good.tls[0].certs[0].names, ["*.w.test", "a.test"]);
+    assert!(good.warnings.is_empty(), "{:?}", good.warnings);
+    for (tls, why) in [
+        ("tls = { certs = [\"a.pem\"], bogus = 1 }", "bogus"),
+        ("bogus = 1", "bogus"),
+        ("tls = \"nope\"", "unknown tls 'nope'"),
+        ("tls = { certs = [] }", "has no certificate"),
+        ("tls = { certs = [\"a.pem\"], alpn = [\"h2\"] }", "HTTP/2"),
+        (
+            "tls = { certs = [\"a.pem\"], alpn = [\"spdy/3\"] }",
+            "unknown alpn",
+        ),
+        (
+            "tls = { certs = [\"a.pem\"], min_version = \"1.1\" }",
+            "bad min_version",
+        ),
+        (
+            "tls = { name = \"x\", certs = [\"a.pem\"] }",
+            "takes no name",
+        ),
+        (
+            "tls = { certs = [\"a.pem\", \"a2.pem\"] }",
+            "both serve 'a.test'",
+        ),
+        (
+            "tls = { certs = [\"a.pem\"] }, redirect_https = true",
+            "plain binds",
+        ),
+        ("redirect_port = 443", "needs redirect_https"),
+        ("tls = { certs = [\"missing.pem\"] }", "cannot read"),
+        ("tls = 5", "a string or a table"),
+    ] {
+        let e = load(&pki, &bind(tls)).expect_err(tls);
+        assert_eq!(e.at.map(|a| a.0), Some(6), "{tls}: {e}");
+        assert!(e.reason.contains(why), "{tls}: {e}");
+    }
+    // [[tls]] needs a name, and a unique one.
+    let named = |t: &str| {
+        format!(
+            "{GLOBAL}{t}[[frontend]]\nname = \"web\"\nbind = [\"127.0.0.1:1\"]\ndefault_backend = \"app\"\n\
+             [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"127.0.0.1:9\"\n"
+        )
+    };
+    let e = load(&pki, &named("[[tls]]\ncerts = [\"a.pem\"]\n")).expect_err("no name");
+    assert!(e.reason.contains("needs a name"), "{e}");
+    let twice =
+        "[[tls]]\nname = \"t\"\ncerts = [\"a.pem\"]\n[[tls]]\nname = \"t\"\ncerts = [\"a.pem\"]\n";
+    let e = load(&pki, &named(twice)).expect_err("twice");
+    assert!(e.reason.contains("duplicate tls name"), "{e}");
+    assert_eq!(e.at.map(|a| a.0), Some(8), "{e}");
+    // A redirect needs http.
+    let tcp =
+        bind("redirect_https = true").replace("name = \"web\"", "name = \"web\"\nmode = \"tcp\"");
+    let e = load(&pki, &tcp).expect_err("tcp redirect");
+    assert!(e.reason.contains("tcp mode"), "{e}");
+}
+
+/// `proxyd check` on a config naming `certs`, in the pki dir.
+fn check(pki: &Pki, certs: &str) -> (Option<i32>, String, String, PathBuf) {
+    let config = pki.write(
+        "check.toml",
+        &format!(
+            "{GLOBAL}[[frontend]]\nname = \"web\"\nbind = [{{ address = \"127.0.0.1:8443\", tls = {{ certs = {certs} }} }}]\ndefault_backend = \"app\"\n\
+             [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"127.0.0.1:9\"\n"
+        ),
+    );
+    let out = Command::new(PROXYD)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("proxyd check");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        config,
+    )
+}
+
+#[test]
+fn check_refuses_certificates_that_cannot_serve_and_names_the_file() {
+    let pki = Pki::new();
+    let a = pki.leaf(&["a.test"]);
+    let b = pki.leaf(&["b.test"]);
+    pki.write_pem("good.pem", &a);
+    let (code, out, err, _) = check(&pki, "[\"good.pem\"]");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.ends_with("check.toml: ok\n") && err.is_empty(),
+        "{out}{err}"
+    );
+
+    // b's key with a's certificate.
+    let mismatch = pki.write("mismatch.pem", &format!("{}{}", a.cert, b.key));
+    pki.write("pair.crt", &a.cert);
+    let wrong_key = pki.write("pair.key", &b.key);
+    pki.write("nokey.pem", &a.cert);
+    let garbage = pki.write("garbage.pem", "hello, not a certificate\n");
+    pki.write(
+        "badbase64.pem",
+        "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+    );
+    pki.write_pem(
+        "expired.pem",
+        &pki.leaf_with(&["old.test"], -1, KeyPair::generate().expect("key")),
+    );
+    let path = |f: &str| pki.path(f).display().to_string();
+    let cases = [
+        (
+            "[\"good.pem\", \"mismatch.pem\"]".to_owned(),
+            format!(
+                "the private key in '{}' does not match the certificate in '{}'",
+                mismatch.display(),
+                mismatch.display()
+            ),
+        ),
+        (
+            "[{ cert = \"pair.crt\", key = \"pair.key\" }]".to_owned(),
+            format!(
+                "the private key in '{}' does not match",
+                wrong_key.display()
+            ),
+        ),
+        (
+            "[\"nokey.pem\"]".to_owned(),
+            format!("no private key for '{}'", path("nokey.pem")),
+        ),
+        (
+            "[\"garbage.pem\"]".to_owned(),
+            format!("no certificate in '{}'", garbage.display()),
+        ),
+        (
+            "[\"badbase64.pem\"]".to_owned(),
+            format!("'{}' is not valid PEM", path("badbase64.pem")),
+        ),
+        (
+            "[\"expired.pem\"]".to_owned(),
+            format!("the certificate in '{}' expired on ", path("expired.pem")),
+        ),
+    ];
+    for (certs, why) in cases {
+        let (code, _, err, config) = check(&pki, &certs);
+        assert_eq!(code, Some(64), "{certs}: {err}");
+        assert!(
+            err.starts_with(&format!("{}:6:", config.display())),
+            "{certs}: {err}"
+        );
+        assert!(err.contains(&why), "{certs}: {err}");
+    }
+}
+
+#[test]
+fn check_warns_of_a_certificate_about_to_expire_and_still_passes() {
+    let pki = Pki::new();
+    pki.write_pem(
+        "soon.pem",
+        &pki.leaf_with(&["soon.test"], 5, KeyPair::generate().expect("key")),
+    );
+    let (code, out, err, config) = check(&pki, "[\"soon.pem\"]");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.ends_with(": ok\n"), "{out}");
+    let want = format!("warning: {}:6:", config.display());
+    assert!(err.starts_with(&want), "{err}");
+    assert!(
+        err.contains(&format!(
+            "the certificate in '{}' expires in 4 days",
+            pki.path("soon.pem").display()
+        )) || err.contains(&format!(
+            "the certificate in '{}' expires in 5 days",
+            pki.path("soon.pem").display()
+        )),
+        "{err}"
+    );
+}
+
+/// The real proxyd (master and worker) over an in-process fdkeeper.
+struct Running {
+    master: Child,
+    fdk_stop: CancellationToken,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.master.kill();
+        let _ = self.master.wait();
+        self.fdk_stop.cancel();
+    }
+}
+
+fn start_fdkeeper(dir: &Path) -> CancellationToken {
+    let uid = std::fs::metadata("/proc/self").expect("proc").uid();
+    let text = format!(
+        "socket = \"{d}/fdk/lend.sock\"\nadmin = \"{d}/fdk/admin.sock\"\nallowed_uids = [{uid}]\nallowed_binds = [\"127.0.0.0/8\"]\n",
+        d = dir.display()
+    );
+    let config = fdkeeper::Config::from_source(&common::SourceFile::from_text("fdk.toml", text))
+        .expect("fdkeeper config");
+    let sockets = fdkeeper::bind_sockets(&config).expect("fdkeeper sockets");
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _ = rt.block_on(fdkeeper::run(config, sockets, s));
+    });
+    stop
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_broken_certificate_is_refused_and_tls_keeps_serving() {
+    let pki = Pki::new();
+    let first = pki.leaf(&["a.test"]);
+    pki.write_pem("site.pem", &first);
+    let be = backend(|_| ok("hi")).await;
+    let d = pki.dir.path().display().to_string();
+    let addr = util::closed_port();
+    let config = pki.write(
+        "proxyd.toml",
+        &format!(
+            "[global]\nadmin_socket = \"{d}/proxyd/admin.sock\"\nfdkeeper_socket = \"{d}/fdk/lend.sock\"\n\
+             [[frontend]]\nname = \"web\"\nbind = [{{ address = \"{addr}\", tls = {{ certs = [\"site.pem\"] }} }}]\ndefault_backend = \"app\"\n\
+             [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"{}\"\n",
+            be.addr
+        ),
+    );
+    let fdk_stop = start_fdkeeper(pki.dir.path());
+    let master = Command::new(PROXYD)
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .spawn()
+        .expect("spawn proxyd");
+    let _running = Running { master, fdk_stop };
+    let hello = || Hello {
+        sni: Some("a.test"),
+        ..Hello::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let served = loop {
+        if let Ok((tls, got)) = handshake(addr, hello()).await {
+            break (tls, got);
+        }
+        assert!(Instant::now() < deadline, "proxyd never served TLS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(served.1 == first.der);
+    let reload = || {
+        Command::new(PROXYD)
+            .args(["reload", "--config"])
+            .arg(&config)
+            .output()
+            .expect("proxyd reload")
+    };
+
+    // Another key under the same certificate: the reload is refused, with the file named.
+    let other = pki.leaf(&["b.test"]);
+    let site = pki.write("site.pem", &format!("{}{}", first.cert, other.key));
+    let out = reload();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains(&format!(
+            "does not match the certificate in '{}'",
+            site.display()
+        )),
+        "{err}"
+    );
+    // The running generation still serves its certificate, on new connections too.
+    let (tls, got) = handshake(addr, hello()).await.expect("still serving");
+    assert!(got == first.der);
+    let r = Client::over(tls)
+        .send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", false)
+        .await
+        .expect("reply");
+    assert_eq!(r.text(), "hi");
+
+    // A good new certificate is served after the next reload.
+    let renewed = pki.leaf(&["a.test"]);
+    pki.write_pem("site.pem", &renewed);
+    let out = reload();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, got) = handshake(addr, hello())
+        .await
+        .expect("serving after reload");
+    assert!(got == renewed.der);
+    drop(served);
+}
+
+#[test]
+fn the_tls_example_is_valid_with_its_certificates_in_place() {
+    let pki = Pki::new();
+    pki.write_pem(
+        "certs/www.example.com.pem",
+        &pki.leaf(&["www.example.com", "example.com"]),
+    );
+    let api = pki.leaf(&["api.example.com"]);
+    pki.write("certs/api.example.com.crt", &api.cert);
+    pki.write("certs/api.example.com.key", &api.key);
+    let shop = pki.leaf(&["*.shop.example.com"]);
+    pki.write("certs/more/shop.crt", &shop.cert);
+    pki.write("certs/more/shop.key", &shop.key);
+    pki.write_pem(
+        "certs/mail.example.com.pem",
+        &pki.leaf(&["mail.example.com"]),
+    );
+    let text = include_str!("../../examples/proxyd-tls.toml");
+    let c = load(&pki, text).expect("the example is valid");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let site = &c.tls[0];
+    assert_eq!(site.certs.len(), 3);
+    assert_eq!(site.certs[2].names, ["*.shop.example.com"]);
+    let www = &c.frontends[0].bind;
+    assert!(www[0].redirect_https.is_some() && www[1].tls == Some(0));
+    assert_eq!(c.frontends[1].bind[0].tls, Some(1));
+    assert!(c.tls[1].alpn.is_empty());
+}
+
+#[tokio::test]
+async fn large_bodies_cross_tls_both_ways_on_a_kept_alive_connection() {
+    let pki = Pki::new();
+    pki.write_pem("site.pem", &pki.leaf(&["a.test"]));
+    // More than the socket buffers hold: the proxy's writes block while the client waits.
+    let big = 16 * 1024 * 1024;
+    let be = backend(move |s| {
+        let body = vec![b'x'; big + s.body.len()];
+        let mut r =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        r.extend_from_slice(&body);
+        Action::Respond(r)
+    })
+    .await;
+    let (l, addr) = listener();
+    let text = format!(
+        "{GLOBAL}[[frontend]]\nname = \"web\"\nbind = [{{ address = \"{addr}\", tls = {{ certs = [\"site.pem\"] }} }}]\ndefault_backend = \"app\"\n\
+         [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"{}\"\n",
+        be.addr
+    );
+    let _proxy = start(&pki, &text, vec![l]);
+    let (tls, _) = handshake(
+        addr,
+        Hello {
+            sni: Some("a.test"),
+            ..Hello::default()
+        },
+    )
+    .await
+    .expect("handshake");
+    let mut c = Client::over(tls);
+    let upload = 1024 * 1024;
+    for _ in 0..3 {
+        let mut req =
+            format!("POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: {upload}\r\n\r\n")
+                .into_bytes();
+        req.extend(std::iter::repeat_n(b'u', upload));
+        use tokio::io::AsyncWriteExt;
+        c.io.stream.write_all(&req).await.expect("send");
+        c.io.stream.flush().await.expect("send");
+        // Reads only once the proxy is stuck writing: what it wrote last must still come.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = c.read(false).await.expect("reply");
+        assert_eq!((r.status, r.body.len()), (200, big + upload));
+        assert!(!r.closes());
+    }
+}
