@@ -5,7 +5,7 @@ use proto::proxyd::v1::admin_server::{Admin, AdminServer};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::master::{Handle, ReloadError, SetServerError};
+use crate::master::{CertificatesError, Handle, ReloadError, SetServerError};
 
 #[derive(Debug)]
 pub struct AdminService {
@@ -36,6 +36,17 @@ impl Admin for AdminService {
             Err(e @ ReloadError::Config(_)) => Err(Status::invalid_argument(e.to_string())),
             Err(e @ ReloadError::Worker(_)) => Err(Status::internal(e.to_string())),
             Err(e @ ReloadError::Stopping) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
+    async fn reload_certificates(
+        &self,
+        _req: Request<api::ReloadCertificatesRequest>,
+    ) -> Result<Response<api::ReloadCertificatesReply>, Status> {
+        match self.master.reload_certificates().await {
+            Ok(reply) => Ok(Response::new(reply)),
+            Err(e @ CertificatesError::Refused(_)) => Err(Status::invalid_argument(e.to_string())),
+            Err(e @ CertificatesError::Stopping) => Err(Status::unavailable(e.to_string())),
         }
     }
 

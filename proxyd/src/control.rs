@@ -1,14 +1,24 @@
-//! The master/worker control channel: one prost message per SOCK_SEQPACKET datagram.
+//! The master/worker control channel: one prost message per SOCK_SEQPACKET datagram, and the
+//! certificate sets cut into parts that each fit one.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use common::seqpacket::{self, SeqPacket};
 use prost::Message;
 
 pub use proto::proxyd::control::v1 as pb;
 
+use crate::config::tls::{LoadedCert, PemFiles};
+
 /// Largest control datagram (a Start message carries the whole config).
 pub const MAX_DATAGRAM: usize = 256 * 1024;
+
+/// Most certificate bytes one `Certificates` part carries, leaving room for the paths and the
+/// framing within [`MAX_DATAGRAM`]. A certificate whose files are larger cannot be sent.
+pub const MAX_CERT_PART: usize = 192 * 1024;
 
 /// The two ends of a new channel: connected, non-blocking, close-on-exec, with socket buffers
 /// that hold a Start message.
@@ -88,4 +98,154 @@ pub fn to_worker(kind: pb::master_to_worker::Kind) -> pb::MasterToWorker {
 
 pub fn to_master(kind: pb::worker_to_master::Kind) -> pb::WorkerToMaster {
     pb::WorkerToMaster { kind: Some(kind) }
+}
+
+/// A certificate whose files do not fit in one control message.
+#[derive(Debug, thiserror::Error)]
+#[error("the files of '{}' hold {bytes} bytes, more than the {} KiB a worker can be sent", path.display(), MAX_CERT_PART / 1024)]
+pub struct TooLarge {
+    pub path: PathBuf,
+    pub bytes: usize,
+}
+
+/// The parts that carry the set `certs` of TLS setting `tls` (called `name`) to a worker, in
+/// order, as few as fit.
+pub fn certificate_parts(
+    tls: u32,
+    name: &str,
+    rotation: u64,
+    certs: &[Arc<LoadedCert>],
+) -> Result<Vec<pb::MasterToWorker>, TooLarge> {
+    let part = |certs: Vec<pb::PemFiles>| pb::Certificates {
+        tls,
+        name: name.to_owned(),
+        rotation,
+        certs,
+        last: false,
+    };
+    let mut parts = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for c in certs {
+        let size = c.files.len();
+        if size > MAX_CERT_PART {
+            return Err(TooLarge {
+                path: c.path.clone(),
+                bytes: size,
+            });
+        }
+        if bytes + size > MAX_CERT_PART {
+            parts.push(part(std::mem::take(&mut current)));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(pem_to_wire(&c.files));
+    }
+    parts.push(part(current));
+    if let Some(last) = parts.last_mut() {
+        last.last = true;
+    }
+    Ok(parts
+        .into_iter()
+        .map(|p| to_worker(pb::master_to_worker::Kind::Certificates(p)))
+        .collect())
+}
+
+fn pem_to_wire(f: &PemFiles) -> pb::PemFiles {
+    let (key_path, key) = match &f.key {
+        Some((p, k)) => (p.display().to_string(), k.clone()),
+        None => (String::new(), Vec::new()),
+    };
+    pb::PemFiles {
+        cert_path: f.cert_path.display().to_string(),
+        cert: f.cert.clone(),
+        key_path,
+        key,
+    }
+}
+
+fn pem_from_wire(f: pb::PemFiles) -> PemFiles {
+    PemFiles {
+        cert_path: PathBuf::from(f.cert_path),
+        cert: f.cert,
+        key: (!f.key_path.is_empty()).then(|| (PathBuf::from(f.key_path), f.key)),
+    }
+}
+
+/// A certificate set as the worker gets it whole.
+#[derive(Debug)]
+pub struct CertificateSet {
+    pub tls: u32,
+    pub name: String,
+    pub rotation: u64,
+    pub files: Vec<PemFiles>,
+}
+
+/// The worker's side of [`certificate_parts`]: gathers the parts of each setting's set.
+#[derive(Debug, Default)]
+pub struct CertificateParts {
+    /// By setting: the rotation being gathered and its certificates so far.
+    gathering: HashMap<u32, (u64, Vec<PemFiles>)>,
+}
+
+impl CertificateParts {
+    /// Takes a part; returns the set once its last part is in. A part of a newer rotation
+    /// drops what an older one left unfinished.
+    pub fn add(&mut self, part: pb::Certificates) -> Option<CertificateSet> {
+        let entry = self
+            .gathering
+            .entry(part.tls)
+            .or_insert_with(|| (part.rotation, Vec::new()));
+        if entry.0 != part.rotation {
+            *entry = (part.rotation, Vec::new());
+        }
+        entry.1.extend(part.certs.into_iter().map(pem_from_wire));
+        if !part.last {
+            return None;
+        }
+        let (rotation, files) = self.gathering.remove(&part.tls)?;
+        Some(CertificateSet {
+            tls: part.tls,
+            name: part.name,
+            rotation,
+            files,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(rotation: u64, paths: &[&str], last: bool) -> pb::Certificates {
+        pb::Certificates {
+            tls: 1,
+            name: "site".to_owned(),
+            rotation,
+            certs: paths
+                .iter()
+                .map(|p| pb::PemFiles {
+                    cert_path: (*p).to_owned(),
+                    cert: b"chain".to_vec(),
+                    key_path: String::new(),
+                    key: Vec::new(),
+                })
+                .collect(),
+            last,
+        }
+    }
+
+    #[test]
+    fn parts_gather_into_one_set_and_a_newer_rotation_drops_an_unfinished_one() {
+        let mut parts = CertificateParts::default();
+        assert!(parts.add(part(1, &["a"], false)).is_none());
+        // Rotation 2 starts before 1 was complete (never happens in order, but must not mix).
+        assert!(parts.add(part(2, &["b"], false)).is_none());
+        let set = parts.add(part(2, &["c"], true)).expect("complete");
+        assert_eq!((set.tls, set.rotation, set.name.as_str()), (1, 2, "site"));
+        let paths: Vec<_> = set.files.iter().map(|f| f.cert_path.clone()).collect();
+        assert_eq!(paths, [PathBuf::from("b"), PathBuf::from("c")]);
+        assert_eq!(set.files[0].key, None, "the key is in the chain's file");
+        assert!(parts.gathering.is_empty());
+    }
 }

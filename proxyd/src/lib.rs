@@ -3,7 +3,9 @@
 //! - [`master`]: validates the config, spawns each worker as a fresh exec of the binary path
 //!   resolved at start (so a reload after an upgrade on disk runs the new file), and reloads by
 //!   starting generation N+1, waiting for its `Ready`, then draining N. Crashed workers are
-//!   respawned at once (backoff only for crash loops). Owns all state in one task: no locks.
+//!   respawned at once (backoff only for crash loops). Watches the certificate files and sends
+//!   a changed set, once checked, to the serving workers (no new generation). Owns all state
+//!   in one task: no locks.
 //! - [`control`] + [`sys`]: the master/worker channel, one prost message per `SOCK_SEQPACKET`
 //!   datagram on a socketpair found on fd 3 by the worker; parent-death signal for workers.
 //! - [`worker`]: borrows its frontends' listeners from fdkeeper (the same kernel sockets every
@@ -23,7 +25,8 @@
 //! - [`balance`], [`health`], [`stick`]: the load balancer proper: smooth weighted
 //!   round robin, leastconn and source; tcp/http health checks with rise/fall; the stick
 //!   cache fed by stickd's Watch stream (the request path never waits on stickd).
-//! - [`admin`]: `proxyd.v1.Admin` (Status, Reload) with reflection and health, on a unix socket.
+//! - [`admin`]: `proxyd.v1.Admin` (Status, Reload, ShowServers, SetServer, ReloadCertificates)
+//!   with reflection and health, on a unix socket.
 //! - [`config`]: `proxyd.toml`; only validated configs leave the module, with their
 //!   certificates loaded and checked (`config::tls`).
 //!

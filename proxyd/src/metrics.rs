@@ -115,11 +115,12 @@ async fn render(handle: &Handle) -> String {
                 let _ = writeln!(out, "proxyd_requests_total{{{l}}} {}", w.requests_total);
             }
         }
+        certificates(&mut out, &st.tls);
     }
     if let Some((_, servers, stick, frontends, backends)) = servers {
         type Fe = crate::control::pb::FrontendStats;
         type Be = crate::control::pb::BackendStats;
-        let fe_fields: [Row<Fe>; 4] = [
+        let fe_fields: [Row<Fe>; 5] = [
             (
                 "proxyd_frontend_connections_active",
                 "gauge",
@@ -143,6 +144,12 @@ async fn render(handle: &Handle) -> String {
                 "counter",
                 "requests refused by the proxy (400, 408, 431)",
                 |f| f.requests_denied,
+            ),
+            (
+                "proxyd_frontend_tls_handshake_failures_total",
+                "counter",
+                "TLS handshakes that failed or timed out",
+                |f| f.tls_handshake_failures,
             ),
         ];
         for (name, kind, help, f) in fe_fields {
@@ -320,6 +327,84 @@ async fn render(handle: &Handle) -> String {
     out
 }
 
+/// Each certificate's expiry, one series per DNS name (what an alert names), and the rotations
+/// of each TLS setting.
+fn certificates(out: &mut String, tls: &[api::TlsCertificates]) {
+    if tls.is_empty() {
+        return;
+    }
+    metric(
+        out,
+        "proxyd_tls_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "when a served certificate expires (notAfter, unix seconds), per DNS name",
+    );
+    for set in tls {
+        for c in &set.certificates {
+            let no_name = [String::new()];
+            let names = if c.names.is_empty() {
+                &no_name[..]
+            } else {
+                &c.names[..]
+            };
+            for name in names {
+                let _ = writeln!(
+                    out,
+                    "proxyd_tls_certificate_expiry_timestamp_seconds{{tls=\"{}\",name=\"{}\",serial=\"{}\"}} {}",
+                    escape(&set.name),
+                    escape(name),
+                    c.serial,
+                    c.not_after_unix
+                );
+            }
+        }
+    }
+    metric(
+        out,
+        "proxyd_tls_certificate_rotations_total",
+        "counter",
+        "certificate sets read again without a reload, loaded or refused (unchanged ones are not counted)",
+    );
+    for set in tls {
+        for (result, n) in [
+            ("loaded", set.rotations_loaded),
+            ("refused", set.rotations_refused),
+        ] {
+            let _ = writeln!(
+                out,
+                "proxyd_tls_certificate_rotations_total{{tls=\"{}\",result=\"{result}\"}} {n}",
+                escape(&set.name)
+            );
+        }
+    }
+    metric(
+        out,
+        "proxyd_tls_certificate_last_rotation_refused",
+        "gauge",
+        "1 when the last read of a setting's certificates was refused: its files on disk cannot serve",
+    );
+    for set in tls {
+        let refused = set
+            .last_rotation
+            .as_ref()
+            .is_some_and(|r| r.outcome == api::RotationOutcome::RotationRefused as i32);
+        let _ = writeln!(
+            out,
+            "proxyd_tls_certificate_last_rotation_refused{{tls=\"{}\"}} {}",
+            escape(&set.name),
+            u8::from(refused)
+        );
+    }
+}
+
+/// A label value in the exposition format: backslash, double quote and newline escaped.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// A metric: name, type, help, and how to read it from a reported record.
 type Row<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
 
@@ -330,4 +415,53 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
 fn labels(s: &api::ServerState) -> String {
     // Names are restricted to [A-Za-z0-9._-] by the config: nothing to escape.
     format!("backend=\"{}\",server=\"{}\"", s.backend, s.server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("web [::1]:443"), "web [::1]:443");
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn each_name_of_each_certificate_has_its_expiry() {
+        let tls = [api::TlsCertificates {
+            name: "site".to_owned(),
+            certificates: vec![
+                api::Certificate {
+                    names: vec!["a.test".to_owned(), "b.test".to_owned()],
+                    serial: "0A".to_owned(),
+                    not_after_unix: 2_000_000_000,
+                    ..Default::default()
+                },
+                api::Certificate {
+                    serial: "0B".to_owned(),
+                    not_after_unix: 1_900_000_000,
+                    ..Default::default()
+                },
+            ],
+            last_rotation: Some(api::CertificateRotation {
+                outcome: api::RotationOutcome::RotationRefused as i32,
+                ..Default::default()
+            }),
+            rotations_loaded: 2,
+            rotations_refused: 1,
+        }];
+        let mut out = String::new();
+        certificates(&mut out, &tls);
+        for line in [
+            "proxyd_tls_certificate_expiry_timestamp_seconds{tls=\"site\",name=\"a.test\",serial=\"0A\"} 2000000000\n",
+            "proxyd_tls_certificate_expiry_timestamp_seconds{tls=\"site\",name=\"b.test\",serial=\"0A\"} 2000000000\n",
+            "proxyd_tls_certificate_expiry_timestamp_seconds{tls=\"site\",name=\"\",serial=\"0B\"} 1900000000\n",
+            "proxyd_tls_certificate_rotations_total{tls=\"site\",result=\"loaded\"} 2\n",
+            "proxyd_tls_certificate_rotations_total{tls=\"site\",result=\"refused\"} 1\n",
+            "proxyd_tls_certificate_last_rotation_refused{tls=\"site\"} 1\n",
+        ] {
+            assert!(out.contains(line), "{line} in\n{out}");
+        }
+    }
 }

@@ -94,6 +94,8 @@ pub struct FrontendCounters {
     pub connections_total: AtomicU64,
     pub requests_total: AtomicU64,
     pub requests_denied: AtomicU64,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: AtomicU64,
 }
 
 /// Counts a request as queued while it lives.
@@ -377,6 +379,7 @@ impl Shared {
                 connections_total: ld(&c.connections_total),
                 requests_total: ld(&c.requests_total),
                 requests_denied: ld(&c.requests_denied),
+                tls_handshake_failures: ld(&c.tls_handshake_failures),
             })
             .collect();
         let be = self

@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{BindRef, Config};
-use crate::control::{MASTER_INSTANCE_ENV, WorkerEnd, claim_owner, pb, to_master};
+use crate::control::{
+    CertificateParts, CertificateSet, MASTER_INSTANCE_ENV, WorkerEnd, claim_owner, pb, to_master,
+};
 use crate::model::{AdminState, StatsSnapshot};
 use crate::serve::Proxy;
 use crate::stick::StickCache;
@@ -320,6 +322,7 @@ async fn run(
             as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
     };
     let mut last_sent = pb::Stats::default();
+    let mut certificate_parts = CertificateParts::default();
     loop {
         tokio::select! {
             () = async { if let Some(f) = finishing.as_mut() { f.await } }, if finishing.is_some() => {
@@ -353,6 +356,11 @@ async fn run(
                 Ok(Some(pb::master_to_worker::Kind::ServerAdmin(a))) => {
                     proxy.shared().apply_admin(&a.backend, &a.server, AdminState::from_wire(a.state), a.weight);
                 }
+                Ok(Some(pb::master_to_worker::Kind::Certificates(part))) => {
+                    if let Some(set) = certificate_parts.add(part) {
+                        let _ = control.send(&rotate_certificates(&proxy, &config, set)).await;
+                    }
+                }
                 Ok(Some(pb::master_to_worker::Kind::Start(_))) => {
                     tracing::warn!("ignoring a second start message");
                 }
@@ -380,6 +388,42 @@ async fn run(
             }
         }
     }
+}
+
+/// Serves a rotated certificate set to new handshakes, once checked again from the bytes the
+/// master sent (the files may have changed since it read them); says how it went.
+fn rotate_certificates(proxy: &Proxy, config: &Config, set: CertificateSet) -> pb::WorkerToMaster {
+    let index = usize::try_from(set.tls).unwrap_or(usize::MAX);
+    let result = match config.tls.get(index) {
+        Some(t) if t.name == set.name => {
+            let now = common::time::now_ms().div_euclid(1000);
+            crate::config::tls::from_files(set.files, &crate::config::tls::provider(), now)
+                .map_err(|e| e.to_string())
+        }
+        _ => Err(format!("no tls setting '{}' in this generation", set.name)),
+    };
+    let result = result.and_then(|certs| {
+        if proxy.replace_certificates(index, &certs) {
+            Ok(certs.len())
+        } else {
+            Err("tls is not serving yet".to_owned())
+        }
+    });
+    match &result {
+        Ok(n) => {
+            tracing::info!(tls = %set.name, rotation = set.rotation, certificates = n, "certificates rotated");
+        }
+        Err(e) => {
+            tracing::error!(tls = %set.name, rotation = set.rotation, error = %e, "rotated certificates refused, the previous ones keep serving");
+        }
+    }
+    to_master(pb::worker_to_master::Kind::CertificatesApplied(
+        pb::CertificatesApplied {
+            tls: set.tls,
+            rotation: set.rotation,
+            error: result.err().unwrap_or_default(),
+        },
+    ))
 }
 
 /// Gives buffered stick writes a bounded moment to reach stickd before the process exits.

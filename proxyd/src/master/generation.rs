@@ -208,7 +208,10 @@ impl Master {
         }
         g.phase = Phase::Serving;
         tracing::info!(generation = number, pid, "generation serving");
-        self.current = g.config.clone();
+        if !Arc::ptr_eq(&self.current, &g.config) {
+            self.current = g.config.clone();
+            self.certs.follow(&self.current);
+        }
         // Every other serving generation is replaced by this one.
         let drain_timeout = self.current.global.drain_timeout;
         let replaced: Vec<u64> = self

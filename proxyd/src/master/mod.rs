@@ -5,14 +5,17 @@
 //! admin service and signals, events from the workers' relay tasks, timers).
 //! [`generation`] holds what a generation is in each phase and how it moves between them,
 //! [`spawn`] starts worker processes, [`claims`] releases fdkeeper claims, [`server_state`]
-//! keeps operators' `set server` overrides, [`signals`] relays signals.
+//! keeps operators' `set server` overrides, [`signals`] relays signals, [`certs`] rotates
+//! certificates without a new generation.
 
+mod certs;
 mod claims;
 mod generation;
 mod server_state;
 mod signals;
 mod spawn;
 
+pub use certs::CertificatesError;
 pub use signals::forward_signals;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -31,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::control::pb;
 
+use certs::{Certificates, CertificatesReply};
 use generation::{Generation, Phase};
 use server_state::AdminStates;
 
@@ -57,6 +61,7 @@ enum Command {
         api::SetServerRequest,
         oneshot::Sender<Result<api::ServerState, SetServerError>>,
     ),
+    ReloadCertificates(CertificatesReply),
 }
 
 /// What the serving generation last reported: its number, servers, stick cache, frontends
@@ -112,6 +117,17 @@ impl Handle {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Command::Servers(tx)).ok()?;
         rx.await.ok()
+    }
+
+    /// Reads every certificate set again and waits until the workers serve the new ones.
+    pub async fn reload_certificates(
+        &self,
+    ) -> Result<api::ReloadCertificatesReply, CertificatesError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::ReloadCertificates(tx))
+            .map_err(|_| CertificatesError::Stopping)?;
+        rx.await.unwrap_or(Err(CertificatesError::Stopping))
     }
 
     pub async fn set_server(
@@ -184,6 +200,8 @@ pub struct Master {
     released_others: bool,
     /// When to try a failed release again.
     release_retry_at: Option<Instant>,
+    /// The serving config's certificates, watched and rotated.
+    certs: Certificates,
 }
 
 impl Master {
@@ -195,6 +213,7 @@ impl Master {
         let handle = Handle { tx: cmd_tx.clone() };
         let config_path = config.source.path.clone();
         let admin = server_state::load(&config);
+        let certs = Certificates::new(&config);
         let master = Master {
             exe,
             config_path,
@@ -226,6 +245,7 @@ impl Master {
             releasing: false,
             released_others: false,
             release_retry_at: None,
+            certs,
         };
         (master, handle)
     }
@@ -248,7 +268,10 @@ impl Master {
                 () = shutdown.cancelled(), if !self.stopping => self.begin_stop(),
                 Some(cmd) = self.cmd_rx.recv() => self.on_command(cmd),
                 Some(ev) = self.ev_rx.recv() => self.on_event(ev),
-                () = sleep_until_opt(timer), if timer.is_some() => self.on_timer(),
+                () = sleep_until_opt(timer), if timer.is_some() => {
+                    self.on_timer();
+                    self.poll_certificates(Instant::now());
+                }
             }
             if self.stopping && self.generations.is_empty() {
                 break;
@@ -268,7 +291,7 @@ impl Master {
         self.generations
             .iter()
             .map(Generation::next_timer)
-            .chain([self.release_retry_at])
+            .chain([self.release_retry_at, self.certs.next_timer()])
             .flatten()
             .min()
     }
@@ -297,6 +320,7 @@ impl Master {
             Command::SetServer(req, tx) => {
                 let _ = tx.send(self.set_server(req));
             }
+            Command::ReloadCertificates(tx) => self.reload_certificates(tx),
             Command::Reload(reply, asked) => {
                 if self.stopping {
                     if let Some(r) = reply {
@@ -405,6 +429,9 @@ impl Master {
                         tracing::info!(backend = %h.backend, server = %h.server, up = h.up, generation = g.number, "server health");
                         self.health.insert((h.backend, h.server), h.up);
                     }
+                    Some(pb::worker_to_master::Kind::CertificatesApplied(a)) => {
+                        self.on_certificates_applied(idx, a);
+                    }
                     Some(pb::worker_to_master::Kind::Stats(s)) => {
                         if let Some(w) = g.worker_mut() {
                             w.servers = s.servers;
@@ -494,6 +521,7 @@ impl Master {
             last_reload: self.last_reload.clone(),
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
+            tls: self.certs.status(),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use proto::proxyd::v1 as api;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::generation::{Crashes, Generation, Phase, Process};
@@ -41,6 +41,8 @@ pub(super) struct Worker {
     pub frontends: Vec<pb::FrontendStats>,
     pub backends: Vec<pb::BackendStats>,
     pub ready_at: Option<Instant>,
+    /// The last certificate rotation the worker answered for.
+    pub certificates: watch::Sender<u64>,
 }
 
 impl Worker {
@@ -327,5 +329,6 @@ fn spawn_process(
         frontends: Vec::new(),
         backends: Vec::new(),
         ready_at: None,
+        certificates: watch::Sender::new(0),
     })
 }

@@ -181,6 +181,9 @@ async fn dispatch(
             protocol(shared, info, alpn, stream).await;
         }
         Err(e) => {
+            shared.frontends[info.at.frontend]
+                .tls_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 target: "proxyd::access",
                 client = %info.peer,

@@ -7,8 +7,8 @@
 mod accept;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::config::tls::LoadedCert;
 use crate::config::{BindRef, Config};
 use crate::model::StatsSnapshot;
 use crate::net::tls::TlsServer;
@@ -35,6 +36,8 @@ pub struct Proxy {
     /// Set before `shared.drain` fires for a graceful drain: each accept loop then takes what
     /// its queue already holds before it closes its listener.
     take_queue: Arc<AtomicBool>,
+    /// The server side of each TLS setting (`Config::tls`'s order), once started.
+    tls: OnceLock<Vec<TlsServer>>,
 }
 
 impl Proxy {
@@ -55,6 +58,7 @@ impl Proxy {
             accepting: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
             take_queue: Arc::new(AtomicBool::new(false)),
+            tls: OnceLock::new(),
         }
     }
 
@@ -82,6 +86,7 @@ impl Proxy {
                     .map_err(|e| std::io::Error::other(format!("tls settings '{}': {e}", t.name)))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
+        let tls = self.tls.get_or_init(|| tls);
         // maxconn is the frontend's: one count for all of its binds.
         let limits: Vec<Arc<Semaphore>> = config
             .frontends
@@ -114,6 +119,18 @@ impl Proxy {
                 .spawn(acceptor.run(listener).instrument(span));
         }
         Ok(())
+    }
+
+    /// Serves `certs` on TLS setting `tls` (an index into `Config::tls`) to the handshakes that
+    /// begin from now on; false when there is no such setting or the proxy has not started.
+    pub fn replace_certificates(&self, tls: usize, certs: &[Arc<LoadedCert>]) -> bool {
+        match self.tls.get().and_then(|servers| servers.get(tls)) {
+            Some(server) => {
+                server.replace_certificates(certs);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Stops accepting at once (the listener copies are closed; the accept queue lives on in

@@ -3,13 +3,18 @@
 //! each worker refuse the same broken file, and a generation never starts on one.
 //!
 //! - this file: the validated settings ([`Tls`]) and their validation from the raw tables;
-//! - `certs`: reading PEM chains and keys, key against certificate, names and dates;
-//! - `x509`: the validity dates, read from a certificate's DER.
+//! - `certs`: reading PEM chains and keys, key against certificate, names, serial and dates;
+//! - `x509`: the serial and the validity dates, read from a certificate's DER;
+//! - `watch`: the fingerprint of a setting's files on disk, by which the master notices a
+//!   certificate rotated without a reload.
+//!
+//! A rotation loads a setting's certificates again with [`reload`], the very checks validation
+//! runs, and a worker checks the bytes it is sent with [`from_files`].
 
 mod certs;
+mod watch;
 mod x509;
 
-use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,8 +22,11 @@ use std::sync::Arc;
 use common::{ConfigError, SourceFile};
 use rustls::crypto::CryptoProvider;
 
-pub use certs::{CertError, CertSource, LoadedCert};
+pub use certs::{CertError, CertSource, LoadedCert, PemFiles};
+pub use watch::Fingerprint;
 pub use x509::date;
+
+use certs::SetBuilder;
 
 use super::raw::{RawTls, Shorthand};
 
@@ -64,9 +72,48 @@ pub struct Tls {
     pub name: String,
     /// In the config's order; the first is served for an unknown or absent SNI.
     pub certs: Vec<Arc<LoadedCert>>,
+    /// Where `certs` come from, as the config names them (relative paths resolved).
+    pub sources: Vec<CertSource>,
+    /// The files of `sources` on disk just before they were read.
+    pub fingerprint: Fingerprint,
     /// Offered in this order of preference; empty: no ALPN.
     pub alpn: Vec<AppProtocol>,
     pub min_version: TlsVersion,
+}
+
+/// Reads and checks the certificates of `sources` again as validation does (every file, each key
+/// against its certificate, none expired, no two for one name and key type), with the
+/// fingerprint of their files taken just before the read. `now` in unix seconds.
+pub fn reload(
+    sources: &[CertSource],
+    provider: &CryptoProvider,
+    now: i64,
+) -> (Fingerprint, Result<Vec<Arc<LoadedCert>>, CertError>) {
+    let fingerprint = Fingerprint::of(sources);
+    let load = || {
+        let mut set = SetBuilder::default();
+        for source in sources {
+            for cert in certs::load(source, provider, now)? {
+                set.add(cert)?;
+            }
+        }
+        Ok(set.finish())
+    };
+    (fingerprint, load())
+}
+
+/// Checks certificates from the bytes someone else read (the master, for a rotation) as
+/// [`reload`] checks the files, reading nothing.
+pub fn from_files(
+    files: Vec<PemFiles>,
+    provider: &CryptoProvider,
+    now: i64,
+) -> Result<Vec<Arc<LoadedCert>>, CertError> {
+    let mut set = SetBuilder::default();
+    for f in files {
+        set.add(certs::parse(f, provider, now)?)?;
+    }
+    Ok(set.finish())
 }
 
 /// What validating TLS settings needs besides the raw table.
@@ -86,37 +133,30 @@ impl TlsCheck<'_> {
         if raw.certs.get_ref().is_empty() {
             return Err(src.error_at(raw.certs.span(), format!("tls '{name}' has no certificate")));
         }
-        let mut certs: Vec<Arc<LoadedCert>> = Vec::new();
-        // Which certificate serves each (name, key type): two would make SNI a coin toss.
-        let mut serves: HashMap<(String, u8), PathBuf> = HashMap::new();
+        let mut named: Vec<(CertSource, Range<usize>)> = Vec::new();
         for entry in raw.certs.into_inner() {
             let at = entry.span();
-            let source = match entry.into_inner() {
-                Shorthand::Text(p) => CertSource::Path(self.resolve(Path::new(&p))),
-                Shorthand::Table(pair) => CertSource::Pair {
-                    cert: self.resolve(pair.cert.get_ref()),
-                    key: self.resolve(pair.key.get_ref()),
+            named.push((
+                match entry.into_inner() {
+                    Shorthand::Text(p) => CertSource::Path(self.resolve(Path::new(&p))),
+                    Shorthand::Table(pair) => CertSource::Pair {
+                        cert: self.resolve(pair.cert.get_ref()),
+                        key: self.resolve(pair.key.get_ref()),
+                    },
                 },
-            };
-            let loaded = certs::load(&source, self.provider, self.now)
+                at,
+            ));
+        }
+        let (sources, spans): (Vec<CertSource>, Vec<Range<usize>>) = named.into_iter().unzip();
+        let fingerprint = Fingerprint::of(&sources);
+        let mut set = SetBuilder::default();
+        for (source, at) in sources.iter().zip(spans) {
+            let loaded = certs::load(source, self.provider, self.now)
                 .map_err(|e| src.error_at(at.clone(), e.to_string()))?;
             for cert in loaded {
-                for n in &cert.names {
-                    let key = (n.clone(), u8::from(cert.algorithm));
-                    if let Some(first) = serves.insert(key, cert.path.clone()) {
-                        return Err(src.error_at(
-                            at,
-                            format!(
-                                "'{}' and '{}' both serve '{n}' with {:?} keys: keep one",
-                                first.display(),
-                                cert.path.display(),
-                                cert.algorithm
-                            ),
-                        ));
-                    }
-                }
-                self.warn(&cert, at.clone(), certs.is_empty());
-                certs.push(Arc::new(cert));
+                self.warn(&cert, at.clone(), set.is_empty());
+                set.add(cert)
+                    .map_err(|e| src.error_at(at.clone(), e.to_string()))?;
             }
         }
         let alpn = match raw.alpn {
@@ -163,7 +203,9 @@ impl TlsCheck<'_> {
         };
         Ok(Tls {
             name,
-            certs,
+            certs: set.finish(),
+            sources,
+            fingerprint,
             alpn,
             min_version,
         })

@@ -1,8 +1,8 @@
-//! The two dates of an X.509 certificate, read from its DER, and the calendar arithmetic that
-//! turns them into unix seconds and back into text for the messages.
+//! The serial number and the two dates of an X.509 certificate, read from its DER, and the
+//! calendar arithmetic that turns the dates into unix seconds and back into text for messages.
 //!
-//! webpki parses and checks the certificate as a whole but keeps its validity to itself; this
-//! walks the few fields in front of it (RFC 5280 §4.1) and nothing else.
+//! webpki parses and checks the certificate as a whole but keeps these to itself; this walks
+//! the few fields in front of the validity (RFC 5280 §4.1) and nothing else.
 
 /// Reads one DER element at the start of `input`: (tag, contents, rest). Definite lengths only,
 /// as DER requires; up to 2^32 - 1 bytes.
@@ -35,8 +35,19 @@ const VERSION: u8 = 0xa0;
 const UTC_TIME: u8 = 0x17;
 const GENERALIZED_TIME: u8 = 0x18;
 
-/// notBefore and notAfter of a DER certificate, in unix seconds.
-pub(crate) fn validity(cert: &[u8]) -> Option<(i64, i64)> {
+/// What a certificate says of itself that an operator asks about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Fields {
+    /// Upper-case hex without leading zero bytes, as `openssl x509 -serial` prints it.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+/// The serial, notBefore and notAfter of a DER certificate.
+pub(crate) fn fields(cert: &[u8]) -> Option<Fields> {
     let (SEQUENCE, cert, _) = element(cert)? else {
         return None;
     };
@@ -47,7 +58,7 @@ pub(crate) fn validity(cert: &[u8]) -> Option<(i64, i64)> {
     if tag == VERSION {
         (tag, field, rest) = element(rest)?;
     }
-    let _serial = (tag == INTEGER).then_some(field)?;
+    let serial = hex((tag == INTEGER).then_some(field)?);
     let (SEQUENCE, _signature, rest) = element(rest)? else {
         return None;
     };
@@ -60,7 +71,21 @@ pub(crate) fn validity(cert: &[u8]) -> Option<(i64, i64)> {
     let (tag, before, rest) = element(validity)?;
     let not_before = time(tag, before)?;
     let (tag, after, _) = element(rest)?;
-    Some((not_before, time(tag, after)?))
+    Some(Fields {
+        serial,
+        not_before,
+        not_after: time(tag, after)?,
+    })
+}
+
+/// An INTEGER's content octets in hex, without the zero octets DER puts in front of a
+/// positive number whose first bit is set.
+fn hex(integer: &[u8]) -> String {
+    let first = integer
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(integer.len().saturating_sub(1));
+    integer[first..].iter().map(|b| format!("{b:02X}")).collect()
 }
 
 /// A UTCTime (`YYMMDDHHMMSSZ`, years 1950 to 2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`), the
@@ -156,9 +181,17 @@ mod tests {
 
     #[test]
     fn truncated_or_wrong_der_is_none() {
-        assert_eq!(validity(b""), None);
-        assert_eq!(validity(&[0x30, 0x05, 0x30]), None);
-        assert_eq!(validity(&[0x30, 0x85, 0, 0, 0, 0, 1]), None);
-        assert_eq!(validity(&[0x04, 0x00]), None);
+        assert_eq!(fields(b""), None);
+        assert_eq!(fields(&[0x30, 0x05, 0x30]), None);
+        assert_eq!(fields(&[0x30, 0x85, 0, 0, 0, 0, 1]), None);
+        assert_eq!(fields(&[0x04, 0x00]), None);
+    }
+
+    #[test]
+    fn serials_print_as_openssl_does() {
+        assert_eq!(hex(&[0x00, 0x9f, 0x01]), "9F01");
+        assert_eq!(hex(&[0x12, 0x00]), "1200");
+        assert_eq!(hex(&[0x00]), "00");
+        assert_eq!(hex(&[]), "");
     }
 }

@@ -4,9 +4,9 @@
 //!
 //! `serve` runs the handshake inside the connection's task, after its `maxconn` slot is taken:
 //! a handshake counts as a connection, and one that stalls gives its slot back at the timeout.
-//! Certificates are chosen per handshake by [`sni::SniResolver`]; swapping them without a new
-//! generation means swapping its store. Session resumption uses rustls's per-worker cache:
-//! tickets whose keys outlive a reload need keys from the master.
+//! Certificates are chosen per handshake by [`sni::SniResolver`], whose store a rotation
+//! replaces ([`TlsServer::replace_certificates`]) without a new generation. Session resumption
+//! uses rustls's per-worker cache: tickets whose keys outlive a reload need keys from the master.
 //!
 //! [`ClientStream`]: super::ClientStream
 
@@ -21,12 +21,13 @@ use rustls::version::{TLS12, TLS13};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-use crate::config::tls::{AppProtocol, Tls, TlsVersion, provider};
+use crate::config::tls::{AppProtocol, LoadedCert, Tls, TlsVersion, provider};
 
 /// The server side of one TLS setting, shared by its binds' connections.
 #[derive(Clone)]
 pub struct TlsServer {
     acceptor: tokio_rustls::TlsAcceptor,
+    certs: Arc<sni::SniResolver>,
 }
 
 impl std::fmt::Debug for TlsServer {
@@ -50,14 +51,21 @@ impl TlsServer {
             TlsVersion::V1_2 => &[&TLS13, &TLS12],
             TlsVersion::V1_3 => &[&TLS13],
         };
+        let certs = Arc::new(sni::SniResolver::new(&tls.certs));
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(versions)?
             .with_no_client_auth()
-            .with_cert_resolver(Arc::new(sni::SniResolver::new(&tls.certs)));
+            .with_cert_resolver(certs.clone());
         config.alpn_protocols = tls.alpn.iter().map(|p| p.id().to_vec()).collect();
         Ok(Self {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            certs,
         })
+    }
+
+    /// Serves `certs` to the handshakes that begin from now on.
+    pub fn replace_certificates(&self, certs: &[Arc<LoadedCert>]) {
+        self.certs.replace(certs);
     }
 
     /// Runs the server side of a handshake on `stream` for at most `timeout`: the stream, and

@@ -2,9 +2,13 @@
 //! one, a wildcard covering one label only, and the default (the first certificate) for an
 //! unknown or absent name; among a name's certificates (RSA and ECDSA), the first whose key can
 //! sign with a scheme the client offers.
+//!
+//! The certificates can be replaced while the worker serves (a rotation): each handshake reads
+//! the store once, so it sees the old set or the new one whole, and a connection keeps the
+//! certificate it was given.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -95,31 +99,52 @@ impl<K> CertStore<K> {
     }
 }
 
-/// The rustls side of a [`CertStore`]: the store of one TLS setting's certificates.
+/// The rustls side of a [`CertStore`]: the store of one TLS setting's certificates, replaced
+/// whole by [`SniResolver::replace`].
 #[derive(Debug)]
 pub struct SniResolver {
-    store: CertStore<Arc<CertifiedKey>>,
+    /// Read once per handshake: a clone of the `Arc` under a read lock nobody holds longer.
+    store: RwLock<Arc<CertStore<Arc<CertifiedKey>>>>,
 }
 
 impl SniResolver {
-    /// `certs` in the config's order, the first one the default. ECDSA (and Ed25519) keys come
-    /// before RSA ones for the same name: smaller handshakes and cheaper signatures, for every
-    /// client that accepts them.
+    /// `certs` in the config's order, the first one the default.
     pub fn new(certs: &[Arc<LoadedCert>]) -> Self {
-        let entries = certs
-            .iter()
-            .map(|c| (c.names.clone(), c.key.clone()))
-            .collect();
-        let mut store = CertStore::new(entries);
-        store.prefer(|k: &Arc<CertifiedKey>| k.key.algorithm() == rustls::SignatureAlgorithm::RSA);
-        Self { store }
+        Self {
+            store: RwLock::new(Arc::new(store(certs))),
+        }
     }
+
+    /// Serves `certs` to every handshake from now on; handshakes under way and connections
+    /// already open keep what they got.
+    pub fn replace(&self, certs: &[Arc<LoadedCert>]) {
+        let new = Arc::new(store(certs));
+        // A poisoned lock only means a panic elsewhere while it was held: the Arc is whole.
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = new;
+    }
+
+    fn current(&self) -> Arc<CertStore<Arc<CertifiedKey>>> {
+        self.store.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The store of `certs`. ECDSA (and Ed25519) keys come before RSA ones for the same name:
+/// smaller handshakes and cheaper signatures, for every client that accepts them.
+fn store(certs: &[Arc<LoadedCert>]) -> CertStore<Arc<CertifiedKey>> {
+    let entries = certs
+        .iter()
+        .map(|c| (c.names.clone(), c.key.clone()))
+        .collect();
+    let mut store = CertStore::new(entries);
+    store.prefer(|k: &Arc<CertifiedKey>| k.key.algorithm() == rustls::SignatureAlgorithm::RSA);
+    store
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let schemes = hello.signature_schemes();
-        let mut candidates = self.store.candidates(hello.server_name());
+        let store = self.current();
+        let mut candidates = store.candidates(hello.server_name());
         let first = candidates.next()?;
         if first.key.choose_scheme(schemes).is_some() {
             return Some(first.clone());
