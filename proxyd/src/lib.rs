@@ -25,8 +25,8 @@
 //! - [`balance`], [`health`], [`stick`]: the load balancer proper: smooth weighted
 //!   round robin, leastconn and source; tcp/http health checks with rise/fall; the stick
 //!   cache fed by stickd's Watch stream (the request path never waits on stickd).
-//! - [`admin`]: `proxyd.v1.Admin` (Status, Reload, ShowServers, SetServer, ReloadCertificates)
-//!   with reflection and health, on a unix socket.
+//! - [`admin`]: the `proxyd.v1.Admin` service (Status, Reload, ShowServers, SetServer,
+//!   ReloadCertificates) with reflection and health, on a unix socket.
 //! - [`config`]: `proxyd.toml`; only validated configs leave the module, with their
 //!   certificates loaded and checked (`config::tls`).
 //!

@@ -1,6 +1,8 @@
 //! TLS on a bind, with certificates made at test time by a CA of the test's own: SNI, ALPN,
 //! curl through it, X-Forwarded-Proto, the redirect to https, TCP mode, the handshake timeout,
-//! and `proxyd check` and reload refusing certificate files that cannot serve.
+//! `proxyd check` and reload refusing certificate files that cannot serve, and certificates
+//! rotated under a running proxyd without a reload (by the files changing, or
+//! `ReloadCertificates`), seen in Status and `/metrics`.
 
 mod util;
 
@@ -8,14 +10,16 @@ use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use proto::proxyd::v1 as api;
 use proxyd::config::BindRef;
 use proxyd::serve::Proxy;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    KeyPair, KeyUsagePurpose, SerialNumber,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -39,6 +43,15 @@ struct Leaf {
     cert: String,
     key: String,
     der: Vec<u8>,
+    /// As proxyd reports it: upper-case hex.
+    serial: String,
+}
+
+/// A serial of its own for every certificate a test makes.
+fn next_serial() -> [u8; 4] {
+    static NEXT: AtomicU16 = AtomicU16::new(1);
+    let [hi, lo] = NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+    [0x5e, 0xed, hi, lo]
 }
 
 impl Pki {
@@ -76,11 +89,14 @@ impl Pki {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(30);
         params.not_after = now + time::Duration::days(days);
+        let serial = next_serial();
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         let cert = params.signed_by(&key, &self.ca).expect("sign");
         Leaf {
             cert: cert.pem(),
             key: key.serialize_pem(),
             der: cert.der().to_vec(),
+            serial: serial.iter().map(|b| format!("{b:02X}")).collect(),
         }
     }
 
@@ -940,19 +956,28 @@ fn start_fdkeeper(dir: &Path) -> CancellationToken {
     stop
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_with_a_broken_certificate_is_refused_and_tls_keeps_serving() {
-    let pki = Pki::new();
-    let first = pki.leaf(&["a.test"]);
-    pki.write_pem("site.pem", &first);
+/// A running proxyd over a TLS bind, and where to reach it.
+struct Launched {
+    _running: Running,
+    config: PathBuf,
+    admin: PathBuf,
+    /// The TLS bind.
+    addr: SocketAddr,
+    metrics: SocketAddr,
+}
+
+/// Starts the real proxyd in the pki dir with one TLS bind whose `tls` is `tls` (a bind's own
+/// settings, or the name of a `[[tls]]` in `sections`), and waits until it serves TLS.
+async fn launch(pki: &Pki, tls: &str, sections: &str) -> Launched {
     let be = backend(|_| ok("hi")).await;
     let d = pki.dir.path().display().to_string();
     let addr = util::closed_port();
+    let metrics = util::closed_port();
     let config = pki.write(
         "proxyd.toml",
         &format!(
-            "[global]\nadmin_socket = \"{d}/proxyd/admin.sock\"\nfdkeeper_socket = \"{d}/fdk/lend.sock\"\n\
-             [[frontend]]\nname = \"web\"\nbind = [{{ address = \"{addr}\", tls = {{ certs = [\"site.pem\"] }} }}]\ndefault_backend = \"app\"\n\
+            "[global]\nadmin_socket = \"{d}/proxyd/admin.sock\"\nfdkeeper_socket = \"{d}/fdk/lend.sock\"\nmetrics = \"{metrics}\"\n{sections}\
+             [[frontend]]\nname = \"web\"\nbind = [{{ address = \"{addr}\", tls = {tls} }}]\ndefault_backend = \"app\"\n\
              [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"{}\"\n",
             be.addr
         ),
@@ -968,24 +993,101 @@ async fn a_reload_with_a_broken_certificate_is_refused_and_tls_keeps_serving() {
         )
         .spawn()
         .expect("spawn proxyd");
-    let _running = Running { master, fdk_stop };
-    let hello = || Hello {
-        sni: Some("a.test"),
-        ..Hello::default()
-    };
+    let running = Running { master, fdk_stop };
     let deadline = Instant::now() + Duration::from_secs(10);
-    let served = loop {
-        if let Ok((tls, got)) = handshake(addr, hello()).await {
-            break (tls, got);
-        }
+    while handshake(addr, hello()).await.is_err() {
         assert!(Instant::now() < deadline, "proxyd never served TLS");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    }
+    Launched {
+        _running: running,
+        config,
+        admin: pki.dir.path().join("proxyd/admin.sock"),
+        addr,
+        metrics,
+    }
+}
+
+/// A client of `a.test`.
+fn hello() -> Hello<'static> {
+    Hello {
+        sni: Some("a.test"),
+        ..Hello::default()
+    }
+}
+
+async fn admin(path: &Path) -> api::admin_client::AdminClient<tonic::transport::Channel> {
+    let channel = common::grpc::connect_unix(path)
+        .await
+        .expect("admin socket");
+    api::admin_client::AdminClient::new(channel)
+}
+
+async fn status(path: &Path) -> api::StatusReply {
+    admin(path)
+        .await
+        .status(api::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+/// The serving generation's number and worker pid, and how many generations there are.
+async fn serving(path: &Path) -> (u64, u32, usize) {
+    let s = status(path).await;
+    let g = s
+        .generations
+        .iter()
+        .find(|g| g.state == api::GenerationState::Serving as i32)
+        .expect("a serving generation");
+    (
+        g.generation,
+        g.worker.as_ref().map_or(0, |w| w.pid),
+        s.generations.len(),
+    )
+}
+
+/// The certificate new connections get, once it is `want`: how long that took.
+async fn served_within(addr: SocketAddr, want: &Leaf, limit: Duration) -> Duration {
+    let began = Instant::now();
+    loop {
+        let (_, got) = handshake(addr, hello()).await.expect("handshake");
+        if got == want.der {
+            return began.elapsed();
+        }
+        assert!(
+            began.elapsed() < limit,
+            "serial {} not served within {limit:?}",
+            want.serial
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `GET /metrics` from the master.
+async fn metrics(addr: SocketAddr) -> String {
+    let mut c = Client::connect(addr).await.expect("metrics");
+    let r = c
+        .send(b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n", false)
+        .await
+        .expect("metrics reply");
+    assert_eq!(r.status, 200);
+    r.text()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_broken_certificate_is_refused_and_tls_keeps_serving() {
+    let pki = Pki::new();
+    let first = pki.leaf(&["a.test"]);
+    pki.write_pem("site.pem", &first);
+    let proxyd = launch(&pki, "{ certs = [\"site.pem\"] }", "").await;
+    let (addr, config) = (proxyd.addr, &proxyd.config);
+    let served = handshake(addr, hello()).await.expect("serving");
     assert!(served.1 == first.der);
     let reload = || {
         Command::new(PROXYD)
             .args(["reload", "--config"])
-            .arg(&config)
+            .arg(config)
             .output()
             .expect("proxyd reload")
     };
@@ -1027,6 +1129,177 @@ async fn a_reload_with_a_broken_certificate_is_refused_and_tls_keeps_serving() {
         .expect("serving after reload");
     assert!(got == renewed.der);
     drop(served);
+}
+
+/// Within this, a new connection gets a certificate rotated on disk: the master looks every
+/// second and waits a quarter of one for the files to stand still.
+const ROTATED_WITHIN: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_rotated_on_disk_serves_new_connections_without_a_reload() {
+    let pki = Pki::new();
+    let first = pki.leaf(&["a.test"]);
+    let site = pki.write_pem("site.pem", &first);
+    let proxyd = launch(
+        &pki,
+        "\"site\"",
+        "[[tls]]\nname = \"site\"\ncerts = [\"site.pem\"]\n",
+    )
+    .await;
+    let before = serving(&proxyd.admin).await;
+    // Kept open across both rotations: it keeps the certificate it got.
+    let (mut open, got) = handshake(proxyd.addr, hello()).await.expect("handshake");
+    assert!(got == first.der);
+
+    // Renewed as most tools do: a new file renamed over the old one.
+    let renamed = pki.leaf(&["a.test"]);
+    pki.write_pem("site.pem.new", &renamed);
+    std::fs::rename(pki.path("site.pem.new"), &site).expect("rename");
+    let took = served_within(proxyd.addr, &renamed, ROTATED_WITHIN).await;
+    eprintln!("renamed: served after {took:?}");
+
+    // Then written in place.
+    let written = pki.leaf(&["a.test"]);
+    std::fs::write(&site, format!("{}{}", written.cert, written.key)).expect("write");
+    let took = served_within(proxyd.addr, &written, ROTATED_WITHIN).await;
+    eprintln!("written in place: served after {took:?}");
+
+    // No reload: the same generation and worker, alone.
+    assert_eq!(serving(&proxyd.admin).await, before);
+    // The connection opened before the rotations still works.
+    let r = Client::over(&mut open)
+        .send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", false)
+        .await
+        .expect("reply on the old connection");
+    assert_eq!(r.text(), "hi");
+    assert!(open.get_ref().1.peer_certificates().expect("certs")[0].as_ref() == first.der);
+
+    // Status and /metrics tell what is served and when it expires.
+    let st = status(&proxyd.admin).await;
+    let tls = &st.tls[0];
+    assert_eq!(tls.name, "site");
+    assert_eq!((tls.rotations_loaded, tls.rotations_refused), (2, 0));
+    let cert = &tls.certificates[0];
+    assert_eq!(cert.serial, written.serial);
+    assert_eq!(cert.names, ["a.test"]);
+    assert_eq!(cert.path, site.display().to_string());
+    assert_eq!(cert.key_type, "ECDSA");
+    let in_a_year = time::OffsetDateTime::now_utc().unix_timestamp() + 365 * 86_400;
+    assert!((cert.not_after_unix - in_a_year).abs() < 60, "{cert:?}");
+    let last = tls.last_rotation.as_ref().expect("last rotation");
+    assert_eq!(last.outcome, api::RotationOutcome::RotationLoaded as i32);
+    assert!(last.message.contains(&written.serial), "{}", last.message);
+    let text = metrics(proxyd.metrics).await;
+    let expiry = format!(
+        "proxyd_tls_certificate_expiry_timestamp_seconds{{tls=\"site\",name=\"a.test\",serial=\"{}\"}} {}\n",
+        written.serial, cert.not_after_unix
+    );
+    assert!(text.contains(&expiry), "{expiry} in\n{text}");
+    assert!(
+        text.contains("proxyd_tls_certificate_rotations_total{tls=\"site\",result=\"loaded\"} 2\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("proxyd_frontend_tls_handshake_failures_total{frontend=\"web\"} 0\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_to_a_key_that_does_not_match_is_refused_and_the_old_certificate_serves() {
+    let pki = Pki::new();
+    let first = pki.leaf(&["a.test"]);
+    pki.write("site.crt", &first.cert);
+    let key = pki.write("site.key", &first.key);
+    let proxyd = launch(
+        &pki,
+        "{ certs = [{ cert = \"site.crt\", key = \"site.key\" }] }",
+        "",
+    )
+    .await;
+    let before = serving(&proxyd.admin).await;
+
+    // Another key beside the same certificate.
+    let other = pki.leaf(&["a.test"]);
+    std::fs::write(&key, &other.key).expect("write");
+    let why = format!(
+        "the private key in '{}' does not match the certificate in '{}'",
+        key.display(),
+        pki.path("site.crt").display()
+    );
+    let began = Instant::now();
+    let refused = loop {
+        let st = status(&proxyd.admin).await;
+        if let Some(last) = st.tls[0].last_rotation.clone() {
+            break (last, st.tls[0].rotations_refused);
+        }
+        assert!(began.elapsed() < Duration::from_secs(5), "never read");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        refused.0.outcome,
+        api::RotationOutcome::RotationRefused as i32
+    );
+    assert!(refused.0.message.contains(&why), "{}", refused.0.message);
+    assert_eq!(refused.1, 1);
+    // The old certificate serves, with its own key.
+    let (tls, got) = handshake(proxyd.addr, hello())
+        .await
+        .expect("still serving");
+    assert!(got == first.der);
+    let r = Client::over(tls)
+        .send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", false)
+        .await
+        .expect("reply");
+    assert_eq!(r.text(), "hi");
+    let st = status(&proxyd.admin).await;
+    assert_eq!(st.tls[0].certificates[0].serial, first.serial);
+    let text = metrics(proxyd.metrics).await;
+    assert!(
+        text.contains("proxyd_tls_certificate_last_rotation_refused{tls=\"web "),
+        "{text}"
+    );
+
+    // Asking says why too, and loads nothing.
+    let e = admin(&proxyd.admin)
+        .await
+        .reload_certificates(api::ReloadCertificatesRequest {})
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains(&why), "{}", e.message());
+    assert!(e.message().starts_with("tls 'web "), "{}", e.message());
+
+    // The matching pair, then ReloadCertificates at once: it answers with what serves, once
+    // the worker serves it.
+    let renewed = pki.leaf(&["a.test"]);
+    pki.write("site.crt", &renewed.cert);
+    pki.write("site.key", &renewed.key);
+    let reply = admin(&proxyd.admin)
+        .await
+        .reload_certificates(api::ReloadCertificatesRequest {})
+        .await
+        .expect("loaded")
+        .into_inner();
+    assert_eq!(reply.generation, before.0);
+    let tls = &reply.tls[0];
+    assert_eq!(tls.certificates.len(), 1);
+    assert_eq!(tls.certificates[0].serial, renewed.serial);
+    assert_eq!(tls.certificates[0].names, ["a.test"]);
+    let (_, got) = handshake(proxyd.addr, hello()).await.expect("handshake");
+    assert!(got == renewed.der, "served as soon as the call returned");
+    assert_eq!(serving(&proxyd.admin).await, before);
+
+    // Asked again, nothing changed.
+    let reply = admin(&proxyd.admin)
+        .await
+        .reload_certificates(api::ReloadCertificatesRequest {})
+        .await
+        .expect("unchanged")
+        .into_inner();
+    let last = reply.tls[0].last_rotation.as_ref().expect("outcome");
+    assert_eq!(last.outcome, api::RotationOutcome::RotationUnchanged as i32);
+    assert_eq!(reply.tls[0].rotations_loaded, 1);
 }
 
 #[test]

@@ -206,7 +206,10 @@ impl Master {
         for i in 0..self.certs.sets.len() {
             let outcome = self.read_certificates(i, Trigger::Asked);
             if outcome.outcome == api::RotationOutcome::RotationRefused as i32 {
-                refused.push(format!("tls '{}': {}", self.certs.sets[i].name, outcome.message));
+                refused.push(format!(
+                    "tls '{}': {}",
+                    self.certs.sets[i].name, outcome.message
+                ));
             }
         }
         let result = if refused.is_empty() {

@@ -137,7 +137,6 @@ fn quoted(paths: &[PathBuf]) -> String {
     quoted.join(" or ")
 }
 
-
 /// Reads the files of every certificate a source names, in order (a directory's files by name),
 /// each chain with the key that goes with it.
 pub fn read(source: &CertSource) -> Result<Vec<PemFiles>, CertError> {
@@ -182,7 +181,9 @@ pub(super) fn directory(path: &Path) -> Result<Vec<PathBuf>, CertError> {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         let file = entry.path();
-        if name.starts_with('.') || NOT_CERTS.iter().any(|ext| name.ends_with(ext)) || !file.is_file()
+        if name.starts_with('.')
+            || NOT_CERTS.iter().any(|ext| name.ends_with(ext))
+            || !file.is_file()
         {
             continue;
         }

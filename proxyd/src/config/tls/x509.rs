@@ -85,7 +85,10 @@ fn hex(integer: &[u8]) -> String {
         .iter()
         .position(|&b| b != 0)
         .unwrap_or(integer.len().saturating_sub(1));
-    integer[first..].iter().map(|b| format!("{b:02X}")).collect()
+    integer[first..]
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect()
 }
 
 /// A UTCTime (`YYMMDDHHMMSSZ`, years 1950 to 2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`), the
