@@ -235,6 +235,52 @@ mod tests {
         }
     }
 
+    /// A certificate whose files are `size` bytes or so.
+    fn cert(size: usize) -> Arc<LoadedCert> {
+        let (cert, key) = crate::config::tls::testing::pem(&["a.test"]);
+        let files = PemFiles {
+            cert_path: PathBuf::from("/etc/a.pem"),
+            cert: format!("{cert}{key}").into_bytes(),
+            key: None,
+        };
+        let now = common::time::now_ms().div_euclid(1000);
+        let mut c =
+            crate::config::tls::from_files(vec![files], &crate::config::tls::provider(), now)
+                .expect("good")
+                .remove(0);
+        Arc::get_mut(&mut c)
+            .expect("one owner")
+            .files
+            .cert
+            .resize(size, b'\n');
+        c
+    }
+
+    #[test]
+    fn a_large_set_goes_in_parts_that_fit_a_datagram_and_come_back_whole() {
+        let one = cert(40_000);
+        let set = vec![one.clone(); 12];
+        let parts = certificate_parts(3, "site", 7, &set).expect("fits");
+        assert_eq!(parts.len(), 3, "4 certificates of 40 kB a part");
+        let mut gathered = CertificateParts::default();
+        let mut whole = None;
+        for p in parts {
+            assert!(p.encoded_len() <= MAX_DATAGRAM);
+            let Some(pb::master_to_worker::Kind::Certificates(part)) = p.kind else {
+                panic!("a certificates part");
+            };
+            assert!(whole.is_none(), "complete only at the last part");
+            whole = gathered.add(part);
+        }
+        let whole = whole.expect("complete");
+        assert_eq!((whole.tls, whole.rotation), (3, 7));
+        assert_eq!(whole.files.len(), 12);
+        assert!(whole.files.iter().all(|f| *f == one.files));
+
+        let e = certificate_parts(0, "site", 8, &[cert(MAX_CERT_PART + 1)]).expect_err("too large");
+        assert!(e.to_string().contains("'/etc/a.pem'"), "{e}");
+    }
+
     #[test]
     fn parts_gather_into_one_set_and_a_newer_rotation_drops_an_unfinished_one() {
         let mut parts = CertificateParts::default();

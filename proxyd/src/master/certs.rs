@@ -349,3 +349,43 @@ async fn all_answered(applied: Vec<watch::Receiver<u64>>, rotation: u64) {
         let _ = rx.wait_for(|r| *r >= rotation).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_files_are_read_once_they_stand_still_or_after_settle_max() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("site.pem");
+        std::fs::write(&file, "one").expect("write");
+        let sources = vec![CertSource::Path(file.clone())];
+        let mut set = CertSet {
+            name: "site".to_owned(),
+            read: Fingerprint::of(&sources),
+            sources,
+            served: Vec::new(),
+            changing: None,
+            last: None,
+            loaded: 0,
+            refused: 0,
+        };
+        let t0 = Instant::now();
+        assert!(!set.due(t0), "nothing changed");
+        std::fs::write(&file, "two!").expect("write");
+        assert!(!set.due(t0), "changed: wait for it to stand still");
+        assert!(set.due(t0 + SETTLE), "stood still");
+
+        // A file that keeps changing is read after SETTLE_MAX.
+        set.changing = None;
+        std::fs::write(&file, "three").expect("write");
+        assert!(!set.due(t0));
+        for (i, text) in ["4", "55", "666"].into_iter().enumerate() {
+            std::fs::write(&file, text).expect("write");
+            let at = t0 + SETTLE * u32::try_from(i + 1).expect("small");
+            assert!(!set.due(at), "still changing");
+        }
+        std::fs::write(&file, "7777").expect("write");
+        assert!(set.due(t0 + SETTLE_MAX));
+    }
+}

@@ -251,3 +251,91 @@ impl TlsCheck<'_> {
         }
     }
 }
+
+/// Certificates made at test time, for the tests of this module and of what sends them.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// A self-signed certificate for `names` and its key, in PEM.
+    pub(crate) fn pem(names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .expect("params");
+        let cert = params.self_signed(&key).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> i64 {
+        common::time::now_ms().div_euclid(1000)
+    }
+
+    #[test]
+    fn a_reload_runs_the_checks_of_validation_and_the_bytes_it_read_check_alike() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a_cert, a_key) = testing::pem(&["a.test"]);
+        let (b_cert, b_key) = testing::pem(&["b.test"]);
+        let a = dir.path().join("a.pem");
+        let b = dir.path().join("b.crt");
+        std::fs::write(&a, format!("{a_cert}{a_key}")).expect("write");
+        std::fs::write(&b, &b_cert).expect("write");
+        std::fs::write(dir.path().join("b.key"), &b_key).expect("write");
+        let sources = [CertSource::Path(a.clone()), CertSource::Path(b.clone())];
+        let provider = provider();
+
+        let (fingerprint, loaded) = reload(&sources, &provider, now());
+        let loaded = loaded.expect("a good set");
+        assert_eq!(fingerprint, Fingerprint::of(&sources));
+        let names: Vec<_> = loaded.iter().map(|c| c.names.clone()).collect();
+        assert_eq!(names, [["a.test"], ["b.test"]]);
+        assert_eq!(loaded[0].files.key, None, "a's key is in its file");
+        assert_eq!(
+            loaded[1].files.key.as_ref().map(|(p, _)| p.clone()),
+            Some(dir.path().join("b.key"))
+        );
+        assert!(!loaded[0].serial.is_empty());
+
+        // What a worker is sent checks as the files did.
+        let files = loaded.iter().map(|c| c.files.clone()).collect();
+        let again = from_files(files, &provider, now()).expect("the same set");
+        assert_eq!(again.len(), 2);
+        assert_eq!(again[1].serial, loaded[1].serial);
+
+        // b's key for a's certificate.
+        std::fs::write(&a, format!("{a_cert}{b_key}")).expect("write");
+        let (_, refused) = reload(&sources, &provider, now());
+        assert!(
+            matches!(refused, Err(CertError::KeyMismatch { ref cert, .. }) if *cert == a),
+            "{refused:?}"
+        );
+        let mut files: Vec<PemFiles> = loaded.iter().map(|c| c.files.clone()).collect();
+        files[0].cert = format!("{a_cert}{b_key}").into_bytes();
+        assert!(matches!(
+            from_files(files, &provider, now()),
+            Err(CertError::KeyMismatch { .. })
+        ));
+
+        // Two certificates for one name and key type.
+        let (a2_cert, a2_key) = testing::pem(&["a.test"]);
+        std::fs::write(&a, format!("{a_cert}{a_key}")).expect("write");
+        std::fs::write(&b, &a2_cert).expect("write");
+        std::fs::write(dir.path().join("b.key"), &a2_key).expect("write");
+        let (_, refused) = reload(&sources, &provider, now());
+        let e = refused.expect_err("both serve a.test");
+        assert!(e.to_string().contains("both serve 'a.test'"), "{e}");
+
+        // Expired, as of a later clock.
+        std::fs::write(&b, &b_cert).expect("write");
+        std::fs::write(dir.path().join("b.key"), &b_key).expect("write");
+        let (_, refused) = reload(&sources, &provider, i64::MAX / 2);
+        assert!(
+            matches!(refused, Err(CertError::Expired { .. })),
+            "{refused:?}"
+        );
+    }
+}
