@@ -12,6 +12,7 @@ use prost::Message;
 pub use proto::proxyd::control::v1 as pb;
 
 use crate::config::tls::{LoadedCert, PemFiles};
+use crate::model::TicketKey;
 
 /// Largest control datagram (a Start message carries the whole config).
 pub const MAX_DATAGRAM: usize = 256 * 1024;
@@ -170,6 +171,32 @@ fn pem_from_wire(f: pb::PemFiles) -> PemFiles {
         cert: f.cert,
         key: (!f.key_path.is_empty()).then(|| (PathBuf::from(f.key_path), f.key)),
     }
+}
+
+/// Session-ticket keys on the wire.
+pub fn ticket_keys_to_wire(keys: &[TicketKey]) -> pb::TicketKeys {
+    pb::TicketKeys {
+        keys: keys
+            .iter()
+            .map(|k| pb::TicketKey {
+                name: k.name.to_vec(),
+                secret: k.secret.to_vec(),
+            })
+            .collect(),
+    }
+}
+
+/// Session-ticket keys from the wire; a key of the wrong size is left out.
+pub fn ticket_keys_from_wire(keys: &pb::TicketKeys) -> Vec<TicketKey> {
+    keys.keys
+        .iter()
+        .filter_map(|k| {
+            Some(TicketKey {
+                name: k.name.as_slice().try_into().ok()?,
+                secret: k.secret.as_slice().try_into().ok()?,
+            })
+        })
+        .collect()
 }
 
 /// A certificate set as the worker gets it whole.

@@ -2,6 +2,7 @@
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
 /// A server's administrative state (HAProxy's `set server ... state`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -105,4 +106,26 @@ pub struct StatsSnapshot {
     pub active_connections: u64,
     pub requests_total: u64,
     pub requests_in_flight: u64,
+}
+
+/// How long a TLS session-ticket key seals new tickets before the master makes the next one.
+/// Workers keep the previous key to open tickets for as long again, so every ticket resumes for
+/// at least this long: the lifetime tickets announce.
+pub const TICKET_KEY_ROTATION: Duration = Duration::from_secs(12 * 3600);
+
+/// A TLS session-ticket key: made by the master, the same in every generation, so that a client
+/// resumes its session across reloads. (Its `Debug` shows the name, never the secret.)
+#[derive(Clone, PartialEq, Eq)]
+pub struct TicketKey {
+    /// Put in front of every ticket it seals, to find the key that opens it.
+    pub name: [u8; 16],
+    /// A ChaCha20-Poly1305 key.
+    pub secret: [u8; 32],
+}
+
+impl std::fmt::Debug for TicketKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name: String = self.name.iter().map(|b| format!("{b:02x}")).collect();
+        f.debug_struct("TicketKey").field("name", &name).finish()
+    }
 }

@@ -17,9 +17,10 @@ use tracing::Instrument;
 
 use crate::config::{BindRef, Config};
 use crate::control::{
-    CertificateParts, CertificateSet, MASTER_INSTANCE_ENV, WorkerEnd, claim_owner, pb, to_master,
+    CertificateParts, CertificateSet, MASTER_INSTANCE_ENV, WorkerEnd, claim_owner, pb,
+    ticket_keys_from_wire, to_master,
 };
-use crate::model::{AdminState, StatsSnapshot};
+use crate::model::{AdminState, StatsSnapshot, TicketKey};
 use crate::serve::Proxy;
 use crate::stick::StickCache;
 use crate::sys;
@@ -86,12 +87,18 @@ pub fn main(control_fd: RawFd) -> i32 {
                     .iter()
                     .map(|h| ((h.backend.clone(), h.server.clone()), h.up))
                     .collect();
+                let tickets = start
+                    .ticket_keys
+                    .as_ref()
+                    .map(ticket_keys_from_wire)
+                    .unwrap_or_default();
                 run(
                     Arc::new(config),
                     start.generation,
                     health,
                     start.admin,
                     start.need_stickd,
+                    &tickets,
                     control,
                 )
                 .instrument(span)
@@ -191,6 +198,7 @@ async fn run(
     health: HashMap<(String, String), bool>,
     admin: Vec<pb::ServerAdmin>,
     need_stickd: bool,
+    tickets: &[TicketKey],
     control: WorkerEnd,
 ) -> i32 {
     let pid = std::process::id();
@@ -261,6 +269,7 @@ async fn run(
         }
     }
     let proxy = Arc::new(Proxy::with_state(config.clone(), stick.clone(), &health));
+    proxy.set_ticket_keys(tickets);
     for a in &admin {
         proxy.shared().apply_admin(
             &a.backend,
@@ -360,6 +369,9 @@ async fn run(
                     if let Some(set) = certificate_parts.add(part) {
                         let _ = control.send(&rotate_certificates(&proxy, &config, set)).await;
                     }
+                }
+                Ok(Some(pb::master_to_worker::Kind::TicketKeys(keys))) => {
+                    proxy.set_ticket_keys(&ticket_keys_from_wire(&keys));
                 }
                 Ok(Some(pb::master_to_worker::Kind::Start(_))) => {
                     tracing::warn!("ignoring a second start message");

@@ -6,7 +6,8 @@
 //! [`generation`] holds what a generation is in each phase and how it moves between them,
 //! [`spawn`] starts worker processes, [`claims`] releases fdkeeper claims, [`server_state`]
 //! keeps operators' `set server` overrides, [`signals`] relays signals, [`certs`] rotates
-//! certificates without a new generation.
+//! certificates without a new generation, [`tickets`] makes the TLS session-ticket keys every
+//! generation shares.
 
 mod certs;
 mod claims;
@@ -14,6 +15,7 @@ mod generation;
 mod server_state;
 mod signals;
 mod spawn;
+mod tickets;
 
 pub use certs::CertificatesError;
 pub use signals::forward_signals;
@@ -37,6 +39,7 @@ use crate::control::pb;
 use certs::{Certificates, CertificatesReply};
 use generation::{Generation, Phase};
 use server_state::AdminStates;
+use tickets::TicketKeys;
 
 /// Why a reload did not happen.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -202,6 +205,8 @@ pub struct Master {
     release_retry_at: Option<Instant>,
     /// The serving config's certificates, watched and rotated.
     certs: Certificates,
+    /// The TLS session-ticket keys every generation gets.
+    tickets: TicketKeys,
 }
 
 impl Master {
@@ -246,6 +251,7 @@ impl Master {
             released_others: false,
             release_retry_at: None,
             certs,
+            tickets: TicketKeys::new(Instant::now()),
         };
         (master, handle)
     }
@@ -270,7 +276,9 @@ impl Master {
                 Some(ev) = self.ev_rx.recv() => self.on_event(ev),
                 () = sleep_until_opt(timer), if timer.is_some() => {
                     self.on_timer();
-                    self.poll_certificates(Instant::now());
+                    let now = Instant::now();
+                    self.poll_certificates(now);
+                    self.rotate_ticket_keys(now);
                 }
             }
             if self.stopping && self.generations.is_empty() {
@@ -291,7 +299,11 @@ impl Master {
         self.generations
             .iter()
             .map(Generation::next_timer)
-            .chain([self.release_retry_at, self.certs.next_timer()])
+            .chain([
+                self.release_retry_at,
+                self.certs.next_timer(),
+                Some(self.tickets.next_timer()),
+            ])
             .flatten()
             .min()
     }

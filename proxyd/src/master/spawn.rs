@@ -187,7 +187,7 @@ impl Master {
     }
 
     /// The `Start` message of a worker of generation `number`: the config, the servers'
-    /// last known health and operators' overrides.
+    /// last known health, operators' overrides and the session-ticket keys.
     fn start_message(
         &self,
         number: u64,
@@ -227,6 +227,7 @@ impl Master {
             health,
             admin,
             need_stickd,
+            ticket_keys: Some(self.tickets.to_wire()),
         }))
     }
 }

@@ -19,8 +19,9 @@ use tracing::Instrument;
 
 use crate::config::tls::LoadedCert;
 use crate::config::{BindRef, Config};
-use crate::model::StatsSnapshot;
+use crate::model::{StatsSnapshot, TicketKey};
 use crate::net::tls::TlsServer;
+use crate::net::tls::tickets::TicketKeys;
 use crate::shared::Shared;
 use crate::stick::StickCache;
 
@@ -38,6 +39,8 @@ pub struct Proxy {
     take_queue: Arc<AtomicBool>,
     /// The server side of each TLS setting (`Config::tls`'s order), once started.
     tls: OnceLock<Vec<TlsServer>>,
+    /// The session-ticket keys of every TLS setting; none until the master gives some.
+    tickets: Arc<TicketKeys>,
 }
 
 impl Proxy {
@@ -59,6 +62,7 @@ impl Proxy {
             hard_stop: CancellationToken::new(),
             take_queue: Arc::new(AtomicBool::new(false)),
             tls: OnceLock::new(),
+            tickets: Arc::new(TicketKeys::default()),
         }
     }
 
@@ -82,7 +86,7 @@ impl Proxy {
             .tls
             .iter()
             .map(|t| {
-                TlsServer::new(t)
+                TlsServer::new(t, &self.tickets)
                     .map_err(|e| std::io::Error::other(format!("tls settings '{}': {e}", t.name)))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
@@ -131,6 +135,12 @@ impl Proxy {
             }
             None => false,
         }
+    }
+
+    /// Seals session tickets with `keys[0]` from now on and opens those of any of `keys`; no
+    /// keys: no tickets (rustls keeps sessions in this process's memory).
+    pub fn set_ticket_keys(&self, keys: &[TicketKey]) {
+        self.tickets.replace(keys);
     }
 
     /// Stops accepting at once (the listener copies are closed; the accept queue lives on in

@@ -5,12 +5,13 @@
 //! `serve` runs the handshake inside the connection's task, after its `maxconn` slot is taken:
 //! a handshake counts as a connection, and one that stalls gives its slot back at the timeout.
 //! Certificates are chosen per handshake by [`sni::SniResolver`], whose store a rotation
-//! replaces ([`TlsServer::replace_certificates`]) without a new generation. Session resumption
-//! uses rustls's per-worker cache: tickets whose keys outlive a reload need keys from the master.
+//! replaces ([`TlsServer::replace_certificates`]) without a new generation. Sessions resume
+//! through tickets sealed with the master's keys ([`tickets`]), so across reloads too.
 //!
 //! [`ClientStream`]: super::ClientStream
 
 pub mod sni;
+pub mod tickets;
 
 use std::io;
 use std::sync::Arc;
@@ -45,8 +46,9 @@ pub enum HandshakeError {
 }
 
 impl TlsServer {
-    /// rustls's settings for `tls`; fails only on settings rustls refuses.
-    pub fn new(tls: &Tls) -> Result<Self, rustls::Error> {
+    /// rustls's settings for `tls`, its tickets sealed with `tickets`; fails only on settings
+    /// rustls refuses.
+    pub fn new(tls: &Tls, tickets: &Arc<tickets::TicketKeys>) -> Result<Self, rustls::Error> {
         let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
             TlsVersion::V1_2 => &[&TLS13, &TLS12],
             TlsVersion::V1_3 => &[&TLS13],
@@ -57,6 +59,7 @@ impl TlsServer {
             .with_no_client_auth()
             .with_cert_resolver(certs.clone());
         config.alpn_protocols = tls.alpn.iter().map(|p| p.id().to_vec()).collect();
+        config.ticketer = Arc::new(tickets::Ticketer::new(tickets.clone(), &tls.name));
         Ok(Self {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             certs,
