@@ -4,8 +4,8 @@
 //!   resolved at start (so a reload after an upgrade on disk runs the new file), and reloads by
 //!   starting generation N+1, waiting for its `Ready`, then draining N. Crashed workers are
 //!   respawned at once (backoff only for crash loops). Watches the certificate files and sends
-//!   a changed set, once checked, to the serving workers (no new generation). Owns all state
-//!   in one task: no locks.
+//!   a changed set, once checked, to the serving workers (no new generation), and hands every
+//!   generation the same TLS session-ticket keys. Owns all state in one task: no locks.
 //! - [`control`] + [`sys`]: the master/worker channel, one prost message per `SOCK_SEQPACKET`
 //!   datagram on a socketpair found on fd 3 by the worker; parent-death signal for workers.
 //! - [`worker`]: borrows its frontends' listeners from fdkeeper (the same kernel sockets every
@@ -16,7 +16,8 @@
 //!   generic [`net::ClientStream`] (plain TCP or TLS, each its own instance of their code) and
 //!   use the worker's [`shared`] state (backends, slots, counters); nothing below `serve`
 //!   imports it. [`net`] holds what sits under the protocols: the buffered stream, the TLS
-//!   server side (`net::tls`: rustls settings, SNI, the handshake) and each server's pool.
+//!   server side (`net::tls`: rustls settings, SNI with its swappable certificates, session
+//!   tickets sealed with the master's keys, the handshake) and each server's pool.
 //!   Draining stops accepting at once and answers the next request of each keep-alive
 //!   connection with `Connection: close`; an idle connection is never closed early, since the
 //!   client may be sending on it (the reload race HAProxy and nginx lose).
