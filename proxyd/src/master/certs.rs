@@ -308,6 +308,15 @@ impl Master {
                     summary.join(", ")
                 );
                 tracing::info!(tls = %set.name, reason = why, rotation, "{message}");
+                // What `proxyd check` warns of, the log says on a rotation.
+                for c in &set.served {
+                    if c.not_after - now < tls::EXPIRY_WARNING_SECS {
+                        tracing::warn!(tls = %set.name, path = %c.path.display(), "the certificate expires on {}", tls::date(c.not_after));
+                    }
+                    if c.not_before > now {
+                        tracing::warn!(tls = %set.name, path = %c.path.display(), "the certificate is not valid before {}", tls::date(c.not_before));
+                    }
+                }
                 for w in self.certificate_workers() {
                     for part in &parts {
                         w.send(part.clone());
