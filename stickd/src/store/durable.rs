@@ -20,8 +20,20 @@ use common::time::now_ms;
 const PENDING_HIGH_WATER: usize = 100_000;
 /// Entries per checkpoint value (and per hold of the store's lock while writing one).
 const CHECKPOINT_CHUNK: usize = 4096;
-/// Journal bytes that call for a checkpoint, at least (else: the last checkpoint's size).
-const CHECKPOINT_AFTER: u64 = 32 << 20;
+/// Journal cost (see `journal_cost`) that calls for a checkpoint, at least (else: the last
+/// checkpoint's size). sled keeps the journal in memory until a checkpoint removes it, so this is
+/// what a small table's journal may hold resident: a few times its checkpoint, not tens of MiB.
+const CHECKPOINT_AFTER: u64 = 1 << 20;
+/// What sled holds in memory per value beyond the value's bytes (its leaf entry, key and
+/// allocation): a persist every 20 ms under a light load writes values of one or two writes,
+/// whose bytes alone undercount the journal's memory by some four times (measured: ~480 bytes
+/// resident per journal value of ~120 bytes).
+const SLED_VALUE_OVERHEAD: u64 = 384;
+
+/// How much a journal value of `len` bytes counts towards the next checkpoint.
+fn journal_cost(len: usize) -> u64 {
+    len as u64 + SLED_VALUE_OVERHEAD
+}
 
 /// A (key, encoded record) pair as sled holds it.
 type RawRecord = (Vec<u8>, Vec<u8>);
@@ -31,7 +43,8 @@ type RawRecord = (Vec<u8>, Vec<u8>);
 pub(super) struct Disk {
     /// Key of the next journal value.
     journal_next: u64,
-    /// Journal bytes written since the last checkpoint.
+    /// Journal written since the last checkpoint: bytes plus sled's overhead per value (see
+    /// `journal_cost`).
     journal_bytes: u64,
     /// Generation and size of the last checkpoint.
     generation: u64,
@@ -120,7 +133,7 @@ pub(super) fn load_tables(
             continue;
         }
         disk.journal_next = id + 1;
-        disk.journal_bytes += v.len() as u64;
+        disk.journal_bytes += journal_cost(v.len());
         let writes = crate::disk::writes(&v).map_err(corrupt(format!("journal {id}")))?;
         for (table, key, value) in writes {
             let name = String::from_utf8_lossy(table);
@@ -181,7 +194,7 @@ impl Store {
         let meta = queue.meta;
         let log = log::chunks(queue.log);
         if !journal.is_empty() {
-            disk.journal_bytes += journal.len() as u64;
+            disk.journal_bytes += journal_cost(journal.len());
             self.journal
                 .insert(disk.journal_next.to_be_bytes(), journal)?;
             disk.journal_next += 1;
@@ -350,6 +363,26 @@ impl Store {
 mod tests {
     use super::super::testing::{config, item, reopen};
     use super::*;
+
+    #[test]
+    fn a_light_load_checkpoints_before_its_journal_holds_thousands_of_values() {
+        // One write per persist, as a persist every 20 ms makes of a light load. sled keeps the
+        // journal in memory until a checkpoint removes it: counted by bytes alone, ten thousand
+        // such values (some 400 KB) would all stay, at some 480 bytes of memory each.
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open(&config(dir.path(), "a", "")).expect("open");
+        let mut most = 0;
+        for i in 0..10_000u32 {
+            let key = format!("10.3.{}.{}", (i / 256) % 16, i % 256);
+            s.store("ips", &[item(&key, "s")]).expect("store");
+            s.persist().expect("persist");
+            if i % 64 == 0 {
+                most = most.max(s.journal.len());
+            }
+        }
+        // At most CHECKPOINT_AFTER's worth of values at their overhead each (2731).
+        assert!((1..=3000).contains(&most), "{most} journal values");
+    }
 
     #[test]
     fn journal_and_checkpoint_survive_a_restart() {
