@@ -87,6 +87,9 @@ pub struct Defaults {
     /// From the accept of a TLS connection to the end of its handshake: a client that connects
     /// and says nothing holds a `maxconn` slot no longer than this.
     pub timeout_tls_handshake: StdDuration,
+    /// Streams an HTTP/2 client may have open at once on one connection (its
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub h2_max_concurrent_streams: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -130,6 +133,9 @@ pub struct Bind {
     pub tls: Option<usize>,
     /// Plain HTTP answered with a redirect to https (HAProxy's `redirect scheme https`).
     pub redirect_https: Option<RedirectHttps>,
+    /// A plain bind also takes HTTP/2 from clients that start with its preface (h2c with prior
+    /// knowledge); HTTP/1.x goes on as before.
+    pub h2c: bool,
 }
 
 /// A bind's redirect of every request to the same URL in https.

@@ -54,6 +54,7 @@ pub(super) struct RawDefaults {
     pub(super) timeout_queue: Option<Spanned<Duration>>,
     pub(super) timeout_check: Option<Spanned<Duration>>,
     pub(super) timeout_tls_handshake: Option<Spanned<Duration>>,
+    pub(super) h2_max_concurrent_streams: Option<Spanned<u64>>,
     /// Defaults for every frontend and backend (HAProxy's `defaults` section).
     pub(super) maxconn: Option<Spanned<u64>>,
     pub(super) retries: Option<Spanned<u32>>,
@@ -164,6 +165,8 @@ pub(super) struct RawBind {
     pub(super) redirect_https: Option<Spanned<bool>>,
     /// The port the redirect names (default: the port of the request's host, if any).
     pub(super) redirect_port: Option<Spanned<u16>>,
+    /// HTTP/2 without TLS from clients that know the bind speaks it (prior knowledge).
+    pub(super) h2c: Option<Spanned<bool>>,
 }
 
 /// TLS settings: a `[[tls]]` (with a name) or a bind's own (without).

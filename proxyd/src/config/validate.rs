@@ -17,6 +17,10 @@ use super::{
     Mode, RedirectHttps, Server, Stick, StickOn,
 };
 
+/// Most concurrent HTTP/2 streams a connection may be offered: each is a task and a server
+/// request, and the per-connection memory grows with them.
+const MAX_H2_STREAMS: u64 = 1000;
+
 pub(super) fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
     let global_span = raw.global.span();
     let g = raw.global.into_inner();
@@ -113,6 +117,16 @@ pub(super) fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, Config
             "timeout_tls_handshake",
             secs(10),
         )?,
+        h2_max_concurrent_streams: match d.h2_max_concurrent_streams {
+            None => 100,
+            Some(n) if (1..=MAX_H2_STREAMS).contains(n.get_ref()) => *n.get_ref() as u32,
+            Some(n) => {
+                return Err(src.error_at(
+                    n.span(),
+                    format!("h2_max_concurrent_streams must be 1 to {MAX_H2_STREAMS}"),
+                ));
+            }
+        },
     };
     let default_maxconn = match &d.maxconn {
         None => 10_000,
@@ -464,9 +478,9 @@ fn frontend_bind(
 ) -> Result<Bind, ConfigError> {
     let src = c.src;
     let entry_span = entry.span();
-    let (text, tls, redirect_https, redirect_port) = match entry.into_inner() {
-        Shorthand::Text(t) => (Spanned::new(entry_span, t), None, None, None),
-        Shorthand::Table(b) => (b.address, b.tls, b.redirect_https, b.redirect_port),
+    let (text, tls, redirect_https, redirect_port, h2c) = match entry.into_inner() {
+        Shorthand::Text(t) => (Spanned::new(entry_span, t), None, None, None, None),
+        Shorthand::Table(b) => (b.address, b.tls, b.redirect_https, b.redirect_port, b.h2c),
     };
     let Ok(address) = text.get_ref().parse::<SocketAddr>() else {
         return Err(src.error_at(
@@ -545,10 +559,29 @@ fn frontend_bind(
         }
         _ => None,
     };
+    let h2c = match h2c {
+        Some(h) if *h.get_ref() => {
+            if tls.is_some() {
+                return Err(src.error_at(
+                    h.span(),
+                    "h2c is HTTP/2 without TLS: on a tls bind, offer h2 with alpn",
+                ));
+            }
+            if c.mode == Mode::Tcp {
+                return Err(src.error_at(
+                    h.span(),
+                    format!("h2c needs http: frontend '{}' is in tcp mode", c.frontend),
+                ));
+            }
+            true
+        }
+        _ => false,
+    };
     Ok(Bind {
         address,
         tls,
         redirect_https,
+        h2c,
     })
 }
 

@@ -63,8 +63,9 @@ pub async fn write<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Forwards one body from `src` to `dst`. `out` holds bytes to send first (the head), so that
-/// a head and a small body leave in one write. Returns with everything flushed.
+/// Forwards one body from `src` to `dst`, framed as it came (chunks re-framed). `out` holds
+/// bytes to send first (the head), so that a head and a small body leave in one write.
+/// Returns with everything flushed.
 pub async fn forward<R, W>(
     src: &mut Io<R>,
     dst: &mut W,
@@ -76,11 +77,52 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    run(src, dst, framing, out, timeout, Output::Framed).await
+}
+
+/// Forwards only the content of one body from `src` to `dst`: chunk sizes and trailers are
+/// checked and dropped, for a protocol that frames data itself (HTTP/2).
+pub async fn forward_payload<R, W>(
+    src: &mut Io<R>,
+    dst: &mut W,
+    framing: Framing,
+    timeout: Duration,
+) -> Result<(), BodyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = Vec::new();
+    run(src, dst, framing, &mut out, timeout, Output::Payload).await
+}
+
+/// What of a body reaches the other side.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// The body with its HTTP/1.1 framing.
+    Framed,
+    /// Its content only.
+    Payload,
+}
+
+async fn run<R, W>(
+    src: &mut Io<R>,
+    dst: &mut W,
+    framing: Framing,
+    out: &mut Vec<u8>,
+    timeout: Duration,
+    output: Output,
+) -> Result<(), BodyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut f = Forwarder {
         src,
         dst,
         out,
         timeout,
+        output,
     };
     match framing {
         Framing::Empty => {}
@@ -96,6 +138,7 @@ struct Forwarder<'a, R, W> {
     dst: &'a mut W,
     out: &'a mut Vec<u8>,
     timeout: Duration,
+    output: Output,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
@@ -115,6 +158,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
     fn take(&mut self, n: usize) {
         self.out.extend_from_slice(&self.src.buf[..n]);
         self.src.buf.advance(n);
+    }
+
+    /// Passes on framing bytes (a chunk's CRLF, a trailer line) when the output keeps them.
+    fn take_framing(&mut self, n: usize) {
+        match self.output {
+            Output::Framed => self.take(n),
+            Output::Payload => self.src.buf.advance(n),
+        }
     }
 
     async fn exact(&mut self, mut left: u64) -> Result<(), BodyError> {
@@ -176,7 +227,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
             let len = self.line().await?;
             let size = chunk_size(&self.src.buf[..len - 2])?;
             self.src.buf.advance(len);
-            write!(self.out, "{size:x}\r\n").map_err(|_| BodyError::Framing("chunk size"))?;
+            if self.output == Output::Framed {
+                write!(self.out, "{size:x}\r\n").map_err(|_| BodyError::Framing("chunk size"))?;
+            }
             if size == 0 {
                 break;
             }
@@ -187,7 +240,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
             if &self.src.buf[..2] != b"\r\n" {
                 return Err(BodyError::Framing("chunk data not followed by crlf"));
             }
-            self.take(2);
+            self.take_framing(2);
         }
         // Trailer fields, then the empty line that ends the message.
         let mut trailers = 0;
@@ -198,13 +251,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
                 return Err(BodyError::Framing("trailers too large"));
             }
             if len == 2 {
-                self.take(len);
+                self.take_framing(len);
                 return Ok(());
             }
             if !valid_trailer(&self.src.buf[..len - 2]) {
                 return Err(BodyError::Framing("bad trailer field"));
             }
-            self.take(len);
+            self.take_framing(len);
         }
     }
 }
@@ -354,6 +407,28 @@ mod tests {
             String::from_utf8_lossy(&dst[5..]),
             "5\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n"
         );
+    }
+
+    #[tokio::test]
+    async fn a_payload_is_the_content_without_chunks_or_trailers() {
+        let body = b"5\r\nhello\r\n006;ext=1\r\n world\r\n0\r\nX-T: 1\r\n\r\nGET /next";
+        let (tx, rx) = tokio::io::duplex(7);
+        let writer = tokio::spawn(async move {
+            let mut tx = tx;
+            for piece in body.chunks(5) {
+                tx.write_all(piece).await.expect("write");
+            }
+            tx
+        });
+        let mut src = Io::new(rx);
+        let mut dst = Vec::new();
+        forward_payload(&mut src, &mut dst, Framing::Chunked, Duration::from_secs(5))
+            .await
+            .expect("ok");
+        assert_eq!(dst, b"hello world");
+        drop(writer.await.expect("writer"));
+        // What follows the body stays for the next message.
+        assert_eq!(&src.buf[..], b"GET /next");
     }
 
     #[tokio::test]

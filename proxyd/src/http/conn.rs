@@ -44,7 +44,11 @@ pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, strea
         };
         first = false;
         let _in_flight = log::in_flight(&shared);
-        let mut log = Log::start(if head.minor == 0 { "HTTP/1.0" } else { "HTTP/1.1" });
+        let mut log = Log::start(if head.minor == 0 {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        });
         let next = match redirect {
             Some(r) => redirect_https(&shared, &mut client, &head, r, &mut log).await,
             None => match exchange(&shared, info, &mut client, &mut head, &mut log).await {
@@ -195,7 +199,11 @@ async fn forward_response<C: ClientStream>(
     req: &RequestHead,
     answer: Answer<'_>,
 ) -> Next {
-    let Answer { slot, mut srv, resp } = answer;
+    let Answer {
+        slot,
+        mut srv,
+        resp,
+    } = answer;
     let close =
         !req.keep_alive || shared.drain.is_cancelled() || resp.framing == Framing::UntilClose;
     srv.buf.advance(resp.len);

@@ -204,6 +204,22 @@ impl ResponseHead {
         })
     }
 
+    /// The end-to-end fields as (name, value), in order (the framing field included).
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let after_status = self
+            .fields
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(self.fields.len(), |p| p + 1);
+        self.fields[after_status..]
+            .split(|b| *b == b'\n')
+            .filter_map(|line| {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let colon = line.iter().position(|b| *b == b':')?;
+                Some((&line[..colon], line[colon + 1..].trim_ascii()))
+            })
+    }
+
     /// The head to send to the client; `close` adds `Connection: close`.
     pub fn downstream(&self, close: bool, client_minor: u8) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.fields.len() + 32);

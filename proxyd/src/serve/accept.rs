@@ -14,8 +14,9 @@ use tracing::Instrument;
 
 use crate::config::tls::AppProtocol;
 use crate::config::{BindRef, Mode};
+use crate::http::h2;
 use crate::net::tls::TlsServer;
-use crate::net::{ClientInfo, ClientStream};
+use crate::net::{ClientInfo, ClientStream, Io, Rewind};
 use crate::shared::Shared;
 
 /// Most connections a drain takes from one listener's queue.
@@ -170,6 +171,9 @@ async fn dispatch(
         tracing::debug!(error = %e, "set_nodelay failed");
     }
     let Some(tls) = tls else {
+        if shared.config.bind(info.at).h2c {
+            return prior_knowledge(shared, info, stream).await;
+        }
         return protocol(shared, info, None, stream).await;
     };
     match tls
@@ -195,9 +199,35 @@ async fn dispatch(
     }
 }
 
+/// Serves a plain connection that may start with the HTTP/2 preface (h2c with prior
+/// knowledge) as HTTP/2, and any other as HTTP/1.x, with the bytes read to tell them apart.
+async fn prior_knowledge(shared: Arc<Shared>, info: ClientInfo, stream: TcpStream) {
+    let mut io = Io::new(stream);
+    let timeout = shared.config.defaults.timeout_http_request;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let alpn = loop {
+        let n = io.buf.len().min(h2::PREFACE.len());
+        if io.buf[..n] != h2::PREFACE[..n] {
+            break AppProtocol::Http1;
+        }
+        if n == h2::PREFACE.len() {
+            break AppProtocol::H2;
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match io.fill(left).await {
+            Ok(0) | Err(_) if io.buf.is_empty() => return,
+            // What came is served as HTTP/1.x, which answers a partial or late request.
+            Ok(0) | Err(_) => break AppProtocol::Http1,
+            Ok(_) => {}
+        }
+    };
+    let stream = Rewind::new(io.buf.freeze(), io.stream);
+    protocol(shared, info, Some(alpn), stream).await;
+}
+
 /// Serves a connection, plain or decrypted, with the protocol of its frontend and, over TLS,
 /// the one agreed through ALPN.
-async fn protocol<C: ClientStream>(
+async fn protocol<C: ClientStream + Send + 'static>(
     shared: Arc<Shared>,
     info: ClientInfo,
     alpn: Option<AppProtocol>,
@@ -206,6 +236,7 @@ async fn protocol<C: ClientStream>(
     match shared.config.frontends[info.at.frontend].mode {
         Mode::Http => match alpn {
             None | Some(AppProtocol::Http1) => crate::http::conn::serve(shared, info, stream).await,
+            Some(AppProtocol::H2) => crate::http::h2::serve(shared, info, stream).await,
         },
         Mode::Tcp => crate::tcp::serve(shared, info, stream).await,
     }

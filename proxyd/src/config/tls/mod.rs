@@ -46,10 +46,11 @@ pub enum TlsVersion {
 }
 
 /// An application protocol offered through ALPN. The protocol a connection speaks is chosen
-/// from it once the handshake is done, so a new one (`h2`) is a variant and a branch there.
+/// from it once the handshake is done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AppProtocol {
     Http1,
+    H2,
 }
 
 impl AppProtocol {
@@ -57,11 +58,14 @@ impl AppProtocol {
     pub fn id(self) -> &'static [u8] {
         match self {
             AppProtocol::Http1 => b"http/1.1",
+            AppProtocol::H2 => b"h2",
         }
     }
 
     pub fn from_id(id: &[u8]) -> Option<AppProtocol> {
-        [AppProtocol::Http1].into_iter().find(|p| p.id() == id)
+        [AppProtocol::Http1, AppProtocol::H2]
+            .into_iter()
+            .find(|p| p.id() == id)
     }
 }
 
@@ -164,20 +168,13 @@ impl TlsCheck<'_> {
             Some(list) => {
                 let mut out = Vec::new();
                 for p in list.into_inner() {
-                    let proto = match p.get_ref().as_str() {
-                        "h2" => {
-                            return Err(src.error_at(
-                                p.span(),
-                                "alpn 'h2': proxyd does not speak HTTP/2 yet (http/1.1)",
-                            ));
-                        }
-                        id => AppProtocol::from_id(id.as_bytes()).ok_or_else(|| {
-                            src.error_at(
-                                p.span(),
-                                format!("unknown alpn protocol '{id}' (http/1.1)"),
-                            )
-                        })?,
-                    };
+                    let id = p.get_ref();
+                    let proto = AppProtocol::from_id(id.as_bytes()).ok_or_else(|| {
+                        src.error_at(
+                            p.span(),
+                            format!("unknown alpn protocol '{id}' (h2, http/1.1)"),
+                        )
+                    })?;
                     if out.contains(&proto) {
                         return Err(
                             src.error_at(p.span(), format!("alpn '{}' given twice", p.get_ref()))
