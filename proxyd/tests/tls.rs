@@ -485,6 +485,42 @@ async fn alpn_agrees_on_http11_and_refuses_a_client_without_it() {
 }
 
 #[tokio::test]
+async fn alpn_h2_gives_http2_to_curl_and_http11_to_a_client_that_asks_for_it() {
+    let pki = Pki::new();
+    pki.write_pem("site.pem", &pki.leaf(&["a.test"]));
+    let (heads, script) = recording_backend_heads();
+    let be = backend(script).await;
+    let (l, addr) = listener();
+    let text = format!(
+        "{GLOBAL}[defaults]\nforwardfor = true\n[[frontend]]\nname = \"web\"\nbind = [{{ address = \"{addr}\", tls = {{ certs = [\"site.pem\"], alpn = [\"h2\", \"http/1.1\"] }} }}]\ndefault_backend = \"app\"\n\
+         [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"{}\"\n",
+        be.addr
+    );
+    let _proxy = start(&pki, &text, vec![l]);
+    let url = format!("https://a.test:{}/h2", addr.port());
+    let resolve = format!("a.test:{}:127.0.0.1", addr.port());
+    for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let out = curl(
+            &pki,
+            &[flag, "--resolve", &resolve, "-w", "\n%{http_version}", &url],
+        )
+        .await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text,
+            format!("from the backend\n{version}"),
+            "{flag}: {out:?}"
+        );
+    }
+    let heads = heads.lock().expect("lock").clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    for h in &heads {
+        assert!(h.starts_with("GET /h2 HTTP/1.1\r\n"), "{h}");
+        assert!(h.contains("X-Forwarded-Proto: https\r\n"), "{h}");
+    }
+}
+
+#[tokio::test]
 async fn curl_gets_the_backend_over_tls_with_x_forwarded_proto_https() {
     let pki = Pki::new();
     pki.write_pem("certs/b.pem", &pki.leaf(&["b.test"]));
@@ -753,7 +789,14 @@ fn tls_settings_are_checked_at_their_line() {
         ("bogus = 1", "bogus"),
         ("tls = \"nope\"", "unknown tls 'nope'"),
         ("tls = { certs = [] }", "has no certificate"),
-        ("tls = { certs = [\"a.pem\"], alpn = [\"h2\"] }", "HTTP/2"),
+        (
+            "tls = { certs = [\"a.pem\"], alpn = [\"h2\", \"h2\"] }",
+            "given twice",
+        ),
+        (
+            "tls = { certs = [\"a.pem\"] }, h2c = true",
+            "on a tls bind, offer h2 with alpn",
+        ),
         (
             "tls = { certs = [\"a.pem\"], alpn = [\"spdy/3\"] }",
             "unknown alpn",
@@ -801,6 +844,15 @@ fn tls_settings_are_checked_at_their_line() {
         bind("redirect_https = true").replace("name = \"web\"", "name = \"web\"\nmode = \"tcp\"");
     let e = load(&pki, &tcp).expect_err("tcp redirect");
     assert!(e.reason.contains("tcp mode"), "{e}");
+    let tcp = bind("h2c = true").replace("name = \"web\"", "name = \"web\"\nmode = \"tcp\"");
+    let e = load(&pki, &tcp).expect_err("tcp h2c");
+    assert!(e.reason.contains("tcp mode"), "{e}");
+    let h2 = load(
+        &pki,
+        &bind("tls = { certs = [\"a.pem\"], alpn = [\"h2\", \"http/1.1\"] }"),
+    )
+    .expect("h2 is offered");
+    assert_eq!(h2.tls[0].alpn.len(), 2);
 }
 
 /// `proxyd check` on a config naming `certs`, in the pki dir.
