@@ -113,11 +113,12 @@ async fn recording(body: &'static str) -> (util::Backend, Arc<Mutex<Vec<String>>
 #[tokio::test]
 async fn curl_speaks_h2c_and_http11_on_the_same_bind() {
     let (b, heads) = recording("from the backend").await;
-    let (_proxy, addr) = start(&[b.addr], "");
+    let (_proxy, addr) = start(&[b.addr], "forwarded = true");
     let url = format!("http://{addr}/page?x=1");
     for (flag, version) in [("--http2-prior-knowledge", "2"), ("--http1.1", "1.1")] {
         let out = tokio::process::Command::new("curl")
             .args(["-sS", "--max-time", "5", flag, "-w", "\n%{http_version}"])
+            .args(["-H", "Forwarded: for=203.0.113.9;proto=https"])
             .arg(&url)
             .output()
             .await
@@ -137,6 +138,12 @@ async fn curl_speaks_h2c_and_http11_on_the_same_bind() {
     assert!(h2.contains(&format!("host: {addr}\r\n")), "{h2}");
     assert!(h2.contains("X-Forwarded-Proto: http\r\n"), "{h2}");
     assert!(h2.contains("X-Forwarded-For: 127.0.0.1\r\n"), "{h2}");
+    // The client's own Forwarded is replaced by what the proxy saw, for both protocols.
+    for h in &heads {
+        let want = format!("Forwarded: for=127.0.0.1;proto=http;host=\"{addr}\"\r\n");
+        assert!(h.contains(&want), "{h}");
+        assert!(!h.contains("203.0.113.9"), "{h}");
+    }
 }
 
 #[tokio::test]

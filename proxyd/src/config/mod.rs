@@ -167,6 +167,8 @@ pub struct Backend {
     pub retries: u32,
     /// Add `X-Forwarded-For` with the client address (HTTP).
     pub forwardfor: Option<ForwardFor>,
+    /// Set `Forwarded` (RFC 7239: `for`, `proto`, `host`), HAProxy's `option forwarded`.
+    pub forwarded: bool,
 }
 
 #[derive(Clone, Debug)]

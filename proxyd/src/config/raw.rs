@@ -61,6 +61,7 @@ pub(super) struct RawDefaults {
     pub(super) redispatch: Option<bool>,
     pub(super) forwardfor: Option<bool>,
     pub(super) forwardfor_except: Option<Spanned<String>>,
+    pub(super) forwarded: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +89,7 @@ pub(super) struct RawBackend {
     pub(super) retries: Option<Spanned<u32>>,
     pub(super) forwardfor: Option<bool>,
     pub(super) forwardfor_except: Option<Spanned<String>>,
+    pub(super) forwarded: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -333,6 +333,7 @@ pub(super) fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, Config
             redispatch: b.redispatch.or(d.redispatch).unwrap_or(false),
             retries,
             forwardfor,
+            forwarded: b.forwarded.or(d.forwarded).unwrap_or(false),
         });
     }
 

@@ -156,9 +156,15 @@ pub async fn exchange<'s, D: Downstream>(
     {
         req.add_field("X-Forwarded-For", &client_ip.to_string());
     }
+    let proto = if info.tls { "https" } else { "http" };
     if bconf.forwardfor.is_some() {
         // The scheme is the bind's to say: a client's own claim is dropped, never forwarded.
-        req.set_field("X-Forwarded-Proto", if info.tls { "https" } else { "http" });
+        req.set_field("X-Forwarded-Proto", proto);
+    }
+    if bconf.forwarded {
+        // Replaces the client's own: what a server reads there is what this proxy saw.
+        let value = forwarded(client_ip, proto, req.host());
+        req.set_field("Forwarded", &value);
     }
 
     // The stick rule: which key, and which server it is stuck to (from the local cache only).
@@ -275,6 +281,21 @@ pub async fn exchange<'s, D: Downstream>(
         cache.store(t, value, &server.name);
     }
     Ok(Answer { slot, srv, resp })
+}
+
+/// A `Forwarded` element (RFC 7239 §4): an IPv6 node is quoted in brackets, and the host
+/// (checked by the parser: no quote or backslash) is a quoted string.
+fn forwarded(client: IpAddr, proto: &str, host: Option<&str>) -> String {
+    let mut v = match client {
+        IpAddr::V4(a) => format!("for={a};proto={proto}"),
+        IpAddr::V6(a) => format!("for=\"[{a}]\";proto={proto}"),
+    };
+    if let Some(h) = host {
+        v.push_str(";host=\"");
+        v.push_str(h);
+        v.push('"');
+    }
+    v
 }
 
 /// The client's address as one protocol family: an IPv4-mapped IPv6 address becomes IPv4.

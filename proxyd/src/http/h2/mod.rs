@@ -39,6 +39,10 @@ const GOAWAY_GRACE: Duration = Duration::from_secs(2);
 /// that several uploads move at once without a client being able to park much memory here.
 const CONNECTION_WINDOW: u32 = 1 << 20;
 
+/// Response bytes a stream may have queued for the client: a client that opens a large window
+/// and then reads nothing parks at most this much per stream here.
+const SEND_BUFFER: usize = 64 * 1024;
+
 /// Serves an HTTP/2 connection until the client closes it, it stays idle past the keep-alive
 /// timeout, or the worker drains.
 pub async fn serve<C: ClientStream + Send + 'static>(
@@ -51,7 +55,8 @@ pub async fn serve<C: ClientStream + Send + 'static>(
     builder
         .max_concurrent_streams(d.h2_max_concurrent_streams)
         .max_header_list_size(MAX_HEAD as u32)
-        .initial_connection_window_size(CONNECTION_WINDOW);
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_send_buffer_size(SEND_BUFFER);
     let handshake = builder.handshake::<C, Bytes>(stream);
     let mut conn = match tokio::time::timeout(d.timeout_http_request, handshake).await {
         Ok(Ok(c)) => c,
