@@ -1,5 +1,6 @@
-//! Fuzz targets for every parser of network bytes in proxyd: request and response heads and
-//! the chunked decoder. Each checks that what the proxy forwards reads back the same way.
+//! Fuzz targets for every parser of network bytes in proxyd: request and response heads, the
+//! chunked decoder, and HTTP/2 frames as a client sends them to a running proxy. Each checks
+//! that what the proxy forwards reads back the same way, or that the proxy stays whole.
 
 use common::fuzz;
 use proxyd::http::body::{self, BodyError};
@@ -129,4 +130,182 @@ fn fuzz_chunked_body() {
         let again = reframe(&rt, &out).expect("the forwarded body is valid chunked");
         assert_eq!(again, out);
     });
+}
+
+/// One HTTP/2 frame: length, type, flags, stream id, payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HPACK for `GET / HTTP/2` to `x` (static table entries, `:authority` as a literal) and for
+/// a POST with `content-length: 5`.
+const GET_X: &[u8] = &[0x82, 0x84, 0x86, 0x41, 1, b'x'];
+const POST_X: &[u8] = &[0x83, 0x84, 0x86, 0x41, 1, b'x', 0x5c, 1, b'5'];
+
+/// Frame sequences after the preface: whole exchanges, a head split over CONTINUATION, and
+/// the control frames around a stream.
+fn h2_seeds() -> Vec<Vec<u8>> {
+    let (end_stream, end_headers) = (0x1, 0x4);
+    let settings = frame(4, 0, 0, &[]);
+    let mut get = settings.clone();
+    get.extend(frame(1, end_stream | end_headers, 1, GET_X));
+    let mut post = settings.clone();
+    post.extend(frame(1, end_headers, 1, POST_X));
+    post.extend(frame(0, end_stream, 1, b"hello"));
+    let mut split = settings.clone();
+    split.extend(frame(1, end_stream, 1, &GET_X[..3]));
+    split.extend(frame(9, end_headers, 1, &GET_X[3..]));
+    let mut control = settings;
+    control.extend(frame(1, end_headers, 3, POST_X));
+    control.extend(frame(8, 0, 3, &[0, 0, 0x10, 0]));
+    control.extend(frame(6, 0, 0, b"pingpong"));
+    control.extend(frame(2, 0, 3, &[0, 0, 0, 1, 16]));
+    control.extend(frame(3, 0, 3, &[0, 0, 0, 8]));
+    control.extend(frame(1, end_stream | end_headers, 5, GET_X));
+    control.extend(frame(7, 0, 0, &[0, 0, 0, 5, 0, 0, 0, 0]));
+    vec![get, post, split, control]
+}
+
+#[test]
+fn fuzz_h2_frames() {
+    // A panic in any proxy task (a connection or a stream) is a finding, though tokio would
+    // only log it.
+    static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICKED.store(true, std::sync::atomic::Ordering::SeqCst);
+        default_hook(info);
+    }));
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (addr, _proxy) = server_rt.block_on(async {
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let backend_addr = backend.local_addr().expect("addr");
+        tokio::spawn(answer_every_request(backend));
+        let text = format!(
+            "[global]\nadmin_socket = \"/nonexistent/a.sock\"\nfdkeeper_socket = \"/nonexistent/f.sock\"\n\
+             [defaults]\ntimeout_http_request = \"1s\"\ntimeout_client = \"1s\"\n\
+             [[frontend]]\nname = \"www\"\nbind = [{{ address = \"127.0.0.1:0\", h2c = true }}]\ndefault_backend = \"app\"\n\
+             [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"{backend_addr}\"\n"
+        );
+        let config = proxyd::Config::from_source(common::SourceFile::from_text("f.toml", text))
+            .expect("config");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let proxy = proxyd::serve::Proxy::new(std::sync::Arc::new(config));
+        proxy
+            .start(vec![(proxyd::config::BindRef::default(), listener)])
+            .expect("start");
+        (addr, proxy)
+    });
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let seeds = h2_seeds();
+    let seeds: Vec<&[u8]> = seeds.iter().map(Vec::as_slice).collect();
+    fuzz::run("h2 frames", &seeds, |input| {
+        client_rt.block_on(send_frames(addr, input));
+        assert!(
+            !PANICKED.load(std::sync::atomic::Ordering::SeqCst),
+            "a proxy task panicked"
+        );
+    });
+    // After all of that, a well-behaved client is served.
+    let got = client_rt.block_on(async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut input = proxyd::http::h2::PREFACE.to_vec();
+        input.extend_from_slice(&seeds[0]);
+        tcp.write_all(&input).await.expect("write");
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            read_until_data(&mut tcp, &mut got),
+        )
+        .await;
+        got
+    });
+    assert!(
+        got.windows(2).any(|w| w == b"ok"),
+        "no answer after the fuzzing: {got:?}"
+    );
+}
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sends the preface and `input`, then reads what the proxy says for a moment.
+async fn send_frames(addr: std::net::SocketAddr, input: &[u8]) {
+    let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return;
+    };
+    let mut bytes = proxyd::http::h2::PREFACE.to_vec();
+    bytes.extend_from_slice(input);
+    if tcp.write_all(&bytes).await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    let limit = std::time::Duration::from_millis(10);
+    while let Ok(Ok(n)) = tokio::time::timeout(limit, tcp.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+async fn read_until_data(tcp: &mut tokio::net::TcpStream, got: &mut Vec<u8>) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = tcp.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if got.windows(2).any(|w| w == b"ok") {
+            return;
+        }
+    }
+}
+
+/// A backend that answers `ok` to every request head it can read, on every connection.
+async fn answer_every_request(listener: tokio::net::TcpListener) {
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut io = Io::new(stream);
+            loop {
+                let req = loop {
+                    match head::parse_request(&io.buf) {
+                        Ok(Some(h)) => break h,
+                        Ok(None) => {}
+                        Err(_) => return,
+                    }
+                    match io.fill(std::time::Duration::from_secs(2)).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                };
+                bytes::Buf::advance(&mut io.buf, req.len);
+                let mut sink = Vec::new();
+                let mut out = Vec::new();
+                let timeout = std::time::Duration::from_secs(2);
+                if body::forward(&mut io, &mut sink, req.framing, &mut out, timeout)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if io.stream.write_all(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }
