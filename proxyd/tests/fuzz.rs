@@ -224,7 +224,7 @@ fn fuzz_h2_frames() {
     let got = client_rt.block_on(async {
         let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let mut input = proxyd::http::h2::PREFACE.to_vec();
-        input.extend_from_slice(&seeds[0]);
+        input.extend_from_slice(seeds[0]);
         tcp.write_all(&input).await.expect("write");
         let mut got = Vec::new();
         let _ = tokio::time::timeout(
