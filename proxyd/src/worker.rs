@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{BindRef, Config};
+use crate::config::{BindRef, CertificateSource, Config};
 use crate::control::{
     CertificateParts, CertificateSet, MASTER_INSTANCE_ENV, WorkerEnd, claim_owner, pb,
     ticket_keys_from_wire, to_master,
@@ -58,7 +58,15 @@ pub fn main(control_fd: RawFd) -> i32 {
             return EXIT_FAILURE;
         }
     };
-    let config = Config::from_source(SourceFile::from_text(&start.config_path, start.config_toml));
+    let certificates = if start.certificates_follow {
+        CertificateSource::Master
+    } else {
+        CertificateSource::Files
+    };
+    let config = Config::from_source_with(
+        SourceFile::from_text(&start.config_path, start.config_toml),
+        certificates,
+    );
     let threads = config.as_ref().map_or(1, |c| c.global.threads);
     let rt = match common::daemon::runtime(threads) {
         Ok(rt) => rt,
@@ -76,7 +84,16 @@ pub fn main(control_fd: RawFd) -> i32 {
             }
         };
         match config {
-            Ok(config) => {
+            Ok(mut config) => {
+                if start.certificates_follow
+                    && let Err(e) = receive_certificates(&control, &mut config).await
+                {
+                    tracing::error!(error = %e, "certificates refused");
+                    let _ = control
+                        .send(&failed(format!("certificates refused: {e}")))
+                        .await;
+                    return EXIT_CONFIG;
+                }
                 let span = tracing::info_span!(
                     "worker",
                     generation = start.generation,
@@ -127,6 +144,34 @@ fn read_start(fd: OwnedFd) -> Result<(pb::Start, OwnedFd), WorkerError> {
             _ => Err(WorkerError::NoStart),
         }
     })
+}
+
+/// Takes the certificate set of every TLS setting from the master, checked again from its
+/// bytes as a rotation is; the master sends them right after `Start`.
+async fn receive_certificates(control: &WorkerEnd, config: &mut Config) -> Result<(), String> {
+    let mut parts = CertificateParts::default();
+    let mut have = vec![false; config.tls.len()];
+    let now = common::time::now_ms().div_euclid(1000);
+    while have.contains(&false) {
+        let part = match control.recv().await.map_err(|e| e.to_string())? {
+            Some(pb::MasterToWorker {
+                kind: Some(pb::master_to_worker::Kind::Certificates(part)),
+            }) => part,
+            Some(_) => return Err("another message before the certificates".to_owned()),
+            None => return Err("the master closed the control socket".to_owned()),
+        };
+        let Some(set) = parts.add(part) else {
+            continue;
+        };
+        let i = usize::try_from(set.tls).unwrap_or(usize::MAX);
+        let Some(tls) = config.tls.get_mut(i).filter(|t| t.name == set.name) else {
+            return Err(format!("no tls setting '{}' in this config", set.name));
+        };
+        tls.certs = crate::config::tls::from_files(set.files, &crate::config::tls::provider(), now)
+            .map_err(|e| format!("tls '{}': {e}", set.name))?;
+        have[i] = true;
+    }
+    Ok(())
 }
 
 fn failed(reason: String) -> pb::WorkerToMaster {

@@ -1324,6 +1324,31 @@ async fn a_rotation_to_a_key_that_does_not_match_is_refused_and_the_old_certific
         "{text}"
     );
 
+    // A worker that dies now comes back with the certificate the master serves, not with
+    // the broken files on disk.
+    let (generation, pid, _) = serving(&proxyd.admin).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the worker");
+    let began = Instant::now();
+    loop {
+        let now = serving(&proxyd.admin).await;
+        if now.0 == generation && now.1 != pid && now.1 != 0 {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "no worker serving again after the kill: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, got) = handshake(proxyd.addr, hello())
+        .await
+        .expect("the respawned worker serves");
+    assert!(got == first.der);
+
     // Asking says why too, and loads nothing.
     let e = admin(&proxyd.admin)
         .await
@@ -1352,7 +1377,11 @@ async fn a_rotation_to_a_key_that_does_not_match_is_refused_and_the_old_certific
     assert_eq!(tls.certificates[0].names, ["a.test"]);
     let (_, got) = handshake(proxyd.addr, hello()).await.expect("handshake");
     assert!(got == renewed.der, "served as soon as the call returned");
-    assert_eq!(serving(&proxyd.admin).await, before);
+    assert_eq!(
+        serving(&proxyd.admin).await.0,
+        before.0,
+        "no new generation"
+    );
 
     // Asked again, nothing changed.
     let reply = admin(&proxyd.admin)

@@ -269,14 +269,33 @@ impl Cidr {
     }
 }
 
+/// Where a config's certificates come from when it is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertificateSource {
+    /// Read from the files the config names, and checked.
+    Files,
+    /// Left out (every TLS setting has no certificate yet): a worker gets the sets its master
+    /// checked and serves, so that a worker respawned after a refused rotation does not trip
+    /// over the broken files.
+    Master,
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Self::from_source(SourceFile::read(path)?)
     }
 
-    /// Parses and validates text (the worker's copy of what the master validated; tests).
+    /// Parses and validates text, with the certificates read from their files (tests).
     pub fn from_source(source: SourceFile) -> Result<Config, ConfigError> {
+        Self::from_source_with(source, CertificateSource::Files)
+    }
+
+    /// Parses and validates text (the worker's copy of what the master validated).
+    pub fn from_source_with(
+        source: SourceFile,
+        certificates: CertificateSource,
+    ) -> Result<Config, ConfigError> {
         if source.text.len() > MAX_CONFIG_BYTES {
             return Err(source.error(format!(
                 "file is larger than {} KiB",
@@ -284,7 +303,7 @@ impl Config {
             )));
         }
         let raw: RawConfig = source.parse()?;
-        validate::validate(source, raw)
+        validate::validate(source, raw, certificates)
     }
 
     pub fn backend(&self, name: &str) -> Option<&Backend> {

@@ -13,15 +13,19 @@ use common::{ConfigError, Duration, SourceFile};
 use super::raw::{RawBind, RawConfig, Shorthand};
 use super::tls::{Tls, TlsCheck};
 use super::{
-    Backend, Balance, Bind, Check, CheckKind, Cidr, Config, Defaults, ForwardFor, Frontend, Global,
-    Mode, RedirectHttps, Server, Stick, StickOn,
+    Backend, Balance, Bind, CertificateSource, Check, CheckKind, Cidr, Config, Defaults,
+    ForwardFor, Frontend, Global, Mode, RedirectHttps, Server, Stick, StickOn,
 };
 
 /// Most concurrent HTTP/2 streams a connection may be offered: each is a task and a server
 /// request, and the per-connection memory grows with them.
 const MAX_H2_STREAMS: u64 = 1000;
 
-pub(super) fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, ConfigError> {
+pub(super) fn validate(
+    src: SourceFile,
+    raw: RawConfig,
+    certificates: CertificateSource,
+) -> Result<Config, ConfigError> {
     let global_span = raw.global.span();
     let g = raw.global.into_inner();
     distinct_paths(
@@ -346,6 +350,7 @@ pub(super) fn validate(src: SourceFile, raw: RawConfig) -> Result<Config, Config
         provider: &provider,
         now: common::time::now_ms().div_euclid(1000),
         warnings: &mut warnings,
+        load: certificates == CertificateSource::Files,
     };
     let mut tls: Vec<Tls> = Vec::new();
     let mut tls_names: HashMap<String, usize> = HashMap::new();

@@ -171,6 +171,12 @@ impl Certificates {
             .collect();
     }
 
+    /// What each TLS setting of the serving config is to serve now (rotated since it was
+    /// loaded, maybe).
+    pub fn served(&self) -> Vec<Vec<Arc<LoadedCert>>> {
+        self.sets.iter().map(|s| s.served.clone()).collect()
+    }
+
     pub fn next_timer(&self) -> Option<Instant> {
         (!self.sets.is_empty()).then_some(self.next_poll)
     }

@@ -109,7 +109,7 @@ impl Launch<'_> {
         binary: &mut Binary,
         number: u64,
         id: u64,
-        start: pb::MasterToWorker,
+        start: Vec<pb::MasterToWorker>,
     ) -> Process {
         let spawned = binary.program().and_then(|program| {
             let exec = Exec {
@@ -142,7 +142,7 @@ impl Master {
         let number = self.next_generation;
         self.next_generation += 1;
         let ready_deadline = Some(Instant::now() + config.global.worker_ready_timeout);
-        let start = self.start_message(number, &config, true);
+        let start = self.start_messages(number, &config, true);
         let id = self.next_worker_id();
         // Each generation opens the binary at the path as it is now.
         let mut binary = Binary::new(self.exe.clone());
@@ -163,7 +163,7 @@ impl Master {
     /// Respawns the worker of `generations[idx]`.
     pub(super) fn spawn_worker(&mut self, idx: usize) {
         let g = &self.generations[idx];
-        let start = self.start_message(g.number, &g.config, g.crashes.restarts == 0);
+        let start = self.start_messages(g.number, &g.config, g.crashes.restarts == 0);
         let id = self.next_worker_id();
         let launch = Launch {
             instance: &self.instance,
@@ -186,14 +186,15 @@ impl Master {
         id
     }
 
-    /// The `Start` message of a worker of generation `number`: the config, the servers'
-    /// last known health, operators' overrides and the session-ticket keys.
-    fn start_message(
+    /// What a worker of generation `number` is sent first: the `Start` message (the config, the
+    /// servers' last known health, operators' overrides and the session-ticket keys), then the
+    /// certificates of every TLS setting as the master serves them.
+    fn start_messages(
         &self,
         number: u64,
         config: &Config,
         first_worker: bool,
-    ) -> pb::MasterToWorker {
+    ) -> Vec<pb::MasterToWorker> {
         let health = self
             .health
             .iter()
@@ -220,7 +221,8 @@ impl Master {
                 .generations
                 .iter()
                 .any(|o| o.number != number && matches!(o.phase, Phase::Serving));
-        to_worker(pb::master_to_worker::Kind::Start(pb::Start {
+        let certificates = self.certificate_messages(config);
+        let start = to_worker(pb::master_to_worker::Kind::Start(pb::Start {
             generation: number,
             config_path: config.source.path.display().to_string(),
             config_toml: config.source.text.clone(),
@@ -228,7 +230,36 @@ impl Master {
             admin,
             need_stickd,
             ticket_keys: Some(self.tickets.to_wire()),
-        }))
+            certificates_follow: certificates.is_some(),
+        }));
+        std::iter::once(start)
+            .chain(certificates.into_iter().flatten())
+            .collect()
+    }
+
+    /// The certificate sets `config`'s TLS settings are to serve, in parts; none when a
+    /// certificate's files are too large for a control message, in which case the worker reads
+    /// the files itself.
+    fn certificate_messages(&self, config: &Config) -> Option<Vec<pb::MasterToWorker>> {
+        // The serving config's sets follow rotations; any other config (a reload's, just
+        // loaded from the files, or a draining generation's) serves what it loaded.
+        let sets = if std::ptr::eq(config, &*self.current) {
+            self.certs.served()
+        } else {
+            config.tls.iter().map(|t| t.certs.clone()).collect()
+        };
+        let mut out = Vec::new();
+        for (i, certs) in sets.iter().enumerate() {
+            let tls = u32::try_from(i).ok()?;
+            match control::certificate_parts(tls, &config.tls[i].name, 0, certs) {
+                Ok(parts) => out.extend(parts),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the worker will read its certificates from the files");
+                    return None;
+                }
+            }
+        }
+        Some(out)
     }
 }
 
@@ -247,7 +278,7 @@ struct Exec<'a> {
 fn spawn_process(
     exec: &Exec<'_>,
     id: u64,
-    start: pb::MasterToWorker,
+    start: Vec<pb::MasterToWorker>,
     events: mpsc::UnboundedSender<Event>,
 ) -> std::io::Result<Worker> {
     let (ours, theirs) = control::socket_pair()?;
@@ -268,9 +299,12 @@ fn spawn_process(
     let channel = MasterEnd::new(SeqPacket::new(ours)?);
     let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
     tokio::spawn(async move {
-        if let Err(e) = channel.send(&start).await {
-            tracing::error!(pid, error = %e, "cannot send the start message");
-            let _ = child.start_kill();
+        for msg in &start {
+            if let Err(e) = channel.send(msg).await {
+                tracing::error!(pid, error = %e, "cannot send the start message");
+                let _ = child.start_kill();
+                break;
+            }
         }
         let mut control_open = true;
         let mut commands_open = true;
