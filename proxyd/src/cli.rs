@@ -155,13 +155,14 @@ pub fn status(config_path: &Path, admin_socket: Option<PathBuf>) -> i32 {
             let state = GenerationState::try_from(g.state).map_or("unknown", |st| st.as_str_name());
             let w = g.worker.unwrap_or_default();
             println!(
-                "generation {} {state} pid {} restarts {} connections {} requests {} in flight {}",
+                "generation {} {state} pid {} restarts {} connections {} requests {} in flight {} tunnels {}",
                 g.generation,
                 w.pid,
                 w.restarts,
                 w.active_connections,
                 w.requests_total,
-                w.requests_in_flight
+                w.requests_in_flight,
+                w.tunnels_active
             );
         }
         match &s.last_reload {

@@ -454,6 +454,7 @@ impl Master {
                                 active_connections: s.active_connections,
                                 requests_total: s.requests_total,
                                 requests_in_flight: s.requests_in_flight,
+                                tunnels_active: s.tunnels_active,
                             };
                         }
                     }
