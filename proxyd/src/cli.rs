@@ -179,6 +179,78 @@ pub fn status(config_path: &Path, admin_socket: Option<PathBuf>) -> i32 {
     })
 }
 
+/// `proxyd servers`: every server with its state, as HAProxy's `show servers state` lists
+/// them (one line each, a header naming the columns).
+pub fn servers(config_path: &Path, admin_socket: Option<PathBuf>, backend: Option<String>) -> i32 {
+    with_admin(config_path, admin_socket, |mut admin| async move {
+        let request = proto::proxyd::v1::ShowServersRequest {
+            backend: backend.unwrap_or_default(),
+        };
+        match admin.show_servers(request).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                println!("# generation {}", r.generation);
+                println!("{}", server_header());
+                for s in &r.servers {
+                    println!("{}", server_line(s));
+                }
+                EXIT_OK
+            }
+            Err(status) => {
+                eprintln!("servers failed: {}", status.message());
+                EXIT_FAILURE
+            }
+        }
+    })
+}
+
+/// `proxyd set-server`: HAProxy's `set server BACKEND/SERVER state ...|weight ...`; the
+/// master applies it to every generation and keeps it across reloads.
+pub fn set_server(
+    config_path: &Path,
+    admin_socket: Option<PathBuf>,
+    request: proto::proxyd::v1::SetServerRequest,
+) -> i32 {
+    with_admin(config_path, admin_socket, |mut admin| async move {
+        match admin.set_server(request).await {
+            Ok(r) => {
+                println!("{}", server_header());
+                if let Some(s) = r.into_inner().server {
+                    println!("{}", server_line(&s));
+                }
+                EXIT_OK
+            }
+            Err(status) => {
+                eprintln!("set-server failed: {}", status.message());
+                match status.code() {
+                    tonic::Code::InvalidArgument | tonic::Code::NotFound => EXIT_CONFIG,
+                    _ => EXIT_FAILURE,
+                }
+            }
+        }
+    })
+}
+
+fn server_header() -> &'static str {
+    "# be_name srv_name srv_addr health admin_state weight active maxconn requests errors"
+}
+
+fn server_line(s: &proto::proxyd::v1::ServerState) -> String {
+    format!(
+        "{} {} {} {} {} {} {} {} {} {}",
+        s.backend,
+        s.server,
+        s.address,
+        s.health,
+        s.admin_state,
+        s.weight,
+        s.active,
+        s.maxconn,
+        s.requests_total,
+        s.errors
+    )
+}
+
 /// `proxyd reload`: calls Admin/Reload on the running master and prints the result.
 pub fn reload(config_path: &Path, admin_socket: Option<PathBuf>) -> i32 {
     with_admin(config_path, admin_socket, |mut admin| async move {

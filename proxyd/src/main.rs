@@ -36,6 +36,31 @@ enum Cmd {
         #[arg(long)]
         admin_socket: Option<PathBuf>,
     },
+    /// List the servers of the running proxyd with their health, state and weight (HAProxy's
+    /// `show servers state`).
+    Servers {
+        /// Only this backend.
+        #[arg(long)]
+        backend: Option<String>,
+        /// Admin socket to use instead of the one named in the config.
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
+    },
+    /// Set a server's admin state or weight on the running proxyd (HAProxy's `set server`);
+    /// kept across reloads.
+    SetServer {
+        backend: String,
+        server: String,
+        /// ready, drain or maint.
+        #[arg(long)]
+        state: Option<String>,
+        /// 0 to 256.
+        #[arg(long)]
+        weight: Option<u32>,
+        /// Admin socket to use instead of the one named in the config.
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
+    },
     /// Run as a worker (started by the master only).
     #[command(hide = true)]
     Worker {
@@ -55,6 +80,26 @@ fn main() -> ExitCode {
         Some(Cmd::Check) => proxyd::cli::check(&cli.config),
         Some(Cmd::Reload { admin_socket }) => proxyd::cli::reload(&cli.config, admin_socket),
         Some(Cmd::Status { admin_socket }) => proxyd::cli::status(&cli.config, admin_socket),
+        Some(Cmd::Servers {
+            backend,
+            admin_socket,
+        }) => proxyd::cli::servers(&cli.config, admin_socket, backend),
+        Some(Cmd::SetServer {
+            backend,
+            server,
+            state,
+            weight,
+            admin_socket,
+        }) => proxyd::cli::set_server(
+            &cli.config,
+            admin_socket,
+            proto::proxyd::v1::SetServerRequest {
+                backend,
+                server,
+                state: state.unwrap_or_default(),
+                weight,
+            },
+        ),
         Some(Cmd::Worker { control_fd }) => proxyd::worker::main(control_fd),
     })
 }
