@@ -96,7 +96,6 @@ async fn run(mut client: StickClient<Channel>, op: TableOp) -> Result<(), tonic:
             table: Some(table),
             key,
         } => {
-            let now = common::time::unix_ms(std::time::SystemTime::now());
             let mut page_token = String::new();
             let mut first = true;
             loop {
@@ -114,7 +113,7 @@ async fn run(mut client: StickClient<Channel>, op: TableOp) -> Result<(), tonic:
                     first = false;
                 }
                 for e in &reply.entries {
-                    println!("{}", entry_line(e, now));
+                    println!("{}", entry_line(e));
                 }
                 if reply.next_page_token.is_empty() {
                     break;
@@ -133,8 +132,7 @@ async fn run(mut client: StickClient<Channel>, op: TableOp) -> Result<(), tonic:
                 .await?
                 .into_inner();
             if let Some(e) = reply.entry {
-                let now = common::time::unix_ms(std::time::SystemTime::now());
-                println!("{}", entry_line(&e, now));
+                println!("{}", entry_line(&e));
             }
         }
         TableOp::Delete { table, key } => {
@@ -173,9 +171,10 @@ fn table_line(t: &pb::TableInfo) -> String {
 }
 
 /// `key=K use=0 exp=MS server_key=NAME` as HAProxy prints an entry (the server by name: names
-/// identify servers across nodes), with the version and the peer that wrote it.
-fn entry_line(e: &pb::Entry, now_ms: i64) -> String {
-    let exp = (e.expires_unix_ms - now_ms).max(0);
+/// identify servers across nodes), with the version and the peer that wrote it; `exp` by
+/// stickd's clock.
+fn entry_line(e: &pb::Entry) -> String {
+    let exp = e.expires_in_ms.max(0);
     if e.deleted {
         return format!(
             "key={} exp={exp} deleted version={} origin={}",
@@ -214,9 +213,10 @@ mod tests {
             version: 7,
             origin: "haproxy1".into(),
             deleted: false,
+            expires_in_ms: 500,
         };
         assert_eq!(
-            entry_line(&e, 10_000),
+            entry_line(&e),
             "key=abc use=0 exp=500 server_key=app1 version=7 origin=haproxy1"
         );
     }
