@@ -278,6 +278,9 @@ pub struct Shared {
     pub stats: Stats,
     /// Fired when the worker drains: no more accepting, `Connection: close` on every response.
     pub drain: CancellationToken,
+    /// Fired just before a drain's deadline closes what is left: a WebSocket tunnel says
+    /// goodbye with a close frame to each side.
+    pub closing: CancellationToken,
     pub stick: Option<Arc<StickCache>>,
     pub frontends: Vec<FrontendCounters>,
 }
@@ -340,6 +343,7 @@ impl Shared {
             backends,
             stats: Stats::default(),
             drain: CancellationToken::new(),
+            closing: CancellationToken::new(),
             stick,
         }
     }

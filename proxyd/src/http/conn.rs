@@ -241,8 +241,12 @@ async fn switch<C: ClientStream>(
         return Next::Close;
     }
     let _open = shared.stats.tunnel();
-    let idle = shared.config.defaults.timeout_tunnel;
-    if let Err(e) = tunnel::run(client, &mut srv, idle).await {
+    let ending = tunnel::Ending {
+        idle: shared.config.defaults.timeout_tunnel,
+        closing: &shared.closing,
+        websocket: req.upgrades_to_websocket(),
+    };
+    if let Err(e) = tunnel::run(client, &mut srv, ending).await {
         tracing::debug!(error = %e, "tunnel ended");
     }
     Next::Close

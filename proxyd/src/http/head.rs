@@ -69,6 +69,15 @@ impl RequestHead {
         self.method() == "HEAD"
     }
 
+    /// The request asks to switch to WebSocket.
+    pub fn upgrades_to_websocket(&self) -> bool {
+        self.upgrade
+            && field_values(&self.upstream[self.target_end..], "upgrade").any(|v| {
+                v.split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+            })
+    }
+
     /// The value of cookie `name` (HAProxy's `req.cook`: the first occurrence).
     pub fn cookie(&self, name: &str) -> Option<&str> {
         cookie_in_fields(&self.upstream[self.cookie_at?..], name)
