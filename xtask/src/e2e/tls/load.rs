@@ -1,0 +1,356 @@
+//! TLS and HTTP/2 load from real clients: h2load runs one after another (a "round" each) and a
+//! curl loop, until told to stop, with what each kind of client must never see counted.
+//!
+//! h2load opens no new connection after a GOAWAY: the requests it had not sent yet on that
+//! connection it counts as failed, though none of them reached proxyd. So the HTTP/2 rounds
+//! use one connection each (`-c 1`) and judge by what was sent: every stream sent must succeed,
+//! and a round must send something (else its connection or handshake failed). The HTTP/1.1
+//! clients reconnect after `Connection: close`, so every request of theirs must succeed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tokio::process::Command;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::clients::{self, H2loadCounts};
+
+/// How long one h2load round may take before it counts as broken (and is killed).
+const ROUND_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bad rounds whose output a scenario prints.
+const SAMPLES: usize = 3;
+
+/// What a client of the load must see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Reconnects by itself (HTTP/1.1): every request sent and succeeded.
+    AllSucceed,
+    /// One HTTP/2 connection per round: every stream sent succeeded, and some were sent.
+    SentSucceed,
+}
+
+/// One kind of client of the load.
+#[derive(Clone, Debug)]
+pub enum Client {
+    /// `h2load ARGS URL` again and again.
+    H2load {
+        label: String,
+        args: Vec<String>,
+        expect: Expect,
+    },
+    /// `curl --http2` again and again, a new process and so a new full handshake each time,
+    /// verifying the certificate against `ca`; each must get a 200 over HTTP/2.
+    Curl {
+        label: String,
+        ca: PathBuf,
+        name: String,
+        addr: SocketAddr,
+        pause: Duration,
+    },
+}
+
+/// Where the load goes: `https://NAME:PORT/` connected to `addr` (so that SNI is `name`).
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+impl Target {
+    fn url(&self) -> String {
+        format!("https://{}:{}/", self.name, self.addr.port())
+    }
+}
+
+/// The totals of one client kind.
+#[derive(Clone, Debug)]
+pub struct Totals {
+    pub label: String,
+    pub expect: Expect,
+    pub rounds: u64,
+    pub counts: H2loadCounts,
+    /// Rounds that sent no request at all.
+    pub empty_rounds: u64,
+    /// h2load runs that exited with an error, timed out or printed no summary; curl runs that
+    /// failed or got something else than a 200 over HTTP/2.
+    pub broken: u64,
+    /// The output of the first bad rounds.
+    pub samples: Vec<String>,
+}
+
+impl Totals {
+    fn new(label: &str, expect: Expect) -> Totals {
+        Totals {
+            label: label.to_owned(),
+            expect,
+            rounds: 0,
+            counts: H2loadCounts::default(),
+            empty_rounds: 0,
+            broken: 0,
+            samples: Vec::new(),
+        }
+    }
+
+    /// Streams or requests that were sent and did not succeed.
+    pub fn failed_sent(&self) -> u64 {
+        self.counts.started.saturating_sub(self.counts.succeeded)
+    }
+
+    /// Requests h2load never sent because a GOAWAY came first.
+    pub fn not_sent(&self) -> u64 {
+        self.counts.total.saturating_sub(self.counts.started)
+    }
+
+    pub fn summary(&self) -> String {
+        let c = &self.counts;
+        let mut s = format!(
+            "{} rounds, {} sent, {} succeeded, {} failed after being sent, {} non-2xx, {} timeouts",
+            self.rounds,
+            c.started,
+            c.succeeded,
+            self.failed_sent(),
+            c.status_other,
+            c.timeout
+        );
+        if self.expect == Expect::SentSucceed {
+            s.push_str(&format!(
+                ", {} not sent after a GOAWAY (h2load opens no new connection), {} rounds that sent nothing",
+                self.not_sent(),
+                self.empty_rounds
+            ));
+        } else {
+            s.push_str(&format!(", {} errored", c.errored));
+        }
+        if self.broken > 0 {
+            s.push_str(&format!(", {} broken runs", self.broken));
+        }
+        s
+    }
+
+    /// What went wrong, if anything.
+    pub fn problems(&self) -> Option<String> {
+        let c = &self.counts;
+        let bad = self.failed_sent() > 0
+            || c.status_other > 0
+            || c.timeout > 0
+            || self.broken > 0
+            || self.empty_rounds > 0
+            || (self.expect == Expect::AllSucceed && (c.failed > 0 || c.errored > 0))
+            || self.rounds == 0;
+        bad.then(|| format!("{}: {}", self.label, self.summary()))
+    }
+}
+
+/// The running load.
+pub struct Load {
+    stop: CancellationToken,
+    succeeded: Arc<AtomicU64>,
+    tasks: Vec<JoinHandle<Totals>>,
+}
+
+impl Load {
+    /// Starts every client against `target`; each runs until [`Load::finish`] or `max_time`.
+    /// Bad rounds' output goes to `log_dir/load-bad-rounds.log` too.
+    pub fn start(target: &Target, clients: &[Client], log_dir: &Path, max_time: Duration) -> Load {
+        let stop = CancellationToken::new();
+        let succeeded = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + max_time;
+        let log = log_dir.join("load-bad-rounds.log");
+        let tasks = clients
+            .iter()
+            .map(|c| {
+                let run = Runner {
+                    target: target.clone(),
+                    stop: stop.clone(),
+                    succeeded: Arc::clone(&succeeded),
+                    deadline,
+                    log: log.clone(),
+                };
+                tokio::spawn(run.client(c.clone()))
+            })
+            .collect();
+        Load {
+            stop,
+            succeeded,
+            tasks,
+        }
+    }
+
+    /// Requests that succeeded so far, over every finished round.
+    pub fn succeeded(&self) -> u64 {
+        self.succeeded.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` requests succeeded, or fails after `timeout`.
+    pub async fn wait_flowing(&self, n: u64, timeout: Duration) -> Result<()> {
+        let t = Instant::now();
+        while self.succeeded() < n {
+            anyhow::ensure!(
+                t.elapsed() < timeout,
+                "only {} requests succeeded in {timeout:?}",
+                self.succeeded()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Lets every client finish its round and returns the totals, in the order given.
+    pub async fn finish(self) -> Vec<Totals> {
+        self.stop.cancel();
+        let mut out = Vec::new();
+        for t in self.tasks {
+            match t.await {
+                Ok(totals) => out.push(totals),
+                Err(e) => {
+                    let mut broken = Totals::new("a client task", Expect::AllSucceed);
+                    broken.broken = 1;
+                    broken.samples.push(format!("panicked: {e}"));
+                    out.push(broken);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What every client task shares.
+struct Runner {
+    target: Target,
+    stop: CancellationToken,
+    succeeded: Arc<AtomicU64>,
+    deadline: Instant,
+    log: PathBuf,
+}
+
+impl Runner {
+    fn more(&self) -> bool {
+        !self.stop.is_cancelled() && Instant::now() < self.deadline
+    }
+
+    fn bad_round(&self, totals: &mut Totals, what: String) {
+        use std::io::Write;
+        if totals.samples.len() < SAMPLES {
+            totals.samples.push(what.clone());
+        }
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+        {
+            let _ = writeln!(f, "== {}\n{what}", totals.label);
+        }
+    }
+
+    async fn client(self, client: Client) -> Totals {
+        match client {
+            Client::H2load {
+                label,
+                args,
+                expect,
+            } => self.h2load(&label, &args, expect).await,
+            Client::Curl {
+                label,
+                ca,
+                name,
+                addr,
+                pause,
+            } => self.curl(&label, &ca, &name, addr, pause).await,
+        }
+    }
+
+    async fn h2load(&self, label: &str, args: &[String], expect: Expect) -> Totals {
+        let mut totals = Totals::new(label, expect);
+        while self.more() {
+            let mut cmd = Command::new("h2load");
+            cmd.args(args)
+                .arg(format!("--connect-to={}", self.target.addr))
+                .arg(self.target.url());
+            let out = clients::output(&mut cmd, ROUND_TIMEOUT).await;
+            totals.rounds += 1;
+            let (text, ok_exit) = match &out {
+                Ok(o) => (
+                    format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    ),
+                    o.status.success(),
+                ),
+                Err(e) => (format!("{e:#}"), false),
+            };
+            let Some(c) = H2loadCounts::parse(&text).filter(|_| ok_exit) else {
+                totals.broken += 1;
+                self.bad_round(&mut totals, summary_lines(&text));
+                continue;
+            };
+            totals.counts.add(&c);
+            self.succeeded.fetch_add(c.succeeded, Ordering::Relaxed);
+            let empty = c.started == 0;
+            totals.empty_rounds += u64::from(empty);
+            let bad = empty
+                || c.started > c.succeeded
+                || c.status_other > 0
+                || c.timeout > 0
+                || (expect == Expect::AllSucceed && (c.failed > 0 || c.errored > 0));
+            if bad {
+                self.bad_round(&mut totals, summary_lines(&text));
+            }
+        }
+        totals
+    }
+
+    async fn curl(
+        &self,
+        label: &str,
+        ca: &Path,
+        name: &str,
+        addr: SocketAddr,
+        pause: Duration,
+    ) -> Totals {
+        let mut totals = Totals::new(label, Expect::AllSucceed);
+        while self.more() {
+            totals.rounds += 1;
+            totals.counts.total += 1;
+            totals.counts.started += 1;
+            match clients::curl_tls(ca, name, addr, &["--http2"]).await {
+                Ok(r) if r.code == 200 && r.version == "2" => {
+                    totals.counts.succeeded += 1;
+                    totals.counts.status_2xx += 1;
+                    self.succeeded.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(r) => {
+                    totals.counts.status_other += u64::from(r.code != 200);
+                    totals.broken += 1;
+                    self.bad_round(&mut totals, format!("curl got {r:?}"));
+                }
+                Err(e) => {
+                    totals.broken += 1;
+                    totals.counts.errored += 1;
+                    self.bad_round(&mut totals, format!("{e:#}"));
+                }
+            }
+            tokio::time::sleep(pause).await;
+        }
+        totals
+    }
+}
+
+/// The lines of an h2load output worth reading in a report: errors and the summary.
+fn summary_lines(text: &str) -> String {
+    text.lines()
+        .filter(|l| {
+            !l.starts_with("progress:")
+                && !l.starts_with("spawning thread")
+                && !l.starts_with("starting benchmark")
+                && !l.trim().is_empty()
+        })
+        .take(12)
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
