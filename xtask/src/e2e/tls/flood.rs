@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::load::{Client, Expect, Load};
+use super::load::{Expect, Load};
 use super::{TlsNode, clients, report_load, rss_kib};
 use crate::e2e::{Outcome, figure, ms};
 use crate::harness::Env;
@@ -275,34 +275,26 @@ const ROUNDS: usize = 2;
 
 pub async fn floods(mut env: Env) -> Result<Outcome> {
     let node = TlsNode::start(&mut env, Duration::from_millis(1)).await?;
-    let h2 = ["-c", "1", "-m", "10", "--rps", "400", "-n", "400"]
-        .map(str::to_owned)
-        .to_vec();
+    let h2 = ["-c", "1", "-m", "10", "--rps", "300", "-n", "300"];
+    let multiplexed = Expect::Multiplexed { streams: 10 };
     let traffic = [
-        Client::H2load {
-            label: "HTTP/2 beside the floods (h2load -c 1 -m 10), first".into(),
-            args: h2.clone(),
-            expect: Expect::SentSucceed,
-        },
-        Client::H2load {
-            label: "HTTP/2 beside the floods (h2load -c 1 -m 10), second".into(),
-            args: h2,
-            expect: Expect::SentSucceed,
-        },
-        Client::H2load {
-            label: "HTTP/1.1 keep-alive beside the floods (h2load --h1 -c 4)".into(),
-            args: ["--h1", "-c", "4", "--rps", "50", "-n", "200"]
-                .map(str::to_owned)
-                .to_vec(),
-            expect: Expect::AllSucceed,
-        },
+        node.h2load_tls(
+            "HTTP/2 beside the floods (h2load -c 1 -m 10), first",
+            &h2,
+            multiplexed,
+        ),
+        node.h2load_tls(
+            "HTTP/2 beside the floods (h2load -c 1 -m 10), second",
+            &h2,
+            multiplexed,
+        ),
+        node.h2load_tls(
+            "HTTP/1.1 keep-alive beside the floods (h2load --h1 -c 2)",
+            &["--h1", "-c", "2", "-n", "500"],
+            Expect::AllSucceed,
+        ),
     ];
-    let load = Load::start(
-        &node.target(),
-        &traffic,
-        &env.logs_dir(),
-        Duration::from_secs(90),
-    );
+    let load = Load::start(&traffic, &env.logs_dir(), Duration::from_secs(90));
     load.wait_flowing(500, Duration::from_secs(30))
         .await
         .context("the h2load traffic never got going")?;

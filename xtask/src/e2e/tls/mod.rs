@@ -11,6 +11,7 @@ mod clients;
 mod flood;
 mod load;
 mod pki;
+mod relay;
 mod storm;
 
 use std::fmt::Write as _;
@@ -163,11 +164,15 @@ impl TlsNode {
         cluster::serving(&self.status().await?).context("no serving generation")
     }
 
-    /// The load's target: `a.test` on the TLS bind.
-    pub fn target(&self) -> load::Target {
-        load::Target {
-            name: "a.test".into(),
-            addr: self.tls,
+    /// h2load with `args` on `https://a.test:PORT/`, connected to the TLS bind (so that SNI is
+    /// `a.test`).
+    pub fn h2load_tls(&self, label: &str, args: &[&str], expect: load::Expect) -> load::Client {
+        load::Client::H2load {
+            label: label.to_owned(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            expect,
+            url: format!("https://a.test:{}/", self.tls.port()),
+            connect_to: Some(self.tls),
         }
     }
 

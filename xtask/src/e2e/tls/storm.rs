@@ -9,52 +9,45 @@ use proto::proxyd::v1::RotationOutcome;
 
 use super::load::{Client, Expect, Load, Totals};
 use super::pki::Leaf;
+use super::relay::Relay;
 use super::{TlsNode, clients, metric_value, metrics, report_load, tls_setting};
 use crate::e2e::{Outcome, figure, ms};
 use crate::harness::{self, Env};
 use crate::load::percentile;
 
+/// Streams at once on each HTTP/2 connection.
+const STREAMS: u64 = 10;
+
 /// The clients of both scenarios: HTTP/1.1 keep-alive, HTTP/1.1 with a new connection (and
-/// handshake) per request, two HTTP/2 connections at a time with 10 streams each, and curl.
-/// Paced (`--rps`) so that the reloads keep their rate on two cores.
-fn clients(node: &TlsNode) -> Vec<Client> {
-    let h2load = |label: &str, args: &[&str], expect| Client::H2load {
-        label: label.to_owned(),
-        args: args.iter().map(|a| (*a).to_owned()).collect(),
-        expect,
-    };
-    let h2 = ["-c", "1", "-m", "10", "--rps", "400", "-n", "400"];
+/// handshake) per request, HTTP/2 with 10 streams at once over TLS and over h2c through the
+/// frame relay, and curl. The HTTP/2 ones are paced (`--rps`) so that the reloads keep their
+/// rate on two cores.
+fn clients(node: &TlsNode, relay: &Relay) -> Vec<Client> {
+    let h2 = ["-c", "1", "-m", "10", "--rps", "300", "-n", "300"];
+    let multiplexed = Expect::Multiplexed { streams: STREAMS };
     vec![
-        h2load(
-            "HTTP/1.1 keep-alive (h2load --h1 -c 8)",
-            &["--h1", "-c", "8", "--rps", "50", "-n", "400"],
+        node.h2load_tls(
+            "HTTP/1.1 keep-alive (h2load --h1 -c 4)",
+            &["--h1", "-c", "4", "-n", "1000"],
             Expect::AllSucceed,
         ),
-        h2load(
+        node.h2load_tls(
             "HTTP/1.1, a new connection and handshake per request (h2load --h1 -c 2, Connection: close)",
-            &[
-                "--h1",
-                "-c",
-                "2",
-                "--rps",
-                "40",
-                "-n",
-                "80",
-                "-H",
-                "Connection: close",
-            ],
+            &["--h1", "-c", "2", "-n", "100", "-H", "Connection: close"],
             Expect::AllSucceed,
         ),
-        h2load(
-            "HTTP/2, 10 streams at once on one connection (h2load -c 1 -m 10), first",
+        node.h2load_tls(
+            "HTTP/2 over TLS, 10 streams at once on one connection (h2load -c 1 -m 10)",
             &h2,
-            Expect::SentSucceed,
+            multiplexed,
         ),
-        h2load(
-            "HTTP/2, 10 streams at once on one connection (h2load -c 1 -m 10), second",
-            &h2,
-            Expect::SentSucceed,
-        ),
+        Client::H2load {
+            label: "HTTP/2 h2c through the frame relay (h2load -c 1 -m 10)".into(),
+            args: h2.map(str::to_owned).to_vec(),
+            expect: multiplexed,
+            url: format!("http://{}/", relay.addr),
+            connect_to: None,
+        },
         Client::Curl {
             label: "curl --http2, a process and a full handshake per request".into(),
             ca: node.pki.ca_path().to_owned(),
@@ -66,12 +59,28 @@ fn clients(node: &TlsNode) -> Vec<Client> {
 }
 
 /// Starts the load and waits until it flows.
-async fn start_load(env: &Env, node: &TlsNode, max_time: Duration) -> Result<Load> {
-    let load = Load::start(&node.target(), &clients(node), &env.logs_dir(), max_time);
+async fn start_load(env: &Env, node: &TlsNode, relay: &Relay, max_time: Duration) -> Result<Load> {
+    let load = Load::start(&clients(node, relay), &env.logs_dir(), max_time);
     load.wait_flowing(500, Duration::from_secs(30))
         .await
         .context("the TLS load never got going")?;
     Ok(load)
+}
+
+/// Prints what crossed the h2c relay and fails if proxyd reset or left unanswered a stream
+/// that reached it.
+fn check_wire(relay: &Relay) -> Result<()> {
+    let wire = relay.wire();
+    figure("HTTP/2 on the wire (h2c relay)", wire.summary());
+    ensure!(
+        wire.opened > 0
+            && wire.reset_by_server == 0
+            && wire.unanswered == 0
+            && wire.goaway_errors == 0,
+        "proxyd did not answer every stream that reached it: {}",
+        wire.summary()
+    );
+    Ok(())
 }
 
 /// Handshakes that failed as the clients saw them: HTTP/1.1 connection-close requests that
@@ -83,7 +92,7 @@ fn failed_handshakes(totals: &[Totals]) -> (u64, u64) {
         if t.label.contains("handshake per request") {
             handshakes += t.counts.total;
             failed += t.counts.errored;
-        } else if t.expect == Expect::SentSucceed {
+        } else if let Expect::Multiplexed { .. } = t.expect {
             handshakes += t.rounds;
             failed += t.empty_rounds;
         }
@@ -107,7 +116,8 @@ const RELOAD_SLOT: Duration = Duration::from_millis(180);
 
 pub async fn reload_storm(mut env: Env) -> Result<Outcome> {
     let node = TlsNode::start(&mut env, Duration::from_millis(1)).await?;
-    let load = start_load(&env, &node, Duration::from_secs(150)).await?;
+    let relay = Relay::start(node.h2c).await?;
+    let load = start_load(&env, &node, &relay, Duration::from_secs(150)).await?;
     let status0 = node.status().await?;
     let mut generation = node.serving().await?.generation;
     let mut latencies = Vec::with_capacity(RELOADS);
@@ -162,6 +172,7 @@ pub async fn reload_storm(mut env: Env) -> Result<Outcome> {
         format!("{failed_hs} of {handshakes} counted (plus the keep-alive clients' reconnections)"),
     );
     report_load(&totals)?;
+    check_wire(&relay)?;
     ensure!(rate >= 5.0, "only {rate:.2} reloads/s");
     ensure!(
         ok >= RELOADS as u64 && failed == 0,
@@ -215,7 +226,8 @@ async fn wait_served(node: &TlsNode, old: &Leaf, want: &Leaf, since: Instant) ->
 pub async fn rotation_under_load(mut env: Env) -> Result<Outcome> {
     let node = TlsNode::start(&mut env, Duration::from_millis(1)).await?;
     let file = node.dir.join("certs/a.pem");
-    let load = start_load(&env, &node, Duration::from_secs(120)).await?;
+    let relay = Relay::start(node.h2c).await?;
+    let load = start_load(&env, &node, &relay, Duration::from_secs(120)).await?;
     let before = tls_setting(&node.status().await?)
         .context("Status lists no TLS setting")?
         .clone();
@@ -335,6 +347,7 @@ pub async fn rotation_under_load(mut env: Env) -> Result<Outcome> {
         format!("{generation} before, {end} after (no reload)"),
     );
     report_load(&totals)?;
+    check_wire(&relay)?;
     ensure!(
         loaded >= ROTATIONS as u64 && refused == 0,
         "the master counted +{loaded} loaded, +{refused} refused rotations"
