@@ -270,8 +270,63 @@ async fn flood(addr: SocketAddr, kind: Flood) -> Result<FloodResult> {
 
 /// Flooding connections run at once, per kind.
 const PARALLEL: usize = 3;
-/// How many times each kind runs its connections.
-const ROUNDS: usize = 2;
+/// How long new flooding connections keep coming, and at most how many waves of them.
+const FLOODING: Duration = Duration::from_secs(6);
+const MAX_WAVES: usize = 500;
+
+/// One kind's flooding connections, added up.
+#[derive(Default)]
+struct KindTotals {
+    connections: u64,
+    sent: u64,
+    bytes: u64,
+    /// GOAWAY error code -> connections.
+    codes: std::collections::BTreeMap<u32, u64>,
+    closed: u64,
+    slowest_close: Duration,
+    /// The first connections that did not end with an error GOAWAY and a close.
+    bad: Vec<String>,
+}
+
+impl KindTotals {
+    fn add(&mut self, r: &FloodResult) {
+        self.connections += 1;
+        self.sent += r.sent;
+        self.bytes += r.bytes;
+        if let Some(code) = r.goaway {
+            *self.codes.entry(code).or_default() += 1;
+        }
+        if let Some(t) = r.to_close {
+            self.closed += 1;
+            self.slowest_close = self.slowest_close.max(t);
+        }
+        let good = matches!((r.goaway, r.to_close), (Some(code), Some(_)) if code != 0);
+        if !good && self.bad.len() < 3 {
+            self.bad.push(r.describe());
+        }
+    }
+
+    fn describe(&self) -> String {
+        let codes: Vec<String> = self
+            .codes
+            .iter()
+            .map(|(code, n)| format!("{n} x {}", error_name(*code)))
+            .collect();
+        format!(
+            "{} connections, {} sent ({} KiB); GOAWAY: {}; closed by proxyd: {}, the slowest {} after its first byte",
+            self.connections,
+            self.sent,
+            self.bytes / 1024,
+            if codes.is_empty() {
+                "none".to_owned()
+            } else {
+                codes.join(", ")
+            },
+            self.closed,
+            ms(self.slowest_close)
+        )
+    }
+}
 
 pub async fn floods(mut env: Env) -> Result<Outcome> {
     let node = TlsNode::start(&mut env, Duration::from_millis(1)).await?;
@@ -318,28 +373,34 @@ pub async fn floods(mut env: Env) -> Result<Outcome> {
             max_frames: 1_000_000,
         },
     ];
-    let mut problems = Vec::new();
-    for round in 1..=ROUNDS {
-        for kind in kinds {
-            let runs: Vec<_> = (0..PARALLEL)
-                .map(|_| tokio::spawn(flood(node.h2c, kind)))
-                .collect();
-            for (i, r) in runs.into_iter().enumerate() {
-                let r = r.await.context("a flood task panicked")??;
-                figure(
-                    &format!("round {round}, {}, connection {}", kind.name(), i + 1),
-                    r.describe(),
-                );
-                match (r.goaway, r.to_close) {
-                    (Some(code), Some(_)) if code != 0 => {}
-                    _ => problems.push(format!(
-                        "{} (round {round}, connection {}): {}",
-                        kind.name(),
-                        i + 1,
-                        r.describe()
-                    )),
-                }
+    let mut per_kind: Vec<KindTotals> = kinds.iter().map(|_| KindTotals::default()).collect();
+    let t0 = Instant::now();
+    let mut waves = 0;
+    while t0.elapsed() < FLOODING && waves < MAX_WAVES {
+        waves += 1;
+        let mut runs = Vec::new();
+        for (k, kind) in kinds.iter().enumerate() {
+            for _ in 0..PARALLEL {
+                runs.push((k, tokio::spawn(flood(node.h2c, *kind))));
             }
+        }
+        for (k, r) in runs {
+            let r = r.await.context("a flood task panicked")??;
+            per_kind[k].add(&r);
+        }
+    }
+    figure(
+        "flooding",
+        format!(
+            "{waves} waves of {PARALLEL} connections of each kind at once in {:.1}s",
+            t0.elapsed().as_secs_f64()
+        ),
+    );
+    let mut problems = Vec::new();
+    for (kind, t) in kinds.iter().zip(&per_kind) {
+        figure(&kind.name(), t.describe());
+        if !t.bad.is_empty() {
+            problems.push(format!("{}: {}", kind.name(), t.bad.join("; ")));
         }
     }
     let after_pid = node.worker_pid().await?;
