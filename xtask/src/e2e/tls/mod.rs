@@ -15,6 +15,7 @@ mod relay;
 mod storm;
 
 use std::fmt::Write as _;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use anyhow::{Context, Result, ensure};
 use nix::sys::signal::Signal;
 use proto::proxyd::v1::{StatusReply, TlsCertificates};
 
-use super::Scenario;
+use super::{Outcome, Scenario};
 use crate::cluster::{self, ServingGeneration};
 use crate::configs::{self, proxyd};
 use crate::harness::{self, Env, Proc};
@@ -36,33 +37,58 @@ pub fn scenarios() -> Vec<Scenario> {
             "tls-sni-alpn",
             "SNI picks each name's certificate and the default for an unknown name; ALPN gives curl h2 or HTTP/1.1 as it asks",
             60,
-            |env| Box::pin(basics::sni_alpn(env)),
+            |env| Box::pin(with_clients(basics::sni_alpn(env))),
         ),
         s(
             "tls-session-resumes-across-reload",
             "openssl s_client -sess_out before a reload, -sess_in after: Reused (TLS 1.3 and 1.2)",
             60,
-            |env| Box::pin(basics::session_across_reload(env)),
+            |env| Box::pin(with_clients(basics::session_across_reload(env))),
         ),
         s(
             "tls-reload-storm",
             "200 reloads at >= 5/s under TLS load (HTTP/1.1 keep-alive, a handshake per request, h2load HTTP/2 multiplexed, curl): 0 failed requests, handshakes or streams",
             180,
-            |env| Box::pin(storm::reload_storm(env)),
+            |env| Box::pin(with_clients(storm::reload_storm(env))),
         ),
         s(
             "tls-rotation-under-load",
             "20 certificate rotations on disk under TLS load: new handshakes get the new serial within 2.5s, 0 failures; a mismatched key is refused and the old one serves",
             150,
-            |env| Box::pin(storm::rotation_under_load(env)),
+            |env| Box::pin(with_clients(storm::rotation_under_load(env))),
         ),
         s(
             "h2-floods",
             "rapid-reset and CONTINUATION floods beside h2load traffic: the floods get GOAWAY and are closed, 0 failed requests, the worker's RSS stays bounded",
             120,
-            |env| Box::pin(flood::floods(env)),
+            |env| Box::pin(with_clients(flood::floods(env))),
         ),
     ]
+}
+
+/// The client programs every scenario here runs.
+const CLIENTS: [(&str, &str); 3] = [
+    ("h2load", "nghttp2-client"),
+    ("curl", "curl"),
+    ("openssl", "openssl"),
+];
+
+/// Runs `scenario`, or skips it when a client program is not on PATH.
+async fn with_clients(scenario: impl Future<Output = Result<Outcome>>) -> Result<Outcome> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let missing: Vec<String> = CLIENTS
+        .iter()
+        .filter(|(bin, _)| !std::env::split_paths(&path).any(|d| d.join(bin).is_file()))
+        .map(|(bin, package)| format!("{bin} (Debian's {package})"))
+        .collect();
+    if missing.is_empty() {
+        scenario.await
+    } else {
+        Ok(Outcome::Skip(format!(
+            "not on PATH: {}",
+            missing.join(", ")
+        )))
+    }
 }
 
 /// The name of the scenarios' `[[tls]]` setting.
