@@ -346,7 +346,7 @@ pub async fn floods(mut env: Env) -> Result<Outcome> {
         node.h2load_tls(
             "HTTP/1.1 keep-alive beside the floods (h2load --h1 -c 2)",
             &["--h1", "-c", "2", "-n", "500"],
-            Expect::AllSucceed,
+            Expect::KeepAlive,
         ),
     ];
     let load = Load::start(&traffic, &env.logs_dir(), Duration::from_secs(90));

@@ -31,11 +31,21 @@ const SAMPLES: usize = 3;
 /// What a client of the load must see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Expect {
-    /// Reconnects by itself (HTTP/1.1): every request sent and succeeded.
-    AllSucceed,
+    /// HTTP/1.1 keep-alive, reconnecting by itself after `Connection: close`: every request
+    /// sent and succeeded.
+    KeepAlive,
+    /// A new connection, and so a new handshake, for every request: every one succeeded.
+    HandshakePerRequest,
     /// One HTTP/2 connection per round with `streams` at once (`-m`): some streams sent, and
     /// those that failed no more than were queued when a GOAWAY cut the round short.
     Multiplexed { streams: u64 },
+}
+
+impl Expect {
+    /// Whether every request must succeed (the client reconnects whenever it must).
+    fn all_succeed(self) -> bool {
+        matches!(self, Expect::KeepAlive | Expect::HandshakePerRequest)
+    }
 }
 
 /// One kind of client of the load.
@@ -141,7 +151,7 @@ impl Totals {
             || c.timeout > 0
             || self.broken > 0
             || self.empty_rounds > 0
-            || (self.expect == Expect::AllSucceed && (c.failed > 0 || c.errored > 0))
+            || (self.expect.all_succeed() && (c.failed > 0 || c.errored > 0))
             || self.rounds == 0;
         bad.then(|| format!("{}: {}", self.label, self.summary()))
     }
@@ -208,7 +218,7 @@ impl Load {
             match t.await {
                 Ok(totals) => out.push(totals),
                 Err(e) => {
-                    let mut broken = Totals::new("a client task", Expect::AllSucceed);
+                    let mut broken = Totals::new("a client task", Expect::KeepAlive);
                     broken.broken = 1;
                     broken.samples.push(format!("panicked: {e}"));
                     out.push(broken);
@@ -315,7 +325,7 @@ impl Runner {
                 || lost > 0
                 || c.status_other > 0
                 || c.timeout > 0
-                || (expect == Expect::AllSucceed && (c.failed > 0 || c.errored > 0));
+                || (expect.all_succeed() && (c.failed > 0 || c.errored > 0));
             if bad {
                 self.bad_round(&mut totals, summary_lines(&text));
             }
@@ -331,7 +341,7 @@ impl Runner {
         addr: SocketAddr,
         pause: Duration,
     ) -> Totals {
-        let mut totals = Totals::new(label, Expect::AllSucceed);
+        let mut totals = Totals::new(label, Expect::HandshakePerRequest);
         while self.more() {
             totals.rounds += 1;
             totals.counts.total += 1;
