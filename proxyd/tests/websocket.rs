@@ -15,16 +15,29 @@ use util::T;
 
 const HANDSHAKE: &[u8] = b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
 
+/// What the WebSocket server got: each handshake head, and every byte after the heads.
+#[derive(Clone, Default)]
+struct Seen {
+    heads: Arc<Mutex<Vec<String>>>,
+    tunnel: Arc<Mutex<Vec<u8>>>,
+}
+
 /// A WebSocket server that answers the handshake with 101, greets first, then echoes every
-/// byte; it records each handshake head it got.
+/// byte; it records what it got.
 async fn echo_server() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let (addr, seen) = recording_server().await;
+    (addr, seen.heads)
+}
+
+async fn recording_server() -> (SocketAddr, Seen) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let heads = Arc::new(Mutex::new(Vec::new()));
-    let seen = heads.clone();
+    let all = Seen::default();
+    let recorded = all.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
-            let seen = seen.clone();
+            let seen = recorded.heads.clone();
+            let tunnel = recorded.tunnel.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut b = [0u8; 1];
@@ -53,6 +66,7 @@ async fn echo_server() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
                     match s.read(&mut buf).await {
                         Ok(0) | Err(_) => return,
                         Ok(n) => {
+                            tunnel.lock().expect("lock").extend_from_slice(&buf[..n]);
                             if s.write_all(&buf[..n]).await.is_err() {
                                 return;
                             }
@@ -62,7 +76,7 @@ async fn echo_server() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
             });
         }
     });
-    (addr, heads)
+    (addr, all)
 }
 
 fn start(server: SocketAddr, defaults: &str) -> (Proxy, SocketAddr) {
@@ -210,8 +224,8 @@ async fn an_idle_tunnel_closes_after_timeout_tunnel() {
 }
 
 #[tokio::test]
-async fn a_draining_proxy_keeps_its_tunnels_until_the_deadline() {
-    let (server, _) = echo_server().await;
+async fn a_draining_proxy_keeps_its_tunnels_until_the_deadline_then_says_going_away() {
+    let (server, seen) = recording_server().await;
     let (proxy, addr) = start(server, "");
     let proxy = Arc::new(proxy);
     let (mut c, _, early) = open(addr).await;
@@ -227,15 +241,48 @@ async fn a_draining_proxy_keeps_its_tunnels_until_the_deadline() {
     let echoed = read_exactly(&mut c, Vec::new(), 6).await;
     assert_eq!(echoed, b"\x81\x80\x00\x00\x00\x00");
     assert!(!finish.is_finished());
-    // Closed at the deadline.
+    // At the deadline: a close frame (1001, going away) each way, then the end.
     tokio::time::timeout(T, finish)
         .await
         .expect("drain ends")
         .expect("finish");
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(T, c.read(&mut buf))
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, c.read_to_end(&mut rest))
         .await
         .expect("closed")
-        .unwrap_or(0);
-    assert_eq!(n, 0);
+        .expect("read");
+    assert_eq!(rest, [0x88, 0x02, 0x03, 0xe9]);
+    let to_server = seen.tunnel.lock().expect("lock").clone();
+    let close = &to_server[to_server.len() - 8..];
+    assert_eq!(
+        &close[..2],
+        &[0x88, 0x82],
+        "a masked close frame: {to_server:?}"
+    );
+    let key = &close[2..6];
+    assert_eq!([close[6] ^ key[0], close[7] ^ key[1]], [0x03, 0xe9]);
+}
+
+#[tokio::test]
+async fn a_tunnel_cut_mid_frame_gets_no_close_frame_in_the_middle() {
+    let (server, _) = recording_server().await;
+    let (proxy, addr) = start(server, "");
+    let (mut c, _, early) = open(addr).await;
+    let _ = read_exactly(&mut c, early, 7).await;
+    // Half a frame (a masked header announcing 10 bytes, 3 of them sent): the server echoes
+    // it, so both directions stand inside a frame.
+    c.write_all(&[0x81, 0x8a, 0, 0, 0, 0, b'a', b'b', b'c'])
+        .await
+        .expect("half a frame");
+    let echoed = read_exactly(&mut c, Vec::new(), 9).await;
+    assert_eq!(echoed.len(), 9);
+    proxy
+        .finish(tokio::time::Instant::now() + Duration::from_millis(100))
+        .await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, c.read_to_end(&mut rest))
+        .await
+        .expect("closed")
+        .expect("read");
+    assert!(rest.is_empty(), "{rest:?}");
 }
