@@ -134,7 +134,9 @@ impl Acceptor {
         fc.connections_active.fetch_add(1, Ordering::Relaxed);
         fc.connections_total.fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!("conn", client.addr = %peer);
-        self.connections.spawn(
+        // Boxed: tokio moves a task's future several times as it spawns it, and a pointer is
+        // cheaper to move than the 2 KiB of a connection's state.
+        self.connections.spawn(Box::pin(
             async move {
                 tokio::select! {
                     _ = dispatch(shared.clone(), info, tls, stream) => {}
@@ -150,7 +152,7 @@ impl Acceptor {
                 drop(permit);
             }
             .instrument(span),
-        );
+        ));
     }
 }
 
