@@ -174,7 +174,8 @@ async fn dispatch(
     }
     let Some(tls) = tls else {
         if shared.config.bind(info.at).h2c {
-            return prior_knowledge(shared, info, stream).await;
+            // On the heap for the same reason as TLS below.
+            return Box::pin(prior_knowledge(shared, info, stream)).await;
         }
         return protocol(shared, info, None, stream).await;
     };
@@ -246,7 +247,9 @@ async fn protocol<C: ClientStream + Send + 'static>(
     match shared.config.frontends[info.at.frontend].mode {
         Mode::Http => match alpn {
             None | Some(AppProtocol::Http1) => crate::http::conn::serve(shared, info, stream).await,
-            Some(AppProtocol::H2) => crate::http::h2::serve(shared, info, stream).await,
+            // On the heap: an HTTP/2 connection's state is larger than an HTTP/1.x one's, and
+            // inline it would make every connection's task as large.
+            Some(AppProtocol::H2) => Box::pin(crate::http::h2::serve(shared, info, stream)).await,
         },
         Mode::Tcp => crate::tcp::serve(shared, info, stream).await,
     }
