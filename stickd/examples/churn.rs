@@ -13,12 +13,11 @@ use proto::stick::v1 as pb;
 use proto::stick::v1::stick_client::StickClient;
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(
-        args.len() >= 6,
-        "usage: churn SOCKET TABLE RATE SECONDS KEYS [fresh] [BATCH]"
-    );
+    if args.len() < 6 {
+        return Err("usage: churn SOCKET TABLE RATE SECONDS KEYS [fresh] [BATCH]".into());
+    }
     let socket = std::path::PathBuf::from(&args[1]);
     let table = args[2].clone();
     let rate: f64 = args[3].parse()?;
