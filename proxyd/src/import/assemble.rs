@@ -120,9 +120,8 @@ pub fn assemble(
         return Err(ImportError::NothingToServe);
     }
 
-    let (tables, sticks) = stick_tables(&proxies, &backends, report);
-    let (peers, peers_section, local) =
-        choose_peers(&g, &peers_defs, &tables, opts, &sections, report)?;
+    let (tables, mut sticks) = stick_tables(&proxies, &backends, report);
+    let peering = choose_peers(&g, &peers_defs, &tables, opts, &sections, report)?;
 
     // Backend settings that may differ per backend; `option forwardfor` of a frontend goes to
     // its default backend.
@@ -217,6 +216,11 @@ pub fn assemble(
         .iter()
         .map(|(f, d)| FrontendOut {
             name: f.name.clone(),
+            redirect_https: f.redirect_https
+                && f.settings
+                    .mode
+                    .as_ref()
+                    .is_some_and(|m| m.value == Mode::Http),
             line: f.header.no,
             mode: mode_of(&f.settings).as_str(),
             binds: f.binds.clone(),
@@ -258,11 +262,7 @@ pub fn assemble(
                     expect_status: s.expect_status.as_ref().map(|e| e.value),
                     line: c.line,
                 }),
-                stick: sticks.get(&b.name).map(|s| StickOut {
-                    table: s.0.clone(),
-                    on: s.1.text(),
-                    store_response: s.2.clone(),
-                }),
+                stick: sticks.remove(&b.name),
                 servers: b.servers.clone(),
             }
         })
@@ -271,20 +271,20 @@ pub fn assemble(
     let allowed_uids = match &g.user {
         Some(u) => vec![u.clone()],
         None => {
-            report.note("(no `user` in global)", Topic::NoUser, None);
+            report.note("no user in global", Topic::NoUser, None);
             vec!["root".to_owned()]
         }
     };
     Ok(Plan {
         source,
         paths: Paths::new(opts.run_dir.as_deref()),
-        local,
+        local: peering.local,
         user: g.user.clone(),
         group: g.group.clone(),
         expose_fd: g.expose_fd,
         allowed_uids,
-        peers,
-        peers_section,
+        peers: peering.peers,
+        peers_section: peering.section,
         tables,
         threads: g.nbthread,
         drain_timeout: g.hard_stop_after,
@@ -345,15 +345,11 @@ fn unset_value(key: &str) -> Option<String> {
 }
 
 /// Each translated backend's stick rule (table, key, response cookie) and the tables they use.
-#[allow(clippy::type_complexity)]
 fn stick_tables(
     proxies: &[Proxy],
     backends: &[&Proxy],
     report: &mut Report,
-) -> (
-    Vec<TableOut>,
-    HashMap<String, (String, Fetch, Option<String>)>,
-) {
+) -> (Vec<TableOut>, HashMap<String, StickOut>) {
     let mut tables: Vec<TableOut> = Vec::new();
     let mut sticks = HashMap::new();
     for b in backends {
@@ -436,7 +432,11 @@ fn stick_tables(
         };
         sticks.insert(
             b.name.clone(),
-            (table.clone(), on.fetch.clone(), store_response),
+            StickOut {
+                table: table.clone(),
+                on: on.fetch.text(),
+                store_response,
+            },
         );
         if !tables.iter().any(|t| t.name == table) {
             tables.push(TableOut {
@@ -461,6 +461,14 @@ fn stick_tables(
     (tables, sticks)
 }
 
+/// stickd's peers as written, and the local one's name.
+struct Peering {
+    peers: Vec<PeerOut>,
+    /// The peers section they come from: its name and line.
+    section: Option<(String, usize)>,
+    local: String,
+}
+
 /// stickd's peers: the section the written tables name, with the local peer among them.
 fn choose_peers(
     g: &Global,
@@ -469,7 +477,7 @@ fn choose_peers(
     opts: &Options,
     sections: &Sections,
     report: &mut Report,
-) -> Result<(Vec<PeerOut>, Option<(String, usize)>, String), ImportError> {
+) -> Result<Peering, ImportError> {
     let local = match opts.local.clone().or_else(|| g.localpeer.clone()) {
         Some(l) => l,
         None => hostname()?,
@@ -527,7 +535,11 @@ fn choose_peers(
             line: None,
         });
     }
-    Ok((out_peers, section, local))
+    Ok(Peering {
+        peers: out_peers,
+        section,
+        local,
+    })
 }
 
 fn hostname() -> Result<String, ImportError> {

@@ -70,7 +70,7 @@ topics! {
     StatsSocketExposeFd: "global", "`stats socket PATH ... expose-fd listeners`" => "fdkeeper's lending socket (`socket` in fdkeeper.toml, `fdkeeper_socket` in proxyd.toml)", Translated, "", "";
     StatsSocket: "global", "`stats socket` (the runtime API)" => "gRPC admin sockets: proxyd's `admin_socket`, stickd's `socket`", Approximate,
         "the runtime API is gRPC with reflection (grpcurl, `proxyd status`, `proxyd reload`), not HAProxy's text commands; the socket's mode and level are not carried",
-        "`grpcurl -plaintext -unix /run/proxyd/admin.sock list` for servers, `/run/stickd/stickd.sock` for tables";
+        "`grpcurl -plaintext -authority localhost -unix /run/proxyd/admin.sock list` for servers, the same on `/run/stickd/stickd.sock` for tables (docs/coming-from-haproxy.md lists the commands)";
     MasterWorker: "global", "`master-worker`, `-W`, `-x` (seamless reload)" => "always: proxyd's master and worker generations, listeners lent by fdkeeper", Translated, "", "";
     UserGroup: "global", "`user`, `group`" => "`User=`/`Group=` in the proxyd.service drop-in, the user in fdkeeper's `allowed_uids`", Translated, "", "";
     NoUser: "global", "no `user` in `global`" => "fdkeeper `allowed_uids = [\"root\"]`", Approximate,
@@ -221,6 +221,9 @@ topics! {
     Acl: "proxies", "`acl`, `use_backend`, `use-server`" => "", NotTranslated,
         "proxyd has no ACLs yet: every request of a frontend goes to its default backend",
         "split the traffic by bind (one frontend per address) or keep HAProxy in front for it";
+    RedirectHttps: "proxies", "`http-request redirect scheme https unless { ssl_fc }`" => "`redirect_https = true` on the frontend's plain binds", Approximate,
+        "proxyd answers with a 301 (HAProxy's default is a 302) and names the request's port unless it is 80",
+        "nothing, unless clients depend on the status code or the port";
     HttpRules: "proxies", "`http-request`, `http-response`, `http-after-response`, `redirect`" => "", NotTranslated,
         "proxyd has no request or response rules yet (a plain bind may redirect to https: `redirect_https`)",
         "have the servers do it";

@@ -21,17 +21,29 @@ impl Line {
         self.words.get(1..).unwrap_or(&[])
     }
 
-    /// The words joined again, for the report (quotes are not restored).
+    /// The words joined again, for the report: a word with spaces, control characters or
+    /// nothing in it is quoted, with escapes.
     pub fn text(&self) -> String {
-        self.words.join(" ")
+        let shown: Vec<String> = self
+            .words
+            .iter()
+            .map(|w| {
+                if w.is_empty() || w.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    format!("{w:?}")
+                } else {
+                    w.clone()
+                }
+            })
+            .collect();
+        shown.join(" ")
     }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum LexError {
-    #[error("line {line}: unterminated quote")]
+    #[error("{line}: unterminated quote")]
     Quote { line: usize },
-    #[error("line {line}: a backslash ends the line")]
+    #[error("{line}: a backslash ends the line")]
     Backslash { line: usize },
 }
 

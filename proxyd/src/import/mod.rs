@@ -4,7 +4,7 @@
 //! - [`lexer`]: haproxy.cfg's lines as words (quotes, escapes, comments);
 //! - [`sections`]: lines grouped by section, wherever a section keyword is indented;
 //! - [`global`] and [`proxies`]: each section read into what proxyd can use, every other line
-//!   reported;
+//!   reported; [`params`]: the words after a directive (server and bind parameters, fetches);
 //! - [`assemble`]: which proxies survive, the one value of each setting proxyd keeps for all,
 //!   the stick tables and their peers;
 //! - [`write`]: the files, each value with the haproxy.cfg line it comes from;
@@ -20,6 +20,7 @@ mod assemble;
 pub mod catalog;
 mod global;
 mod lexer;
+mod params;
 mod proxies;
 pub mod report;
 mod sections;

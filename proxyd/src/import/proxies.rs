@@ -10,6 +10,9 @@ use common::{Duration, Size};
 use super::address::{self, AddressMap};
 use super::catalog::Topic;
 use super::lexer::Line;
+use super::params::{
+    BIND_VALUE_PARAMS, Param, cert_path, cookie_of, redirects_to_https, server_param, timeout,
+};
 use super::report::Report;
 use super::sections::{Kind, Section};
 
@@ -164,6 +167,8 @@ pub struct Proxy {
     pub forwardfor_here: Option<Line>,
     /// `stats enable` (or another `stats` line): a stats page.
     pub stats: Option<Line>,
+    /// `redirect scheme https` of plain requests: the plain binds redirect.
+    pub redirect_https: bool,
 }
 
 /// What reading a proxy needs besides its lines.
@@ -210,6 +215,7 @@ impl Proxy {
             stick: StickDef::default(),
             forwardfor_here: None,
             stats: None,
+            redirect_https: false,
         }
     }
 
@@ -289,6 +295,10 @@ impl Proxy {
             "stick-table" if proxy_back => self.stick_table(line, cx.report),
             "stick" if proxy_back => self.stick(line, cx.report),
             "acl" | "use_backend" | "use-server" => cx.report.add(line, Topic::Acl, None),
+            "http-request" | "redirect" if binds && redirects_to_https(line) => {
+                self.redirect_https = true;
+                cx.report.add(line, Topic::RedirectHttps, None);
+            }
             "http-request" | "http-response" | "http-after-response" | "redirect" => {
                 cx.report.add(line, Topic::HttpRules, None)
             }
@@ -660,213 +670,6 @@ impl Proxy {
             }
             _ => report.add(line, Topic::StickOther, None),
         }
-    }
-}
-
-/// `bind` parameters that take a value (so the value is not read as a parameter).
-const BIND_VALUE_PARAMS: &[&str] = &[
-    "crt-list",
-    "npn",
-    "ssl-max-ver",
-    "ciphers",
-    "ciphersuites",
-    "curves",
-    "ecdhe",
-    "ca-file",
-    "crl-file",
-    "verify",
-    "maxconn",
-    "name",
-    "id",
-    "process",
-    "thread",
-    "interface",
-    "mss",
-    "mode",
-    "uid",
-    "gid",
-    "user",
-    "group",
-    "level",
-    "severity-output",
-    "nice",
-    "namespace",
-    "tcp-ut",
-    "sigalgs",
-    "client-sigalgs",
-    "ca-verify-file",
-    "ca-ignore-err",
-    "crt-ignore-err",
-    "ocsp-update",
-    "proto",
-    "quic-cc-algo",
-    "shards",
-    "label",
-    "guid-prefix",
-];
-
-/// `server` parameters that take a value.
-const SERVER_VALUE_PARAMS: &[&str] = &[
-    "port",
-    "addr",
-    "cookie",
-    "id",
-    "slowstart",
-    "maxqueue",
-    "minconn",
-    "on-error",
-    "on-marked-down",
-    "on-marked-up",
-    "observe",
-    "error-limit",
-    "agent-port",
-    "agent-inter",
-    "agent-addr",
-    "agent-send",
-    "sni",
-    "verify",
-    "ca-file",
-    "crl-file",
-    "crt",
-    "ciphers",
-    "ciphersuites",
-    "proto",
-    "resolvers",
-    "resolve-prefer",
-    "resolve-net",
-    "init-addr",
-    "track",
-    "redir",
-    "source",
-    "namespace",
-    "pool-max-conn",
-    "pool-purge-delay",
-    "pool-low-conn",
-    "max-reuse",
-    "alpn",
-    "check-alpn",
-    "check-proto",
-    "check-sni",
-    "shard",
-    "log-proto",
-    "usesrc",
-    "ssl-min-ver",
-    "ssl-max-ver",
-    "curves",
-    "sigalgs",
-    "hash-key",
-    "fastinter",
-    "downinter",
-    "set-proxy-v2-tlv-fmt",
-    "guid",
-    "verifyhost",
-];
-
-#[derive(PartialEq, Eq)]
-enum Param {
-    Flag,
-    WithValue,
-    /// The server cannot be translated (backup, disabled).
-    LeftOut,
-}
-
-fn server_param(
-    srv: &mut ServerDef,
-    word: &str,
-    value: &str,
-    line: &Line,
-    report: &mut Report,
-) -> Param {
-    let num = |report: &mut Report, max: u32, min: u32| match value.parse::<u32>() {
-        Ok(n) if (min..=max).contains(&n) => Some(n),
-        _ => {
-            report.add(line, Topic::ServerParam, Some(format!("{word} {value}")));
-            None
-        }
-    };
-    match word {
-        "check" => srv.check = true,
-        "no-check" => srv.check = false,
-        "weight" => {
-            srv.weight = num(report, 256, 0);
-            return Param::WithValue;
-        }
-        "maxconn" => {
-            srv.maxconn = num(report, u32::MAX, 0);
-            return Param::WithValue;
-        }
-        "rise" => {
-            srv.rise = num(report, 100, 1);
-            return Param::WithValue;
-        }
-        "fall" => {
-            srv.fall = num(report, 100, 1);
-            return Param::WithValue;
-        }
-        "inter" => {
-            match value.parse::<Duration>() {
-                Ok(d) if d.0 >= std::time::Duration::from_millis(10) => srv.inter = Some(d),
-                _ => report.add(line, Topic::ServerParam, Some(format!("inter {value}"))),
-            }
-            return Param::WithValue;
-        }
-        "backup" => {
-            report.add(line, Topic::ServerBackup, None);
-            return Param::LeftOut;
-        }
-        "disabled" => {
-            report.add(line, Topic::ServerDisabled, None);
-            return Param::LeftOut;
-        }
-        "enabled" => {}
-        "ssl" | "check-ssl" => report.add(line, Topic::ServerSsl, None),
-        "cookie" => {
-            report.add(line, Topic::Cookie, None);
-            return Param::WithValue;
-        }
-        p if SERVER_VALUE_PARAMS.contains(&p) => {
-            report.add(line, Topic::ServerParam, Some(format!("{p} {value}")));
-            return Param::WithValue;
-        }
-        p => report.add(line, Topic::ServerParam, Some(p.to_owned())),
-    }
-    Param::Flag
-}
-
-fn timeout(s: &mut Settings, line: &Line, which: &str, value: &str, report: &mut Report) {
-    let Some(&(_, key)) = TIMEOUTS.iter().find(|(h, _)| *h == which) else {
-        report.add(line, Topic::TimeoutOther, Some(format!("timeout {which}")));
-        return;
-    };
-    match value.parse::<Duration>() {
-        Ok(d) if d.0.is_zero() => report.add(line, Topic::TimeoutZero, None),
-        Ok(d) => {
-            s.timeouts.insert(
-                key,
-                At {
-                    value: d,
-                    line: line.no,
-                },
-            );
-        }
-        Err(e) => report.add(line, Topic::Unknown, Some(e.to_string())),
-    }
-}
-
-/// `req.cook(NAME)` -> `NAME`.
-fn cookie_of(fetch: &str, name: &str) -> Option<String> {
-    let inner = fetch
-        .strip_prefix(name)?
-        .strip_prefix('(')?
-        .strip_suffix(')')?;
-    (!inner.is_empty() && !inner.contains([',', '(', ')'])).then(|| inner.to_owned())
-}
-
-/// A `crt` path, with `crt-base` before a relative one, as HAProxy reads it.
-fn cert_path(base: Option<&Path>, crt: &str) -> String {
-    match base {
-        Some(b) if !crt.starts_with('/') => b.join(crt).display().to_string(),
-        _ => crt.to_owned(),
     }
 }
 

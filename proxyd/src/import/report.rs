@@ -108,7 +108,7 @@ impl fmt::Display for Report {
             }
             writeln!(f, "{}: `{}`", info.fate.as_str(), e.directive)?;
             match &e.detail {
-                Some(d) => writeln!(f, "    why: {d}: {}", info.why)?,
+                Some(d) => writeln!(f, "    why: {} ({d})", info.why)?,
                 None => writeln!(f, "    why: {}", info.why)?,
             }
             writeln!(f, "    instead: {}", info.instead)?;

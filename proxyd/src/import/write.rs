@@ -62,6 +62,8 @@ pub struct TableOut {
 
 pub struct FrontendOut {
     pub name: String,
+    /// The plain binds redirect to https.
+    pub redirect_https: bool,
     pub line: usize,
     pub mode: &'static str,
     pub binds: Vec<BindDef>,
@@ -198,8 +200,8 @@ impl Plan {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "# stickd.toml, imported from {} by `proxyd import-haproxy`.\n# Check it with: stickd check --config stickd.toml -L {}\n# The same file serves every node: each starts with its own -L (stickd.service.d).\n",
-            self.source, self.local
+            "# stickd.toml, imported from {} by `proxyd import-haproxy`.\n# Check it with: stickd check --config stickd.toml -L NAME\n# The same file serves every node: each starts with its own NAME (stickd.service.d).\n",
+            self.source
         );
         let _ = writeln!(o, "data_dir = {}", path(&self.paths.stickd_data));
         let _ = writeln!(
@@ -303,6 +305,10 @@ impl Plan {
             );
             let _ = writeln!(o, "mode = {}", q(f.mode));
             let binds = f.binds.iter().map(|b| match &b.tls {
+                None if f.redirect_https => format!(
+                    "{{ address = {}, redirect_https = true }}",
+                    q(&b.address.to_string())
+                ),
                 None => q(&b.address.to_string()),
                 Some(t) => {
                     let mut tls = format!("certs = {}", list(t.certs.iter().map(|c| q(c))));
