@@ -142,3 +142,120 @@ pub fn import(config: &Path, out: &Path, opts: &Options) -> Result<Imported, Imp
     }
     Ok(imported)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::catalog::Topic;
+    use super::*;
+
+    fn opts(local: &str) -> Options {
+        Options {
+            local: Some(local.to_owned()),
+            ..Options::default()
+        }
+    }
+
+    fn file<'a>(i: &'a Imported, name: &str) -> &'a str {
+        &i.files.iter().find(|(n, _)| n == name).expect(name).1
+    }
+
+    const TWO_BACKENDS: &str = "\
+defaults base
+    mode http
+    timeout server 5s
+defaults slow
+    mode http
+    timeout server 90s
+    retries 5
+frontend a from base
+    bind 10.0.0.1:80
+    default_backend one
+frontend b
+    bind 10.0.0.2:80
+    default_backend two
+backend one from base
+    server s1 10.1.0.1:80
+backend two
+    server s2 10.1.0.2:80
+";
+
+    #[test]
+    fn one_value_per_timeout_is_kept_and_the_others_reported() {
+        let i = translate("h.cfg", TWO_BACKENDS, &opts("n1")).expect("translates");
+        let proxyd = file(&i, "proxyd.toml");
+        assert!(
+            proxyd.contains("timeout_server = \"5s\"  # h.cfg:3"),
+            "{proxyd}"
+        );
+        // The last defaults section, unless a proxy names another with `from`.
+        let two = &proxyd[proxyd.find("name = \"two\"").expect("two")..];
+        assert!(two.contains("retries = 5"), "{proxyd}");
+        let e = i.report.entries();
+        assert_eq!(e.len(), 2, "{}", i.report);
+        assert_eq!((e[0].line, e[0].topic), (None, Topic::NoUser));
+        assert_eq!((e[1].line, e[1].topic), (Some(6), Topic::TimeoutPerProxy));
+        assert_eq!(e[1].detail.as_deref(), Some("kept 5s from line 3"));
+        assert!(!proxyd[..proxyd.find("[[frontend]]").expect("frontend")].contains("retries"));
+    }
+
+    #[test]
+    fn maps_run_dir_and_localpeer_shape_the_files() {
+        let text = "global\n    localpeer b\npeers p\n    peer a 192.168.0.1:1024\n    peer b 192.168.0.2:1024\n\
+                    frontend f\n    mode http\n    bind *:80\n    default_backend k\n\
+                    backend k\n    mode http\n    stick-table type ip size 1k expire 1m peers p\n    stick on src\n\
+                    server s 192.168.0.9:80\n";
+        let o = Options {
+            local: None,
+            maps: ["192.168.0.2=127.0.0.2", "*:80=127.0.0.2:8080"]
+                .iter()
+                .map(|m| m.parse().expect("map"))
+                .collect(),
+            run_dir: Some("/tmp/try".into()),
+        };
+        let i = translate("h.cfg", text, &o).expect("translates");
+        let stickd = file(&i, "stickd.toml");
+        assert!(stickd.contains("address = \"127.0.0.2:1024\""), "{stickd}");
+        assert!(
+            stickd.contains("address = \"192.168.0.1:1024\""),
+            "{stickd}"
+        );
+        assert!(
+            stickd.contains("socket = \"/tmp/try/stickd/stickd.sock\""),
+            "{stickd}"
+        );
+        let proxyd = file(&i, "proxyd.toml");
+        assert!(proxyd.contains("bind = [\"127.0.0.2:8080\"]"), "{proxyd}");
+        assert!(proxyd.contains("on = \"src\""), "{proxyd}");
+        let dropin = file(&i, "stickd.service.d/haproxy.conf");
+        assert!(dropin.contains("STICKD_OPTS=-L b\""), "{dropin}");
+        assert!(file(&i, "fdkeeper.toml").contains("allowed_binds = [\"127.0.0.2:8080\"]"));
+    }
+
+    #[test]
+    fn what_cannot_be_translated_at_all_is_an_error() {
+        let no_frontend = "backend k\n    server s 10.0.0.1:80\n";
+        assert!(matches!(
+            translate("h.cfg", no_frontend, &opts("a")),
+            Err(ImportError::NothingToServe)
+        ));
+        let unknown_peers = "frontend f\n    bind :80\n    default_backend k\n\
+                             backend k\n    stick-table type ip size 1k expire 1m peers nope\n    stick on src\n\
+                             server s 10.0.0.1:80\n";
+        let e = translate("h.cfg", unknown_peers, &opts("a")).expect_err("no such peers");
+        assert!(
+            matches!(e, ImportError::NoPeers(ref p) if p == "nope"),
+            "{e}"
+        );
+        let e = translate("h.cfg", "global\n  log \"x\n", &opts("a")).expect_err("lex");
+        assert_eq!(e.to_string(), "h.cfg:2: unterminated quote");
+    }
+
+    #[test]
+    fn a_tcp_frontend_keeps_its_mode_and_a_http_backend_is_reported() {
+        let text = "frontend f\n    bind :5432\n    default_backend k\nbackend k\n    mode http\n    server s 10.0.0.1:5432\n";
+        let i = translate("h.cfg", text, &opts("a")).expect("translates");
+        assert!(file(&i, "proxyd.toml").contains("mode = \"tcp\""));
+        let topics: Vec<_> = i.report.entries().iter().map(|e| e.topic).collect();
+        assert!(topics.contains(&Topic::BackendMode), "{}", i.report);
+    }
+}
