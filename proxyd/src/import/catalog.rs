@@ -276,13 +276,15 @@ impl Topic {
                 (w, d) => format!("{w}; instead: {d}"),
             };
             let ours = if i.ours.is_empty() { "—" } else { i.ours };
+            // A pipe splits a table cell, even inside a code span.
+            let cell = |s: &str| s.replace('|', "\\|");
             out.push_str(&format!(
                 "| {} | {} | {} | {} | {} |\n",
                 i.section,
-                i.haproxy,
-                ours,
+                cell(i.haproxy),
+                cell(ours),
                 i.fate.as_str(),
-                why.replace('|', "\\|")
+                cell(&why)
             ));
         }
         out
