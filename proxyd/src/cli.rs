@@ -1,4 +1,5 @@
-//! What the binary's commands do, kept out of main.rs: `check`, the master's start-up, `reload` and `status`.
+//! What the binary's commands do, kept out of main.rs: `check`, the master's start-up, `reload`,
+//! `status` and `import-haproxy`.
 
 use std::path::{Path, PathBuf};
 
@@ -296,6 +297,63 @@ fn admin_socket_of(path: &Path) -> Result<PathBuf, common::ConfigError> {
         .and_then(|s| s.as_str())
         .map(PathBuf::from)
         .ok_or_else(|| src.error("no [global] admin_socket to find the running proxyd"))
+}
+
+/// Where `import-haproxy` looks when no `--config` is given.
+pub const HAPROXY_CFG: &str = "/etc/haproxy/haproxy.cfg";
+
+/// `proxyd import-haproxy`'s own arguments (`--config` is the binary's, naming haproxy.cfg).
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The local peer, as `haproxy -L` (default: `localpeer` of haproxy.cfg, else the hostname).
+    #[arg(short = 'L', long = "local-peer", value_name = "NAME")]
+    pub local_peer: Option<String>,
+    /// Rewrite an address of haproxy.cfg (binds, servers, peers) for a try-out:
+    /// `192.168.1.10=127.0.0.1` (every port of an IP) or `*:80=127.0.0.1:8080`.
+    #[arg(long = "map-address", value_name = "OLD=NEW")]
+    pub map_address: Vec<crate::import::AddressMap>,
+    /// Directory the files are written to (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Sockets and stickd's data under DIR instead of /run and /var/lib (a try-out without root).
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Exit 64 if any line is translated only approximately or not at all.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// `proxyd import-haproxy`: writes the files and the report under `--out`, prints the report;
+/// exits 64 on a config it cannot translate, or with `--strict` on any reported line.
+pub fn import_haproxy(config: Option<&Path>, args: &ImportArgs) -> i32 {
+    let config = config.unwrap_or(Path::new(HAPROXY_CFG));
+    let opts = crate::import::Options {
+        local: args.local_peer.clone(),
+        maps: args.map_address.clone(),
+        run_dir: args.run_dir.clone(),
+    };
+    match crate::import::import(config, &args.out, &opts) {
+        Ok(imported) => {
+            print!("{}", imported.report);
+            for (name, _) in &imported.files {
+                eprintln!("wrote {}", args.out.join(name).display());
+            }
+            if args.strict && !imported.report.is_empty() {
+                eprintln!("--strict: some lines are not translated exactly");
+                EXIT_CONFIG
+            } else {
+                EXIT_OK
+            }
+        }
+        Err(e @ crate::import::ImportError::Write { .. }) => {
+            eprintln!("{e}");
+            EXIT_FAILURE
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            EXIT_CONFIG
+        }
+    }
 }
 
 #[cfg(test)]

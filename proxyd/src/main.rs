@@ -1,4 +1,5 @@
-//! The proxyd binary: master (default), `check`, `reload`, and the hidden `worker`.
+//! The proxyd binary: master (default), `check`, `reload`, `status`, `servers`, `set-server`,
+//! `import-haproxy`, and the hidden `worker`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,12 +11,12 @@ use proxyd::config::DEFAULT_PATH;
 #[derive(Parser)]
 #[command(
     version,
-    about = "HTTP/1.1 load balancer: a master supervising worker generations"
+    about = "HTTP load balancer: a master supervising worker generations"
 )]
 struct Cli {
-    /// Config file.
-    #[arg(long, short, global = true, default_value = DEFAULT_PATH)]
-    config: PathBuf,
+    /// Config file (haproxy.cfg for import-haproxy).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -61,6 +62,9 @@ enum Cmd {
         #[arg(long)]
         admin_socket: Option<PathBuf>,
     },
+    /// Translate a haproxy.cfg into fdkeeper.toml, stickd.toml and proxyd.toml, reporting
+    /// every line it translates only approximately or not at all.
+    ImportHaproxy(proxyd::cli::ImportArgs),
     /// Run as a worker (started by the master only).
     #[command(hide = true)]
     Worker {
@@ -75,15 +79,19 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return exit_status(code),
     };
+    let config = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
     exit_status(match cli.command {
-        None => proxyd::cli::master(&cli.config),
-        Some(Cmd::Check) => proxyd::cli::check(&cli.config),
-        Some(Cmd::Reload { admin_socket }) => proxyd::cli::reload(&cli.config, admin_socket),
-        Some(Cmd::Status { admin_socket }) => proxyd::cli::status(&cli.config, admin_socket),
+        None => proxyd::cli::master(&config),
+        Some(Cmd::Check) => proxyd::cli::check(&config),
+        Some(Cmd::Reload { admin_socket }) => proxyd::cli::reload(&config, admin_socket),
+        Some(Cmd::Status { admin_socket }) => proxyd::cli::status(&config, admin_socket),
         Some(Cmd::Servers {
             backend,
             admin_socket,
-        }) => proxyd::cli::servers(&cli.config, admin_socket, backend),
+        }) => proxyd::cli::servers(&config, admin_socket, backend),
         Some(Cmd::SetServer {
             backend,
             server,
@@ -91,7 +99,7 @@ fn main() -> ExitCode {
             weight,
             admin_socket,
         }) => proxyd::cli::set_server(
-            &cli.config,
+            &config,
             admin_socket,
             proto::proxyd::v1::SetServerRequest {
                 backend,
@@ -100,6 +108,7 @@ fn main() -> ExitCode {
                 weight,
             },
         ),
+        Some(Cmd::ImportHaproxy(args)) => proxyd::cli::import_haproxy(cli.config.as_deref(), &args),
         Some(Cmd::Worker { control_fd }) => proxyd::worker::main(control_fd),
     })
 }
