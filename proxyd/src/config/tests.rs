@@ -236,13 +236,10 @@ fn binds_are_compared_as_sockets_not_as_text() {
         let c = load(&two_frontends(www, api)).unwrap_or_else(|e| panic!("{www} {api}: {e}"));
         assert_eq!(c.frontends.len(), 2);
     }
-    // What fdkeeper is asked for is the canonical address, not the text.
+    // A bind holds the canonical address, not the text: it is what fdkeeper is asked for.
     let c = load(&two_frontends("\"127.0.0.1:023080\"", "\"[0::1]:0443\"")).expect("valid");
-    let specs: Vec<String> = crate::worker::listen_specs(&c)
-        .into_iter()
-        .map(|(_, s)| s.address)
-        .collect();
-    assert_eq!(specs, ["127.0.0.1:23080", "[::1]:443"]);
+    let addresses: Vec<String> = c.binds().map(|(_, b)| b.address.to_string()).collect();
+    assert_eq!(addresses, ["127.0.0.1:23080", "[::1]:443"]);
 }
 
 #[test]
