@@ -329,14 +329,22 @@ fn access_log_and_pool_keys() {
         }
     );
     // A syslog key that would do nothing is refused at its line and column.
-    let e = load(&global("access_log_format = \"json\"\n  syslog_format = \"rfc3164\""))
-        .expect_err("refused");
+    let e = load(&global(
+        "access_log_format = \"json\"\n  syslog_format = \"rfc3164\"",
+    ))
+    .expect_err("refused");
     assert_eq!(e.at, Some((7, 19)), "at the value");
-    assert!(e.reason.contains("access_log is not \"syslog\""), "{}", e.reason);
+    assert!(
+        e.reason.contains("access_log is not \"syslog\""),
+        "{}",
+        e.reason
+    );
     let (line, reason) = err_line(&global("access_log_format = \"xml\""));
     assert_eq!(line, 6);
     assert!(reason.contains("xml"), "{reason}");
-    let (line, reason) = err_line(&global("access_log = \"syslog\"\nsyslog_socket = \"dev/log\""));
+    let (line, reason) = err_line(&global(
+        "access_log = \"syslog\"\nsyslog_socket = \"dev/log\"",
+    ));
     assert_eq!(line, 7);
     assert!(reason.contains("absolute"), "{reason}");
     let (line, reason) = err_line(&GOOD.replace(
