@@ -382,7 +382,7 @@ mod tests {
     /// A destination that hands each batch over, and stalls until let go.
     struct Stalling {
         got: mpsc::Sender<Vec<u8>>,
-        go: Arc<(Mutex<bool>, Condvar)>,
+        go: Gate,
     }
 
     impl Destination for Stalling {
@@ -397,13 +397,10 @@ mod tests {
         }
     }
 
-    fn stalling(
-        capacity: usize,
-    ) -> (
-        LogSink,
-        mpsc::Receiver<Vec<u8>>,
-        Arc<(Mutex<bool>, Condvar)>,
-    ) {
+    /// Set to true to let a [`Stalling`] destination write.
+    type Gate = Arc<(Mutex<bool>, Condvar)>;
+
+    fn stalling(capacity: usize) -> (LogSink, mpsc::Receiver<Vec<u8>>, Gate) {
         let go = Arc::new((Mutex::new(false), Condvar::new()));
         let (tx, rx) = mpsc::channel();
         let sink = LogSink::to(

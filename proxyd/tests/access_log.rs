@@ -89,7 +89,7 @@ async fn logged(extra_global: &str) -> String {
 }
 
 /// The access lines among the log's lines: those of the requests sent here.
-fn requests<'a>(log: &'a str) -> Vec<&'a str> {
+fn requests(log: &str) -> Vec<&str> {
     log.lines().filter(|l| l.contains("/c")).collect()
 }
 
