@@ -42,8 +42,11 @@ pub fn runtime(threads: usize) -> io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
-/// Logs to stderr (journald picks it up under systemd); `RUST_LOG` overrides `default`.
+/// Logs to stderr (journald picks it up under systemd); `RUST_LOG` overrides `default`. Colours
+/// only on a terminal: in a file or the journal escape codes are noise that every reader must
+/// strip.
 pub fn init_tracing(default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Under systemd the journal adds its own timestamps.
@@ -51,6 +54,7 @@ pub fn init_tracing(default: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
         .with_target(false);
     let result = if under_journal {
         builder.without_time().try_init()

@@ -21,6 +21,8 @@
 //!   Draining stops accepting at once and answers the next request of each keep-alive
 //!   connection with `Connection: close`; an idle connection is never closed early, since the
 //!   client may be sending on it (the reload race HAProxy and nginx lose).
+//! - [`log_sink`]: the access log's writer, a thread of its own fed by a bounded buffer, so
+//!   that no log write happens on the event loop; under `shared`, beside `net`.
 //! - [`model`]: the plain types the master and the serving code share (a server's admin
 //!   state, a worker's counters), at the bottom of the crate's module graph.
 //! - [`balance`], [`health`], [`stick`]: the load balancer proper: smooth weighted
@@ -37,7 +39,7 @@
 //! Imports point down only. The serving half, top to bottom:
 //!
 //! ```text
-//! worker -> serve -> http, tcp -> shared -> balance, stick, net -> config, model, sys
+//! worker -> serve -> http, tcp -> shared -> balance, stick, net, log_sink -> config, model, sys
 //! ```
 //!
 //! (`http` and `tcp` also use `net`, `stick` and `config` directly; `health` sits beside them,
@@ -62,6 +64,7 @@ pub mod control;
 pub mod health;
 pub mod http;
 pub mod import;
+pub mod log_sink;
 pub mod master;
 pub mod metrics;
 pub mod model;

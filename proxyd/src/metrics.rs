@@ -122,6 +122,21 @@ async fn render(handle: &Handle) -> String {
                 let _ = writeln!(out, "proxyd_tunnels_active{{{l}}} {}", w.tunnels_active);
             }
         }
+        metric(
+            &mut out,
+            "proxyd_access_log_dropped_total",
+            "counter",
+            "access log lines dropped because the log destination could not keep up",
+        );
+        for g in &st.generations {
+            if let Some(w) = &g.worker {
+                let _ = writeln!(
+                    out,
+                    "proxyd_access_log_dropped_total{{generation=\"{}\"}} {}",
+                    g.generation, w.access_log_dropped
+                );
+            }
+        }
         certificates(&mut out, &st.tls);
     }
     if let Some((_, servers, stick, frontends, backends)) = servers {
@@ -198,7 +213,7 @@ async fn render(handle: &Handle) -> String {
             }
         }
         type Field = fn(&api::ServerState) -> String;
-        let per_server: [(&str, &str, &str, Field); 6] = [
+        let per_server: [(&str, &str, &str, Field); 9] = [
             (
                 "proxyd_server_up",
                 "gauge",
@@ -231,6 +246,24 @@ async fn render(handle: &Handle) -> String {
                 "gauge",
                 "idle pooled connections",
                 |s| s.idle_pooled.to_string(),
+            ),
+            (
+                "proxyd_server_pool_opened_total",
+                "counter",
+                "connections opened to the server",
+                |s| s.pool_opened_total.to_string(),
+            ),
+            (
+                "proxyd_server_pool_reused_total",
+                "counter",
+                "requests sent on a pooled idle connection",
+                |s| s.pool_reused_total.to_string(),
+            ),
+            (
+                "proxyd_server_pool_purged_total",
+                "counter",
+                "idle connections the pool closed (beyond demand, idle too long, over the cap)",
+                |s| s.pool_purged_total.to_string(),
             ),
         ];
         for (name, kind, help, f) in per_server {

@@ -107,6 +107,7 @@ pub struct StatsSnapshot {
     pub requests_total: u64,
     pub requests_in_flight: u64,
     pub tunnels_active: u64,
+    pub access_log_dropped: u64,
 }
 
 /// How long a TLS session-ticket key seals new tickets before the master makes the next one.

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Balancer, Candidate};
 use crate::config::Config;
+use crate::log_sink::LogSink;
 use crate::model::{AdminState, AtomicAdminState, StatsSnapshot};
 use crate::net::pool::Pool;
 use crate::stick::StickCache;
@@ -33,6 +34,7 @@ impl Stats {
             requests_total: self.requests_total.load(Ordering::Relaxed),
             requests_in_flight: self.requests_in_flight.load(Ordering::Relaxed),
             tunnels_active: self.tunnels_active.load(Ordering::Relaxed),
+            access_log_dropped: 0,
         }
     }
 
@@ -176,6 +178,9 @@ impl BackendRt {
                 .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
             {
                 Ok(_) => {
+                    // Each request in flight holds a server connection: the pool keeps as
+                    // many as the busiest moment needed.
+                    s.pool.in_use(cur as usize + 1);
                     return Some(Slot {
                         backend: self,
                         index,
@@ -283,6 +288,8 @@ pub struct Shared {
     pub closing: CancellationToken,
     pub stick: Option<Arc<StickCache>>,
     pub frontends: Vec<FrontendCounters>,
+    /// Where each request's line goes, off the event loop.
+    pub access_log: LogSink,
 }
 
 impl Shared {
@@ -334,6 +341,7 @@ impl Shared {
             })
             .collect();
         Shared {
+            access_log: LogSink::new(&config.global.access_log),
             frontends: config
                 .frontends
                 .iter()
@@ -354,6 +362,7 @@ impl Shared {
         for b in &self.backends {
             for s in &b.servers {
                 let r = |i: usize| s.responses[i].load(Ordering::Relaxed);
+                let pool = s.pool.counts();
                 out.push(proto::proxyd::v1::ServerState {
                     backend: b.name.clone(),
                     server: s.name.clone(),
@@ -376,6 +385,9 @@ impl Shared {
                     responses_5xx: r(4),
                     errors: s.errors.load(Ordering::Relaxed),
                     idle_pooled: s.pool.idle_count() as u32,
+                    pool_opened_total: pool.opened,
+                    pool_reused_total: pool.reused,
+                    pool_purged_total: pool.purged,
                 });
             }
         }
@@ -416,6 +428,14 @@ impl Shared {
             })
             .collect();
         (fe, be)
+    }
+
+    /// One tick of `pool_purge_delay` for every server's pool.
+    pub fn purge_pools(&self) {
+        let now = std::time::Instant::now();
+        for s in self.backends.iter().flat_map(|b| &b.servers) {
+            s.pool.purge(now, s.active.load(Ordering::Relaxed) as usize);
+        }
     }
 
     /// An operator's `set server`; unknown names are ignored (another generation's config).

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::StickOn;
-use crate::net::{ClientInfo, ClientStream, pool};
+use crate::net::{ClientInfo, ClientStream};
 use crate::shared::{NoServer, Shared};
 
 /// Serves one accepted client connection (plain, or decrypted by TLS) until either side closes.
@@ -55,7 +55,7 @@ pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, mut c
     let mut attempt = 0;
     let mut server_conn = loop {
         let server = slot.server();
-        match pool::connect(server.address, d.timeout_connect).await {
+        match server.pool.connect(server.address, d.timeout_connect).await {
             Ok(s) => break s,
             Err(e) if attempt < bconf.retries => {
                 attempt += 1;

@@ -27,6 +27,8 @@ use crate::sys;
 
 /// How often counters go to the master.
 const STATS_EVERY: Duration = Duration::from_millis(250);
+/// How long an exiting worker waits for its access log lines to be written.
+const LOG_PATIENCE: Duration = Duration::from_secs(1);
 /// How long a busy address (fdkeeper just restarted, deposits pending) is retried.
 const ACQUIRE_PATIENCE: Duration = Duration::from_secs(5);
 
@@ -359,6 +361,7 @@ async fn run(
         }
     };
     let mut tick = tokio::time::interval(STATS_EVERY);
+    let mut purge = tokio::time::interval(config.defaults.pool_purge_delay);
     let mut control_open = true;
     let mut finishing: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
     let begin_drain = |timeout: Duration, why: &str| {
@@ -383,6 +386,7 @@ async fn run(
                 tracing::info!("drained, exiting");
                 let _ = control.send(&stats_msg(&proxy)).await;
                 flush_stick(stick.as_deref(), &stick_stop).await;
+                proxy.shared().access_log.close(LOG_PATIENCE);
                 return EXIT_OK;
             }
             Some(h) = health_rx.recv() => {
@@ -405,6 +409,7 @@ async fn run(
                     tracing::info!("stopped by the master");
                     proxy.stop().await;
                     flush_stick(stick.as_deref(), &stick_stop).await;
+                    proxy.shared().access_log.close(LOG_PATIENCE);
                     return EXIT_OK;
                 }
                 Ok(Some(pb::master_to_worker::Kind::ServerAdmin(a))) => {
@@ -433,6 +438,7 @@ async fn run(
                     finishing = Some(begin_drain(config.global.drain_timeout, "SIGTERM"));
                 }
             }
+            _ = purge.tick() => proxy.shared().purge_pools(),
             _ = tick.tick() => {
                 let msg = stats_msg(&proxy);
                 if let Some(pb::worker_to_master::Kind::Stats(now)) = &msg.kind
@@ -517,6 +523,7 @@ fn stats_msg(proxy: &Proxy) -> pb::WorkerToMaster {
         requests_total: s.requests_total,
         requests_in_flight: s.requests_in_flight,
         tunnels_active: s.tunnels_active,
+        access_log_dropped: s.access_log_dropped,
         servers: proxy.shared().server_states(),
         stick,
         frontends,

@@ -3,7 +3,6 @@
 
 mod util;
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -12,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use proto::proxyd::v1 as api;
 use tokio_util::sync::CancellationToken;
-use util::{Client, backend, config_text, get, ok};
+use util::{Client, backend, config_text, get, ok, start_fdkeeper};
 
 const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
 
@@ -32,27 +31,6 @@ impl Drop for Env {
         let _ = self.master.wait();
         self.fdk_stop.cancel();
     }
-}
-
-fn start_fdkeeper(dir: &Path) -> CancellationToken {
-    let uid = std::fs::metadata("/proc/self").expect("proc").uid();
-    let text = format!(
-        "socket = \"{d}/fdk/lend.sock\"\nadmin = \"{d}/fdk/admin.sock\"\nallowed_uids = [{uid}]\nallowed_binds = [\"127.0.0.0/8\"]\n",
-        d = dir.display()
-    );
-    let config = fdkeeper::Config::from_source(&common::SourceFile::from_text("fdk.toml", text))
-        .expect("fdkeeper config");
-    let sockets = fdkeeper::bind_sockets(&config).expect("fdkeeper sockets");
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let _ = rt.block_on(fdkeeper::run(config, sockets, s));
-    });
-    stop
 }
 
 fn free_addr() -> std::net::SocketAddr {

@@ -9,6 +9,7 @@
 //! - `validate`: from the raw file to a [`Config`], with defaults, or the first error at its line;
 //! - [`tls`]: the settings of the binds that terminate TLS, with their certificates loaded.
 
+pub mod access_log;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -61,6 +62,8 @@ pub struct Global {
     /// Where the master keeps the servers' admin states (SetServer) across its restarts,
     /// like HAProxy's `server-state-file`; none: they last as long as the master.
     pub server_state_file: Option<PathBuf>,
+    /// Where each request's line goes, and in which format.
+    pub access_log: access_log::AccessLog,
 }
 
 /// Timeouts shared by every frontend and backend (HAProxy's `defaults` section).
@@ -78,8 +81,11 @@ pub struct Defaults {
     pub timeout_http_keep_alive: StdDuration,
     /// How long an idle pooled server connection is kept.
     pub timeout_pool_idle: StdDuration,
-    /// Idle connections kept per server.
+    /// Idle connections kept per server at most, whatever the demand.
     pub pool_max_idle: usize,
+    /// How often each server's pool closes some of the idle connections that recent demand
+    /// did not need (HAProxy's `pool-purge-delay`).
+    pub pool_purge_delay: StdDuration,
     /// How long a request waits for a server slot (`maxconn`) before a 503.
     pub timeout_queue: StdDuration,
     /// A health check's connect + answer.

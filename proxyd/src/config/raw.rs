@@ -39,6 +39,11 @@ pub(super) struct RawGlobal {
     pub(super) threads: Option<Spanned<u64>>,
     pub(super) worker_ready_timeout: Option<Spanned<Duration>>,
     pub(super) server_state_file: Option<Spanned<PathBuf>>,
+    pub(super) access_log: Option<Spanned<super::access_log::RawTarget>>,
+    pub(super) access_log_format: Option<super::access_log::LogFormat>,
+    pub(super) syslog_socket: Option<Spanned<PathBuf>>,
+    pub(super) syslog_format: Option<Spanned<super::access_log::SyslogFormat>>,
+    pub(super) syslog_facility: Option<Spanned<super::access_log::Facility>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -51,6 +56,7 @@ pub(super) struct RawDefaults {
     pub(super) timeout_http_keep_alive: Option<Duration>,
     pub(super) timeout_pool_idle: Option<Duration>,
     pub(super) pool_max_idle: Option<u64>,
+    pub(super) pool_purge_delay: Option<Spanned<Duration>>,
     pub(super) timeout_queue: Option<Spanned<Duration>>,
     pub(super) timeout_check: Option<Spanned<Duration>>,
     pub(super) timeout_tls_handshake: Option<Spanned<Duration>>,

@@ -290,3 +290,64 @@ fn one_path_for_two_sockets_is_refused_at_the_second() {
         "{reason}"
     );
 }
+
+#[test]
+fn access_log_and_pool_keys() {
+    use access_log::{AccessLog, LogFormat, LogTarget, Syslog, SyslogFormat};
+    let c = load(GOOD).expect("valid");
+    assert_eq!(
+        c.global.access_log,
+        AccessLog {
+            to: LogTarget::Stderr,
+            format: LogFormat::Httplog
+        }
+    );
+    assert_eq!(c.defaults.pool_max_idle, 1024);
+    assert_eq!(c.defaults.pool_purge_delay, StdDuration::from_secs(5));
+    let global = |extra: &str| {
+        GOOD.replace(
+            "drain_timeout = \"5s\"",
+            &format!("drain_timeout = \"5s\"\n{extra}"),
+        )
+    };
+    let c = load(&global(
+        "access_log = \"syslog\"\naccess_log_format = \"json\"\nsyslog_format = \"rfc5424\"\nsyslog_facility = \"local3\"",
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.global.access_log,
+        AccessLog {
+            to: LogTarget::Syslog(Syslog {
+                socket: "/dev/log".into(),
+                format: SyslogFormat::Rfc5424,
+                facility: 19
+            }),
+            format: LogFormat::Json
+        }
+    );
+    // A syslog key that would do nothing is refused at its line and column.
+    let e = load(&global(
+        "access_log_format = \"json\"\n  syslog_format = \"rfc3164\"",
+    ))
+    .expect_err("refused");
+    assert_eq!(e.at, Some((7, 19)), "at the value");
+    assert!(
+        e.reason.contains("access_log is not \"syslog\""),
+        "{}",
+        e.reason
+    );
+    let (line, reason) = err_line(&global("access_log_format = \"xml\""));
+    assert_eq!(line, 6);
+    assert!(reason.contains("xml"), "{reason}");
+    let (line, reason) = err_line(&global(
+        "access_log = \"syslog\"\nsyslog_socket = \"dev/log\"",
+    ));
+    assert_eq!(line, 7);
+    assert!(reason.contains("absolute"), "{reason}");
+    let (line, reason) = err_line(&GOOD.replace(
+        "[[frontend]]",
+        "[defaults]\npool_purge_delay = \"0s\"\n\n[[frontend]]",
+    ));
+    assert_eq!(line, 8);
+    assert!(reason.contains("pool_purge_delay"), "{reason}");
+}

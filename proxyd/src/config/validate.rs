@@ -83,7 +83,18 @@ pub(super) fn validate(
         }
         p => p.map(Spanned::into_inner),
     };
+    let access_log = super::access_log::validate(
+        &src,
+        super::access_log::RawAccessLog {
+            to: g.access_log,
+            format: g.access_log_format,
+            syslog_socket: g.syslog_socket,
+            syslog_format: g.syslog_format,
+            syslog_facility: g.syslog_facility,
+        },
+    )?;
     let global = Global {
+        access_log,
         admin_socket,
         stickd_socket,
         metrics,
@@ -113,7 +124,10 @@ pub(super) fn validate(
         timeout_http_request: positive(d.timeout_http_request, "timeout_http_request", secs(10))?,
         timeout_http_keep_alive: d.timeout_http_keep_alive.map_or(secs(60), |d| d.0),
         timeout_pool_idle: d.timeout_pool_idle.map_or(secs(30), |d| d.0),
-        pool_max_idle: d.pool_max_idle.map_or(64, |n| n as usize),
+        // A cap, not a target: the pool keeps what recent demand needed, so the default is
+        // as many connections as a busy server takes at once.
+        pool_max_idle: d.pool_max_idle.map_or(1024, |n| n as usize),
+        pool_purge_delay: positive(d.pool_purge_delay, "pool_purge_delay", secs(5))?,
         timeout_queue: positive(d.timeout_queue, "timeout_queue", secs(5))?,
         timeout_check: positive(d.timeout_check, "timeout_check", secs(2))?,
         timeout_tls_handshake: positive(

@@ -77,6 +77,24 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    forward_counted(src, dst, framing, out, timeout)
+        .await
+        .map(drop)
+}
+
+/// As [`forward`], and says how many bytes reached `dst` (with what `out` held first), for
+/// the access log.
+pub async fn forward_counted<R, W>(
+    src: &mut Io<R>,
+    dst: &mut W,
+    framing: Framing,
+    out: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<u64, BodyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     run(src, dst, framing, out, timeout, Output::Framed).await
 }
 
@@ -87,7 +105,7 @@ pub async fn forward_payload<R, W>(
     dst: &mut W,
     framing: Framing,
     timeout: Duration,
-) -> Result<(), BodyError>
+) -> Result<u64, BodyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -112,7 +130,7 @@ async fn run<R, W>(
     out: &mut Vec<u8>,
     timeout: Duration,
     output: Output,
-) -> Result<(), BodyError>
+) -> Result<u64, BodyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -123,6 +141,7 @@ where
         out,
         timeout,
         output,
+        sent: 0,
     };
     match framing {
         Framing::Empty => {}
@@ -130,7 +149,8 @@ where
         Framing::Chunked => f.chunked().await?,
         Framing::UntilClose => f.until_close().await?,
     }
-    flush(f.dst, f.out, timeout).await
+    f.flush().await?;
+    Ok(f.sent)
 }
 
 struct Forwarder<'a, R, W> {
@@ -139,12 +159,21 @@ struct Forwarder<'a, R, W> {
     out: &'a mut Vec<u8>,
     timeout: Duration,
     output: Output,
+    /// Bytes written to `dst`.
+    sent: u64,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
+    async fn flush(&mut self) -> Result<(), BodyError> {
+        let n = self.out.len() as u64;
+        flush(self.dst, self.out, self.timeout).await?;
+        self.sent += n;
+        Ok(())
+    }
+
     /// Flushes what is gathered (so the peer is never kept waiting) and reads more.
     async fn more(&mut self) -> Result<usize, BodyError> {
-        flush(self.dst, self.out, self.timeout).await?;
+        self.flush().await?;
         self.src.fill(self.timeout).await.map_err(BodyError::Read)
     }
 
@@ -179,7 +208,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
                 return Ok(());
             }
             if self.out.len() >= FLUSH_AT {
-                flush(self.dst, self.out, self.timeout).await?;
+                self.flush().await?;
             }
             self.more_or_eof().await?;
         }

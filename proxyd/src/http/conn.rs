@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use super::body;
 use super::exchange::{Answer, Downstream, Status, Unanswered, exchange};
 use super::head::{self, Framing, HeadError, RequestHead, ResponseHead};
-use super::log::{self, Log};
+use super::log::{self, Log, Side};
 use super::redirect;
 use super::tunnel;
 use crate::config::RedirectHttps;
@@ -33,7 +33,7 @@ pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, strea
     let mut client = Io::new(stream);
     let mut first = true;
     loop {
-        let mut head = match read_request_head(&shared, &mut client, first).await {
+        let (mut head, head_time) = match read_request_head(&shared, &mut client, first).await {
             Ok(Some(h)) => h,
             Ok(None) => break,
             Err(status) => {
@@ -50,10 +50,11 @@ pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, strea
         } else {
             "HTTP/1.1"
         });
+        log.head_time = head_time;
         let next = match redirect {
             Some(r) => redirect_https(&shared, &mut client, &head, r, &mut log).await,
             None => match exchange(&shared, info, &mut client, &mut head, &mut log).await {
-                Ok(answer) => forward_response(&shared, &mut client, &head, answer).await,
+                Ok(answer) => forward_response(&shared, &mut client, &head, answer, &mut log).await,
                 Err(Unanswered::ClientGone) => Next::Close,
                 Err(Unanswered::Fail(status)) => Next::Fail(status),
             },
@@ -61,6 +62,7 @@ pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, strea
         if let Next::Fail(status) = next {
             log.status = status as u16;
             log.proxy_error = true;
+            log.bytes = status.response().len() as u64;
         }
         log::access_log(&shared, frontend, peer, &log, Some(&head));
         match next {
@@ -120,22 +122,22 @@ async fn close_gracefully<C: ClientStream>(mut client: Io<C>) {
     }
 }
 
-/// Waits for the next complete request head; `Ok(None)` when the client is gone or stayed
-/// idle past the keep-alive timeout.
+/// Waits for the next complete request head, with the time from its first byte to its end;
+/// `Ok(None)` when the client is gone or stayed idle past the keep-alive timeout.
 async fn read_request_head<C: ClientStream>(
     shared: &Shared,
     client: &mut Io<C>,
     first: bool,
-) -> Result<Option<RequestHead>, Status> {
+) -> Result<Option<(RequestHead, Duration)>, Status> {
     let d = &shared.config.defaults;
     let mut started: Option<Instant> = None;
     loop {
         if !client.buf.is_empty() {
-            started.get_or_insert_with(Instant::now);
+            let began = *started.get_or_insert_with(Instant::now);
             match head::parse_request(&client.buf) {
                 Ok(Some(h)) => {
                     client.buf.advance(h.len);
-                    return Ok(Some(h));
+                    return Ok(Some((h, began.elapsed())));
                 }
                 Ok(None) => {}
                 Err(HeadError::TooLarge) => return Err(Status::HeadersTooLarge),
@@ -187,6 +189,7 @@ async fn redirect_https<C: ClientStream>(
     // A body is not read but left behind with the connection.
     let close = !req.keep_alive || req.framing != Framing::Empty || shared.drain.is_cancelled();
     let answer = redirect::moved_permanently(&location, close, req.minor);
+    log.bytes = answer.len() as u64;
     if send(&mut client.stream, &answer).await.is_err() || close {
         return Next::Close;
     }
@@ -199,6 +202,7 @@ async fn forward_response<C: ClientStream>(
     client: &mut Io<C>,
     req: &RequestHead,
     answer: Answer<'_>,
+    log: &mut Log,
 ) -> Next {
     let Answer {
         slot,
@@ -214,10 +218,14 @@ async fn forward_response<C: ClientStream>(
     let (framing, keep_alive) = (resp.framing, resp.keep_alive);
     let mut out = resp.into_downstream(close, req.minor);
     let timeout = shared.config.defaults.timeout_server;
-    if let Err(e) = body::forward(&mut srv, &mut client.stream, framing, &mut out, timeout).await {
-        // The head is on its way to the client: the only honest signal left is to close.
-        tracing::debug!(error = %e, "response body aborted");
-        return Next::Close;
+    match body::forward_counted(&mut srv, &mut client.stream, framing, &mut out, timeout).await {
+        Ok(sent) => log.bytes = sent,
+        Err(e) => {
+            // The head is on its way to the client: the only honest signal left is to close.
+            tracing::debug!(error = %e, "response body aborted");
+            log.aborted = Some(Side::of(&e));
+            return Next::Close;
+        }
     }
     if keep_alive && srv.buf.is_empty() {
         slot.server().pool.put(srv);

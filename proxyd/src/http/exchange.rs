@@ -17,7 +17,7 @@ use super::body::{self, BodyError};
 use super::head::{self, Framing, HeadError, RequestHead, ResponseHead};
 use super::log::Log;
 use crate::config::StickOn;
-use crate::net::{ClientInfo, Io, pool};
+use crate::net::{ClientInfo, Io};
 use crate::shared::{NoServer, ServerRt, Shared, Slot};
 
 /// Request bodies up to this size are read before the server is chosen, so that the request
@@ -208,7 +208,10 @@ pub async fn exchange<'s, D: Downstream>(
         (true, true, true) => "moved",
     };
     let mut slot = match got {
-        Ok(s) => s,
+        Ok(s) => {
+            log.slot_at = Some(Instant::now());
+            s
+        }
         Err(e) => {
             tracing::debug!(reason = ?e, "no server");
             return Err(Unanswered::Fail(Status::ServiceUnavailable));
@@ -220,11 +223,14 @@ pub async fn exchange<'s, D: Downstream>(
         log.server = Some((b, slot.index));
         let server = slot.server();
         let span = tracing::debug_span!("request", server = %server.name, method = %req.method());
-        let failure = match send_request(shared, server, client, req, &body)
+        let failure = match send_request(shared, server, client, req, &body, log)
             .instrument(span)
             .await
         {
-            Ok(x) => break x,
+            Ok(x) => {
+                log.answered_at = Some(Instant::now());
+                break x;
+            }
             Err(Failure::Stop(u)) => return Err(u),
             Err(Failure::Attempt(f)) => f,
         };
@@ -352,6 +358,7 @@ async fn send_request<D: Downstream>(
     client: &mut D,
     req: &RequestHead,
     body: &ReqBody,
+    log: &mut Log,
 ) -> Result<(Io<TcpStream>, ResponseHead), Failure> {
     let d = &shared.config.defaults;
     let pooled = match body {
@@ -363,6 +370,7 @@ async fn send_request<D: Downstream>(
         Some(s) => s,
         None => Io::new(connect(shared, server).await?),
     };
+    log.connected_at = Some(Instant::now());
     let fail = |status, sent| {
         Failure::Attempt(AttemptFailed {
             status,
@@ -462,7 +470,9 @@ async fn send_all(
 }
 
 async fn connect(shared: &Shared, server: &ServerRt) -> Result<TcpStream, Failure> {
-    pool::connect(server.address, shared.config.defaults.timeout_connect)
+    server
+        .pool
+        .connect(server.address, shared.config.defaults.timeout_connect)
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, address = %server.address, "cannot connect to the server");

@@ -159,6 +159,7 @@ impl Generation {
                 requests_total: w.stats.requests_total,
                 requests_in_flight: w.stats.requests_in_flight,
                 tunnels_active: w.stats.tunnels_active,
+                access_log_dropped: w.stats.access_log_dropped,
             }),
             binary: self.binary.path.display().to_string(),
             draining_since_unix_ms: match self.phase {

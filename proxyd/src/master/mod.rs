@@ -465,6 +465,7 @@ impl Master {
                                 requests_total: s.requests_total,
                                 requests_in_flight: s.requests_in_flight,
                                 tunnels_active: s.tunnels_active,
+                                access_log_dropped: s.access_log_dropped,
                             };
                         }
                     }

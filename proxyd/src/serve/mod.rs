@@ -74,7 +74,10 @@ impl Proxy {
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats.snapshot()
+        StatsSnapshot {
+            access_log_dropped: self.shared.access_log.dropped(),
+            ..self.shared.stats.snapshot()
+        }
     }
 
     pub fn is_draining(&self) -> bool {

@@ -288,3 +288,27 @@ pub fn config_text(
     }
     s
 }
+
+/// An in-process fdkeeper on `dir` (its sockets under `dir/fdk`) lending 127.0.0.0/8 to this
+/// user, until the token is cancelled.
+pub fn start_fdkeeper(dir: &std::path::Path) -> tokio_util::sync::CancellationToken {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").expect("proc").uid();
+    let text = format!(
+        "socket = \"{d}/fdk/lend.sock\"\nadmin = \"{d}/fdk/admin.sock\"\nallowed_uids = [{uid}]\nallowed_binds = [\"127.0.0.0/8\"]\n",
+        d = dir.display()
+    );
+    let config = fdkeeper::Config::from_source(&common::SourceFile::from_text("fdk.toml", text))
+        .expect("fdkeeper config");
+    let sockets = fdkeeper::bind_sockets(&config).expect("fdkeeper sockets");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _ = rt.block_on(fdkeeper::run(config, sockets, s));
+    });
+    stop
+}

@@ -15,7 +15,7 @@ use super::io::{self as body_io, RecvBody, SendBody};
 use crate::http::body;
 use crate::http::exchange::{Answer, Downstream, Status, Unanswered, exchange};
 use crate::http::head::{self, Framing, HeadError, RequestHead, ResponseHead};
-use crate::http::log::{self, Log};
+use crate::http::log::{self, Log, Side};
 use crate::http::redirect;
 use crate::net::{ClientInfo, Io};
 use crate::shared::Shared;
@@ -189,6 +189,7 @@ async fn answer(
             tracing::debug!(status = status.code(), "answering with an error");
             log.status = status.code();
             log.proxy_error = true;
+            log.bytes = status.text().len() as u64;
             respond_status(respond, status);
             End::Done
         }
@@ -254,10 +255,14 @@ async fn forward_response(
     if !empty {
         let mut sink = SendBody::new(send);
         let timeout = shared.config.defaults.timeout_server;
-        if let Err(e) = body::forward_payload(&mut srv, &mut sink, resp.framing, timeout).await {
-            tracing::debug!(error = %e, "response body aborted");
-            sink.abort();
-            return End::Done;
+        match body::forward_payload(&mut srv, &mut sink, resp.framing, timeout).await {
+            Ok(sent) => log.bytes = sent,
+            Err(e) => {
+                tracing::debug!(error = %e, "response body aborted");
+                log.aborted = Some(Side::of(&e));
+                sink.abort();
+                return End::Done;
+            }
         }
         if sink.finish().is_err() {
             return End::ResetByClient;
