@@ -367,7 +367,11 @@ async fn a_reload_names_the_settings_only_a_restart_applies() {
         .output()
         .expect("proxyd reload");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let want = [
         format!(
             "not applied until proxyd restarts: admin_socket (running {}, configured {})",
@@ -401,7 +405,11 @@ async fn a_reload_names_the_settings_only_a_restart_applies() {
             ("metrics".to_owned(), metrics.to_string(), other.to_string()),
         ]
     );
-    let last = status(&e.admin).await.expect("status").last_reload.expect("last");
+    let last = status(&e.admin)
+        .await
+        .expect("status")
+        .last_reload
+        .expect("last");
     assert_eq!(last.restart_only.len(), 2);
     assert!(!moved.exists(), "the master bound the new admin socket");
     assert!(
@@ -413,10 +421,13 @@ async fn a_reload_names_the_settings_only_a_restart_applies() {
     let log = std::fs::read_to_string(e.dir.path().join("master.log")).expect("log");
     let line = log
         .lines()
-        .find(|l| l.contains("only a restart of the master applies it") && l.contains("setting=metrics"))
+        .find(|l| {
+            l.contains("only a restart of the master applies it") && l.contains("setting=metrics")
+        })
         .unwrap_or_else(|| panic!("no warning about metrics in:\n{log}"));
     assert!(
-        line.contains(&format!("running={metrics}")) && line.contains(&format!("configured={other}")),
+        line.contains(&format!("running={metrics}"))
+            && line.contains(&format!("configured={other}")),
         "{line}"
     );
     assert!(log.contains("setting=admin_socket"), "{log}");

@@ -238,7 +238,11 @@ backend two
             maps: vec!["127.0.0.1:10000=127.0.0.1:20001".parse().expect("map")],
             ..opts("a")
         };
-        let stickd = file(&translate("h.cfg", text, &o).expect("translates"), "stickd.toml").to_owned();
+        let stickd = file(
+            &translate("h.cfg", text, &o).expect("translates"),
+            "stickd.toml",
+        )
+        .to_owned();
         assert!(stickd.contains("address = \"127.0.0.1:20001\""), "{stickd}");
     }
 

@@ -418,12 +418,12 @@ impl Master {
                         common::Duration(timeout)
                     );
                     self.finish_reload(
-                    p.reply,
-                    p.begun,
-                    number,
-                    Err(ReloadError::Worker(reason)),
-                    Vec::new(),
-                );
+                        p.reply,
+                        p.begun,
+                        number,
+                        Err(ReloadError::Worker(reason)),
+                        Vec::new(),
+                    );
                 }
                 if !running {
                     self.generations.remove(i);

@@ -358,7 +358,10 @@ async fn seed_001(mut env: Env) -> Result<Outcome> {
         .await?;
         figure(
             &format!("{} table {TABLE}", n.imported.local),
-            format!("{} entries, equal to the sessions the clients got", shown.len()),
+            format!(
+                "{} entries, equal to the sessions the clients got",
+                shown.len()
+            ),
         );
     }
     Ok(Outcome::Pass)
@@ -465,12 +468,8 @@ async fn seed_000(mut env: Env) -> Result<Outcome> {
         let was = cluster::serving(&cluster::proxyd_status(&node.imported.proxyd_admin).await?)
             .context("no serving generation")?;
         proxyd_reload(&node.imported.dir.join("proxyd.toml")).await?;
-        cluster::wait_new_generation(
-            &node.imported.proxyd_admin,
-            was.generation,
-            START_TIMEOUT,
-        )
-        .await?;
+        cluster::wait_new_generation(&node.imported.proxyd_admin, was.generation, START_TIMEOUT)
+            .await?;
         load.wait_ok(200, Duration::from_secs(10)).await?;
     }
     let report = load.finish().await;

@@ -6,11 +6,13 @@
 
 mod import;
 pub mod lb;
+mod printed;
 mod proxy;
 mod smuggling;
 mod stickd;
 mod systemd;
 mod tls;
+mod websocket;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -65,6 +67,8 @@ pub fn all() -> Vec<Scenario> {
     all.extend(smuggling::scenarios());
     all.extend(tls::scenarios());
     all.extend(import::scenarios());
+    all.extend(printed::scenarios());
+    all.extend(websocket::scenarios());
     all
 }
 
@@ -82,7 +86,10 @@ pub async fn with_tools(
     if missing.is_empty() {
         scenario.await
     } else {
-        Ok(Outcome::Skip(format!("not on PATH: {}", missing.join(", "))))
+        Ok(Outcome::Skip(format!(
+            "not on PATH: {}",
+            missing.join(", ")
+        )))
     }
 }
 
