@@ -150,7 +150,10 @@ pub fn try_commands(lb: &Lb) -> Vec<TryCommand> {
         c(
             Try::TableCli,
             "the same through stickd's own command",
-            format!("{stickd} --config {sconf} table show dynamic_group"),
+            format!(
+                "{stickd} --config {sconf} -L node{} table show dynamic_group",
+                n.host
+            ),
         ),
         c(
             Try::SameServer,

@@ -250,7 +250,10 @@ fn share_run_dirs(env: &Env, imported: &Imported, uid: u32, gid: u32) -> Result<
         }
     }
     let run = imported.dir.join("run");
-    std::fs::DirBuilder::new().mode(0o711).create(&run)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(&run)?;
     for socket in [&imported.fdkeeper_socket, &imported.stickd_socket] {
         let d = socket.parent().context("a socket without a directory")?;
         std::fs::DirBuilder::new()
@@ -470,8 +473,10 @@ async fn seed_000(mut env: Env) -> Result<Outcome> {
         proxyd_reload(&node.imported.dir.join("proxyd.toml")).await?;
         cluster::wait_new_generation(&node.imported.proxyd_admin, was.generation, START_TIMEOUT)
             .await?;
-        load.wait_ok(200, Duration::from_secs(10)).await?;
+        // Requests on the new generation while the old one drains.
+        load.wait_ok(2000, Duration::from_secs(10)).await?;
     }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let report = load.finish().await;
     print_load(&report);
     ensure_no_failures(&report)?;

@@ -24,6 +24,7 @@ pub fn scenarios() -> Vec<Scenario> {
 
 const TUNNELS: usize = 50;
 const RELOADS: usize = 20;
+const RELOAD_EVERY: Duration = Duration::from_millis(250);
 /// The draining generation's deadline (`drain_timeout`, and in seconds): long enough for the
 /// reloads on a loaded machine.
 const DRAIN: &str = "20s";
@@ -136,6 +137,8 @@ async fn websocket(mut env: Env) -> Result<Outcome> {
         if i == 0 {
             drain_seen = unix_now();
         }
+        // Spread over seconds, so that the tunnels carry messages between the reloads.
+        tokio::time::sleep(RELOAD_EVERY).await;
     }
     let reloads_done = unix_now();
     figure(
@@ -149,7 +152,7 @@ async fn websocket(mut env: Env) -> Result<Outcome> {
     );
 
     let mut tunnels = Vec::new();
-    let ended = tokio::time::timeout(Duration::from_secs(DRAIN_S + 25), async {
+    let ended = tokio::time::timeout(Duration::from_secs(DRAIN_S + 10), async {
         while let Some(l) = lines.next_line().await? {
             if l.starts_with('{') {
                 tunnels.push(serde_json::from_str::<Tunnel>(&l).with_context(|| l.clone())?);
