@@ -263,6 +263,12 @@ pub fn reload(config_path: &Path, admin_socket: Option<PathBuf>) -> i32 {
                     r.generation,
                     r.duration_us as f64 / 1000.0
                 );
+                for s in &r.restart_only {
+                    println!(
+                        "not applied until proxyd restarts: {} (running {}, configured {})",
+                        s.setting, s.running, s.configured
+                    );
+                }
                 EXIT_OK
             }
             Err(status) => {

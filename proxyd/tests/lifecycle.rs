@@ -38,6 +38,11 @@ fn free_addr() -> std::net::SocketAddr {
 }
 
 async fn env(extra_global: &str) -> Env {
+    env_with(extra_global, |_| Stdio::inherit()).await
+}
+
+/// Like [`env`], the master's stderr (its log) going where `stderr` says, given the temp dir.
+async fn env_with(extra_global: &str, stderr: impl FnOnce(&Path) -> Stdio) -> Env {
     let dir = tempfile::tempdir().expect("tempdir");
     let fdk_stop = start_fdkeeper(dir.path());
     let b1 = backend(|_| ok("one")).await;
@@ -51,6 +56,9 @@ async fn env(extra_global: &str) -> Env {
         .arg("--config")
         .arg(&config)
         .stdin(Stdio::null())
+        .stderr(stderr(dir.path()))
+        // A log file without colour codes between a field's name and its value.
+        .env("NO_COLOR", "1")
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -308,6 +316,107 @@ async fn broken_config_is_refused_and_the_old_generation_keeps_serving() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(serving(&e.admin).await, Some((g1, pid1, 0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_the_settings_only_a_restart_applies() {
+    let metrics = free_addr();
+    let e = env_with(&format!("metrics = \"{metrics}\""), |dir| {
+        Stdio::from(std::fs::File::create(dir.join("master.log")).expect("log"))
+    })
+    .await;
+    let (g1, _, _) = serving(&e.admin).await.expect("serving");
+    let good = std::fs::read_to_string(&e.config).expect("read");
+    let moved = e.dir.path().join("proxyd/moved.sock");
+    let other = free_addr();
+    std::fs::write(
+        &e.config,
+        good.replace(&e.admin.display().to_string(), &moved.display().to_string())
+            .replace(&metrics.to_string(), &other.to_string()),
+    )
+    .expect("write");
+
+    // The operator's command, pointed at the running master's socket (the config names another).
+    let out = Command::new(PROXYD)
+        .args(["reload", "--config"])
+        .arg(&e.config)
+        .arg("--admin-socket")
+        .arg(&e.admin)
+        .output()
+        .expect("proxyd reload");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = [
+        format!(
+            "not applied until proxyd restarts: admin_socket (running {}, configured {})",
+            e.admin.display(),
+            moved.display()
+        ),
+        format!(
+            "not applied until proxyd restarts: metrics (running {metrics}, configured {other})"
+        ),
+    ];
+    for w in &want {
+        assert!(stdout.contains(w.as_str()), "{stdout}\nwant: {w}");
+    }
+
+    // The gRPC answer, again: compared with what the master started with, not the last reload.
+    let res = reload(&e.admin).await.expect("reload ok");
+    assert_eq!(res.generation, g1 + 2);
+    let got: Vec<(String, String, String)> = res
+        .restart_only
+        .iter()
+        .map(|r| (r.setting.clone(), r.running.clone(), r.configured.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "admin_socket".to_owned(),
+                e.admin.display().to_string(),
+                moved.display().to_string()
+            ),
+            ("metrics".to_owned(), metrics.to_string(), other.to_string()),
+        ]
+    );
+    let last = status(&e.admin)
+        .await
+        .expect("status")
+        .last_reload
+        .expect("last");
+    assert_eq!(last.restart_only.len(), 2);
+    assert!(!moved.exists(), "the master bound the new admin socket");
+    assert!(
+        std::net::TcpStream::connect(metrics).is_ok(),
+        "the master no longer serves metrics where it started"
+    );
+
+    // The log names each setting with both values.
+    let log = std::fs::read_to_string(e.dir.path().join("master.log")).expect("log");
+    let line = log
+        .lines()
+        .find(|l| {
+            l.contains("only a restart of the master applies it") && l.contains("setting=metrics")
+        })
+        .unwrap_or_else(|| panic!("no warning about metrics in:\n{log}"));
+    assert!(
+        line.contains(&format!("running={metrics}"))
+            && line.contains(&format!("configured={other}")),
+        "{line}"
+    );
+    assert!(log.contains("setting=admin_socket"), "{log}");
+
+    // Back to the start's values: nothing waits for a restart any more.
+    std::fs::write(&e.config, &good).expect("write");
+    let res = reload(&e.admin).await.expect("reload ok");
+    assert!(res.restart_only.is_empty(), "{:?}", res.restart_only);
+    let out = proxyd_reload(&e.config);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("not applied"));
 }
 
 /// `proxyd reload --config FILE`, run to its end.

@@ -38,8 +38,8 @@ pub async fn run(build: bool, nodes: u8) -> Result<()> {
     stopped()
 }
 
-fn instructions(lb: &Lb) -> String {
-    let proxyd = harness::release_bin("proxyd");
+/// What the demo prints once the cluster serves.
+pub fn instructions(lb: &Lb) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -61,36 +61,155 @@ fn instructions(lb: &Lb) -> String {
             n.proxyd_config.display(),
         );
     }
-    if let Some(n) = lb.nodes.first() {
-        // grpcurl 1.8 sends a unix socket's path as HTTP/2 :authority, which the servers reject;
-        // -authority gives it a host name instead. `-unix` takes no value: the socket is the
-        // address, and grpcurl parses no flag after it.
-        let _ = write!(
+    let commands = try_commands(lb);
+    if !commands.is_empty() {
+        let _ = writeln!(
             s,
-            r#"
-try (the seed's test: each curl is a new session, stored on every node):
-  for i in 1 2 3 4 5; do curl -s http://{fe}/index.php | head -2; done
-  grpcurl -plaintext -authority localhost -unix -d '{{"table":"dynamic_group"}}' {ssock} stick.v1.Stick/Show
-  curl -s -b PHPSESSID=<one of the keys> http://{fe}/index.php     # always the same server
-  grpcurl -plaintext -authority localhost -unix {padmin} proxyd.v1.Admin/ShowServers
-  grpcurl -plaintext -authority localhost -unix -d '{{"backend":"dynamic_group","server":"app1","state":"maint"}}' {padmin} proxyd.v1.Admin/SetServer
-  kill -USR2 {master}                     # reload: a new worker generation, no request lost
-  {proxyd} reload --config {pconf}
-  curl -s http://{metrics}/metrics
-  tail -f {dir}/logs/*.log
-
-Ctrl-C stops everything."#,
-            fe = n.frontend,
-            ssock = n.stickd_socket.display(),
-            master = n.proxyd.pid(),
-            proxyd = proxyd.display(),
-            pconf = n.proxyd_config.display(),
-            padmin = n.proxyd_admin.display(),
-            metrics = n.metrics,
-            dir = lb.env.dir().display(),
+            "\ntry (the seed's test: each curl is a new session, stored on every node):"
         );
+        for c in &commands {
+            let _ = writeln!(s, "  {}\n      # {}", c.line, c.shows);
+        }
     }
+    s.push_str("\nCtrl-C stops everything.");
     s
+}
+
+/// What a printed command is for (the e2e that runs them checks each by it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Try {
+    /// Five new sessions: each curl prints a server's greeting and name.
+    NewSessions,
+    /// The stick table through grpcurl (JSON with every session).
+    TableGrpc,
+    /// The stick table through `stickd table show`.
+    TableCli,
+    /// One session's two requests: the same server twice.
+    SameServer,
+    /// Servers and their state through grpcurl.
+    ServersGrpc,
+    /// Servers and their state through `proxyd servers`.
+    ServersCli,
+    /// A server put in maintenance through grpcurl.
+    Maint,
+    /// The server back to ready through `proxyd set-server`.
+    Ready,
+    /// SIGUSR2 to the master: a reload, no output.
+    Signal,
+    /// `proxyd reload`: the new generation's number.
+    Reload,
+    /// `proxyd status`: generations and workers.
+    Status,
+    /// Prometheus metrics.
+    Metrics,
+    /// The end of node1's proxyd log.
+    Log,
+}
+
+/// One command the demo prints, as an operator would type it.
+#[derive(Clone, Debug)]
+pub struct TryCommand {
+    pub what: Try,
+    /// The shell line, printed as is and run as is (`sh -c`) by the e2e.
+    pub line: String,
+    /// What it shows, printed under it.
+    pub shows: &'static str,
+}
+
+/// The commands to try on `lb`'s first node, in the order to run them.
+pub fn try_commands(lb: &Lb) -> Vec<TryCommand> {
+    let Some(n) = lb.nodes.first() else {
+        return Vec::new();
+    };
+    let proxyd = harness::release_bin("proxyd");
+    let stickd = harness::release_bin("stickd");
+    let (proxyd, stickd) = (proxyd.display(), stickd.display());
+    let fe = n.frontend;
+    let pconf = n.proxyd_config.display();
+    let sconf = n.stickd_config.display();
+    let padmin = n.proxyd_admin.display();
+    let ssock = n.stickd_socket.display();
+    let jar = lb.env.path("cookies");
+    let jar = jar.display();
+    // grpcurl 1.8 sends a unix socket's path as HTTP/2 :authority, which the servers reject;
+    // -authority gives it a host name instead. `-unix` takes no value: the socket is the
+    // address, and grpcurl parses no flag after it.
+    let grpcurl = "grpcurl -plaintext -authority localhost -unix";
+    let c = |what, shows, line: String| TryCommand { what, line, shows };
+    vec![
+        c(
+            Try::NewSessions,
+            "five new sessions, each stored on every node",
+            format!("for i in 1 2 3 4 5; do curl -s http://{fe}/index.php | head -2; done"),
+        ),
+        c(
+            Try::TableGrpc,
+            "the stick table, as HAProxy's `show table`",
+            format!(r#"{grpcurl} -d '{{"table":"dynamic_group"}}' {ssock} stick.v1.Stick/Show"#),
+        ),
+        c(
+            Try::TableCli,
+            "the same through stickd's own command",
+            format!(
+                "{stickd} --config {sconf} -L node{} table show dynamic_group",
+                n.host
+            ),
+        ),
+        c(
+            Try::SameServer,
+            "a client that keeps its cookie always reaches the same server",
+            format!(
+                "curl -s -c {jar} http://{fe}/index.php | head -2; curl -s -b {jar} http://{fe}/index.php | head -2"
+            ),
+        ),
+        c(
+            Try::ServersGrpc,
+            "servers with their health, state and weight",
+            format!("{grpcurl} {padmin} proxyd.v1.Admin/ShowServers"),
+        ),
+        c(
+            Try::ServersCli,
+            "the same through proxyd's own command",
+            format!("{proxyd} --config {pconf} servers"),
+        ),
+        c(
+            Try::Maint,
+            "app1 in maintenance: new sessions go to app2, kept across reloads",
+            format!(
+                r#"{grpcurl} -d '{{"backend":"dynamic_group","server":"app1","state":"maint"}}' {padmin} proxyd.v1.Admin/SetServer"#
+            ),
+        ),
+        c(
+            Try::Ready,
+            "app1 back to ready",
+            format!("{proxyd} --config {pconf} set-server dynamic_group app1 --state ready"),
+        ),
+        c(
+            Try::Signal,
+            "reload: a new worker generation, no request lost",
+            format!("kill -USR2 {}", n.proxyd.pid()),
+        ),
+        c(
+            Try::Reload,
+            "the same, waiting for the new generation to serve",
+            format!("{proxyd} --config {pconf} reload"),
+        ),
+        c(
+            Try::Status,
+            "the master's generations and workers, and the last reload",
+            format!("{proxyd} --config {pconf} status"),
+        ),
+        c(
+            Try::Metrics,
+            "Prometheus metrics",
+            format!("curl -s http://{}/metrics", n.metrics),
+        ),
+        c(
+            Try::Log,
+            "node1's proxyd log (tail -f to follow)",
+            format!("tail -n 5 {}", n.proxyd.log_path().display()),
+        ),
+    ]
 }
 
 fn stopped() -> Result<()> {

@@ -531,7 +531,11 @@ fn choose_peers(
     } else {
         out_peers.push(PeerOut {
             name: local.clone(),
-            address: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), LOCAL_PEER_PORT),
+            // Mapped like haproxy.cfg's addresses, so that a try-out can move it off a port in use.
+            address: super::address::map(
+                &opts.maps,
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), LOCAL_PEER_PORT),
+            ),
             line: None,
         });
     }

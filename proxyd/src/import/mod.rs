@@ -232,6 +232,21 @@ backend two
     }
 
     #[test]
+    fn a_lone_nodes_peer_address_is_mapped_too() {
+        let text = "frontend f\n    bind :80\n    default_backend k\nbackend k\n    server s 10.0.0.1:80\n";
+        let o = Options {
+            maps: vec!["127.0.0.1:10000=127.0.0.1:20001".parse().expect("map")],
+            ..opts("a")
+        };
+        let stickd = file(
+            &translate("h.cfg", text, &o).expect("translates"),
+            "stickd.toml",
+        )
+        .to_owned();
+        assert!(stickd.contains("address = \"127.0.0.1:20001\""), "{stickd}");
+    }
+
+    #[test]
     fn what_cannot_be_translated_at_all_is_an_error() {
         let no_frontend = "backend k\n    server s 10.0.0.1:80\n";
         assert!(matches!(

@@ -241,7 +241,7 @@ impl Master {
         self.enforce_max_draining();
         match self.pending.take() {
             Some(p) if p.generation == number => {
-                self.finish_reload(p.reply, p.begun, number, Ok(()));
+                self.finish_reload(p.reply, p.begun, number, Ok(()), p.restart_only);
             }
             other => {
                 self.pending = other;
@@ -345,7 +345,13 @@ impl Master {
             };
             self.generations.remove(idx);
             if let Some(p) = self.pending.take() {
-                self.finish_reload(p.reply, p.begun, number, Err(ReloadError::Worker(reason)));
+                self.finish_reload(
+                    p.reply,
+                    p.begun,
+                    number,
+                    Err(ReloadError::Worker(reason)),
+                    Vec::new(),
+                );
             }
             return;
         }
@@ -412,7 +418,13 @@ impl Master {
                         "worker of generation {number} was not ready within {}",
                         common::Duration(timeout)
                     );
-                    self.finish_reload(p.reply, p.begun, number, Err(ReloadError::Worker(reason)));
+                    self.finish_reload(
+                        p.reply,
+                        p.begun,
+                        number,
+                        Err(ReloadError::Worker(reason)),
+                        Vec::new(),
+                    );
                 }
                 if !running {
                     self.generations.remove(i);

@@ -7,11 +7,12 @@
 //! [`spawn`] starts worker processes, [`claims`] releases fdkeeper claims, [`server_state`]
 //! keeps operators' `set server` overrides, [`signals`] relays signals, [`certs`] rotates
 //! certificates without a new generation, [`tickets`] makes the TLS session-ticket keys every
-//! generation shares.
+//! generation shares, [`restart`] names the settings a reload cannot apply.
 
 mod certs;
 mod claims;
 mod generation;
+mod restart;
 mod server_state;
 mod signals;
 mod spawn;
@@ -167,6 +168,8 @@ struct Pending {
     generation: u64,
     begun: Instant,
     reply: Option<ReloadReply>,
+    /// What the new config changes that only a restart applies.
+    restart_only: Vec<api::RestartOnly>,
 }
 
 /// The master's state; runs as one task that owns everything (no locks).
@@ -174,6 +177,8 @@ pub struct Master {
     exe: PathBuf,
     config_path: PathBuf,
     current: Arc<Config>,
+    /// The settings bound at start, which reloads cannot change.
+    at_start: restart::AtStart,
     generations: Vec<Generation>,
     next_generation: u64,
     next_worker_id: u64,
@@ -222,6 +227,7 @@ impl Master {
         let master = Master {
             exe,
             config_path,
+            at_start: restart::AtStart::new(&config.global),
             current: Arc::new(config),
             generations: Vec::new(),
             next_generation: 1,
@@ -364,12 +370,18 @@ impl Master {
         let config = match Config::load(&self.config_path) {
             Ok(c) => c,
             Err(e) => {
-                self.finish_reload(reply, asked, 0, Err(ReloadError::Config(e)));
+                self.finish_reload(reply, asked, 0, Err(ReloadError::Config(e)), Vec::new());
                 return;
             }
         };
-        if config.global.admin_socket != self.current.global.admin_socket {
-            tracing::warn!("admin_socket changed: the master keeps the old one until it restarts");
+        let restart_only = self.at_start.changed(&config.global);
+        for r in &restart_only {
+            tracing::warn!(
+                setting = %r.setting,
+                running = %r.running,
+                configured = %r.configured,
+                "changed, but only a restart of the master applies it: it keeps the running value"
+            );
         }
         for w in &config.warnings {
             tracing::warn!("{w}");
@@ -380,6 +392,7 @@ impl Master {
             generation: number,
             begun: asked,
             reply,
+            restart_only,
         });
     }
 
@@ -389,6 +402,7 @@ impl Master {
         asked: Instant,
         generation: u64,
         result: Result<(), ReloadError>,
+        restart_only: Vec<api::RestartOnly>,
     ) {
         let took = asked.elapsed();
         let record = api::ReloadResult {
@@ -400,6 +414,12 @@ impl Master {
             at_unix_ms: unix_ms(SystemTime::now()),
             duration_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
             generation,
+            // A failed reload applied nothing, so nothing waits for a restart either.
+            restart_only: if result.is_ok() {
+                restart_only
+            } else {
+                Vec::new()
+            },
         };
         match &result {
             Ok(()) => {

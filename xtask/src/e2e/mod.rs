@@ -4,12 +4,15 @@
 //! A scenario is a plain async fn taking its [`Env`]; to add a group of them, write a module
 //! with a `scenarios()` function returning [`Scenario`]s and append it in [`all`].
 
+mod import;
 pub mod lb;
+mod printed;
 mod proxy;
 mod smuggling;
 mod stickd;
 mod systemd;
 mod tls;
+mod websocket;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -63,7 +66,31 @@ pub fn all() -> Vec<Scenario> {
     all.extend(lb::scenarios());
     all.extend(smuggling::scenarios());
     all.extend(tls::scenarios());
+    all.extend(import::scenarios());
+    all.extend(printed::scenarios());
+    all.extend(websocket::scenarios());
     all
+}
+
+/// Runs `scenario`, or skips it naming the programs (and their Debian packages) not on PATH.
+pub async fn with_tools(
+    tools: &[(&str, &str)],
+    scenario: impl std::future::Future<Output = Result<Outcome>>,
+) -> Result<Outcome> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let missing: Vec<String> = tools
+        .iter()
+        .filter(|(bin, _)| !std::env::split_paths(&path).any(|d| d.join(bin).is_file()))
+        .map(|(bin, package)| format!("{bin} (Debian's {package})"))
+        .collect();
+    if missing.is_empty() {
+        scenario.await
+    } else {
+        Ok(Outcome::Skip(format!(
+            "not on PATH: {}",
+            missing.join(", ")
+        )))
+    }
 }
 
 /// Prints one measured figure of the running scenario.

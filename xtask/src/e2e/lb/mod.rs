@@ -93,6 +93,7 @@ pub struct LbNode {
     pub host: u8,
     pub stickd: Proc,
     pub stickd_socket: PathBuf,
+    pub stickd_config: PathBuf,
     pub fdkeeper: Proc,
     pub proxyd: Proc,
     pub frontend: SocketAddr,
@@ -238,6 +239,7 @@ impl Lb {
                 host: h,
                 stickd,
                 stickd_socket,
+                stickd_config,
                 fdkeeper: fdkeeper.proc,
                 proxyd,
                 frontend,
@@ -267,25 +269,8 @@ impl Lb {
 
     /// Until every stickd pushes to both others.
     async fn peered(&self) -> Result<()> {
-        let want = self.nodes.len();
-        for n in &self.nodes {
-            let socket = n.stickd_socket.clone();
-            harness::wait_for("stickd peers to connect", START_TIMEOUT, || {
-                let socket = socket.clone();
-                async move {
-                    let mut c = cluster::stick_client(&socket).await?;
-                    let peers = c.show_peers(pb::ShowPeersRequest {}).await?.into_inner();
-                    let up = peers
-                        .peers
-                        .iter()
-                        .filter(|p| p.name != peers.local && p.state == "connected")
-                        .count();
-                    Ok((up + 1 == want).then_some(()))
-                }
-            })
-            .await?;
-        }
-        Ok(())
+        let sockets: Vec<PathBuf> = self.nodes.iter().map(|n| n.stickd_socket.clone()).collect();
+        wait_peered(&sockets).await
     }
 
     /// key -> server of node `i`'s table (tonic).
@@ -332,6 +317,28 @@ impl Lb {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Until the stickd on each of `sockets` shows every other one connected.
+pub async fn wait_peered(sockets: &[PathBuf]) -> Result<()> {
+    let want = sockets.len();
+    for socket in sockets {
+        harness::wait_for("stickd peers to connect", START_TIMEOUT, || {
+            let socket = socket.clone();
+            async move {
+                let mut c = cluster::stick_client(&socket).await?;
+                let peers = c.show_peers(pb::ShowPeersRequest {}).await?.into_inner();
+                let up = peers
+                    .peers
+                    .iter()
+                    .filter(|p| p.name != peers.local && p.state == "connected")
+                    .count();
+                Ok((up + 1 == want).then_some(()))
+            }
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 /// key -> server of the stick table on the stickd at `socket` (stick.v1 Show).

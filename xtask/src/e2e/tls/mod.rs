@@ -75,20 +75,7 @@ const CLIENTS: [(&str, &str); 3] = [
 
 /// Runs `scenario`, or skips it when a client program is not on PATH.
 async fn with_clients(scenario: impl Future<Output = Result<Outcome>>) -> Result<Outcome> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let missing: Vec<String> = CLIENTS
-        .iter()
-        .filter(|(bin, _)| !std::env::split_paths(&path).any(|d| d.join(bin).is_file()))
-        .map(|(bin, package)| format!("{bin} (Debian's {package})"))
-        .collect();
-    if missing.is_empty() {
-        scenario.await
-    } else {
-        Ok(Outcome::Skip(format!(
-            "not on PATH: {}",
-            missing.join(", ")
-        )))
-    }
+    super::with_tools(&CLIENTS, scenario).await
 }
 
 /// The name of the scenarios' `[[tls]]` setting.
