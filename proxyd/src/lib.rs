@@ -65,6 +65,7 @@ pub mod import;
 pub mod master;
 pub mod metrics;
 pub mod model;
+pub mod rules;
 pub mod net;
 pub mod serve;
 pub mod shared;
