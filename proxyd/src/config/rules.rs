@@ -285,9 +285,7 @@ impl RuleCheck<'_> {
                 let Some(p) = HostPattern::parse(&lower) else {
                     return Err(self.err(
                         s,
-                        format!(
-                            "bad host pattern '{text}' (a name, '*.name' or '.name'; no port)"
-                        ),
+                        format!("bad host pattern '{text}' (a name, '*.name' or '.name'; no port)"),
                     ));
                 };
                 table.insert(p, 0);
@@ -457,7 +455,9 @@ impl RuleCheck<'_> {
         let h = h.into_inner();
         self.field_name(&h.name, request)?;
         let value = h.value.get_ref();
-        if value.bytes().any(|b| (b.is_ascii_control() && b != b'\t') || b == 0x7f)
+        if value
+            .bytes()
+            .any(|b| (b.is_ascii_control() && b != b'\t') || b == 0x7f)
             || value.trim_matches([' ', '\t']) != value
         {
             return Err(self.err(
@@ -505,10 +505,7 @@ impl RuleCheck<'_> {
                 RedirectTo::Scheme(s.into_inner().into())
             }
             _ => {
-                return Err(self.err(
-                    span,
-                    "a redirect has one of location, prefix or scheme",
-                ));
+                return Err(self.err(span, "a redirect has one of location, prefix or scheme"));
             }
         };
         let status = match r.status {

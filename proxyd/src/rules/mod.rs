@@ -462,7 +462,10 @@ mod tests {
                 .any(|(n, v)| n.eq_ignore_ascii_case(name) && test(v.as_bytes()))
         }
         fn cookie(&self, name: &str) -> Option<&str> {
-            self.cookies.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+            self.cookies
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| *v)
         }
         fn src(&self) -> IpAddr {
             self.src
@@ -497,7 +500,11 @@ mod tests {
         let rules = Rules::new(vec![
             rule(
                 None,
-                Action::Response(header(EditOp::Add, "Strict-Transport-Security", "max-age=1")),
+                Action::Response(header(
+                    EditOp::Add,
+                    "Strict-Transport-Security",
+                    "max-age=1",
+                )),
             ),
             rule(
                 Some(Condition::PathPrefix(PrefixSet::new(["/api/"]))),
@@ -518,7 +525,10 @@ mod tests {
         assert_eq!(r.decision, Decision::Backend(2));
         assert!(r.request.is_empty());
         assert_eq!(rules.always_response().len(), 1);
-        assert_eq!(Rules::default().route(&Fake::get("x", "/")).decision, Decision::Default);
+        assert_eq!(
+            Rules::default().route(&Fake::get("x", "/")).decision,
+            Decision::Default
+        );
     }
 
     #[test]
@@ -539,7 +549,10 @@ mod tests {
                 Action::Request(RequestEdit::SetPath("/seven".into())),
             ),
         );
-        rules.push(rule(Some(hosts(&["*.example.com"])), Action::UseBackend(5000)));
+        rules.push(rule(
+            Some(hosts(&["*.example.com"])),
+            Action::UseBackend(5000),
+        ));
         let rules = Rules::new(rules);
         assert_eq!(rules.steps.len(), 1, "one table for the whole run");
         let r = rules.route(&Fake::get("H7.Example.COM:8080", "/"));
@@ -576,7 +589,9 @@ mod tests {
         no(hosts(&["example.com"]));
         yes(Condition::Path(["/cart/add".into()].into_iter().collect()));
         no(Condition::Path(["/cart".into()].into_iter().collect()));
-        yes(Condition::PathRegex(regex::Regex::new("^/cart/[a-z]+$").expect("re")));
+        yes(Condition::PathRegex(
+            regex::Regex::new("^/cart/[a-z]+$").expect("re"),
+        ));
         yes(Condition::Method(vec!["GET".into(), "POST".into()]));
         no(Condition::Method(vec!["post".into()]));
         let re = |s: &str| regex::bytes::Regex::new(s).expect("re");
@@ -607,9 +622,18 @@ mod tests {
         no(Condition::Src(CidrSet::new([(ip("fd00::"), 8)])));
         yes(Condition::Tls(false));
         no(Condition::Tls(true));
-        yes(Condition::All(vec![Condition::Tls(false), hosts(&["*.example.com"])]));
-        no(Condition::All(vec![Condition::Tls(true), hosts(&["*.example.com"])]));
-        yes(Condition::Any(vec![Condition::Tls(true), hosts(&["*.example.com"])]));
+        yes(Condition::All(vec![
+            Condition::Tls(false),
+            hosts(&["*.example.com"]),
+        ]));
+        no(Condition::All(vec![
+            Condition::Tls(true),
+            hosts(&["*.example.com"]),
+        ]));
+        yes(Condition::Any(vec![
+            Condition::Tls(true),
+            hosts(&["*.example.com"]),
+        ]));
         yes(Condition::Not(Box::new(Condition::Tls(true))));
     }
 
@@ -635,7 +659,10 @@ mod tests {
         );
         let mut none = Fake::get("x", "/");
         none.host = None;
-        assert_eq!(r(RedirectTo::Scheme("https".into()), true).location(&none), None);
+        assert_eq!(
+            r(RedirectTo::Scheme("https".into()), true).location(&none),
+            None
+        );
     }
 
     #[test]
