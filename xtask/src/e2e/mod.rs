@@ -6,6 +6,7 @@
 
 pub mod lb;
 mod proxy;
+mod routing;
 mod smuggling;
 mod stickd;
 mod systemd;
@@ -63,6 +64,7 @@ pub fn all() -> Vec<Scenario> {
     all.extend(lb::scenarios());
     all.extend(smuggling::scenarios());
     all.extend(tls::scenarios());
+    all.extend(routing::scenarios());
     all
 }
 
