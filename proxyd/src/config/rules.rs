@@ -808,6 +808,13 @@ del_response_header = "Server"
     }
 
     #[test]
+    fn the_documented_example_loads_with_its_rules() {
+        let c = load(include_str!("../../../examples/proxyd.toml")).expect("valid example");
+        assert_eq!(c.frontends[0].rules.len(), 10);
+        assert_eq!(c.frontends[0].rules.always_response().len(), 2);
+    }
+
+    #[test]
     fn a_tcp_frontend_takes_no_rules() {
         let text = with_rules("mode = \"tcp\"\n[[frontend.rule]]\nuse_backend = \"api\"");
         let e = load(&text).expect_err("tcp with rules");
