@@ -165,7 +165,7 @@ fn main() {
     let (mut hit, mut miss, mut set, mut prefix) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..batches {
         hit.push(batch(&host_rules, &hits, |i, d| {
-            let want = if picks[i] % 2 == 0 { 1 } else { 0 };
+            let want = if picks[i].is_multiple_of(2) { 1 } else { 0 };
             *d == Decision::Backend(want)
         }));
         miss.push(batch(&host_rules, &misses, |_, d| *d == Decision::Default));

@@ -112,9 +112,9 @@ impl RequestHead {
             .map_or(self.target_end, |q| start + q);
         let old = end - start;
         self.upstream.splice(start..end, path.bytes());
-        let moved = |at: usize| at + path.len() - old;
-        self.target_end = moved(self.target_end);
-        self.cookie_at = self.cookie_at.map(moved);
+        // What follows the path moves by the difference in length.
+        self.target_end = self.target_end + path.len() - old;
+        self.cookie_at = self.cookie_at.map(|at| at + path.len() - old);
     }
 
     /// Removes every field called `name` from the head sent upstream.

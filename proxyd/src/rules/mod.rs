@@ -305,7 +305,7 @@ impl Rules {
                         }
                         n += 1;
                     });
-                    let done = if n <= 1 {
+                    if n <= 1 {
                         lists[0].iter().any(|i| self.apply(*i, &mut route))
                     } else {
                         more.extend_from_slice(lists[0]);
@@ -313,8 +313,7 @@ impl Rules {
                         more.sort_unstable();
                         more.dedup();
                         more.iter().any(|i| self.apply(*i, &mut route))
-                    };
-                    done
+                    }
                 }
             };
             if done {
