@@ -21,6 +21,8 @@
 //!   Draining stops accepting at once and answers the next request of each keep-alive
 //!   connection with `Connection: close`; an idle connection is never closed early, since the
 //!   client may be sending on it (the reload race HAProxy and nginx lose).
+//! - [`rules`]: a frontend's L7 rules as compiled by `config` (host tables, sorted path
+//!   prefixes, address ranges) and their pure evaluation; `http::route` applies them.
 //! - [`model`]: the plain types the master and the serving code share (a server's admin
 //!   state, a worker's counters), at the bottom of the crate's module graph.
 //! - [`balance`], [`health`], [`stick`]: the load balancer proper: smooth weighted

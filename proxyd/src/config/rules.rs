@@ -571,7 +571,15 @@ impl RuleCheck<'_> {
         };
         let body = match r.body {
             Some(b) => b.into_inner().into(),
-            None if deny => format!("{status} forbidden\n").into(),
+            // "403 forbidden", like the proxy's own errors.
+            None if deny => {
+                let reason = http::StatusCode::from_u16(status)
+                    .ok()
+                    .and_then(|s| s.canonical_reason())
+                    .unwrap_or("denied")
+                    .to_ascii_lowercase();
+                format!("{status} {reason}\n").into()
+            }
             None => "".into(),
         };
         Ok(Reply {
@@ -812,6 +820,45 @@ del_response_header = "Server"
         let c = load(include_str!("../../../examples/proxyd.toml")).expect("valid example");
         assert_eq!(c.frontends[0].rules.len(), 10);
         assert_eq!(c.frontends[0].rules.always_response().len(), 2);
+    }
+
+    #[test]
+    fn a_deny_says_its_status_by_default() {
+        use crate::rules::{Decision, Request};
+        struct Any;
+        impl Request for Any {
+            fn method(&self) -> &str {
+                "GET"
+            }
+            fn target(&self) -> &str {
+                "/"
+            }
+            fn host(&self) -> Option<&str> {
+                None
+            }
+            fn any_field(&self, _: &str, _: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+                false
+            }
+            fn cookie(&self, _: &str) -> Option<&str> {
+                None
+            }
+            fn src(&self) -> std::net::IpAddr {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            }
+            fn tls(&self) -> bool {
+                false
+            }
+        }
+        for (deny, body) in [
+            ("{}", "403 forbidden\n"),
+            ("{ status = 429 }", "429 too many requests\n"),
+        ] {
+            let c = load(&with_rules(&format!("[[frontend.rule]]\ndeny = {deny}"))).expect("valid");
+            match c.frontends[0].rules.route(&Any).decision {
+                Decision::Reply(r) => assert_eq!((&*r.body, r.denied), (body, true)),
+                d => panic!("{d:?}"),
+            }
+        }
     }
 
     #[test]
