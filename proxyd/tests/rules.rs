@@ -348,3 +348,51 @@ async fn the_proxys_own_errors_carry_the_response_rules() {
         "{text}"
     );
 }
+
+/// A request routed to another backend takes that backend's stick rule and servers: the
+/// default backend has none, the routed one sticks on a cookie (in-process proxy, local cache).
+#[tokio::test]
+async fn a_routed_request_uses_the_stick_rule_of_the_backend_it_was_routed_to() {
+    use proxyd::stick::{KeyKind, StickCache};
+    use std::sync::Arc;
+    let web = echo("web").await;
+    let (a, b) = (echo("a").await, echo("b").await);
+    let text = format!(
+        "[global]\nadmin_socket = \"/nonexistent/a.sock\"\nfdkeeper_socket = \"/nonexistent/f.sock\"\nstickd_socket = \"/nonexistent/s.sock\"\n\
+         [[frontend]]\nname = \"fe\"\nbind = [\"127.0.0.1:1\"]\ndefault_backend = \"web\"\n\
+         [[frontend.rule]]\nwhen = {{ host = \"sticky.example.com\" }}\nuse_backend = \"sticky\"\n\
+         [[backend]]\nname = \"web\"\n[[backend.server]]\nname = \"web1\"\naddress = \"{web}\"\n\
+         [[backend]]\nname = \"sticky\"\n[backend.stick]\ntable = \"t\"\non = \"req.cook(SID)\"\n\
+         [[backend.server]]\nname = \"a\"\naddress = \"{a}\"\n[[backend.server]]\nname = \"b\"\naddress = \"{b}\"\n"
+    );
+    let config = proxyd::Config::from_source(common::SourceFile::from_text("st.toml", text))
+        .expect("valid config");
+    let cache = Arc::new(StickCache::new(vec![("t".into(), KeyKind::Text)]));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let proxy = proxyd::serve::Proxy::with_state(
+        Arc::new(config),
+        Some(cache.clone()),
+        &std::collections::HashMap::new(),
+    );
+    proxy
+        .start(vec![(proxyd::config::BindRef::default(), listener)])
+        .expect("start");
+    let server_of = |host: &'static str, sid: &'static str| async move {
+        let mut c = util::Client::connect(addr).await.expect("connect");
+        let raw = format!("GET / HTTP/1.1\r\nHost: {host}\r\nCookie: SID={sid}\r\n\r\n");
+        let r = c.send(raw.as_bytes(), false).await.expect("reply");
+        r.text().lines().next().unwrap_or("").to_owned()
+    };
+    // The default backend has no stick rule: nothing is stored.
+    assert_eq!(server_of("www.example.com", "k0").await, "web");
+    assert_eq!(cache.len(0), 0);
+    for sid in ["k1", "k2", "k3", "k4"] {
+        let first = server_of("sticky.example.com", sid).await;
+        assert!(first == "a" || first == "b", "{first}");
+        for _ in 0..3 {
+            assert_eq!(server_of("sticky.example.com", sid).await, first, "{sid}");
+        }
+    }
+    assert_eq!(cache.len(0), 4);
+}
