@@ -23,6 +23,8 @@
 //!   client may be sending on it (the reload race HAProxy and nginx lose).
 //! - [`log_sink`]: the access log's writer, a thread of its own fed by a bounded buffer, so
 //!   that no log write happens on the event loop; under `shared`, beside `net`.
+//! - [`rules`]: a frontend's L7 rules as compiled by `config` (host tables, sorted path
+//!   prefixes, address ranges) and their pure evaluation; `http::route` applies them.
 //! - [`model`]: the plain types the master and the serving code share (a server's admin
 //!   state, a worker's counters), at the bottom of the crate's module graph.
 //! - [`balance`], [`health`], [`stick`]: the load balancer proper: smooth weighted
@@ -69,6 +71,7 @@ pub mod master;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod rules;
 pub mod serve;
 pub mod shared;
 pub mod stick;

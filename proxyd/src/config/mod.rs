@@ -7,10 +7,12 @@
 //!   (errors name the file, line and column, through `common::SourceFile`);
 //! - `raw`: the file as written, the serde schema that refuses unknown keys;
 //! - `validate`: from the raw file to a [`Config`], with defaults, or the first error at its line;
-//! - [`tls`]: the settings of the binds that terminate TLS, with their certificates loaded.
+//! - [`tls`]: the settings of the binds that terminate TLS, with their certificates loaded;
+//! - `rules`: a frontend's `[[frontend.rule]]`s, checked and compiled into [`crate::rules`].
 
 pub mod access_log;
 mod raw;
+mod rules;
 #[cfg(test)]
 mod tests;
 pub mod tls;
@@ -132,6 +134,8 @@ pub struct Frontend {
     pub default_backend: usize,
     /// Connections served at once; further ones wait in the kernel's accept queue.
     pub maxconn: usize,
+    /// The L7 rules, compiled once per generation (empty: everything to `default_backend`).
+    pub rules: std::sync::Arc<crate::rules::Rules>,
 }
 
 /// One listen address of a frontend and how its connections are carried.

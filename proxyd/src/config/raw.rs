@@ -81,6 +81,9 @@ pub(super) struct RawFrontend {
     pub(super) mode: Option<Mode>,
     pub(super) default_backend: Option<Spanned<String>>,
     pub(super) maxconn: Option<Spanned<u64>>,
+    /// L7 rules, in order (`[[frontend.rule]]`): see `config::rules`.
+    #[serde(default)]
+    pub(super) rule: Vec<Spanned<super::rules::RawRule>>,
 }
 
 #[derive(Debug, Deserialize)]

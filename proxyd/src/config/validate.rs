@@ -444,6 +444,13 @@ pub(super) fn validate(
                 return Err(src.error_at(db.span(), format!("tcp frontend '{name}' uses backend '{}' whose stick rule needs http (only `src` works in tcp mode)", be.name)));
             }
         }
+        let rules = super::rules::RuleCheck {
+            src: &src,
+            frontend: &name,
+            mode,
+            backends: &backend_names,
+        }
+        .rules(f.rule)?;
         frontends.push(Frontend {
             name,
             bind,
@@ -451,6 +458,7 @@ pub(super) fn validate(
             mode,
             default_backend,
             maxconn,
+            rules: std::sync::Arc::new(rules),
         });
     }
     if frontends.is_empty() {

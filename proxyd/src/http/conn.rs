@@ -13,9 +13,11 @@ use super::exchange::{Answer, Downstream, Status, Unanswered, exchange};
 use super::head::{self, Framing, HeadError, RequestHead, ResponseHead};
 use super::log::{self, Log, Side};
 use super::redirect;
+use super::route;
 use super::tunnel;
 use crate::config::RedirectHttps;
 use crate::net::{ClientInfo, ClientStream, Io};
+use crate::rules::{Decision, HeaderEdit};
 use crate::shared::Shared;
 
 /// What happens to the client connection after one exchange.
@@ -30,6 +32,7 @@ enum Next {
 pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, stream: C) {
     let (frontend, peer) = (info.at.frontend, info.peer);
     let redirect = shared.config.bind(info.at).redirect_https;
+    let fe = &shared.config.frontends[frontend];
     let mut client = Io::new(stream);
     let mut first = true;
     loop {
@@ -38,7 +41,8 @@ pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, strea
             Ok(None) => break,
             Err(status) => {
                 tracing::debug!(status = status as u16, "refusing request");
-                let _ = send(&mut client.stream, status.response()).await;
+                let answer = route::h1_error(status, &route::always(&fe.rules));
+                let _ = send(&mut client.stream, &answer).await;
                 log::access_log(&shared, frontend, peer, &Log::refused(status), None);
                 break;
             }
@@ -51,13 +55,27 @@ pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, strea
             "HTTP/1.1"
         });
         log.head_time = head_time;
-        let next = match redirect {
-            Some(r) => redirect_https(&shared, &mut client, &head, r, &mut log).await,
-            None => match exchange(&shared, info, &mut client, &mut head, &mut log).await {
-                Ok(answer) => forward_response(&shared, &mut client, &head, answer, &mut log).await,
-                Err(Unanswered::ClientGone) => Next::Close,
-                Err(Unanswered::Fail(status)) => Next::Fail(status),
-            },
+        let routed = route::route(&fe.rules, info, &mut head);
+        let edits = &routed.response;
+        let next = match (redirect, route::local(routed.decision, &head, info)) {
+            (Some(r), _) => redirect_https(&shared, &mut client, &head, r, &mut log, edits).await,
+            (None, Some(Ok(local))) => {
+                answer_locally(&shared, &mut client, &head, &local, &mut log, edits).await
+            }
+            (None, Some(Err(status))) => Next::Fail(status),
+            (None, None) => {
+                let backend = match routed.decision {
+                    Decision::Backend(b) => b,
+                    _ => fe.default_backend,
+                };
+                match exchange(&shared, info, &mut client, &mut head, backend, &mut log).await {
+                    Ok(answer) => {
+                        forward_response(&shared, &mut client, &head, answer, &mut log, edits).await
+                    }
+                    Err(Unanswered::ClientGone) => Next::Close,
+                    Err(Unanswered::Fail(status)) => Next::Fail(status),
+                }
+            }
         };
         if let Next::Fail(status) = next {
             log.status = status as u16;
@@ -70,7 +88,7 @@ pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, strea
             Next::Close => break,
             Next::Fail(status) => {
                 tracing::debug!(status = status as u16, "answering with an error");
-                let _ = send(&mut client.stream, status.response()).await;
+                let _ = send(&mut client.stream, &route::h1_error(status, edits)).await;
                 break;
             }
         }
@@ -180,15 +198,43 @@ async fn redirect_https<C: ClientStream>(
     req: &RequestHead,
     to: RedirectHttps,
     log: &mut Log,
+    edits: &[&HeaderEdit],
 ) -> Next {
     let Some(location) = redirect::https_location(req.host(), req.target(), to.port) else {
         return Next::Fail(Status::BadRequest);
     };
     log.status = 301;
     log.intercepted = true;
-    // A body is not read but left behind with the connection.
-    let close = !req.keep_alive || req.framing != Framing::Empty || shared.drain.is_cancelled();
-    let answer = redirect::moved_permanently(&location, close, req.minor);
+    let close = closes_after_local(shared, req);
+    let mut answer = redirect::moved_permanently(&location, close, req.minor);
+    route::edit_head(&mut answer, edits);
+    log.bytes = answer.len() as u64;
+    if send(&mut client.stream, &answer).await.is_err() || close {
+        return Next::Close;
+    }
+    Next::KeepAlive
+}
+
+/// Whether the connection ends after an answer of the proxy's own: a request body is not read
+/// but left behind with the connection.
+fn closes_after_local(shared: &Shared, req: &RequestHead) -> bool {
+    !req.keep_alive || req.framing != Framing::Empty || shared.drain.is_cancelled()
+}
+
+/// Answers by a rule (`redirect`, `deny`, `return`), without a backend.
+async fn answer_locally<C: ClientStream>(
+    shared: &Shared,
+    client: &mut Io<C>,
+    req: &RequestHead,
+    local: &route::Local<'_>,
+    log: &mut Log,
+    edits: &[&HeaderEdit],
+) -> Next {
+    log.status = local.status;
+    // A deny counts as denied (no backend, not intercepted by design).
+    log.intercepted = !local.denied;
+    let close = closes_after_local(shared, req);
+    let answer = route::h1_local(local, close, req.minor, req.is_head(), edits);
     log.bytes = answer.len() as u64;
     if send(&mut client.stream, &answer).await.is_err() || close {
         return Next::Close;
@@ -203,6 +249,7 @@ async fn forward_response<C: ClientStream>(
     req: &RequestHead,
     answer: Answer<'_>,
     log: &mut Log,
+    edits: &[&HeaderEdit],
 ) -> Next {
     let Answer {
         slot,
@@ -217,6 +264,7 @@ async fn forward_response<C: ClientStream>(
     srv.buf.advance(resp.len);
     let (framing, keep_alive) = (resp.framing, resp.keep_alive);
     let mut out = resp.into_downstream(close, req.minor);
+    route::edit_head(&mut out, edits);
     let timeout = shared.config.defaults.timeout_server;
     match body::forward_counted(&mut srv, &mut client.stream, framing, &mut out, timeout).await {
         Ok(sent) => log.bytes = sent,

@@ -112,18 +112,19 @@ enum ReqBody {
     Streamed,
 }
 
-/// Passes one request to a server of the frontend's backend, by its stick rule and balance,
-/// with the retries its method and body allow, and returns the response head to forward.
+/// Passes one request to a server of backend `b` (the frontend's rules chose it, see
+/// `http::route`), by that backend's stick rule and balance, with the retries its method and
+/// body allow, and returns the response head to forward.
 pub async fn exchange<'s, D: Downstream>(
     shared: &'s Shared,
     info: ClientInfo,
     client: &mut D,
     req: &mut RequestHead,
+    b: usize,
     log: &mut Log,
 ) -> Result<Answer<'s>, Unanswered> {
-    let (frontend, peer) = (info.at.frontend, info.peer);
+    let peer = info.peer;
     let d = &shared.config.defaults;
-    let b = shared.config.frontends[frontend].default_backend;
     let backend = &shared.backends[b];
     let bconf = &shared.config.backends[b];
     log.backend = Some(b);

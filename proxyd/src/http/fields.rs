@@ -23,10 +23,8 @@ pub fn trim_ows(value: &[u8]) -> &[u8] {
     &value[start..end]
 }
 
-/// RFC 9110's `tchar`: what a token (method, field name, coding) is made of.
-pub fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
+/// RFC 9110's `tchar`, defined beside the rules that check field names with it.
+pub use crate::rules::is_tchar;
 
 /// The items of a comma-separated list value, each trimmed of OWS; empty items are skipped,
 /// as RFC 9110 §5.6.1 asks of recipients.

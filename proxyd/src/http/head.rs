@@ -93,6 +93,32 @@ impl RequestHead {
     /// Replaces every field called `name` in the head sent upstream by one with `value`: what
     /// the proxy says there, the client cannot.
     pub fn set_field(&mut self, name: &str, value: &str) {
+        self.remove_field(name);
+        self.add_field(name, value);
+    }
+
+    /// Whether any field called `name` has a value that passes `test` (a rule's condition).
+    pub fn any_field(&self, name: &str, test: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        field_values(&self.upstream[self.target_end..], name).any(test)
+    }
+
+    /// Replaces the target's path, keeping its query (a rule's `set_path`, checked by config
+    /// validation: it starts with '/' and has no space, '?' or '#').
+    pub fn set_path(&mut self, path: &str) {
+        let start = self.method_len + 1;
+        let end = self.upstream[start..self.target_end]
+            .iter()
+            .position(|b| *b == b'?')
+            .map_or(self.target_end, |q| start + q);
+        let old = end - start;
+        self.upstream.splice(start..end, path.bytes());
+        // What follows the path moves by the difference in length.
+        self.target_end = self.target_end + path.len() - old;
+        self.cookie_at = self.cookie_at.map(|at| at + path.len() - old);
+    }
+
+    /// Removes every field called `name` from the head sent upstream.
+    pub fn remove_field(&mut self, name: &str) {
         let start = self.target_end
             + self.upstream[self.target_end..]
                 .iter()
@@ -118,7 +144,6 @@ impl RequestHead {
             self.upstream = kept;
             self.cookie_at = cookie_at;
         }
-        self.add_field(name, value);
     }
 
     /// Adds a field to the head sent upstream.
@@ -126,10 +151,44 @@ impl RequestHead {
         // `upstream` always ends with the blank line.
         self.upstream
             .truncate(self.upstream.len().saturating_sub(2));
+        if self.cookie_at.is_none() && name.eq_ignore_ascii_case("cookie") {
+            self.cookie_at = Some(self.upstream.len());
+        }
         self.upstream.extend_from_slice(name.as_bytes());
         self.upstream.extend_from_slice(b": ");
         self.upstream.extend_from_slice(value.as_bytes());
         self.upstream.extend_from_slice(b"\r\n\r\n");
+    }
+}
+
+/// Edits the fields of a serialized head (status line, fields, blank line), as a response
+/// header rule asks: `Set` replaces every field of that name, `Add` appends, `Del` removes.
+pub fn edit_fields(head: &mut Vec<u8>, edit: &crate::rules::HeaderEdit) {
+    use crate::rules::EditOp;
+    let first = head
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(head.len(), |p| p + 1);
+    let name = &*edit.name;
+    if edit.op != EditOp::Add
+        && head[first..]
+            .split(|b| *b == b'\n')
+            .any(|line| is_field(line, name))
+    {
+        let mut kept = Vec::with_capacity(head.len());
+        kept.extend_from_slice(&head[..first]);
+        for line in head[first..].split_inclusive(|b| *b == b'\n') {
+            if !is_field(line, name) {
+                kept.extend_from_slice(line);
+            }
+        }
+        *head = kept;
+    }
+    if edit.op != EditOp::Del {
+        // The head ends with the blank line: the field goes before it.
+        let at = head.len().saturating_sub(2);
+        let line = format!("{}: {}\r\n", edit.name, edit.value);
+        head.splice(at..at, line.bytes());
     }
 }
 

@@ -1,6 +1,7 @@
 //! A lean HTTP proxy on httparse, h2 and tokio, with full control over every byte it sends:
-//! HTTP/1.x (`conn`) and HTTP/2 (`h2`) clients, HTTP/1.1 to the servers (`exchange`), and
-//! the tunnels of switched connections (`tunnel`).
+//! HTTP/1.x (`conn`) and HTTP/2 (`h2`) clients, the frontend's rules applied to both
+//! (`route`), HTTP/1.1 to the servers (`exchange`), and the tunnels of switched connections
+//! (`tunnel`).
 
 pub mod body;
 pub mod conn;
@@ -10,4 +11,5 @@ pub mod h2;
 pub mod head;
 pub mod log;
 pub mod redirect;
+pub mod route;
 pub mod tunnel;

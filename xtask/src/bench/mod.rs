@@ -12,6 +12,7 @@ mod peers;
 mod plot;
 mod reload;
 mod report;
+mod rules;
 pub mod stats;
 mod stickd;
 pub mod tools;
@@ -100,6 +101,11 @@ const SECTIONS: &[Entry] = &[
         id: "cache",
         title: "proxyd's stick cache: lookup time, memory per entry",
         run: |c| Box::pin(cache::run(c)),
+    },
+    Entry {
+        id: "rules",
+        title: "proxyd's L7 rules: cost per request",
+        run: |c| Box::pin(rules::run(c)),
     },
 ];
 

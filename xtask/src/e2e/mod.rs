@@ -8,6 +8,7 @@ mod import;
 pub mod lb;
 mod printed;
 mod proxy;
+mod routing;
 mod smuggling;
 mod stickd;
 mod systemd;
@@ -69,6 +70,7 @@ pub fn all() -> Vec<Scenario> {
     all.extend(import::scenarios());
     all.extend(printed::scenarios());
     all.extend(websocket::scenarios());
+    all.extend(routing::scenarios());
     all
 }
 

@@ -17,7 +17,9 @@ use crate::http::exchange::{Answer, Downstream, Status, Unanswered, exchange};
 use crate::http::head::{self, Framing, HeadError, RequestHead, ResponseHead};
 use crate::http::log::{self, Log, Side};
 use crate::http::redirect;
+use crate::http::route;
 use crate::net::{ClientInfo, Io};
+use crate::rules::{Decision, HeaderEdit};
 use crate::shared::Shared;
 
 /// How a stream ended, as its connection counts it.
@@ -123,7 +125,8 @@ pub async fn serve(
         Ok(h) => h,
         Err(status) => {
             tracing::debug!(status = status.code(), "refusing request");
-            respond_status(&respond, status);
+            let rules = &shared.config.frontends[frontend].rules;
+            respond_status(&respond, status, &route::always(rules));
             log::access_log(&shared, frontend, info.peer, &Log::refused(status), None);
             return End::Done;
         }
@@ -163,24 +166,46 @@ async fn answer(
     log: &mut Log,
 ) -> End {
     let respond = client.respond;
+    let fe = &shared.config.frontends[info.at.frontend];
+    let routed = route::route(&fe.rules, info, head);
+    let edits = &routed.response;
     if let Some(to) = shared.config.bind(info.at).redirect_https {
         log.intercepted = true;
         let Some(location) = redirect::https_location(head.host(), head.target(), to.port) else {
             log.status = Status::BadRequest.code();
-            respond_status(respond, Status::BadRequest);
+            respond_status(respond, Status::BadRequest, edits);
             return End::Done;
         };
         log.status = 301;
-        let mut resp = Response::new(());
-        *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
-        if let Ok(v) = HeaderValue::from_str(&location) {
-            resp.headers_mut().insert(http::header::LOCATION, v);
-        }
-        let _ = lock(respond).send_response(resp, true);
+        let local = route::Local {
+            status: 301,
+            location: Some(location),
+            content_type: None,
+            body: "",
+            denied: false,
+        };
+        respond_local(respond, &local, head.is_head(), edits);
         return End::Done;
     }
-    match exchange(shared, info, &mut client, head, log).await {
-        Ok(answer) => forward_response(shared, respond, head, answer, log).await,
+    let backend = match route::local(routed.decision, head, info) {
+        Some(Ok(local)) => {
+            log.status = local.status;
+            log.intercepted = !local.denied;
+            respond_local(respond, &local, head.is_head(), edits);
+            return End::Done;
+        }
+        Some(Err(status)) => {
+            log.status = status.code();
+            respond_status(respond, status, edits);
+            return End::Done;
+        }
+        None => match routed.decision {
+            Decision::Backend(b) => b,
+            _ => fe.default_backend,
+        },
+    };
+    match exchange(shared, info, &mut client, head, backend, log).await {
+        Ok(answer) => forward_response(shared, respond, head, answer, log, edits).await,
         Err(Unanswered::ClientGone) => {
             lock(respond).handle.send_reset(Reason::CANCEL);
             End::Done
@@ -190,26 +215,59 @@ async fn answer(
             log.status = status.code();
             log.proxy_error = true;
             log.bytes = status.text().len() as u64;
-            respond_status(respond, status);
+            respond_status(respond, status, edits);
             End::Done
         }
     }
 }
 
 /// The proxy's own answer, with the same text as over HTTP/1.1.
-fn respond_status(respond: &Mutex<Respond>, status: Status) {
+fn respond_status(respond: &Mutex<Respond>, status: Status, edits: &[&HeaderEdit]) {
+    let local = route::Local {
+        status: status.code(),
+        location: None,
+        content_type: Some("text/plain"),
+        body: status.text(),
+        denied: false,
+    };
+    respond_local(respond, &local, false, edits);
+}
+
+/// An answer of the proxy's own (an error, or a rule's redirect, deny or return).
+fn respond_local(
+    respond: &Mutex<Respond>,
+    local: &route::Local<'_>,
+    is_head: bool,
+    edits: &[&HeaderEdit],
+) {
     let mut resp = Response::new(());
-    *resp.status_mut() = StatusCode::from_u16(status.code()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let text = status.text();
+    *resp.status_mut() = StatusCode::from_u16(local.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let h = resp.headers_mut();
+    if let Some(l) = local
+        .location
+        .as_deref()
+        .and_then(|l| HeaderValue::from_str(l).ok())
+    {
+        h.insert(http::header::LOCATION, l);
+    }
+    if let Some(t) = local
+        .content_type
+        .and_then(|t| HeaderValue::from_str(t).ok())
+    {
+        h.insert(http::header::CONTENT_TYPE, t);
+    }
     h.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain"),
+        http::header::CONTENT_LENGTH,
+        HeaderValue::from(local.body.len()),
     );
-    h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(text.len()));
+    route::edit_map(h, edits);
+    let empty = local.body.is_empty() || is_head;
     let mut r = lock(respond);
-    if let Ok(mut send) = r.send_response(resp, false) {
-        let _ = send.send_data(Bytes::from_static(text.as_bytes()), true);
+    if let Ok(mut send) = r.send_response(resp, empty)
+        && !empty
+    {
+        let body = Bytes::copy_from_slice(local.body.as_bytes());
+        let _ = send.send_data(body, true);
     }
 }
 
@@ -221,6 +279,7 @@ async fn forward_response(
     req: &RequestHead,
     answer: Answer<'_>,
     log: &mut Log,
+    edits: &[&HeaderEdit],
 ) -> End {
     let Answer {
         slot,
@@ -240,10 +299,11 @@ async fn forward_response(
         );
         log.status = Status::BadGateway.code();
         log.proxy_error = true;
-        respond_status(respond, Status::BadGateway);
+        respond_status(respond, Status::BadGateway, edits);
         return End::Done;
     };
     *out.status_mut() = status;
+    route::edit_map(out.headers_mut(), edits);
     use bytes::Buf as _;
     srv.buf.advance(resp.len);
     let empty = resp.framing == Framing::Empty || req.is_head();

@@ -1,0 +1,398 @@
+//! A frontend's L7 rules through the real proxyd binary (master + worker, fdkeeper in process)
+//! with curl and raw sockets: routing by host, path, header, cookie, method, source and query;
+//! redirects, deny, return; header rewrites seen at the backend; HSTS on every answer,
+//! including the proxy's own 400 and 503; HTTP/2 (h2c) routed the same way.
+
+mod util;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use util::{Action, backend};
+
+const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
+const HSTS: &str = "max-age=63072000";
+
+/// The rules under test; `{down}` is a backend whose one server refuses connections.
+const RULES: &str = r#"
+[[frontend.rule]]
+add_response_header = { name = "Strict-Transport-Security", value = "max-age=63072000" }
+[[frontend.rule]]
+del_response_header = "X-Internal"
+[[frontend.rule]]
+when = { host = "down.example.com" }
+use_backend = "down"
+[[frontend.rule]]
+when = { host = "api.example.com" }
+use_backend = "api"
+[[frontend.rule]]
+when = { host = "*.cdn.example.com" }
+use_backend = "static"
+[[frontend.rule]]
+when = { path_prefix = ["/static/", "/assets/"] }
+use_backend = "static"
+[[frontend.rule]]
+when = { header = { name = "X-Api-Version", equals = "2" } }
+use_backend = "api"
+[[frontend.rule]]
+when = { cookie = { name = "beta", equals = "1" } }
+use_backend = "static"
+[[frontend.rule]]
+when = { method = "DELETE" }
+use_backend = "api"
+[[frontend.rule]]
+when = { src = "127.0.0.2" }
+use_backend = "static"
+[[frontend.rule]]
+when = { query = { name = "to", equals = "api" } }
+use_backend = "api"
+[[frontend.rule]]
+when = { path = "/old", query = { name = "keep" } }
+redirect = { prefix = "https://new.example.com/", status = 301 }
+[[frontend.rule]]
+when = { path = "/old" }
+redirect = { prefix = "https://new.example.com", status = 308, drop_query = true }
+[[frontend.rule]]
+when = { path = "/moved" }
+redirect = { location = "https://elsewhere.example.com/x", status = 307 }
+[[frontend.rule]]
+when = { path_prefix = "/admin", not = { src = "10.0.0.0/8" } }
+deny = { status = 403, body = "no admin here\n" }
+[[frontend.rule]]
+when = { path = "/ping" }
+return = { status = 200, content_type = "text/plain", body = "pong\n" }
+[[frontend.rule]]
+when = { path_prefix = "/rw/" }
+set_header = { name = "X-Rewritten", value = "yes" }
+[[frontend.rule]]
+when = { path_prefix = "/rw/" }
+set_path = "/rewritten"
+[[frontend.rule]]
+add_header = { name = "X-Via", value = "proxyd" }
+[[frontend.rule]]
+del_header = "X-Secret"
+"#;
+
+/// fdkeeper in this process, proxyd as a real master + worker, three echoing backends.
+struct Env {
+    _dir: tempfile::TempDir,
+    master: Child,
+    fdk_stop: CancellationToken,
+    front: SocketAddr,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.master.kill();
+        let _ = self.master.wait();
+        self.fdk_stop.cancel();
+    }
+}
+
+fn start_fdkeeper(dir: &Path) -> CancellationToken {
+    let uid = std::fs::metadata("/proc/self").expect("proc").uid();
+    let text = format!(
+        "socket = \"{d}/fdk/lend.sock\"\nadmin = \"{d}/fdk/admin.sock\"\nallowed_uids = [{uid}]\nallowed_binds = [\"127.0.0.0/8\"]\n",
+        d = dir.display()
+    );
+    let config = fdkeeper::Config::from_source(&common::SourceFile::from_text("fdk.toml", text))
+        .expect("fdkeeper config");
+    let sockets = fdkeeper::bind_sockets(&config).expect("fdkeeper sockets");
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _ = rt.block_on(fdkeeper::run(config, sockets, s));
+    });
+    stop
+}
+
+/// A backend that answers with its name, then the request head it got.
+async fn echo(name: &'static str) -> SocketAddr {
+    backend(move |seen| {
+        let body = format!("{name}\n{}", seen.head);
+        Action::Respond(
+            format!(
+                "HTTP/1.1 200 OK\r\nX-Internal: secret\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    })
+    .await
+    .addr
+}
+
+async fn start() -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fdk_stop = start_fdkeeper(dir.path());
+    let (app, api, stat) = (echo("app").await, echo("api").await, echo("static").await);
+    let front = util::closed_port();
+    let d = dir.path().display();
+    let text = format!(
+        "[global]\nadmin_socket = \"{d}/proxyd/admin.sock\"\nfdkeeper_socket = \"{d}/fdk/lend.sock\"\n\n\
+         [defaults]\nretries = 1\n\n\
+         [[frontend]]\nname = \"www\"\nbind = [{{ address = \"{front}\", h2c = true }}]\ndefault_backend = \"app\"\n{RULES}\n\
+         [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"app1\"\naddress = \"{app}\"\n\
+         [[backend]]\nname = \"api\"\n[[backend.server]]\nname = \"api1\"\naddress = \"{api}\"\n\
+         [[backend]]\nname = \"static\"\n[[backend.server]]\nname = \"static1\"\naddress = \"{stat}\"\n\
+         [[backend]]\nname = \"down\"\n[[backend.server]]\nname = \"gone\"\naddress = \"{}\"\n",
+        util::closed_port()
+    );
+    let config = dir.path().join("proxyd.toml");
+    std::fs::write(&config, text).expect("write config");
+    let check = Command::new(PROXYD)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run check");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let master = Command::new(PROXYD)
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .spawn()
+        .expect("spawn proxyd");
+    let env = Env {
+        _dir: dir,
+        master,
+        fdk_stop,
+        front,
+    };
+    let t0 = Instant::now();
+    while tokio::net::TcpStream::connect(front).await.is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "proxyd never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env
+}
+
+/// A response as curl printed it (`-i`): status, head (lower-cased) and body.
+#[derive(Debug)]
+struct Got {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Got {
+    fn backend(&self) -> &str {
+        self.body.lines().next().unwrap_or("")
+    }
+
+    fn field(&self, name: &str) -> Option<&str> {
+        let prefix = format!("{}:", name.to_ascii_lowercase());
+        self.head
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .map(|l| l[prefix.len()..].trim())
+    }
+}
+
+async fn curl(env: &Env, path: &str, args: &[&str]) -> Got {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "10"])
+        .args(args)
+        .arg(format!("http://{}{path}", env.front))
+        .output()
+        .await
+        .expect("run curl");
+    assert!(out.status.success(), "curl {args:?} {path}: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status");
+    Got {
+        status,
+        head: head.to_ascii_lowercase(),
+        body: body.to_owned(),
+    }
+}
+
+/// Requests that must each land on a named backend, over HTTP/1.1 then HTTP/2 (h2c).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_land_on_the_backend_their_rules_name_over_http1_and_h2c() {
+    let env = start().await;
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("/", &[], "app"),
+        ("/", &["-H", "Host: api.example.com"], "api"),
+        ("/", &["-H", "Host: API.Example.com:8080"], "api"),
+        ("/", &["-H", "Host: img.cdn.example.com"], "static"),
+        ("/", &["-H", "Host: a.img.cdn.example.com"], "app"),
+        ("/static/app.css", &[], "static"),
+        ("/assets/x.png?v=1", &[], "static"),
+        ("/staticky", &[], "app"),
+        ("/", &["-H", "X-Api-Version: 2"], "api"),
+        ("/", &["-H", "X-Api-Version: 3"], "app"),
+        ("/", &["-b", "session=x; beta=1"], "static"),
+        ("/", &["-b", "beta=0"], "app"),
+        ("/", &["-X", "DELETE"], "api"),
+        ("/", &["-X", "POST", "-d", "x=1"], "app"),
+        ("/", &["--interface", "127.0.0.2"], "static"),
+        ("/?a=1&to=api", &[], "api"),
+        ("/?to=apix", &[], "app"),
+    ];
+    for proto in ["--http1.1", "--http2-prior-knowledge"] {
+        for (path, args, want) in cases {
+            let mut all = vec![proto];
+            all.extend_from_slice(args);
+            let got = curl(&env, path, &all).await;
+            assert_eq!(got.status, 200, "{proto} {path} {args:?}: {got:?}");
+            assert_eq!(got.backend(), *want, "{proto} {path} {args:?}: {got:?}");
+            assert_eq!(
+                got.field("strict-transport-security"),
+                Some(HSTS),
+                "{got:?}"
+            );
+            assert_eq!(got.field("x-internal"), None, "{got:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_deny_return_and_rewrites() {
+    let env = start().await;
+    for proto in ["--http1.1", "--http2-prior-knowledge"] {
+        let got = curl(&env, "/old?keep=1&a=b", &[proto]).await;
+        assert_eq!(got.status, 301, "{got:?}");
+        assert_eq!(
+            got.field("location"),
+            Some("https://new.example.com/old?keep=1&a=b")
+        );
+        assert_eq!(got.field("strict-transport-security"), Some(HSTS));
+        let got = curl(&env, "/old?a=b", &[proto]).await;
+        assert_eq!(got.status, 308, "{got:?}");
+        assert_eq!(got.field("location"), Some("https://new.example.com/old"));
+        let got = curl(&env, "/moved?z=1", &[proto]).await;
+        assert_eq!(got.status, 307, "{got:?}");
+        assert_eq!(
+            got.field("location"),
+            Some("https://elsewhere.example.com/x")
+        );
+
+        let got = curl(&env, "/admin/users", &[proto]).await;
+        assert_eq!((got.status, got.body.as_str()), (403, "no admin here\n"));
+        assert_eq!(got.field("strict-transport-security"), Some(HSTS));
+        let got = curl(&env, "/ping", &[proto]).await;
+        assert_eq!((got.status, got.body.as_str()), (200, "pong\n"));
+        assert_eq!(got.field("content-type"), Some("text/plain"));
+
+        let got = curl(
+            &env,
+            "/rw/page?q=1",
+            &[proto, "-H", "X-Secret: s3cr3t", "-H", "X-Rewritten: client"],
+        )
+        .await;
+        assert_eq!((got.status, got.backend()), (200, "app"), "{got:?}");
+        let seen = got.body.to_ascii_lowercase();
+        assert!(seen.contains("get /rewritten?q=1 http/1.1\r\n"), "{seen}");
+        assert_eq!(seen.matches("x-rewritten:").count(), 1, "{seen}");
+        assert!(seen.contains("x-rewritten: yes\r\n"), "{seen}");
+        assert!(seen.contains("x-via: proxyd\r\n"), "{seen}");
+        assert!(!seen.contains("x-secret"), "{seen}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_own_errors_carry_the_response_rules() {
+    let env = start().await;
+    // A 503 of the proxy's own: the backend's only server refuses connections.
+    for proto in ["--http1.1", "--http2-prior-knowledge"] {
+        let got = curl(&env, "/", &[proto, "-H", "Host: down.example.com"]).await;
+        assert_eq!(got.status, 503, "{got:?}");
+        assert_eq!(got.body, "503 service unavailable\n");
+        assert_eq!(
+            got.field("strict-transport-security"),
+            Some(HSTS),
+            "{got:?}"
+        );
+    }
+    // A 400 to a request never parsed still gets the unconditional response rules.
+    let mut s = tokio::net::TcpStream::connect(env.front)
+        .await
+        .expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        .await
+        .expect("write");
+    let mut text = Vec::new();
+    tokio::time::timeout(util::T, s.read_to_end(&mut text))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&text).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 400 "), "{text}");
+    assert!(
+        text.contains(&format!("strict-transport-security: {HSTS}\r\n")),
+        "{text}"
+    );
+}
+
+/// A request routed to another backend takes that backend's stick rule and servers: the
+/// default backend has none, the routed one sticks on a cookie (in-process proxy, local cache).
+#[tokio::test]
+async fn a_routed_request_uses_the_stick_rule_of_the_backend_it_was_routed_to() {
+    use proxyd::stick::{KeyKind, StickCache};
+    use std::sync::Arc;
+    let web = echo("web").await;
+    let (a, b) = (echo("a").await, echo("b").await);
+    let text = format!(
+        "[global]\nadmin_socket = \"/nonexistent/a.sock\"\nfdkeeper_socket = \"/nonexistent/f.sock\"\nstickd_socket = \"/nonexistent/s.sock\"\n\
+         [[frontend]]\nname = \"fe\"\nbind = [\"127.0.0.1:1\"]\ndefault_backend = \"web\"\n\
+         [[frontend.rule]]\nwhen = {{ host = \"sticky.example.com\" }}\nuse_backend = \"sticky\"\n\
+         [[backend]]\nname = \"web\"\n[[backend.server]]\nname = \"web1\"\naddress = \"{web}\"\n\
+         [[backend]]\nname = \"sticky\"\n[backend.stick]\ntable = \"t\"\non = \"req.cook(SID)\"\n\
+         [[backend.server]]\nname = \"a\"\naddress = \"{a}\"\n[[backend.server]]\nname = \"b\"\naddress = \"{b}\"\n"
+    );
+    let config = proxyd::Config::from_source(common::SourceFile::from_text("st.toml", text))
+        .expect("valid config");
+    let cache = Arc::new(StickCache::new(vec![("t".into(), KeyKind::Text)]));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let proxy = proxyd::serve::Proxy::with_state(
+        Arc::new(config),
+        Some(cache.clone()),
+        &std::collections::HashMap::new(),
+    );
+    proxy
+        .start(vec![(proxyd::config::BindRef::default(), listener)])
+        .expect("start");
+    let server_of = |host: &'static str, sid: &'static str| async move {
+        let mut c = util::Client::connect(addr).await.expect("connect");
+        let raw = format!("GET / HTTP/1.1\r\nHost: {host}\r\nCookie: SID={sid}\r\n\r\n");
+        let r = c.send(raw.as_bytes(), false).await.expect("reply");
+        r.text().lines().next().unwrap_or("").to_owned()
+    };
+    // The default backend has no stick rule: nothing is stored.
+    assert_eq!(server_of("www.example.com", "k0").await, "web");
+    assert_eq!(cache.len(0), 0);
+    for sid in ["k1", "k2", "k3", "k4"] {
+        let first = server_of("sticky.example.com", sid).await;
+        assert!(first == "a" || first == "b", "{first}");
+        for _ in 0..3 {
+            assert_eq!(server_of("sticky.example.com", sid).await, first, "{sid}");
+        }
+    }
+    assert_eq!(cache.len(0), 4);
+}
