@@ -83,7 +83,13 @@ pub(super) fn validate(
         }
         p => p.map(Spanned::into_inner),
     };
+    let resolve_interval = super::backend::resolve_interval(
+        &src,
+        g.resolve_interval,
+        super::backend::DEFAULT_RESOLVE_INTERVAL,
+    )?;
     let global = Global {
+        resolve_interval,
         admin_socket,
         stickd_socket,
         metrics,
@@ -143,6 +149,8 @@ pub(super) fn validate(
     };
     let default_forwardfor = forwardfor(&src, d.forwardfor, d.forwardfor_except)?;
 
+    let (resolvers, resolver_names) = super::backend::resolvers(&src, raw.resolvers)?;
+    let mut warnings = Vec::new();
     let mut backends = Vec::with_capacity(raw.backend.len());
     let mut backend_names: HashMap<String, usize> = HashMap::new();
     for b in raw.backend {
@@ -160,6 +168,7 @@ pub(super) fn validate(
             None => (
                 Check {
                     kind: CheckKind::Tcp,
+                    host: None,
                 },
                 None,
                 None,
@@ -169,7 +178,10 @@ pub(super) fn validate(
                 let c = c.into_inner();
                 let kind = match c.kind.as_ref().map(|k| k.get_ref().as_str()) {
                     None | Some("tcp")
-                        if c.path.is_none() && c.method.is_none() && c.expect_status.is_none() =>
+                        if c.path.is_none()
+                            && c.method.is_none()
+                            && c.expect_status.is_none()
+                            && c.host.is_none() =>
                     {
                         CheckKind::Tcp
                     }
@@ -222,7 +234,7 @@ pub(super) fn validate(
                     Some("tcp") => {
                         return Err(src.error_at(
                             check_span.clone().unwrap_or_default(),
-                            "a tcp check takes no method, path or expect_status",
+                            "a tcp check takes no method, path, expect_status or host",
                         ));
                     }
                     Some(other) => {
@@ -233,7 +245,24 @@ pub(super) fn validate(
                         ));
                     }
                 };
-                (Check { kind }, c.inter, c.rise, c.fall)
+                let host = match c.host {
+                    None => None,
+                    Some(h)
+                        if !h.get_ref().is_empty()
+                            && h.get_ref()
+                                .bytes()
+                                .all(|b| b.is_ascii_graphic() && !b"\"\\/?#@".contains(&b)) =>
+                    {
+                        Some(h.into_inner())
+                    }
+                    Some(h) => {
+                        return Err(src.error_at(
+                            h.span(),
+                            format!("bad check host '{}' (a host[:port])", h.get_ref()),
+                        ));
+                    }
+                };
+                (Check { kind, host }, c.inter, c.rise, c.fall)
             }
         };
         let b_inter = checked_inter(&src, inter.as_ref())?.unwrap_or(StdDuration::from_secs(2));
@@ -249,17 +278,17 @@ pub(super) fn validate(
                     format!("duplicate server name '{sname}' in backend '{name}'"),
                 ));
             }
-            let address = s.address.get_ref().parse::<SocketAddr>().map_err(|_| {
-                src.error_at(
-                    s.address.span(),
+            let address = super::backend::server_address(&src, &s.address)?;
+            let cookie_at = s.cookie.as_ref().map(Spanned::span);
+            let cookie = super::backend::server_cookie(&src, s.cookie, &sname)?;
+            if let Some(other) = servers.iter().find(|x| x.cookie == cookie) {
+                return Err(src.error_at(
+                    cookie_at.unwrap_or_else(|| s.name.span()),
                     format!(
-                        "bad server address '{}' (expected ip:port)",
-                        s.address.get_ref()
+                        "server cookie '{cookie}' is already server '{}''s in backend '{name}'",
+                        other.name
                     ),
-                )
-            })?;
-            if address.port() == 0 {
-                return Err(src.error_at(s.address.span(), "server port must not be 0"));
+                ));
             }
             let weight = match s.weight {
                 None => 1,
@@ -269,6 +298,7 @@ pub(super) fn validate(
             servers.push(Server {
                 name: sname,
                 address,
+                cookie,
                 weight,
                 maxconn: s.maxconn.unwrap_or(0),
                 check: s.check,
@@ -329,9 +359,31 @@ pub(super) fn validate(
         } else {
             default_forwardfor.clone()
         };
+        let balance = super::backend::balance(&src, b.balance)?;
+        let cookie = b
+            .cookie
+            .map(|c| {
+                let at = c.span();
+                super::backend::cookie(&src, c).map(|c| (c, at))
+            })
+            .transpose()?;
+        if let (Some((_, at)), Some(_)) = (&cookie, &stick) {
+            // HAProxy's order: a server named by a valid cookie is taken before any stick rule
+            // is looked at; the rule still stores its key for requests without one.
+            warnings.push(src.error_at(
+                at.clone(),
+                format!("backend '{name}' has both a cookie and a stick rule: a valid cookie wins, the stick table routes only requests without one"),
+            ));
+        }
+        let resolvers = super::backend::resolvers_ref(&src, b.resolvers, &resolver_names)?;
+        let resolve_interval =
+            super::backend::resolve_interval(&src, b.resolve_interval, global.resolve_interval)?;
         backends.push(Backend {
             name,
-            balance: b.balance.unwrap_or(Balance::Roundrobin),
+            cookie: cookie.map(|(c, _)| c),
+            resolvers,
+            resolve_interval,
+            balance,
             servers,
             check,
             stick,
@@ -345,7 +397,6 @@ pub(super) fn validate(
     // Certificates are loaded here, so a file that cannot serve fails the config, at the line
     // that names it, wherever the config is loaded (check, master, worker).
     let provider = super::tls::provider();
-    let mut warnings = Vec::new();
     let mut tls_check = TlsCheck {
         src: &src,
         provider: &provider,
@@ -429,6 +480,15 @@ pub(super) fn validate(
             if stick_on_cookie {
                 return Err(src.error_at(db.span(), format!("tcp frontend '{name}' uses backend '{}' whose stick rule needs http (only `src` works in tcp mode)", be.name)));
             }
+            if let Some(why) = http_only(be) {
+                return Err(src.error_at(
+                    db.span(),
+                    format!(
+                        "tcp frontend '{name}' uses backend '{}' whose {why} needs http",
+                        be.name
+                    ),
+                ));
+            }
         }
         frontends.push(Frontend {
             name,
@@ -461,8 +521,19 @@ pub(super) fn validate(
         frontends,
         backends,
         tls,
+        resolvers,
         warnings,
     })
+}
+
+/// What in a backend reads HTTP requests, which a tcp frontend has not.
+fn http_only(b: &Backend) -> Option<&'static str> {
+    match (&b.cookie, &b.balance) {
+        (Some(_), _) => Some("cookie"),
+        (None, Balance::Uri(_)) => Some("balance uri"),
+        (None, Balance::Hdr(_)) => Some("balance hdr"),
+        _ => None,
+    }
 }
 
 /// What validating one frontend's binds needs from the rest of the config.
@@ -751,7 +822,11 @@ fn required_path(
 }
 
 /// Names appear in logs, metrics and admin output: keep them to a safe alphabet.
-fn checked_name(src: &SourceFile, n: &Spanned<String>, what: &str) -> Result<String, ConfigError> {
+pub(super) fn checked_name(
+    src: &SourceFile,
+    n: &Spanned<String>,
+    what: &str,
+) -> Result<String, ConfigError> {
     let s = n.get_ref();
     let ok = !s.is_empty()
         && s.len() <= 64

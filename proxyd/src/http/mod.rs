@@ -9,5 +9,6 @@ pub mod fields;
 pub mod h2;
 pub mod head;
 pub mod log;
+pub mod persist;
 pub mod redirect;
 pub mod tunnel;

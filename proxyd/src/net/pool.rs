@@ -68,6 +68,11 @@ impl Pool {
         }
     }
 
+    /// Closes every idle connection (the server moved to another address).
+    pub fn clear(&self) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
