@@ -29,6 +29,8 @@ const SYSTEM_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum ResolveError {
     #[error("{0}")]
     Dns(#[from] hickory_resolver::ResolveError),
+    #[error("no such name")]
+    NoSuchName,
     #[error("{0}")]
     System(#[from] std::io::Error),
     #[error("no answer within {0:?}")]
@@ -97,9 +99,12 @@ impl Resolver {
                 } else {
                     format!("{host}.")
                 };
-                let found = tokio::time::timeout(*timeout, resolver.lookup_ip(fqdn))
-                    .await
-                    .map_err(|_| ResolveError::Timeout(*timeout))??;
+                let found = match tokio::time::timeout(*timeout, resolver.lookup_ip(fqdn)).await {
+                    Err(_) => return Err(ResolveError::Timeout(*timeout)),
+                    Ok(Err(e)) if e.is_nx_domain() => return Err(ResolveError::NoSuchName),
+                    Ok(Err(e)) if e.is_no_records_found() => return Err(ResolveError::NoAddress),
+                    Ok(r) => r?,
+                };
                 found.iter().map(|ip| SocketAddr::new(ip, port)).collect()
             }
         };
