@@ -4,6 +4,7 @@
 //! A scenario is a plain async fn taking its [`Env`]; to add a group of them, write a module
 //! with a `scenarios()` function returning [`Scenario`]s and append it in [`all`].
 
+mod backend;
 pub mod lb;
 mod proxy;
 mod smuggling;
@@ -63,6 +64,7 @@ pub fn all() -> Vec<Scenario> {
     all.extend(lb::scenarios());
     all.extend(smuggling::scenarios());
     all.extend(tls::scenarios());
+    all.extend(backend::scenarios());
     all
 }
 
