@@ -9,8 +9,8 @@ use std::time::Duration as StdDuration;
 use common::config::Spanned;
 use common::{ConfigError, Duration, SourceFile};
 
-use super::raw::{RawBalance, RawCookie, RawResolvers, Shorthand};
-use super::{Address, Balance, Cookie, Resolvers, UriHash};
+use super::raw::{RawBalance, RawCheck, RawCookie, RawResolvers, Shorthand};
+use super::{Address, Balance, Check, CheckKind, Cookie, Resolvers, UriHash};
 
 /// Shortest `resolve_interval`: below it a slow nameserver would have queries pile up.
 const MIN_RESOLVE_INTERVAL: StdDuration = StdDuration::from_millis(100);
@@ -109,6 +109,124 @@ pub(super) fn balance(
             ),
         )),
     }
+}
+
+/// A backend's checks: what one does, and the backend's own `inter`, `rise` and `fall` (its
+/// servers' defaults, checked with the servers' own).
+type CheckParts = (
+    Check,
+    Option<Spanned<Duration>>,
+    Option<Spanned<u32>>,
+    Option<Spanned<u32>>,
+);
+
+/// The backend's `check` table.
+pub(super) fn check(
+    src: &SourceFile,
+    raw: Option<Spanned<RawCheck>>,
+    name: &str,
+) -> Result<CheckParts, ConfigError> {
+    let check_span = raw.as_ref().map(Spanned::span);
+    Ok(match raw {
+        None => (
+            Check {
+                kind: CheckKind::Tcp,
+                host: None,
+            },
+            None,
+            None,
+            None,
+        ),
+        Some(c) => {
+            let c = c.into_inner();
+            let kind = match c.kind.as_ref().map(|k| k.get_ref().as_str()) {
+                None | Some("tcp")
+                    if c.path.is_none()
+                        && c.method.is_none()
+                        && c.expect_status.is_none()
+                        && c.host.is_none() =>
+                {
+                    CheckKind::Tcp
+                }
+                None | Some("http") => {
+                    let method = c
+                        .method
+                        .map_or_else(|| "GET".to_owned(), Spanned::into_inner);
+                    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+                        return Err(src.error_at(
+                            check_span.clone().unwrap_or_default(),
+                            format!("bad check method '{method}' in backend '{name}'"),
+                        ));
+                    }
+                    let path = match c.path {
+                        None => "/".to_owned(),
+                        Some(p)
+                            if p.get_ref().starts_with('/')
+                                && !p
+                                    .get_ref()
+                                    .bytes()
+                                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) =>
+                        {
+                            p.into_inner()
+                        }
+                        Some(p) => {
+                            return Err(src.error_at(
+                                p.span(),
+                                format!(
+                                    "bad check path '{}' (must start with '/', no spaces)",
+                                    p.get_ref()
+                                ),
+                            ));
+                        }
+                    };
+                    let expect_status = match c.expect_status {
+                        None => 200,
+                        Some(s) if (100..=599).contains(s.get_ref()) => *s.get_ref(),
+                        Some(s) => {
+                            return Err(
+                                src.error_at(s.span(), "expect_status must be between 100 and 599")
+                            );
+                        }
+                    };
+                    CheckKind::Http {
+                        method,
+                        path,
+                        expect_status,
+                    }
+                }
+                Some("tcp") => {
+                    return Err(src.error_at(
+                        check_span.clone().unwrap_or_default(),
+                        "a tcp check takes no method, path, expect_status or host",
+                    ));
+                }
+                Some(other) => {
+                    let span = c.kind.as_ref().map(Spanned::span).unwrap_or_default();
+                    return Err(
+                        src.error_at(span, format!("unknown check type '{other}' (tcp or http)"))
+                    );
+                }
+            };
+            let host = match c.host {
+                None => None,
+                Some(h)
+                    if !h.get_ref().is_empty()
+                        && h.get_ref()
+                            .bytes()
+                            .all(|b| b.is_ascii_graphic() && !b"\"\\/?#@".contains(&b)) =>
+                {
+                    Some(h.into_inner())
+                }
+                Some(h) => {
+                    return Err(src.error_at(
+                        h.span(),
+                        format!("bad check host '{}' (a host[:port])", h.get_ref()),
+                    ));
+                }
+            };
+            (Check { kind, host }, c.inter, c.rise, c.fall)
+        }
+    })
 }
 
 /// `cookie = { name = "SRV", insert = true, ... }`.
@@ -342,7 +460,7 @@ fn is_dns_name(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{CheckKind, Config};
+    use super::super::Config;
     use super::*;
 
     /// A config whose one backend gets `backend` after its name, and whose servers get

@@ -13,8 +13,8 @@ use common::{ConfigError, Duration, SourceFile};
 use super::raw::{RawBind, RawConfig, Shorthand};
 use super::tls::{Tls, TlsCheck};
 use super::{
-    Backend, Balance, Bind, CertificateSource, Check, CheckKind, Cidr, Config, Defaults,
-    ForwardFor, Frontend, Global, Mode, RedirectHttps, Server, Stick, StickOn,
+    Backend, Balance, Bind, CertificateSource, Cidr, Config, Defaults, ForwardFor, Frontend,
+    Global, Mode, RedirectHttps, Server, Stick, StickOn,
 };
 
 /// Most concurrent HTTP/2 streams a connection may be offered: each is a task and a server
@@ -163,108 +163,7 @@ pub(super) fn validate(
         if b.server.is_empty() {
             return Err(src.error_at(b_span, format!("backend '{name}' has no server")));
         }
-        let check_span = b.check.as_ref().map(Spanned::span);
-        let (check, inter, rise, fall) = match b.check {
-            None => (
-                Check {
-                    kind: CheckKind::Tcp,
-                    host: None,
-                },
-                None,
-                None,
-                None,
-            ),
-            Some(c) => {
-                let c = c.into_inner();
-                let kind = match c.kind.as_ref().map(|k| k.get_ref().as_str()) {
-                    None | Some("tcp")
-                        if c.path.is_none()
-                            && c.method.is_none()
-                            && c.expect_status.is_none()
-                            && c.host.is_none() =>
-                    {
-                        CheckKind::Tcp
-                    }
-                    None | Some("http") => {
-                        let method = c
-                            .method
-                            .map_or_else(|| "GET".to_owned(), Spanned::into_inner);
-                        if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-                            return Err(src.error_at(
-                                check_span.clone().unwrap_or_default(),
-                                format!("bad check method '{method}' in backend '{name}'"),
-                            ));
-                        }
-                        let path = match c.path {
-                            None => "/".to_owned(),
-                            Some(p)
-                                if p.get_ref().starts_with('/')
-                                    && !p.get_ref().bytes().any(|b| {
-                                        b.is_ascii_whitespace() || b.is_ascii_control()
-                                    }) =>
-                            {
-                                p.into_inner()
-                            }
-                            Some(p) => {
-                                return Err(src.error_at(
-                                    p.span(),
-                                    format!(
-                                        "bad check path '{}' (must start with '/', no spaces)",
-                                        p.get_ref()
-                                    ),
-                                ));
-                            }
-                        };
-                        let expect_status = match c.expect_status {
-                            None => 200,
-                            Some(s) if (100..=599).contains(s.get_ref()) => *s.get_ref(),
-                            Some(s) => {
-                                return Err(src.error_at(
-                                    s.span(),
-                                    "expect_status must be between 100 and 599",
-                                ));
-                            }
-                        };
-                        CheckKind::Http {
-                            method,
-                            path,
-                            expect_status,
-                        }
-                    }
-                    Some("tcp") => {
-                        return Err(src.error_at(
-                            check_span.clone().unwrap_or_default(),
-                            "a tcp check takes no method, path, expect_status or host",
-                        ));
-                    }
-                    Some(other) => {
-                        let span = c.kind.as_ref().map(Spanned::span).unwrap_or_default();
-                        return Err(src.error_at(
-                            span,
-                            format!("unknown check type '{other}' (tcp or http)"),
-                        ));
-                    }
-                };
-                let host = match c.host {
-                    None => None,
-                    Some(h)
-                        if !h.get_ref().is_empty()
-                            && h.get_ref()
-                                .bytes()
-                                .all(|b| b.is_ascii_graphic() && !b"\"\\/?#@".contains(&b)) =>
-                    {
-                        Some(h.into_inner())
-                    }
-                    Some(h) => {
-                        return Err(src.error_at(
-                            h.span(),
-                            format!("bad check host '{}' (a host[:port])", h.get_ref()),
-                        ));
-                    }
-                };
-                (Check { kind, host }, c.inter, c.rise, c.fall)
-            }
-        };
+        let (check, inter, rise, fall) = super::backend::check(&src, b.check, &name)?;
         let b_inter = checked_inter(&src, inter.as_ref())?.unwrap_or(StdDuration::from_secs(2));
         let b_rise = checked_count(&src, rise.as_ref(), "rise")?.unwrap_or(2);
         let b_fall = checked_count(&src, fall.as_ref(), "fall")?.unwrap_or(3);
@@ -369,7 +268,7 @@ pub(super) fn validate(
             .transpose()?;
         if let (Some((_, at)), Some(_)) = (&cookie, &stick) {
             // HAProxy's order: a server named by a valid cookie is taken before any stick rule
-            // is looked at; the rule still stores its key for requests without one.
+            // is looked at; the rule still stores the keys it has not seen.
             warnings.push(src.error_at(
                 at.clone(),
                 format!("backend '{name}' has both a cookie and a stick rule: a valid cookie wins, the stick table routes only requests without one"),
