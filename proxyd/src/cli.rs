@@ -13,7 +13,7 @@ use crate::master::Master;
 /// and checked against its key; warnings (a certificate that expires within 14 days) go to
 /// stderr and leave the exit code 0.
 pub fn check(config_path: &Path) -> i32 {
-    match Config::load(config_path) {
+    match crate::resolve::load(config_path) {
         Ok(c) => {
             for w in &c.warnings {
                 eprintln!("warning: {w}");
@@ -30,7 +30,7 @@ pub fn check(config_path: &Path) -> i32 {
 
 /// `proxyd --config FILE`: validate, bind the admin socket, run the master until stopped.
 pub fn master(config_path: &Path) -> i32 {
-    let config = match Config::load(config_path) {
+    let config = match crate::resolve::load(config_path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::CheckKind;
+use crate::config::{Check, CheckKind};
 use crate::shared::{ServerRt, Shared};
 
 /// A server's health changed (reported to the master, which hands the last known state to
@@ -48,7 +48,7 @@ async fn run(
 ) {
     let backend = &shared.backends[b];
     let server = &backend.servers[s];
-    let kind = &shared.config.backends[b].check.kind;
+    let check = &shared.config.backends[b].check;
     let timeout = shared.config.defaults.timeout_check;
     let (rise, fall) = (server.config.rise, server.config.fall);
     // Spread the first checks of many servers instead of firing them all at once.
@@ -64,7 +64,7 @@ async fn run(
         }
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = check_once(server, kind, timeout) => r,
+            r = check_once(server, check, timeout) => r,
         };
         let up = server.up.load(Ordering::Relaxed);
         match result {
@@ -103,27 +103,29 @@ fn change(backend: String, server: &ServerRt, up: bool) -> Change {
 }
 
 /// One check; the error says why it failed.
-pub async fn check_once(
-    server: &ServerRt,
-    kind: &CheckKind,
-    timeout: Duration,
-) -> Result<(), String> {
+pub async fn check_once(server: &ServerRt, check: &Check, timeout: Duration) -> Result<(), String> {
     let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(server.address)
+        let mut stream = server
+            .connect(timeout)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let CheckKind::Http {
             method,
             path,
             expect_status,
-        } = kind
+        } = &check.kind
         else {
             return Ok(());
         };
-        // HTTP/1.0 with Connection: close, as HAProxy's httpchk: the answer ends with the connection.
+        // HTTP/1.0 with Connection: close, as HAProxy's httpchk: the answer ends with the
+        // connection. The Host is the configured one, else the address as written (a server
+        // named by DNS is asked for by its name).
+        let host = match &check.host {
+            Some(h) => h.clone(),
+            None => server.config.address.to_string(),
+        };
         let req = format!(
-            "{method} {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: proxyd-check\r\nConnection: close\r\n\r\n",
-            server.address
+            "{method} {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: proxyd-check\r\nConnection: close\r\n\r\n"
         );
         stream
             .write_all(req.as_bytes())

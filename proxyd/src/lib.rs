@@ -30,6 +30,8 @@
 //! - [`balance`], [`health`], [`stick`]: the load balancer proper: smooth weighted
 //!   round robin, leastconn and source; tcp/http health checks with rise/fall; the stick
 //!   cache fed by stickd's Watch stream (the request path never waits on stickd).
+//! - [`resolve`]: servers named by DNS, resolved at load (a name that does not resolve refuses
+//!   the config) and followed by each worker every `resolve_interval`, without a reload.
 //! - [`admin`]: the `proxyd.v1.Admin` service (Status, Reload, ShowServers, SetServer,
 //!   ReloadCertificates) with reflection and health, on a unix socket.
 //! - [`config`]: `proxyd.toml`; only validated configs leave the module, with their
@@ -71,6 +73,7 @@ pub mod master;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod resolve;
 pub mod rules;
 pub mod serve;
 pub mod shared;

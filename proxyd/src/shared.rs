@@ -2,18 +2,19 @@
 //! slots, counters, and the drain signal.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::{Balancer, Candidate};
-use crate::config::Config;
+use crate::balance::{Balancer, Candidate, Request};
+use crate::config::{Address, Config};
 use crate::log_sink::LogSink;
 use crate::model::{AdminState, AtomicAdminState, StatsSnapshot};
+use crate::net::Io;
 use crate::net::pool::Pool;
 use crate::stick::StickCache;
 
@@ -57,7 +58,11 @@ impl Drop for TunnelOpen<'_> {
 #[derive(Debug)]
 pub struct ServerRt {
     pub name: String,
-    pub address: std::net::SocketAddr,
+    /// Where to connect now: the configured address, or the last one a DNS name resolved to;
+    /// none until the name first resolves.
+    address: RwLock<Option<SocketAddr>>,
+    /// `address` is known: read by every pick, without the lock.
+    addressed: AtomicBool,
     pub pool: Pool,
     pub config: crate::config::Server,
     /// Health (always true for unchecked servers).
@@ -74,16 +79,83 @@ pub struct ServerRt {
 }
 
 impl ServerRt {
+    /// A server as configured: a DNS name has no address until it is resolved.
+    pub fn new(config: &crate::config::Server, pool: Pool, up: bool) -> Self {
+        let address = match &config.address {
+            Address::Ip(a) => Some(*a),
+            Address::Name { .. } => None,
+        };
+        ServerRt {
+            name: config.name.clone(),
+            address: RwLock::new(address),
+            addressed: AtomicBool::new(address.is_some()),
+            pool,
+            config: config.clone(),
+            up: AtomicBool::new(up),
+            admin: AtomicAdminState::new(AdminState::Ready),
+            weight: AtomicU32::new(config.weight),
+            active: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            responses: Default::default(),
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    /// Where to connect now; none for a name not resolved yet.
+    pub fn address(&self) -> Option<SocketAddr> {
+        *self.address.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves the server to `new` (its name resolved elsewhere) and returns the old address.
+    /// Connections open now finish where they are; the idle ones to the old address are
+    /// closed, and those in use are not pooled again (see [`ServerRt::release`]).
+    pub fn set_address(&self, new: SocketAddr) -> Option<SocketAddr> {
+        let old = {
+            let mut a = self.address.write().unwrap_or_else(|p| p.into_inner());
+            a.replace(new)
+        };
+        self.addressed.store(true, Ordering::Relaxed);
+        if old != Some(new) {
+            self.pool.clear();
+        }
+        old
+    }
+
+    /// Opens a new connection to the server's address now, within `timeout`.
+    pub async fn connect(&self, timeout: Duration) -> std::io::Result<tokio::net::TcpStream> {
+        match self.address() {
+            Some(a) => self.pool.connect(a, timeout).await,
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} is not resolved yet", self.config.address),
+            )),
+        }
+    }
+
+    /// Gives a server connection back to the pool, unless the server has moved since it was
+    /// opened (only a DNS name moves, so only those pay for the peer address).
+    pub fn release(&self, io: Io<tokio::net::TcpStream>) {
+        if matches!(self.config.address, Address::Name { .. })
+            && io.stream.peer_addr().ok() != self.address()
+        {
+            return;
+        }
+        self.pool.put(io);
+    }
+
     /// May take a new session.
     pub fn takes_new(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.addressed.load(Ordering::Relaxed)
+            && self.up.load(Ordering::Relaxed)
             && self.admin.load() == AdminState::Ready
             && self.weight.load(Ordering::Relaxed) > 0
     }
 
     /// May take a session stuck to it.
     pub fn takes_stuck(&self) -> bool {
-        self.up.load(Ordering::Relaxed) && self.admin.load() != AdminState::Maint
+        self.addressed.load(Ordering::Relaxed)
+            && self.up.load(Ordering::Relaxed)
+            && self.admin.load() != AdminState::Maint
     }
 
     pub fn is_full(&self) -> bool {
@@ -208,12 +280,12 @@ impl BackendRt {
     /// waiting up to `queue` while every usable server is full.
     pub async fn acquire(
         &self,
-        client: IpAddr,
+        req: Request<'_>,
         exclude: Option<usize>,
         queue: Duration,
     ) -> Result<Slot<'_>, NoServer> {
         // The usual case first: a server has room, and nothing waits or reads the clock.
-        if let Some(i) = self.balancer.pick(&self.candidates(exclude), client)
+        if let Some(i) = self.balancer.pick(&self.candidates(exclude), req)
             && let Some(slot) = self.try_take(i)
         {
             return Ok(slot);
@@ -227,7 +299,7 @@ impl BackendRt {
             if cands.is_empty() && exclude.is_some() {
                 cands = self.candidates(None);
             }
-            if let Some(i) = self.balancer.pick(&cands, client)
+            if let Some(i) = self.balancer.pick(&cands, req)
                 && let Some(slot) = self.try_take(i)
             {
                 return Ok(slot);
@@ -273,6 +345,11 @@ impl BackendRt {
     pub fn server_index(&self, name: &str) -> Option<usize> {
         self.servers.iter().position(|s| s.name == name)
     }
+
+    /// The server a persistence cookie's value names, if any.
+    pub fn cookie_index(&self, value: &str) -> Option<usize> {
+        self.servers.iter().position(|s| s.config.cookie == value)
+    }
 }
 
 /// What every connection task of a worker shares.
@@ -305,28 +382,17 @@ impl Shared {
             .iter()
             .map(|b| BackendRt {
                 name: b.name.clone(),
-                balancer: Balancer::new(b.balance, b.servers.len()),
+                balancer: Balancer::new(&b.balance, b.servers.len()),
                 servers: b
                     .servers
                     .iter()
-                    .map(|s| ServerRt {
-                        name: s.name.clone(),
-                        address: s.address,
-                        pool: Pool::new(d.pool_max_idle, d.timeout_pool_idle),
-                        config: s.clone(),
-                        up: AtomicBool::new(
-                            !s.check
-                                || health
-                                    .get(&(b.name.clone(), s.name.clone()))
-                                    .copied()
-                                    .unwrap_or(true),
-                        ),
-                        admin: AtomicAdminState::new(AdminState::Ready),
-                        weight: AtomicU32::new(s.weight),
-                        active: AtomicU32::new(0),
-                        requests: AtomicU64::new(0),
-                        responses: Default::default(),
-                        errors: AtomicU64::new(0),
+                    .map(|s| {
+                        let up = !s.check
+                            || health
+                                .get(&(b.name.clone(), s.name.clone()))
+                                .copied()
+                                .unwrap_or(true);
+                        ServerRt::new(s, Pool::new(d.pool_max_idle, d.timeout_pool_idle), up)
                     })
                     .collect(),
                 freed: tokio::sync::Notify::new(),
@@ -366,7 +432,9 @@ impl Shared {
                 out.push(proto::proxyd::v1::ServerState {
                     backend: b.name.clone(),
                     server: s.name.clone(),
-                    address: s.address.to_string(),
+                    address: s
+                        .address()
+                        .map_or_else(|| s.config.address.to_string(), |a| a.to_string()),
                     health: match (s.config.check, s.up.load(Ordering::Relaxed)) {
                         (false, _) => "no-check",
                         (true, true) => "up",

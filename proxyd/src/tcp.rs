@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::balance::Request;
 use crate::config::StickOn;
 use crate::net::{ClientInfo, ClientStream};
 use crate::shared::{NoServer, Shared};
@@ -42,11 +43,17 @@ pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, mut c
         Some(i) => match backend.acquire_on(i, d.timeout_queue).await {
             Err(NoServer::Unavailable) if bconf.redispatch => {
                 store = true;
-                backend.acquire(ip, Some(i), d.timeout_queue).await
+                backend
+                    .acquire(Request::client(ip), Some(i), d.timeout_queue)
+                    .await
             }
             r => r,
         },
-        None => backend.acquire(ip, None, d.timeout_queue).await,
+        None => {
+            backend
+                .acquire(Request::client(ip), None, d.timeout_queue)
+                .await
+        }
     };
     let Ok(mut slot) = got else {
         tracing::info!(target: "proxyd::access", client = %peer, backend = %backend.name, "no server, closing");
@@ -55,7 +62,7 @@ pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, mut c
     let mut attempt = 0;
     let mut server_conn = loop {
         let server = slot.server();
-        match server.pool.connect(server.address, d.timeout_connect).await {
+        match server.connect(d.timeout_connect).await {
             Ok(s) => break s,
             Err(e) if attempt < bconf.retries => {
                 attempt += 1;
@@ -63,7 +70,10 @@ pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, mut c
                 if bconf.redispatch && (attempt == bconf.retries || !server.takes_stuck()) {
                     let prev = slot.index;
                     drop(slot);
-                    slot = match backend.acquire(ip, Some(prev), d.timeout_queue).await {
+                    slot = match backend
+                        .acquire(Request::client(ip), Some(prev), d.timeout_queue)
+                        .await
+                    {
                         Ok(s) => s,
                         Err(_) => return,
                     };

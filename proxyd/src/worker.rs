@@ -325,9 +325,13 @@ async fn run(
             a.weight,
         );
     }
+    // Server names are resolved before the first request may need them.
+    let resolvers = crate::resolve::watch::Resolvers::for_config(&config);
+    crate::resolve::watch::first_round(proxy.shared(), &resolvers).await;
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
     let checks_stop = CancellationToken::new();
     crate::health::spawn_all(proxy.shared(), health_tx, checks_stop.clone());
+    crate::resolve::watch::spawn_all(proxy.shared(), &resolvers, checks_stop.clone());
     if let Err(e) = proxy.start(listeners) {
         let _ = control.send(&failed(format!("cannot serve: {e}"))).await;
         return EXIT_FAILURE;

@@ -11,6 +11,7 @@
 //! - `rules`: a frontend's `[[frontend.rule]]`s, checked and compiled into [`crate::rules`].
 
 pub mod access_log;
+mod backend;
 mod raw;
 mod rules;
 #[cfg(test)]
@@ -44,6 +45,8 @@ pub struct Config {
     pub backends: Vec<Backend>,
     /// The TLS settings the binds refer to by index: every `[[tls]]`, then each bind's own.
     pub tls: Vec<tls::Tls>,
+    /// The `[[resolvers]]` that backends refer to by index.
+    pub resolvers: Vec<Resolvers>,
     /// What is worth saying about a valid config (a certificate about to expire): `check`
     /// prints these, the master logs them; each reads `file:line:column: reason` like an error.
     pub warnings: Vec<ConfigError>,
@@ -66,6 +69,8 @@ pub struct Global {
     pub server_state_file: Option<PathBuf>,
     /// Where each request's line goes, and in which format.
     pub access_log: access_log::AccessLog,
+    /// How often servers named by DNS are resolved again, unless their backend says otherwise.
+    pub resolve_interval: StdDuration,
 }
 
 /// Timeouts shared by every frontend and backend (HAProxy's `defaults` section).
@@ -110,8 +115,8 @@ pub enum Mode {
     Tcp,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// How a backend chooses a server for a request that no cookie or stick rule sends elsewhere.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Balance {
     /// Smooth weighted round robin (nginx's): weights spread evenly, not in bursts.
     Roundrobin,
@@ -119,6 +124,72 @@ pub enum Balance {
     Leastconn,
     /// A hash of the client address over the weights.
     Source,
+    /// Two servers drawn at random by weight; the less loaded (relative to weight) of them
+    /// (HAProxy's `random(2)`: the power of two choices).
+    Random,
+    /// A hash of the request's path over the weights (HAProxy's `balance uri`).
+    Uri(UriHash),
+    /// A hash of a request field's value over the weights; round robin for a request without
+    /// the field (HAProxy's `balance hdr(NAME)`).
+    Hdr(String),
+}
+
+/// Which part of the request target `balance = "uri"` hashes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UriHash {
+    /// The query string too, not only the path.
+    pub whole: bool,
+    /// Only the first `depth` directories of the path; 0: all of it.
+    pub depth: u32,
+}
+
+/// Cookie persistence by a cookie naming the server (HAProxy's `cookie NAME insert`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cookie {
+    pub name: String,
+    /// proxyd sets the cookie on responses of a client without a valid one; otherwise it only
+    /// reads the one the servers set (HAProxy's passive mode).
+    pub insert: bool,
+    /// The cookie is removed from requests before they reach the server.
+    pub indirect: bool,
+    /// A response that sets the cookie gets `Cache-Control: private`, so that no shared cache
+    /// hands one client's server to others.
+    pub nocache: bool,
+    /// What follows `NAME=VALUE` in the `Set-Cookie` field: `; Path=/` and the attributes
+    /// configured (Domain, Max-Age, HttpOnly, Secure), written once here.
+    pub attributes: String,
+}
+
+/// Where a server is: an address, or a DNS name resolved at start and every
+/// `resolve_interval`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Address {
+    Ip(SocketAddr),
+    Name {
+        host: String,
+        port: u16,
+        /// Where the name is written, for the error when it cannot be resolved.
+        span: std::ops::Range<usize>,
+    },
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Ip(a) => a.fmt(f),
+            Address::Name { host, port, .. } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// A `[[resolvers]]` section: the nameservers that resolve the server names of the backends
+/// that use it (HAProxy's `resolvers`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolvers {
+    pub name: String,
+    pub nameservers: Vec<SocketAddr>,
+    /// One query's wait for an answer, before the next nameserver is asked.
+    pub timeout: StdDuration,
 }
 
 #[derive(Clone, Debug)]
@@ -182,12 +253,22 @@ pub struct Backend {
     pub forwardfor: Option<ForwardFor>,
     /// Set `Forwarded` (RFC 7239: `for`, `proto`, `host`), HAProxy's `option forwarded`.
     pub forwarded: bool,
+    /// Persistence by a cookie naming the server; a valid cookie wins over the stick rule.
+    pub cookie: Option<Cookie>,
+    /// Index into `Config::resolvers` for the servers named by DNS; none: the system's resolver.
+    pub resolvers: Option<usize>,
+    /// How often servers named by DNS are resolved again.
+    pub resolve_interval: StdDuration,
 }
 
 #[derive(Clone, Debug)]
 pub struct Server {
     pub name: String,
-    pub address: SocketAddr,
+    pub address: Address,
+    /// The value of the backend's persistence cookie that names this server (default: its
+    /// name): a name, not an index, so that it means the same server after a reload and on
+    /// every node.
+    pub cookie: String,
     pub weight: u32,
     /// Requests (HTTP) or connections (TCP) at once; 0: no limit.
     pub maxconn: u32,
@@ -213,6 +294,8 @@ pub enum CheckKind {
 #[derive(Clone, Debug)]
 pub struct Check {
     pub kind: CheckKind,
+    /// The `Host` of an HTTP check; none: the server's address as written.
+    pub host: Option<String>,
 }
 
 /// What a stick rule keys on.

@@ -10,7 +10,7 @@ use common::config::Spanned;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
-use super::{Balance, Mode};
+use super::Mode;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +25,9 @@ pub(super) struct RawConfig {
     /// Named TLS settings that binds refer to by name.
     #[serde(default)]
     pub(super) tls: Vec<Spanned<RawTls>>,
+    /// Named nameserver sets that backends resolve their server names through.
+    #[serde(default)]
+    pub(super) resolvers: Vec<Spanned<RawResolvers>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -44,6 +47,7 @@ pub(super) struct RawGlobal {
     pub(super) syslog_socket: Option<Spanned<PathBuf>>,
     pub(super) syslog_format: Option<Spanned<super::access_log::SyslogFormat>>,
     pub(super) syslog_facility: Option<Spanned<super::access_log::Facility>>,
+    pub(super) resolve_interval: Option<Spanned<Duration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,7 +94,8 @@ pub(super) struct RawFrontend {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBackend {
     pub(super) name: Spanned<String>,
-    pub(super) balance: Option<Balance>,
+    /// `"roundrobin"`, `"hdr(NAME)"`... or `{ type = "uri", whole = true, depth = 2 }`.
+    pub(super) balance: Option<Spanned<Shorthand<RawBalance>>>,
     #[serde(default)]
     pub(super) server: Vec<Spanned<RawServer>>,
     pub(super) check: Option<Spanned<RawCheck>>,
@@ -100,6 +105,46 @@ pub(super) struct RawBackend {
     pub(super) forwardfor: Option<bool>,
     pub(super) forwardfor_except: Option<Spanned<String>>,
     pub(super) forwarded: Option<bool>,
+    pub(super) cookie: Option<Spanned<RawCookie>>,
+    /// The name of a `[[resolvers]]` for the servers named by DNS.
+    pub(super) resolvers: Option<Spanned<String>>,
+    pub(super) resolve_interval: Option<Spanned<Duration>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBalance {
+    #[serde(rename = "type")]
+    pub(super) kind: Spanned<String>,
+    /// uri: the query string too.
+    pub(super) whole: Option<Spanned<bool>>,
+    /// uri: the first N directories of the path.
+    pub(super) depth: Option<Spanned<u32>>,
+    /// hdr: the field whose value is hashed.
+    pub(super) name: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCookie {
+    pub(super) name: Spanned<String>,
+    pub(super) insert: Option<bool>,
+    pub(super) indirect: Option<bool>,
+    pub(super) nocache: Option<bool>,
+    pub(super) httponly: Option<bool>,
+    pub(super) secure: Option<bool>,
+    pub(super) max_age: Option<Spanned<Duration>>,
+    pub(super) domain: Option<Spanned<String>>,
+    pub(super) path: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawResolvers {
+    pub(super) name: Spanned<String>,
+    /// `ip:port` of each nameserver, asked in order.
+    pub(super) nameservers: Spanned<Vec<Spanned<String>>>,
+    pub(super) timeout: Option<Spanned<Duration>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +159,8 @@ pub(super) struct RawServer {
     pub(super) inter: Option<Spanned<Duration>>,
     pub(super) rise: Option<Spanned<u32>>,
     pub(super) fall: Option<Spanned<u32>>,
+    /// The value of the backend's cookie that names this server (default: its name).
+    pub(super) cookie: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +174,8 @@ pub(super) struct RawCheck {
     pub(super) inter: Option<Spanned<Duration>>,
     pub(super) rise: Option<Spanned<u32>>,
     pub(super) fall: Option<Spanned<u32>>,
+    /// The `Host` field of an HTTP check.
+    pub(super) host: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -13,8 +13,8 @@ use common::{ConfigError, Duration, SourceFile};
 use super::raw::{RawBind, RawConfig, Shorthand};
 use super::tls::{Tls, TlsCheck};
 use super::{
-    Backend, Balance, Bind, CertificateSource, Check, CheckKind, Cidr, Config, Defaults,
-    ForwardFor, Frontend, Global, Mode, RedirectHttps, Server, Stick, StickOn,
+    Backend, Balance, Bind, CertificateSource, Cidr, Config, Defaults, ForwardFor, Frontend,
+    Global, Mode, RedirectHttps, Server, Stick, StickOn,
 };
 
 /// Most concurrent HTTP/2 streams a connection may be offered: each is a task and a server
@@ -93,7 +93,13 @@ pub(super) fn validate(
             syslog_facility: g.syslog_facility,
         },
     )?;
+    let resolve_interval = super::backend::resolve_interval(
+        &src,
+        g.resolve_interval,
+        super::backend::DEFAULT_RESOLVE_INTERVAL,
+    )?;
     let global = Global {
+        resolve_interval,
         access_log,
         admin_socket,
         stickd_socket,
@@ -157,6 +163,8 @@ pub(super) fn validate(
     };
     let default_forwardfor = forwardfor(&src, d.forwardfor, d.forwardfor_except)?;
 
+    let (resolvers, resolver_names) = super::backend::resolvers(&src, raw.resolvers)?;
+    let mut warnings = Vec::new();
     let mut backends = Vec::with_capacity(raw.backend.len());
     let mut backend_names: HashMap<String, usize> = HashMap::new();
     for b in raw.backend {
@@ -169,87 +177,7 @@ pub(super) fn validate(
         if b.server.is_empty() {
             return Err(src.error_at(b_span, format!("backend '{name}' has no server")));
         }
-        let check_span = b.check.as_ref().map(Spanned::span);
-        let (check, inter, rise, fall) = match b.check {
-            None => (
-                Check {
-                    kind: CheckKind::Tcp,
-                },
-                None,
-                None,
-                None,
-            ),
-            Some(c) => {
-                let c = c.into_inner();
-                let kind = match c.kind.as_ref().map(|k| k.get_ref().as_str()) {
-                    None | Some("tcp")
-                        if c.path.is_none() && c.method.is_none() && c.expect_status.is_none() =>
-                    {
-                        CheckKind::Tcp
-                    }
-                    None | Some("http") => {
-                        let method = c
-                            .method
-                            .map_or_else(|| "GET".to_owned(), Spanned::into_inner);
-                        if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-                            return Err(src.error_at(
-                                check_span.clone().unwrap_or_default(),
-                                format!("bad check method '{method}' in backend '{name}'"),
-                            ));
-                        }
-                        let path = match c.path {
-                            None => "/".to_owned(),
-                            Some(p)
-                                if p.get_ref().starts_with('/')
-                                    && !p.get_ref().bytes().any(|b| {
-                                        b.is_ascii_whitespace() || b.is_ascii_control()
-                                    }) =>
-                            {
-                                p.into_inner()
-                            }
-                            Some(p) => {
-                                return Err(src.error_at(
-                                    p.span(),
-                                    format!(
-                                        "bad check path '{}' (must start with '/', no spaces)",
-                                        p.get_ref()
-                                    ),
-                                ));
-                            }
-                        };
-                        let expect_status = match c.expect_status {
-                            None => 200,
-                            Some(s) if (100..=599).contains(s.get_ref()) => *s.get_ref(),
-                            Some(s) => {
-                                return Err(src.error_at(
-                                    s.span(),
-                                    "expect_status must be between 100 and 599",
-                                ));
-                            }
-                        };
-                        CheckKind::Http {
-                            method,
-                            path,
-                            expect_status,
-                        }
-                    }
-                    Some("tcp") => {
-                        return Err(src.error_at(
-                            check_span.clone().unwrap_or_default(),
-                            "a tcp check takes no method, path or expect_status",
-                        ));
-                    }
-                    Some(other) => {
-                        let span = c.kind.as_ref().map(Spanned::span).unwrap_or_default();
-                        return Err(src.error_at(
-                            span,
-                            format!("unknown check type '{other}' (tcp or http)"),
-                        ));
-                    }
-                };
-                (Check { kind }, c.inter, c.rise, c.fall)
-            }
-        };
+        let (check, inter, rise, fall) = super::backend::check(&src, b.check, &name)?;
         let b_inter = checked_inter(&src, inter.as_ref())?.unwrap_or(StdDuration::from_secs(2));
         let b_rise = checked_count(&src, rise.as_ref(), "rise")?.unwrap_or(2);
         let b_fall = checked_count(&src, fall.as_ref(), "fall")?.unwrap_or(3);
@@ -263,17 +191,17 @@ pub(super) fn validate(
                     format!("duplicate server name '{sname}' in backend '{name}'"),
                 ));
             }
-            let address = s.address.get_ref().parse::<SocketAddr>().map_err(|_| {
-                src.error_at(
-                    s.address.span(),
+            let address = super::backend::server_address(&src, &s.address)?;
+            let cookie_at = s.cookie.as_ref().map(Spanned::span);
+            let cookie = super::backend::server_cookie(&src, s.cookie, &sname)?;
+            if let Some(other) = servers.iter().find(|x| x.cookie == cookie) {
+                return Err(src.error_at(
+                    cookie_at.unwrap_or_else(|| s.name.span()),
                     format!(
-                        "bad server address '{}' (expected ip:port)",
-                        s.address.get_ref()
+                        "server cookie '{cookie}' is already server '{}''s in backend '{name}'",
+                        other.name
                     ),
-                )
-            })?;
-            if address.port() == 0 {
-                return Err(src.error_at(s.address.span(), "server port must not be 0"));
+                ));
             }
             let weight = match s.weight {
                 None => 1,
@@ -283,6 +211,7 @@ pub(super) fn validate(
             servers.push(Server {
                 name: sname,
                 address,
+                cookie,
                 weight,
                 maxconn: s.maxconn.unwrap_or(0),
                 check: s.check,
@@ -343,9 +272,31 @@ pub(super) fn validate(
         } else {
             default_forwardfor.clone()
         };
+        let balance = super::backend::balance(&src, b.balance)?;
+        let cookie = b
+            .cookie
+            .map(|c| {
+                let at = c.span();
+                super::backend::cookie(&src, c).map(|c| (c, at))
+            })
+            .transpose()?;
+        if let (Some((_, at)), Some(_)) = (&cookie, &stick) {
+            // HAProxy's order: a server named by a valid cookie is taken before any stick rule
+            // is looked at; the rule still stores the keys it has not seen.
+            warnings.push(src.error_at(
+                at.clone(),
+                format!("backend '{name}' has both a cookie and a stick rule: a valid cookie wins, the stick table routes only requests without one"),
+            ));
+        }
+        let resolvers = super::backend::resolvers_ref(&src, b.resolvers, &resolver_names)?;
+        let resolve_interval =
+            super::backend::resolve_interval(&src, b.resolve_interval, global.resolve_interval)?;
         backends.push(Backend {
             name,
-            balance: b.balance.unwrap_or(Balance::Roundrobin),
+            cookie: cookie.map(|(c, _)| c),
+            resolvers,
+            resolve_interval,
+            balance,
             servers,
             check,
             stick,
@@ -359,7 +310,6 @@ pub(super) fn validate(
     // Certificates are loaded here, so a file that cannot serve fails the config, at the line
     // that names it, wherever the config is loaded (check, master, worker).
     let provider = super::tls::provider();
-    let mut warnings = Vec::new();
     let mut tls_check = TlsCheck {
         src: &src,
         provider: &provider,
@@ -443,6 +393,15 @@ pub(super) fn validate(
             if stick_on_cookie {
                 return Err(src.error_at(db.span(), format!("tcp frontend '{name}' uses backend '{}' whose stick rule needs http (only `src` works in tcp mode)", be.name)));
             }
+            if let Some(why) = http_only(be) {
+                return Err(src.error_at(
+                    db.span(),
+                    format!(
+                        "tcp frontend '{name}' uses backend '{}' whose {why} needs http",
+                        be.name
+                    ),
+                ));
+            }
         }
         let rules = super::rules::RuleCheck {
             src: &src,
@@ -483,8 +442,19 @@ pub(super) fn validate(
         frontends,
         backends,
         tls,
+        resolvers,
         warnings,
     })
+}
+
+/// What in a backend reads HTTP requests, which a tcp frontend has not.
+fn http_only(b: &Backend) -> Option<&'static str> {
+    match (&b.cookie, &b.balance) {
+        (Some(_), _) => Some("cookie"),
+        (None, Balance::Uri(_)) => Some("balance uri"),
+        (None, Balance::Hdr(_)) => Some("balance hdr"),
+        _ => None,
+    }
 }
 
 /// What validating one frontend's binds needs from the rest of the config.
@@ -773,7 +743,11 @@ fn required_path(
 }
 
 /// Names appear in logs, metrics and admin output: keep them to a safe alphabet.
-fn checked_name(src: &SourceFile, n: &Spanned<String>, what: &str) -> Result<String, ConfigError> {
+pub(super) fn checked_name(
+    src: &SourceFile,
+    n: &Spanned<String>,
+    what: &str,
+) -> Result<String, ConfigError> {
     let s = n.get_ref();
     let ok = !s.is_empty()
         && s.len() <= 64

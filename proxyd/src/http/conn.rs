@@ -276,7 +276,7 @@ async fn forward_response<C: ClientStream>(
         }
     }
     if keep_alive && srv.buf.is_empty() {
-        slot.server().pool.put(srv);
+        slot.server().release(srv);
     }
     // The client learned about the close from the response, which is now complete.
     if close { Next::Close } else { Next::KeepAlive }

@@ -16,7 +16,9 @@ use tracing::Instrument;
 use super::body::{self, BodyError};
 use super::head::{self, Framing, HeadError, RequestHead, ResponseHead};
 use super::log::Log;
-use crate::config::StickOn;
+use super::persist;
+use crate::balance::{self, Request};
+use crate::config::{Balance, StickOn};
 use crate::net::{ClientInfo, Io};
 use crate::shared::{NoServer, ServerRt, Shared, Slot};
 
@@ -168,6 +170,18 @@ pub async fn exchange<'s, D: Downstream>(
         req.set_field("Forwarded", &value);
     }
 
+    // The persistence cookie: the server it names, if it is known and usable; read before
+    // `indirect` takes it out of what the server will see.
+    let named = bconf.cookie.as_ref().and_then(|c| {
+        let i = backend.cookie_index(req.cookie(&c.name)?)?;
+        backend.servers[i].takes_stuck().then_some(i)
+    });
+    if let Some(c) = &bconf.cookie
+        && c.indirect
+    {
+        req.remove_cookie(&c.name);
+    }
+
     // The stick rule: which key, and which server it is stuck to (from the local cache only).
     let stick = bconf
         .stick
@@ -189,18 +203,28 @@ pub async fn exchange<'s, D: Downstream>(
         .and_then(|(cache, t, k)| cache.lookup_with(*t, k, |name| backend.server_index(name)))
         .flatten();
     let queue = d.timeout_queue;
+    let pick = Request {
+        client: client_ip,
+        key: hash_key(&bconf.balance, req),
+    };
     // Whether the key must be (re)stored once a server answers.
     let mut store_key = key.is_some() && stuck.is_none();
-    let got = match stuck {
-        Some(i) => match backend.acquire_on(i, queue).await {
+    let got = match (named, stuck) {
+        // A valid cookie wins over the stick table (HAProxy's order); its server going down
+        // meanwhile sends the request elsewhere, and the response sets the cookie anew.
+        (Some(i), _) => match backend.acquire_on(i, queue).await {
+            Err(NoServer::Unavailable) => backend.acquire(pick, Some(i), queue).await,
+            r => r,
+        },
+        (None, Some(i)) => match backend.acquire_on(i, queue).await {
             Err(NoServer::Unavailable) if bconf.redispatch => {
                 log.redispatched = true;
                 store_key = true;
-                backend.acquire(client_ip, Some(i), queue).await
+                backend.acquire(pick, Some(i), queue).await
             }
             r => r,
         },
-        None => backend.acquire(client_ip, None, queue).await,
+        (None, None) => backend.acquire(pick, None, queue).await,
     };
     log.stick = match (key.is_some(), stuck.is_some(), log.redispatched) {
         (false, _, _) => "-",
@@ -220,7 +244,7 @@ pub async fn exchange<'s, D: Downstream>(
     };
 
     let mut attempt = 0;
-    let (srv, resp) = loop {
+    let (srv, mut resp) = loop {
         log.server = Some((b, slot.index));
         let server = slot.server();
         let span = tracing::debug_span!("request", server = %server.name, method = %req.method());
@@ -261,7 +285,7 @@ pub async fn exchange<'s, D: Downstream>(
         if bconf.redispatch && (last || !slot.server().takes_stuck()) {
             let prev = slot.index;
             drop(slot);
-            slot = match backend.acquire(client_ip, Some(prev), queue).await {
+            slot = match backend.acquire(pick, Some(prev), queue).await {
                 Ok(s) => s,
                 Err(_) => return Err(Unanswered::Fail(Status::ServiceUnavailable)),
             };
@@ -276,6 +300,9 @@ pub async fn exchange<'s, D: Downstream>(
     };
     log.status = resp.status;
     let server = slot.server();
+    if let Some(c) = &bconf.cookie {
+        persist::on_response(c, named, slot.index, &server.config.cookie, &mut resp);
+    }
     if let Some((cache, t, k)) = &key
         && store_key
     {
@@ -288,6 +315,16 @@ pub async fn exchange<'s, D: Downstream>(
         cache.store(t, value, &server.name);
     }
     Ok(Answer { slot, srv, resp })
+}
+
+/// The bytes a hashing balance hashes for this request; none for the other algorithms, and
+/// for `hdr` when the request has no such field (the balancer then goes round robin).
+fn hash_key<'r>(balance: &'r Balance, req: &'r RequestHead) -> Option<&'r [u8]> {
+    match balance {
+        Balance::Uri(how) => Some(balance::uri_key(req.target(), *how).as_bytes()),
+        Balance::Hdr(name) => req.field(name).map(str::as_bytes),
+        _ => None,
+    }
 }
 
 /// A `Forwarded` element (RFC 7239 §4): an IPv6 node is quoted in brackets, and the host
@@ -472,11 +509,10 @@ async fn send_all(
 
 async fn connect(shared: &Shared, server: &ServerRt) -> Result<TcpStream, Failure> {
     server
-        .pool
-        .connect(server.address, shared.config.defaults.timeout_connect)
+        .connect(shared.config.defaults.timeout_connect)
         .await
         .map_err(|e| {
-            tracing::warn!(error = %e, address = %server.address, "cannot connect to the server");
+            tracing::warn!(error = %e, address = %server.config.address, "cannot connect to the server");
             // HAProxy's answer when no connection could be made (refused or timed out, after
             // the retries and redispatch): 503. 502 and 504 are for a server that took the
             // request and answered badly or not in time.

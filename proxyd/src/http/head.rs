@@ -90,6 +90,50 @@ impl RequestHead {
         std::str::from_utf8(value).ok()
     }
 
+    /// The first value of field `name`, if the request has one (HAProxy's `req.hdr`).
+    pub fn field<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        let value = field_values(&self.upstream[self.target_end..], name).next()?;
+        std::str::from_utf8(value).ok()
+    }
+
+    /// Removes cookie `name` from the `Cookie` fields sent upstream (a field left empty goes
+    /// too): the server never sees the proxy's own persistence cookie.
+    pub fn remove_cookie(&mut self, name: &str) {
+        let Some(at) = self.cookie_at else {
+            return;
+        };
+        let named = |pair: &[u8]| {
+            pair.iter()
+                .position(|b| *b == b'=')
+                .is_some_and(|eq| pair[..eq].trim_ascii() == name.as_bytes())
+        };
+        let mut kept = Vec::with_capacity(self.upstream.len());
+        kept.extend_from_slice(&self.upstream[..at]);
+        let mut cookie_at = None;
+        for line in self.upstream[at..].split_inclusive(|b| *b == b'\n') {
+            if !is_field(line, "cookie") {
+                kept.extend_from_slice(line);
+                continue;
+            }
+            let body = line.trim_ascii_end();
+            let colon = body.iter().position(|b| *b == b':').unwrap_or(0);
+            let pairs: Vec<&[u8]> = body[colon + 1..]
+                .split(|b| *b == b';')
+                .map(<[u8]>::trim_ascii)
+                .filter(|p| !p.is_empty() && !named(p))
+                .collect();
+            if pairs.is_empty() {
+                continue;
+            }
+            cookie_at.get_or_insert(kept.len());
+            kept.extend_from_slice(b"Cookie: ");
+            kept.extend_from_slice(&pairs.join(&b"; "[..]));
+            kept.extend_from_slice(b"\r\n");
+        }
+        self.upstream = kept;
+        self.cookie_at = cookie_at;
+    }
+
     /// Replaces every field called `name` in the head sent upstream by one with `value`: what
     /// the proxy says there, the client cannot.
     pub fn set_field(&mut self, name: &str, value: &str) {
@@ -280,6 +324,50 @@ impl ResponseHead {
                 .then(|| cookie_value(&pair[eq + 1..]))
                 .flatten()
         })
+    }
+
+    /// Adds a field to the head sent to the client.
+    pub fn add_field(&mut self, name: &str, value: &str) {
+        if self.set_cookie_at.is_none() && name.eq_ignore_ascii_case("set-cookie") {
+            self.set_cookie_at = Some(self.fields.len());
+        }
+        self.fields.extend_from_slice(name.as_bytes());
+        self.fields.extend_from_slice(b": ");
+        self.fields.extend_from_slice(value.as_bytes());
+        self.fields.extend_from_slice(b"\r\n");
+    }
+
+    /// Removes the `Set-Cookie` fields that set cookie `name` (the proxy sets its own).
+    pub fn remove_set_cookie(&mut self, name: &str) {
+        let Some(at) = self.set_cookie_at else {
+            return;
+        };
+        let sets = |line: &[u8]| {
+            is_field(line, "set-cookie")
+                && line.iter().position(|b| *b == b':').is_some_and(|c| {
+                    let pair = line[c + 1..]
+                        .split(|b| *b == b';')
+                        .next()
+                        .unwrap_or_default();
+                    pair.iter()
+                        .position(|b| *b == b'=')
+                        .is_some_and(|eq| pair[..eq].trim_ascii() == name.as_bytes())
+                })
+        };
+        let mut kept = Vec::with_capacity(self.fields.len());
+        kept.extend_from_slice(&self.fields[..at]);
+        let mut set_cookie_at = None;
+        for line in self.fields[at..].split_inclusive(|b| *b == b'\n') {
+            if sets(line) {
+                continue;
+            }
+            if set_cookie_at.is_none() && is_field(line, "set-cookie") {
+                set_cookie_at = Some(kept.len());
+            }
+            kept.extend_from_slice(line);
+        }
+        self.fields = kept;
+        self.set_cookie_at = set_cookie_at;
     }
 
     /// The end-to-end fields as (name, value), in order (the framing field included).

@@ -10,6 +10,7 @@ pub mod fields;
 pub mod h2;
 pub mod head;
 pub mod log;
+pub mod persist;
 pub mod redirect;
 pub mod route;
 pub mod tunnel;

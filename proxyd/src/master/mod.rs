@@ -367,7 +367,7 @@ impl Master {
     fn begin_reload(&mut self, reply: Option<ReloadReply>, asked: Instant) {
         notify::reloading("reloading");
         tracing::info!(config = %self.config_path.display(), "reloading");
-        let config = match Config::load(&self.config_path) {
+        let config = match crate::resolve::load(&self.config_path) {
             Ok(c) => c,
             Err(e) => {
                 self.finish_reload(reply, asked, 0, Err(ReloadError::Config(e)), Vec::new());

@@ -139,6 +139,11 @@ impl Pool {
         drop(closed);
     }
 
+    /// Closes every idle connection (the server moved to another address).
+    pub fn clear(&self) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     pub fn idle_count(&self) -> usize {
         self.lock().len()
     }

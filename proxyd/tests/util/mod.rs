@@ -52,9 +52,16 @@ pub async fn backend<F>(script: F) -> Backend
 where
     F: Fn(&Seen) -> Action + Send + Sync + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind backend");
+    backend_at("127.0.0.1:0".parse().expect("address"), script).await
+}
+
+/// Starts a backend on `at` (another loopback address, a port chosen before) that answers each
+/// request with `script`.
+pub async fn backend_at<F>(at: SocketAddr, script: F) -> Backend
+where
+    F: Fn(&Seen) -> Action + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind(at).await.expect("bind backend");
     let addr = listener.local_addr().expect("addr");
     let connections = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));

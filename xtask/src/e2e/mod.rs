@@ -4,6 +4,7 @@
 //! A scenario is a plain async fn taking its [`Env`]; to add a group of them, write a module
 //! with a `scenarios()` function returning [`Scenario`]s and append it in [`all`].
 
+mod backend;
 mod import;
 pub mod lb;
 mod printed;
@@ -71,6 +72,7 @@ pub fn all() -> Vec<Scenario> {
     all.extend(printed::scenarios());
     all.extend(websocket::scenarios());
     all.extend(routing::scenarios());
+    all.extend(backend::scenarios());
     all
 }
 

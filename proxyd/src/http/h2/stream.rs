@@ -329,7 +329,7 @@ async fn forward_response(
         }
     }
     if resp.keep_alive && srv.buf.is_empty() {
-        slot.server().pool.put(srv);
+        slot.server().release(srv);
     }
     End::Done
 }
