@@ -96,7 +96,7 @@ enum Cmd {
         /// Install HAProxy, nginx, wrk and the plot's font with apt-get if missing (root only).
         #[arg(long)]
         install: bool,
-        /// Run only the sections whose id contains this (http, reload, kill, peers, stickd, cache).
+        /// Run only the sections whose id contains this (http, tls, reload, kill, peers, stickd, cache).
         #[arg(long)]
         only: Option<String>,
         /// Use the release binaries already in target/release instead of building them.

@@ -14,6 +14,7 @@ mod reload;
 mod report;
 pub mod stats;
 mod stickd;
+mod tls;
 pub mod tools;
 
 use std::path::PathBuf;
@@ -75,6 +76,11 @@ const SECTIONS: &[Entry] = &[
         id: "http",
         title: "HTTP proxying: direct, proxyd, HAProxy, nginx",
         run: |c| Box::pin(http::run(c)),
+    },
+    Entry {
+        id: "tls",
+        title: "TLS: handshakes, keep-alive, HTTP/2, idle connections",
+        run: |c| Box::pin(tls::run(c)),
     },
     Entry {
         id: "reload",

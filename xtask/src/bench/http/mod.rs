@@ -7,8 +7,8 @@
 //! neighbour on the shared machine hits all of them alike.
 
 mod report;
-mod targets;
-mod wrk;
+pub(super) mod targets;
+pub(super) mod wrk;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -330,7 +330,7 @@ async fn measure(
 }
 
 /// The 1-minute load average, from /proc/loadavg.
-fn loadavg() -> String {
+pub(super) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_owned))
@@ -338,7 +338,7 @@ fn loadavg() -> String {
 }
 
 /// Waits (at most 3 s) until `pids` use at most one clock tick (10 ms) over 100 ms.
-async fn settle(pids: &[u32]) {
+pub(super) async fn settle(pids: &[u32]) {
     const WINDOW: Duration = Duration::from_millis(100);
     if pids.is_empty() {
         return;

@@ -275,7 +275,7 @@ pub(super) async fn start_nginx(
 }
 
 /// Waits until `addr` accepts, failing at once (with its log) if `proc` exits first.
-async fn wait_listening(mut proc: Proc, addr: SocketAddr) -> Result<Proc> {
+pub(in crate::bench) async fn wait_listening(mut proc: Proc, addr: SocketAddr) -> Result<Proc> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -299,7 +299,7 @@ async fn wait_listening(mut proc: Proc, addr: SocketAddr) -> Result<Proc> {
 }
 
 /// Runs `prog args.. config` (a config check) and fails with what it said.
-fn check_config(prog: &Path, args: &[&str], config: &Path) -> Result<()> {
+pub(in crate::bench) fn check_config(prog: &Path, args: &[&str], config: &Path) -> Result<()> {
     let out = std::process::Command::new(prog)
         .args(args)
         .arg(config)
