@@ -40,7 +40,9 @@ pub fn parse_h2load(text: &str) -> Result<H2loadResult> {
                 let (Some(n), Some(what)) = (w.next(), w.next()) else {
                     continue;
                 };
-                let n: u64 = n.parse().with_context(|| format!("bad count in {part:?}"))?;
+                let n: u64 = n
+                    .parse()
+                    .with_context(|| format!("bad count in {part:?}"))?;
                 match what {
                     "done" => r.done = n,
                     "failed" | "errored" | "timeout" => r.failed += n,

@@ -156,8 +156,8 @@ struct Shape {
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Section> {
-    let h2load = tools::which("h2load")
-        .context("h2load is missing: `apt-get install nghttp2-client`")?;
+    let h2load =
+        tools::which("h2load").context("h2load is missing: `apt-get install nghttp2-client`")?;
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     let limit = raise_nofile(hard);
     let mut shape = Shape {
@@ -195,7 +195,13 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
 /// Raises this process's open-file limit (inherited by the targets it starts) towards
 /// `NOFILE_WANTED`; returns the soft limit now in force.
 fn raise_nofile(hard: u64) -> u64 {
-    if setrlimit(Resource::RLIMIT_NOFILE, NOFILE_WANTED, hard.max(NOFILE_WANTED)).is_ok() {
+    if setrlimit(
+        Resource::RLIMIT_NOFILE,
+        NOFILE_WANTED,
+        hard.max(NOFILE_WANTED),
+    )
+    .is_ok()
+    {
         return NOFILE_WANTED;
     }
     // Not root: as far as the hard limit goes.
@@ -321,13 +327,7 @@ async fn measure(
         rusage(UsageWho::RUSAGE_CHILDREN),
     );
     let duration = Duration::from_secs(secs);
-    let tag = format!(
-        "{}-{:?}-r{}",
-        target.kind.label(),
-        load,
-        round + 1
-    )
-    .to_lowercase();
+    let tag = format!("{}-{:?}-r{}", target.kind.label(), load, round + 1).to_lowercase();
     let (ops, seconds, errors, resumed) = match load {
         Load::FullEcdsa | Load::FullRsa | Load::Resumed => {
             let port = if load == Load::FullRsa {
@@ -350,7 +350,8 @@ async fn measure(
                 format!("https://{}/index.php", target.ports.ecdsa),
             ];
             let text = run_client(env, &format!("wrk-{tag}"), &ctx.tools.wrk, &args, secs).await?;
-            let r = parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))?;
+            let r =
+                parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))?;
             ensure!(r.requests > 0, "wrk completed no request:\n{text}");
             (r.requests, r.seconds, r.non_2xx + r.socket_errors, None)
         }
@@ -408,7 +409,12 @@ async fn run_client(
     let mut p = env.spawn(name, prog, args)?;
     let status = p.wait_exit(Duration::from_secs(secs + 30)).await?;
     let text = p.log_text();
-    ensure!(status.success(), "{} failed ({status}): {}", prog.display(), text.trim());
+    ensure!(
+        status.success(),
+        "{} failed ({status}): {}",
+        prog.display(),
+        text.trim()
+    );
     Ok(text)
 }
 
@@ -433,8 +439,13 @@ async fn measure_idle(target: &Target, n: usize) -> Result<Idle> {
     settle(&[target.pid]).await;
     let before = rss_tree(target.pid);
     let t = Instant::now();
-    let held = client::open_idle(target.ports.ecdsa, n, IDLE_PARALLEL, Duration::from_secs(180))
-        .await?;
+    let held = client::open_idle(
+        target.ports.ecdsa,
+        n,
+        IDLE_PARALLEL,
+        Duration::from_secs(180),
+    )
+    .await?;
     let seconds = t.elapsed().as_secs_f64();
     // The last handshakes' final flight, and whatever a target allocates once a connection is
     // up, are taken in within this.
@@ -462,7 +473,10 @@ fn first_line(prog: &std::path::Path, args: &[&str]) -> String {
         .ok()
         .and_then(|o| {
             let text = String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr);
-            text.lines().map(str::trim).find(|l| !l.is_empty()).map(str::to_owned)
+            text.lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .map(str::to_owned)
         })
         .unwrap_or_else(|| "unknown".to_owned())
 }

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::{CHECK_INTER, Kind, Target, TIMEOUT_IDLE};
+use super::{CHECK_INTER, Kind, TIMEOUT_IDLE, Target};
 use crate::bench::Ctx;
 use crate::bench::http::targets::{check_config, wait_listening};
 use crate::cluster::{self, START_TIMEOUT};
@@ -161,11 +161,7 @@ fall = 3
 }
 
 /// fdkeeper and proxyd; waits until proxyd serves. No stickd: no rule here stores anything.
-pub async fn start_proxyd(
-    env: &mut Env,
-    setup: &Setup,
-    procs: &mut Vec<Proc>,
-) -> Result<Target> {
+pub async fn start_proxyd(env: &mut Env, setup: &Setup, procs: &mut Vec<Proc>) -> Result<Target> {
     let tag = "proxyd";
     let dir = env.path(tag);
     let fdkeeper = cluster::start_fdkeeper(env, tag, "proxyd-fdkeeper").await?;
@@ -253,10 +249,7 @@ pub async fn start_haproxy(
     procs: &mut Vec<Proc>,
 ) -> Result<Target> {
     let ports = Ports::new(env)?;
-    let cfg = env.write(
-        "haproxy/haproxy.cfg",
-        &haproxy_config(ports, setup),
-    )?;
+    let cfg = env.write("haproxy/haproxy.cfg", &haproxy_config(ports, setup))?;
     check_config(&ctx.tools.haproxy, &["-c", "-q", "-f"], &cfg)?;
     let p = env.spawn(
         "haproxy",
@@ -427,25 +420,43 @@ mod tests {
             p.contains("bind = [{ address = \"127.0.0.1:8443\", tls = \"ecdsa\" }, { address = \"127.0.0.1:8444\", tls = \"rsa\" }]"),
             "{p}"
         );
-        assert!(p.contains("certs = [\"/c/rsa.pem\"]\nalpn = [\"h2\", \"http/1.1\"]"), "{p}");
-        assert!(p.contains("threads = 1") && !p.contains("stick"), "{p}");
+        assert!(
+            p.contains("certs = [\"/c/rsa.pem\"]\nalpn = [\"h2\", \"http/1.1\"]"),
+            "{p}"
+        );
+        assert!(
+            p.contains("threads = 1") && !p.contains("[backend.stick]"),
+            "{p}"
+        );
         assert!(p.contains("maxconn = 15000"), "{p}");
-        assert!(p.contains("name = \"app2\"\naddress = \"127.0.0.2:9002\""), "{p}");
+        assert!(
+            p.contains("name = \"app2\"\naddress = \"127.0.0.2:9002\""),
+            "{p}"
+        );
 
         let h = haproxy_config(ports, &setup);
         assert!(
             h.contains("bind 127.0.0.1:8443 ssl crt /c/ecdsa.pem alpn h2,http/1.1\n"),
             "{h}"
         );
-        assert!(h.contains("nbthread 1") && !h.contains("stick"), "{h}");
+        assert!(
+            h.contains("nbthread 1") && !h.contains("stick-table"),
+            "{h}"
+        );
         assert!(h.contains("    maxconn 15000\n"), "{h}");
         assert!(h.contains("server app1 127.0.0.2:9001 check"), "{h}");
 
         let n = nginx_config(Path::new("/n"), ports, &setup, None);
-        assert!(n.contains("listen 127.0.0.1:8444 ssl http2;\n        ssl_certificate /c/rsa.pem;"), "{n}");
+        assert!(
+            n.contains("listen 127.0.0.1:8444 ssl http2;\n        ssl_certificate /c/rsa.pem;"),
+            "{n}"
+        );
         assert!(n.contains("ssl_protocols TLSv1.2 TLSv1.3;"), "{n}");
         assert!(n.contains("worker_connections 15000;"), "{n}");
-        assert!(n.contains("worker_processes 1;") && !n.contains("user "), "{n}");
+        assert!(
+            n.contains("worker_processes 1;") && !n.contains("user "),
+            "{n}"
+        );
         assert!(n.contains("server 127.0.0.2:9002 max_fails=3"), "{n}");
     }
 }
