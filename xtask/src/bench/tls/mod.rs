@@ -151,6 +151,8 @@ struct Shape {
     secs: u64,
     rounds: usize,
     idle: usize,
+    /// The open-file limit every process of the run had.
+    nofile: u64,
     h2load: String,
     openssl: String,
 }
@@ -164,9 +166,12 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         secs: ctx.pick(2, 5),
         rounds: ctx.rounds(3),
         // The client ends, the proxy's ends, and room for the rest.
+        // HAProxy wants two files per connection of its maxconn and refuses to start if it
+        // cannot have them: that, not the client, bounds the idle connections.
         idle: ctx
             .pick(2_000, 10_000)
             .min(limit.saturating_sub(1_000) as usize / 2),
+        nofile: limit,
         h2load: first_line(&h2load, &["--version"]),
         openssl: first_line(std::path::Path::new("openssl"), &["version"]),
     };

@@ -156,11 +156,18 @@ pub(super) fn section(
          (the client keeps only the socket); the resident memory (VmRSS) of every process of \
          the target (proxyd's master and worker, HAProxy's one process, nginx's master and \
          worker) is read before and a second after the last handshake, and the difference \
-         divided by the connections. The open-file limit is raised for the run so that each \
-         side can hold them all.",
+         divided by the connections.",
         shape.idle,
         super::IDLE_PARALLEL
     ));
+    if shape.idle < 10_000 {
+        s.text.push(format!(
+            "{} idle connections rather than 10,000: the open-file limit here is {} and cannot \
+             be raised (no CAP_SYS_RESOURCE), and HAProxy refuses to start with a `maxconn` \
+             that needs more than two files per connection within it.",
+            shape.idle, shape.nofile
+        ));
+    }
     s.notes.extend(verdicts(samples, idle));
     s
 }
