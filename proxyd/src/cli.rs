@@ -1,4 +1,5 @@
-//! What the binary's commands do, kept out of main.rs: `check`, the master's start-up, `reload` and `status`.
+//! What the binary's commands do, kept out of main.rs: `check`, the master's start-up, `reload`,
+//! `status` and `import-haproxy`.
 
 use std::path::{Path, PathBuf};
 
@@ -155,13 +156,14 @@ pub fn status(config_path: &Path, admin_socket: Option<PathBuf>) -> i32 {
             let state = GenerationState::try_from(g.state).map_or("unknown", |st| st.as_str_name());
             let w = g.worker.unwrap_or_default();
             println!(
-                "generation {} {state} pid {} restarts {} connections {} requests {} in flight {}",
+                "generation {} {state} pid {} restarts {} connections {} requests {} in flight {} tunnels {}",
                 g.generation,
                 w.pid,
                 w.restarts,
                 w.active_connections,
                 w.requests_total,
-                w.requests_in_flight
+                w.requests_in_flight,
+                w.tunnels_active
             );
         }
         match &s.last_reload {
@@ -176,6 +178,78 @@ pub fn status(config_path: &Path, admin_socket: Option<PathBuf>) -> i32 {
         }
         EXIT_OK
     })
+}
+
+/// `proxyd servers`: every server with its state, as HAProxy's `show servers state` lists
+/// them (one line each, a header naming the columns).
+pub fn servers(config_path: &Path, admin_socket: Option<PathBuf>, backend: Option<String>) -> i32 {
+    with_admin(config_path, admin_socket, |mut admin| async move {
+        let request = proto::proxyd::v1::ShowServersRequest {
+            backend: backend.unwrap_or_default(),
+        };
+        match admin.show_servers(request).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                println!("# generation {}", r.generation);
+                println!("{}", server_header());
+                for s in &r.servers {
+                    println!("{}", server_line(s));
+                }
+                EXIT_OK
+            }
+            Err(status) => {
+                eprintln!("servers failed: {}", status.message());
+                EXIT_FAILURE
+            }
+        }
+    })
+}
+
+/// `proxyd set-server`: HAProxy's `set server BACKEND/SERVER state ...|weight ...`; the
+/// master applies it to every generation and keeps it across reloads.
+pub fn set_server(
+    config_path: &Path,
+    admin_socket: Option<PathBuf>,
+    request: proto::proxyd::v1::SetServerRequest,
+) -> i32 {
+    with_admin(config_path, admin_socket, |mut admin| async move {
+        match admin.set_server(request).await {
+            Ok(r) => {
+                println!("{}", server_header());
+                if let Some(s) = r.into_inner().server {
+                    println!("{}", server_line(&s));
+                }
+                EXIT_OK
+            }
+            Err(status) => {
+                eprintln!("set-server failed: {}", status.message());
+                match status.code() {
+                    tonic::Code::InvalidArgument | tonic::Code::NotFound => EXIT_CONFIG,
+                    _ => EXIT_FAILURE,
+                }
+            }
+        }
+    })
+}
+
+fn server_header() -> &'static str {
+    "# be_name srv_name srv_addr health admin_state weight active maxconn requests errors"
+}
+
+fn server_line(s: &proto::proxyd::v1::ServerState) -> String {
+    format!(
+        "{} {} {} {} {} {} {} {} {} {}",
+        s.backend,
+        s.server,
+        s.address,
+        s.health,
+        s.admin_state,
+        s.weight,
+        s.active,
+        s.maxconn,
+        s.requests_total,
+        s.errors
+    )
 }
 
 /// `proxyd reload`: calls Admin/Reload on the running master and prints the result.
@@ -223,6 +297,63 @@ fn admin_socket_of(path: &Path) -> Result<PathBuf, common::ConfigError> {
         .and_then(|s| s.as_str())
         .map(PathBuf::from)
         .ok_or_else(|| src.error("no [global] admin_socket to find the running proxyd"))
+}
+
+/// Where `import-haproxy` looks when no `--config` is given.
+pub const HAPROXY_CFG: &str = "/etc/haproxy/haproxy.cfg";
+
+/// `proxyd import-haproxy`'s own arguments (`--config` is the binary's, naming haproxy.cfg).
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The local peer, as `haproxy -L` (default: `localpeer` of haproxy.cfg, else the hostname).
+    #[arg(short = 'L', long = "local-peer", value_name = "NAME")]
+    pub local_peer: Option<String>,
+    /// Rewrite an address of haproxy.cfg (binds, servers, peers) for a try-out:
+    /// `192.168.1.10=127.0.0.1` (every port of an IP) or `*:80=127.0.0.1:8080`.
+    #[arg(long = "map-address", value_name = "OLD=NEW")]
+    pub map_address: Vec<crate::import::AddressMap>,
+    /// Directory the files are written to (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Sockets and stickd's data under DIR instead of /run and /var/lib (a try-out without root).
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Exit 64 if any line is translated only approximately or not at all.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// `proxyd import-haproxy`: writes the files and the report under `--out`, prints the report;
+/// exits 64 on a config it cannot translate, or with `--strict` on any reported line.
+pub fn import_haproxy(config: Option<&Path>, args: &ImportArgs) -> i32 {
+    let config = config.unwrap_or(Path::new(HAPROXY_CFG));
+    let opts = crate::import::Options {
+        local: args.local_peer.clone(),
+        maps: args.map_address.clone(),
+        run_dir: args.run_dir.clone(),
+    };
+    match crate::import::import(config, &args.out, &opts) {
+        Ok(imported) => {
+            print!("{}", imported.report);
+            for (name, _) in &imported.files {
+                eprintln!("wrote {}", args.out.join(name).display());
+            }
+            if args.strict && !imported.report.is_empty() {
+                eprintln!("--strict: some lines are not translated exactly");
+                EXIT_CONFIG
+            } else {
+                EXIT_OK
+            }
+        }
+        Err(e @ crate::import::ImportError::Write { .. }) => {
+            eprintln!("{e}");
+            EXIT_FAILURE
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            EXIT_CONFIG
+        }
+    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,9 @@
 //!   ReloadCertificates) with reflection and health, on a unix socket.
 //! - [`config`]: `proxyd.toml`; only validated configs leave the module, with their
 //!   certificates loaded and checked (`config::tls`).
+//! - [`import`]: `proxyd import-haproxy`, a haproxy.cfg turned into the three daemons' files
+//!   with a report of what did not translate exactly; it uses `config` to validate what it
+//!   writes and nothing else of the crate.
 //!
 //! Imports point down only. The serving half, top to bottom:
 //!
@@ -58,6 +61,7 @@ pub mod config;
 pub mod control;
 pub mod health;
 pub mod http;
+pub mod import;
 pub mod master;
 pub mod metrics;
 pub mod model;

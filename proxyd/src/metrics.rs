@@ -99,6 +99,12 @@ async fn render(handle: &Handle) -> String {
             "counter",
             "requests per generation",
         );
+        metric(
+            &mut out,
+            "proxyd_tunnels_active",
+            "gauge",
+            "switched connections (WebSocket) per generation",
+        );
         for g in &st.generations {
             let state = match api::GenerationState::try_from(g.state) {
                 Ok(api::GenerationState::Serving) => "serving",
@@ -113,6 +119,7 @@ async fn render(handle: &Handle) -> String {
                     w.active_connections
                 );
                 let _ = writeln!(out, "proxyd_requests_total{{{l}}} {}", w.requests_total);
+                let _ = writeln!(out, "proxyd_tunnels_active{{{l}}} {}", w.tunnels_active);
             }
         }
         certificates(&mut out, &st.tls);

@@ -106,6 +106,7 @@ pub struct StatsSnapshot {
     pub active_connections: u64,
     pub requests_total: u64,
     pub requests_in_flight: u64,
+    pub tunnels_active: u64,
 }
 
 /// How long a TLS session-ticket key seals new tickets before the master makes the next one.

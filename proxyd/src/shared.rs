@@ -22,6 +22,8 @@ pub struct Stats {
     pub active_connections: AtomicU64,
     pub requests_total: AtomicU64,
     pub requests_in_flight: AtomicU64,
+    /// Connections switched to another protocol (WebSocket), open now.
+    pub tunnels_active: AtomicU64,
 }
 
 impl Stats {
@@ -30,7 +32,23 @@ impl Stats {
             active_connections: self.active_connections.load(Ordering::Relaxed),
             requests_total: self.requests_total.load(Ordering::Relaxed),
             requests_in_flight: self.requests_in_flight.load(Ordering::Relaxed),
+            tunnels_active: self.tunnels_active.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts a tunnel as open until the guard drops.
+    pub fn tunnel(&self) -> TunnelOpen<'_> {
+        self.tunnels_active.fetch_add(1, Ordering::Relaxed);
+        TunnelOpen(self)
+    }
+}
+
+/// An open tunnel, counted in [`Stats::tunnels_active`].
+pub struct TunnelOpen<'a>(&'a Stats);
+
+impl Drop for TunnelOpen<'_> {
+    fn drop(&mut self) {
+        self.0.tunnels_active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -260,6 +278,9 @@ pub struct Shared {
     pub stats: Stats,
     /// Fired when the worker drains: no more accepting, `Connection: close` on every response.
     pub drain: CancellationToken,
+    /// Fired just before a drain's deadline closes what is left: a WebSocket tunnel says
+    /// goodbye with a close frame to each side.
+    pub closing: CancellationToken,
     pub stick: Option<Arc<StickCache>>,
     pub frontends: Vec<FrontendCounters>,
 }
@@ -322,6 +343,7 @@ impl Shared {
             backends,
             stats: Stats::default(),
             drain: CancellationToken::new(),
+            closing: CancellationToken::new(),
             stick,
         }
     }

@@ -516,6 +516,7 @@ fn stats_msg(proxy: &Proxy) -> pb::WorkerToMaster {
         active_connections: s.active_connections,
         requests_total: s.requests_total,
         requests_in_flight: s.requests_in_flight,
+        tunnels_active: s.tunnels_active,
         servers: proxy.shared().server_states(),
         stick,
         frontends,

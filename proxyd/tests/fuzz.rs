@@ -15,6 +15,7 @@ const REQUESTS: &[&[u8]] = &[
     b"POST /c HTTP/1.1\r\nHost: [::1]:8080\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
     b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\nCookie: a=1; PHPSESSID=abc\r\n\r\n",
     b"OPTIONS * HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nUpgrade: websocket\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket, h2c\r\n\r\n",
 ];
 
 const RESPONSES: &[&[u8]] = &[
@@ -53,6 +54,8 @@ fn fuzz_request_head() {
             (again.method(), again.target(), again.minor, again.framing),
             (h.method(), h.target(), h.minor, h.framing)
         );
+        // A switch is asked of the server exactly when the proxy took it as one.
+        assert_eq!(again.upgrade, h.upgrade);
         assert_eq!(again.upstream, h.upstream, "forwarding is idempotent");
         assert!(h.target().starts_with('/') || h.target() == "*");
         // Framing goes out as one field the proxy wrote itself.

@@ -690,3 +690,57 @@ async fn status_counts_connections_and_requests() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_and_set_server_speak_to_the_running_master() {
+    let e = env("").await;
+    let run = |args: &[&str]| {
+        let out = Command::new(PROXYD)
+            .args(args)
+            .arg("--config")
+            .arg(&e.config)
+            .output()
+            .expect("run proxyd");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(&["servers"]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("# generation "), "{out}");
+    assert!(
+        lines[1].starts_with("# be_name srv_name srv_addr health admin_state weight"),
+        "{out}"
+    );
+    assert!(lines[2].contains(" ready "), "{out}");
+    let (backend, server) = {
+        let mut f = lines[2].split(' ');
+        (
+            f.next().unwrap_or("").to_owned(),
+            f.next().unwrap_or("").to_owned(),
+        )
+    };
+    let (code, out, err) = run(&[
+        "set-server",
+        &backend,
+        &server,
+        "--state",
+        "maint",
+        "--weight",
+        "7",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(&format!("{backend} {server} ")) && out.contains(" maint 7 "),
+        "{out}"
+    );
+    let (_, out, _) = run(&["servers", "--backend", &backend]);
+    assert!(out.contains(" maint 7 "), "{out}");
+    // An unknown server is the operator's mistake: 64, with the reason.
+    let (code, _, err) = run(&["set-server", &backend, "nope", "--state", "ready"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("nope"), "{err}");
+}

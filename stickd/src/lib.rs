@@ -14,6 +14,7 @@ mod entries;
 pub mod hlc;
 pub mod limits;
 mod logbound;
+pub mod ops;
 pub mod peer;
 #[cfg(test)]
 mod peer_fuzz;

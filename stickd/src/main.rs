@@ -41,6 +41,33 @@ struct Args {
 enum Command {
     /// Only validate the config (and the local peer name): exit 0, or 64 with file:line: reason.
     Check,
+    /// The stick tables of the running stickd (over its local socket), as HAProxy's runtime
+    /// API shows and changes them: exit 0, 64 for a bad config, 1 when stickd refuses.
+    Table {
+        #[command(subcommand)]
+        op: TableCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TableCmd {
+    /// Every table's summary, or one table's entries (`show table NAME [key K]`).
+    Show {
+        table: Option<String>,
+        /// Only this key.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Sticks KEY to SERVER (`set table NAME key K data.server_key NAME`); replicates.
+    Set {
+        table: String,
+        key: String,
+        server: String,
+    },
+    /// Deletes one key (`clear table NAME key K`); replicates.
+    Delete { table: String, key: String },
+    /// Deletes every entry of a table (`clear table NAME`); replicates.
+    Clear { table: String },
 }
 
 fn main() -> ExitCode {
@@ -54,11 +81,19 @@ fn main() -> ExitCode {
         return exit_status(EXIT_CONFIG);
     };
     let local_peer = args.local_peer.as_deref();
-    exit_status(
-        if args.check || matches!(args.command, Some(Command::Check)) {
-            stickd::cli::check(&path, local_peer)
-        } else {
-            stickd::cli::daemon(&path, local_peer, args.recover_from_peers)
-        },
-    )
+    use stickd::ops::TableOp;
+    exit_status(match args.command {
+        Some(Command::Table { op }) => {
+            let op = match op {
+                TableCmd::Show { table, key } => TableOp::Show { table, key },
+                TableCmd::Set { table, key, server } => TableOp::Set { table, key, server },
+                TableCmd::Delete { table, key } => TableOp::Delete { table, key },
+                TableCmd::Clear { table } => TableOp::Clear { table },
+            };
+            stickd::ops::table(&path, local_peer, op)
+        }
+        Some(Command::Check) => stickd::cli::check(&path, local_peer),
+        None if args.check => stickd::cli::check(&path, local_peer),
+        None => stickd::cli::daemon(&path, local_peer, args.recover_from_peers),
+    })
 }

@@ -672,3 +672,64 @@ async fn writes_lost_by_a_kill9_come_back_from_the_peers() {
     let (t, _) = c.converge("web", CONVERGE).await;
     assert_eq!(t["after"], "app2");
 }
+
+/// `stickd table ...` with the node's config, as an operator runs it.
+fn table_cmd(node: &support::Node, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stickd"))
+        .arg("--config")
+        .arg(&node.config)
+        .args(["-L", &node.name, "table"])
+        .args(args)
+        .output()
+        .expect("run stickd table");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_table_subcommands_show_set_delete_and_clear_on_the_running_node() {
+    let c = Cluster::start(2, |_| TABLES.to_owned());
+    c.connected().await;
+    let n = &c.nodes[0];
+    let (code, out, err) = table_cmd(n, &["set", "web", "sess-1", "app1"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("key=sess-1 use=0 exp="), "{out}");
+    assert!(out.contains(" server_key=app1 "), "{out}");
+    table_cmd(n, &["set", "web", "sess-2", "app2"]);
+    // Replicated like any store.
+    let (t, _) = c.converge("web", CONVERGE).await;
+    assert_eq!(t.len(), 2);
+    let (code, out, _) = table_cmd(&c.nodes[1], &["show", "web"]);
+    assert_eq!(code, Some(0));
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("# table: web, type: string"), "{out}");
+    assert!(lines[0].contains("used:2"), "{out}");
+    assert!(
+        lines[1].starts_with("key=sess-1 ") && lines[1].contains("server_key=app1"),
+        "{out}"
+    );
+    assert!(
+        lines[2].starts_with("key=sess-2 ") && lines[2].contains("server_key=app2"),
+        "{out}"
+    );
+    let (_, out, _) = table_cmd(n, &["show", "web", "--key", "sess-2"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let (_, out, _) = table_cmd(n, &["show"]);
+    assert!(
+        out.lines().any(|l| l.starts_with("# table: web, ")),
+        "{out}"
+    );
+    let (code, out, _) = table_cmd(n, &["delete", "web", "sess-1"]);
+    assert_eq!((code, out.trim()), (Some(0), "deleted"));
+    let (code, out, _) = table_cmd(n, &["clear", "web"]);
+    assert_eq!((code, out.trim()), (Some(0), "cleared 1 entries"));
+    let (t, _) = c.converge("web", CONVERGE).await;
+    assert!(t.is_empty());
+    // What stickd refuses is printed with its reason, exit 1.
+    let (code, _, err) = table_cmd(n, &["set", "nope", "k", "app1"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("nope"), "{err}");
+}

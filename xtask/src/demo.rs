@@ -63,16 +63,17 @@ fn instructions(lb: &Lb) -> String {
     }
     if let Some(n) = lb.nodes.first() {
         // grpcurl 1.8 sends a unix socket's path as HTTP/2 :authority, which the servers reject;
-        // -authority gives it a host name instead.
+        // -authority gives it a host name instead. `-unix` takes no value: the socket is the
+        // address, and grpcurl parses no flag after it.
         let _ = write!(
             s,
             r#"
 try (the seed's test: each curl is a new session, stored on every node):
   for i in 1 2 3 4 5; do curl -s http://{fe}/index.php | head -2; done
-  grpcurl -plaintext -authority localhost -unix {ssock} -d '{{"table":"dynamic_group"}}' stick.v1.Stick/Show
+  grpcurl -plaintext -authority localhost -unix -d '{{"table":"dynamic_group"}}' {ssock} stick.v1.Stick/Show
   curl -s -b PHPSESSID=<one of the keys> http://{fe}/index.php     # always the same server
   grpcurl -plaintext -authority localhost -unix {padmin} proxyd.v1.Admin/ShowServers
-  grpcurl -plaintext -authority localhost -unix {padmin} -d '{{"backend":"dynamic_group","server":"app1","state":"maint"}}' proxyd.v1.Admin/SetServer
+  grpcurl -plaintext -authority localhost -unix -d '{{"backend":"dynamic_group","server":"app1","state":"maint"}}' {padmin} proxyd.v1.Admin/SetServer
   kill -USR2 {master}                     # reload: a new worker generation, no request lost
   {proxyd} reload --config {pconf}
   curl -s http://{metrics}/metrics

@@ -87,6 +87,9 @@ pub struct Defaults {
     /// From the accept of a TLS connection to the end of its handshake: a client that connects
     /// and says nothing holds a `maxconn` slot no longer than this.
     pub timeout_tls_handshake: StdDuration,
+    /// How long a tunnel (a WebSocket after its 101) stays open with nothing moving either way
+    /// (HAProxy's `timeout tunnel`).
+    pub timeout_tunnel: StdDuration,
     /// Streams an HTTP/2 client may have open at once on one connection (its
     /// `SETTINGS_MAX_CONCURRENT_STREAMS`).
     pub h2_max_concurrent_streams: u32,

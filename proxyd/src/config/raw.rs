@@ -54,6 +54,7 @@ pub(super) struct RawDefaults {
     pub(super) timeout_queue: Option<Spanned<Duration>>,
     pub(super) timeout_check: Option<Spanned<Duration>>,
     pub(super) timeout_tls_handshake: Option<Spanned<Duration>>,
+    pub(super) timeout_tunnel: Option<Spanned<Duration>>,
     pub(super) h2_max_concurrent_streams: Option<Spanned<u64>>,
     /// Defaults for every frontend and backend (HAProxy's `defaults` section).
     pub(super) maxconn: Option<Spanned<u64>>,

@@ -121,6 +121,7 @@ pub(super) fn validate(
             "timeout_tls_handshake",
             secs(10),
         )?,
+        timeout_tunnel: positive(d.timeout_tunnel, "timeout_tunnel", secs(3600))?,
         h2_max_concurrent_streams: match d.h2_max_concurrent_streams {
             None => 100,
             Some(n) if (1..=MAX_H2_STREAMS).contains(n.get_ref()) => *n.get_ref() as u32,

@@ -13,6 +13,7 @@ use super::exchange::{Answer, Downstream, Status, Unanswered, exchange};
 use super::head::{self, Framing, HeadError, RequestHead, ResponseHead};
 use super::log::{self, Log};
 use super::redirect;
+use super::tunnel;
 use crate::config::RedirectHttps;
 use crate::net::{ClientInfo, ClientStream, Io};
 use crate::shared::Shared;
@@ -204,6 +205,9 @@ async fn forward_response<C: ClientStream>(
         mut srv,
         resp,
     } = answer;
+    if resp.is_switch() {
+        return switch(shared, client, req, srv, resp).await;
+    }
     let close =
         !req.keep_alive || shared.drain.is_cancelled() || resp.framing == Framing::UntilClose;
     srv.buf.advance(resp.len);
@@ -220,4 +224,30 @@ async fn forward_response<C: ClientStream>(
     }
     // The client learned about the close from the response, which is now complete.
     if close { Next::Close } else { Next::KeepAlive }
+}
+
+/// Passes the server's 101 on and carries the connection as a tunnel until it ends; the
+/// server connection is never pooled again.
+async fn switch<C: ClientStream>(
+    shared: &Shared,
+    client: &mut Io<C>,
+    req: &RequestHead,
+    mut srv: Io<tokio::net::TcpStream>,
+    resp: ResponseHead,
+) -> Next {
+    srv.buf.advance(resp.len);
+    let head = resp.into_downstream(false, req.minor);
+    if send(&mut client.stream, &head).await.is_err() {
+        return Next::Close;
+    }
+    let _open = shared.stats.tunnel();
+    let ending = tunnel::Ending {
+        idle: shared.config.defaults.timeout_tunnel,
+        closing: &shared.closing,
+        websocket: req.upgrades_to_websocket(),
+    };
+    if let Err(e) = tunnel::run(client, &mut srv, ending).await {
+        tracing::debug!(error = %e, "tunnel ended");
+    }
+    Next::Close
 }

@@ -498,7 +498,7 @@ async fn read_response_head<D: Downstream>(
     loop {
         if !srv.buf.is_empty() {
             got_any = true;
-            match head::parse_response(&srv.buf, req.is_head()) {
+            match head::parse_response_to(&srv.buf, req) {
                 Ok(Some(resp)) if resp.is_informational() => {
                     srv.buf.advance(resp.len);
                     if client.informational(&resp, req).await.is_err() {

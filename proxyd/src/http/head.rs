@@ -47,6 +47,10 @@ pub struct RequestHead {
     pub keep_alive: bool,
     /// `Expect: 100-continue`, which the proxy answers itself.
     pub expect_continue: bool,
+    /// The client asks to switch protocols (`Connection: upgrade` with `Upgrade`, a WebSocket
+    /// handshake): the `Upgrade` field goes to the server, and a 101 turns the connection into
+    /// a tunnel.
+    pub upgrade: bool,
     /// The head to send to the server: hop-by-hop fields removed.
     pub upstream: Vec<u8>,
 }
@@ -63,6 +67,15 @@ impl RequestHead {
 
     pub fn is_head(&self) -> bool {
         self.method() == "HEAD"
+    }
+
+    /// The request asks to switch to WebSocket.
+    pub fn upgrades_to_websocket(&self) -> bool {
+        self.upgrade
+            && field_values(&self.upstream[self.target_end..], "upgrade").any(|v| {
+                v.split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+            })
     }
 
     /// The value of cookie `name` (HAProxy's `req.cook`: the first occurrence).
@@ -189,8 +202,14 @@ pub struct ResponseHead {
 }
 
 impl ResponseHead {
+    /// An interim response, which another follows (1xx but 101, which switches protocols).
     pub fn is_informational(&self) -> bool {
-        (100..200).contains(&self.status)
+        (100..200).contains(&self.status) && !self.is_switch()
+    }
+
+    /// The server switches protocols: the connection is a tunnel from the end of this head.
+    pub fn is_switch(&self) -> bool {
+        self.status == 101
     }
 
     /// The value the response sets for cookie `name` (HAProxy's `res.cook`), if any.
@@ -224,19 +243,22 @@ impl ResponseHead {
     pub fn downstream(&self, close: bool, client_minor: u8) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.fields.len() + 32);
         out.extend_from_slice(&self.fields);
-        Self::finish(&mut out, close, client_minor);
+        Self::finish(&mut out, self.is_switch(), close, client_minor);
         out
     }
 
     /// [`Self::downstream`] in the head's own buffer, which was sized for it.
     pub fn into_downstream(self, close: bool, client_minor: u8) -> Vec<u8> {
+        let switch = self.is_switch();
         let mut out = self.fields;
-        Self::finish(&mut out, close, client_minor);
+        Self::finish(&mut out, switch, close, client_minor);
         out
     }
 
-    fn finish(out: &mut Vec<u8>, close: bool, client_minor: u8) {
-        if close {
+    fn finish(out: &mut Vec<u8>, switch: bool, close: bool, client_minor: u8) {
+        if switch {
+            out.extend_from_slice(b"Connection: upgrade\r\n");
+        } else if close {
             out.extend_from_slice(b"Connection: close\r\n");
         } else if client_minor == 0 {
             // HTTP/1.0 closes by default: say that we keep it open.
@@ -292,6 +314,7 @@ struct Present {
     content_length: bool,
     transfer_encoding: bool,
     connection: bool,
+    upgrade: bool,
     /// A `Connection` token other than `keep-alive` (which is hop-by-hop by itself): a
     /// field it names must be dropped. Usually false, so fields are not checked against it.
     names_fields: bool,
@@ -331,6 +354,8 @@ fn present(headers: &[httparse::Header<'_>]) -> Present {
             p.transfer_encoding = true;
         } else if n.eq_ignore_ascii_case("connection") {
             p.connection = true;
+        } else if n.eq_ignore_ascii_case("upgrade") {
+            p.upgrade = true;
         }
     }
     p.names_fields =
@@ -455,6 +480,21 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
     } else {
         p.connection && has_token(headers, "keep-alive")
     };
+    // RFC 9110 §7.8: only HTTP/1.1 switches, and only a request without a body is passed on as
+    // a switch (what a server would read after the body is not the tunnel's to define). An
+    // upgrade to h2c would let the client speak HTTP/2 to the server past every rule here
+    // (and RFC 9113 dropped it): it is never passed on.
+    let upgrade = minor == 1
+        && p.upgrade
+        && framing == Framing::Empty
+        && has_token(headers, "upgrade")
+        && method != "CONNECT"
+        && !headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("upgrade")
+                && h.value
+                    .split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+        });
     let mut expect_continue = false;
     let mut cookie_at = None;
     let mut upstream = Vec::with_capacity(len + 32);
@@ -488,12 +528,17 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
                     _ => push_length(&mut upstream, length.unwrap_or(0)),
                 }
             }
+        } else if upgrade && h.name.eq_ignore_ascii_case("upgrade") {
+            push_field(&mut upstream, h);
         } else if !hop_by_hop(h.name, headers, p.names_fields) {
             if cookie_at.is_none() && h.name.eq_ignore_ascii_case("cookie") {
                 cookie_at = Some(upstream.len());
             }
             push_field(&mut upstream, h);
         }
+    }
+    if upgrade {
+        upstream.extend_from_slice(b"Connection: upgrade\r\n");
     }
     if minor == 0 {
         // Ask an HTTP/1.0 exchange to keep the server connection for the pool.
@@ -509,15 +554,29 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
         framing,
         keep_alive,
         expect_continue,
+        upgrade,
         upstream,
     }))
 }
 
 /// Parses a response head at the start of `buf`; `request_is_head` because a response to HEAD
-/// has no body whatever its fields say.
+/// has no body whatever its fields say. A 101 is refused: see [`parse_response_to`].
 pub fn parse_response(
     buf: &[u8],
     request_is_head: bool,
+) -> Result<Option<ResponseHead>, HeadError> {
+    parse(buf, request_is_head, false)
+}
+
+/// Parses the response to `req`: a 101 is taken when `req` asked to switch.
+pub fn parse_response_to(buf: &[u8], req: &RequestHead) -> Result<Option<ResponseHead>, HeadError> {
+    parse(buf, req.is_head(), req.upgrade)
+}
+
+fn parse(
+    buf: &[u8],
+    request_is_head: bool,
+    upgrade: bool,
 ) -> Result<Option<ResponseHead>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
@@ -529,8 +588,9 @@ pub fn parse_response(
     let (Some(status), Some(minor)) = (resp.code, resp.version) else {
         return Err(HeadError::Malformed("incomplete status line"));
     };
-    if status == 101 {
-        // Upgrade is stripped from every request: a switch is a protocol error here.
+    let switch = status == 101;
+    if switch && !upgrade {
+        // Upgrade is stripped from every request that did not ask to switch.
         return Err(HeadError::Malformed("unexpected protocol switch"));
     }
     let headers = resp.headers;
@@ -560,7 +620,8 @@ pub fn parse_response(
             },
         }
     };
-    let keep_alive = framing != Framing::UntilClose
+    let keep_alive = !switch
+        && framing != Framing::UntilClose
         && if minor == 1 {
             !(p.connection && has_token(headers, "close"))
         } else {
@@ -595,6 +656,8 @@ pub fn parse_response(
                     (None, None) => {}
                 }
             }
+        } else if switch && h.name.eq_ignore_ascii_case("upgrade") {
+            push_field(fields, h);
         } else if !hop_by_hop(h.name, headers, p.names_fields) {
             if set_cookie_at.is_none() && h.name.eq_ignore_ascii_case("set-cookie") {
                 set_cookie_at = Some(fields.len());

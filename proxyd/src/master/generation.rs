@@ -158,6 +158,7 @@ impl Generation {
                 active_connections: w.stats.active_connections,
                 requests_total: w.stats.requests_total,
                 requests_in_flight: w.stats.requests_in_flight,
+                tunnels_active: w.stats.tunnels_active,
             }),
             binary: self.binary.path.display().to_string(),
             draining_since_unix_ms: match self.phase {

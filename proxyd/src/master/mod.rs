@@ -317,9 +317,19 @@ impl Master {
                 let reply = match self.serving() {
                     Some(g) => {
                         let w = g.worker();
+                        let mut servers = w.map(|w| w.servers.clone()).unwrap_or_default();
+                        // What an operator set shows at once, not at the worker's next report.
+                        for s in &mut servers {
+                            if let Some((state, weight)) =
+                                self.admin.get(&(s.backend.clone(), s.server.clone()))
+                            {
+                                s.admin_state = state.as_str().to_owned();
+                                s.weight = *weight;
+                            }
+                        }
                         (
                             g.number,
-                            w.map(|w| w.servers.clone()).unwrap_or_default(),
+                            servers,
                             w.and_then(|w| w.stick),
                             w.map(|w| w.frontends.clone()).unwrap_or_default(),
                             w.map(|w| w.backends.clone()).unwrap_or_default(),
@@ -454,6 +464,7 @@ impl Master {
                                 active_connections: s.active_connections,
                                 requests_total: s.requests_total,
                                 requests_in_flight: s.requests_in_flight,
+                                tunnels_active: s.tunnels_active,
                             };
                         }
                     }

@@ -27,6 +27,9 @@ use crate::stick::StickCache;
 
 use accept::Acceptor;
 
+/// How long tunnels get to say goodbye at a drain's deadline before they are cut.
+const CLOSE_FRAMES: Duration = Duration::from_millis(200);
+
 /// The serving half of a worker: its shared state, its accept loops and its connections.
 #[derive(Debug)]
 pub struct Proxy {
@@ -163,11 +166,17 @@ impl Proxy {
             .await
             .is_err()
         {
-            let left = self.stats().active_connections;
+            let left = self.stats();
             tracing::info!(
-                connections = left,
+                connections = left.active_connections,
+                tunnels = left.tunnels_active,
                 "drain deadline reached, closing the rest"
             );
+            if left.tunnels_active > 0 {
+                // A moment for WebSocket tunnels to send their close frames.
+                self.shared.closing.cancel();
+                let _ = tokio::time::timeout(CLOSE_FRAMES, self.connections.wait()).await;
+            }
             self.hard_stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(1), self.connections.wait()).await;
         }

@@ -9,6 +9,7 @@ mod proxy;
 mod smuggling;
 mod stickd;
 mod systemd;
+mod tls;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -61,6 +62,7 @@ pub fn all() -> Vec<Scenario> {
     all.extend(stickd::scenarios());
     all.extend(lb::scenarios());
     all.extend(smuggling::scenarios());
+    all.extend(tls::scenarios());
     all
 }
 

@@ -227,7 +227,10 @@ async fn forward_response(
         resp,
     } = answer;
     let mut out = Response::new(());
-    let status = StatusCode::from_u16(resp.status).ok();
+    // No HTTP/2 request asks to switch (h2 refuses `Upgrade`): a 101 here is the server's error.
+    let status = StatusCode::from_u16(resp.status)
+        .ok()
+        .filter(|_| !resp.is_switch());
     let copied = copy_fields(&resp, out.headers_mut());
     let (Some(status), Ok(())) = (status, copied) else {
         tracing::warn!(

@@ -1,0 +1,239 @@
+//! The words after a directive: `server` and `bind` parameters, stick fetches, timeouts and
+//! redirects, read as HAProxy reads them.
+
+use std::path::Path;
+
+use common::Duration;
+
+use super::catalog::Topic;
+use super::lexer::Line;
+use super::proxies::{At, ServerDef, Settings, TIMEOUTS};
+use super::report::Report;
+
+/// `[http-request] redirect scheme https [code N] unless { ssl_fc }` (or `if !{ ssl_fc }`):
+/// every plain request goes to https, which a plain bind's `redirect_https` does.
+pub fn redirects_to_https(line: &Line) -> bool {
+    let w: Vec<&str> = line.words.iter().map(String::as_str).collect();
+    let rest = match w.as_slice() {
+        ["http-request", "redirect", "scheme", "https", rest @ ..] => rest,
+        ["redirect", "scheme", "https", rest @ ..] => rest,
+        _ => return false,
+    };
+    let rest = match rest {
+        ["code", c, rest @ ..] if matches!(*c, "301" | "302" | "303" | "307" | "308") => rest,
+        r => r,
+    };
+    matches!(
+        rest,
+        ["unless", "{", "ssl_fc", "}"]
+            | ["if", "!{", "ssl_fc", "}"]
+            | ["if", "!", "{", "ssl_fc", "}"]
+    )
+}
+
+/// `bind` parameters that take a value (so the value is not read as a parameter).
+pub const BIND_VALUE_PARAMS: &[&str] = &[
+    "crt-list",
+    "npn",
+    "ssl-max-ver",
+    "ciphers",
+    "ciphersuites",
+    "curves",
+    "ecdhe",
+    "ca-file",
+    "crl-file",
+    "verify",
+    "maxconn",
+    "name",
+    "id",
+    "process",
+    "thread",
+    "interface",
+    "mss",
+    "mode",
+    "uid",
+    "gid",
+    "user",
+    "group",
+    "level",
+    "severity-output",
+    "nice",
+    "namespace",
+    "tcp-ut",
+    "sigalgs",
+    "client-sigalgs",
+    "ca-verify-file",
+    "ca-ignore-err",
+    "crt-ignore-err",
+    "ocsp-update",
+    "proto",
+    "quic-cc-algo",
+    "shards",
+    "label",
+    "guid-prefix",
+];
+
+/// `server` parameters that take a value.
+const SERVER_VALUE_PARAMS: &[&str] = &[
+    "port",
+    "addr",
+    "cookie",
+    "id",
+    "slowstart",
+    "maxqueue",
+    "minconn",
+    "on-error",
+    "on-marked-down",
+    "on-marked-up",
+    "observe",
+    "error-limit",
+    "agent-port",
+    "agent-inter",
+    "agent-addr",
+    "agent-send",
+    "sni",
+    "verify",
+    "ca-file",
+    "crl-file",
+    "crt",
+    "ciphers",
+    "ciphersuites",
+    "proto",
+    "resolvers",
+    "resolve-prefer",
+    "resolve-net",
+    "init-addr",
+    "track",
+    "redir",
+    "source",
+    "namespace",
+    "pool-max-conn",
+    "pool-purge-delay",
+    "pool-low-conn",
+    "max-reuse",
+    "alpn",
+    "check-alpn",
+    "check-proto",
+    "check-sni",
+    "shard",
+    "log-proto",
+    "usesrc",
+    "ssl-min-ver",
+    "ssl-max-ver",
+    "curves",
+    "sigalgs",
+    "hash-key",
+    "fastinter",
+    "downinter",
+    "set-proxy-v2-tlv-fmt",
+    "guid",
+    "verifyhost",
+];
+
+#[derive(PartialEq, Eq)]
+pub enum Param {
+    Flag,
+    WithValue,
+    /// The server cannot be translated (backup, disabled).
+    LeftOut,
+}
+
+pub fn server_param(
+    srv: &mut ServerDef,
+    word: &str,
+    value: &str,
+    line: &Line,
+    report: &mut Report,
+) -> Param {
+    let num = |report: &mut Report, max: u32, min: u32| match value.parse::<u32>() {
+        Ok(n) if (min..=max).contains(&n) => Some(n),
+        _ => {
+            report.add(line, Topic::ServerParam, Some(format!("{word} {value}")));
+            None
+        }
+    };
+    match word {
+        "check" => srv.check = true,
+        "no-check" => srv.check = false,
+        "weight" => {
+            srv.weight = num(report, 256, 0);
+            return Param::WithValue;
+        }
+        "maxconn" => {
+            srv.maxconn = num(report, u32::MAX, 0);
+            return Param::WithValue;
+        }
+        "rise" => {
+            srv.rise = num(report, 100, 1);
+            return Param::WithValue;
+        }
+        "fall" => {
+            srv.fall = num(report, 100, 1);
+            return Param::WithValue;
+        }
+        "inter" => {
+            match value.parse::<Duration>() {
+                Ok(d) if d.0 >= std::time::Duration::from_millis(10) => srv.inter = Some(d),
+                _ => report.add(line, Topic::ServerParam, Some(format!("inter {value}"))),
+            }
+            return Param::WithValue;
+        }
+        "backup" => {
+            report.add(line, Topic::ServerBackup, None);
+            return Param::LeftOut;
+        }
+        "disabled" => {
+            report.add(line, Topic::ServerDisabled, None);
+            return Param::LeftOut;
+        }
+        "enabled" => {}
+        "ssl" | "check-ssl" => report.add(line, Topic::ServerSsl, None),
+        "cookie" => {
+            report.add(line, Topic::Cookie, Some(format!("cookie {value}")));
+            return Param::WithValue;
+        }
+        p if SERVER_VALUE_PARAMS.contains(&p) => {
+            report.add(line, Topic::ServerParam, Some(format!("{p} {value}")));
+            return Param::WithValue;
+        }
+        p => report.add(line, Topic::ServerParam, Some(p.to_owned())),
+    }
+    Param::Flag
+}
+
+pub fn timeout(s: &mut Settings, line: &Line, which: &str, value: &str, report: &mut Report) {
+    let Some(&(_, key)) = TIMEOUTS.iter().find(|(h, _)| *h == which) else {
+        report.add(line, Topic::TimeoutOther, Some(format!("timeout {which}")));
+        return;
+    };
+    match value.parse::<Duration>() {
+        Ok(d) if d.0.is_zero() => report.add(line, Topic::TimeoutZero, None),
+        Ok(d) => {
+            s.timeouts.insert(
+                key,
+                At {
+                    value: d,
+                    line: line.no,
+                },
+            );
+        }
+        Err(e) => report.add(line, Topic::Unknown, Some(e.to_string())),
+    }
+}
+
+/// `req.cook(NAME)` -> `NAME`.
+pub fn cookie_of(fetch: &str, name: &str) -> Option<String> {
+    let inner = fetch
+        .strip_prefix(name)?
+        .strip_prefix('(')?
+        .strip_suffix(')')?;
+    (!inner.is_empty() && !inner.contains([',', '(', ')'])).then(|| inner.to_owned())
+}
+
+/// A `crt` path, with `crt-base` before a relative one, as HAProxy reads it.
+pub fn cert_path(base: Option<&Path>, crt: &str) -> String {
+    match base {
+        Some(b) if !crt.starts_with('/') => b.join(crt).display().to_string(),
+        _ => crt.to_owned(),
+    }
+}
