@@ -109,7 +109,8 @@ const SECTIONS: &[Entry] = &[
     },
 ];
 
-/// Runs the selected sections, prints the report and writes it; fails if any section failed.
+/// Runs the selected sections, prints them and writes them into the report (keeping the sections
+/// of the file this run did not measure); fails if any section failed.
 pub async fn run(opts: Options) -> Result<()> {
     let selected: Vec<&Entry> = SECTIONS
         .iter()
@@ -124,13 +125,12 @@ pub async fn run(opts: Options) -> Result<()> {
         crate::harness::build_release()?;
     }
     let ctx = Ctx { opts, tools };
-    let started = Instant::now();
     let mut report = Report::new(&ctx)?;
     let mut failed = Vec::new();
     for entry in selected {
         eprintln!("== bench {}: {}", entry.id, entry.title);
         let t = Instant::now();
-        let section = match (entry.run)(&ctx).await {
+        let mut section = match (entry.run)(&ctx).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("bench {} failed: {e:#}", entry.id);
@@ -140,13 +140,17 @@ pub async fn run(opts: Options) -> Result<()> {
         };
         crate::harness::kill_all();
         eprintln!("   ({} in {:.0?})", entry.id, t.elapsed());
+        if section.id.is_empty() {
+            section.id = entry.id.to_owned();
+        }
+        section.run = Report::run_line(&ctx, t.elapsed());
         report.push(section);
     }
-    report.finish(started.elapsed());
     let markdown = report.markdown();
     println!("{markdown}");
+    let order: Vec<(&str, &str)> = SECTIONS.iter().map(|e| (e.id, e.title)).collect();
     report
-        .write(&ctx.opts.out_dir)
+        .write(&ctx.opts.out_dir, &order)
         .with_context(|| format!("cannot write the report to {}", ctx.opts.out_dir.display()))?;
     if !failed.is_empty() {
         bail!("sections failed: {}", failed.join(", "));

@@ -208,6 +208,8 @@ fn nginx_config(
         user: user.map(str::to_owned),
         master_process: false,
         error_log: nginx::ErrorLog::File("warn"),
+        workers: nginx::Workers::ONE,
+        access_log: None,
         listen: frontend,
         keepalive_timeout: "10s",
         keepalive_requests: 1_000_000_000,

@@ -17,13 +17,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use nix::sys::resource::{Resource, UsageWho, getrlimit, getrusage, setrlimit};
+use nix::sys::resource::{UsageWho, getrusage};
 
 use super::http::wrk::parse_wrk;
 use super::http::{loadavg, settle};
 use super::{Ctx, Section, stats, tools};
 use crate::cluster;
-use crate::harness::{self, Env, Proc};
+use crate::harness::{Env, Proc};
 use targets::{Certs, Ports};
 
 /// Health checks of the demo backends, as in the http bench.
@@ -31,8 +31,6 @@ const CHECK_INTER: &str = "2s";
 /// Client, request and keep-alive timeouts of every target: long enough that the idle
 /// connections of the memory run are still open when it reads the targets' memory.
 const TIMEOUT_IDLE: &str = "60s";
-/// Open files this section asks for (it holds the idle connections' client ends itself).
-const NOFILE_WANTED: u64 = 65_536;
 /// Handshakes in flight at once in the handshake runs.
 const HANDSHAKE_CONCURRENCY: usize = 16;
 /// Handshakes in flight at once while the idle connections open.
@@ -160,27 +158,21 @@ struct Shape {
 pub async fn run(ctx: &Ctx) -> Result<Section> {
     let h2load =
         tools::which("h2load").context("h2load is missing: `apt-get install nghttp2-client`")?;
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    let limit = raise_nofile(hard);
-    let mut shape = Shape {
+    // Kept raised until the section ends (it holds the idle connections' client ends itself).
+    let nofile = tools::Nofile::raise();
+    let limit = nofile.limit;
+    let shape = Shape {
         secs: ctx.pick(2, 5),
         rounds: ctx.rounds(3),
-        // The client ends, the proxy's ends, and room for the rest.
-        // HAProxy wants two files per connection of its maxconn and refuses to start if it
-        // cannot have them: that, not the client, bounds the idle connections.
-        idle: ctx
-            .pick(2_000, 10_000)
-            .min(limit.saturating_sub(1_000) as usize / 2),
+        idle: nofile.idle_connections(ctx.pick(2_000, 10_000)),
         nofile: limit,
         h2load: first_line(&h2load, &["--version"]),
         openssl: first_line(std::path::Path::new("openssl"), &["version"]),
     };
-    shape.idle = shape.idle.max(1);
     let mut env = Env::new("bench-tls")?;
     let load_before = loadavg();
     let result = run_in(&mut env, ctx, &h2load, &shape, limit).await;
-    // Back to what the rest of the bench expects (the http section reads it, for instance).
-    let _ = setrlimit(Resource::RLIMIT_NOFILE, soft, hard);
+    drop(nofile);
     match result {
         Ok((samples, idle, targets)) => {
             let mut s = report::section(&samples, &idle, &targets, &shape);
@@ -195,23 +187,6 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         }
         Err(e) => Err(e.context(format!("logs:\n{}", env.log_tails(15)))),
     }
-}
-
-/// Raises this process's open-file limit (inherited by the targets it starts) towards
-/// `NOFILE_WANTED`; returns the soft limit now in force.
-fn raise_nofile(hard: u64) -> u64 {
-    if setrlimit(
-        Resource::RLIMIT_NOFILE,
-        NOFILE_WANTED,
-        hard.max(NOFILE_WANTED),
-    )
-    .is_ok()
-    {
-        return NOFILE_WANTED;
-    }
-    // Not root: as far as the hard limit goes.
-    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(s, _)| s)
 }
 
 type Results = (Vec<(Load, Kind, Sample)>, Vec<Idle>, Vec<Target>);
@@ -423,13 +398,6 @@ async fn run_client(
     Ok(text)
 }
 
-/// Resident memory of `root` and its descendants, bytes.
-fn rss_tree(root: u32) -> u64 {
-    let mut pids = harness::descendants(root);
-    pids.push(root);
-    pids.iter().map(|&p| stats::rss_bytes(p)).sum()
-}
-
 /// Warms the target up (a second of handshakes), reads its memory, opens `n` idle TLS
 /// connections, waits for it to take them in, reads its memory again, and closes them.
 async fn measure_idle(target: &Target, n: usize) -> Result<Idle> {
@@ -442,7 +410,7 @@ async fn measure_idle(target: &Target, n: usize) -> Result<Idle> {
     .await?;
     ensure!(warm.done > 0, "no warm-up handshake completed");
     settle(&[target.pid]).await;
-    let before = rss_tree(target.pid);
+    let before = stats::rss_tree(target.pid);
     let t = Instant::now();
     let held = client::open_idle(
         target.ports.ecdsa,
@@ -456,7 +424,7 @@ async fn measure_idle(target: &Target, n: usize) -> Result<Idle> {
     // up, are taken in within this.
     tokio::time::sleep(Duration::from_secs(1)).await;
     settle(&[target.pid]).await;
-    let after = rss_tree(target.pid);
+    let after = stats::rss_tree(target.pid);
     let opened = held.len();
     drop(held);
     tokio::time::sleep(Duration::from_millis(500)).await;
