@@ -23,7 +23,7 @@ use super::http::wrk::parse_wrk;
 use super::http::{loadavg, settle};
 use super::{Ctx, Section, stats, tools};
 use crate::cluster;
-use crate::harness::{Env, Proc};
+use crate::harness::{self, Env, Proc};
 use targets::{Certs, Ports};
 
 /// Health checks of the demo backends, as in the http bench.
@@ -44,7 +44,10 @@ const H2_STREAMS: u32 = 10;
 /// Who is measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
+    /// rustls on ring, proxyd's default.
     Proxyd,
+    /// The same proxyd built with its `aws-lc-rs` feature.
+    ProxydAwsLc,
     Haproxy,
     Nginx,
 }
@@ -53,10 +56,40 @@ impl Kind {
     fn label(self) -> &'static str {
         match self {
             Self::Proxyd => "proxyd",
+            Self::ProxydAwsLc => "proxyd aws-lc-rs",
             Self::Haproxy => "HAProxy",
             Self::Nginx => "nginx",
         }
     }
+}
+
+/// Where the aws-lc-rs build of proxyd goes: a target dir of its own, so that the default
+/// build in target/release is never replaced by it.
+const AWS_LC_TARGET_DIR: &str = "target/aws-lc-rs";
+
+/// Builds proxyd with its `aws-lc-rs` feature (cargo does nothing when it is up to date) and
+/// returns the binary, or why there is none.
+fn build_aws_lc() -> std::result::Result<std::path::PathBuf, String> {
+    let root = harness::workspace_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let t = Instant::now();
+    let out = std::process::Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "proxyd", "--features", "aws-lc-rs"])
+        .args(["--target-dir", AWS_LC_TARGET_DIR])
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(8).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(format!(
+            "`cargo build --release -p proxyd --features aws-lc-rs` failed: {}",
+            tail.join(" / ")
+        ));
+    }
+    eprintln!("   proxyd with aws-lc-rs built in {:.0?}", t.elapsed());
+    Ok(root.join(AWS_LC_TARGET_DIR).join("release/proxyd"))
 }
 
 /// A running target.
@@ -153,6 +186,8 @@ struct Shape {
     nofile: u64,
     h2load: String,
     openssl: String,
+    /// The aws-lc-rs build of proxyd, or why there is none.
+    aws_lc: std::result::Result<std::path::PathBuf, String>,
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Section> {
@@ -168,6 +203,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         nofile: limit,
         h2load: first_line(&h2load, &["--version"]),
         openssl: first_line(std::path::Path::new("openssl"), &["version"]),
+        aws_lc: build_aws_lc(),
     };
     let mut env = Env::new("bench-tls")?;
     let load_before = loadavg();
@@ -214,11 +250,23 @@ async fn run_in(
         maxconn: (shape.idle as u64 + 5_000).min(limit.saturating_sub(100) / 2),
     };
     let t = Instant::now();
-    let targets = vec![
-        targets::start_proxyd(env, &setup, &mut procs).await?,
-        targets::start_haproxy(ctx, env, &setup, &mut procs).await?,
-        targets::start_nginx(ctx, env, &setup, &mut procs).await?,
+    let mut targets = vec![
+        targets::start_proxyd(
+            env,
+            &setup,
+            &harness::release_bin("proxyd"),
+            Kind::Proxyd,
+            &mut procs,
+        )
+        .await?,
     ];
+    if let Ok(bin) = &shape.aws_lc {
+        targets.push(
+            targets::start_proxyd(env, &setup, bin, Kind::ProxydAwsLc, &mut procs).await?,
+        );
+    }
+    targets.push(targets::start_haproxy(ctx, env, &setup, &mut procs).await?);
+    targets.push(targets::start_nginx(ctx, env, &setup, &mut procs).await?);
     eprintln!("   targets up in {:.1?}", t.elapsed());
 
     let mut idle = Vec::new();

@@ -41,6 +41,14 @@ pub(super) fn section(
          median of the rounds with (min..max). Client: {}; {}.",
         shape.secs, shape.rounds, shape.openssl, shape.h2load
     ));
+    s.text.push(match &shape.aws_lc {
+        Ok(_) => "proxyd aws-lc-rs: the same proxyd built with its `aws-lc-rs` feature (`cargo \
+                  build --release -p proxyd --features aws-lc-rs`, in target/aws-lc-rs), rustls \
+                  on aws-lc-rs instead of ring, the same config; it runs every load beside the \
+                  others. The targets below judge proxyd's default build (ring)."
+            .to_owned(),
+        Err(why) => format!("No aws-lc-rs build of proxyd in this run: {why}."),
+    });
     s.text.push(format!(
         "Loads: **full handshakes**: xtask's own client (rustls on ring, in the bench's process, \
          {HANDSHAKE_CONCURRENCY} connections at a time, no session cache) connects, completes \
@@ -199,6 +207,23 @@ fn verdicts(samples: &[(Load, Kind, Sample)], idle: &[Idle]) -> Vec<String> {
     line("full handshakes/s, RSA 2048", Load::FullRsa, 1.5);
     line("TLS keep-alive req/s", Load::KeepAlive, 1.2);
     line("HTTP/2 req/s", Load::H2, 1.0);
+    for (what, load) in [
+        ("full handshakes/s, ECDSA P-256", Load::FullEcdsa),
+        ("full handshakes/s, RSA 2048", Load::FullRsa),
+        ("resumed handshakes/s", Load::Resumed),
+    ] {
+        let (ring, aws) = (rate(load, Kind::Proxyd), rate(load, Kind::ProxydAwsLc));
+        let (ring_cpu, aws_cpu) = (cpu(load, Kind::Proxyd), cpu(load, Kind::ProxydAwsLc));
+        if ring > 0.0 && aws > 0.0 {
+            notes.push(format!(
+                "ring against aws-lc-rs, {what}: proxyd on ring {ring:.0}, on aws-lc-rs \
+                 {aws:.0} ({:.2}×); CPU µs per handshake {ring_cpu:.1} against {aws_cpu:.1} \
+                 ({:.2}×).",
+                aws / ring,
+                aws_cpu / ring_cpu
+            ));
+        }
+    }
     let per = |k: Kind| idle.iter().find(|i| i.kind == k).map(Idle::kib_per_conn);
     if let (Some(p), Some(h)) = (per(Kind::Proxyd), per(Kind::Haproxy).filter(|h| *h > 0.0)) {
         notes.push(format!(

@@ -160,20 +160,31 @@ fall = 3
     s
 }
 
-/// fdkeeper and proxyd; waits until proxyd serves. No stickd: no rule here stores anything.
-pub async fn start_proxyd(env: &mut Env, setup: &Setup, procs: &mut Vec<Proc>) -> Result<Target> {
-    let tag = "proxyd";
+/// fdkeeper and proxyd (the binary `bin`, measured as `kind`); waits until proxyd serves. No
+/// stickd: no rule here stores anything.
+pub async fn start_proxyd(
+    env: &mut Env,
+    setup: &Setup,
+    bin: &Path,
+    kind: Kind,
+    procs: &mut Vec<Proc>,
+) -> Result<Target> {
+    let tag = if kind == Kind::ProxydAwsLc {
+        "proxyd-aws-lc-rs"
+    } else {
+        "proxyd"
+    };
     let dir = env.path(tag);
-    let fdkeeper = cluster::start_fdkeeper(env, tag, "proxyd-fdkeeper").await?;
+    let fdkeeper = cluster::start_fdkeeper(env, tag, &format!("{tag}-fdkeeper")).await?;
     procs.push(fdkeeper.proc);
     let ports = Ports::new(env)?;
     let admin = dir.join("proxyd-admin.sock");
     let config = env.write(
-        "proxyd/proxyd.toml",
+        &format!("{tag}/proxyd.toml"),
         &proxyd_config(&admin, &fdkeeper.socket, ports, setup),
     )?;
-    // No access log, as in the http bench: HAProxy and nginx log no request either.
-    let spec = ProcSpec::new("proxyd", &harness::release_bin("proxyd"))
+    // No access log: HAProxy and nginx log no request here either.
+    let spec = ProcSpec::new(tag, bin)
         .arg("--config")
         .arg(&config)
         .env("RUST_LOG", "info,proxyd::access=off");
@@ -187,11 +198,7 @@ pub async fn start_proxyd(env: &mut Env, setup: &Setup, procs: &mut Vec<Proc>) -
     .await?;
     harness::wait_tcp(ports.ecdsa, START_TIMEOUT).await?;
     harness::wait_tcp(ports.rsa, START_TIMEOUT).await?;
-    Ok(Target {
-        kind: Kind::Proxyd,
-        ports,
-        pid,
-    })
+    Ok(Target { kind, ports, pid })
 }
 
 /// haproxy.cfg: the seed's defaults and backend without the stick table, one thread, a TLS bind
