@@ -37,6 +37,18 @@ pub struct Options {
     pub build: bool,
     /// Where the report goes (`docs/benchmarks.md` and `docs/benchmarks.png` by default).
     pub out_dir: PathBuf,
+    /// What the http section's targets proxy to.
+    pub backends: BackendKind,
+}
+
+/// The http section's backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// Two Debian nginx instances: a server nobody here wrote.
+    #[default]
+    Nginx,
+    /// xtask's own demo backend (`cargo xtask backend`).
+    Demo,
 }
 
 /// What every section gets.
