@@ -364,7 +364,11 @@ mod tests {
             .await
             .expect("write");
         let big = read_response(&mut s).await;
-        assert!(big.contains("Content-Length: 1048576\r\n"), "{}", &big[..200]);
+        assert!(
+            big.contains("Content-Length: 1048576\r\n"),
+            "{}",
+            &big[..200]
+        );
         assert_eq!(big.split_once("\r\n\r\n").expect("head").1.len(), 1 << 20);
         let mut s = TcpStream::connect(addr).await.expect("connect");
         s.write_all(b"\x01\x02 garbage\r\n\r\n")

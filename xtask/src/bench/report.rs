@@ -96,7 +96,11 @@ impl Section {
     /// then prose and tables.
     fn markdown(&self) -> String {
         let mut out = String::new();
-        let _ = write!(out, "{MARKER_START}{}{MARKER_END}\n## {}\n\n", self.id, self.title);
+        let _ = write!(
+            out,
+            "{MARKER_START}{}{MARKER_END}\n## {}\n\n",
+            self.id, self.title
+        );
         if !self.run.is_empty() {
             let _ = write!(out, "_{}_\n\n", self.run);
         }

@@ -328,7 +328,10 @@ mod tests {
             h.starts_with("global\n    nbthread 2\n    log 127.0.0.1:5140 local0\n"),
             "{h}"
         );
-        assert!(h.contains("defaults\n    mode http\n    log global\n"), "{h}");
+        assert!(
+            h.contains("defaults\n    mode http\n    log global\n"),
+            "{h}"
+        );
         assert!(h.contains("    option httplog\n"), "{h}");
     }
 }

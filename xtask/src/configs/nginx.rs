@@ -314,7 +314,10 @@ mod tests {
             b.contains("add_header Set-Cookie \"PHPSESSID=$request_id; path=/\" always;"),
             "{b}"
         );
-        assert!(b.contains("return 200 \"Hello from app1\\nserver: app1\\n\";"), "{b}");
+        assert!(
+            b.contains("return 200 \"Hello from app1\\nserver: app1\\n\";"),
+            "{b}"
+        );
         assert!(b.contains("location = /1m {"), "{b}");
     }
 }

@@ -65,7 +65,10 @@ async fn start_nginx(
 ) -> Result<(u32, Proc)> {
     let prefix = env.path(&format!("backend-{name}"));
     std::fs::create_dir_all(prefix.join("www"))?;
-    std::fs::write(prefix.join("www").join(&BIG_PATH[1..]), vec![b'x'; BIG_BYTES])?;
+    std::fs::write(
+        prefix.join("www").join(&BIG_PATH[1..]),
+        vec![b'x'; BIG_BYTES],
+    )?;
     let conf = env.write(
         &format!("backend-{name}/nginx.conf"),
         &nginx::Backend {

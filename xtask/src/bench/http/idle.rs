@@ -147,7 +147,9 @@ mod tests {
         assert_eq!(answer_len(a).expect("ok"), Some(a.len()));
         assert_eq!(answer_len(&a[..a.len() - 1]).expect("ok"), None);
         assert_eq!(answer_len(&a[..10]).expect("ok"), None);
-        assert!(answer_len(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").is_err());
+        assert!(
+            answer_len(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").is_err()
+        );
         assert!(answer_len(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
     }
 }

@@ -264,10 +264,8 @@ async fn run_in(env: &mut Env, ctx: &Ctx, plan: &Plan) -> Result<Section> {
     // Everything that must live until the end (dropping a `Proc` kills it).
     let mut procs: Vec<Proc> = Vec::new();
     let backends = backends::start(env, ctx, plan.backends, plan.nofile, &mut procs).await?;
-    let servers: Vec<(String, SocketAddr)> = backends
-        .iter()
-        .map(|b| (b.name.clone(), b.addr))
-        .collect();
+    let servers: Vec<(String, SocketAddr)> =
+        backends.iter().map(|b| (b.name.clone(), b.addr)).collect();
     let backend_pids: Vec<u32> = backends.iter().map(|b| b.pid).collect();
     let sink = logs::Sink::start().await?;
     let maxconn = (plan.idle as u64 + 5_000).min(plan.nofile.saturating_sub(100) / 2);
@@ -275,7 +273,11 @@ async fn run_in(env: &mut Env, ctx: &Ctx, plan: &Plan) -> Result<Section> {
     let mut samples: Vec<(Row, Kind, Sample)> = Vec::new();
     let mut idle = Vec::new();
     for threads in [1, 2] {
-        let rows: Vec<Row> = ROWS.iter().copied().filter(|r| r.threads == threads).collect();
+        let rows: Vec<Row> = ROWS
+            .iter()
+            .copied()
+            .filter(|r| r.threads == threads)
+            .collect();
         // Each thread count has its own targets, stopped before the next ones start.
         let mut set_procs: Vec<Proc> = Vec::new();
         let t = Instant::now();
@@ -311,7 +313,10 @@ async fn run_in(env: &mut Env, ctx: &Ctx, plan: &Plan) -> Result<Section> {
                 })?;
             let cookies: Vec<String> = stored.into_iter().map(|(c, _)| c).collect();
             target.cookie.clone_from(&cookies[0]);
-            let tag = format!("{}-t{threads}", target.kind.label().replace([' ', '(', ')'], ""));
+            let tag = format!(
+                "{}-t{threads}",
+                target.kind.label().replace([' ', '(', ')'], "")
+            );
             for shape in [Shape::Spread, Shape::Hot, Shape::Close, Shape::Big] {
                 let (cookies, close, path) = match shape {
                     Shape::Hot => (&cookies[..1], false, "/index.php"),
@@ -332,7 +337,8 @@ async fn run_in(env: &mut Env, ctx: &Ctx, plan: &Plan) -> Result<Section> {
         );
 
         if threads == 1 {
-            let measured = |t: &&Target| matches!(t.kind, Kind::Proxyd | Kind::Haproxy | Kind::Nginx);
+            let measured =
+                |t: &&Target| matches!(t.kind, Kind::Proxyd | Kind::Haproxy | Kind::Nginx);
             for target in set.iter().filter(measured) {
                 let i = idle::measure(target, plan.idle)
                     .await
@@ -359,16 +365,25 @@ async fn run_in(env: &mut Env, ctx: &Ctx, plan: &Plan) -> Result<Section> {
                 order.rotate_left(round % n);
                 for target in order {
                     let t = Instant::now();
-                    let s = measure(ctx, env, target, row, plan.secs, round, &backend_pids, &sink)
-                        .await
-                        .with_context(|| {
-                            format!(
-                                "{} through {} (round {})",
-                                row.title(),
-                                target.kind.label(),
-                                round + 1
-                            )
-                        })?;
+                    let s = measure(
+                        ctx,
+                        env,
+                        target,
+                        row,
+                        plan.secs,
+                        round,
+                        &backend_pids,
+                        &sink,
+                    )
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "{} through {} (round {})",
+                            row.title(),
+                            target.kind.label(),
+                            round + 1
+                        )
+                    })?;
                     eprintln!(
                         "   round {} {:<58} {:<16} {:>8.0} req/s  p99 {:>6.2} ms  errors {}  cpu {}  client {:>3.0} %  log {}  ({:.1?})",
                         round + 1,

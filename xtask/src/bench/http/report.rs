@@ -94,7 +94,7 @@ pub(super) fn section(samples: &[(Row, Kind, Sample)], idle: &[Idle], plan: &Pla
         match plan.backends {
             BackendKind::Nginx =>
                 "two Debian nginx instances (each its own prefix in the temp dir, one worker, \
-                 `access_log off`), answering `GET /index.php` with a 32-byte text, `X-Server` \
+                 `access_log off`), answering `GET /index.php` with a 29-byte text, `X-Server` \
                  and, to a request without one, a new `PHPSESSID` ($request_id), and `GET /1m` \
                  with a 1 MiB file (sendfile)",
             BackendKind::Demo =>
@@ -387,7 +387,11 @@ fn scaling_table(samples: &[(Row, Kind, Sample)]) -> Table {
         "proxyd's 2-thread run",
     ]);
     for (one, two) in scaled_rows() {
-        let mut cells = vec![format!("{}, {} connections", two.shape.title(), two.connections)];
+        let mut cells = vec![format!(
+            "{}, {} connections",
+            two.shape.title(),
+            two.connections
+        )];
         for kind in [Kind::Proxyd, Kind::Haproxy, Kind::Nginx] {
             match (figures(samples, one, kind), figures(samples, two, kind)) {
                 (Some(a), Some(b)) => {
@@ -397,9 +401,7 @@ fn scaling_table(samples: &[(Row, Kind, Sample)]) -> Table {
                 _ => cells.extend(["-".to_owned(), "-".to_owned()]),
             }
         }
-        cells.push(
-            figures(samples, two, Kind::Proxyd).map_or("-".to_owned(), |f| limits(two, &f)),
-        );
+        cells.push(figures(samples, two, Kind::Proxyd).map_or("-".to_owned(), |f| limits(two, &f)));
         t.row(cells);
     }
     t
@@ -446,9 +448,8 @@ fn verdicts(samples: &[(Row, Kind, Sample)], idle: &[Idle]) -> Vec<String> {
              HAProxy {h:.1} KiB ({}).",
             mark(p <= h)
         )),
-        _ => notes.push(
-            "Target, memory per idle keep-alive connection: **not measured**.".to_owned(),
-        ),
+        _ => notes
+            .push("Target, memory per idle keep-alive connection: **not measured**.".to_owned()),
     }
     for (one, two) in scaled_rows() {
         let (Some(a), Some(b)) = (
@@ -489,10 +490,7 @@ fn verdicts(samples: &[(Row, Kind, Sample)], idle: &[Idle]) -> Vec<String> {
             cost * 100.0,
         ));
     }
-    let new = ROWS
-        .iter()
-        .copied()
-        .find(|r| r.shape == Shape::NewSession);
+    let new = ROWS.iter().copied().find(|r| r.shape == Shape::NewSession);
     if let Some(p) = new.and_then(|r| figures(samples, r, Kind::Proxyd)) {
         let stickd = median(&p.cpu_stickd) - median(&p.cpu);
         notes.push(format!(

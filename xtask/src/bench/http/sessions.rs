@@ -41,7 +41,11 @@ pub(super) const STICKY_CHECKS: usize = 20;
 /// Before measuring, makes sure the target really routes by the cookie: for the first sessions,
 /// two requests each reach the same server, and with a stick table (proxyd, HAProxy) the server
 /// that set the session. Without it a "sticky" run could be measuring plain round robin.
-pub(super) async fn check_sticky(kind: Kind, addr: SocketAddr, sessions: &[(String, String)]) -> Result<()> {
+pub(super) async fn check_sticky(
+    kind: Kind,
+    addr: SocketAddr,
+    sessions: &[(String, String)],
+) -> Result<()> {
     let table = match kind {
         Kind::Proxyd | Kind::Haproxy => true,
         Kind::Nginx => false,

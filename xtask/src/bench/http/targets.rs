@@ -316,13 +316,7 @@ pub(super) async fn start_nginx(
         path: prefix.join("access.log"),
         marker: None,
     };
-    Ok(Target::new(
-        Kind::Nginx,
-        frontend,
-        pid,
-        None,
-        log,
-    ))
+    Ok(Target::new(Kind::Nginx, frontend, pid, None, log))
 }
 
 /// Waits until `addr` accepts, failing at once (with its log) if `proc` exits first.
@@ -388,7 +382,10 @@ mod tests {
         let h = haproxy_config(fe, &setup).render();
         assert!(haproxy_maxconn() <= 20_000);
         assert!(h.contains("nbthread 2\n"), "{h}");
-        assert!(h.contains("    maxconn 9000\n") || haproxy_maxconn() < 9_000, "{h}");
+        assert!(
+            h.contains("    maxconn 9000\n") || haproxy_maxconn() < 9_000,
+            "{h}"
+        );
         assert!(h.contains("log 127.0.0.1:5140 local0") && h.contains("option httplog"));
         assert!(h.contains("timeout client 60s") && h.contains("timeout http-keep-alive 60s"));
         assert!(h.contains("stick on req.cook(PHPSESSID)"));

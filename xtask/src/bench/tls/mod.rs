@@ -75,7 +75,14 @@ fn build_aws_lc() -> std::result::Result<std::path::PathBuf, String> {
     let t = Instant::now();
     let out = std::process::Command::new(cargo)
         .current_dir(&root)
-        .args(["build", "--release", "-p", "proxyd", "--features", "aws-lc-rs"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "proxyd",
+            "--features",
+            "aws-lc-rs",
+        ])
         .args(["--target-dir", AWS_LC_TARGET_DIR])
         .output()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
@@ -261,9 +268,7 @@ async fn run_in(
         .await?,
     ];
     if let Ok(bin) = &shape.aws_lc {
-        targets.push(
-            targets::start_proxyd(env, &setup, bin, Kind::ProxydAwsLc, &mut procs).await?,
-        );
+        targets.push(targets::start_proxyd(env, &setup, bin, Kind::ProxydAwsLc, &mut procs).await?);
     }
     targets.push(targets::start_haproxy(ctx, env, &setup, &mut procs).await?);
     targets.push(targets::start_nginx(ctx, env, &setup, &mut procs).await?);
