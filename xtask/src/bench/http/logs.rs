@@ -110,13 +110,14 @@ mod tests {
         let path = dir.path().join("proxyd.log");
         std::fs::write(
             &path,
-            "INFO proxyd::access: status=200\nINFO proxyd::worker: up\nINFO proxyd::access: status=503\n",
+            "INFO client=127.0.0.1:1 status=200 request=GET /index.php\nINFO worker up\n\
+             INFO client=127.0.0.1:2 status=503 request=GET /\n",
         )
         .expect("write");
         let sink = Sink::start().await.expect("sink");
         let log = AccessLog::File {
             path: path.clone(),
-            marker: Some("proxyd::access"),
+            marker: Some(" request="),
         };
         assert_eq!(log.take(&sink).expect("take"), Some(2));
         assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);

@@ -364,7 +364,10 @@ fn limits(row: Row, f: &Figures) -> String {
     let what = match (client_bound, machine_bound) {
         (true, _) => "the client was the limit",
         (false, true) => "the machine's cores were the limit, not the client alone",
-        (false, false) => "neither the client nor the machine was at its limit",
+        (false, false) => {
+            "neither wrk nor the run's own processes filled the cores (whatever else runs on \
+             the machine had the rest: see the load average)"
+        }
     };
     format!(
         "{what}: wrk {:.0} % of its {} thread(s), all of the run {:.0} % of {} cores",

@@ -141,7 +141,8 @@ pub(super) async fn start_proxyd(
     };
     let log = AccessLog::File {
         path: env.logs_dir().join(format!("{name}.log")),
-        marker: Some("proxyd::access"),
+        // proxyd's lines name no target (`with_target(false)`); only an access line has this.
+        marker: Some(" request="),
     };
     Ok(Target::new(
         kind,
