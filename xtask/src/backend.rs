@@ -230,6 +230,10 @@ fn build_response(head: &Head, body_len: usize, config: &BackendConfig) -> Vec<u
             ),
         ),
         (_, "/" | "/index.php") => ("405 Method Not Allowed", "method not allowed\n".to_owned()),
+        // The bench's large answers (nginx's backends serve the same path from a file).
+        ("GET", crate::configs::nginx::BIG_PATH) => {
+            ("200 OK", "x".repeat(crate::configs::nginx::BIG_BYTES))
+        }
         _ => ("404 Not Found", format!("not found on {}\n", config.name)),
     };
     let mut out = format!(
@@ -356,6 +360,16 @@ mod tests {
             .await
             .expect("write");
         assert!(read_response(&mut s).await.starts_with("HTTP/1.1 404"));
+        s.write_all(b"GET /1m HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let big = read_response(&mut s).await;
+        assert!(
+            big.contains("Content-Length: 1048576\r\n"),
+            "{}",
+            &big[..200]
+        );
+        assert_eq!(big.split_once("\r\n\r\n").expect("head").1.len(), 1 << 20);
         let mut s = TcpStream::connect(addr).await.expect("connect");
         s.write_all(b"\x01\x02 garbage\r\n\r\n")
             .await

@@ -96,7 +96,7 @@ enum Cmd {
         /// Install HAProxy, nginx, wrk and the plot's font with apt-get if missing (root only).
         #[arg(long)]
         install: bool,
-        /// Run only the sections whose id contains this (http, reload, kill, peers, stickd, cache).
+        /// Run only the sections whose id contains this (http, tls, reload, kill, peers, stickd, cache).
         #[arg(long)]
         only: Option<String>,
         /// Use the release binaries already in target/release instead of building them.
@@ -105,6 +105,9 @@ enum Cmd {
         /// Directory for benchmarks.md and benchmarks.png.
         #[arg(long, default_value = "docs")]
         out: std::path::PathBuf,
+        /// What the http section proxies to: Debian's nginx, or xtask's demo backend.
+        #[arg(long, value_enum, default_value_t)]
+        backends: bench::BackendKind,
     },
 }
 
@@ -217,6 +220,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             only,
             no_build,
             out,
+            backends,
         } => {
             bench_in_release(no_build)?;
             harness::become_subreaper();
@@ -231,6 +235,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 only,
                 build: !no_build,
                 out_dir,
+                backends,
             };
             let result = runtime(2)?.block_on(async {
                 kill_all_on_interrupt()?;

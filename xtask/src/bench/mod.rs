@@ -15,6 +15,7 @@ mod report;
 mod rules;
 pub mod stats;
 mod stickd;
+mod tls;
 pub mod tools;
 
 use std::path::PathBuf;
@@ -37,6 +38,18 @@ pub struct Options {
     pub build: bool,
     /// Where the report goes (`docs/benchmarks.md` and `docs/benchmarks.png` by default).
     pub out_dir: PathBuf,
+    /// What the http section's targets proxy to.
+    pub backends: BackendKind,
+}
+
+/// The http section's backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// Two Debian nginx instances: a server nobody here wrote.
+    #[default]
+    Nginx,
+    /// xtask's own demo backend (`cargo xtask backend`).
+    Demo,
 }
 
 /// What every section gets.
@@ -78,6 +91,11 @@ const SECTIONS: &[Entry] = &[
         run: |c| Box::pin(http::run(c)),
     },
     Entry {
+        id: "tls",
+        title: "TLS: handshakes, keep-alive, HTTP/2, idle connections",
+        run: |c| Box::pin(tls::run(c)),
+    },
+    Entry {
         id: "reload",
         title: "Reload storms under load",
         run: |c| Box::pin(reload::run(c)),
@@ -109,7 +127,8 @@ const SECTIONS: &[Entry] = &[
     },
 ];
 
-/// Runs the selected sections, prints the report and writes it; fails if any section failed.
+/// Runs the selected sections, prints them and writes them into the report (keeping the sections
+/// of the file this run did not measure); fails if any section failed.
 pub async fn run(opts: Options) -> Result<()> {
     let selected: Vec<&Entry> = SECTIONS
         .iter()
@@ -124,13 +143,12 @@ pub async fn run(opts: Options) -> Result<()> {
         crate::harness::build_release()?;
     }
     let ctx = Ctx { opts, tools };
-    let started = Instant::now();
     let mut report = Report::new(&ctx)?;
     let mut failed = Vec::new();
     for entry in selected {
         eprintln!("== bench {}: {}", entry.id, entry.title);
         let t = Instant::now();
-        let section = match (entry.run)(&ctx).await {
+        let mut section = match (entry.run)(&ctx).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("bench {} failed: {e:#}", entry.id);
@@ -140,13 +158,17 @@ pub async fn run(opts: Options) -> Result<()> {
         };
         crate::harness::kill_all();
         eprintln!("   ({} in {:.0?})", entry.id, t.elapsed());
+        if section.id.is_empty() {
+            section.id = entry.id.to_owned();
+        }
+        section.run = Report::run_line(&ctx, t.elapsed());
         report.push(section);
     }
-    report.finish(started.elapsed());
     let markdown = report.markdown();
     println!("{markdown}");
+    let order: Vec<(&str, &str)> = SECTIONS.iter().map(|e| (e.id, e.title)).collect();
     report
-        .write(&ctx.opts.out_dir)
+        .write(&ctx.opts.out_dir, &order)
         .with_context(|| format!("cannot write the report to {}", ctx.opts.out_dir.display()))?;
     if !failed.is_empty() {
         bail!("sections failed: {}", failed.join(", "));

@@ -79,6 +79,13 @@ fn proc_ticks(pid: u32) -> u64 {
         .sum()
 }
 
+/// Resident memory of `root` and its descendants, bytes.
+pub fn rss_tree(root: u32) -> u64 {
+    let mut pids = crate::harness::descendants(root);
+    pids.push(root);
+    pids.iter().map(|&p| rss_bytes(p)).sum()
+}
+
 /// Resident set size of one process in bytes (VmRSS), 0 if it is gone.
 pub fn rss_bytes(pid: u32) -> u64 {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {

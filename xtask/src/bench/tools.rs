@@ -1,5 +1,5 @@
 //! The programs the bench compares against and drives (HAProxy, nginx, wrk), found on PATH or
-//! installed from Debian's packages with `--install`.
+//! installed from Debian's packages with `--install`, and the open-file limit they run under.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -86,6 +86,59 @@ fn apt_install(packages: &[&str]) -> Result<()> {
         bail!("apt-get install {} failed ({status})", packages.join(" "));
     }
     Ok(())
+}
+
+/// Open files a section that holds thousands of connections asks for.
+const NOFILE_WANTED: u64 = 65_536;
+
+/// The open-file limit this process had, put back when dropped (the sections after one that
+/// raised it expect the usual limit).
+pub struct Nofile {
+    soft: u64,
+    hard: u64,
+    /// The soft limit in force now, which the targets started meanwhile inherit.
+    pub limit: u64,
+}
+
+impl Nofile {
+    /// Raises the limit towards `NOFILE_WANTED`; without CAP_SYS_RESOURCE as far as the hard
+    /// limit goes.
+    pub fn raise() -> Self {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+        let limit = if setrlimit(
+            Resource::RLIMIT_NOFILE,
+            NOFILE_WANTED,
+            hard.max(NOFILE_WANTED),
+        )
+        .is_ok()
+        {
+            NOFILE_WANTED
+        } else {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+            getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s)
+        };
+        Self { soft, hard, limit }
+    }
+
+    /// Idle connections a section can hold against HAProxy, at most `wanted`: HAProxy wants
+    /// two files per connection of its `maxconn` and refuses to start if it cannot have them,
+    /// and the client's ends and the rest need some room.
+    pub fn idle_connections(&self, wanted: usize) -> usize {
+        wanted
+            .min(self.limit.saturating_sub(1_000) as usize / 2)
+            .max(1)
+    }
+}
+
+impl Drop for Nofile {
+    fn drop(&mut self) {
+        let _ = nix::sys::resource::setrlimit(
+            nix::sys::resource::Resource::RLIMIT_NOFILE,
+            self.soft,
+            self.hard,
+        );
+    }
 }
 
 /// The first match of `prog` on PATH (and /usr/sbin, where Debian puts haproxy and nginx).

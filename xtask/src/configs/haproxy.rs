@@ -1,5 +1,5 @@
-//! haproxy.cfg for the benches' comparisons: one thread, in the foreground, one frontend and one
-//! backend, and the seed's stick table and checks where a bench wants them.
+//! haproxy.cfg for the benches' comparisons: one thread (or as many as asked), in the foreground,
+//! one frontend and one backend, and the seed's stick table and checks where a bench wants them.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -20,10 +20,15 @@ pub struct Haproxy {
     pub backend: Backend,
 }
 
-/// `global`: always `nbthread 1`, like proxyd's `threads = 1` and nginx's one worker.
+/// `global`: `nbthread 1` unless `nbthread` says otherwise, like proxyd's `threads` and nginx's
+/// `worker_processes`.
 #[derive(Clone, Debug, Default)]
 pub struct Global {
+    pub nbthread: Option<u32>,
     pub maxconn: Option<u64>,
+    /// `log ADDR local0` (UDP syslog), with `log global` in `defaults`: where `option httplog`
+    /// lines go.
+    pub log: Option<SocketAddr>,
     pub stats_socket: Option<StatsSocket>,
     /// `master-worker no-exit-on-failure`.
     pub no_exit_on_failure: bool,
@@ -136,9 +141,12 @@ impl Haproxy {
             let _ = writeln!(s, "# {}", self.comment);
         }
         let g = &self.global;
-        s.push_str("global\n    nbthread 1\n");
+        let _ = writeln!(s, "global\n    nbthread {}", g.nbthread.unwrap_or(1));
         if let Some(n) = g.maxconn {
             let _ = writeln!(s, "    maxconn {n}");
+        }
+        if let Some(addr) = g.log {
+            let _ = writeln!(s, "    log {addr} local0");
         }
         if let Some(st) = &g.stats_socket {
             let expose = if st.expose_fd_listeners {
@@ -163,6 +171,9 @@ impl Haproxy {
         }
         let d = &self.defaults;
         s.push_str("\ndefaults\n    mode http\n");
+        if g.log.is_some() {
+            s.push_str("    log global\n");
+        }
         for o in &d.options {
             let _ = writeln!(s, "    option {o}");
         }
@@ -226,7 +237,9 @@ mod tests {
         let h = Haproxy {
             comment: "test",
             global: Global {
+                nbthread: None,
                 maxconn: Some(8000),
+                log: None,
                 stats_socket: Some(StatsSocket {
                     path: "/d/stats.sock".into(),
                     expose_fd_listeners: false,
@@ -281,5 +294,44 @@ mod tests {
             h.contains("    server app1 127.0.0.2:9001 check inter 300ms\n"),
             "{h}"
         );
+        assert!(!h.contains("log"), "{h}");
+    }
+
+    #[test]
+    fn renders_threads_and_the_log_target() {
+        let mut defaults = Defaults::seed("http-keep-alive", "2s");
+        defaults.options.push("httplog");
+        let h = Haproxy {
+            comment: "",
+            global: Global {
+                nbthread: Some(2),
+                log: Some("127.0.0.1:5140".parse().expect("addr")),
+                ..Global::default()
+            },
+            peers: Vec::new(),
+            defaults,
+            frontend: Frontend {
+                name: "http-in",
+                bind: "127.0.0.1:8080".parse().expect("addr"),
+            },
+            backend: Backend::seed(
+                "t",
+                StickTable {
+                    size: "1m",
+                    peers: false,
+                },
+                Vec::new(),
+            ),
+        }
+        .render();
+        assert!(
+            h.starts_with("global\n    nbthread 2\n    log 127.0.0.1:5140 local0\n"),
+            "{h}"
+        );
+        assert!(
+            h.contains("defaults\n    mode http\n    log global\n"),
+            "{h}"
+        );
+        assert!(h.contains("    option httplog\n"), "{h}");
     }
 }

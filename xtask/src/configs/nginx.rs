@@ -1,9 +1,10 @@
-//! nginx.conf for the benches' comparisons: one worker in the foreground, every file under a
-//! prefix dir, one upstream with keep-alive connections behind one `server`.
+//! nginx.conf for the benches' comparisons: workers in the foreground, every file under a prefix
+//! dir, one upstream with keep-alive connections behind one `server`; and nginx as a backend
+//! (an application server stand-in) for the http bench.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A whole nginx config.
 #[derive(Clone, Debug)]
@@ -17,12 +18,40 @@ pub struct Nginx {
     /// `master_process on` written out (it is nginx's default).
     pub master_process: bool,
     pub error_log: ErrorLog,
+    pub workers: Workers,
+    /// `access_log PATH` (nginx's default `combined` format); `access_log off` when none.
+    pub access_log: Option<PathBuf>,
     pub listen: SocketAddr,
     pub keepalive_timeout: &'static str,
     pub keepalive_requests: u64,
     /// `client_header_timeout`, `proxy_connect_timeout` and `proxy_read_timeout`, when set.
     pub timeouts: Option<Timeouts>,
     pub upstream: Upstream,
+}
+
+/// `worker_processes`, `worker_connections` and `worker_rlimit_nofile`.
+#[derive(Clone, Copy, Debug)]
+pub struct Workers {
+    pub processes: u32,
+    pub connections: u64,
+    /// Raised by nginx itself at start; needed above 1024 connections.
+    pub rlimit_nofile: Option<u64>,
+}
+
+impl Workers {
+    /// One worker of 4096 connections.
+    pub const ONE: Workers = Workers {
+        processes: 1,
+        connections: 4096,
+        rlimit_nofile: None,
+    };
+
+    fn render(self, s: &mut String) {
+        let _ = writeln!(s, "worker_processes {};", self.processes);
+        if let Some(n) = self.rlimit_nofile {
+            let _ = writeln!(s, "worker_rlimit_nofile {n};");
+        }
+    }
 }
 
 /// Where errors go, and from which level.
@@ -62,7 +91,8 @@ impl Nginx {
         if let Some(u) = &self.user {
             let _ = writeln!(s, "user {u};");
         }
-        s.push_str("worker_processes 1;\ndaemon off;\n");
+        self.workers.render(&mut s);
+        s.push_str("daemon off;\n");
         if self.master_process {
             s.push_str("master_process on;\n");
         }
@@ -71,16 +101,18 @@ impl Nginx {
             ErrorLog::File(level) => writeln!(s, "error_log {p}/error.log {level};"),
             ErrorLog::Stderr(level) => writeln!(s, "error_log stderr {level};"),
         };
-        s.push_str("\nevents {\n    worker_connections 4096;\n}\n\nhttp {\n    access_log off;\n");
-        for (what, dir) in [
-            ("client_body", "body"),
-            ("proxy", "proxy"),
-            ("fastcgi", "fastcgi"),
-            ("uwsgi", "uwsgi"),
-            ("scgi", "scgi"),
-        ] {
-            let _ = writeln!(s, "    {what}_temp_path {p}/{dir};");
+        let _ = writeln!(
+            s,
+            "\nevents {{\n    worker_connections {};\n}}\n\nhttp {{",
+            self.workers.connections
+        );
+        match &self.access_log {
+            Some(path) => {
+                let _ = writeln!(s, "    access_log {};", path.display());
+            }
+            None => s.push_str("    access_log off;\n"),
         }
+        temp_paths(&mut s, &self.prefix);
         let _ = writeln!(
             s,
             "    keepalive_timeout {};\n    keepalive_requests {};",
@@ -129,6 +161,86 @@ impl Nginx {
     }
 }
 
+/// Every temp dir nginx may write, under `prefix`.
+fn temp_paths(s: &mut String, prefix: &Path) {
+    let p = prefix.display();
+    for (what, dir) in [
+        ("client_body", "body"),
+        ("proxy", "proxy"),
+        ("fastcgi", "fastcgi"),
+        ("uwsgi", "uwsgi"),
+        ("scgi", "scgi"),
+    ] {
+        let _ = writeln!(s, "    {what}_temp_path {p}/{dir};");
+    }
+}
+
+/// nginx standing in for an application server (like xtask's demo backend, but nobody here
+/// wrote it): `GET /index.php` answers a short text with `X-Server: NAME`, and a new
+/// `PHPSESSID` (nginx's 32-hex `$request_id`) to a request without one; `GET /1m` sends the
+/// file `PREFIX/www/1m`, which the caller writes. No access log: a backend's logging is not
+/// what is measured.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    pub name: String,
+    pub prefix: PathBuf,
+    pub user: Option<String>,
+    pub workers: Workers,
+    pub listen: SocketAddr,
+}
+
+/// The path of the large answer, and its size.
+pub const BIG_PATH: &str = "/1m";
+pub const BIG_BYTES: usize = 1 << 20;
+
+impl Backend {
+    pub fn render(&self) -> String {
+        let p = self.prefix.display();
+        let name = &self.name;
+        let mut s = format!("# nginx as the application server {name}, in the foreground.\n");
+        if let Some(u) = &self.user {
+            let _ = writeln!(s, "user {u};");
+        }
+        self.workers.render(&mut s);
+        let _ = write!(
+            s,
+            "daemon off;\npid {p}/nginx.pid;\nerror_log {p}/error.log warn;\n\nevents {{\n    \
+             worker_connections {};\n}}\n\nhttp {{\n    access_log off;\n",
+            self.workers.connections
+        );
+        temp_paths(&mut s, &self.prefix);
+        let _ = write!(
+            s,
+            r#"    keepalive_timeout 120s;
+    keepalive_requests 1000000000;
+    sendfile on;
+
+    server {{
+        listen {listen};
+        root {p}/www;
+        location = /index.php {{
+            default_type text/plain;
+            add_header X-Server {name} always;
+            # Inside `if`, only its own add_header lines apply: X-Server again.
+            if ($cookie_PHPSESSID = "") {{
+                add_header X-Server {name} always;
+                add_header Set-Cookie "PHPSESSID=$request_id; path=/" always;
+            }}
+            return 200 "Hello from {name}\nserver: {name}\n";
+        }}
+        location = {BIG_PATH} {{
+            default_type application/octet-stream;
+            add_header X-Server {name} always;
+        }}
+    }}
+}}
+"#,
+            listen = self.listen,
+        );
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +253,8 @@ mod tests {
             user: Some("u".into()),
             master_process: true,
             error_log: ErrorLog::File("warn"),
+            workers: Workers::ONE,
+            access_log: None,
             listen: "127.0.0.1:8000".parse().expect("addr"),
             keepalive_timeout: "10s",
             keepalive_requests: 7,
@@ -171,5 +285,39 @@ mod tests {
         assert!(n.contains("hash $cookie_PHPSESSID consistent;\n        server 127.0.0.2:8001;\n        keepalive 64;\n    }"), "{n}");
         assert!(n.contains("listen 127.0.0.1:8000;"), "{n}");
         assert!(n.contains("proxy_pass http://app;"), "{n}");
+        assert!(n.contains("worker_connections 4096;"), "{n}");
+        assert!(n.contains("http {\n    access_log off;\n"), "{n}");
+    }
+
+    #[test]
+    fn renders_the_backend_stand_in() {
+        let b = Backend {
+            name: "app1".into(),
+            prefix: "/b".into(),
+            user: None,
+            workers: Workers {
+                processes: 1,
+                connections: 19_000,
+                rlimit_nofile: Some(20_000),
+            },
+            listen: "127.0.0.1:9001".parse().expect("addr"),
+        }
+        .render();
+        assert!(
+            b.contains("worker_processes 1;\nworker_rlimit_nofile 20000;\ndaemon off;\n"),
+            "{b}"
+        );
+        assert!(b.contains("worker_connections 19000;"), "{b}");
+        assert!(b.contains("access_log off;"), "{b}");
+        assert!(b.contains("root /b/www;"), "{b}");
+        assert!(
+            b.contains("add_header Set-Cookie \"PHPSESSID=$request_id; path=/\" always;"),
+            "{b}"
+        );
+        assert!(
+            b.contains("return 200 \"Hello from app1\\nserver: app1\\n\";"),
+            "{b}"
+        );
+        assert!(b.contains("location = /1m {"), "{b}");
     }
 }

@@ -33,9 +33,14 @@ use super::raw::{RawTls, Shorthand};
 /// A certificate that expires sooner than this is worth a warning from `proxyd check`.
 pub const EXPIRY_WARNING_SECS: i64 = 14 * 86_400;
 
-/// The one crypto provider of proxyd's TLS: ring, which tonic already brings.
+/// The one crypto provider of proxyd's TLS: ring, which tonic already brings, or aws-lc-rs
+/// with the `aws-lc-rs` feature.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    #[cfg(not(feature = "aws-lc-rs"))]
+    let provider = rustls::crypto::ring::default_provider();
+    #[cfg(feature = "aws-lc-rs")]
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    Arc::new(provider)
 }
 
 /// The oldest TLS version a bind accepts.

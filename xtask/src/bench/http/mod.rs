@@ -1,31 +1,36 @@
-//! Bench section `http`: wrk through proxyd, HAProxy and nginx (and straight to a backend) with
-//! keep-alive sticky clients, connection-close clients and new-session traffic; requests/s,
-//! p50/p99 and the CPU each proxy spends per request.
+//! Bench section `http`: wrk through proxyd, HAProxy and nginx (and straight to a backend), with
+//! every target's access log on: keep-alive clients spread over 1000 sessions or all on one (hot
+//! key), connection-close and new-session clients, 100 and 1000 connections, 1 MB answers, one
+//! and two proxy threads, and the memory an idle keep-alive connection costs.
 //!
-//! Every target proxies to the same two demo backends, runs one proxy thread and logs no request.
-//! Targets run alternately, round after round (the order rotating each round), so that a busy
-//! neighbour on the shared machine hits all of them alike.
+//! The backends are two Debian nginx instances by default (`--backends demo`: xtask's own demo
+//! backend). Targets run alternately, round after round (the order rotating each round), so
+//! that a busy neighbour on the shared machine hits all of them alike.
 
+mod backends;
+mod idle;
+mod logs;
 mod report;
-mod targets;
-mod wrk;
+mod sessions;
+pub(super) mod targets;
+pub(super) mod wrk;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use nix::sys::resource::{UsageWho, getrusage};
 
 use super::stats;
-use super::{Ctx, Section};
-use crate::cluster;
+use super::{BackendKind, Ctx, Section, tools};
+use crate::configs::nginx::BIG_PATH;
 use crate::harness::{Env, Proc};
+use logs::AccessLog;
 use report::section;
 use targets::{start_haproxy, start_nginx, start_proxyd};
 use wrk::parse_wrk;
 
-/// wrk's connections.
-const CONNECTIONS: u32 = 50;
 /// The seed's table name, in HAProxy and stickd alike.
 const TABLE: &str = "dynamic_group";
 /// Table size on both HAProxy and stickd: far above what the new-session runs store (so that
@@ -33,37 +38,99 @@ const TABLE: &str = "dynamic_group";
 const TABLE_SIZE: &str = "1m";
 /// The seed's health checks (HAProxy's defaults inter 2s, fall 3; `rise 1` from the seed).
 const CHECK_INTER: &str = "2s";
+/// Client and keep-alive timeouts of every target, instead of the seed's 10 s: the idle
+/// connections of the memory run must still be open when their memory is read.
+const TIMEOUT_IDLE: &str = "60s";
+/// Sessions each target stores before the runs: the spread runs send all of them.
+const SESSIONS: usize = 1000;
 
-/// What the clients do.
+/// What the clients send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Workload {
-    /// Keep-alive connections, each request with a `PHPSESSID` the target stored before.
-    Sticky,
-    /// The same cookies, a new connection per request (`Connection: close`).
+enum Shape {
+    /// Keep-alive, each request with one of `SESSIONS` cookies the target stored before.
+    Spread,
+    /// Keep-alive, every request of every client with the same cookie.
+    Hot,
+    /// The spread cookies, a new connection per request (`Connection: close`).
     Close,
     /// Keep-alive, no cookie: every answer sets a new session that the proxy stores.
     NewSession,
+    /// The spread cookies, 1 MiB answers.
+    Big,
 }
 
-impl Workload {
-    const ALL: [Workload; 3] = [Self::Sticky, Self::Close, Self::NewSession];
-
+impl Shape {
     fn title(self) -> &'static str {
         match self {
-            Self::Sticky => "keep-alive, sticky cookie",
-            Self::Close => "connection-close, sticky cookie",
+            Self::Spread => "keep-alive, 1000 cookies (spread)",
+            Self::Hot => "keep-alive, one cookie (hot key)",
+            Self::Close => "connection-close, 1000 cookies",
             Self::NewSession => "keep-alive, new session per request",
+            Self::Big => "keep-alive, 1 MB answers, 1000 cookies",
         }
     }
 
     fn id(self) -> &'static str {
         match self {
-            Self::Sticky => "sticky",
+            Self::Spread => "spread",
+            Self::Hot => "hot",
             Self::Close => "close",
             Self::NewSession => "new",
+            Self::Big => "big",
         }
     }
 }
+
+/// One line of the plan: a shape at a proxy thread count and a client connection count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Row {
+    shape: Shape,
+    threads: u32,
+    connections: u32,
+}
+
+impl Row {
+    const fn new(shape: Shape, threads: u32, connections: u32) -> Self {
+        Self {
+            shape,
+            threads,
+            connections,
+        }
+    }
+
+    fn title(self) -> String {
+        let threads = if self.threads == 1 {
+            "1 thread".to_owned()
+        } else {
+            format!("{} threads", self.threads)
+        };
+        format!(
+            "{threads}, {} connections, {}",
+            self.connections,
+            self.shape.title()
+        )
+    }
+
+    /// wrk's threads: one per proxy thread, so that one client thread is not the limit of a
+    /// proxy with two.
+    fn wrk_threads(self) -> u32 {
+        self.threads
+    }
+}
+
+/// Every row, in the order they run within a round (1-thread targets first, then 2-thread).
+const ROWS: [Row; 10] = [
+    Row::new(Shape::Spread, 1, 100),
+    Row::new(Shape::Hot, 1, 100),
+    Row::new(Shape::Close, 1, 100),
+    Row::new(Shape::NewSession, 1, 100),
+    Row::new(Shape::Spread, 1, 1000),
+    Row::new(Shape::Big, 1, 100),
+    Row::new(Shape::Spread, 2, 100),
+    Row::new(Shape::Hot, 2, 100),
+    Row::new(Shape::Close, 2, 100),
+    Row::new(Shape::Spread, 2, 1000),
+];
 
 /// Who is measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,13 +162,12 @@ impl Kind {
         }
     }
 
-    /// The workloads this target runs. Direct is the limit of the keep-alive run only (the
-    /// backend is the same in every run, and the budget is 5 minutes); no-stick exists to show
-    /// what the stick rule costs, which the sticky run shows.
-    fn workloads(self) -> &'static [Workload] {
+    /// Whether this target runs `row`. Direct is the limit of the machine, and no-stick shows
+    /// what the stick rule costs: the first row shows both, and the time goes to the others.
+    fn runs(self, row: Row) -> bool {
         match self {
-            Self::Direct | Self::ProxydNoStick => &[Workload::Sticky],
-            Self::Proxyd | Self::Haproxy | Self::Nginx => &Workload::ALL,
+            Self::Direct | Self::ProxydNoStick => row == ROWS[0],
+            Self::Proxyd | Self::Haproxy | Self::Nginx => true,
         }
     }
 }
@@ -114,9 +180,11 @@ struct Target {
     proxy_pid: Option<u32>,
     /// stickd, whose CPU is shown beside proxyd's.
     stickd_pid: Option<u32>,
-    /// wrk scripts (in the temp dir) that send the sessions this target stored.
-    sticky_script: PathBuf,
-    close_script: PathBuf,
+    log: AccessLog,
+    /// wrk scripts (in the temp dir), one per shape that sends cookies.
+    scripts: Vec<(Shape, PathBuf)>,
+    /// The first session it stored: the hot key, and the idle connections' cookie.
+    cookie: String,
 }
 
 /// What one wrk run printed.
@@ -132,7 +200,7 @@ pub struct WrkResult {
     pub socket_errors: u64,
 }
 
-/// One (workload, target) measurement.
+/// One (row, target) measurement.
 #[derive(Clone, Debug)]
 struct Sample {
     wrk: WrkResult,
@@ -140,16 +208,45 @@ struct Sample {
     cpu_us: Option<f64>,
     /// The same with stickd's CPU added (proxyd only).
     cpu_stickd_us: Option<f64>,
+    /// CPU over the run's wall time (1.0: one core all the time) of the proxy, of wrk and of
+    /// the backends.
+    proxy_busy: Option<f64>,
+    client_busy: f64,
+    backends_busy: f64,
+    /// Access log lines the run wrote (`None`: the target has no log).
+    log_lines: Option<u64>,
+}
+
+/// What the run was given, for the report.
+struct Plan {
+    backends: BackendKind,
+    secs: u64,
+    rounds: usize,
+    /// Idle connections opened against each 1-thread target.
+    idle: usize,
+    /// The open-file limit every process of the run had.
+    nofile: u64,
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Section> {
-    let secs: u64 = ctx.pick(2, 8);
-    let rounds = ctx.rounds(3);
-    let sessions = ctx.pick(300, 1000);
+    // Kept raised until the section ends: the idle connections' client ends are this process's.
+    let nofile = tools::Nofile::raise();
+    let plan = Plan {
+        backends: ctx.opts.backends,
+        secs: ctx.pick(2, 5),
+        rounds: ctx.rounds(3),
+        idle: nofile.idle_connections(ctx.pick(2_000, 10_000)),
+        nofile: nofile.limit,
+    };
     let mut env = Env::new("bench-http")?;
     let load_before = loadavg();
-    match run_in(&mut env, secs, rounds, sessions, ctx).await {
+    let result = run_in(&mut env, ctx, &plan).await;
+    drop(nofile);
+    match result {
         Ok(mut s) => {
+            if plan.backends == BackendKind::Demo {
+                s.id = "http-demo".to_owned();
+            }
             s.text.push(format!(
                 "Machine load (1-minute load average, {} cores) at the start: {load_before}, at the \
                  end: {}; above the core count, other work shared the machine and the figures \
@@ -163,119 +260,214 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
     }
 }
 
-async fn run_in(
-    env: &mut Env,
-    secs: u64,
-    rounds: usize,
-    sessions: usize,
-    ctx: &Ctx,
-) -> Result<Section> {
+async fn run_in(env: &mut Env, ctx: &Ctx, plan: &Plan) -> Result<Section> {
     // Everything that must live until the end (dropping a `Proc` kills it).
     let mut procs: Vec<Proc> = Vec::new();
-
-    let names = vec!["app1".to_owned(), "app2".to_owned()];
-    let backends = cluster::start_backends(env, &names, 2, Duration::ZERO, None).await?;
+    let backends = backends::start(env, ctx, plan.backends, plan.nofile, &mut procs).await?;
     let servers: Vec<(String, SocketAddr)> =
-        backends.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
-    procs.extend(backends.into_iter().map(|(_, _, p)| p));
+        backends.iter().map(|b| (b.name.clone(), b.addr)).collect();
+    let backend_pids: Vec<u32> = backends.iter().map(|b| b.pid).collect();
+    let sink = logs::Sink::start().await?;
+    let maxconn = (plan.idle as u64 + 5_000).min(plan.nofile.saturating_sub(100) / 2);
 
-    let t = Instant::now();
-    let mut targets = vec![
-        Target::new(Kind::Direct, servers[0].1, None, None),
-        start_proxyd(env, &servers, true, &mut procs).await?,
-        start_proxyd(env, &servers, false, &mut procs).await?,
-        start_haproxy(ctx, env, &servers, &mut procs).await?,
-        start_nginx(ctx, env, &servers, &mut procs).await?,
-    ];
-    eprintln!("   targets up in {:.1?}", t.elapsed());
+    let mut samples: Vec<(Row, Kind, Sample)> = Vec::new();
+    let mut idle = Vec::new();
+    for threads in [1, 2] {
+        let rows: Vec<Row> = ROWS
+            .iter()
+            .copied()
+            .filter(|r| r.threads == threads)
+            .collect();
+        // Each thread count has its own targets, stopped before the next ones start.
+        let mut set_procs: Vec<Proc> = Vec::new();
+        let t = Instant::now();
+        let setup = targets::Setup {
+            servers: &servers,
+            threads,
+            maxconn,
+            sink: sink.addr(),
+        };
+        let mut set = Vec::new();
+        if threads == 1 {
+            set.push(Target::direct(servers[0].1));
+        }
+        set.push(start_proxyd(env, &setup, true, &mut set_procs).await?);
+        if threads == 1 {
+            set.push(start_proxyd(env, &setup, false, &mut set_procs).await?);
+        }
+        set.push(start_haproxy(ctx, env, &setup, &mut set_procs).await?);
+        set.push(start_nginx(ctx, env, &setup, &mut set_procs).await?);
+        eprintln!("   {threads}-thread targets up in {:.1?}", t.elapsed());
 
-    // Each target stores its own sessions first: cookie-less requests, the Set-Cookie values kept.
-    let t = Instant::now();
-    for target in &mut targets {
-        let stored = collect_sessions(target.addr, sessions)
-            .await
-            .with_context(|| format!("collecting sessions through {}", target.kind.label()))?;
-        check_sticky(target.kind, target.addr, &stored)
-            .await
-            .with_context(|| format!("{} does not route by the session", target.kind.label()))?;
-        let cookies: Vec<String> = stored.into_iter().map(|(c, _)| c).collect();
-        let tag = target.kind.label().replace([' ', '(', ')'], "");
-        target.sticky_script = env.write(
-            &format!("wrk/{tag}-sticky.lua"),
-            &lua_script(&cookies, false),
-        )?;
-        target.close_script =
-            env.write(&format!("wrk/{tag}-close.lua"), &lua_script(&cookies, true))?;
-    }
-    eprintln!(
-        "   {sessions} sessions stored on each target in {:.1?}",
-        t.elapsed()
-    );
+        // Each target stores its own sessions first: cookie-less requests, the Set-Cookie
+        // values kept, and checks that it routes by them.
+        let t = Instant::now();
+        for target in &mut set {
+            let stored = sessions::collect(target.addr, SESSIONS)
+                .await
+                .with_context(|| format!("collecting sessions through {}", target.kind.label()))?;
+            sessions::check_sticky(target.kind, target.addr, &stored)
+                .await
+                .with_context(|| {
+                    format!("{} does not route by the session", target.kind.label())
+                })?;
+            let cookies: Vec<String> = stored.into_iter().map(|(c, _)| c).collect();
+            target.cookie.clone_from(&cookies[0]);
+            let tag = format!(
+                "{}-t{threads}",
+                target.kind.label().replace([' ', '(', ')'], "")
+            );
+            for shape in [Shape::Spread, Shape::Hot, Shape::Close, Shape::Big] {
+                let (cookies, close, path) = match shape {
+                    Shape::Hot => (&cookies[..1], false, "/index.php"),
+                    Shape::Close => (&cookies[..], true, "/index.php"),
+                    Shape::Big => (&cookies[..], false, BIG_PATH),
+                    _ => (&cookies[..], false, "/index.php"),
+                };
+                let script = env.write(
+                    &format!("wrk/{tag}-{}.lua", shape.id()),
+                    &sessions::lua_script(cookies, close, path),
+                )?;
+                target.scripts.push((shape, script));
+            }
+        }
+        eprintln!(
+            "   {SESSIONS} sessions stored on each target in {:.1?}",
+            t.elapsed()
+        );
 
-    let mut samples: Vec<(Workload, Kind, Sample)> = Vec::new();
-    for round in 0..rounds {
-        for workload in Workload::ALL {
-            let mut order: Vec<&Target> = targets
-                .iter()
-                .filter(|t| t.kind.workloads().contains(&workload))
-                .collect();
-            // Nobody always goes first (right after another target's burst) or last.
-            let n = order.len();
-            order.rotate_left(round % n);
-            for target in order {
-                let t = Instant::now();
-                let s = measure(ctx, env, target, workload, secs, round)
+        if threads == 1 {
+            let measured =
+                |t: &&Target| matches!(t.kind, Kind::Proxyd | Kind::Haproxy | Kind::Nginx);
+            for target in set.iter().filter(measured) {
+                let i = idle::measure(target, plan.idle)
+                    .await
+                    .with_context(|| format!("idle connections to {}", target.kind.label()))?;
+                eprintln!(
+                    "   idle {:<16} {} connections in {:.1} s: {:.0} -> {:.0} MiB, {:.1} KiB each",
+                    target.kind.label(),
+                    i.opened,
+                    i.seconds,
+                    i.before as f64 / 1048576.0,
+                    i.after as f64 / 1048576.0,
+                    i.kib_per_conn()
+                );
+                target.log.take(&sink)?;
+                idle.push(i);
+            }
+        }
+
+        for round in 0..plan.rounds {
+            for &row in &rows {
+                let mut order: Vec<&Target> = set.iter().filter(|t| t.kind.runs(row)).collect();
+                // Nobody always goes first (right after another target's burst) or last.
+                let n = order.len();
+                order.rotate_left(round % n);
+                for target in order {
+                    let t = Instant::now();
+                    let s = measure(
+                        ctx,
+                        env,
+                        target,
+                        row,
+                        plan.secs,
+                        round,
+                        &backend_pids,
+                        &sink,
+                    )
                     .await
                     .with_context(|| {
                         format!(
                             "{} through {} (round {})",
-                            workload.title(),
+                            row.title(),
                             target.kind.label(),
                             round + 1
                         )
                     })?;
-                eprintln!(
-                    "   round {} {:<36} {:<16} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}  cpu {}  ({:.1?})",
-                    round + 1,
-                    workload.title(),
-                    target.kind.label(),
-                    s.wrk.rps,
-                    s.wrk.p50_ms,
-                    s.wrk.p99_ms,
-                    s.wrk.non_2xx + s.wrk.socket_errors,
-                    s.cpu_us
-                        .map_or("-".to_owned(), |c| format!("{c:.1} µs/req")),
-                    t.elapsed(),
-                );
-                samples.push((workload, target.kind, s));
+                    eprintln!(
+                        "   round {} {:<58} {:<16} {:>8.0} req/s  p99 {:>6.2} ms  errors {}  cpu {}  client {:>3.0} %  log {}  ({:.1?})",
+                        round + 1,
+                        row.title(),
+                        target.kind.label(),
+                        s.wrk.rps,
+                        s.wrk.p99_ms,
+                        s.wrk.non_2xx + s.wrk.socket_errors,
+                        s.cpu_us
+                            .map_or("-".to_owned(), |c| format!("{c:.1} µs/req")),
+                        s.client_busy * 100.0,
+                        s.log_lines.map_or("-".to_owned(), |n| n.to_string()),
+                        t.elapsed(),
+                    );
+                    samples.push((row, target.kind, s));
+                }
             }
         }
+        drop(set_procs);
     }
     drop(procs);
-    Ok(section(&samples, &targets, rounds, secs, sessions))
+    Ok(section(&samples, &idle, plan))
 }
 
 impl Target {
-    fn new(kind: Kind, addr: SocketAddr, proxy_pid: Option<u32>, stickd_pid: Option<u32>) -> Self {
+    fn new(
+        kind: Kind,
+        addr: SocketAddr,
+        proxy_pid: u32,
+        stickd_pid: Option<u32>,
+        log: AccessLog,
+    ) -> Self {
         Self {
-            kind,
-            addr,
-            proxy_pid,
+            proxy_pid: Some(proxy_pid),
             stickd_pid,
-            sticky_script: PathBuf::new(),
-            close_script: PathBuf::new(),
+            log,
+            kind,
+            ..Self::direct(addr)
         }
+    }
+
+    fn direct(addr: SocketAddr) -> Self {
+        Self {
+            kind: Kind::Direct,
+            addr,
+            proxy_pid: None,
+            stickd_pid: None,
+            log: AccessLog::None,
+            scripts: Vec::new(),
+            cookie: String::new(),
+        }
+    }
+
+    fn script(&self, shape: Shape) -> Option<&PathBuf> {
+        self.scripts
+            .iter()
+            .find(|(s, _)| *s == shape)
+            .map(|(_, p)| p)
     }
 }
 
-/// One wrk run against `target`, with the CPU its processes used meanwhile.
+/// User + system CPU of this process's reaped children so far (wrk, once waited for).
+fn children_cpu() -> Duration {
+    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(Duration::ZERO, |u| {
+        let tv = |t: nix::sys::time::TimeVal| {
+            Duration::from_secs(t.tv_sec().max(0) as u64)
+                + Duration::from_micros(t.tv_usec().max(0) as u64)
+        };
+        tv(u.user_time()) + tv(u.system_time())
+    })
+}
+
+/// One wrk run of `row` against `target`, with the CPU its processes, wrk and the backends used
+/// meanwhile and the access log lines it wrote.
+#[allow(clippy::too_many_arguments)]
 async fn measure(
     ctx: &Ctx,
     env: &Env,
     target: &Target,
-    workload: Workload,
+    row: Row,
     secs: u64,
     round: usize,
+    backend_pids: &[u32],
+    sink: &logs::Sink,
 ) -> Result<Sample> {
     let pids: Vec<u32> = target
         .proxy_pid
@@ -284,24 +476,36 @@ async fn measure(
         .collect();
     // Start from quiet processes: stickd may still be writing the last run's sessions.
     settle(&pids).await;
+    target.log.take(sink)?;
+    let cpu_sum = |pids: &[u32]| pids.iter().map(|&p| stats::cpu_time(p)).sum::<Duration>();
     let proxy_before = target.proxy_pid.map(stats::cpu_time);
     let stickd_before = target.stickd_pid.map(stats::cpu_time);
-    let url = format!("http://{}/index.php", target.addr);
+    let backends_before = cpu_sum(backend_pids);
+    let client_before = children_cpu();
+    let path = if row.shape == Shape::Big {
+        BIG_PATH
+    } else {
+        "/index.php"
+    };
+    let url = format!("http://{}{path}", target.addr);
     let mut args: Vec<String> = vec![
-        "-t1".into(),
-        format!("-c{CONNECTIONS}"),
+        format!("-t{}", row.wrk_threads()),
+        format!("-c{}", row.connections),
         format!("-d{secs}s"),
         "--latency".into(),
     ];
-    match workload {
-        Workload::Sticky => args.extend(["-s".into(), target.sticky_script.display().to_string()]),
-        Workload::Close => args.extend(["-s".into(), target.close_script.display().to_string()]),
-        Workload::NewSession => {}
+    if row.shape != Shape::NewSession {
+        let script = target
+            .script(row.shape)
+            .with_context(|| format!("no wrk script for {}", row.shape.title()))?;
+        args.extend(["-s".into(), script.display().to_string()]);
     }
     args.push(url);
     let name = format!(
-        "wrk-{}-{}-r{}",
-        workload.id(),
+        "wrk-{}-t{}-c{}-{}-r{}",
+        row.shape.id(),
+        row.threads,
+        row.connections,
         target.kind.label().replace([' ', '(', ')'], ""),
         round + 1
     );
@@ -311,6 +515,12 @@ async fn measure(
     ensure!(status.success(), "wrk failed ({status}): {}", text.trim());
     let result = parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))?;
     ensure!(result.requests > 0, "wrk completed no request:\n{text}");
+    let client = children_cpu().saturating_sub(client_before);
+    let proxy_run = target
+        .proxy_pid
+        .zip(proxy_before)
+        .map(|(pid, before)| stats::cpu_time(pid).saturating_sub(before));
+    let backends = cpu_sum(backend_pids).saturating_sub(backends_before);
     // Work the run caused but finished after it (batched stores to stickd, sled flushes).
     settle(&pids).await;
     let per_req = |d: Duration| d.as_secs_f64() * 1e6 / result.requests as f64;
@@ -322,15 +532,20 @@ async fn measure(
         .stickd_pid
         .zip(stickd_before)
         .map(|(pid, before)| stats::cpu_time(pid).saturating_sub(before));
+    let seconds = result.seconds.max(1e-3);
     Ok(Sample {
         cpu_us: proxy.map(per_req),
         cpu_stickd_us: proxy.zip(stickd).map(|(p, s)| per_req(p + s)),
+        proxy_busy: proxy_run.map(|d| d.as_secs_f64() / seconds),
+        client_busy: client.as_secs_f64() / seconds,
+        backends_busy: backends.as_secs_f64() / seconds,
+        log_lines: target.log.take(sink)?,
         wrk: result,
     })
 }
 
 /// The 1-minute load average, from /proc/loadavg.
-fn loadavg() -> String {
+pub(super) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_owned))
@@ -338,7 +553,7 @@ fn loadavg() -> String {
 }
 
 /// Waits (at most 3 s) until `pids` use at most one clock tick (10 ms) over 100 ms.
-async fn settle(pids: &[u32]) {
+pub(super) async fn settle(pids: &[u32]) {
     const WINDOW: Duration = Duration::from_millis(100);
     if pids.is_empty() {
         return;
@@ -353,195 +568,5 @@ async fn settle(pids: &[u32]) {
             return;
         }
         last = now;
-    }
-}
-
-/// `n` cookie-less requests (16 at a time) through `addr`: each session the answers set, with
-/// the server that set it.
-async fn collect_sessions(addr: SocketAddr, n: usize) -> Result<Vec<(String, String)>> {
-    let mut tasks = tokio::task::JoinSet::new();
-    let per = n.div_ceil(16);
-    for w in 0..16 {
-        let count = per.min(n.saturating_sub(w * per));
-        tasks.spawn(async move {
-            let mut out = Vec::with_capacity(count);
-            for _ in 0..count {
-                let a = exchange(addr, None).await?;
-                ensure!(a.status == 200, "a cookie-less request got {}", a.status);
-                let cookie = a
-                    .set_cookie
-                    .context("an answer without Set-Cookie: PHPSESSID")?;
-                out.push((cookie, a.server.context("an answer without X-Server")?));
-            }
-            anyhow::Ok(out)
-        });
-    }
-    let mut all = Vec::with_capacity(n);
-    while let Some(r) = tasks.join_next().await {
-        all.extend(r??);
-    }
-    Ok(all)
-}
-
-/// Sessions checked per target before the runs.
-const STICKY_CHECKS: usize = 20;
-
-/// Before measuring, makes sure the target really routes by the cookie: for the first sessions,
-/// two requests each reach the same server, and with a stick table (proxyd, HAProxy) the server
-/// that set the session. Without it a "sticky" run could be measuring plain round robin.
-async fn check_sticky(kind: Kind, addr: SocketAddr, sessions: &[(String, String)]) -> Result<()> {
-    let table = match kind {
-        Kind::Proxyd | Kind::Haproxy => true,
-        Kind::Nginx => false,
-        // No rule to check: one server, or round robin on purpose.
-        Kind::Direct | Kind::ProxydNoStick => return Ok(()),
-    };
-    for (cookie, origin) in sessions.iter().take(STICKY_CHECKS) {
-        let a = exchange(addr, Some(cookie)).await?;
-        let b = exchange(addr, Some(cookie)).await?;
-        ensure!(
-            a.status == 200 && b.status == 200,
-            "session {cookie}: answers {} and {}",
-            a.status,
-            b.status
-        );
-        ensure!(
-            a.server == b.server,
-            "session {cookie} reached {:?}, then {:?}",
-            a.server,
-            b.server
-        );
-        ensure!(
-            !table || a.server.as_deref() == Some(origin.as_str()),
-            "session {cookie}, set by {origin}, reached {:?}",
-            a.server
-        );
-    }
-    Ok(())
-}
-
-/// What the bench reads from an answer.
-#[derive(Debug, PartialEq, Eq)]
-struct Answer {
-    status: u16,
-    /// The demo backend's `X-Server`.
-    server: Option<String>,
-    /// The `PHPSESSID` it set, if any.
-    set_cookie: Option<String>,
-}
-
-/// One `GET /index.php` on a new connection (`Connection: close`), with the session if any.
-async fn exchange(addr: SocketAddr, session: Option<&str>) -> Result<Answer> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let cookie = session.map_or(String::new(), |c| format!("Cookie: PHPSESSID={c}\r\n"));
-    let request =
-        format!("GET /index.php HTTP/1.1\r\nHost: bench\r\n{cookie}Connection: close\r\n\r\n");
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(request.as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        anyhow::Ok(buf)
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .with_context(|| format!("no answer from {addr} within 10 s"))??;
-    parse_answer(&buf)
-}
-
-/// Status, `X-Server` and `PHPSESSID` of an answer (header names in any case: HAProxy writes
-/// them lower-case).
-fn parse_answer(response: &[u8]) -> Result<Answer> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut r = httparse::Response::new(&mut headers);
-    ensure!(
-        matches!(r.parse(response), Ok(httparse::Status::Complete(_))),
-        "not an HTTP answer: {:?}",
-        String::from_utf8_lossy(response)
-    );
-    let value = |name: &str| {
-        r.headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case(name))
-            .filter_map(|h| std::str::from_utf8(h.value).ok())
-            .map(str::trim)
-            .collect::<Vec<&str>>()
-    };
-    Ok(Answer {
-        status: r.code.unwrap_or(0),
-        server: value("x-server").first().map(|s| (*s).to_owned()),
-        set_cookie: value("set-cookie")
-            .iter()
-            .find_map(|v| v.strip_prefix("PHPSESSID="))
-            .and_then(|v| v.split(';').next())
-            .map(str::to_owned),
-    })
-}
-
-/// A wrk script that sends the `cookies` round robin, each request prepared once in `init`.
-fn lua_script(cookies: &[String], close: bool) -> String {
-    let list: Vec<String> = cookies.iter().map(|c| format!("  \"{c}\",")).collect();
-    let close = if close {
-        "\n    [\"Connection\"] = \"close\","
-    } else {
-        ""
-    };
-    format!(
-        r#"-- wrk: every request carries a PHPSESSID the target stored before (written by cargo xtask bench).
-local cookies = {{
-{}
-}}
-local requests = {{}}
-local i = 0
-
-function init(args)
-  for k, c in ipairs(cookies) do
-    requests[k] = wrk.format("GET", "/index.php", {{
-    ["Cookie"] = "PHPSESSID=" .. c,{close}
-    }})
-  end
-end
-
-function request()
-  i = i % #requests + 1
-  return requests[i]
-end
-"#,
-        list.join("\n")
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_answers_in_any_case() {
-        let haproxy = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-server: app2\r\nset-cookie: PHPSESSID=abc123; path=/\r\n\r\nhi\n";
-        let a = parse_answer(haproxy).expect("answer");
-        assert_eq!(
-            a,
-            Answer {
-                status: 200,
-                server: Some("app2".to_owned()),
-                set_cookie: Some("abc123".to_owned())
-            }
-        );
-        let other = b"HTTP/1.1 200 OK\r\nSet-Cookie: lang=en\r\nSet-Cookie: PHPSESSID=x9\r\nX-Server: app1\r\n\r\n";
-        assert_eq!(
-            parse_answer(other).expect("answer").set_cookie.as_deref(),
-            Some("x9")
-        );
-        let a = parse_answer(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").expect("answer");
-        assert_eq!((a.status, a.server, a.set_cookie), (503, None, None));
-        assert!(parse_answer(b"garbage").is_err());
-    }
-
-    #[test]
-    fn lua_script_sends_every_cookie() {
-        let s = lua_script(&["aaa".to_owned(), "bbb".to_owned()], true);
-        assert!(s.contains("\"aaa\",\n  \"bbb\","), "{s}");
-        assert!(s.contains("[\"Connection\"] = \"close\""), "{s}");
-        assert!(!lua_script(&["aaa".to_owned()], false).contains("Connection"));
     }
 }

@@ -1,4 +1,5 @@
-//! The http bench's targets: proxyd (with and without stickd), HAProxy and nginx, started.
+//! The http bench's targets: proxyd (with and without stickd), HAProxy and nginx, each with
+//! one or two threads and its access log on, started.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -6,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{CHECK_INTER, Kind, TABLE, TABLE_SIZE, Target};
+use super::backends::spawn_nginx;
+use super::logs::AccessLog;
+use super::{CHECK_INTER, Kind, TABLE, TABLE_SIZE, TIMEOUT_IDLE, Target};
 use crate::bench::Ctx;
 use crate::cluster::{self, START_TIMEOUT};
 use crate::configs::{self, haproxy, nginx, proxyd};
@@ -22,38 +25,61 @@ fn stickd_config(dir: &Path, socket: &Path, peer: SocketAddr) -> configs::Stickd
     }
 }
 
-/// proxyd.toml: the seed's backend (examples/proxyd-seed.toml), with or without its stick rule.
+/// What every target of one thread count is given.
+pub(super) struct Setup<'a> {
+    pub servers: &'a [(String, SocketAddr)],
+    /// proxyd `threads`, HAProxy `nbthread`, nginx `worker_processes`.
+    pub threads: u32,
+    /// Connections each target takes at once (the idle run's, with a margin).
+    pub maxconn: u64,
+    /// HAProxy's syslog target.
+    pub sink: SocketAddr,
+}
+
+impl Setup<'_> {
+    /// Names in the temp dir and of the logs: `proxyd-t1`, `haproxy-t2`...
+    fn tag(&self, what: &str) -> String {
+        format!("{what}-t{}", self.threads)
+    }
+}
+
+/// proxyd.toml: the seed's backend (examples/proxyd-seed.toml), with or without its stick rule,
+/// `threads`, and the idle timeouts of `TIMEOUT_IDLE`.
 fn proxyd_config(
     admin: &Path,
     fdkeeper: &Path,
     stickd: Option<&Path>,
     frontend: SocketAddr,
-    servers: &[(String, SocketAddr)],
+    setup: &Setup<'_>,
 ) -> configs::Proxyd {
     let mut global = proxyd::Global::new(admin, fdkeeper);
     global.stickd_socket = stickd.map(Path::to_owned);
-    global.threads = Some(1);
-    proxyd::Seed {
+    global.threads = Some(setup.threads);
+    let mut p = proxyd::Seed {
         global,
         frontend,
         table: TABLE,
         timeout_check: "2s",
         check_inter: CHECK_INTER.to_owned(),
         fall: 3,
-        servers,
+        servers: setup.servers,
     }
-    .proxyd("proxyd for the http bench: the seed's backend, one thread.")
+    .proxyd("proxyd for the http bench: the seed's backend, its default access log.");
+    p.defaults.timeout_client = Some(TIMEOUT_IDLE);
+    p.defaults.timeout_http_keep_alive = Some(TIMEOUT_IDLE);
+    p.defaults.maxconn = Some(setup.maxconn as u32);
+    p
 }
 
 /// fdkeeper, stickd (when `stick`) and proxyd; waits until proxyd serves.
 pub(super) async fn start_proxyd(
     env: &mut Env,
-    servers: &[(String, SocketAddr)],
+    setup: &Setup<'_>,
     stick: bool,
     procs: &mut Vec<Proc>,
 ) -> Result<Target> {
-    let tag = if stick { "proxyd" } else { "proxyd-nostick" };
-    let dir = env.path(tag);
+    let tag = setup.tag(if stick { "proxyd" } else { "proxyd-nostick" });
+    let dir = env.path(&tag);
     let stickd = if stick {
         let socket = dir.join("stickd.sock");
         let peer = env.free_port(1)?;
@@ -78,7 +104,7 @@ pub(super) async fn start_proxyd(
     } else {
         None
     };
-    let fdkeeper = cluster::start_fdkeeper(env, tag, &format!("{tag}-fdkeeper")).await?;
+    let fdkeeper = cluster::start_fdkeeper(env, &tag, &format!("{tag}-fdkeeper")).await?;
     procs.push(fdkeeper.proc);
     let frontend = env.free_port(1)?;
     let admin = dir.join("proxyd-admin.sock");
@@ -89,15 +115,16 @@ pub(super) async fn start_proxyd(
             &fdkeeper.socket,
             stickd.as_ref().map(|(s, _)| s.as_path()),
             frontend,
-            servers,
+            setup,
         )
         .render(),
     )?;
-    // No access log: HAProxy and nginx log nothing either here.
-    let spec = ProcSpec::new(&format!("{tag}-proxyd"), &harness::release_bin("proxyd"))
+    // proxyd's default logging: `info`, its access log included, to stderr (the log file).
+    let name = format!("{tag}-proxyd");
+    let spec = ProcSpec::new(&name, &harness::release_bin("proxyd"))
         .arg("--config")
         .arg(&config)
-        .env("RUST_LOG", "info,proxyd::access=off");
+        .env("RUST_LOG", "info");
     let proxyd = env.spawn_spec(spec)?;
     let pid = proxyd.pid();
     procs.push(proxyd);
@@ -112,11 +139,17 @@ pub(super) async fn start_proxyd(
     } else {
         Kind::ProxydNoStick
     };
+    let log = AccessLog::File {
+        path: env.logs_dir().join(format!("{name}.log")),
+        // proxyd's lines name no target (`with_target(false)`); only an access line has this.
+        marker: Some(" request="),
+    };
     Ok(Target::new(
         kind,
         frontend,
-        Some(pid),
+        pid,
         stickd.map(|(_, p)| p),
+        log,
     ))
 }
 
@@ -127,27 +160,34 @@ pub(super) fn nofile_limit() -> Option<u64> {
     line.split_whitespace().nth(4)?.parse().ok()
 }
 
-/// HAProxy's global maxconn: the seed's 20000 unless the open-files limit is lower (HAProxy needs
-/// two fds per connection and refuses to start if it cannot raise its limit to that).
+/// HAProxy's global maxconn at most: the seed's 20000 unless the open-files limit is lower
+/// (HAProxy needs two fds per connection and refuses to start if it cannot raise its limit to
+/// that).
 pub(super) fn haproxy_maxconn() -> u64 {
     nofile_limit()
         .map_or(20_000, |n| n.saturating_sub(100) / 2)
         .min(20_000)
 }
 
-/// haproxy.cfg: the seed's config (001), one thread, no peers, no logging, `TABLE_SIZE` entries.
-fn haproxy_config(
-    frontend: SocketAddr,
-    servers: &[(String, SocketAddr)],
-    maxconn: u64,
-) -> configs::Haproxy {
+/// haproxy.cfg: the seed's config (001), `nbthread`, no peers, `TABLE_SIZE` entries, the idle
+/// timeouts of `TIMEOUT_IDLE`, and `option httplog` to the syslog sink.
+fn haproxy_config(frontend: SocketAddr, setup: &Setup<'_>) -> configs::Haproxy {
+    let maxconn = setup.maxconn.min(haproxy_maxconn());
     let mut defaults = haproxy::Defaults::seed("http-keep-alive", "2s");
     defaults.retries = Some(3);
-    defaults.maxconn = Some(maxconn.min(18_000));
+    defaults.maxconn = Some(maxconn);
+    defaults.options.push("httplog");
+    for (name, value) in &mut defaults.timeouts {
+        if matches!(*name, "client" | "http-keep-alive") {
+            *value = TIMEOUT_IDLE;
+        }
+    }
     configs::Haproxy {
-        comment: "HAProxy for the http bench: the seed's backend, one thread, in the foreground (-db).",
+        comment: "HAProxy for the http bench: the seed's backend, httplog, in the foreground (-db).",
         global: haproxy::Global {
+            nbthread: Some(setup.threads),
             maxconn: Some(maxconn),
+            log: Some(setup.sink),
             ..haproxy::Global::default()
         },
         peers: Vec::new(),
@@ -163,7 +203,7 @@ fn haproxy_config(
                 peers: false,
             },
             haproxy::servers(
-                servers,
+                setup.servers,
                 &format!("check inter {CHECK_INTER} rise 1 maxconn 3000"),
             ),
         ),
@@ -173,43 +213,57 @@ fn haproxy_config(
 pub(super) async fn start_haproxy(
     ctx: &Ctx,
     env: &mut Env,
-    servers: &[(String, SocketAddr)],
+    setup: &Setup<'_>,
     procs: &mut Vec<Proc>,
 ) -> Result<Target> {
     let frontend = env.free_port(1)?;
+    let tag = setup.tag("haproxy");
     let cfg = env.write(
-        "haproxy/haproxy.cfg",
-        &haproxy_config(frontend, servers, haproxy_maxconn()).render(),
+        &format!("{tag}/haproxy.cfg"),
+        &haproxy_config(frontend, setup).render(),
     )?;
     check_config(&ctx.tools.haproxy, &["-c", "-q", "-f"], &cfg)?;
     let p = env.spawn(
-        "haproxy",
+        &tag,
         &ctx.tools.haproxy,
         ["-db".as_ref(), "-f".as_ref(), cfg.as_os_str()],
     )?;
     let pid = p.pid();
     let p = wait_listening(p, frontend).await?;
     procs.push(p);
-    Ok(Target::new(Kind::Haproxy, frontend, Some(pid), None))
+    Ok(Target::new(
+        Kind::Haproxy,
+        frontend,
+        pid,
+        None,
+        AccessLog::Sink,
+    ))
 }
 
-/// nginx.conf: one worker, upstream keepalive 64, the cookie hashed (OSS nginx has no sticky
-/// cookie), files under `prefix`, the seed's timeouts and no cap on requests per connection
-/// (HAProxy and proxyd have none).
+/// nginx.conf: `worker_processes`, upstream keepalive 64, the cookie hashed (OSS nginx has no
+/// sticky cookie), files under `prefix`, the seed's timeouts but the idle ones of
+/// `TIMEOUT_IDLE`, no cap on requests per connection (HAProxy and proxyd have none), and the
+/// access log to `PREFIX/access.log`.
 fn nginx_config(
     prefix: &Path,
     frontend: SocketAddr,
-    servers: &[(String, SocketAddr)],
+    setup: &Setup<'_>,
     user: Option<&str>,
 ) -> configs::Nginx {
     configs::Nginx {
-        comment: "nginx for the http bench: one worker in the foreground, upstream keep-alive.",
+        comment: "nginx for the http bench: workers in the foreground, upstream keep-alive.",
         prefix: prefix.to_owned(),
         user: user.map(str::to_owned),
         master_process: false,
         error_log: nginx::ErrorLog::File("warn"),
+        workers: nginx::Workers {
+            processes: setup.threads,
+            connections: setup.maxconn,
+            rlimit_nofile: Some(2 * setup.maxconn + 100),
+        },
+        access_log: Some(prefix.join("access.log")),
         listen: frontend,
-        keepalive_timeout: "10s",
+        keepalive_timeout: TIMEOUT_IDLE,
         keepalive_requests: 1_000_000_000,
         timeouts: Some(nginx::Timeouts {
             client_header: "2s",
@@ -219,7 +273,7 @@ fn nginx_config(
         upstream: nginx::Upstream {
             name: TABLE.to_owned(),
             hash_cookie: Some("PHPSESSID"),
-            servers: servers.iter().map(|(_, a)| *a).collect(),
+            servers: setup.servers.iter().map(|(_, a)| *a).collect(),
             server_params: "max_fails=3 fail_timeout=2s",
             keepalive: 64,
             keepalive_requests: Some(1_000_000_000),
@@ -227,17 +281,10 @@ fn nginx_config(
     }
 }
 
-pub(super) async fn start_nginx(
-    ctx: &Ctx,
-    env: &mut Env,
-    servers: &[(String, SocketAddr)],
-    procs: &mut Vec<Proc>,
-) -> Result<Target> {
-    let frontend = env.free_port(1)?;
-    let prefix = env.path("nginx");
-    std::fs::create_dir_all(&prefix)?;
-    // As root, nginx's worker would switch to `nobody`, who cannot enter the 0700 temp dir.
-    let user = nix::unistd::geteuid()
+/// The user nginx's workers run as: as root they would switch to `nobody`, who cannot enter the
+/// 0700 temp dir, so root's own name then.
+pub(super) fn run_as() -> Option<String> {
+    nix::unistd::geteuid()
         .is_root()
         .then(|| {
             nix::unistd::User::from_uid(nix::unistd::getuid())
@@ -245,37 +292,36 @@ pub(super) async fn start_nginx(
                 .flatten()
         })
         .flatten()
-        .map(|u| u.name);
+        .map(|u| u.name)
+}
+
+pub(super) async fn start_nginx(
+    ctx: &Ctx,
+    env: &mut Env,
+    setup: &Setup<'_>,
+    procs: &mut Vec<Proc>,
+) -> Result<Target> {
+    let frontend = env.free_port(1)?;
+    let tag = setup.tag("nginx");
+    let prefix = env.path(&tag);
+    std::fs::create_dir_all(&prefix)?;
     let conf = env.write(
-        "nginx/nginx.conf",
-        &nginx_config(&prefix, frontend, servers, user.as_deref()).render(),
+        &format!("{tag}/nginx.conf"),
+        &nginx_config(&prefix, frontend, setup, run_as().as_deref()).render(),
     )?;
-    let prefix_arg = format!("{}/", prefix.display());
-    check_config(
-        &ctx.tools.nginx,
-        &["-q", "-e", "stderr", "-p", &prefix_arg, "-t", "-c"],
-        &conf,
-    )?;
-    let p = env.spawn(
-        "nginx",
-        &ctx.tools.nginx,
-        [
-            "-e".as_ref(),
-            "stderr".as_ref(),
-            "-p".as_ref(),
-            prefix_arg.as_ref(),
-            "-c".as_ref(),
-            conf.as_os_str(),
-        ],
-    )?;
+    let p = spawn_nginx(env, ctx, &tag, &prefix, &conf)?;
     let pid = p.pid();
     let p = wait_listening(p, frontend).await?;
     procs.push(p);
-    Ok(Target::new(Kind::Nginx, frontend, Some(pid), None))
+    let log = AccessLog::File {
+        path: prefix.join("access.log"),
+        marker: None,
+    };
+    Ok(Target::new(Kind::Nginx, frontend, pid, None, log))
 }
 
 /// Waits until `addr` accepts, failing at once (with its log) if `proc` exits first.
-async fn wait_listening(mut proc: Proc, addr: SocketAddr) -> Result<Proc> {
+pub(in crate::bench) async fn wait_listening(mut proc: Proc, addr: SocketAddr) -> Result<Proc> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -299,7 +345,7 @@ async fn wait_listening(mut proc: Proc, addr: SocketAddr) -> Result<Proc> {
 }
 
 /// Runs `prog args.. config` (a config check) and fails with what it said.
-fn check_config(prog: &Path, args: &[&str], config: &Path) -> Result<()> {
+pub(in crate::bench) fn check_config(prog: &Path, args: &[&str], config: &Path) -> Result<()> {
     let out = std::process::Command::new(prog)
         .args(args)
         .arg(config)
@@ -322,33 +368,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn configs_carry_the_seed_rules() {
+    fn configs_carry_the_seed_rules_threads_and_logs() {
         let servers = vec![
             ("app1".to_owned(), "127.0.0.2:9001".parse().expect("addr")),
             ("app2".to_owned(), "127.0.0.2:9002".parse().expect("addr")),
         ];
         let fe: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
-        let h = haproxy_config(fe, &servers, 20_000).render();
-        assert!(h.contains("maxconn 20000") && h.contains("maxconn 18000"));
+        let setup = Setup {
+            servers: &servers,
+            threads: 2,
+            maxconn: 9_000,
+            sink: "127.0.0.1:5140".parse().expect("addr"),
+        };
+        let h = haproxy_config(fe, &setup).render();
         assert!(haproxy_maxconn() <= 20_000);
+        assert!(h.contains("nbthread 2\n"), "{h}");
+        assert!(
+            h.contains("    maxconn 9000\n") || haproxy_maxconn() < 9_000,
+            "{h}"
+        );
+        assert!(h.contains("log 127.0.0.1:5140 local0") && h.contains("option httplog"));
+        assert!(h.contains("timeout client 60s") && h.contains("timeout http-keep-alive 60s"));
         assert!(h.contains("stick on req.cook(PHPSESSID)"));
         assert!(h.contains("stick store-response res.cook(PHPSESSID)"));
-        assert!(h.contains("nbthread 1"));
         assert!(h.contains("server app2 127.0.0.2:9002"));
-        let p = proxyd_config(Path::new("/a"), Path::new("/f"), None, fe, &servers).render();
+        let p = proxyd_config(Path::new("/a"), Path::new("/f"), None, fe, &setup).render();
         assert!(!p.contains("[backend.stick]") && !p.contains("stickd_socket"));
+        assert!(p.contains("threads = 2") && p.contains("timeout_http_keep_alive = \"60s\""));
         let p = proxyd_config(
             Path::new("/a"),
             Path::new("/f"),
             Some(Path::new("/s")),
             fe,
-            &servers,
+            &setup,
         )
         .render();
         assert!(p.contains("[backend.stick]") && p.contains("stickd_socket = \"/s\""));
-        let n = nginx_config(Path::new("/n"), fe, &servers, None).render();
+        let n = nginx_config(Path::new("/n"), fe, &setup, None).render();
         assert!(n.contains("hash $cookie_PHPSESSID consistent;"));
         assert!(n.contains("keepalive 64;"));
+        assert!(n.contains("worker_processes 2;") && n.contains("worker_connections 9000;"));
+        assert!(n.contains("access_log /n/access.log;"), "{n}");
         assert!(!n.contains("user "));
     }
 }

@@ -294,6 +294,7 @@ fn haproxy_config(
                 expose_fd_listeners: false,
             }),
             no_exit_on_failure: false,
+            ..haproxy::Global::default()
         },
         peers: peers
             .iter()

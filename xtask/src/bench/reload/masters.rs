@@ -28,6 +28,7 @@ pub(super) fn haproxy_config(
                 expose_fd_listeners: true,
             }),
             no_exit_on_failure: no_exit,
+            ..haproxy::Global::default()
         },
         peers: Vec::new(),
         defaults: haproxy::Defaults {
@@ -96,6 +97,8 @@ pub(super) fn nginx_config(
         user: None,
         master_process: true,
         error_log: nginx::ErrorLog::Stderr("notice"),
+        workers: nginx::Workers::ONE,
+        access_log: None,
         listen: frontend,
         keepalive_timeout: "30s",
         keepalive_requests: 1_000_000,
