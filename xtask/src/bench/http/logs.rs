@@ -110,14 +110,15 @@ mod tests {
         let path = dir.path().join("proxyd.log");
         std::fs::write(
             &path,
-            "INFO client=127.0.0.1:1 status=200 request=GET /index.php\nINFO worker up\n\
-             INFO client=127.0.0.1:2 status=503 request=GET /\n",
+            "127.0.0.1:1 [05/Dec/2026:04:00:00.000] www app/s1 0/0/0/1/1 200 29 - - ---- 1/1/0/0/0 0/0 \"GET /index.php HTTP/1.1\"\n\
+             INFO worker up\n\
+             127.0.0.1:2 [05/Dec/2026:04:00:00.001] www app/<NOSRV> 0/0/-1/-1/0 503 0 - - SC-- 1/1/0/0/0 0/0 \"GET / HTTP/1.1\"\n",
         )
         .expect("write");
         let sink = Sink::start().await.expect("sink");
         let log = AccessLog::File {
             path: path.clone(),
-            marker: Some(" request="),
+            marker: Some(crate::bench::http::targets::HTTPLOG_MARKER),
         };
         assert_eq!(log.take(&sink).expect("take"), Some(2));
         assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);

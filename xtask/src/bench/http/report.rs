@@ -104,8 +104,8 @@ pub(super) fn section(samples: &[(Row, Kind, Sample)], idle: &[Idle], plan: &Pla
         }
     ));
     s.text.push(
-        "**Access logs are on for every target**: proxyd its default access log (`info`, the \
-         `proxyd::access` lines, to its stderr, a file here); HAProxy `option httplog` with \
+        "**Access logs are on for every target**: proxyd its default access log (HAProxy's \
+         httplog format, written by a thread of the worker's own, to its stderr, a file here); HAProxy `option httplog` with \
          `log 127.0.0.1:PORT local0`, a UDP syslog sink in the bench's process that reads and \
          counts the datagrams; nginx `access_log` (the `combined` format) to a file. After each \
          run the bench counts the lines the run wrote and drops them (the files are truncated); \

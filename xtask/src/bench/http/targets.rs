@@ -13,6 +13,10 @@ use super::{CHECK_INTER, Kind, TABLE, TABLE_SIZE, TIMEOUT_IDLE, Target};
 use crate::bench::Ctx;
 use crate::cluster::{self, START_TIMEOUT};
 use crate::configs::{self, haproxy, nginx, proxyd};
+
+/// What marks an access line in proxyd's log file: the two capture fields of HAProxy's httplog
+/// format, unused (` - - `), which no other line of proxyd's carries.
+pub(super) const HTTPLOG_MARKER: &str = " - - ";
 use crate::harness::{self, Env, Proc, ProcSpec};
 
 /// stickd.toml: one table like the seed's, but `TABLE_SIZE` entries.
@@ -119,7 +123,8 @@ pub(super) async fn start_proxyd(
         )
         .render(),
     )?;
-    // proxyd's default logging: `info`, its access log included, to stderr (the log file).
+    // proxyd's default logging: `info`, and its access log in its default format (HAProxy's
+    // httplog) to stderr, the log file.
     let name = format!("{tag}-proxyd");
     let spec = ProcSpec::new(&name, &harness::release_bin("proxyd"))
         .arg("--config")
@@ -141,8 +146,7 @@ pub(super) async fn start_proxyd(
     };
     let log = AccessLog::File {
         path: env.logs_dir().join(format!("{name}.log")),
-        // proxyd's lines name no target (`with_target(false)`); only an access line has this.
-        marker: Some(" request="),
+        marker: Some(HTTPLOG_MARKER),
     };
     Ok(Target::new(
         kind,
