@@ -6,7 +6,6 @@
 mod util;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,7 +18,7 @@ use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::proto::serialize::binary::{BinDecodable, BinEncodable};
 use proto::proxyd::v1 as api;
 use tokio_util::sync::CancellationToken;
-use util::{Action, Client, Reply, Seen, backend, backend_at, ok};
+use util::{Action, Client, Reply, Seen, backend, backend_at, ok, start_fdkeeper};
 
 const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
 
@@ -39,27 +38,6 @@ impl Drop for Master {
         let _ = self.child.wait();
         self.fdk_stop.cancel();
     }
-}
-
-fn start_fdkeeper(dir: &Path) -> CancellationToken {
-    let uid = std::fs::metadata("/proc/self").expect("proc").uid();
-    let text = format!(
-        "socket = \"{d}/fdk/lend.sock\"\nadmin = \"{d}/fdk/admin.sock\"\nallowed_uids = [{uid}]\nallowed_binds = [\"127.0.0.0/8\"]\n",
-        d = dir.display()
-    );
-    let config = fdkeeper::Config::from_source(&common::SourceFile::from_text("fdk.toml", text))
-        .expect("fdkeeper config");
-    let sockets = fdkeeper::bind_sockets(&config).expect("fdkeeper sockets");
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let _ = rt.block_on(fdkeeper::run(config, sockets, s));
-    });
-    stop
 }
 
 /// A proxyd.toml: `top` after `[global]`'s keys (more keys or whole sections), one frontend,

@@ -6,14 +6,12 @@
 mod util;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use util::{Action, backend};
+use util::{Action, backend, start_fdkeeper};
 
 const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
 const HSTS: &str = "max-age=63072000";
@@ -92,27 +90,6 @@ impl Drop for Env {
         let _ = self.master.wait();
         self.fdk_stop.cancel();
     }
-}
-
-fn start_fdkeeper(dir: &Path) -> CancellationToken {
-    let uid = std::fs::metadata("/proc/self").expect("proc").uid();
-    let text = format!(
-        "socket = \"{d}/fdk/lend.sock\"\nadmin = \"{d}/fdk/admin.sock\"\nallowed_uids = [{uid}]\nallowed_binds = [\"127.0.0.0/8\"]\n",
-        d = dir.display()
-    );
-    let config = fdkeeper::Config::from_source(&common::SourceFile::from_text("fdk.toml", text))
-        .expect("fdkeeper config");
-    let sockets = fdkeeper::bind_sockets(&config).expect("fdkeeper sockets");
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let _ = rt.block_on(fdkeeper::run(config, sockets, s));
-    });
-    stop
 }
 
 /// A backend that answers with its name, then the request head it got.

@@ -7,7 +7,6 @@
 mod util;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -27,7 +26,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
-use util::{Action, Client, backend, ok};
+use util::{Action, Client, backend, ok, start_fdkeeper};
 
 const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
 
@@ -985,27 +984,6 @@ impl Drop for Running {
         let _ = self.master.wait();
         self.fdk_stop.cancel();
     }
-}
-
-fn start_fdkeeper(dir: &Path) -> CancellationToken {
-    let uid = std::fs::metadata("/proc/self").expect("proc").uid();
-    let text = format!(
-        "socket = \"{d}/fdk/lend.sock\"\nadmin = \"{d}/fdk/admin.sock\"\nallowed_uids = [{uid}]\nallowed_binds = [\"127.0.0.0/8\"]\n",
-        d = dir.display()
-    );
-    let config = fdkeeper::Config::from_source(&common::SourceFile::from_text("fdk.toml", text))
-        .expect("fdkeeper config");
-    let sockets = fdkeeper::bind_sockets(&config).expect("fdkeeper sockets");
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let _ = rt.block_on(fdkeeper::run(config, sockets, s));
-    });
-    stop
 }
 
 /// A running proxyd over a TLS bind, and where to reach it.
