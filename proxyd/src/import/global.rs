@@ -41,18 +41,30 @@ const FACILITIES: &[&str] = &[
 fn log(line: &Line, g: &mut Global, report: &mut Report) {
     let args = line.args();
     if !g.log.is_empty() {
-        report.add(line, Topic::LogRemote, Some("a second log: proxyd logs to one".to_owned()));
+        report.add(
+            line,
+            Topic::LogRemote,
+            Some("a second log: proxyd logs to one".to_owned()),
+        );
         return;
     }
     let target = args.first().map_or("", String::as_str);
     let Some(f) = args.iter().position(|a| FACILITIES.contains(&a.as_str())) else {
-        report.add(line, Topic::LogRemote, Some("a facility proxyd lacks".to_owned()));
+        report.add(
+            line,
+            Topic::LogRemote,
+            Some("a facility proxyd lacks".to_owned()),
+        );
         return;
     };
     let socket = match target.strip_prefix("unix@").unwrap_or(target) {
         p if p.starts_with('/') => p.to_owned(),
         "stdout" | "stderr" => {
-            report.add(line, Topic::LogRemote, Some("proxyd logs on stderr".to_owned()));
+            report.add(
+                line,
+                Topic::LogRemote,
+                Some("proxyd logs on stderr".to_owned()),
+            );
             return;
         }
         other => {
@@ -312,6 +324,9 @@ mod tests {
         let (log, topics) = read("global\n log 127.0.0.1:514 local2 notice\n");
         assert_eq!(log[1].1, "\"/dev/log\"");
         assert_eq!(log[2].1, "\"local2\"");
-        assert_eq!(topics, [(Some(2), Topic::LogRemote), (Some(2), Topic::LogRemote)]);
+        assert_eq!(
+            topics,
+            [(Some(2), Topic::LogRemote), (Some(2), Topic::LogRemote)]
+        );
     }
 }

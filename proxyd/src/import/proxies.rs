@@ -11,8 +11,8 @@ use super::address::{self, AddressMap};
 use super::catalog::Topic;
 use super::lexer::Line;
 use super::params::{
-    BIND_VALUE_PARAMS, Param, balance, cert_path, cookie, cookie_of, redirects_to_https, server_param,
-    timeout,
+    BIND_VALUE_PARAMS, Param, balance, cert_path, cookie, cookie_of, redirects_to_https,
+    server_param, timeout,
 };
 use super::report::Report;
 use super::sections::{Kind, Section};
@@ -369,7 +369,9 @@ impl Proxy {
         match name {
             "redispatch" => s.redispatch = at(on, line),
             "httplog" if on && rest.is_empty() => s.httplog = at(true, line),
-            "httplog" | "tcplog" | "httpslog" | "clf" => cx.report.add(line, Topic::LogFormat, None),
+            "httplog" | "tcplog" | "httpslog" | "clf" => {
+                cx.report.add(line, Topic::LogFormat, None)
+            }
             "dontlognull" | "http-keep-alive" | "tcp-check" => {}
             "forwardfor" if !on => s.forwardfor = at(None, line),
             "forwardfor" => {
@@ -857,7 +859,10 @@ mod tests {
         let lines: Vec<_> = r.entries().iter().map(|e| (e.line, e.topic)).collect();
         assert_eq!(
             lines,
-            [(Some(8), Topic::BalanceOther), (Some(10), Topic::BalanceOther)]
+            [
+                (Some(8), Topic::BalanceOther),
+                (Some(10), Topic::BalanceOther)
+            ]
         );
     }
 
@@ -884,7 +889,10 @@ mod tests {
         let topics: Vec<_> = r.entries().iter().map(|e| (e.line, e.topic)).collect();
         assert_eq!(
             topics,
-            [(Some(2), Topic::CookieMaxlife), (Some(6), Topic::CookieOther)]
+            [
+                (Some(2), Topic::CookieMaxlife),
+                (Some(6), Topic::CookieOther)
+            ]
         );
     }
 
