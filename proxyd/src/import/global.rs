@@ -68,7 +68,11 @@ fn log(line: &Line, g: &mut Global, report: &mut Report) {
             return;
         }
         other => {
-            report.add(line, Topic::LogRemote, Some(format!("{other}: /dev/log")));
+            report.add(
+                line,
+                Topic::LogRemote,
+                Some(format!("/dev/log instead of {other}")),
+            );
             "/dev/log".to_owned()
         }
     };
