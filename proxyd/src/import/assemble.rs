@@ -254,7 +254,7 @@ pub fn assemble(
             BackendOut {
                 name: b.name.clone(),
                 line: b.header.no,
-                balance: s.balance.as_ref().map_or("roundrobin", |b| b.value),
+                balance: balance_of(s, b, &frontends, &sections, report),
                 settings: own,
                 check: s.httpchk.as_ref().map(|c| CheckOut {
                     method: c.value.0.clone(),
@@ -263,11 +263,42 @@ pub fn assemble(
                     line: c.line,
                 }),
                 stick: sticks.remove(&b.name),
-                servers: b.servers.clone(),
+                cookie: s.cookie.as_ref().map(|c| c.value.clone()),
+                // A server's cookie value means nothing without the backend's cookie.
+                servers: b
+                    .servers
+                    .iter()
+                    .cloned()
+                    .map(|mut srv| {
+                        if s.cookie.is_none() {
+                            srv.cookie = None;
+                        }
+                        srv
+                    })
+                    .collect(),
             }
         })
         .collect();
 
+    let mut log: Vec<Setting> = g
+        .log
+        .iter()
+        .map(|(key, value, line)| Setting {
+            key,
+            value: value.clone(),
+            line: Some(*line),
+        })
+        .collect();
+    if let Some(h) = frontends
+        .iter()
+        .find_map(|(f, _)| f.settings.httplog.as_ref())
+    {
+        log.push(Setting {
+            key: "access_log_format",
+            value: q("httplog"),
+            line: Some(h.line),
+        });
+    }
     let allowed_uids = match &g.user {
         Some(u) => vec![u.clone()],
         None => {
@@ -289,6 +320,7 @@ pub fn assemble(
         threads: g.nbthread,
         drain_timeout: g.hard_stop_after,
         metrics,
+        log,
         defaults: defaults_out,
         frontends: frontends_out,
         backends: backends_out,
@@ -307,6 +339,34 @@ fn sections_line(sections: &Sections, no: usize) -> super::lexer::Line {
             no,
             words: Vec::new(),
         })
+}
+
+/// The backend's `balance`; one that hashes HTTP requests in a backend that a tcp frontend
+/// uses is reported and balanced round robin, as HAProxy does.
+fn balance_of(
+    s: &Settings,
+    b: &Proxy,
+    frontends: &[(&Proxy, String)],
+    sections: &Sections,
+    report: &mut Report,
+) -> String {
+    let Some(bal) = &s.balance else {
+        return "\"roundrobin\"".to_owned();
+    };
+    let tcp = frontends
+        .iter()
+        .find(|(f, d)| d == &b.name && mode_of(&f.settings) == Mode::Tcp);
+    match tcp {
+        Some((f, _)) if bal.value.http => {
+            report.add(
+                &sections_line(sections, bal.line),
+                Topic::BalanceOther,
+                Some(format!("frontend '{}' is in tcp mode: roundrobin", f.name)),
+            );
+            "\"roundrobin\"".to_owned()
+        }
+        _ => bal.value.toml.clone(),
+    }
 }
 
 /// HAProxy's default mode is tcp.

@@ -84,9 +84,10 @@ topics! {
         "proxyd runs one worker process per generation, with threads",
         "set `threads` in `[global]` (`nbthread`)";
     HardStopAfter: "global", "`hard-stop-after`" => "`drain_timeout` in `[global]`", Translated, "", "";
-    Log: "global, proxies", "`log ADDRESS FACILITY`" => "access log on stderr, in the journal under systemd", Approximate,
-        "proxyd writes its logs to stderr; it does not send syslog itself",
-        "forward the journal to syslog (journald's `ForwardToSyslog=` or rsyslog's imjournal)";
+    Log: "global", "`log /dev/log FACILITY` (a unix socket)" => "`access_log = \"syslog\"`, `syslog_socket`, `syslog_facility` in `[global]`", Translated, "", "";
+    LogRemote: "global", "`log ADDRESS:PORT FACILITY` (UDP), `log stdout`, a second `log`, a level below info, `log-tag`, `log-send-hostname`" => "syslog on `/dev/log` (a network address), stderr (`stdout`)", Approximate,
+        "proxyd sends syslog to one unix socket only, every request at severity info",
+        "have the local syslog daemon (rsyslog, or journald's /dev/log and `ForwardToSyslog=`) forward to that address";
     Chroot: "global", "`chroot`" => "the units' sandbox (`ProtectSystem=strict`, `PrivateTmp=`, ...)", Approximate,
         "proxyd reads no file once started but its certificates; systemd confines it instead",
         "install dist/systemd's units, which sandbox every daemon";
@@ -140,9 +141,13 @@ topics! {
         "proxyd retries a request at most 10 times",
         "nothing: more retries rarely help";
     Redispatch: "proxies", "`option redispatch`" => "`redispatch = true`", Translated, "", "";
-    Httplog: "proxies", "`option httplog`, `option tcplog`, `log-format`" => "proxyd's access log (one line per request)", Approximate,
-        "proxyd writes every request in its own `key=value` format; HAProxy's formats are not offered",
-        "read proxyd's fields (client, frontend, backend, server, status, times, stick)";
+    Httplog: "proxies", "`option httplog`" => "`access_log_format = \"httplog\"` in `[global]`: HAProxy's fields in its order", Translated, "", "";
+    LogFormat: "proxies", "`option tcplog`, `option httpslog`, `option clf`, `log-format`" => "proxyd's access log (`access_log_format = \"httplog\"` or `\"json\"`)", Approximate,
+        "proxyd writes HAProxy's httplog fields or JSON; other formats are not offered",
+        "read the httplog fields (README's access log section) or choose `json`";
+    LogProxy: "proxies", "`log ADDRESS FACILITY` in a proxy" => "the one access log of `[global]`", Approximate,
+        "proxyd has one access log for every frontend",
+        "put the `log` line in `global` and `log global` in the proxies";
     LogGlobal: "proxies", "`log global`" => "the access log", Translated, "", "";
     Dontlognull: "proxies", "`option dontlognull`" => "always: a connection that sends no request leaves no line", Translated, "", "";
     Forwardfor: "proxies", "`option forwardfor [except NET]`" => "`forwardfor = true`, `forwardfor_except`", Translated, "", "";
@@ -171,10 +176,10 @@ topics! {
     OtherCheck: "proxies", "`option tcp-check`, `ssl-hello-chk`, `mysql-check`, `redis-check`, ..." => "a TCP connect check", Approximate,
         "proxyd checks with a TCP connect or an HTTP request",
         "use an HTTP check URI on the server if it has one";
-    Balance: "proxies", "`balance roundrobin|leastconn|source`" => "`balance`", Translated, "", "";
-    BalanceOther: "proxies", "`balance static-rr|first|uri|url_param|hdr|random|rdp-cookie`" => "`balance = \"roundrobin\"`", Approximate,
-        "proxyd balances with roundrobin, leastconn or source",
-        "pick the one of the three that comes closest";
+    Balance: "proxies", "`balance roundrobin|leastconn|source|random`, `balance uri [whole] [depth N]`, `balance hdr(NAME)`" => "`balance` (`{ type = \"uri\", whole, depth }` for uri's options)", Translated, "", "";
+    BalanceOther: "proxies", "`balance static-rr|first|url_param|rdp-cookie`, `uri len N`, `hdr(NAME) use_domain_only`, `random draws N`, `uri`/`hdr` behind a tcp frontend" => "`balance = \"roundrobin\"`, or the algorithm without that option", Approximate,
+        "proxyd balances with roundrobin, leastconn, source, random (2 draws), uri (path, query, depth) or hdr (the whole field)",
+        "pick the algorithm that comes closest";
     DefaultBackend: "proxies", "`default_backend`" => "`default_backend`", Translated, "", "";
     NoDefaultBackend: "proxies", "a frontend without a usable `default_backend`" => "", NotTranslated,
         "every proxyd frontend sends its traffic to one default backend",
@@ -230,9 +235,13 @@ topics! {
     TcpRules: "proxies", "`tcp-request`, `tcp-response`, `track-sc*`" => "", NotTranslated,
         "proxyd has no tcp rules or counters",
         "rate-limit in front of proxyd (nftables) or in the servers";
-    Cookie: "proxies", "`cookie NAME insert|rewrite|prefix`" => "", NotTranslated,
-        "proxyd does not insert persistence cookies; it sticks on the application's own cookie",
-        "stick on the application's session cookie (`stick on req.cook(NAME)`, `store_response`)";
+    Cookie: "proxies", "`cookie NAME [insert] [indirect] [nocache] [httponly] [secure] [domain D]`, `server ... cookie VALUE`" => "`cookie = { name, insert, indirect, ... }` of the `[[backend]]`, `cookie` of each server", Translated, "", "";
+    CookieMaxlife: "proxies", "`cookie ... maxlife T`" => "`max_age` of the backend's `cookie`", Approximate,
+        "proxyd asks the browser to drop the cookie after T (`Max-Age`); HAProxy dates the cookie and ignores an older one itself",
+        "nothing, unless clients keep cookies past their Max-Age";
+    CookieOther: "proxies", "`cookie NAME rewrite|prefix`, `preserve`, `postonly`, `maxidle`, `dynamic`, `attr`, a second `domain`, `appsession`" => "", NotTranslated,
+        "proxyd inserts its own cookie or reads the servers' as they set it; it does not rewrite or prefix theirs",
+        "use `cookie NAME insert`, or stick on the application's session cookie (`stick on req.cook(NAME)`)";
     StatsPage: "proxies", "`stats enable`, `stats uri`, ... (the stats page)" => "Prometheus `/metrics` (`metrics` in `[global]`)", Approximate,
         "proxyd has no HTML stats page: its master serves `/metrics`",
         "scrape `/metrics`; `proxyd status` and grpcurl show the servers";

@@ -26,6 +26,69 @@ pub struct Global {
     pub crt_base: Option<PathBuf>,
     /// `ssl-min-ver` of `ssl-default-bind-options`, as proxyd writes it.
     pub min_version: Option<String>,
+    /// The access log's `[global]` keys from the first `log` line: key, TOML value, line.
+    pub log: Vec<(&'static str, String, usize)>,
+}
+
+/// Facilities proxyd's syslog offers.
+const FACILITIES: &[&str] = &[
+    "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7", "daemon",
+    "user",
+];
+
+/// `log TARGET [len N] [format F] FACILITY [LEVEL [MINLEVEL]]` as proxyd's syslog keys; a
+/// network target gets the local socket, which the syslog daemon can forward.
+fn log(line: &Line, g: &mut Global, report: &mut Report) {
+    let args = line.args();
+    if !g.log.is_empty() {
+        report.add(
+            line,
+            Topic::LogRemote,
+            Some("a second log: proxyd logs to one".to_owned()),
+        );
+        return;
+    }
+    let target = args.first().map_or("", String::as_str);
+    let Some(f) = args.iter().position(|a| FACILITIES.contains(&a.as_str())) else {
+        report.add(
+            line,
+            Topic::LogRemote,
+            Some("a facility proxyd lacks".to_owned()),
+        );
+        return;
+    };
+    let socket = match target.strip_prefix("unix@").unwrap_or(target) {
+        p if p.starts_with('/') => p.to_owned(),
+        "stdout" | "stderr" => {
+            report.add(
+                line,
+                Topic::LogRemote,
+                Some("proxyd logs on stderr".to_owned()),
+            );
+            return;
+        }
+        other => {
+            report.add(
+                line,
+                Topic::LogRemote,
+                Some(format!("/dev/log instead of {other}")),
+            );
+            "/dev/log".to_owned()
+        }
+    };
+    let level = args.get(f + 1).map_or("info", String::as_str);
+    if !matches!(level, "info" | "debug") {
+        report.add(
+            line,
+            Topic::LogRemote,
+            Some(format!("level {level}: every request is logged at info")),
+        );
+    }
+    g.log = vec![
+        ("access_log", "\"syslog\"".to_owned(), line.no),
+        ("syslog_socket", super::write::q(&socket), line.no),
+        ("syslog_facility", super::write::q(&args[f]), line.no),
+    ];
 }
 
 /// Reads `global`; every line it does not use goes to the report.
@@ -66,7 +129,8 @@ pub fn global(section: &Section, g: &mut Global, report: &mut Report) {
             }
             "stats" => report.add(line, Topic::StatsSocket, None),
             "master-worker" => {}
-            "log" | "log-send-hostname" | "log-tag" => report.add(line, Topic::Log, None),
+            "log" => log(line, g, report),
+            "log-send-hostname" | "log-tag" => report.add(line, Topic::LogRemote, None),
             "chroot" => report.add(line, Topic::Chroot, None),
             "daemon" | "pidfile" => report.add(line, Topic::Daemon, None),
             "crt-base" => g.crt_base = Some(PathBuf::from(arg(0))),
@@ -238,6 +302,35 @@ mod tests {
                 ("other", "10.0.0.2:1024".to_owned()),
                 ("me", "10.0.0.1:1024".to_owned())
             ]
+        );
+    }
+
+    #[test]
+    fn log_to_a_unix_socket_is_syslog_a_network_address_goes_through_dev_log() {
+        let read = |text: &str| {
+            let s = split(lex(text).expect("lexes"));
+            let mut g = Global::default();
+            let mut r = Report::new("g.cfg".into());
+            global(&s.sections[0], &mut g, &mut r);
+            let topics: Vec<_> = r.entries().iter().map(|e| (e.line, e.topic)).collect();
+            (g.log, topics)
+        };
+        let (log, topics) = read("global\n log /run/log.sock local3\n log 10.0.0.1 local0\n");
+        assert_eq!(
+            log,
+            [
+                ("access_log", "\"syslog\"".to_owned(), 2),
+                ("syslog_socket", "\"/run/log.sock\"".to_owned(), 2),
+                ("syslog_facility", "\"local3\"".to_owned(), 2),
+            ]
+        );
+        assert_eq!(topics, [(Some(3), Topic::LogRemote)]);
+        let (log, topics) = read("global\n log 127.0.0.1:514 local2 notice\n");
+        assert_eq!(log[1].1, "\"/dev/log\"");
+        assert_eq!(log[2].1, "\"local2\"");
+        assert_eq!(
+            topics,
+            [(Some(2), Topic::LogRemote), (Some(2), Topic::LogRemote)]
         );
     }
 }

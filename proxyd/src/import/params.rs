@@ -7,7 +7,7 @@ use common::Duration;
 
 use super::catalog::Topic;
 use super::lexer::Line;
-use super::proxies::{At, ServerDef, Settings, TIMEOUTS};
+use super::proxies::{At, Balance, ServerDef, Settings, TIMEOUTS};
 use super::report::Report;
 
 /// `[http-request] redirect scheme https [code N] unless { ssl_fc }` (or `if !{ ssl_fc }`):
@@ -189,7 +189,7 @@ pub fn server_param(
         "enabled" => {}
         "ssl" | "check-ssl" => report.add(line, Topic::ServerSsl, None),
         "cookie" => {
-            report.add(line, Topic::Cookie, Some(format!("cookie {value}")));
+            srv.cookie = Some(value.to_owned());
             return Param::WithValue;
         }
         p if SERVER_VALUE_PARAMS.contains(&p) => {
@@ -219,6 +219,118 @@ pub fn timeout(s: &mut Settings, line: &Line, which: &str, value: &str, report: 
         }
         Err(e) => report.add(line, Topic::Unknown, Some(e.to_string())),
     }
+}
+
+/// `balance ALGORITHM [PARAMS]` as proxyd's `balance`; what proxyd lacks is reported and
+/// balanced round robin.
+pub fn balance(args: &[String], line: &Line, report: &mut Report) -> Balance {
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut approximate = |detail: String| report.add(line, Topic::BalanceOther, Some(detail));
+    match words.as_slice() {
+        [b @ ("roundrobin" | "leastconn" | "source")] => Balance::plain(b),
+        // HAProxy draws two servers by default, as proxyd always does.
+        ["random"] | ["random", "2"] | ["random", "draws", "2"] => Balance::plain("random"),
+        ["random", rest @ ..] => {
+            approximate(format!("random {}: proxyd draws 2", rest.join(" ")));
+            Balance::plain("random")
+        }
+        ["uri", rest @ ..] => {
+            let (mut whole, mut depth) = (false, None);
+            let mut i = 0;
+            while i < rest.len() {
+                match (rest[i], rest.get(i + 1).map(|d| d.parse::<u32>())) {
+                    ("whole", _) => whole = true,
+                    // proxyd hashes the path: what HAProxy's path-only takes too.
+                    ("path-only", _) => {}
+                    ("depth", Some(Ok(d))) => {
+                        depth = Some(d);
+                        i += 1;
+                    }
+                    ("len", Some(Ok(n))) => {
+                        approximate(format!("len {n}: the whole path is hashed"));
+                        i += 1;
+                    }
+                    (other, _) => approximate(format!("uri {other}")),
+                }
+                i += 1;
+            }
+            let mut toml = String::from("{ type = \"uri\"");
+            if whole {
+                toml.push_str(", whole = true");
+            }
+            if let Some(d) = depth {
+                toml.push_str(&format!(", depth = {d}"));
+            }
+            toml.push_str(" }");
+            if !whole && depth.is_none() {
+                toml = "\"uri\"".to_owned();
+            }
+            Balance { toml, http: true }
+        }
+        [h, rest @ ..] if cookie_of(h, "hdr").is_some() => {
+            if !rest.is_empty() {
+                approximate(format!("{}: the whole field is hashed", rest.join(" ")));
+            }
+            Balance {
+                toml: super::write::q(h),
+                http: true,
+            }
+        }
+        [b @ "static-rr", ..] => {
+            approximate(format!("{b}: proxyd's roundrobin follows weight changes"));
+            Balance::plain("roundrobin")
+        }
+        other => {
+            approximate(other.join(" "));
+            Balance::plain("roundrobin")
+        }
+    }
+}
+
+/// `cookie NAME [insert] [indirect] [nocache] [httponly] [secure] [domain D] [maxlife T]` as
+/// the backend's `cookie = {...}`; `rewrite` and `prefix` modes are reported and left out.
+pub fn cookie(args: &[String], line: &Line, report: &mut Report) -> Option<String> {
+    let name = args.first()?;
+    let mut toml = format!("{{ name = {}", super::write::q(name));
+    let mut insert = false;
+    let mut domain = false;
+    let mut i = 1;
+    while i < args.len() {
+        let value = args.get(i + 1).map_or("", String::as_str);
+        match args[i].as_str() {
+            "insert" => insert = true,
+            m @ ("rewrite" | "prefix") => {
+                report.add(line, Topic::CookieOther, Some(m.to_owned()));
+                return None;
+            }
+            f @ ("indirect" | "nocache" | "httponly" | "secure") => {
+                toml.push_str(&format!(", {f} = true"));
+            }
+            "domain" if !domain => {
+                domain = true;
+                toml.push_str(&format!(", domain = {}", super::write::q(value)));
+                i += 1;
+            }
+            "maxlife" => {
+                match value.parse::<Duration>() {
+                    Ok(d) if d.0 >= std::time::Duration::from_secs(1) => {
+                        toml.push_str(&format!(", max_age = {}", super::write::q(&d.to_string())));
+                        report.add(line, Topic::CookieMaxlife, None);
+                    }
+                    _ => report.add(line, Topic::CookieOther, Some(format!("maxlife {value}"))),
+                }
+                i += 1;
+            }
+            w @ ("domain" | "maxidle" | "attr") => {
+                report.add(line, Topic::CookieOther, Some(format!("{w} {value}")));
+                i += 1;
+            }
+            w => report.add(line, Topic::CookieOther, Some(w.to_owned())),
+        }
+        i += 1;
+    }
+    toml.push_str(&format!(", insert = {insert} }}"));
+    Some(toml)
 }
 
 /// `req.cook(NAME)` -> `NAME`.

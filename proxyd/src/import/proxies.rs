@@ -11,7 +11,8 @@ use super::address::{self, AddressMap};
 use super::catalog::Topic;
 use super::lexer::Line;
 use super::params::{
-    BIND_VALUE_PARAMS, Param, cert_path, cookie_of, redirects_to_https, server_param, timeout,
+    BIND_VALUE_PARAMS, Param, balance, cert_path, cookie, cookie_of, redirects_to_https,
+    server_param, timeout,
 };
 use super::report::Report;
 use super::sections::{Kind, Section};
@@ -69,14 +70,36 @@ pub struct Settings {
     pub forwarded: Option<At<bool>>,
     /// By proxyd's key (`timeout_connect`).
     pub timeouts: BTreeMap<&'static str, At<Duration>>,
-    /// `roundrobin`, `leastconn` or `source`.
-    pub balance: Option<At<&'static str>>,
+    /// `balance`, as proxyd's TOML value.
+    pub balance: Option<At<Balance>>,
+    /// `cookie NAME ...`: the backend's `cookie = {...}` as a TOML inline table.
+    pub cookie: Option<At<String>>,
+    /// `option httplog`: HAProxy's fields, proxyd's `access_log_format = "httplog"`.
+    pub httplog: Option<At<bool>>,
     /// `option httpchk`: method and path.
     pub httpchk: Option<At<(String, String)>>,
     pub expect_status: Option<At<u16>>,
     /// `default-server` lines, applied before each server's own parameters.
     pub default_server: Vec<Line>,
     pub default_backend: Option<At<String>>,
+}
+
+/// proxyd's `balance` of a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Balance {
+    /// The TOML value: `"roundrobin"`, `{ type = "uri", whole = true }`, ...
+    pub toml: String,
+    /// `uri` and `hdr` hash an HTTP request: a tcp frontend cannot use them.
+    pub http: bool,
+}
+
+impl Balance {
+    pub fn plain(name: &str) -> Balance {
+        Balance {
+            toml: format!("\"{name}\""),
+            http: false,
+        }
+    }
 }
 
 /// A `bind` address and its TLS.
@@ -104,6 +127,8 @@ pub struct ServerDef {
     pub inter: Option<Duration>,
     pub rise: Option<u32>,
     pub fall: Option<u32>,
+    /// Its value in the backend's persistence cookie.
+    pub cookie: Option<String>,
 }
 
 /// `stick-table`.
@@ -266,22 +291,11 @@ impl Proxy {
             "option" => self.option(line, true, cx),
             "no" if arg(0) == "option" => self.option(line, false, cx),
             "log" if arg(0) == "global" => {}
-            "log" => cx.report.add(line, Topic::Log, None),
+            "log" => cx.report.add(line, Topic::LogProxy, None),
             "log-format" | "log-format-sd" | "error-log-format" => {
-                cx.report.add(line, Topic::Httplog, None)
+                cx.report.add(line, Topic::LogFormat, None)
             }
-            "balance" if back => {
-                let b = match arg(0) {
-                    "roundrobin" => "roundrobin",
-                    "leastconn" => "leastconn",
-                    "source" => "source",
-                    _ => {
-                        cx.report.add(line, Topic::BalanceOther, None);
-                        "roundrobin"
-                    }
-                };
-                s.balance = at(b, line);
-            }
+            "balance" if back => s.balance = at(balance(args, line, cx.report), line),
             "hash-type" | "hash-balance-factor" => {
                 cx.report.add(line, Topic::OtherProxy, None);
             }
@@ -306,7 +320,8 @@ impl Proxy {
                 cx.report.add(line, Topic::HttpRules, None)
             }
             "tcp-request" | "tcp-response" => cx.report.add(line, Topic::TcpRules, None),
-            "cookie" | "appsession" => cx.report.add(line, Topic::Cookie, None),
+            "cookie" if back => s.cookie = cookie(args, line, cx.report).and_then(|c| at(c, line)),
+            "cookie" | "appsession" => cx.report.add(line, Topic::CookieOther, None),
             "stats" => {
                 self.stats.get_or_insert_with(|| line.clone());
                 cx.report.add(line, Topic::StatsPage, None);
@@ -353,7 +368,10 @@ impl Proxy {
         let s = &mut self.settings;
         match name {
             "redispatch" => s.redispatch = at(on, line),
-            "httplog" | "tcplog" | "httpslog" | "clf" => cx.report.add(line, Topic::Httplog, None),
+            "httplog" if on && rest.is_empty() => s.httplog = at(true, line),
+            "httplog" | "tcplog" | "httpslog" | "clf" => {
+                cx.report.add(line, Topic::LogFormat, None)
+            }
             "dontlognull" | "http-keep-alive" | "tcp-check" => {}
             "forwardfor" if !on => s.forwardfor = at(None, line),
             "forwardfor" => {
@@ -535,6 +553,7 @@ impl Proxy {
             inter: None,
             rise: None,
             fall: None,
+            cookie: None,
         };
         // The backend's default-server lines first, then the server's own words.
         let mut sources: Vec<(&Line, &[String])> = self
@@ -814,5 +833,74 @@ mod tests {
                 Topic::TimeoutOther
             ]
         );
+    }
+
+    #[test]
+    fn balance_algorithms_proxyd_has_and_the_rest() {
+        let (p, r) = read(
+            "backend a\n balance uri whole depth 2\nbackend b\n balance hdr(Host)\n\
+             backend c\n balance random\nbackend d\n balance uri len 10\nbackend e\n balance url_param id\n",
+        );
+        let toml: Vec<_> = p
+            .iter()
+            .map(|b| b.settings.balance.as_ref().map(|b| b.value.toml.clone()))
+            .collect();
+        assert_eq!(
+            toml,
+            [
+                Some("{ type = \"uri\", whole = true, depth = 2 }".to_owned()),
+                Some("\"hdr(Host)\"".to_owned()),
+                Some("\"random\"".to_owned()),
+                Some("\"uri\"".to_owned()),
+                Some("\"roundrobin\"".to_owned()),
+            ]
+        );
+        assert!(p[0].settings.balance.as_ref().is_some_and(|b| b.value.http));
+        let lines: Vec<_> = r.entries().iter().map(|e| (e.line, e.topic)).collect();
+        assert_eq!(
+            lines,
+            [
+                (Some(8), Topic::BalanceOther),
+                (Some(10), Topic::BalanceOther)
+            ]
+        );
+    }
+
+    #[test]
+    fn insert_cookies_and_server_values_translate_rewrite_does_not() {
+        let (p, r) = read(
+            "defaults\n cookie SRV insert indirect nocache httponly domain example.com maxlife 1h\n\
+             backend a\n server w1 10.0.0.1:80 cookie w1\nbackend b\n cookie JSESSIONID prefix\n\
+             server w2 10.0.0.2:80\nbackend c\n cookie SRV\n server w3 10.0.0.3:80\n",
+        );
+        assert_eq!(
+            p[0].settings.cookie.as_ref().map(|c| c.value.as_str()),
+            Some(
+                "{ name = \"SRV\", indirect = true, nocache = true, httponly = true, \
+                 domain = \"example.com\", max_age = \"1h\", insert = true }"
+            )
+        );
+        assert_eq!(p[0].servers[0].cookie.as_deref(), Some("w1"));
+        assert!(p[1].settings.cookie.is_none());
+        assert_eq!(
+            p[2].settings.cookie.as_ref().map(|c| c.value.as_str()),
+            Some("{ name = \"SRV\", insert = false }")
+        );
+        let topics: Vec<_> = r.entries().iter().map(|e| (e.line, e.topic)).collect();
+        assert_eq!(
+            topics,
+            [
+                (Some(2), Topic::CookieMaxlife),
+                (Some(6), Topic::CookieOther)
+            ]
+        );
+    }
+
+    #[test]
+    fn option_httplog_is_translated_other_formats_are_not() {
+        let (p, r) = read("frontend f\n option httplog\n option tcplog\n log 10.0.0.1 local0\n");
+        assert_eq!(p[0].settings.httplog.as_ref().map(|h| h.line), Some(2));
+        let topics: Vec<_> = r.entries().iter().map(|e| e.topic).collect();
+        assert_eq!(topics, [Topic::LogFormat, Topic::LogProxy]);
     }
 }

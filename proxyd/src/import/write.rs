@@ -88,11 +88,14 @@ pub struct StickOut {
 pub struct BackendOut {
     pub name: String,
     pub line: usize,
-    pub balance: &'static str,
+    /// The TOML value.
+    pub balance: String,
     /// Settings that differ from `[defaults]`: key, TOML value.
     pub settings: Vec<(&'static str, String)>,
     pub check: Option<CheckOut>,
     pub stick: Option<StickOut>,
+    /// The backend's `cookie = {...}`, a TOML inline table.
+    pub cookie: Option<String>,
     pub servers: Vec<ServerDef>,
 }
 
@@ -121,6 +124,8 @@ pub struct Plan {
     pub threads: Option<u64>,
     pub drain_timeout: Option<Duration>,
     pub metrics: Option<SocketAddr>,
+    /// The access log's keys of `[global]`.
+    pub log: Vec<Setting>,
     pub defaults: Vec<Setting>,
     pub frontends: Vec<FrontendOut>,
     pub backends: Vec<BackendOut>,
@@ -266,6 +271,16 @@ impl Plan {
         if self.backends.iter().any(|b| b.stick.is_some()) {
             let _ = writeln!(o, "stickd_socket = {}", path(&self.paths.stickd_socket));
         }
+        for s in &self.log {
+            match s.line {
+                Some(l) => {
+                    let _ = writeln!(o, "{} = {}  # {}", s.key, s.value, self.at(l));
+                }
+                None => {
+                    let _ = writeln!(o, "{} = {}", s.key, s.value);
+                }
+            }
+        }
         if let Some(t) = self.threads {
             let _ = writeln!(o, "threads = {t}");
         }
@@ -340,9 +355,12 @@ impl Plan {
                 self.at(b.line),
                 q(&b.name)
             );
-            let _ = writeln!(o, "balance = {}", q(b.balance));
+            let _ = writeln!(o, "balance = {}", b.balance);
             for (k, v) in &b.settings {
                 let _ = writeln!(o, "{k} = {v}");
+            }
+            if let Some(c) = &b.cookie {
+                let _ = writeln!(o, "cookie = {c}");
             }
             if let Some(c) = &b.check {
                 let _ = writeln!(
@@ -390,6 +408,9 @@ impl Plan {
                 }
                 if let Some(i) = s.inter {
                     let _ = writeln!(o, "inter = {}", q(&i.to_string()));
+                }
+                if let Some(c) = &s.cookie {
+                    let _ = writeln!(o, "cookie = {}", q(c));
                 }
             }
         }
