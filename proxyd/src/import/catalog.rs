@@ -223,15 +223,15 @@ topics! {
     StickOther: "proxies", "stick rules on other fetches, with `if`/`unless`, or a second rule" => "", NotTranslated,
         "proxyd's stick rule is one key from a request cookie or the client address, and one response cookie",
         "key the stickiness on a cookie or the client address";
-    Acl: "proxies", "`acl`, `use_backend`, `use-server`" => "", NotTranslated,
-        "proxyd has no ACLs yet: every request of a frontend goes to its default backend",
-        "split the traffic by bind (one frontend per address) or keep HAProxy in front for it";
+    Acl: "proxies", "`acl`, `use_backend`, `use-server`" => "`[[frontend.rule]]` with `when` and `use_backend`", NotTranslated,
+        "the import does not translate ACLs yet; proxyd's rules match host, path, method, header, cookie, query, source and TLS",
+        "write each `use_backend ... if` as a `[[frontend.rule]]` (README, \"L7 rules\"); `use-server` has no counterpart";
     RedirectHttps: "proxies", "`http-request redirect scheme https unless { ssl_fc }`" => "`redirect_https = true` on the frontend's plain binds", Approximate,
         "proxyd answers with a 301 (HAProxy's default is a 302) and names the request's port unless it is 80",
         "nothing, unless clients depend on the status code or the port";
-    HttpRules: "proxies", "`http-request`, `http-response`, `http-after-response`, `redirect`" => "", NotTranslated,
-        "proxyd has no request or response rules yet (a plain bind may redirect to https: `redirect_https`)",
-        "have the servers do it";
+    HttpRules: "proxies", "`http-request`, `http-response`, `http-after-response`, `redirect`" => "`[[frontend.rule]]` with `redirect`, `deny`, `return` or a header action", NotTranslated,
+        "the import does not translate these rules yet; proxyd's rules redirect, deny, return and set, add or delete request and response headers",
+        "write each as a `[[frontend.rule]]` (README, \"L7 rules\")";
     TcpRules: "proxies", "`tcp-request`, `tcp-response`, `track-sc*`" => "", NotTranslated,
         "proxyd has no tcp rules or counters",
         "rate-limit in front of proxyd (nftables) or in the servers";
