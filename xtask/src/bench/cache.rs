@@ -1,7 +1,7 @@
 //! Bench section `cache`: proxyd's stick cache on its own (lookup, store, memory per entry), from
 //! the `stick_cache` cargo bench of proxyd, which fills the real `StickCache` without stickd.
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use serde::Deserialize;
 
 use super::{Ctx, Section, Table};
@@ -54,41 +54,16 @@ fn verdict(met: bool) -> String {
 pub async fn run(ctx: &Ctx) -> Result<Section> {
     let entries = ctx.pick(200_000, 1_000_000);
     let batches = ctx.pick(3, 9);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = tokio::process::Command::new(&cargo)
-        .current_dir(crate::harness::workspace_root())
-        .args([
-            "bench",
-            "-q",
-            "-p",
-            "proxyd",
-            "--bench",
-            "stick_cache",
-            "--",
-        ])
-        .args(["--json", "--entries", &entries.to_string()])
-        .args(["--batches", &batches.to_string()])
-        .kill_on_drop(true)
-        .output()
-        .await
-        .context("cannot run cargo bench")?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = err.lines().rev().take(20).collect();
-        bail!(
-            "cargo bench -p proxyd --bench stick_cache failed ({}):\n{}",
-            out.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .context("the stick_cache bench printed no JSON line")?;
-    let o: Output = serde_json::from_str(line)
-        .with_context(|| format!("cannot parse the stick_cache bench's output: {line}"))?;
+    let o: Output = super::proxyd_bench_json(
+        "stick_cache",
+        &[
+            "--entries".to_string(),
+            entries.to_string(),
+            "--batches".to_string(),
+            batches.to_string(),
+        ],
+    )
+    .await?;
     Ok(section(&o))
 }
 

@@ -175,3 +175,39 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     Ok(())
 }
+
+/// Runs `cargo bench -p proxyd --bench NAME -- --json ARGS` and parses the last JSON line it
+/// prints; a failed run ends with the tail of its stderr.
+async fn proxyd_bench_json<T: serde::de::DeserializeOwned>(
+    name: &str,
+    args: &[String],
+) -> Result<T> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = tokio::process::Command::new(&cargo)
+        .current_dir(crate::harness::workspace_root())
+        .args([
+            "bench", "-q", "-p", "proxyd", "--bench", name, "--", "--json",
+        ])
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("cannot run cargo bench")?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(20).collect();
+        bail!(
+            "cargo bench -p proxyd --bench {name} failed ({}):\n{}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| format!("the {name} bench printed no JSON line"))?;
+    serde_json::from_str(line)
+        .with_context(|| format!("cannot parse the {name} bench's output: {line}"))
+}

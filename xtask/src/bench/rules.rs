@@ -1,7 +1,7 @@
 //! Bench section `rules`: the cost of a frontend's L7 rules per request, from the `rules`
 //! cargo bench of proxyd, which loads real configs and routes parsed request heads.
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use serde::Deserialize;
 
 use super::{Ctx, Section, Table};
@@ -39,32 +39,8 @@ struct Output {
 
 pub async fn run(ctx: &Ctx) -> Result<Section> {
     let batches = ctx.pick(3, 9);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = tokio::process::Command::new(&cargo)
-        .current_dir(crate::harness::workspace_root())
-        .args(["bench", "-q", "-p", "proxyd", "--bench", "rules", "--"])
-        .args(["--json", "--batches", &batches.to_string()])
-        .kill_on_drop(true)
-        .output()
-        .await
-        .context("cannot run cargo bench")?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = err.lines().rev().take(20).collect();
-        bail!(
-            "cargo bench -p proxyd --bench rules failed ({}):\n{}",
-            out.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .context("the rules bench printed no JSON line")?;
-    let o: Output = serde_json::from_str(line)
-        .with_context(|| format!("cannot parse the rules bench's output: {line}"))?;
+    let o: Output =
+        super::proxyd_bench_json("rules", &["--batches".to_string(), batches.to_string()]).await?;
     Ok(section(&o))
 }
 
