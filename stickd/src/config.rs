@@ -132,6 +132,17 @@ impl Config {
         Self::from_source(&src, local)
     }
 
+    /// Only the local socket of the config at `path`, for the operator's commands that speak to
+    /// the running stickd: they need no local peer name, so none is resolved or checked.
+    pub fn local_socket(path: &Path) -> Result<PathBuf, ConfigError> {
+        let src = SourceFile::read(path)?;
+        let raw: Raw = src.parse()?;
+        if raw.socket.as_os_str().is_empty() {
+            return Err(src.error("socket must not be empty"));
+        }
+        Ok(raw.socket)
+    }
+
     /// Parses and validates a config already read (tests, xtask).
     pub fn from_source(src: &SourceFile, local: Option<&str>) -> Result<Config, ConfigError> {
         let raw: Raw = src.parse()?;

@@ -22,7 +22,8 @@ struct Args {
     /// Configuration file (TOML).
     #[arg(short, long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// This node's name among the configured peers (default: the hostname).
+    /// This node's name among the configured peers (default: the hostname); `table` commands
+    /// ignore it.
     #[arg(short = 'L', long = "local-peer", global = true, value_name = "NAME")]
     local_peer: Option<String>,
     /// The same as `stickd check`.
@@ -90,7 +91,7 @@ fn main() -> ExitCode {
                 TableCmd::Delete { table, key } => TableOp::Delete { table, key },
                 TableCmd::Clear { table } => TableOp::Clear { table },
             };
-            stickd::ops::table(&path, local_peer, op)
+            stickd::ops::table(&path, op)
         }
         Some(Command::Check) => stickd::cli::check(&path, local_peer),
         None if args.check => stickd::cli::check(&path, local_peer),

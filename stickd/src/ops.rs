@@ -36,15 +36,15 @@ pub enum TableOp {
 
 /// Runs `op` against the stickd of the config at `path`; exit 0, 64 for a config that cannot
 /// be read, 1 when stickd cannot be reached or refuses (its reason is printed).
-pub fn table(path: &Path, local_peer: Option<&str>, op: TableOp) -> i32 {
-    let config = match Config::load(path, local_peer) {
-        Ok(c) => c,
+/// The local peer's name plays no part: only the socket is read from the config.
+pub fn table(path: &Path, op: TableOp) -> i32 {
+    let socket = match Config::local_socket(path) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("stickd: {e}");
             return EXIT_CONFIG;
         }
     };
-    let socket = config.socket.clone();
     with_client(&socket, |client| run(client, op))
 }
 

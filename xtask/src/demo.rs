@@ -150,10 +150,7 @@ pub fn try_commands(lb: &Lb) -> Vec<TryCommand> {
         c(
             Try::TableCli,
             "the same through stickd's own command",
-            format!(
-                "{stickd} --config {sconf} -L node{} table show dynamic_group",
-                n.host
-            ),
+            format!("{stickd} --config {sconf} table show dynamic_group"),
         ),
         c(
             Try::SameServer,
