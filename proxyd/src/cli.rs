@@ -112,6 +112,7 @@ where
     F: FnOnce(AdminClient) -> Fut,
     Fut: Future<Output = i32>,
 {
+    let from_config = admin_socket.is_none();
     let socket = match admin_socket {
         Some(s) => s,
         None => match admin_socket_of(config_path) {
@@ -134,6 +135,13 @@ where
             Ok(c) => f(AdminClient::new(c)).await,
             Err(e) => {
                 eprintln!("cannot reach proxyd at {}: {e}", socket.display());
+                if from_config {
+                    // A reload reports a changed admin_socket but cannot move the master's.
+                    eprintln!(
+                        "if the running proxyd was started with another admin_socket (a reload \
+                         does not move it, a restart does), pass --admin-socket PATH"
+                    );
+                }
                 EXIT_FAILURE
             }
         }
