@@ -1,6 +1,8 @@
 //! The L7 rules scenario: one proxyd node (fdkeeper + proxyd, release binaries) whose frontend
-//! routes to three backends by host, path, header, cookie, method and source, redirects,
-//! denies, rewrites headers, and adds HSTS to every answer, the proxy's own 503 included.
+//! routes HTTP/1.1 to three backends by host, path, header, cookie, method, source and query,
+//! redirects, denies, returns, rewrites headers, and edits every answer's fields (HSTS added,
+//! a backend's internal field removed), the proxy's own 503 included. The same rules over
+//! HTTP/2, the proxy's own 400, and stick rules of a routed backend are proxyd's tests/rules.rs.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -16,7 +18,7 @@ use crate::harness::{self, Env};
 pub fn scenarios() -> Vec<Scenario> {
     vec![Scenario::new(
         "routing-matrix",
-        "three backends behind [[frontend.rule]]s: 20 requests each land on their named backend (host, path, header, cookie, method, source); redirects with status and Location; a deny; rewrites seen at the backend; HSTS on every answer, the proxy's own 503 included",
+        "three backends behind [[frontend.rule]]s: 24 requests each land on their named backend (host, path, header, cookie, method, source, query); redirects (301, 302, 307, 308) with their Location; a deny; a return; rewrites seen at the backend; response field rules on every answer, the proxy's own 503 included",
         90,
         |env| Box::pin(routing_matrix(env)),
     )]
@@ -24,62 +26,11 @@ pub fn scenarios() -> Vec<Scenario> {
 
 const HSTS: &str = "max-age=63072000; includeSubDomains";
 
-const RULES: &str = r#"
-[[frontend.rule]]
-add_response_header = { name = "Strict-Transport-Security", value = "max-age=63072000; includeSubDomains" }
-[[frontend.rule]]
-when = { host = "down.example.com" }
-use_backend = "down"
-[[frontend.rule]]
-when = { host = ["api.example.com", "*.api.example.com"] }
-use_backend = "api"
-[[frontend.rule]]
-when = { host = ".cdn.example.com" }
-use_backend = "static"
-[[frontend.rule]]
-when = { path_prefix = ["/static/", "/img/"] }
-use_backend = "static"
-[[frontend.rule]]
-when = { path_regex = "^/v[0-9]+/" }
-use_backend = "api"
-[[frontend.rule]]
-when = { header = { name = "X-Backend", equals = "api" } }
-use_backend = "api"
-[[frontend.rule]]
-when = { header = { name = "Accept", regex = "^image/" } }
-use_backend = "static"
-[[frontend.rule]]
-when = { cookie = { name = "canary", equals = "static" } }
-use_backend = "static"
-[[frontend.rule]]
-when = { method = ["PUT", "DELETE"] }
-use_backend = "api"
-[[frontend.rule]]
-when = { src = ["127.0.0.3", "10.0.0.0/8"] }
-use_backend = "api"
-[[frontend.rule]]
-when = { all = [{ src = "127.0.0.4/32" }, { path_prefix = "/reports/" }] }
-use_backend = "static"
-[[frontend.rule]]
-when = { path = "/old-shop" }
-redirect = { prefix = "https://shop.example.com", status = 301 }
-[[frontend.rule]]
-when = { path = "/login", tls = false }
-redirect = { scheme = "https", status = 302, drop_query = true }
-[[frontend.rule]]
-when = { path_prefix = "/internal/", not = { src = "10.0.0.0/8" } }
-deny = { status = 403, body = "internal only\n" }
-[[frontend.rule]]
-when = { path_prefix = "/rw/" }
-set_header = { name = "X-Route", value = "rewritten" }
-[[frontend.rule]]
-when = { path_prefix = "/rw/" }
-set_path = "/"
-[[frontend.rule]]
-del_header = "X-Drop-Me"
-"#;
+/// The frontend's rules, shared with proxyd's tests/rules.rs, which runs them over HTTP/2.
+const RULES: &str = include_str!("../../../proxyd/tests/fixtures/routing-rules.toml");
 
-/// A backend that answers every request with `server: NAME` and the request head it got.
+/// A backend that answers every request with `server: NAME` and the request head it got, and a
+/// field of its own that a response rule removes.
 async fn echo(listener: TcpListener, name: &'static str) {
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
@@ -120,7 +71,7 @@ async fn echo(listener: TcpListener, name: &'static str) {
                 buf.drain(..length);
                 let body = format!("server: {name}\n{head}");
                 let resp = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Internal: secret\r\nContent-Length: {}\r\n\r\n{body}",
                     body.len()
                 );
                 if s.write_all(resp.as_bytes()).await.is_err() {
@@ -244,6 +195,7 @@ async fn routing_matrix(mut env: Env) -> Result<Outcome> {
         ("near miss prefix", lo(1), get("/images", "www.example.com", ""), "web"),
         ("path regex", lo(1), get("/v2/users", "www.example.com", ""), "api"),
         ("header equals", lo(1), get("/", "www.example.com", "X-Backend: api\r\n"), "api"),
+        ("other header value", lo(1), get("/", "www.example.com", "X-Backend: web\r\n"), "web"),
         ("header regex", lo(1), get("/", "www.example.com", "Accept: image/webp\r\n"), "static"),
         ("cookie", lo(1), get("/", "www.example.com", "Cookie: a=1; canary=static\r\n"), "static"),
         ("other cookie value", lo(1), get("/", "www.example.com", "Cookie: canary=web\r\n"), "web"),
@@ -259,13 +211,21 @@ async fn routing_matrix(mut env: Env) -> Result<Outcome> {
             "PUT /item/7 HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi".into(),
             "api",
         ),
+        (
+            "other method",
+            lo(1),
+            "POST /item/7 HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi".into(),
+            "web",
+        ),
         ("source address", lo(3), get("/", "www.example.com", ""), "api"),
         ("source and path", lo(4), get("/reports/q3", "www.example.com", ""), "static"),
         ("source, other path", lo(4), get("/", "www.example.com", ""), "web"),
+        ("query", lo(1), get("/?a=1&to=api", "www.example.com", ""), "api"),
+        ("near miss query", lo(1), get("/?to=apix", "www.example.com", ""), "web"),
         ("first rule wins", lo(1), get("/static/x", "api.example.com", ""), "api"),
     ];
     ensure!(
-        matrix.len() == 20,
+        matrix.len() == 24,
         "the matrix has {} requests",
         matrix.len()
     );
@@ -280,6 +240,10 @@ async fn routing_matrix(mut env: Env) -> Result<Outcome> {
             got.server()
         );
         ensure!(got.has_hsts(), "{what}: no HSTS in {:?}", got.head);
+        ensure!(
+            got.field("x-internal").is_none(),
+            "{what}: the backend's X-Internal reached the client"
+        );
     }
     figure(
         "routed",
@@ -293,9 +257,19 @@ async fn routing_matrix(mut env: Env) -> Result<Outcome> {
             "https://shop.example.com/old-shop?item=3",
         ),
         (
+            get("/old-shop?a=b", "www.example.com", ""),
+            308,
+            "https://shop.example.com/old-shop",
+        ),
+        (
             get("/login?next=/a", "www.example.com:8080", ""),
             302,
             "https://www.example.com:8080/login",
+        ),
+        (
+            get("/moved?z=1", "www.example.com", ""),
+            307,
+            "https://elsewhere.example.com/x",
         ),
     ];
     for (raw, status, location) in &redirects {
@@ -310,7 +284,7 @@ async fn routing_matrix(mut env: Env) -> Result<Outcome> {
     }
     figure(
         "redirects",
-        "301 with prefix and query, 302 to https without query",
+        "301 with prefix and query, 308 with prefix without query, 302 to https without query, 307 to a fixed location",
     );
 
     let got = request(
@@ -326,6 +300,19 @@ async fn routing_matrix(mut env: Env) -> Result<Outcome> {
         got.body
     );
     ensure!(got.has_hsts(), "deny without HSTS");
+
+    let got = request(front, lo(1), &get("/ping", "www.example.com", "")).await?;
+    ensure!(
+        got.status == 200
+            && got.body == "pong\n"
+            && got.field("content-type") == Some("text/plain")
+            && got.server() == "-",
+        "return: got {} {:?} {:?}",
+        got.status,
+        got.field("content-type"),
+        got.body
+    );
+    ensure!(got.has_hsts(), "return without HSTS");
 
     let got = request(
         front,
@@ -343,12 +330,13 @@ async fn routing_matrix(mut env: Env) -> Result<Outcome> {
             && seen.contains("get /?x=1 http/1.1\r\n")
             && seen.matches("x-route:").count() == 1
             && seen.contains("x-route: rewritten\r\n")
+            && seen.contains("x-via: proxyd\r\n")
             && !seen.contains("x-drop-me"),
         "rewrites not seen at the backend: {seen}"
     );
     figure(
         "rewrites at the backend",
-        "path /rw/page -> /, X-Route set once, X-Drop-Me removed",
+        "path /rw/page -> /, X-Route set once, X-Via added, X-Drop-Me removed",
     );
 
     let got = request(front, lo(1), &get("/", "down.example.com", "")).await?;
@@ -365,7 +353,7 @@ async fn routing_matrix(mut env: Env) -> Result<Outcome> {
     );
     figure(
         "HSTS",
-        "on every answer: routed, redirected, denied and the proxy's own 503",
+        "on every answer: routed, redirected, denied, returned and the proxy's own 503",
     );
     drop(fdk);
     Ok(Outcome::Pass)
