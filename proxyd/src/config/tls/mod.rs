@@ -33,8 +33,8 @@ use super::raw::{RawTls, Shorthand};
 /// A certificate that expires sooner than this is worth a warning from `proxyd check`.
 pub const EXPIRY_WARNING_SECS: i64 = 14 * 86_400;
 
-/// The one crypto provider of proxyd's TLS: ring, which tonic already brings, or aws-lc-rs
-/// with the `aws-lc-rs` feature.
+/// The one crypto provider of proxyd's TLS: aws-lc-rs (the default `aws-lc-rs` feature), or
+/// ring, which tonic already brings, in a build without it.
 pub fn provider() -> Arc<CryptoProvider> {
     #[cfg(not(feature = "aws-lc-rs"))]
     let provider = rustls::crypto::ring::default_provider();

@@ -44,10 +44,10 @@ const H2_STREAMS: u32 = 10;
 /// Who is measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
-    /// rustls on ring, proxyd's default.
+    /// rustls on aws-lc-rs, proxyd's default.
     Proxyd,
-    /// The same proxyd built with its `aws-lc-rs` feature.
-    ProxydAwsLc,
+    /// The same proxyd built without its default `aws-lc-rs` feature: rustls on ring.
+    ProxydRing,
     Haproxy,
     Nginx,
 }
@@ -56,20 +56,20 @@ impl Kind {
     fn label(self) -> &'static str {
         match self {
             Self::Proxyd => "proxyd",
-            Self::ProxydAwsLc => "proxyd aws-lc-rs",
+            Self::ProxydRing => "proxyd ring",
             Self::Haproxy => "HAProxy",
             Self::Nginx => "nginx",
         }
     }
 }
 
-/// Where the aws-lc-rs build of proxyd goes: a target dir of its own, so that the default
-/// build in target/release is never replaced by it.
-const AWS_LC_TARGET_DIR: &str = "target/aws-lc-rs";
+/// Where the ring build of proxyd goes: a target dir of its own, so that the default build in
+/// target/release is never replaced by it.
+const RING_TARGET_DIR: &str = "target/ring";
 
-/// Builds proxyd with its `aws-lc-rs` feature (cargo does nothing when it is up to date) and
-/// returns the binary, or why there is none.
-fn build_aws_lc() -> std::result::Result<std::path::PathBuf, String> {
+/// Builds proxyd without its default features, on ring (cargo does nothing when it is up to
+/// date), and returns the binary, or why there is none.
+fn build_ring() -> std::result::Result<std::path::PathBuf, String> {
     let root = harness::workspace_root();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let t = Instant::now();
@@ -80,10 +80,9 @@ fn build_aws_lc() -> std::result::Result<std::path::PathBuf, String> {
             "--release",
             "-p",
             "proxyd",
-            "--features",
-            "aws-lc-rs",
+            "--no-default-features",
         ])
-        .args(["--target-dir", AWS_LC_TARGET_DIR])
+        .args(["--target-dir", RING_TARGET_DIR])
         .output()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !out.status.success() {
@@ -91,12 +90,12 @@ fn build_aws_lc() -> std::result::Result<std::path::PathBuf, String> {
         let tail: Vec<&str> = err.lines().rev().take(8).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         return Err(format!(
-            "`cargo build --release -p proxyd --features aws-lc-rs` failed: {}",
+            "`cargo build --release -p proxyd --no-default-features` failed: {}",
             tail.join(" / ")
         ));
     }
-    eprintln!("   proxyd with aws-lc-rs built in {:.0?}", t.elapsed());
-    Ok(root.join(AWS_LC_TARGET_DIR).join("release/proxyd"))
+    eprintln!("   proxyd on ring built in {:.0?}", t.elapsed());
+    Ok(root.join(RING_TARGET_DIR).join("release/proxyd"))
 }
 
 /// A running target.
@@ -193,8 +192,8 @@ struct Shape {
     nofile: u64,
     h2load: String,
     openssl: String,
-    /// The aws-lc-rs build of proxyd, or why there is none.
-    aws_lc: std::result::Result<std::path::PathBuf, String>,
+    /// The ring build of proxyd, or why there is none.
+    ring: std::result::Result<std::path::PathBuf, String>,
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Section> {
@@ -210,7 +209,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         nofile: limit,
         h2load: first_line(&h2load, &["--version"]),
         openssl: first_line(std::path::Path::new("openssl"), &["version"]),
-        aws_lc: build_aws_lc(),
+        ring: build_ring(),
     };
     let mut env = Env::new("bench-tls")?;
     let load_before = loadavg();
@@ -267,8 +266,8 @@ async fn run_in(
         )
         .await?,
     ];
-    if let Ok(bin) = &shape.aws_lc {
-        targets.push(targets::start_proxyd(env, &setup, bin, Kind::ProxydAwsLc, &mut procs).await?);
+    if let Ok(bin) = &shape.ring {
+        targets.push(targets::start_proxyd(env, &setup, bin, Kind::ProxydRing, &mut procs).await?);
     }
     targets.push(targets::start_haproxy(ctx, env, &setup, &mut procs).await?);
     targets.push(targets::start_nginx(ctx, env, &setup, &mut procs).await?);

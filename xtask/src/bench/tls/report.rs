@@ -30,7 +30,7 @@ pub(super) fn section(
 ) -> Section {
     let mut s = Section::new("TLS: handshakes, keep-alive, HTTP/2, idle connections");
     s.text.push(format!(
-        "proxyd (rustls on ring), HAProxy 2.6 (OpenSSL 3.0) and nginx 1.22 (OpenSSL 3.0) \
+        "proxyd (rustls on aws-lc-rs), HAProxy 2.6 (OpenSSL 3.0) and nginx 1.22 (OpenSSL 3.0) \
          terminate TLS for the same two demo backends on loopback, each with one proxy thread \
          (proxyd `threads = 1`, HAProxy `nbthread 1`, nginx `worker_processes 1`), logging no \
          request (as in the http section), without stick rules (round robin; nginx's upstream \
@@ -41,13 +41,13 @@ pub(super) fn section(
          median of the rounds with (min..max). Client: {}; {}.",
         shape.secs, shape.rounds, shape.openssl, shape.h2load
     ));
-    s.text.push(match &shape.aws_lc {
-        Ok(_) => "proxyd aws-lc-rs: the same proxyd built with its `aws-lc-rs` feature (`cargo \
-                  build --release -p proxyd --features aws-lc-rs`, in target/aws-lc-rs), rustls \
-                  on aws-lc-rs instead of ring, the same config; it runs every load beside the \
-                  others. The targets below judge proxyd's default build (ring)."
+    s.text.push(match &shape.ring {
+        Ok(_) => "proxyd ring: the same proxyd built without its default `aws-lc-rs` feature \
+                  (`cargo build --release -p proxyd --no-default-features`, in target/ring), \
+                  rustls on ring instead of aws-lc-rs, the same config; it runs every load beside \
+                  the others. The targets below judge proxyd's default build (aws-lc-rs)."
             .to_owned(),
-        Err(why) => format!("No aws-lc-rs build of proxyd in this run: {why}."),
+        Err(why) => format!("No ring build of proxyd in this run: {why}."),
     });
     s.text.push(format!(
         "Loads: **full handshakes**: xtask's own client (rustls on ring, in the bench's process, \
@@ -212,8 +212,8 @@ fn verdicts(samples: &[(Load, Kind, Sample)], idle: &[Idle]) -> Vec<String> {
         ("full handshakes/s, RSA 2048", Load::FullRsa),
         ("resumed handshakes/s", Load::Resumed),
     ] {
-        let (ring, aws) = (rate(load, Kind::Proxyd), rate(load, Kind::ProxydAwsLc));
-        let (ring_cpu, aws_cpu) = (cpu(load, Kind::Proxyd), cpu(load, Kind::ProxydAwsLc));
+        let (ring, aws) = (rate(load, Kind::ProxydRing), rate(load, Kind::Proxyd));
+        let (ring_cpu, aws_cpu) = (cpu(load, Kind::ProxydRing), cpu(load, Kind::Proxyd));
         if ring > 0.0 && aws > 0.0 {
             notes.push(format!(
                 "ring against aws-lc-rs, {what}: proxyd on ring {ring:.0}, on aws-lc-rs \

@@ -169,8 +169,8 @@ pub async fn start_proxyd(
     kind: Kind,
     procs: &mut Vec<Proc>,
 ) -> Result<Target> {
-    let tag = if kind == Kind::ProxydAwsLc {
-        "proxyd-aws-lc-rs"
+    let tag = if kind == Kind::ProxydRing {
+        "proxyd-ring"
     } else {
         "proxyd"
     };
