@@ -302,6 +302,12 @@ pub fn assemble(
         })
         .collect();
 
+    for d in &resolvers_defs {
+        if !resolvers_out.iter().any(|r| r.name == d.name) {
+            report.add(&d.header, Topic::ResolversUnused, None);
+        }
+    }
+
     let mut log: Vec<Setting> = g
         .log
         .iter()

@@ -289,6 +289,9 @@ topics! {
     ResolversOther: "sections", "`hold`, `resolve_retries`, `accepted_payload_size`, `parse-resolv-conf` in `resolvers`" => "", Approximate,
         "proxyd asks each nameserver once a round and keeps a server's last address until a round answers another",
         "nothing; list the nameservers with `nameserver` rather than `parse-resolv-conf`";
+    ResolversUnused: "sections", "a `resolvers` section no translated server resolves through" => "", NotTranslated,
+        "nothing written refers to it",
+        "nothing, unless a server left out should use it";
     OtherSection: "sections", "`userlist`, `mailers`, `program`, `http-errors`, `ring`, `cache`, ..." => "", NotTranslated,
         "proxyd has no equivalent: the whole section is left out",
         "see what it was used for; nothing in the written files refers to it";

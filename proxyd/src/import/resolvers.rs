@@ -91,17 +91,14 @@ pub fn backend(
         let approximate =
             |report: &mut Report, why: String| report.add(&line, Topic::ServerNameOther, Some(why));
         match (&s.resolvers, chosen) {
-            (None, _) => approximate(
-                report,
-                "no resolvers: HAProxy resolves it only at start".to_owned(),
-            ),
+            (None, _) => approximate(report, "no resolvers".to_owned()),
             (Some(r), Some(c)) if *r == c.name => {}
             (Some(r), _)
                 if !defs
                     .iter()
                     .any(|d| &d.name == r && !d.nameservers.is_empty()) =>
             {
-                approximate(report, format!("resolvers '{r}' has no nameserver here"))
+                approximate(report, format!("resolvers '{r}' has no nameserver"))
             }
             (Some(r), c) => approximate(
                 report,
@@ -115,10 +112,7 @@ pub fn backend(
             ),
         }
         if s.resolvers.is_some() && s.resolve_prefer.as_deref() != Some("ipv4") {
-            approximate(
-                report,
-                "HAProxy prefers IPv6 answers unless resolve-prefer ipv4".to_owned(),
-            );
+            approximate(report, "no resolve-prefer ipv4".to_owned());
         }
     }
     let c = chosen?;

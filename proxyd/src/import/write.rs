@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use common::{Duration, Size};
 
-use super::proxies::{BindDef, ServerDef};
+use super::bind::BindDef;
+use super::proxies::ServerDef;
 use super::resolvers::ResolversOut;
 use super::rules::RuleOut;
 
