@@ -139,14 +139,17 @@ impl Cond {
 /// A frontend's ACLs by name: each line translated once, a name given on several lines
 /// matching when any of them does (as in HAProxy).
 pub struct Acls {
-    named: HashMap<String, Vec<(usize, Result<Cond, String>)>>,
+    named: HashMap<String, Vec<AclLine>>,
 }
+
+/// One `acl` line of a name: its line number and its condition, or why it has none.
+type AclLine = (usize, Result<Cond, String>);
 
 impl Acls {
     /// Reads every `acl` line; one that cannot be translated is reported here, and again in
     /// each rule that uses it.
     pub fn new(lines: &[Line], report: &mut Report) -> Acls {
-        let mut named: HashMap<String, Vec<(usize, Result<Cond, String>)>> = HashMap::new();
+        let mut named: HashMap<String, Vec<AclLine>> = HashMap::new();
         for line in lines {
             let args = line.args();
             let Some(name) = args.first() else {

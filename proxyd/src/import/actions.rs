@@ -66,15 +66,15 @@ pub(super) fn redirect(action: &[String]) -> Result<String, Refused> {
 pub(super) fn request_action(action: &[String]) -> Result<String, Refused> {
     let other = |why: String| (Topic::HttpRulesOther, why);
     let words: Vec<&str> = action.iter().map(String::as_str).collect();
-    match words.as_slice() {
-        &["redirect", ..] => redirect(&action[1..]).map(|r| format!("redirect = {r}")),
-        &["deny"] => Ok("deny = { status = 403 }".to_owned()),
-        &["deny", "deny_status" | "status", code] => match code.parse::<u16>() {
+    match *words.as_slice() {
+        ["redirect", ..] => redirect(&action[1..]).map(|r| format!("redirect = {r}")),
+        ["deny"] => Ok("deny = { status = 403 }".to_owned()),
+        ["deny", "deny_status" | "status", code] => match code.parse::<u16>() {
             Ok(c) if (400..=599).contains(&c) => Ok(format!("deny = {{ status = {c} }}")),
             _ => Err(other(format!("deny status {code}"))),
         },
-        &["deny", ..] => Err(other("deny with a body or headers".to_owned())),
-        &[op @ ("set-header" | "add-header"), name, value] => {
+        ["deny", ..] => Err(other("deny with a body or headers".to_owned())),
+        [op @ ("set-header" | "add-header"), name, value] => {
             field(name, true)?;
             literal(value)?;
             let key = if op == "set-header" {
@@ -88,12 +88,12 @@ pub(super) fn request_action(action: &[String]) -> Result<String, Refused> {
                 q(value)
             ))
         }
-        &["del-header", name] => {
+        ["del-header", name] => {
             field(name, true)?;
             Ok(format!("del_header = {}", q(name)))
         }
-        &[a, ..] => Err(other(format!("http-request {a}"))),
-        &[] => Err(other("no action".to_owned())),
+        [a, ..] => Err(other(format!("http-request {a}"))),
+        [] => Err(other("no action".to_owned())),
     }
 }
 
@@ -107,8 +107,8 @@ pub(super) fn response(line: &Line) -> Result<String, String> {
         field(name, false).map_err(|e| e.1)?;
         value.map_or(Ok(()), |v| literal(v).map_err(|e| e.1))
     };
-    match words.as_slice() {
-        &[op @ ("set-header" | "add-header"), name, value] => {
+    match *words.as_slice() {
+        [op @ ("set-header" | "add-header"), name, value] => {
             checked(name, Some(value))?;
             let key = if op == "set-header" {
                 "set_response_header"
@@ -121,12 +121,12 @@ pub(super) fn response(line: &Line) -> Result<String, String> {
                 q(value)
             ))
         }
-        &["del-header", name] => {
+        ["del-header", name] => {
             checked(name, None)?;
             Ok(format!("del_response_header = {}", q(name)))
         }
-        &[a, ..] => Err(format!("{} {a}", line.keyword())),
-        &[] => Err("no action".to_owned()),
+        [a, ..] => Err(format!("{} {a}", line.keyword())),
+        [] => Err("no action".to_owned()),
     }
 }
 
