@@ -132,45 +132,22 @@ async fn ask(front: SocketAddr, from: &str, raw: &str, is_head: bool) -> Outcome
 }
 
 /// The requests: (source address, method, target, host, extra fields).
+#[rustfmt::skip]
 const MATRIX: &[(&str, &str, &str, &str, &str)] = &[
     ("127.0.0.1", "GET", "/", "www.example.com", ""),
     ("127.0.0.1", "GET", "/api/users?id=1", "www.example.com", ""),
     ("127.0.0.1", "GET", "/", "API.Example.COM", ""),
     // hdr(host) is the whole field: a port makes it another value.
     ("127.0.0.1", "GET", "/", "api.example.com:8080", ""),
-    (
-        "127.0.0.1",
-        "GET",
-        "/v1/x",
-        "www.example.com",
-        "X-Route: client\r\n",
-    ),
+    ("127.0.0.1", "GET", "/v1/x", "www.example.com", "X-Route: client\r\n"),
     ("127.0.0.1", "GET", "/static/app.css", "www.example.com", ""),
-    (
-        "127.0.0.1",
-        "POST",
-        "/static/app.css",
-        "www.example.com",
-        "Content-Length: 0\r\n",
-    ),
-    (
-        "127.0.0.1",
-        "HEAD",
-        "/assets/logo.png",
-        "www.example.com",
-        "",
-    ),
+    ("127.0.0.1", "POST", "/static/app.css", "www.example.com", "Content-Length: 0\r\n"),
+    ("127.0.0.1", "HEAD", "/assets/logo.png", "www.example.com", ""),
     ("127.0.0.1", "GET", "/img/x.png?v=2", "www.example.com", ""),
     ("127.0.0.1", "GET", "/admin/", "www.example.com", ""),
     ("127.0.0.1", "GET", "/administrator", "www.example.com", ""),
     ("127.0.0.2", "GET", "/admin/", "www.example.com", ""),
-    (
-        "127.0.0.1",
-        "GET",
-        "/a/../etc/passwd",
-        "www.example.com",
-        "",
-    ),
+    ("127.0.0.1", "GET", "/a/../etc/passwd", "www.example.com", ""),
     ("127.0.0.1", "GET", "/config.bak", "www.example.com", ""),
     ("127.0.0.1", "GET", "/config.old?x=1", "www.example.com", ""),
     ("127.0.0.1", "GET", "/config.bak.txt", "www.example.com", ""),
@@ -180,72 +157,27 @@ const MATRIX: &[(&str, &str, &str, &str, &str)] = &[
     ("127.0.0.1", "GET", "/docs", "www.example.com", ""),
     ("127.0.0.1", "GET", "/docs/", "www.example.com", ""),
     ("127.0.0.1", "GET", "/old-docs/a?x=1", "www.example.com", ""),
-    (
-        "127.0.0.1",
-        "GET",
-        "/secure/page?a=b",
-        "www.example.com:8080",
-        "",
-    ),
-    (
-        "127.0.0.1",
-        "POST",
-        "/legacy/form",
-        "www.example.com",
-        "Content-Length: 0\r\n",
-    ),
+    ("127.0.0.1", "GET", "/secure/page?a=b", "www.example.com:8080", ""),
+    ("127.0.0.1", "POST", "/legacy/form", "www.example.com", "Content-Length: 0\r\n"),
     ("127.0.0.1", "DELETE", "/legacy/item", "www.example.com", ""),
     ("127.0.0.1", "GET", "/legacy/form", "www.example.com", ""),
-    (
-        "127.0.0.1",
-        "GET",
-        "/",
-        "www.example.com",
-        "X-Canary: YES\r\n",
-    ),
-    (
-        "127.0.0.1",
-        "GET",
-        "/",
-        "www.example.com",
-        "X-Canary: yes\r\nX-Debug: 1\r\n",
-    ),
-    (
-        "127.0.0.1",
-        "GET",
-        "/",
-        "www.example.com",
-        "X-Canary: no\r\n",
-    ),
+    ("127.0.0.1", "GET", "/", "www.example.com", "X-Canary: YES\r\n"),
+    ("127.0.0.1", "GET", "/", "www.example.com", "X-Canary: yes\r\nX-Debug: 1\r\n"),
+    ("127.0.0.1", "GET", "/", "www.example.com", "X-Canary: no\r\n"),
     // hdr() splits a field at its commas, but not inside quotes.
-    (
-        "127.0.0.1",
-        "GET",
-        "/",
-        "www.example.com",
-        "X-Canary: a, yes\r\n",
-    ),
-    (
-        "127.0.0.1",
-        "GET",
-        "/",
-        "www.example.com",
-        "X-Canary: \"a, yes\"\r\n",
-    ),
-    (
-        "127.0.0.1",
-        "GET",
-        "/",
-        "www.example.com",
-        "X-Internal-Token: s3cret\r\nX-Forwarded-Proto: https\r\n",
-    ),
-    (
-        "127.0.0.2",
-        "PUT",
-        "/legacy/x",
-        "www.example.com",
-        "Content-Length: 0\r\nX-Debug: 1\r\n",
-    ),
+    ("127.0.0.1", "GET", "/", "www.example.com", "X-Canary: a, yes\r\n"),
+    ("127.0.0.1", "GET", "/", "www.example.com", "X-Canary: \"a, yes\"\r\n"),
+    ("127.0.0.1", "GET", "/", "www.example.com", "X-Internal-Token: s3cret\r\nX-Forwarded-Proto: https\r\n"),
+    ("127.0.0.2", "PUT", "/legacy/x", "www.example.com", "Content-Length: 0\r\nX-Debug: 1\r\n"),
+    // hdr_sub, hdr_end, hdr_beg: within one element, what is inside its quotes included.
+    ("127.0.0.1", "GET", "/", "www.example.com", "User-Agent: Mozilla/5.0 (compatible; Googlebot/2.1)\r\n"),
+    ("127.0.0.1", "GET", "/", "www.example.com", "User-Agent: a, \"x BOT\"\r\n"),
+    ("127.0.0.1", "GET", "/", "www.example.com", "User-Agent: curl/8.0\r\n"),
+    ("127.0.0.1", "GET", "/", "a.CDN.example.com", ""),
+    ("127.0.0.1", "GET", "/", "a.cdn.example.com:8080", ""),
+    ("127.0.0.1", "GET", "/", "a.cdn.example.com.evil", ""),
+    ("127.0.0.1", "GET", "/", "IMG.example.com", ""),
+    ("127.0.0.1", "GET", "/", "ximg.example.com", ""),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,7 +265,7 @@ async fn haproxy_and_proxyd_on_its_import_answer_alike() {
         .collect();
     std::fs::write(&toml_path, toml).expect("write proxyd.toml");
     let fdk_stop = start_fdkeeper(dir.path());
-    let _proxyd = Killed(
+    let proxyd = Killed(
         Command::new(PROXYD)
             .arg("--config")
             .arg(&toml_path)
@@ -363,10 +295,12 @@ async fn haproxy_and_proxyd_on_its_import_answer_alike() {
     // The matrix reaches every backend and every kind of answer, or it proves little.
     assert_eq!(backends_seen.len(), 5, "{backends_seen:?}");
     assert!(
-        [200, 301, 302, 307, 308, 403]
+        [200, 301, 302, 307, 308, 403, 429]
             .iter()
             .all(|s| statuses.contains(s)),
         "{statuses:?}"
     );
+    // proxyd first: it would warn of fdkeeper gone.
+    drop(proxyd);
     fdk_stop.cancel();
 }

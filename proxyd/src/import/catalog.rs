@@ -240,7 +240,10 @@ topics! {
     UseServer: "proxies", "`use-server`" => "", NotTranslated,
         "proxyd's rules choose a backend, not a server",
         "a backend of that one server, chosen by a `[[frontend.rule]]`";
-    HttpRequest: "proxies", "`http-request redirect location|prefix|scheme V [code N] [drop-query]`, `redirect ...`, `http-request deny [deny_status N]`, `http-request set-header|add-header|del-header NAME [VALUE]` with a value written out" => "a `[[frontend.rule]]` with `redirect`, `deny`, `set_header`, `add_header` or `del_header`", Translated, "", "";
+    HttpRequest: "proxies", "`http-request redirect location|prefix V [code N] [drop-query]`, `redirect ...`, `http-request deny [deny_status N]`, `http-request set-header|add-header|del-header NAME [VALUE]` with a value written out" => "a `[[frontend.rule]]` with `redirect`, `deny`, `set_header`, `add_header` or `del_header`", Translated, "", "";
+    RedirectScheme: "proxies", "`http-request redirect scheme S`, `redirect scheme S`" => "a `[[frontend.rule]]` with `redirect = { scheme = S }`", Approximate,
+        "a request without Host (HTTP/1.0) gets a 400 from proxyd; HAProxy redirects it to `S:///PATH`, which no client can follow",
+        "nothing";
     HttpRulesOther: "proxies", "other `http-request` actions (`allow`, `tarpit`, `auth`, `return`, `set-path`, `set-var`, `track-sc*`, ...), a log-format value (`%[...]`), a redirect's `append-slash` or `set-cookie`, a prefix ending in `/`, a header proxyd writes itself (`Host`, `Connection`, ...), rules outside a frontend or in tcp mode, `reqadd`/`rspadd`..." => "", NotTranslated,
         "proxyd's rules redirect, deny, return, set the path and set, add or delete headers with fixed values, in http frontends",
         "write it as a `[[frontend.rule]]` by hand if proxyd's actions cover it (README, \"L7 rules\")";

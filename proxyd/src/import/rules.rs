@@ -171,6 +171,12 @@ pub fn translate(p: &Proxy, http: bool, backends: &[&str], report: &mut Report) 
             Ok((toml, effect)) => {
                 rewrites.add(&effect, line.no);
                 if let Some(toml) = toml {
+                    let words: Vec<&str> = line.words.iter().map(String::as_str).collect();
+                    if let ["http-request", "redirect", "scheme", ..] | ["redirect", "scheme", ..] =
+                        words.as_slice()
+                    {
+                        report.add(line, Topic::RedirectScheme, None);
+                    }
                     out.push(RuleOut {
                         line: line.no,
                         text: line.text(),
@@ -343,7 +349,10 @@ mod tests {
              http-response del-header Server\n\
              use_backend static\n",
         );
-        assert_eq!(reported(&r), [(8, Topic::HttpResponse)]);
+        assert_eq!(
+            reported(&r),
+            [(7, Topic::RedirectScheme), (8, Topic::HttpResponse)]
+        );
         let lines: Vec<_> = out.iter().map(|o| o.line).collect();
         assert_eq!(lines, [8, 5, 6, 7, 4, 3, 9]);
         assert_eq!(out[0].toml, "del_response_header = \"Server\"");
