@@ -8,7 +8,7 @@ use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum AddressError {
-    #[error("'{0}' is not an IP address (a host name is resolved by HAProxy, not here)")]
+    #[error("'{0}' is not an IP address")]
     NotIp(String),
     #[error("'{0}' has no port")]
     NoPort(String),
@@ -73,6 +73,24 @@ pub fn parse_with_port(text: &str) -> Result<SocketAddr, AddressError> {
         (ip, Some(port)) => Ok(SocketAddr::new(ip, port)),
         (_, None) => Err(AddressError::NoPort(text.to_owned())),
     }
+}
+
+/// `NAME:PORT` with a DNS name (not an address): a server proxyd resolves.
+pub fn host_name(text: &str) -> Option<(String, u16)> {
+    let (host, port) = text.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        && !name.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    ok.then(|| (host.to_ascii_lowercase(), port))
 }
 
 /// `--map-address OLD=NEW`: an address (or every port of an IP) of haproxy.cfg becomes another.

@@ -8,19 +8,17 @@ use common::Duration;
 
 use super::catalog::Topic;
 use super::global::{self, Global, PeersDef};
-use super::proxies::{self, At, Context, Fetch, Mode, Proxy, Settings, TIMEOUTS};
+use super::proxies::{self, At, Context, Mode, Proxy, Settings, TIMEOUTS};
 use super::report::Report;
+use super::resolvers;
+use super::rules;
 use super::sections::{Kind, Sections};
-use super::write::{
-    BackendOut, CheckOut, FrontendOut, Paths, PeerOut, Plan, Setting, StickOut, TableOut, q,
-};
+use super::stick;
+use super::write::{BackendOut, CheckOut, FrontendOut, Paths, PeerOut, Plan, Setting, TableOut, q};
 use super::{ImportError, Options};
 
 /// A table of stickd without peers listens on this port of the loopback.
 const LOCAL_PEER_PORT: u16 = 10000;
-
-/// Entries of a table written without `expire` live this long.
-const DEFAULT_EXPIRE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 pub fn assemble(
     sections: Sections,
@@ -36,6 +34,7 @@ pub fn assemble(
         global::global(s, &mut g, report);
     }
     let mut peers_defs: Vec<PeersDef> = Vec::new();
+    let mut resolvers_defs: Vec<resolvers::ResolversDef> = Vec::new();
     let mut proxies: Vec<Proxy> = Vec::new();
     let mut defaults = Settings::default();
     let mut named: HashMap<String, Settings> = HashMap::new();
@@ -49,6 +48,9 @@ pub fn assemble(
         match &s.kind {
             Kind::Global => {}
             Kind::Peers => peers_defs.push(global::peers(s, &opts.maps, cx.report)),
+            Kind::Other(k) if k == "resolvers" => {
+                resolvers_defs.push(resolvers::section(s, &opts.maps, cx.report))
+            }
             Kind::Other(_) => cx.report.add(
                 &s.header,
                 Topic::OtherSection,
@@ -120,7 +122,7 @@ pub fn assemble(
         return Err(ImportError::NothingToServe);
     }
 
-    let (tables, mut sticks) = stick_tables(&proxies, &backends, report);
+    let (tables, mut sticks) = stick::tables(&proxies, &backends, report);
     let peering = choose_peers(&g, &peers_defs, &tables, opts, &sections, report)?;
 
     // Backend settings that may differ per backend; `option forwardfor` of a frontend goes to
@@ -216,11 +218,6 @@ pub fn assemble(
         .iter()
         .map(|(f, d)| FrontendOut {
             name: f.name.clone(),
-            redirect_https: f.redirect_https
-                && f.settings
-                    .mode
-                    .as_ref()
-                    .is_some_and(|m| m.value == Mode::Http),
             line: f.header.no,
             mode: mode_of(&f.settings).as_str(),
             binds: f.binds.clone(),
@@ -232,13 +229,36 @@ pub fn assemble(
                 .as_ref()
                 .filter(|m| Some(m.value) != default_maxconn.as_ref().map(|d| d.value))
                 .map(|m| clamp(m.value)),
+            rules: rules::translate(
+                f,
+                mode_of(&f.settings) == Mode::Http,
+                &backend_names,
+                report,
+            ),
         })
         .collect();
+    pool_purge_delay(&backends, &sections, &mut defaults_out, report);
+    let mut resolvers_out: Vec<resolvers::ResolversOut> = Vec::new();
     let backends_out = backends
         .iter()
         .enumerate()
         .map(|(i, b)| {
             let s = &settings[i];
+            let line = |no: usize| sections_line(&sections, no);
+            let dns: Vec<(&'static str, String)> =
+                match resolvers::backend(&b.servers, &line, &resolvers_defs, report) {
+                    Some((r, every)) => {
+                        let name = q(&r.name);
+                        if !resolvers_out.iter().any(|o| o.name == r.name) {
+                            resolvers_out.push(r);
+                        }
+                        vec![
+                            ("resolvers", name),
+                            ("resolve_interval", q(&every.to_string())),
+                        ]
+                    }
+                    None => Vec::new(),
+                };
             let own: Vec<(&'static str, String)> = per_backend[i]
                 .iter()
                 .filter(|(k, v, _)| !first.iter().any(|(fk, fv, _)| fk == k && fv == v))
@@ -250,6 +270,7 @@ pub fn assemble(
                         .filter(|(k, _, _)| !per_backend[i].iter().any(|(bk, _, _)| bk == k))
                         .filter_map(|(k, _, _)| unset_value(k).map(|v| (*k, v))),
                 )
+                .chain(dns)
                 .collect();
             BackendOut {
                 name: b.name.clone(),
@@ -260,6 +281,7 @@ pub fn assemble(
                     method: c.value.0.clone(),
                     path: c.value.1.clone(),
                     expect_status: s.expect_status.as_ref().map(|e| e.value),
+                    host: s.check_host.as_ref().map(|h| h.value.clone()),
                     line: c.line,
                 }),
                 stick: sticks.remove(&b.name),
@@ -279,6 +301,12 @@ pub fn assemble(
             }
         })
         .collect();
+
+    for d in &resolvers_defs {
+        if !resolvers_out.iter().any(|r| r.name == d.name) {
+            report.add(&d.header, Topic::ResolversUnused, None);
+        }
+    }
 
     let mut log: Vec<Setting> = g
         .log
@@ -324,7 +352,44 @@ pub fn assemble(
         defaults: defaults_out,
         frontends: frontends_out,
         backends: backends_out,
+        resolvers: resolvers_out,
     })
+}
+
+/// `pool-purge-delay` of the servers: proxyd's one `pool_purge_delay`, the first value written;
+/// a server with another one (HAProxy's default, 5s, when it has none) is reported.
+fn pool_purge_delay(
+    backends: &[&Proxy],
+    sections: &Sections,
+    defaults: &mut Vec<Setting>,
+    report: &mut Report,
+) {
+    let servers = || backends.iter().flat_map(|b| &b.servers);
+    let Some(first) = servers().find_map(|s| s.pool_purge_delay.clone()) else {
+        return;
+    };
+    defaults.push(Setting {
+        key: "pool_purge_delay",
+        value: q(&first.value.to_string()),
+        line: Some(first.line),
+    });
+    let haproxy_default = Duration(std::time::Duration::from_secs(5));
+    for s in servers() {
+        let (value, line) = match &s.pool_purge_delay {
+            Some(p) => (p.value, p.line),
+            None => (haproxy_default, s.line),
+        };
+        if value != first.value {
+            report.add(
+                &sections_line(sections, line),
+                Topic::PoolPurgeDelayPerServer,
+                Some(format!(
+                    "server {}: kept {} from line {}",
+                    s.name, first.value, first.line
+                )),
+            );
+        }
+    }
 }
 
 /// The line numbered `no` of any section (for reports about values written elsewhere).
@@ -402,123 +467,6 @@ fn unset_value(key: &str) -> Option<String> {
         "redispatch" | "forwardfor" | "forwarded" => Some("false".to_owned()),
         _ => None,
     }
-}
-
-/// Each translated backend's stick rule (table, key, response cookie) and the tables they use.
-fn stick_tables(
-    proxies: &[Proxy],
-    backends: &[&Proxy],
-    report: &mut Report,
-) -> (Vec<TableOut>, HashMap<String, StickOut>) {
-    let mut tables: Vec<TableOut> = Vec::new();
-    let mut sticks = HashMap::new();
-    for b in backends {
-        let st = &b.stick;
-        let on = match (&st.on, &st.matches, &st.store_request) {
-            (Some(on), m, r) => {
-                for extra in [m, r].into_iter().flatten() {
-                    report.add(
-                        &extra.line,
-                        Topic::StickOther,
-                        Some("a second rule".to_owned()),
-                    );
-                }
-                Some(on.clone())
-            }
-            (None, Some(m), Some(r)) if m.fetch == r.fetch && m.table == r.table => Some(m.clone()),
-            (None, Some(m), r) => {
-                report.add(&m.line, Topic::StickMatchOnly, None);
-                if let Some(r) = r {
-                    report.add(&r.line, Topic::StickOther, Some("another fetch".to_owned()));
-                }
-                Some(m.clone())
-            }
-            (None, None, Some(r)) => {
-                report.add(&r.line, Topic::StickMatchOnly, None);
-                Some(r.clone())
-            }
-            (None, None, None) => st.store_response.as_ref().map(|r| {
-                report.add(
-                    &r.line,
-                    Topic::StickMatchOnly,
-                    Some(format!("on = req.cook({})", r.fetch)),
-                );
-                proxies::Rule {
-                    fetch: Fetch::Cookie(r.fetch.clone()),
-                    table: r.table.clone(),
-                    line: r.line.clone(),
-                }
-            }),
-        };
-        let Some(on) = on else { continue };
-        let table = on.table.clone().unwrap_or_else(|| b.name.clone());
-        let Some(def) = proxies
-            .iter()
-            .find(|p| p.name == table && matches!(p.kind, Kind::Backend | Kind::Listen))
-            .and_then(|p| p.table.as_ref())
-        else {
-            report.add(
-                &on.line,
-                Topic::StickOther,
-                Some(format!("no stick-table in '{table}'")),
-            );
-            continue;
-        };
-        let fits = match on.fetch {
-            Fetch::Cookie(_) => def.kind == "string",
-            Fetch::Src => def.kind == "ip" || def.kind == "ipv6",
-        };
-        if !fits {
-            report.add(
-                &on.line,
-                Topic::StickOther,
-                Some(format!(
-                    "a table of type {} for {}",
-                    def.kind,
-                    on.fetch.text()
-                )),
-            );
-            continue;
-        }
-        let store_response = match &st.store_response {
-            Some(r) if r.table.as_ref().unwrap_or(&b.name) == &table && def.kind == "string" => {
-                Some(r.fetch.clone())
-            }
-            Some(r) => {
-                report.add(&r.line, Topic::StickOther, Some("another table".to_owned()));
-                None
-            }
-            None => None,
-        };
-        sticks.insert(
-            b.name.clone(),
-            StickOut {
-                table: table.clone(),
-                on: on.fetch.text(),
-                store_response,
-            },
-        );
-        if !tables.iter().any(|t| t.name == table) {
-            tables.push(TableOut {
-                name: table,
-                kind: def.kind.clone(),
-                len: def.len.filter(|_| def.kind == "string"),
-                size: def.size,
-                expire: def.expire.unwrap_or(Duration(DEFAULT_EXPIRE)),
-                line: def.line.no,
-                text: def.line.text(),
-                peers: def.peers.clone(),
-            });
-        }
-    }
-    for p in proxies {
-        if let Some(t) = &p.table
-            && !tables.iter().any(|w| w.line == t.line.no)
-        {
-            report.add(&t.line, Topic::StickTableUnused, None);
-        }
-    }
-    (tables, sticks)
 }
 
 /// stickd's peers as written, and the local one's name.

@@ -166,9 +166,7 @@ topics! {
         "nothing; `pool_max_idle = 0` in `[defaults]` opens a connection per request";
     HttpKeepAlive: "proxies", "`option http-keep-alive`" => "always", Translated, "", "";
     Httpchk: "proxies", "`option httpchk [METHOD] [URI]`" => "`[backend.check]` with `type = \"http\"`, `method`, `path`", Translated, "", "";
-    HttpchkVersion: "proxies", "`option httpchk METHOD URI VERSION` (and a Host header)" => "an HTTP/1.0 check", Approximate,
-        "proxyd's check is `METHOD PATH HTTP/1.0` with `Host:` the server's address",
-        "have the server answer the check without a particular Host";
+    HttpchkVersion: "proxies", "`option httpchk METHOD URI VERSION` with a Host header (`HTTP/1.1\\r\\nHost:\\ NAME`), `http-check send [meth M] [uri U] [ver V] [hdr Host NAME]`" => "`host` of `[backend.check]` (proxyd's check is HTTP/1.0 with that Host)", Translated, "", "";
     HttpCheckExpectStatus: "proxies", "`http-check expect status N`" => "`expect_status` of `[backend.check]`", Translated, "", "";
     HttpCheckOther: "proxies", "other `http-check` rules (`expect string`, `rstatus`, `send`, ...)" => "", NotTranslated,
         "proxyd's http check looks at the status only",
@@ -192,9 +190,17 @@ topics! {
     ServerDisabled: "proxies", "`server ... disabled`" => "", NotTranslated,
         "the server is left out",
         "add it, then set it to `maint` with `proxyd.v1.Admin/SetServer`";
-    ServerAddress: "proxies", "`server` with a host name, no port or a port offset" => "", NotTranslated,
-        "a proxyd server is an IP address and a port: the server is left out",
-        "write its IP address and port";
+    ServerAddress: "proxies", "`server` without a port, with a port offset, or on a unix socket" => "", NotTranslated,
+        "a proxyd server is an IP address or a DNS name, and a port: the server is left out",
+        "write its address or name and its port";
+    ServerName: "proxies", "`server NAME HOST:PORT resolvers R resolve-prefer ipv4`" => "`address = \"HOST:PORT\"`, the backend's `resolvers` and `resolve_interval` (`timeout resolve` of R)", Translated, "", "";
+    ServerNameOther: "proxies", "`server` by name without `resolvers`, without `resolve-prefer ipv4`, or on other `resolvers` than the backend's first named server" => "`address = \"HOST:PORT\"`", Approximate,
+        "proxyd resolves every name again each `resolve_interval`, through its backend's one `[[resolvers]]` (or the system's resolver), and takes an IPv4 address first; HAProxy without `resolvers` resolves only at start, and prefers IPv6",
+        "nothing, unless a name must stay at its first address or use IPv6";
+    PoolPurgeDelay: "proxies", "`pool-purge-delay` (`server`, `default-server`)" => "`pool_purge_delay` in `[defaults]`", Translated, "", "";
+    PoolPurgeDelayPerServer: "proxies", "a `pool-purge-delay` that differs between servers" => "one value for every server", Approximate,
+        "proxyd has one `pool_purge_delay`, in `[defaults]`",
+        "choose the value every server can live with";
     ServerSsl: "proxies", "`server ... ssl`" => "a plain connection", Approximate,
         "proxyd speaks plain HTTP or TCP to servers",
         "have the server also listen without TLS, or keep HAProxy in front of it";
@@ -223,15 +229,37 @@ topics! {
     StickOther: "proxies", "stick rules on other fetches, with `if`/`unless`, or a second rule" => "", NotTranslated,
         "proxyd's stick rule is one key from a request cookie or the client address, and one response cookie",
         "key the stickiness on a cookie or the client address";
-    Acl: "proxies", "`acl`, `use_backend`, `use-server`" => "`[[frontend.rule]]` with `when` and `use_backend`", NotTranslated,
-        "the import does not translate ACLs yet; proxyd's rules match host, path, method, header, cookie, query, source and TLS",
-        "write each `use_backend ... if` as a `[[frontend.rule]]` (README, \"L7 rules\"); `use-server` has no counterpart";
-    RedirectHttps: "proxies", "`http-request redirect scheme https unless { ssl_fc }`" => "`redirect_https = true` on the frontend's plain binds", Approximate,
-        "proxyd answers with a 301 (HAProxy's default is a 302) and names the request's port unless it is 80",
-        "nothing, unless clients depend on the status code or the port";
-    HttpRules: "proxies", "`http-request`, `http-response`, `http-after-response`, `redirect`" => "`[[frontend.rule]]` with `redirect`, `deny`, `return` or a header action", NotTranslated,
-        "the import does not translate these rules yet; proxyd's rules redirect, deny, return and set, add or delete request and response headers",
-        "write each as a `[[frontend.rule]]` (README, \"L7 rules\")";
+    Acl: "proxies", "`acl NAME FETCH [-i] [-m str|beg|end|sub|reg|found] VALUES` on `path`, `path_beg`, `path_end`, `path_sub`, `path_reg`, `hdr(NAME)` and `req.hdr(NAME)` (`hdr_beg`, `hdr_end`, `hdr_sub`), `req.fhdr(NAME)`, `method`, `src`, `ssl_fc`; conditions of ACL names, `!`, `||` and `{ ... }`; `TRUE`, `FALSE`, `HTTP`, `LOCALHOST`, `METH_*`" => "the `when` of a `[[frontend.rule]]`: `path`, `path_prefix`, `path_regex`, `method`, `src`, `tls`, `header` (a regex that splits the field at commas as HAProxy does), `all`, `any`, `not`", Translated, "", "";
+    AclOther: "proxies", "an `acl` on another fetch or match (`hdr_dom`, `hdr_reg`, `req.cook`, `url_param`, `-f FILE`, `-i` on `method` or a regex, a regex with syntax only PCRE has), an `acl` outside a frontend" => "", NotTranslated,
+        "the import writes a condition only where proxyd's matches exactly the requests HAProxy's does; the rules that use the ACL are left out too",
+        "write the `when` of those rules by hand (README, \"L7 rules\": host, path, method, header, cookie, query, src, tls)";
+    UseBackend: "proxies", "`use_backend NAME [if|unless COND]`" => "a `[[frontend.rule]]` with `use_backend`, after the rules of `http-request` and `redirect` as HAProxy runs them", Translated, "", "";
+    UseBackendOther: "proxies", "`use_backend` to a backend that is not translated, or named by an expression (`%[...]`)" => "", NotTranslated,
+        "proxyd's `use_backend` names one backend of proxyd.toml",
+        "translate the backend, or write one rule per backend the expression can name";
+    UseServer: "proxies", "`use-server`" => "", NotTranslated,
+        "proxyd's rules choose a backend, not a server",
+        "a backend of that one server, chosen by a `[[frontend.rule]]`";
+    HttpRequest: "proxies", "`http-request redirect location|prefix V [code N] [drop-query]`, `redirect ...`, `http-request deny [deny_status N]`, `http-request set-header|add-header|del-header NAME [VALUE]` with a value written out" => "a `[[frontend.rule]]` with `redirect`, `deny`, `set_header`, `add_header` or `del_header`", Translated, "", "";
+    RedirectScheme: "proxies", "`http-request redirect scheme S`, `redirect scheme S`" => "a `[[frontend.rule]]` with `redirect = { scheme = S }`", Approximate,
+        "a request without Host (HTTP/1.0) gets a 400 from proxyd; HAProxy redirects it to `S:///PATH`, which no client can follow",
+        "nothing";
+    HttpRulesOther: "proxies", "other `http-request` actions (`allow`, `tarpit`, `auth`, `return`, `set-path`, `set-var`, `track-sc*`, ...), a log-format value (`%[...]`), a redirect's `append-slash` or `set-cookie`, a prefix ending in `/`, a header proxyd writes itself (`Host`, `Connection`, ...), rules outside a frontend or in tcp mode, `reqadd`/`rspadd`..." => "", NotTranslated,
+        "proxyd's rules redirect, deny, return, set the path and set, add or delete headers with fixed values, in http frontends",
+        "write it as a `[[frontend.rule]]` by hand if proxyd's actions cover it (README, \"L7 rules\")";
+    RuleAfterUntranslated: "proxies", "a rule after one that is not translated and could have stopped the request (`deny`, `allow`, `use_backend`, ...)" => "", NotTranslated,
+        "written alone, it would act on requests that HAProxy stops at the earlier rule",
+        "translate the earlier rule by hand, then this one";
+    RuleReadsRewrite: "proxies", "a condition on a header, the path or the method that an earlier `http-request` rule rewrites" => "", NotTranslated,
+        "proxyd's conditions see the request as the client sent it, HAProxy's as the rules before have rewritten it",
+        "test what the client sent, or rewrite after the rules that read it";
+    HttpResponse: "proxies", "`http-response set-header|add-header|del-header` without condition" => "a `[[frontend.rule]]` with `set_response_header`, `add_response_header` or `del_response_header`", Approximate,
+        "proxyd edits its own answers too (redirects, denials, errors), HAProxy only the servers'",
+        "nothing, unless proxyd's own answers must not carry it";
+    HttpAfterResponse: "proxies", "`http-after-response set-header|add-header|del-header` without condition" => "a `[[frontend.rule]]` with `set_response_header`, `add_response_header` or `del_response_header`", Translated, "", "";
+    HttpResponseOther: "proxies", "other `http-response` and `http-after-response` rules, and any with a condition" => "", NotTranslated,
+        "proxyd's response rules set, add or delete a header with a fixed value on every answer",
+        "set the header in the servers, or without condition";
     TcpRules: "proxies", "`tcp-request`, `tcp-response`, `track-sc*`" => "", NotTranslated,
         "proxyd has no tcp rules or counters",
         "rate-limit in front of proxyd (nftables) or in the servers";
@@ -260,7 +288,14 @@ topics! {
         "stickd has one set of peers and replicates every table to all of them",
         "give every table the same peers section";
     // anything else
-    OtherSection: "sections", "`resolvers`, `userlist`, `mailers`, `program`, `http-errors`, `ring`, `cache`, ..." => "", NotTranslated,
+    Resolvers: "sections", "`resolvers NAME` with `nameserver`, `timeout resolve`, `timeout retry`" => "a `[[resolvers]]` (`nameservers`, `timeout`), `timeout resolve` as the `resolve_interval` of the backends that use it", Translated, "", "";
+    ResolversOther: "sections", "`hold`, `resolve_retries`, `accepted_payload_size`, `parse-resolv-conf` in `resolvers`" => "", Approximate,
+        "proxyd asks each nameserver once a round and keeps a server's last address until a round answers another",
+        "nothing; list the nameservers with `nameserver` rather than `parse-resolv-conf`";
+    ResolversUnused: "sections", "a `resolvers` section no translated server resolves through" => "", NotTranslated,
+        "nothing written refers to it",
+        "nothing, unless a server left out should use it";
+    OtherSection: "sections", "`userlist`, `mailers`, `program`, `http-errors`, `ring`, `cache`, ..." => "", NotTranslated,
         "proxyd has no equivalent: the whole section is left out",
         "see what it was used for; nothing in the written files refers to it";
     Orphan: "sections", "a line before any section" => "", NotTranslated,

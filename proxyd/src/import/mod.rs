@@ -4,7 +4,11 @@
 //! - [`lexer`]: haproxy.cfg's lines as words (quotes, escapes, comments);
 //! - [`sections`]: lines grouped by section, wherever a section keyword is indented;
 //! - [`global`] and [`proxies`]: each section read into what proxyd can use, every other line
-//!   reported; [`params`]: the words after a directive (server and bind parameters, fetches);
+//!   reported ([`bind`]: binds and TLS; [`options`]: `option` and `http-check`; [`stick`]:
+//!   stick tables and rules; [`resolvers`]: DNS); [`params`]: the words after a directive
+//!   (server and bind parameters, fetches);
+//! - [`acl`], [`fetch`], [`rules`] and [`actions`]: ACLs, conditions and a frontend's rules as
+//!   `[[frontend.rule]]`s, written only where proxyd does exactly what HAProxy does;
 //! - [`assemble`]: which proxies survive, the one value of each setting proxyd keeps for all,
 //!   the stick tables and their peers;
 //! - [`write`]: the files, each value with the haproxy.cfg line it comes from;
@@ -15,15 +19,23 @@
 //! The proxyd.toml written is validated here as `proxyd check` would (certificates aside:
 //! they live on the HAProxy host); a config this module writes and proxyd refuses is a bug.
 
+mod acl;
+mod actions;
 pub mod address;
 mod assemble;
+mod bind;
 pub mod catalog;
+mod fetch;
 mod global;
 mod lexer;
+mod options;
 mod params;
 mod proxies;
 pub mod report;
+mod resolvers;
+mod rules;
 mod sections;
+mod stick;
 mod write;
 
 use std::path::{Path, PathBuf};

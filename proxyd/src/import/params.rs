@@ -1,5 +1,5 @@
-//! The words after a directive: `server` and `bind` parameters, stick fetches, timeouts and
-//! redirects, read as HAProxy reads them.
+//! The words after a directive: `server` and `bind` parameters, stick fetches, timeouts,
+//! balance and cookie, read as HAProxy reads them.
 
 use std::path::Path;
 
@@ -9,27 +9,6 @@ use super::catalog::Topic;
 use super::lexer::Line;
 use super::proxies::{At, Balance, ServerDef, Settings, TIMEOUTS};
 use super::report::Report;
-
-/// `[http-request] redirect scheme https [code N] unless { ssl_fc }` (or `if !{ ssl_fc }`):
-/// every plain request goes to https, which a plain bind's `redirect_https` does.
-pub fn redirects_to_https(line: &Line) -> bool {
-    let w: Vec<&str> = line.words.iter().map(String::as_str).collect();
-    let rest = match w.as_slice() {
-        ["http-request", "redirect", "scheme", "https", rest @ ..] => rest,
-        ["redirect", "scheme", "https", rest @ ..] => rest,
-        _ => return false,
-    };
-    let rest = match rest {
-        ["code", c, rest @ ..] if matches!(*c, "301" | "302" | "303" | "307" | "308") => rest,
-        r => r,
-    };
-    matches!(
-        rest,
-        ["unless", "{", "ssl_fc", "}"]
-            | ["if", "!{", "ssl_fc", "}"]
-            | ["if", "!", "{", "ssl_fc", "}"]
-    )
-}
 
 /// `bind` parameters that take a value (so the value is not read as a parameter).
 pub const BIND_VALUE_PARAMS: &[&str] = &[
@@ -99,8 +78,6 @@ const SERVER_VALUE_PARAMS: &[&str] = &[
     "ciphers",
     "ciphersuites",
     "proto",
-    "resolvers",
-    "resolve-prefer",
     "resolve-net",
     "init-addr",
     "track",
@@ -108,7 +85,6 @@ const SERVER_VALUE_PARAMS: &[&str] = &[
     "source",
     "namespace",
     "pool-max-conn",
-    "pool-purge-delay",
     "pool-low-conn",
     "max-reuse",
     "alpn",
@@ -190,6 +166,26 @@ pub fn server_param(
         "ssl" | "check-ssl" => report.add(line, Topic::ServerSsl, None),
         "cookie" => {
             srv.cookie = Some(value.to_owned());
+            return Param::WithValue;
+        }
+        "resolvers" => {
+            srv.resolvers = Some(value.to_owned());
+            return Param::WithValue;
+        }
+        "resolve-prefer" => {
+            srv.resolve_prefer = Some(value.to_owned());
+            return Param::WithValue;
+        }
+        "pool-purge-delay" => {
+            match value.parse::<Duration>() {
+                Ok(d) if !d.0.is_zero() => {
+                    srv.pool_purge_delay = Some(At {
+                        value: d,
+                        line: line.no,
+                    })
+                }
+                _ => report.add(line, Topic::ServerParam, Some(format!("{word} {value}"))),
+            }
             return Param::WithValue;
         }
         p if SERVER_VALUE_PARAMS.contains(&p) => {

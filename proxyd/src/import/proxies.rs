@@ -5,17 +5,16 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use common::{Duration, Size};
+use common::Duration;
 
 use super::address::{self, AddressMap};
+use super::bind::BindDef;
 use super::catalog::Topic;
 use super::lexer::Line;
-use super::params::{
-    BIND_VALUE_PARAMS, Param, balance, cert_path, cookie, cookie_of, redirects_to_https,
-    server_param, timeout,
-};
+use super::params::{Param, balance, cookie, server_param, timeout};
 use super::report::Report;
 use super::sections::{Kind, Section};
+use super::stick::{StickDef, TableDef};
 
 /// A value and the line that wrote it (in the proxy or in its defaults).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,7 +23,7 @@ pub struct At<T> {
     pub line: usize,
 }
 
-fn at<T>(value: T, line: &Line) -> Option<At<T>> {
+pub(super) fn at<T>(value: T, line: &Line) -> Option<At<T>> {
     Some(At {
         value,
         line: line.no,
@@ -78,6 +77,8 @@ pub struct Settings {
     pub httplog: Option<At<bool>>,
     /// `option httpchk`: method and path.
     pub httpchk: Option<At<(String, String)>>,
+    /// The Host header of the check (`option httpchk ... VERSION`, `http-check send hdr`).
+    pub check_host: Option<At<String>>,
     pub expect_status: Option<At<u16>>,
     /// `default-server` lines, applied before each server's own parameters.
     pub default_server: Vec<Line>,
@@ -102,24 +103,26 @@ impl Balance {
     }
 }
 
-/// A `bind` address and its TLS.
-#[derive(Clone, Debug)]
-pub struct BindDef {
-    pub address: SocketAddr,
-    pub tls: Option<TlsDef>,
+/// Where a server is: an address, or a name proxyd resolves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerAddress {
+    Ip(SocketAddr),
+    Name { host: String, port: u16 },
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TlsDef {
-    pub certs: Vec<String>,
-    pub alpn: Option<Vec<String>>,
-    pub min_version: Option<String>,
+impl std::fmt::Display for ServerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerAddress::Ip(a) => write!(f, "{a}"),
+            ServerAddress::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct ServerDef {
     pub name: String,
-    pub address: SocketAddr,
+    pub address: ServerAddress,
     pub line: usize,
     pub check: bool,
     pub weight: Option<u32>,
@@ -129,51 +132,10 @@ pub struct ServerDef {
     pub fall: Option<u32>,
     /// Its value in the backend's persistence cookie.
     pub cookie: Option<String>,
-}
-
-/// `stick-table`.
-#[derive(Clone, Debug)]
-pub struct TableDef {
-    pub line: Line,
-    /// `ip`, `ipv6`, `integer` or `string`.
-    pub kind: String,
-    pub len: Option<u32>,
-    pub size: Size,
-    pub expire: Option<Duration>,
-    pub peers: Option<String>,
-}
-
-/// What a stick rule keys on.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Fetch {
-    Cookie(String),
-    Src,
-}
-
-impl Fetch {
-    pub fn text(&self) -> String {
-        match self {
-            Fetch::Cookie(c) => format!("req.cook({c})"),
-            Fetch::Src => "src".to_owned(),
-        }
-    }
-}
-
-/// A stick rule as written: its fetch, its table and its line.
-#[derive(Clone, Debug)]
-pub struct Rule<T> {
-    pub fetch: T,
-    pub table: Option<String>,
-    pub line: Line,
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct StickDef {
-    pub on: Option<Rule<Fetch>>,
-    pub matches: Option<Rule<Fetch>>,
-    pub store_request: Option<Rule<Fetch>>,
-    /// The response cookie's name.
-    pub store_response: Option<Rule<String>>,
+    /// The `resolvers` section of a server named by DNS.
+    pub resolvers: Option<String>,
+    pub resolve_prefer: Option<String>,
+    pub pool_purge_delay: Option<At<Duration>>,
 }
 
 /// A frontend, backend or listen section as proxyd can use it.
@@ -192,8 +154,11 @@ pub struct Proxy {
     pub forwardfor_here: Option<Line>,
     /// `stats enable` (or another `stats` line): a stats page.
     pub stats: Option<Line>,
-    /// `redirect scheme https` of plain requests: the plain binds redirect.
-    pub redirect_https: bool,
+    /// `acl` lines of a frontend or listen section, in order.
+    pub acls: Vec<Line>,
+    /// Its `http-request`, `redirect`, `use_backend`, `http-response` and `http-after-response`
+    /// lines, in order: [`super::rules`] translates them once the backends are known.
+    pub rules: Vec<Line>,
 }
 
 /// What reading a proxy needs besides its lines.
@@ -240,7 +205,8 @@ impl Proxy {
             stick: StickDef::default(),
             forwardfor_here: None,
             stats: None,
-            redirect_https: false,
+            acls: Vec::new(),
+            rules: Vec::new(),
         }
     }
 
@@ -308,17 +274,32 @@ impl Proxy {
             "default-server" => s.default_server.push(line.clone()),
             "stick-table" if proxy_back => self.stick_table(line, cx.report),
             "stick" if proxy_back => self.stick(line, cx.report),
-            "acl" | "use_backend" | "use-server" => cx.report.add(line, Topic::Acl, None),
-            "http-request" | "redirect" if binds && redirects_to_https(line) => {
-                self.redirect_https = true;
-                cx.report.add(line, Topic::RedirectHttps, None);
+            "acl" if binds => self.acls.push(line.clone()),
+            "use_backend"
+            | "http-request"
+            | "redirect"
+            | "http-response"
+            | "http-after-response"
+                if binds =>
+            {
+                self.rules.push(line.clone())
             }
-            "http-request" | "http-response" | "http-after-response" | "redirect" => {
-                cx.report.add(line, Topic::HttpRules, None)
-            }
-            k if k.starts_with("req") || k.starts_with("rsp") => {
-                cx.report.add(line, Topic::HttpRules, None)
-            }
+            "use-server" => cx.report.add(line, Topic::UseServer, None),
+            "acl" | "use_backend" => cx.report.add(
+                line,
+                Topic::AclOther,
+                Some("outside a frontend: proxyd's rules belong to frontends".to_owned()),
+            ),
+            "http-request" | "http-response" | "http-after-response" | "redirect" => cx.report.add(
+                line,
+                Topic::HttpRulesOther,
+                Some("outside a frontend: proxyd's rules belong to frontends".to_owned()),
+            ),
+            k if k.starts_with("req") || k.starts_with("rsp") => cx.report.add(
+                line,
+                Topic::HttpRulesOther,
+                Some(format!("{k}: removed in HAProxy 2.1")),
+            ),
             "tcp-request" | "tcp-response" => cx.report.add(line, Topic::TcpRules, None),
             "cookie" if back => s.cookie = cookie(args, line, cx.report).and_then(|c| at(c, line)),
             "cookie" | "appsession" => cx.report.add(line, Topic::CookieOther, None),
@@ -360,188 +341,20 @@ impl Proxy {
         }
     }
 
-    fn option(&mut self, line: &Line, on: bool, cx: &mut Context<'_>) {
-        // `option X ...` or `no option X ...`.
-        let words: &[String] = if on { line.args() } else { &line.args()[1..] };
-        let name = words.first().map_or("", String::as_str);
-        let rest = words.get(1..).unwrap_or(&[]);
-        let s = &mut self.settings;
-        match name {
-            "redispatch" => s.redispatch = at(on, line),
-            "httplog" if on && rest.is_empty() => s.httplog = at(true, line),
-            "httplog" | "tcplog" | "httpslog" | "clf" => {
-                cx.report.add(line, Topic::LogFormat, None)
-            }
-            "dontlognull" | "http-keep-alive" | "tcp-check" => {}
-            "forwardfor" if !on => s.forwardfor = at(None, line),
-            "forwardfor" => {
-                let mut except = None;
-                let mut i = 0;
-                while i < rest.len() {
-                    match rest[i].as_str() {
-                        "except" => {
-                            except = rest.get(i + 1).cloned();
-                            i += 1;
-                        }
-                        _ => cx.report.add(line, Topic::ForwardforParam, None),
-                    }
-                    i += 1;
-                }
-                s.forwardfor = at(Some(except), line);
-                if self.kind == Kind::Frontend {
-                    self.forwardfor_here = Some(line.clone());
-                }
-            }
-            "forwarded" => {
-                s.forwarded = at(on, line);
-                if !rest.is_empty() {
-                    cx.report.add(line, Topic::ForwardedParam, None);
-                }
-            }
-            "http-server-close" | "httpclose" | "forceclose" => {
-                cx.report.add(line, Topic::HttpServerClose, None);
-            }
-            "httpchk" if on => {
-                let (method, path) = match rest {
-                    [] => ("OPTIONS", "/"),
-                    [uri] => ("OPTIONS", uri.as_str()),
-                    [m, uri, ..] => (m.as_str(), uri.as_str()),
-                };
-                if rest.len() > 2 {
-                    cx.report.add(line, Topic::HttpchkVersion, None);
-                }
-                s.httpchk = at((method.to_owned(), path.to_owned()), line);
-            }
-            "ssl-hello-chk" | "mysql-check" | "pgsql-check" | "redis-check" | "smtpchk"
-            | "ldap-check" | "spop-check" | "external-check" => {
-                cx.report.add(line, Topic::OtherCheck, None)
-            }
-            _ => cx
-                .report
-                .add(line, Topic::OtherProxy, Some(format!("option {name}"))),
-        }
-    }
-
-    fn http_check(&mut self, line: &Line, report: &mut Report) {
-        let args: Vec<&str> = line.args().iter().map(String::as_str).collect();
-        match args.as_slice() {
-            ["expect", "status", code] => match code.parse::<u16>() {
-                Ok(c) if (100..=599).contains(&c) => self.settings.expect_status = at(c, line),
-                _ => report.add(line, Topic::HttpCheckOther, None),
-            },
-            ["send", rest @ ..] => {
-                let mut method = None;
-                let mut path = None;
-                let mut other = false;
-                for pair in rest.chunks(2) {
-                    match pair {
-                        ["meth", m] => method = Some(m.to_string()),
-                        ["uri", u] => path = Some(u.to_string()),
-                        _ => other = true,
-                    }
-                }
-                if other {
-                    report.add(line, Topic::HttpCheckOther, None);
-                }
-                let (m0, p0) = self
-                    .settings
-                    .httpchk
-                    .as_ref()
-                    .map_or(("OPTIONS".to_owned(), "/".to_owned()), |c| c.value.clone());
-                self.settings.httpchk = at((method.unwrap_or(m0), path.unwrap_or(p0)), line);
-            }
-            _ => report.add(line, Topic::HttpCheckOther, None),
-        }
-    }
-
-    fn bind(&mut self, line: &Line, cx: &mut Context<'_>) {
-        let args = line.args();
-        let Some(addrs) = args.first() else {
-            cx.report.add(line, Topic::BindUnsupported, None);
-            return;
-        };
-        let mut tls = TlsDef {
-            min_version: cx.default_min_version.clone(),
-            ..TlsDef::default()
-        };
-        let mut ssl = false;
-        let mut i = 1;
-        while i < args.len() {
-            let value = args.get(i + 1).cloned().unwrap_or_default();
-            match args[i].as_str() {
-                "ssl" => ssl = true,
-                "crt" => {
-                    tls.certs.push(cert_path(cx.crt_base, &value));
-                    i += 1;
-                }
-                "alpn" => {
-                    tls.alpn = Some(value.split(',').map(str::to_owned).collect());
-                    i += 1;
-                }
-                "ssl-min-ver" => {
-                    match value.as_str() {
-                        "TLSv1.2" => tls.min_version = Some("1.2".to_owned()),
-                        "TLSv1.3" => tls.min_version = Some("1.3".to_owned()),
-                        _ => cx.report.add(
-                            line,
-                            Topic::BindParam,
-                            Some(format!("ssl-min-ver {value}")),
-                        ),
-                    }
-                    i += 1;
-                }
-                "backlog" => {
-                    match value.parse() {
-                        Ok(n) => self.backlog = Some(n),
-                        Err(_) => cx.report.add(line, Topic::BindParam, None),
-                    }
-                    i += 1;
-                }
-                p if BIND_VALUE_PARAMS.contains(&p) => {
-                    cx.report
-                        .add(line, Topic::BindParam, Some(format!("{p} {value}")));
-                    i += 1;
-                }
-                p => cx.report.add(line, Topic::BindParam, Some(p.to_owned())),
-            }
-            i += 1;
-        }
-        let tls = match (ssl, tls.certs.is_empty()) {
-            (true, false) => Some(tls),
-            (false, _) => None,
-            (true, true) => {
-                cx.report
-                    .add(line, Topic::BindParam, Some("ssl without crt".to_owned()));
-                return;
-            }
-        };
-        for a in addrs.split(',') {
-            match address::parse_with_port(a) {
-                Ok(addr) => self.binds.push(BindDef {
-                    address: address::map(cx.maps, addr),
-                    tls: tls.clone(),
-                }),
-                Err(e) => cx
-                    .report
-                    .add(line, Topic::BindUnsupported, Some(e.to_string())),
-            }
-        }
-    }
-
     fn server(&mut self, line: &Line, cx: &mut Context<'_>) {
         let args = line.args();
         let name = args.first().cloned().unwrap_or_default();
-        let addr = match args.get(1).map(|a| address::parse_with_port(a)) {
-            Some(Ok(a)) => address::map(cx.maps, a),
-            Some(Err(e)) => {
-                cx.report
-                    .add(line, Topic::ServerAddress, Some(e.to_string()));
-                return;
-            }
-            None => {
-                cx.report.add(line, Topic::ServerAddress, None);
-                return;
-            }
+        let text = args.get(1).map_or("", String::as_str);
+        let addr = match address::parse_with_port(text) {
+            Ok(a) => ServerAddress::Ip(address::map(cx.maps, a)),
+            Err(e) => match address::host_name(text) {
+                Some((host, port)) => ServerAddress::Name { host, port },
+                None => {
+                    cx.report
+                        .add(line, Topic::ServerAddress, Some(e.to_string()));
+                    return;
+                }
+            },
         };
         let mut srv = ServerDef {
             name,
@@ -554,6 +367,9 @@ impl Proxy {
             rise: None,
             fall: None,
             cookie: None,
+            resolvers: None,
+            resolve_prefer: None,
+            pool_purge_delay: None,
         };
         // The backend's default-server lines first, then the server's own words.
         let mut sources: Vec<(&Line, &[String])> = self
@@ -577,128 +393,15 @@ impl Proxy {
             self.servers.push(srv);
         }
     }
-
-    fn stick_table(&mut self, line: &Line, report: &mut Report) {
-        let args = line.args();
-        let mut t = TableDef {
-            line: line.clone(),
-            kind: String::new(),
-            len: None,
-            size: Size(0),
-            expire: None,
-            peers: None,
-        };
-        let mut i = 0;
-        while i < args.len() {
-            let value = args.get(i + 1).map_or("", String::as_str);
-            let mut step = 2;
-            match args[i].as_str() {
-                "type" => t.kind = value.to_owned(),
-                "len" => t.len = value.parse().ok(),
-                "size" => t.size = value.parse().unwrap_or(Size(0)),
-                "expire" => t.expire = value.parse().ok(),
-                "peers" => t.peers = Some(value.to_owned()),
-                "nopurge" | "recv-only" => {
-                    report.add(line, Topic::StickTableParam, Some(args[i].clone()));
-                    step = 1;
-                }
-                other => report.add(
-                    line,
-                    Topic::StickTableParam,
-                    Some(format!("{other} {value}")),
-                ),
-            }
-            i += step;
-        }
-        if !matches!(t.kind.as_str(), "ip" | "ipv6" | "integer" | "string") || t.size.0 == 0 {
-            report.add(
-                line,
-                Topic::StickTableParam,
-                Some(format!("type {}", t.kind)),
-            );
-            return;
-        }
-        if t.expire.is_none() {
-            report.add(line, Topic::StickTableNoExpire, None);
-        }
-        self.table = Some(t);
-    }
-
-    fn stick(&mut self, line: &Line, report: &mut Report) {
-        let args = line.args();
-        let (what, fetch) = (
-            args.first().map_or("", String::as_str),
-            args.get(1).map_or("", String::as_str),
-        );
-        let mut table = None;
-        let rest = args.get(2..).unwrap_or(&[]);
-        match rest {
-            [] => {}
-            [t, name] if t == "table" => table = Some(name.clone()),
-            _ => {
-                report.add(line, Topic::StickOther, Some("a condition".to_owned()));
-                return;
-            }
-        }
-        let request_fetch = || match fetch {
-            "src" => Some(Fetch::Src),
-            f => cookie_of(f, "req.cook")
-                .or_else(|| cookie_of(f, "cookie"))
-                .map(Fetch::Cookie),
-        };
-        let slot_taken = |report: &mut Report, taken: bool| {
-            if taken {
-                report.add(line, Topic::StickOther, Some("a second rule".to_owned()));
-            }
-            taken
-        };
-        let rule = |fetch| Rule {
-            fetch,
-            table: table.clone(),
-            line: line.clone(),
-        };
-        match what {
-            "on" | "match" | "store-request" => {
-                let Some(f) = request_fetch() else {
-                    report.add(line, Topic::StickOther, Some(format!("fetch {fetch}")));
-                    return;
-                };
-                let slot = match what {
-                    "on" => &mut self.stick.on,
-                    "match" => &mut self.stick.matches,
-                    _ => &mut self.stick.store_request,
-                };
-                if !slot_taken(report, slot.is_some()) {
-                    *slot = Some(rule(f));
-                }
-            }
-            "store-response" => {
-                let Some(c) =
-                    cookie_of(fetch, "res.cook").or_else(|| cookie_of(fetch, "set-cookie"))
-                else {
-                    report.add(line, Topic::StickOther, Some(format!("fetch {fetch}")));
-                    return;
-                };
-                if !slot_taken(report, self.stick.store_response.is_some()) {
-                    self.stick.store_response = Some(Rule {
-                        fetch: c,
-                        table,
-                        line: line.clone(),
-                    });
-                }
-            }
-            _ => report.add(line, Topic::StickOther, None),
-        }
-    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::import::lexer::lex;
     use crate::import::sections::split;
 
-    fn read(text: &str) -> (Vec<Proxy>, Report) {
+    pub(in crate::import) fn read(text: &str) -> (Vec<Proxy>, Report) {
         let mut report = Report::new("t.cfg".into());
         let mut cx = Context {
             report: &mut report,
@@ -736,101 +439,26 @@ mod tests {
     }
 
     #[test]
-    fn backup_and_disabled_servers_are_left_out_and_reported() {
+    fn backup_disabled_and_portless_servers_are_left_out_and_reported() {
         let (p, r) = read(
             "backend b\n default-server inter 3s\n server a 10.0.0.1:80\n server b 10.0.0.2:80 backup\n\
-             server c app.local:80\n server d 10.0.0.4:80 disabled send-proxy\n",
+             server c App.Local:80\n server d 10.0.0.4:80 disabled send-proxy\n server e app.local\n",
         );
         let names: Vec<_> = p[0].servers.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["a"]);
+        assert_eq!(names, ["a", "c"]);
         assert_eq!(
             p[0].servers[0].inter.map(|d| d.to_string()).as_deref(),
             Some("3s")
         );
+        assert_eq!(p[0].servers[1].address.to_string(), "app.local:80");
         let topics: Vec<_> = r.entries().iter().map(|e| (e.line, e.topic)).collect();
         assert_eq!(
             topics,
             [
                 (Some(4), Topic::ServerBackup),
-                (Some(5), Topic::ServerAddress),
                 (Some(6), Topic::ServerDisabled),
                 (Some(6), Topic::ServerParam),
-            ]
-        );
-    }
-
-    #[test]
-    fn tls_binds_take_crt_base_alpn_and_min_version() {
-        let (p, r) = read(
-            "frontend f\n bind :443,:8443 ssl crt site.pem crt /x/y.pem alpn h2,http/1.1 ssl-min-ver TLSv1.3 accept-proxy\n bind 10.0.0.1:80\n",
-        );
-        let f = &p[0];
-        assert_eq!(f.binds.len(), 3);
-        let tls = f.binds[0].tls.as_ref().expect("tls");
-        assert_eq!(tls.certs, ["/etc/ssl/private/site.pem", "/x/y.pem"]);
-        assert_eq!(
-            tls.alpn.as_deref(),
-            Some(&["h2".to_owned(), "http/1.1".to_owned()][..])
-        );
-        assert_eq!(tls.min_version.as_deref(), Some("1.3"));
-        assert!(f.binds[2].tls.is_none());
-        let e = r.entries();
-        assert_eq!(e.len(), 1);
-        assert_eq!(e[0].detail.as_deref(), Some("accept-proxy"));
-    }
-
-    #[test]
-    fn stick_rules_and_tables() {
-        let (p, r) = read(
-            "backend b\n stick-table type string len 32 size 5k expire 5m peers mypeers\n\
-             stick on req.cook(PHPSESSID)\n stick store-response res.cook(PHPSESSID)\n\
-             stick match hdr(x)\n stick on src if { src 1.2.3.4 }\n",
-        );
-        let b = &p[0];
-        let t = b.table.as_ref().expect("table");
-        assert_eq!(
-            (t.kind.as_str(), t.len, t.size.0),
-            ("string", Some(32), 5120)
-        );
-        assert_eq!(t.peers.as_deref(), Some("mypeers"));
-        assert_eq!(
-            b.stick.on.as_ref().map(|r| r.fetch.clone()),
-            Some(Fetch::Cookie("PHPSESSID".into()))
-        );
-        assert_eq!(
-            b.stick.store_response.as_ref().map(|r| r.fetch.as_str()),
-            Some("PHPSESSID")
-        );
-        let lines: Vec<_> = r.entries().iter().map(|e| e.line).collect();
-        assert_eq!(lines, [Some(5), Some(6)]);
-    }
-
-    #[test]
-    fn options_and_checks() {
-        let (p, r) = read(
-            "backend b\n option httpchk GET /index.php\n http-check expect status 204\n\
-             option forwardfor except 127.0.0.0/8\n option http-server-close\n no option redispatch\n\
-             timeout server 0\n timeout server-fin 1s\n",
-        );
-        let s = &p[0].settings;
-        assert_eq!(
-            s.httpchk.as_ref().map(|c| c.value.clone()),
-            Some(("GET".to_owned(), "/index.php".to_owned()))
-        );
-        assert_eq!(s.expect_status.as_ref().map(|c| c.value), Some(204));
-        assert_eq!(
-            s.forwardfor.as_ref().map(|f| f.value.clone()),
-            Some(Some(Some("127.0.0.0/8".to_owned())))
-        );
-        assert_eq!(s.redispatch.as_ref().map(|r| r.value), Some(false));
-        assert!(s.timeouts.is_empty());
-        let topics: Vec<_> = r.entries().iter().map(|e| e.topic).collect();
-        assert_eq!(
-            topics,
-            [
-                Topic::HttpServerClose,
-                Topic::TimeoutZero,
-                Topic::TimeoutOther
+                (Some(7), Topic::ServerAddress),
             ]
         );
     }

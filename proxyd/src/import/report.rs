@@ -129,13 +129,13 @@ mod tests {
             no,
             words: w.iter().map(|s| s.to_string()).collect(),
         };
-        r.add(&l(7, &["acl", "a", "path", "/x"]), Topic::Acl, None);
+        r.add(&l(7, &["acl", "a", "path", "/x"]), Topic::AclOther, None);
         r.add(
             &l(3, &["option", "http-server-close"]),
             Topic::HttpServerClose,
             None,
         );
-        r.add(&l(7, &["acl", "a", "path", "/x"]), Topic::Acl, None);
+        r.add(&l(7, &["acl", "a", "path", "/x"]), Topic::AclOther, None);
         r.note("global", Topic::NoUser, None);
         let text = r.to_string();
         assert!(

@@ -11,7 +11,7 @@ pub enum Kind {
     Backend,
     Listen,
     Peers,
-    /// A section HAProxy knows and the import does not translate (resolvers, userlist, ...).
+    /// Another section HAProxy knows (resolvers, userlist, ...), by its keyword.
     Other(String),
 }
 

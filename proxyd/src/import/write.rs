@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 
 use common::{Duration, Size};
 
-use super::proxies::{BindDef, ServerDef};
+use super::bind::BindDef;
+use super::proxies::ServerDef;
+use super::resolvers::ResolversOut;
+use super::rules::RuleOut;
 
 /// Where the daemons keep their sockets and data: dist/systemd's layout, or under one
 /// directory for a try-out without root.
@@ -62,20 +65,22 @@ pub struct TableOut {
 
 pub struct FrontendOut {
     pub name: String,
-    /// The plain binds redirect to https.
-    pub redirect_https: bool,
     pub line: usize,
     pub mode: &'static str,
     pub binds: Vec<BindDef>,
     pub backlog: Option<u32>,
     pub default_backend: String,
     pub maxconn: Option<u64>,
+    /// `[[frontend.rule]]`s, in the order proxyd runs them.
+    pub rules: Vec<RuleOut>,
 }
 
 pub struct CheckOut {
     pub method: String,
     pub path: String,
     pub expect_status: Option<u16>,
+    /// The check's `Host`.
+    pub host: Option<String>,
     pub line: usize,
 }
 
@@ -129,6 +134,8 @@ pub struct Plan {
     pub defaults: Vec<Setting>,
     pub frontends: Vec<FrontendOut>,
     pub backends: Vec<BackendOut>,
+    /// The `[[resolvers]]` the backends name.
+    pub resolvers: Vec<ResolversOut>,
 }
 
 /// A TOML string.
@@ -320,10 +327,6 @@ impl Plan {
             );
             let _ = writeln!(o, "mode = {}", q(f.mode));
             let binds = f.binds.iter().map(|b| match &b.tls {
-                None if f.redirect_https => format!(
-                    "{{ address = {}, redirect_https = true }}",
-                    q(&b.address.to_string())
-                ),
                 None => q(&b.address.to_string()),
                 Some(t) => {
                     let mut tls = format!("certs = {}", list(t.certs.iter().map(|c| q(c))));
@@ -347,6 +350,15 @@ impl Plan {
                 let _ = writeln!(o, "maxconn = {m}");
             }
             let _ = writeln!(o, "default_backend = {}", q(&f.default_backend));
+            for r in &f.rules {
+                let _ = writeln!(
+                    o,
+                    "\n# {}: {}\n[[frontend.rule]]\n{}",
+                    self.at(r.line),
+                    r.text,
+                    r.toml
+                );
+            }
         }
         for b in &self.backends {
             let _ = writeln!(
@@ -372,6 +384,9 @@ impl Plan {
                 );
                 if let Some(s) = c.expect_status {
                     let _ = writeln!(o, "expect_status = {s}");
+                }
+                if let Some(h) = &c.host {
+                    let _ = writeln!(o, "host = {}", q(h));
                 }
             }
             if let Some(s) = &b.stick {
@@ -412,6 +427,18 @@ impl Plan {
                 if let Some(c) = &s.cookie {
                     let _ = writeln!(o, "cookie = {}", q(c));
                 }
+            }
+        }
+        for r in &self.resolvers {
+            let _ = writeln!(
+                o,
+                "\n# {}\n[[resolvers]]\nname = {}\nnameservers = {}",
+                self.at(r.line),
+                q(&r.name),
+                list(r.nameservers.iter().map(|n| q(&n.to_string())))
+            );
+            if let Some(t) = r.timeout {
+                let _ = writeln!(o, "timeout = {}", q(&t.to_string()));
             }
         }
         o
