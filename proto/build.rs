@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Read when the script runs, not baked in when it is compiled: cargo reuses a compiled build
+    // script for the same crate checked out elsewhere (another worktree with this target dir).
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let root = root.as_path();
     let mut files = Vec::new();
     collect(root, root, &mut files)?;
     files.sort();
