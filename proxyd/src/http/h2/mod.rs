@@ -112,7 +112,9 @@ pub async fn serve<C: ClientStream + Send + 'static>(
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
                     accepted += 1;
-                    streams.spawn(stream::serve(shared.clone(), info, req, respond));
+                    // Boxed: the stream's future holds a whole exchange and is moved several times
+                    // on its way into the task.
+                    streams.spawn(Box::pin(stream::serve(shared.clone(), info, req, respond)));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "http/2 connection failed");

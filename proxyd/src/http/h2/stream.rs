@@ -307,12 +307,27 @@ async fn forward_response(
     use bytes::Buf as _;
     srv.buf.advance(resp.len);
     let empty = resp.framing == Framing::Empty || req.is_head();
-    let send = match lock(respond).send_response(out, empty) {
-        Ok(s) => s,
-        // The stream is gone (reset): the connection to the server is left unfinished.
-        Err(_) => return End::ResetByClient,
+    let whole = whole_body(resp.framing, &srv.buf).filter(|_| !empty);
+    let send = {
+        let mut r = lock(respond);
+        let mut send = match r.send_response(out, empty) {
+            Ok(s) => s,
+            // The stream is gone (reset): the connection to the server is left unfinished.
+            Err(_) => return End::ResetByClient,
+        };
+        if let Some(n) = whole {
+            // Sent without waiting for the client's window: h2 holds it until the window
+            // opens, which `SMALL_BODY` bounds.
+            let body = Bytes::copy_from_slice(&srv.buf[..n]);
+            srv.buf.advance(n);
+            if send.send_data(body, true).is_err() {
+                return End::ResetByClient;
+            }
+            log.bytes = n as u64;
+        }
+        send
     };
-    if !empty {
+    if !empty && whole.is_none() {
         let mut sink = SendBody::new(send);
         let timeout = shared.config.defaults.timeout_server;
         match body::forward_payload(&mut srv, &mut sink, resp.framing, timeout).await {
@@ -332,6 +347,21 @@ async fn forward_response(
         slot.server().release(srv);
     }
     End::Done
+}
+
+/// Largest body sent in one piece with its head when the server's read brought all of it: one
+/// DATA frame that ends the stream, instead of a copy through the body forwarder and an empty
+/// frame to end it.
+const SMALL_BODY: usize = 16 * 1024;
+
+/// The length of a body that is small and already read whole, if it is.
+fn whole_body(framing: Framing, buf: &[u8]) -> Option<usize> {
+    match framing {
+        Framing::Length(n) => usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= SMALL_BODY && n <= buf.len()),
+        _ => None,
+    }
 }
 
 /// The response's end-to-end fields as HTTP/2 fields. A transfer coding other than chunked
