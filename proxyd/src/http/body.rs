@@ -1,13 +1,14 @@
 //! Streaming a message body from one side to the other by its framing (Content-Length,
 //! chunked, until close) without ever holding a whole body.
 
+use std::cell::RefCell;
 use std::io;
 use std::time::Duration;
 
 use std::io::Write as _;
 
-use bytes::Buf;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use bytes::{Buf, BufMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::fields;
 use super::head::Framing;
@@ -19,6 +20,14 @@ const MAX_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
 /// Flush what was gathered once it is this large.
 const FLUSH_AT: usize = 64 * 1024;
+/// A body with at least this much left once the buffered bytes are passed on goes through a
+/// [`Bulk`] buffer.
+const BULK_AT: u64 = 64 * 1024;
+/// Size of a [`Bulk`] buffer: the most one read or write of a large body moves.
+const BULK: usize = 128 * 1024;
+/// Bulk buffers a thread keeps for the next large bodies; more are allocated when more bodies
+/// are in flight at once, and freed after.
+const SPARE_BULK: usize = 4;
 
 /// Why a body could not be forwarded: the side matters for the status and for blame.
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +216,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
             if left == 0 {
                 return Ok(());
             }
+            if left >= BULK_AT {
+                return self.bulk(Some(left)).await;
+            }
             if self.out.len() >= FLUSH_AT {
                 self.flush().await?;
             }
@@ -215,11 +227,45 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
     }
 
     async fn until_close(&mut self) -> Result<(), BodyError> {
+        let n = self.src.buf.len();
+        self.take(n);
+        self.bulk(None).await
+    }
+
+    /// Passes on the rest of a body, `left` bytes or everything until the end of the stream,
+    /// with `src`'s buffer empty: straight from `src`'s stream to `dst` through a [`Bulk`]
+    /// buffer, in reads and writes of up to [`BULK`] bytes and without a copy into `out`.
+    /// Never reads past the body, so that what follows stays in the stream for the next message.
+    async fn bulk(&mut self, mut left: Option<u64>) -> Result<(), BodyError> {
+        debug_assert!(self.src.buf.is_empty());
+        self.flush().await?;
+        let mut bulk = Bulk::take();
         loop {
-            let n = self.src.buf.len();
-            self.take(n);
-            if self.more().await? == 0 {
-                return Ok(());
+            let want = left.map_or(bulk_size(), |l| {
+                usize::try_from(l).unwrap_or(usize::MAX).min(bulk_size())
+            });
+            bulk.0.clear();
+            let mut room = (&mut bulk.0).limit(want);
+            let n = match tokio::time::timeout(self.timeout, self.src.stream.read_buf(&mut room))
+                .await
+            {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return Err(BodyError::Read(e)),
+                Err(_) => return Err(BodyError::Read(io::ErrorKind::TimedOut.into())),
+            };
+            if n == 0 {
+                return match left {
+                    None => Ok(()),
+                    Some(_) => Err(BodyError::Read(io::ErrorKind::UnexpectedEof.into())),
+                };
+            }
+            write(self.dst, &bulk.0, self.timeout).await?;
+            self.sent += n as u64;
+            if let Some(l) = &mut left {
+                *l -= n as u64;
+                if *l == 0 {
+                    return Ok(());
+                }
             }
         }
     }
@@ -288,6 +334,44 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
             }
             self.take_framing(len);
         }
+    }
+}
+
+thread_local! {
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn bulk_size() -> usize {
+    static S: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *S.get_or_init(|| {
+        std::env::var("PROXYD_BULK_KB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(BULK, |k| k * 1024)
+    })
+}
+
+/// The buffer of one large body in flight, taken from the thread's spares and given back
+/// when dropped: a connection holds one only while it moves a large body, never when idle.
+struct Bulk(Vec<u8>);
+
+impl Bulk {
+    fn take() -> Self {
+        let spare = SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten();
+        Self(spare.unwrap_or_else(|| Vec::with_capacity(bulk_size())))
+    }
+}
+
+impl Drop for Bulk {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        // At thread exit the spares may be gone already: the buffer is then just freed.
+        let _ = SPARE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_BULK {
+                s.push(buf);
+            }
+        });
     }
 }
 
@@ -489,6 +573,78 @@ mod tests {
         let (r, dst, _) = run(b"all of it", Framing::UntilClose).await;
         r.expect("ok");
         assert_eq!(dst, b"HEAD|all of it");
+    }
+
+    /// Forwards `input` as a body of `framing` read in pieces of up to 40000 bytes, and returns
+    /// the result, what was written, and what was left unread of the stream.
+    async fn run_large(input: Vec<u8>, framing: Framing) -> (Result<u64, BodyError>, Vec<u8>, Vec<u8>) {
+        let (mut tx, rx) = tokio::io::duplex(40_000);
+        let writer = tokio::spawn(async move {
+            for piece in input.chunks(40_000) {
+                if tx.write_all(piece).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut src = Io::new(rx);
+        let mut dst = Vec::new();
+        let mut out = b"HEAD|".to_vec();
+        let r = forward_counted(&mut src, &mut dst, framing, &mut out, Duration::from_secs(5)).await;
+        let mut rest = src.buf.to_vec();
+        if r.is_ok() {
+            src.stream.read_to_end(&mut rest).await.expect("rest");
+        }
+        drop(src);
+        writer.await.expect("writer");
+        (r, dst, rest)
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn a_large_body_passes_whole_and_leaves_what_follows() {
+        let body = pattern(1_000_003);
+        let mut input = body.clone();
+        input.extend_from_slice(b"NEXT");
+        let (r, dst, rest) = run_large(input, Framing::Length(body.len() as u64)).await;
+        assert_eq!(r.expect("ok"), 5 + body.len() as u64);
+        assert_eq!(&dst[..5], b"HEAD|");
+        assert!(dst[5..] == body[..], "body changed on the way");
+        assert_eq!(rest, b"NEXT");
+    }
+
+    #[tokio::test]
+    async fn a_large_body_cut_short_is_a_read_error() {
+        let (r, dst, _) = run_large(pattern(300_000), Framing::Length(300_001)).await;
+        assert!(matches!(r, Err(BodyError::Read(_))), "{r:?}");
+        assert_eq!(dst.len(), 5 + 300_000);
+    }
+
+    #[tokio::test]
+    async fn large_chunks_are_reframed_and_checked() {
+        let big = pattern(200_000);
+        let mut input = format!("{:x}\r\n", big.len()).into_bytes();
+        input.extend_from_slice(&big);
+        input.extend_from_slice(b"\r\n3\r\nabc\r\n0\r\n\r\nNEXT");
+        let (r, dst, rest) = run_large(input.clone(), Framing::Chunked).await;
+        r.expect("ok");
+        assert!(dst[5..] == input[..input.len() - 4], "reframed body differs");
+        assert_eq!(rest, b"NEXT");
+        // The CRLF after a large chunk's data is still checked.
+        let bad = input.len() - 4 - b"\r\n3\r\nabc\r\n0\r\n\r\n".len();
+        input[bad] = b'X';
+        let (r, _, _) = run_large(input, Framing::Chunked).await;
+        assert!(matches!(r, Err(BodyError::Framing(_))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_large_body_until_close_passes_whole() {
+        let body = pattern(700_000);
+        let (r, dst, _) = run_large(body.clone(), Framing::UntilClose).await;
+        assert_eq!(r.expect("ok"), 5 + body.len() as u64);
+        assert!(dst[5..] == body[..], "body changed on the way");
     }
 
     /// A writer that, like a TLS stream, keeps what it was given until it is flushed.
