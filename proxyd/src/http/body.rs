@@ -2,13 +2,16 @@
 //! chunked, until close) without ever holding a whole body.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
+use std::pin::{Pin, pin};
+use std::task::Poll;
 use std::time::Duration;
 
 use std::io::Write as _;
 
-use bytes::{Buf, BufMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::Buf;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::fields;
 use super::head::Framing;
@@ -20,13 +23,16 @@ const MAX_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
 /// Flush what was gathered once it is this large.
 const FLUSH_AT: usize = 64 * 1024;
-/// A body with at least this much left once the buffered bytes are passed on goes through a
-/// [`Bulk`] buffer.
+/// A body with at least this much left once the buffered bytes are passed on goes through
+/// [`Bulk`] buffers.
 const BULK_AT: u64 = 64 * 1024;
-/// Size of a [`Bulk`] buffer: the most one read or write of a large body moves.
-const BULK: usize = 128 * 1024;
-/// Bulk buffers a thread keeps for the next large bodies; more are allocated when more bodies
-/// are in flight at once, and freed after.
+/// The most one read and write of a large body moves: 4 of each per MiB instead of 64.
+const BULK: usize = 256 * 1024;
+/// The least: reads shrink to this while the receiving side is slow, so that a slow peer
+/// keeps no more waiting in the proxy than the connection's own buffer would.
+const BULK_MIN: usize = 16 * 1024;
+/// Full-size bulk buffers a thread keeps for the next reads; more are allocated when more
+/// bodies have bytes in flight at once, and freed after.
 const SPARE_BULK: usize = 4;
 
 /// Why a body could not be forwarded: the side matters for the status and for blame.
@@ -233,34 +239,39 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
     }
 
     /// Passes on the rest of a body, `left` bytes or everything until the end of the stream,
-    /// with `src`'s buffer empty: straight from `src`'s stream to `dst` through a [`Bulk`]
-    /// buffer, in reads and writes of up to [`BULK`] bytes and without a copy into `out`.
+    /// with `src`'s buffer empty: straight from `src`'s stream to `dst` through [`Bulk`]
+    /// buffers, in reads and writes of up to [`BULK`] bytes and without a copy into `out`.
     /// Never reads past the body, so that what follows stays in the stream for the next message.
     async fn bulk(&mut self, mut left: Option<u64>) -> Result<(), BodyError> {
         debug_assert!(self.src.buf.is_empty());
         self.flush().await?;
-        let mut bulk = Bulk::take();
+        let mut size = BULK;
         loop {
-            let want = left.map_or(bulk_size(), |l| {
-                usize::try_from(l).unwrap_or(usize::MAX).min(bulk_size())
-            });
-            bulk.0.clear();
-            let mut room = (&mut bulk.0).limit(want);
-            let n = match tokio::time::timeout(self.timeout, self.src.stream.read_buf(&mut room))
-                .await
-            {
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => return Err(BodyError::Read(e)),
-                Err(_) => return Err(BodyError::Read(io::ErrorKind::TimedOut.into())),
-            };
+            let want = left.map_or(size, |l| usize::try_from(l).unwrap_or(usize::MAX).min(size));
+            let (bulk, n) =
+                match tokio::time::timeout(self.timeout, read_bulk(&mut self.src.stream, want))
+                    .await
+                {
+                    Ok(Ok(got)) => got,
+                    Ok(Err(e)) => return Err(BodyError::Read(e)),
+                    Err(_) => return Err(BodyError::Read(io::ErrorKind::TimedOut.into())),
+                };
             if n == 0 {
                 return match left {
                     None => Ok(()),
                     Some(_) => Err(BodyError::Read(io::ErrorKind::UnexpectedEof.into())),
                 };
             }
-            write(self.dst, &bulk.0, self.timeout).await?;
+            let waited = write_waits(self.dst, &bulk.0[..n], self.timeout).await?;
+            drop(bulk);
             self.sent += n as u64;
+            // A peer that keeps the write waiting gets smaller reads, one that takes them at
+            // once larger ones again.
+            size = if waited {
+                (size / 2).max(BULK_MIN)
+            } else {
+                (size * 2).min(BULK)
+            };
             if let Some(l) = &mut left {
                 *l -= n as u64;
                 if *l == 0 {
@@ -337,33 +348,63 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
     }
 }
 
-thread_local! {
-    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-}
-
-fn bulk_size() -> usize {
-    static S: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *S.get_or_init(|| {
-        std::env::var("PROXYD_BULK_KB")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .map_or(BULK, |k| k * 1024)
+/// Reads up to `want` bytes into a [`Bulk`] buffer taken only once the stream has some: a
+/// body waiting for its sender holds none.
+async fn read_bulk<R: AsyncRead + Unpin>(src: &mut R, want: usize) -> io::Result<(Bulk, usize)> {
+    std::future::poll_fn(|cx| {
+        let mut bulk = Bulk::take(want);
+        let mut room = ReadBuf::new(&mut bulk.0[..want]);
+        match Pin::new(&mut *src).poll_read(cx, &mut room) {
+            Poll::Ready(Ok(())) => {
+                let n = room.filled().len();
+                Poll::Ready(Ok((bulk, n)))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // Nothing was read: the buffer goes back to the spares until there is.
+            Poll::Pending => Poll::Pending,
+        }
     })
+    .await
 }
 
-/// The buffer of one large body in flight, taken from the thread's spares and given back
-/// when dropped: a connection holds one only while it moves a large body, never when idle.
-struct Bulk(Vec<u8>);
+/// Writes all of `bytes` as [`write`] does, and says whether `dst` made it wait.
+async fn write_waits<W: AsyncWrite + Unpin>(
+    dst: &mut W,
+    bytes: &[u8],
+    timeout: Duration,
+) -> Result<bool, BodyError> {
+    let mut written = pin!(write(dst, bytes, timeout));
+    match std::future::poll_fn(|cx| Poll::Ready(written.as_mut().poll(cx))).await {
+        Poll::Ready(r) => r.map(|()| false),
+        Poll::Pending => written.await.map(|()| true),
+    }
+}
+
+thread_local! {
+    static SPARE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer holding bytes of a large body between their read and their write: a connection
+/// holds one only then, never while it waits to read or is idle. Full-size ones come from and
+/// go back to the thread's spares.
+struct Bulk(Box<[u8]>);
 
 impl Bulk {
-    fn take() -> Self {
+    fn take(want: usize) -> Self {
+        if want <= BULK / 2 {
+            // A slow peer's small reads, or the end of a body: no full-size buffer held.
+            return Self(vec![0; want].into_boxed_slice());
+        }
         let spare = SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten();
-        Self(spare.unwrap_or_else(|| Vec::with_capacity(bulk_size())))
+        Self(spare.unwrap_or_else(|| vec![0; BULK].into_boxed_slice()))
     }
 }
 
 impl Drop for Bulk {
     fn drop(&mut self) {
+        if self.0.len() != BULK {
+            return;
+        }
         let buf = std::mem::take(&mut self.0);
         // At thread exit the spares may be gone already: the buffer is then just freed.
         let _ = SPARE.try_with(|s| {
@@ -468,6 +509,7 @@ fn valid_trailer(line: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     async fn run(input: &[u8], framing: Framing) -> (Result<(), BodyError>, Vec<u8>, Vec<u8>) {
         // A duplex pipe fed in small pieces exercises every partial-read path.
@@ -577,7 +619,10 @@ mod tests {
 
     /// Forwards `input` as a body of `framing` read in pieces of up to 40000 bytes, and returns
     /// the result, what was written, and what was left unread of the stream.
-    async fn run_large(input: Vec<u8>, framing: Framing) -> (Result<u64, BodyError>, Vec<u8>, Vec<u8>) {
+    async fn run_large(
+        input: Vec<u8>,
+        framing: Framing,
+    ) -> (Result<u64, BodyError>, Vec<u8>, Vec<u8>) {
         let (mut tx, rx) = tokio::io::duplex(40_000);
         let writer = tokio::spawn(async move {
             for piece in input.chunks(40_000) {
@@ -589,7 +634,14 @@ mod tests {
         let mut src = Io::new(rx);
         let mut dst = Vec::new();
         let mut out = b"HEAD|".to_vec();
-        let r = forward_counted(&mut src, &mut dst, framing, &mut out, Duration::from_secs(5)).await;
+        let r = forward_counted(
+            &mut src,
+            &mut dst,
+            framing,
+            &mut out,
+            Duration::from_secs(5),
+        )
+        .await;
         let mut rest = src.buf.to_vec();
         if r.is_ok() {
             src.stream.read_to_end(&mut rest).await.expect("rest");
@@ -630,7 +682,10 @@ mod tests {
         input.extend_from_slice(b"\r\n3\r\nabc\r\n0\r\n\r\nNEXT");
         let (r, dst, rest) = run_large(input.clone(), Framing::Chunked).await;
         r.expect("ok");
-        assert!(dst[5..] == input[..input.len() - 4], "reframed body differs");
+        assert!(
+            dst[5..] == input[..input.len() - 4],
+            "reframed body differs"
+        );
         assert_eq!(rest, b"NEXT");
         // The CRLF after a large chunk's data is still checked.
         let bad = input.len() - 4 - b"\r\n3\r\nabc\r\n0\r\n\r\n".len();
