@@ -26,7 +26,7 @@ const FLUSH_AT: usize = 64 * 1024;
 /// A body with at least this much left once the buffered bytes are passed on goes through
 /// [`Bulk`] buffers.
 const BULK_AT: u64 = 64 * 1024;
-/// The most one read and write of a large body moves: 4 of each per MiB instead of 64.
+/// The most one read and write of a large body moves: at best 4 of each per MiB instead of 64.
 const BULK: usize = 256 * 1024;
 /// The least: reads shrink to this while the receiving side is slow, so that a slow peer
 /// keeps no more waiting in the proxy than the connection's own buffer would.
@@ -248,14 +248,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
         let mut size = BULK;
         loop {
             let want = left.map_or(size, |l| usize::try_from(l).unwrap_or(usize::MAX).min(size));
-            let (bulk, n) =
-                match tokio::time::timeout(self.timeout, read_bulk(&mut self.src.stream, want))
-                    .await
-                {
-                    Ok(Ok(got)) => got,
-                    Ok(Err(e)) => return Err(BodyError::Read(e)),
-                    Err(_) => return Err(BodyError::Read(io::ErrorKind::TimedOut.into())),
-                };
+            let (bulk, n) = match tokio::time::timeout(
+                self.timeout,
+                read_bulk(&mut self.src.stream, want, size == BULK),
+            )
+            .await
+            {
+                Ok(Ok(got)) => got,
+                Ok(Err(e)) => return Err(BodyError::Read(e)),
+                Err(_) => return Err(BodyError::Read(io::ErrorKind::TimedOut.into())),
+            };
             if n == 0 {
                 return match left {
                     None => Ok(()),
@@ -348,11 +350,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
     }
 }
 
-/// Reads up to `want` bytes into a [`Bulk`] buffer taken only once the stream has some: a
-/// body waiting for its sender holds none.
-async fn read_bulk<R: AsyncRead + Unpin>(src: &mut R, want: usize) -> io::Result<(Bulk, usize)> {
+/// Reads up to `want` bytes into a [`Bulk`] buffer (a `full` size one from the spares, else
+/// one of `want` bytes) taken only once the stream has some: a body waiting for its sender
+/// holds none.
+async fn read_bulk<R: AsyncRead + Unpin>(
+    src: &mut R,
+    want: usize,
+    full: bool,
+) -> io::Result<(Bulk, usize)> {
     std::future::poll_fn(|cx| {
-        let mut bulk = Bulk::take(want);
+        let mut bulk = Bulk::take(want, full);
         let mut room = ReadBuf::new(&mut bulk.0[..want]);
         match Pin::new(&mut *src).poll_read(cx, &mut room) {
             Poll::Ready(Ok(())) => {
@@ -390,9 +397,9 @@ thread_local! {
 struct Bulk(Box<[u8]>);
 
 impl Bulk {
-    fn take(want: usize) -> Self {
-        if want <= BULK / 2 {
-            // A slow peer's small reads, or the end of a body: no full-size buffer held.
+    fn take(want: usize, full: bool) -> Self {
+        if !full {
+            // A slow peer's small reads: no full-size buffer held while it takes its time.
             return Self(vec![0; want].into_boxed_slice());
         }
         let spare = SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten();
