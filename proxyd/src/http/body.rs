@@ -1,13 +1,17 @@
 //! Streaming a message body from one side to the other by its framing (Content-Length,
 //! chunked, until close) without ever holding a whole body.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::io;
+use std::pin::{Pin, pin};
+use std::task::Poll;
 use std::time::Duration;
 
 use std::io::Write as _;
 
 use bytes::Buf;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::fields;
 use super::head::Framing;
@@ -19,6 +23,17 @@ const MAX_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
 /// Flush what was gathered once it is this large.
 const FLUSH_AT: usize = 64 * 1024;
+/// A body with at least this much left once the buffered bytes are passed on goes through
+/// [`Bulk`] buffers.
+const BULK_AT: u64 = 64 * 1024;
+/// The most one read and write of a large body moves: at best 4 of each per MiB instead of 64.
+const BULK: usize = 256 * 1024;
+/// The least: reads shrink to this while the receiving side is slow, so that a slow peer
+/// keeps no more waiting in the proxy than the connection's own buffer would.
+const BULK_MIN: usize = 16 * 1024;
+/// Full-size bulk buffers a thread keeps for the next reads; more are allocated when more
+/// bodies have bytes in flight at once, and freed after.
+const SPARE_BULK: usize = 4;
 
 /// Why a body could not be forwarded: the side matters for the status and for blame.
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +222,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
             if left == 0 {
                 return Ok(());
             }
+            if left >= BULK_AT {
+                return self.bulk(Some(left)).await;
+            }
             if self.out.len() >= FLUSH_AT {
                 self.flush().await?;
             }
@@ -215,11 +233,52 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
     }
 
     async fn until_close(&mut self) -> Result<(), BodyError> {
+        let n = self.src.buf.len();
+        self.take(n);
+        self.bulk(None).await
+    }
+
+    /// Passes on the rest of a body, `left` bytes or everything until the end of the stream,
+    /// with `src`'s buffer empty: straight from `src`'s stream to `dst` through [`Bulk`]
+    /// buffers, in reads and writes of up to [`BULK`] bytes and without a copy into `out`.
+    /// Never reads past the body, so that what follows stays in the stream for the next message.
+    async fn bulk(&mut self, mut left: Option<u64>) -> Result<(), BodyError> {
+        debug_assert!(self.src.buf.is_empty());
+        self.flush().await?;
+        let mut size = BULK;
         loop {
-            let n = self.src.buf.len();
-            self.take(n);
-            if self.more().await? == 0 {
-                return Ok(());
+            let want = left.map_or(size, |l| usize::try_from(l).unwrap_or(usize::MAX).min(size));
+            let (bulk, n) = match tokio::time::timeout(
+                self.timeout,
+                read_bulk(&mut self.src.stream, want, size == BULK),
+            )
+            .await
+            {
+                Ok(Ok(got)) => got,
+                Ok(Err(e)) => return Err(BodyError::Read(e)),
+                Err(_) => return Err(BodyError::Read(io::ErrorKind::TimedOut.into())),
+            };
+            if n == 0 {
+                return match left {
+                    None => Ok(()),
+                    Some(_) => Err(BodyError::Read(io::ErrorKind::UnexpectedEof.into())),
+                };
+            }
+            let waited = write_waits(self.dst, &bulk.0[..n], self.timeout).await?;
+            drop(bulk);
+            self.sent += n as u64;
+            // A peer that keeps the write waiting gets smaller reads, one that takes them at
+            // once larger ones again.
+            size = if waited {
+                (size / 2).max(BULK_MIN)
+            } else {
+                (size * 2).min(BULK)
+            };
+            if let Some(l) = &mut left {
+                *l -= n as u64;
+                if *l == 0 {
+                    return Ok(());
+                }
             }
         }
     }
@@ -288,6 +347,79 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forwarder<'_, R, W> {
             }
             self.take_framing(len);
         }
+    }
+}
+
+/// Reads up to `want` bytes into a [`Bulk`] buffer (a `full` size one from the spares, else
+/// one of `want` bytes) taken only once the stream has some: a body waiting for its sender
+/// holds none.
+async fn read_bulk<R: AsyncRead + Unpin>(
+    src: &mut R,
+    want: usize,
+    full: bool,
+) -> io::Result<(Bulk, usize)> {
+    std::future::poll_fn(|cx| {
+        let mut bulk = Bulk::take(want, full);
+        let mut room = ReadBuf::new(&mut bulk.0[..want]);
+        match Pin::new(&mut *src).poll_read(cx, &mut room) {
+            Poll::Ready(Ok(())) => {
+                let n = room.filled().len();
+                Poll::Ready(Ok((bulk, n)))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // Nothing was read: the buffer goes back to the spares until there is.
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Writes all of `bytes` as [`write`] does, and says whether `dst` made it wait.
+async fn write_waits<W: AsyncWrite + Unpin>(
+    dst: &mut W,
+    bytes: &[u8],
+    timeout: Duration,
+) -> Result<bool, BodyError> {
+    let mut written = pin!(write(dst, bytes, timeout));
+    match std::future::poll_fn(|cx| Poll::Ready(written.as_mut().poll(cx))).await {
+        Poll::Ready(r) => r.map(|()| false),
+        Poll::Pending => written.await.map(|()| true),
+    }
+}
+
+thread_local! {
+    static SPARE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer holding bytes of a large body between their read and their write: a connection
+/// holds one only then, never while it waits to read or is idle. Full-size ones come from and
+/// go back to the thread's spares.
+struct Bulk(Box<[u8]>);
+
+impl Bulk {
+    fn take(want: usize, full: bool) -> Self {
+        if !full {
+            // A slow peer's small reads: no full-size buffer held while it takes its time.
+            return Self(vec![0; want].into_boxed_slice());
+        }
+        let spare = SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten();
+        Self(spare.unwrap_or_else(|| vec![0; BULK].into_boxed_slice()))
+    }
+}
+
+impl Drop for Bulk {
+    fn drop(&mut self) {
+        if self.0.len() != BULK {
+            return;
+        }
+        let buf = std::mem::take(&mut self.0);
+        // At thread exit the spares may be gone already: the buffer is then just freed.
+        let _ = SPARE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_BULK {
+                s.push(buf);
+            }
+        });
     }
 }
 
@@ -384,6 +516,7 @@ fn valid_trailer(line: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     async fn run(input: &[u8], framing: Framing) -> (Result<(), BodyError>, Vec<u8>, Vec<u8>) {
         // A duplex pipe fed in small pieces exercises every partial-read path.
@@ -489,6 +622,91 @@ mod tests {
         let (r, dst, _) = run(b"all of it", Framing::UntilClose).await;
         r.expect("ok");
         assert_eq!(dst, b"HEAD|all of it");
+    }
+
+    /// Forwards `input` as a body of `framing` read in pieces of up to 40000 bytes, and returns
+    /// the result, what was written, and what was left unread of the stream.
+    async fn run_large(
+        input: Vec<u8>,
+        framing: Framing,
+    ) -> (Result<u64, BodyError>, Vec<u8>, Vec<u8>) {
+        let (mut tx, rx) = tokio::io::duplex(40_000);
+        let writer = tokio::spawn(async move {
+            for piece in input.chunks(40_000) {
+                if tx.write_all(piece).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut src = Io::new(rx);
+        let mut dst = Vec::new();
+        let mut out = b"HEAD|".to_vec();
+        let r = forward_counted(
+            &mut src,
+            &mut dst,
+            framing,
+            &mut out,
+            Duration::from_secs(5),
+        )
+        .await;
+        let mut rest = src.buf.to_vec();
+        if r.is_ok() {
+            src.stream.read_to_end(&mut rest).await.expect("rest");
+        }
+        drop(src);
+        writer.await.expect("writer");
+        (r, dst, rest)
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn a_large_body_passes_whole_and_leaves_what_follows() {
+        let body = pattern(1_000_003);
+        let mut input = body.clone();
+        input.extend_from_slice(b"NEXT");
+        let (r, dst, rest) = run_large(input, Framing::Length(body.len() as u64)).await;
+        assert_eq!(r.expect("ok"), 5 + body.len() as u64);
+        assert_eq!(&dst[..5], b"HEAD|");
+        assert!(dst[5..] == body[..], "body changed on the way");
+        assert_eq!(rest, b"NEXT");
+    }
+
+    #[tokio::test]
+    async fn a_large_body_cut_short_is_a_read_error() {
+        let (r, dst, _) = run_large(pattern(300_000), Framing::Length(300_001)).await;
+        assert!(matches!(r, Err(BodyError::Read(_))), "{r:?}");
+        assert_eq!(dst.len(), 5 + 300_000);
+    }
+
+    #[tokio::test]
+    async fn large_chunks_are_reframed_and_checked() {
+        let big = pattern(200_000);
+        let mut input = format!("{:x}\r\n", big.len()).into_bytes();
+        input.extend_from_slice(&big);
+        input.extend_from_slice(b"\r\n3\r\nabc\r\n0\r\n\r\nNEXT");
+        let (r, dst, rest) = run_large(input.clone(), Framing::Chunked).await;
+        r.expect("ok");
+        assert!(
+            dst[5..] == input[..input.len() - 4],
+            "reframed body differs"
+        );
+        assert_eq!(rest, b"NEXT");
+        // The CRLF after a large chunk's data is still checked.
+        let bad = input.len() - 4 - b"\r\n3\r\nabc\r\n0\r\n\r\n".len();
+        input[bad] = b'X';
+        let (r, _, _) = run_large(input, Framing::Chunked).await;
+        assert!(matches!(r, Err(BodyError::Framing(_))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_large_body_until_close_passes_whole() {
+        let body = pattern(700_000);
+        let (r, dst, _) = run_large(body.clone(), Framing::UntilClose).await;
+        assert_eq!(r.expect("ok"), 5 + body.len() as u64);
+        assert!(dst[5..] == body[..], "body changed on the way");
     }
 
     /// A writer that, like a TLS stream, keeps what it was given until it is flushed.
