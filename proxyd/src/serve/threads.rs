@@ -1,0 +1,66 @@
+//! A worker's serving threads: the caller's current_thread runtime and one more per extra
+//! thread, each accepting on its own copy of every listener and keeping its connections.
+//!
+//! Why not tokio's multi_thread runtime: there a connection's task wakes on whichever thread
+//! the reactor ran, is stolen between threads, and every wake-up across threads is a futex;
+//! measured, a request cost 15-20 % more CPU on 2 threads than on 1. Here a connection lives
+//! and dies on the thread that accepted it, with the server connections it opened (the pools
+//! are per thread, see `shared::LocalPool`): the threads share only the worker's counters,
+//! stick cache and log buffer, as HAProxy's threads and nginx's processes do.
+
+use std::io;
+use std::thread::JoinHandle;
+
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+/// The serving threads of a worker; dropping it stops the extra threads and waits for them.
+#[derive(Debug)]
+pub struct Threads {
+    /// Index 0 is the runtime that started the others.
+    handles: Vec<Handle>,
+    stop: CancellationToken,
+    joins: Vec<JoinHandle<()>>,
+}
+
+impl Threads {
+    /// `count` serving threads in all: the caller's runtime (must be current_thread for the
+    /// threads to share no runtime) and `count - 1` new ones.
+    pub fn start(count: usize) -> io::Result<Threads> {
+        let stop = CancellationToken::new();
+        let mut threads = Threads {
+            handles: vec![Handle::current()],
+            stop: stop.clone(),
+            joins: Vec::new(),
+        };
+        for index in 1..count.max(1) {
+            let rt = common::daemon::runtime(1)?;
+            threads.handles.push(rt.handle().clone());
+            let stop = stop.clone();
+            let join = std::thread::Builder::new()
+                .name(format!("serve-{index}"))
+                .spawn(move || {
+                    crate::shared::set_serving_thread(index);
+                    // Spawned tasks run while this thread drives the runtime.
+                    rt.block_on(stop.cancelled());
+                })?;
+            threads.joins.push(join);
+        }
+        Ok(threads)
+    }
+
+    /// The runtimes to serve on, one per thread; the first is the caller's.
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
+    }
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for join in self.joins.drain(..) {
+            // A serving thread that panicked has said so on stderr already.
+            let _ = join.join();
+        }
+    }
+}
