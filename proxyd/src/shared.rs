@@ -37,8 +37,10 @@ pub fn set_serving_thread(index: usize) {
 /// One serving thread's idle connections to a server, and the requests of that thread using
 /// the server now. A connection stays with the thread that opened it: its socket is registered
 /// with that thread's runtime, and another thread polling it would be woken through the
-/// first one.
+/// first one. Aligned so that two threads' pools never share a cache line (nor the pair the
+/// CPU fetches together).
 #[derive(Debug)]
+#[repr(align(128))]
 pub struct LocalPool {
     pub pool: Pool,
     /// Requests of this thread holding a slot on the server: the pool's demand.
