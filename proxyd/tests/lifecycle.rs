@@ -839,7 +839,10 @@ async fn two_serving_threads_serve_count_once_and_drain() {
     assert!(res.ok);
     assert_eq!(res.generation, g1 + 1);
     for c in &mut clients {
-        let r = c.send(&get("/"), false).await.expect("old connection served");
+        let r = c
+            .send(&get("/"), false)
+            .await
+            .expect("old connection served");
         assert_eq!(r.status, 200);
         assert!(r.closes());
         assert!(c.closed().await);

@@ -116,6 +116,7 @@ impl Proxy {
             .iter()
             .map(|f| Arc::new(Semaphore::new(f.maxconn)))
             .collect();
+        let spread = Arc::new(threads::Spread::new(runtimes));
         let mut loops = Vec::with_capacity(listeners.len() * runtimes.len());
         for (at, l) in listeners {
             l.set_nonblocking(true)?;
@@ -145,6 +146,7 @@ impl Proxy {
                 hard_stop: self.hard_stop.clone(),
                 take_queue: self.take_queue.clone(),
                 limit: limits[at.frontend].clone(),
+                spread: spread.clone(),
             };
             self.accepting
                 .spawn_on(acceptor.run(listener).instrument(span), rt);

@@ -9,6 +9,8 @@
 //! stick cache and log buffer, as HAProxy's threads and nginx's processes do.
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
@@ -62,5 +64,62 @@ impl Drop for Threads {
             // A serving thread that panicked has said so on stderr already.
             let _ = join.join();
         }
+    }
+}
+
+/// Which serving thread serves each accepted connection: the one with the fewest. Whichever
+/// thread's copy of a listener wakes first accepts a whole burst of connections (all of them,
+/// as a client opening its pool does), so accepting alone would leave the other threads idle.
+#[derive(Debug)]
+pub(super) struct Spread {
+    threads: Box<[(Handle, AtomicUsize)]>,
+}
+
+/// A connection counted on its serving thread until it drops.
+#[derive(Debug)]
+pub(super) struct Counted {
+    spread: Arc<Spread>,
+    index: usize,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.spread.threads[self.index]
+            .1
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Spread {
+    pub(super) fn new(handles: &[Handle]) -> Self {
+        Spread {
+            threads: handles
+                .iter()
+                .map(|h| (h.clone(), AtomicUsize::new(0)))
+                .collect(),
+        }
+    }
+
+    /// The thread to serve a new connection accepted on thread `here`: the least loaded, `here`
+    /// on a tie (a connection moved to another thread costs two `epoll_ctl`). `None` for `here`.
+    pub(super) fn pick(self: &Arc<Self>, here: usize) -> (Option<&Handle>, Counted) {
+        let load = |i: usize| {
+            self.threads
+                .get(i)
+                .map_or(usize::MAX, |t| t.1.load(Ordering::Relaxed))
+        };
+        let mut best = here.min(self.threads.len() - 1);
+        for i in 0..self.threads.len() {
+            if load(i) < load(best) {
+                best = i;
+            }
+        }
+        self.threads[best].1.fetch_add(1, Ordering::Relaxed);
+        let counted = Counted {
+            spread: self.clone(),
+            index: best,
+        };
+        let handle = (best != here).then(|| &self.threads[best].0);
+        (handle, counted)
     }
 }
