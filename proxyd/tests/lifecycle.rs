@@ -789,6 +789,23 @@ fn thread_names(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// How many times thread `name` of `pid` went to sleep, from /proc: a serving thread sleeps
+/// between the requests of its connections, an idle one not at all.
+fn sleeps(pid: u32, name: &str) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    for t in tasks.flatten() {
+        if std::fs::read_to_string(t.path().join("comm")).is_ok_and(|n| n.trim() == name) {
+            let status = std::fs::read_to_string(t.path().join("status")).expect("status");
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("voluntary_ctxt_switches");
+        }
+    }
+    panic!("no thread {name} in {pid}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_serving_threads_serve_count_once_and_drain() {
     let e = env("threads = 2\ndrain_timeout = \"10s\"").await;
@@ -799,8 +816,9 @@ async fn two_serving_threads_serve_count_once_and_drain() {
         "{:?}",
         thread_names(pid1)
     );
-    // Connections opened at once: each thread accepts some, and each request is counted
-    // once in the sums the worker reports.
+    // Connections opened at once, as a client opening its pool does: they are spread over
+    // both threads, and each request is counted once in the sums the worker reports.
+    let slept = sleeps(pid1, "serve-1");
     const CONNS: usize = 16;
     const REQUESTS: usize = 5;
     let mut tasks = Vec::new();
@@ -820,6 +838,10 @@ async fn two_serving_threads_serve_count_once_and_drain() {
     for t in tasks {
         clients.push(t.await.expect("client"));
     }
+    assert!(
+        sleeps(pid1, "serve-1") >= slept + REQUESTS as u64,
+        "the second thread served no connection"
+    );
     let total = (CONNS * REQUESTS) as u64;
     wait_for(Duration::from_secs(3), || async {
         status(&e.admin).await.is_some_and(|s| {
