@@ -93,8 +93,8 @@ impl Proxy {
     }
 
     /// Starts accepting on each of `runtimes` (a worker's serving threads): every runtime gets
-    /// its own copy of each listener, polled by its own reactor, and serves the connections it
-    /// accepts to their end.
+    /// its own copy of each listener, polled by its own reactor, and each connection accepted
+    /// is served to its end by the runtime with the fewest connections.
     pub fn start_on(
         &self,
         listeners: Vec<(BindRef, std::net::TcpListener)>,

@@ -1,12 +1,13 @@
 //! A worker's serving threads: the caller's current_thread runtime and one more per extra
-//! thread, each accepting on its own copy of every listener and keeping its connections.
+//! thread, each accepting on its own copy of every listener and handing each connection to
+//! the least loaded thread, which keeps it.
 //!
 //! Why not tokio's multi_thread runtime: there a connection's task wakes on whichever thread
 //! the reactor ran, is stolen between threads, and every wake-up across threads is a futex;
 //! measured, a request cost 15-20 % more CPU on 2 threads than on 1. Here a connection lives
-//! and dies on the thread that accepted it, with the server connections it opened (the pools
-//! are per thread, see `shared::LocalPool`): the threads share only the worker's counters,
-//! stick cache and log buffer, as HAProxy's threads and nginx's processes do.
+//! and dies on one thread, with the server connections it opened (the pools are per thread,
+//! see `shared::LocalPool`): the threads share only the worker's counters, stick cache and
+//! log buffer, as HAProxy's threads and nginx's processes do.
 
 use std::io;
 use std::sync::Arc;
