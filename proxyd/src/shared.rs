@@ -1,9 +1,10 @@
 //! What every connection task of a worker shares: backends with their servers, pools and
 //! slots, counters, and the drain signal.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -17,6 +18,34 @@ use crate::model::{AdminState, AtomicAdminState, StatsSnapshot};
 use crate::net::Io;
 use crate::net::pool::Pool;
 use crate::stick::StickCache;
+
+thread_local! {
+    static SERVING_THREAD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The index of the serving thread this code runs on: 0 for the worker's main thread (and
+/// anything that is not a serving thread), 1.. for the others.
+pub fn serving_thread() -> usize {
+    SERVING_THREAD.with(Cell::get)
+}
+
+/// Marks the calling thread as serving thread `index`, for the rest of its life.
+pub fn set_serving_thread(index: usize) {
+    SERVING_THREAD.with(|t| t.set(index));
+}
+
+/// One serving thread's idle connections to a server, and the requests of that thread using
+/// the server now. A connection stays with the thread that opened it: its socket is registered
+/// with that thread's runtime, and another thread polling it would be woken through the
+/// first one. Aligned so that two threads' pools never share a cache line (nor the pair the
+/// CPU fetches together).
+#[derive(Debug)]
+#[repr(align(128))]
+pub struct LocalPool {
+    pub pool: Pool,
+    /// Requests of this thread holding a slot on the server: the pool's demand.
+    active: AtomicUsize,
+}
 
 /// Counters a worker reports to the master.
 #[derive(Debug, Default)]
@@ -63,7 +92,8 @@ pub struct ServerRt {
     address: RwLock<Option<SocketAddr>>,
     /// `address` is known: read by every pick, without the lock.
     addressed: AtomicBool,
-    pub pool: Pool,
+    /// One per serving thread (see [`LocalPool`]).
+    pools: Box<[LocalPool]>,
     pub config: crate::config::Server,
     /// Health (always true for unchecked servers).
     pub up: AtomicBool,
@@ -79,8 +109,9 @@ pub struct ServerRt {
 }
 
 impl ServerRt {
-    /// A server as configured: a DNS name has no address until it is resolved.
-    pub fn new(config: &crate::config::Server, pool: Pool, up: bool) -> Self {
+    /// A server as configured: a DNS name has no address until it is resolved. `pools`: one
+    /// per serving thread, at least one.
+    pub fn new(config: &crate::config::Server, pools: Vec<Pool>, up: bool) -> Self {
         let address = match &config.address {
             Address::Ip(a) => Some(*a),
             Address::Name { .. } => None,
@@ -89,7 +120,13 @@ impl ServerRt {
             name: config.name.clone(),
             address: RwLock::new(address),
             addressed: AtomicBool::new(address.is_some()),
-            pool,
+            pools: pools
+                .into_iter()
+                .map(|pool| LocalPool {
+                    pool,
+                    active: AtomicUsize::new(0),
+                })
+                .collect(),
             config: config.clone(),
             up: AtomicBool::new(up),
             admin: AtomicAdminState::new(AdminState::Ready),
@@ -99,6 +136,22 @@ impl ServerRt {
             responses: Default::default(),
             errors: AtomicU64::new(0),
         }
+    }
+
+    /// The calling serving thread's pool.
+    pub fn pool(&self) -> &Pool {
+        &self.local().pool
+    }
+
+    fn local(&self) -> &LocalPool {
+        let i = serving_thread();
+        // A thread beyond the count (none is started so) shares the last pool.
+        &self.pools[i.min(self.pools.len() - 1)]
+    }
+
+    /// Every serving thread's pool.
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        self.pools.iter().map(|p| &p.pool)
     }
 
     /// Where to connect now; none for a name not resolved yet.
@@ -116,7 +169,7 @@ impl ServerRt {
         };
         self.addressed.store(true, Ordering::Relaxed);
         if old != Some(new) {
-            self.pool.clear();
+            self.pools().for_each(Pool::clear);
         }
         old
     }
@@ -124,7 +177,7 @@ impl ServerRt {
     /// Opens a new connection to the server's address now, within `timeout`.
     pub async fn connect(&self, timeout: Duration) -> std::io::Result<tokio::net::TcpStream> {
         match self.address() {
-            Some(a) => self.pool.connect(a, timeout).await,
+            Some(a) => self.pool().connect(a, timeout).await,
             None => Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("{} is not resolved yet", self.config.address),
@@ -140,7 +193,7 @@ impl ServerRt {
         {
             return;
         }
-        self.pool.put(io);
+        self.pool().put(io);
     }
 
     /// May take a new session.
@@ -209,6 +262,8 @@ fn queued(c: &AtomicU64) -> Queued<'_> {
 pub struct Slot<'a> {
     pub backend: &'a BackendRt,
     pub index: usize,
+    /// The serving thread's share of the server's demand, counted while the slot lives.
+    local: &'a LocalPool,
 }
 
 impl Slot<'_> {
@@ -220,6 +275,7 @@ impl Slot<'_> {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.server().active.fetch_sub(1, Ordering::Relaxed);
+        self.local.active.fetch_sub(1, Ordering::Relaxed);
         if self.server().config.maxconn > 0 {
             self.backend.freed.notify_one();
         }
@@ -250,12 +306,15 @@ impl BackendRt {
                 .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
             {
                 Ok(_) => {
-                    // Each request in flight holds a server connection: the pool keeps as
-                    // many as the busiest moment needed.
-                    s.pool.in_use(cur as usize + 1);
+                    // Each request in flight holds a server connection: the pool of this
+                    // thread keeps as many as the thread's busiest moment needed.
+                    let local = s.local();
+                    let mine = local.active.fetch_add(1, Ordering::Relaxed) + 1;
+                    local.pool.in_use(mine);
                     return Some(Slot {
                         backend: self,
                         index,
+                        local,
                     });
                 }
                 Err(now) => cur = now,
@@ -392,7 +451,10 @@ impl Shared {
                                 .get(&(b.name.clone(), s.name.clone()))
                                 .copied()
                                 .unwrap_or(true);
-                        ServerRt::new(s, Pool::new(d.pool_max_idle, d.timeout_pool_idle), up)
+                        let pools = (0..config.global.threads.max(1))
+                            .map(|_| Pool::new(d.pool_max_idle, d.timeout_pool_idle))
+                            .collect();
+                        ServerRt::new(s, pools, up)
                     })
                     .collect(),
                 freed: tokio::sync::Notify::new(),
@@ -428,7 +490,14 @@ impl Shared {
         for b in &self.backends {
             for s in &b.servers {
                 let r = |i: usize| s.responses[i].load(Ordering::Relaxed);
-                let pool = s.pool.counts();
+                let pool = s.pools().map(Pool::counts).fold(
+                    crate::net::pool::PoolCounts::default(),
+                    |a, c| crate::net::pool::PoolCounts {
+                        opened: a.opened + c.opened,
+                        reused: a.reused + c.reused,
+                        purged: a.purged + c.purged,
+                    },
+                );
                 out.push(proto::proxyd::v1::ServerState {
                     backend: b.name.clone(),
                     server: s.name.clone(),
@@ -452,7 +521,7 @@ impl Shared {
                     responses_4xx: r(3),
                     responses_5xx: r(4),
                     errors: s.errors.load(Ordering::Relaxed),
-                    idle_pooled: s.pool.idle_count() as u32,
+                    idle_pooled: s.pools().map(Pool::idle_count).sum::<usize>() as u32,
                     pool_opened_total: pool.opened,
                     pool_reused_total: pool.reused,
                     pool_purged_total: pool.purged,
@@ -502,7 +571,9 @@ impl Shared {
     pub fn purge_pools(&self) {
         let now = std::time::Instant::now();
         for s in self.backends.iter().flat_map(|b| &b.servers) {
-            s.pool.purge(now, s.active.load(Ordering::Relaxed) as usize);
+            for p in &s.pools {
+                p.pool.purge(now, p.active.load(Ordering::Relaxed));
+            }
         }
     }
 

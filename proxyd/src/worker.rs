@@ -21,7 +21,7 @@ use crate::control::{
     ticket_keys_from_wire, to_master,
 };
 use crate::model::{AdminState, StatsSnapshot, TicketKey};
-use crate::serve::Proxy;
+use crate::serve::{Proxy, Threads};
 use crate::stick::StickCache;
 use crate::sys;
 
@@ -69,8 +69,8 @@ pub fn main(control_fd: RawFd) -> i32 {
         SourceFile::from_text(&start.config_path, start.config_toml),
         certificates,
     );
-    let threads = config.as_ref().map_or(1, |c| c.global.threads);
-    let rt = match common::daemon::runtime(threads) {
+    // One current_thread runtime per serving thread: this one, and those `run` starts.
+    let rt = match common::daemon::runtime(1) {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the runtime");
@@ -332,7 +332,18 @@ async fn run(
     let checks_stop = CancellationToken::new();
     crate::health::spawn_all(proxy.shared(), health_tx, checks_stop.clone());
     crate::resolve::watch::spawn_all(proxy.shared(), &resolvers, checks_stop.clone());
-    if let Err(e) = proxy.start(listeners) {
+    // Dropped when this function returns, once the connections are done (or cut): that stops
+    // the other serving threads.
+    let threads = match Threads::start(config.global.threads) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = control
+                .send(&failed(format!("cannot start the serving threads: {e}")))
+                .await;
+            return EXIT_FAILURE;
+        }
+    };
+    if let Err(e) = proxy.start_on(listeners, threads.handles()) {
         let _ = control.send(&failed(format!("cannot serve: {e}"))).await;
         return EXIT_FAILURE;
     }

@@ -778,6 +778,102 @@ async fn status_counts_connections_and_requests() {
     );
 }
 
+/// The names of a process's threads, from /proc.
+fn thread_names(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
+}
+
+/// How many times thread `name` of `pid` went to sleep, from /proc: a serving thread sleeps
+/// between the requests of its connections, an idle one not at all.
+fn sleeps(pid: u32, name: &str) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    for t in tasks.flatten() {
+        if std::fs::read_to_string(t.path().join("comm")).is_ok_and(|n| n.trim() == name) {
+            let status = std::fs::read_to_string(t.path().join("status")).expect("status");
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("voluntary_ctxt_switches");
+        }
+    }
+    panic!("no thread {name} in {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serving_threads_serve_count_once_and_drain() {
+    let e = env("threads = 2\ndrain_timeout = \"10s\"").await;
+    let (g1, pid1, _) = serving(&e.admin).await.expect("serving");
+    // The worker's second serving thread runs beside its main one.
+    assert!(
+        thread_names(pid1).iter().any(|n| n == "serve-1"),
+        "{:?}",
+        thread_names(pid1)
+    );
+    // Connections opened at once, as a client opening its pool does: they are spread over
+    // both threads, and each request is counted once in the sums the worker reports.
+    let slept = sleeps(pid1, "serve-1");
+    const CONNS: usize = 16;
+    const REQUESTS: usize = 5;
+    let mut tasks = Vec::new();
+    for _ in 0..CONNS {
+        let front = e.front;
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(front).await.expect("connect");
+            for _ in 0..REQUESTS {
+                let r = c.send(&get("/"), false).await.expect("reply");
+                assert_eq!(r.status, 200);
+                assert!(!r.closes());
+            }
+            c
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.expect("client"));
+    }
+    assert!(
+        sleeps(pid1, "serve-1") >= slept + REQUESTS as u64,
+        "the second thread served no connection"
+    );
+    let total = (CONNS * REQUESTS) as u64;
+    wait_for(Duration::from_secs(3), || async {
+        status(&e.admin).await.is_some_and(|s| {
+            s.generations.iter().any(|g| {
+                g.worker.as_ref().is_some_and(|w| {
+                    w.active_connections == CONNS as u64
+                        && w.requests_total == total
+                        && w.requests_in_flight == 0
+                })
+            })
+        })
+    })
+    .await;
+    // A reload drains both threads: every keep-alive connection's next request is answered
+    // with Connection: close, and the old worker exits once they are all closed.
+    let res = reload(&e.admin).await.expect("reload ok");
+    assert!(res.ok);
+    assert_eq!(res.generation, g1 + 1);
+    for c in &mut clients {
+        let r = c
+            .send(&get("/"), false)
+            .await
+            .expect("old connection served");
+        assert_eq!(r.status, 200);
+        assert!(r.closes());
+        assert!(c.closed().await);
+    }
+    wait_for(Duration::from_secs(5), || async { !alive(pid1) }).await;
+    let mut c = Client::connect(e.front).await.expect("connect");
+    assert_eq!(c.send(&get("/"), false).await.expect("reply").status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_and_set_server_speak_to_the_running_master() {
     let e = env("").await;

@@ -62,6 +62,8 @@ pub struct Global {
     pub fdkeeper_socket: PathBuf,
     pub drain_timeout: StdDuration,
     pub max_draining: usize,
+    /// Serving threads of a worker: each runs its own event loop on its own copy of every
+    /// listener, and keeps the connections it accepts.
     pub threads: usize,
     pub worker_ready_timeout: StdDuration,
     /// Where the master keeps the servers' admin states (SetServer) across its restarts,

@@ -400,7 +400,7 @@ async fn send_request<D: Downstream>(
 ) -> Result<(Io<TcpStream>, ResponseHead), Failure> {
     let d = &shared.config.defaults;
     let pooled = match body {
-        ReqBody::Buffered(_) => server.pool.take(),
+        ReqBody::Buffered(_) => server.pool().take(),
         ReqBody::Streamed => None,
     };
     let stale = pooled.is_some();

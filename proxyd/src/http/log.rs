@@ -185,8 +185,11 @@ pub fn access_log(
         if log.redispatched {
             be.redispatched.fetch_add(1, Ordering::Relaxed);
         }
-        be.retries
-            .fetch_add(u64::from(log.retries), Ordering::Relaxed);
+        // Not an add of 0 per request: the line is shared by every serving thread.
+        if log.retries > 0 {
+            be.retries
+                .fetch_add(u64::from(log.retries), Ordering::Relaxed);
+        }
     }
     // `RUST_LOG` still turns the access log off (`proxyd::access=off`), as when it was an
     // ordinary event.

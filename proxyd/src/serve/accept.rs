@@ -35,6 +35,8 @@ pub(super) struct Acceptor {
     /// The frontend's maxconn, shared by its binds: past it, connections (TLS handshakes
     /// included) wait in the accept queue (shared with the other generation).
     pub(super) limit: Arc<Semaphore>,
+    /// The serving threads, to hand each connection to the least loaded.
+    pub(super) spread: Arc<super::threads::Spread>,
 }
 
 impl Acceptor {
@@ -135,13 +137,37 @@ impl Acceptor {
         fc.connections_active.fetch_add(1, Ordering::Relaxed);
         fc.connections_total.fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!("conn", client.addr = %peer);
+        // Served by the least loaded serving thread: another one takes the socket into its own
+        // reactor (out of this one's first).
+        let (elsewhere, counted) = self.spread.pick(crate::shared::serving_thread());
+        let (stream, moved) = if elsewhere.is_none() {
+            (Some(stream), None)
+        } else {
+            match stream.into_std() {
+                Ok(std) => (None, Some(std)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot hand a connection to another thread");
+                    (None, None)
+                }
+            }
+        };
         // Boxed: tokio moves a task's future several times as it spawns it, and a pointer is
         // cheaper to move than the 2 KiB of a connection's state.
-        self.connections.spawn(Box::pin(
+        let task = Box::pin(
             async move {
-                tokio::select! {
-                    _ = dispatch(shared.clone(), info, tls, stream) => {}
-                    _ = hard_stop.cancelled() => {}
+                let _counted = counted;
+                let stream = match (stream, moved) {
+                    (Some(s), _) => Some(s),
+                    (None, Some(std)) => TcpStream::from_std(std)
+                        .inspect_err(|e| tracing::warn!(error = %e, "cannot serve a connection"))
+                        .ok(),
+                    (None, None) => None,
+                };
+                if let Some(stream) = stream {
+                    tokio::select! {
+                        _ = dispatch(shared.clone(), info, tls, stream) => {}
+                        _ = hard_stop.cancelled() => {}
+                    }
                 }
                 shared
                     .stats
@@ -153,7 +179,11 @@ impl Acceptor {
                 drop(permit);
             }
             .instrument(span),
-        ));
+        );
+        match elsewhere {
+            Some(handle) => self.connections.spawn_on(task, handle),
+            None => self.connections.spawn(task),
+        };
     }
 }
 

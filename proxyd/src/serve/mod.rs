@@ -5,6 +5,7 @@
 //! answers the next request of each keep-alive connection with `Connection: close`.
 
 mod accept;
+mod threads;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +27,7 @@ use crate::shared::Shared;
 use crate::stick::StickCache;
 
 use accept::Acceptor;
+pub use threads::Threads;
 
 /// How long tunnels get to say goodbye at a drain's deadline before they are cut.
 const CLOSE_FRAMES: Duration = Duration::from_millis(200);
@@ -84,9 +86,20 @@ impl Proxy {
         self.shared.drain.is_cancelled()
     }
 
-    /// Starts accepting; each listener comes with the bind it is for. Fails if a listener
-    /// cannot join the runtime or rustls refuses a TLS setting.
+    /// Starts accepting on the caller's runtime; each listener comes with the bind it is for.
+    /// Fails if a listener cannot join the runtime or rustls refuses a TLS setting.
     pub fn start(&self, listeners: Vec<(BindRef, std::net::TcpListener)>) -> std::io::Result<()> {
+        self.start_on(listeners, &[tokio::runtime::Handle::current()])
+    }
+
+    /// Starts accepting on each of `runtimes` (a worker's serving threads): every runtime gets
+    /// its own copy of each listener, polled by its own reactor, and each connection accepted
+    /// is served to its end by the runtime with the fewest connections.
+    pub fn start_on(
+        &self,
+        listeners: Vec<(BindRef, std::net::TcpListener)>,
+        runtimes: &[tokio::runtime::Handle],
+    ) -> std::io::Result<()> {
         let config = &self.shared.config;
         let tls = config
             .tls
@@ -103,12 +116,21 @@ impl Proxy {
             .iter()
             .map(|f| Arc::new(Semaphore::new(f.maxconn)))
             .collect();
-        let mut loops = Vec::with_capacity(listeners.len());
+        let spread = Arc::new(threads::Spread::new(runtimes));
+        let mut loops = Vec::with_capacity(listeners.len() * runtimes.len());
         for (at, l) in listeners {
             l.set_nonblocking(true)?;
-            loops.push((at, tokio::net::TcpListener::from_std(l)?));
+            let mut copies = (1..runtimes.len())
+                .map(|_| l.try_clone())
+                .collect::<std::io::Result<Vec<_>>>()?;
+            copies.push(l);
+            for (rt, copy) in runtimes.iter().zip(copies) {
+                // Registered with that runtime's reactor, not the caller's.
+                let _in = rt.enter();
+                loops.push((at, rt, tokio::net::TcpListener::from_std(copy)?));
+            }
         }
-        for (at, listener) in loops {
+        for (at, rt, listener) in loops {
             let name = config.frontends[at.frontend].name.clone();
             let addr = listener
                 .local_addr()
@@ -124,9 +146,10 @@ impl Proxy {
                 hard_stop: self.hard_stop.clone(),
                 take_queue: self.take_queue.clone(),
                 limit: limits[at.frontend].clone(),
+                spread: spread.clone(),
             };
             self.accepting
-                .spawn(acceptor.run(listener).instrument(span));
+                .spawn_on(acceptor.run(listener).instrument(span), rt);
         }
         Ok(())
     }
