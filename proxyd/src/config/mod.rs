@@ -14,6 +14,7 @@ pub mod access_log;
 mod backend;
 mod raw;
 mod rules;
+pub use rules::is_proxys_field;
 #[cfg(test)]
 mod tests;
 pub mod tls;

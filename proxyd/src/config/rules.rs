@@ -143,6 +143,13 @@ const RESERVED_FIELDS: [&str; 8] = [
     "upgrade",
 ];
 
+/// Whether a rule may not set or remove field `name` of a request (`request`) or a response:
+/// the proxy writes it itself.
+pub fn is_proxys_field(name: &str, request: bool) -> bool {
+    let lower = name.to_ascii_lowercase();
+    RESERVED_FIELDS.contains(&lower.as_str()) || (request && lower == "host")
+}
+
 /// What validating one frontend's rules needs.
 pub(super) struct RuleCheck<'a> {
     pub(super) src: &'a SourceFile,
@@ -436,8 +443,7 @@ impl RuleCheck<'_> {
                 format!("bad header name '{name}' (a token: letters, digits, !#$%&'*+-.^_`|~)"),
             ));
         }
-        let lower = name.to_ascii_lowercase();
-        if RESERVED_FIELDS.contains(&lower.as_str()) || (request && lower == "host") {
+        if is_proxys_field(name, request) {
             return Err(self.err(
                 n.span(),
                 format!("header '{name}' is the proxy's to write: a rule cannot change it"),

@@ -520,29 +520,8 @@ mod tests {
 
     async fn run(input: &[u8], framing: Framing) -> (Result<(), BodyError>, Vec<u8>, Vec<u8>) {
         // A duplex pipe fed in small pieces exercises every partial-read path.
-        let (mut tx, rx) = tokio::io::duplex(7);
-        let data = input.to_vec();
-        let writer = tokio::spawn(async move {
-            for piece in data.chunks(5) {
-                if tx.write_all(piece).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let mut src = Io::new(rx);
-        let mut dst = Vec::new();
-        let mut out = b"HEAD|".to_vec();
-        let r = forward(
-            &mut src,
-            &mut dst,
-            framing,
-            &mut out,
-            Duration::from_secs(5),
-        )
-        .await;
-        drop(src);
-        writer.await.expect("writer");
-        (r, dst, Vec::new())
+        let (r, dst, _) = pipe(input.to_vec(), framing, 7, 5).await;
+        (r.map(|_| ()), dst, Vec::new())
     }
 
     #[tokio::test]
@@ -630,9 +609,20 @@ mod tests {
         input: Vec<u8>,
         framing: Framing,
     ) -> (Result<u64, BodyError>, Vec<u8>, Vec<u8>) {
-        let (mut tx, rx) = tokio::io::duplex(40_000);
+        pipe(input, framing, 40_000, 40_000).await
+    }
+
+    /// Forwards `input`, written in `piece`s into a duplex pipe of `capacity` bytes, as a body
+    /// of `framing`; returns the result, what was written, and what was left unread.
+    async fn pipe(
+        input: Vec<u8>,
+        framing: Framing,
+        capacity: usize,
+        piece: usize,
+    ) -> (Result<u64, BodyError>, Vec<u8>, Vec<u8>) {
+        let (mut tx, rx) = tokio::io::duplex(capacity);
         let writer = tokio::spawn(async move {
-            for piece in input.chunks(40_000) {
+            for piece in input.chunks(piece) {
                 if tx.write_all(piece).await.is_err() {
                     break;
                 }

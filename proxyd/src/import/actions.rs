@@ -130,24 +130,11 @@ pub(super) fn response(line: &Line) -> Result<String, String> {
     }
 }
 
-/// Fields whose rewriting would change how a message is framed or kept: proxyd writes them.
-const RESERVED: [&str; 8] = [
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-];
-
 fn field(name: &str, request: bool) -> Result<(), Refused> {
-    let lower = name.to_ascii_lowercase();
     if name.is_empty() || !name.bytes().all(crate::rules::is_tchar) {
         return Err((Topic::HttpRulesOther, format!("header name '{name}'")));
     }
-    if RESERVED.contains(&lower.as_str()) || (request && lower == "host") {
+    if crate::config::is_proxys_field(name, request) {
         return Err((
             Topic::HttpRulesOther,
             format!("header {name}: proxyd writes it itself"),
