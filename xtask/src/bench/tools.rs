@@ -131,6 +131,18 @@ impl Nofile {
     }
 }
 
+/// The report's sentence on why a section opened `idle` idle connections rather than 10,000
+/// under the open-file limit `nofile`; none when it opened them all.
+pub fn idle_cap_text(idle: usize, nofile: u64) -> Option<String> {
+    (idle < 10_000).then(|| {
+        format!(
+            "{idle} idle connections rather than 10,000: the open-file limit here is {nofile} and \
+             cannot be raised (no CAP_SYS_RESOURCE), and HAProxy refuses to start with a \
+             `maxconn` that needs more than two files per connection within it."
+        )
+    })
+}
+
 impl Drop for Nofile {
     fn drop(&mut self) {
         let _ = nix::sys::resource::setrlimit(

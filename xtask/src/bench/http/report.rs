@@ -182,14 +182,8 @@ pub(super) fn section(samples: &[(Row, Kind, Sample)], idle: &[Idle], plan: &Pla
         plan.idle,
         idle::PARALLEL
     ));
-    if plan.idle < 10_000 {
-        s.text.push(format!(
-            "{} idle connections rather than 10,000: the open-file limit here is {} and cannot \
-             be raised (no CAP_SYS_RESOURCE), and HAProxy refuses to start with a `maxconn` \
-             that needs more than two files per connection within it.",
-            plan.idle, plan.nofile
-        ));
-    }
+    s.text
+        .extend(crate::bench::tools::idle_cap_text(plan.idle, plan.nofile));
     s.tables.push(scaling_table(samples));
     s.notes.extend(verdicts(samples, idle));
     s

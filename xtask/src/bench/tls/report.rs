@@ -168,14 +168,8 @@ pub(super) fn section(
         shape.idle,
         super::IDLE_PARALLEL
     ));
-    if shape.idle < 10_000 {
-        s.text.push(format!(
-            "{} idle connections rather than 10,000: the open-file limit here is {} and cannot \
-             be raised (no CAP_SYS_RESOURCE), and HAProxy refuses to start with a `maxconn` \
-             that needs more than two files per connection within it.",
-            shape.idle, shape.nofile
-        ));
-    }
+    s.text
+        .extend(crate::bench::tools::idle_cap_text(shape.idle, shape.nofile));
     s.notes.extend(verdicts(samples, idle));
     s
 }
