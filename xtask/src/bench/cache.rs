@@ -4,25 +4,11 @@
 use anyhow::Result;
 use serde::Deserialize;
 
-use super::{Ctx, Section, Table};
+use super::{Ctx, Figure, Section, Table};
 
 /// The stick cache's targets.
 const LOOKUP_TARGET_NS: f64 = 100.0;
 const BYTES_TARGET: f64 = 120.0;
-
-/// A time over the bench's batches.
-#[derive(Debug, Deserialize)]
-struct Figure {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Figure {
-    fn cell(&self) -> String {
-        format!("{:.0} ({:.0}..{:.0})", self.median, self.min, self.max)
-    }
-}
 
 /// The bench's `--json` line.
 #[derive(Debug, Deserialize)]

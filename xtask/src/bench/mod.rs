@@ -176,6 +176,20 @@ pub async fn run(opts: Options) -> Result<()> {
     Ok(())
 }
 
+/// A time over a `proxyd_bench_json` bench's batches: median, least and most.
+#[derive(Debug, serde::Deserialize)]
+struct Figure {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Figure {
+    fn cell(&self) -> String {
+        format!("{:.0} ({:.0}..{:.0})", self.median, self.min, self.max)
+    }
+}
+
 /// Runs `cargo bench -p proxyd --bench NAME -- --json ARGS` and parses the last JSON line it
 /// prints; a failed run ends with the tail of its stderr.
 async fn proxyd_bench_json<T: serde::de::DeserializeOwned>(

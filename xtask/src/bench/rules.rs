@@ -4,24 +4,10 @@
 use anyhow::Result;
 use serde::Deserialize;
 
-use super::{Ctx, Section, Table};
+use super::{Ctx, Figure, Section, Table};
 
 /// Routing one request through 1,000 host rules.
 const TARGET_NS: f64 = 1000.0;
-
-/// A time over the bench's batches.
-#[derive(Debug, Deserialize)]
-struct Figure {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Figure {
-    fn cell(&self) -> String {
-        format!("{:.0} ({:.0}..{:.0})", self.median, self.min, self.max)
-    }
-}
 
 /// The bench's `--json` line.
 #[derive(Debug, Deserialize)]
