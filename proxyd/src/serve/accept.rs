@@ -1,6 +1,7 @@
 //! One listener's accept loop: maxconn, the drain that takes what is already queued, and the
 //! hand-over of each connection to its transport (plain or TLS), then to its frontend's protocol.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -118,29 +119,47 @@ impl Acceptor {
 
     /// Counts the connection and serves it in its own task until it ends or the hard stop.
     fn spawn_conn(&self, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
-        let shared = self.shared.clone();
-        let hard_stop = self.hard_stop.clone();
-        let frontend = self.at.frontend;
+        let shared = &self.shared;
         let info = ClientInfo {
             peer,
             at: self.at,
             tls: false,
         };
-        let tls = self.tls.clone();
         shared
             .stats
             .active_connections
             .fetch_add(1, Ordering::Relaxed);
-        let fc = &shared.frontends[frontend];
+        let fc = &shared.frontends[self.at.frontend];
         fc.connections_active.fetch_add(1, Ordering::Relaxed);
         fc.connections_total.fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!("conn", client.addr = %peer);
-        // Boxed: tokio moves a task's future several times as it spawns it, and a pointer is
-        // cheaper to move than the 2 KiB of a connection's state.
-        self.connections.spawn(Box::pin(
+        // Plain and TLS connections are tasks of their own types: tokio keeps a task's future
+        // in the task itself, sized for its largest state, and a plain connection (waiting for
+        // its next request, most of the time) needs much less than a TLS one.
+        match &self.tls {
+            None => self.spawn_task(serve_plain(shared.clone(), info, stream), permit, span),
+            Some(tls) => self.spawn_task(
+                serve_tls(shared.clone(), info, tls.clone(), stream),
+                permit,
+                span,
+            ),
+        }
+    }
+
+    /// Runs `serve` in its own task until it ends or the hard stop, then uncounts it.
+    fn spawn_task(
+        &self,
+        serve: impl Future<Output = ()> + Send + 'static,
+        permit: OwnedSemaphorePermit,
+        span: tracing::Span,
+    ) {
+        let shared = self.shared.clone();
+        let hard_stop = self.hard_stop.clone();
+        let frontend = self.at.frontend;
+        self.connections.spawn(
             async move {
                 tokio::select! {
-                    _ = dispatch(shared.clone(), info, tls, stream) => {}
+                    _ = serve => {}
                     _ = hard_stop.cancelled() => {}
                 }
                 shared
@@ -153,40 +172,34 @@ impl Acceptor {
                 drop(permit);
             }
             .instrument(span),
-        ));
+        );
     }
 }
 
-/// Sets the accepted socket up, runs the TLS handshake on a TLS bind, and serves the
-/// connection with its frontend's protocol.
-async fn dispatch(
-    shared: Arc<Shared>,
-    info: ClientInfo,
-    tls: Option<TlsServer>,
-    stream: TcpStream,
-) {
-    // A head and its body go out in separate writes: with Nagle the second would wait for the
-    // client's (delayed) ACK of the first. A handshake's flights are written whole.
+/// Sets a plain connection up and serves it with its frontend's protocol (telling h2c from
+/// HTTP/1.x first on an `h2c` bind).
+async fn serve_plain(shared: Arc<Shared>, info: ClientInfo, stream: TcpStream) {
+    set_nodelay(&shared, info, &stream);
+    if shared.config.bind(info.at).h2c {
+        // On the heap: inline, the HTTP/2 connection's state would size every plain task.
+        return Box::pin(prior_knowledge(shared, info, stream)).await;
+    }
+    protocol(shared, info, None, stream).await;
+}
+
+/// A head and its body go out in separate writes: with Nagle the second would wait for the
+/// client's (delayed) ACK of the first. A handshake's flights are written whole.
+fn set_nodelay(shared: &Shared, info: ClientInfo, stream: &TcpStream) {
     if shared.config.frontends[info.at.frontend].mode == Mode::Http
         && let Err(e) = stream.set_nodelay(true)
     {
         tracing::debug!(error = %e, "set_nodelay failed");
     }
-    let Some(tls) = tls else {
-        if shared.config.bind(info.at).h2c {
-            // On the heap for the same reason as TLS below.
-            return Box::pin(prior_knowledge(shared, info, stream)).await;
-        }
-        return protocol(shared, info, None, stream).await;
-    };
-    // On the heap: the handshake and the protocol over TLS take some 7 KiB of state against
-    // 2 KiB for a plain connection, and every task of this function would otherwise carry
-    // (and tokio copy, several times per spawn) the larger.
-    Box::pin(serve_tls(shared, info, tls, stream)).await;
 }
 
 /// Runs the TLS handshake, then serves the decrypted connection.
 async fn serve_tls(shared: Arc<Shared>, info: ClientInfo, tls: TlsServer, stream: TcpStream) {
+    set_nodelay(&shared, info, &stream);
     match tls
         .accept(stream, shared.config.defaults.timeout_tls_handshake)
         .await
@@ -213,7 +226,7 @@ async fn serve_tls(shared: Arc<Shared>, info: ClientInfo, tls: TlsServer, stream
 /// Serves a plain connection that may start with the HTTP/2 preface (h2c with prior
 /// knowledge) as HTTP/2, and any other as HTTP/1.x, with the bytes read to tell them apart.
 async fn prior_knowledge(shared: Arc<Shared>, info: ClientInfo, stream: TcpStream) {
-    let mut io = Io::new(stream);
+    let mut io = Io::lazy(stream);
     let timeout = shared.config.defaults.timeout_http_request;
     let deadline = tokio::time::Instant::now() + timeout;
     let alpn = loop {
@@ -225,7 +238,7 @@ async fn prior_knowledge(shared: Arc<Shared>, info: ClientInfo, stream: TcpStrea
             break AppProtocol::H2;
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match io.fill(left).await {
+        match io.fill_lazily(left).await {
             Ok(0) | Err(_) if io.buf.is_empty() => return,
             // What came is served as HTTP/1.x, which answers a partial or late request.
             Ok(0) | Err(_) => break AppProtocol::Http1,
@@ -252,5 +265,42 @@ async fn protocol<C: ClientStream + Send + 'static>(
             Some(AppProtocol::H2) => Box::pin(crate::http::h2::serve(shared, info, stream)).await,
         },
         Mode::Tcp => crate::tcp::serve(shared, info, stream).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BindRef;
+
+    /// Most bytes of a plain connection's future: every idle keep-alive connection holds it
+    /// (in its task), as it holds what its largest state needs.
+    const PLAIN_MAX: usize = 1024;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_plain_connection_is_a_small_task() {
+        let text = "[global]\nadmin_socket = \"/x/a.sock\"\nfdkeeper_socket = \"/x/l.sock\"\n\
+                    [[frontend]]\nname = \"www\"\nbind = [\"127.0.0.1:80\"]\ndefault_backend = \"app\"\n\
+                    [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s1\"\naddress = \"127.0.0.1:81\"\n";
+        let config = crate::Config::from_source(common::SourceFile::from_text("t.toml", text))
+            .expect("config");
+        let shared = Arc::new(Shared::new(Arc::new(config), None, &Default::default()));
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let _client = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (stream, peer) = l.accept().await.expect("accept");
+        let info = ClientInfo {
+            peer,
+            at: BindRef {
+                frontend: 0,
+                bind: 0,
+            },
+            tls: false,
+        };
+        let serve = serve_plain(shared, info, stream);
+        let size = std::mem::size_of_val(&serve);
+        eprintln!("plain connection future: {size} bytes");
+        assert!(size <= PLAIN_MAX, "{size} bytes");
     }
 }
