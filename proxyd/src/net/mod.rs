@@ -37,6 +37,14 @@ impl ClientStream for TcpStream {
     }
 }
 
+/// A stream on the heap: a large one (TLS) moves as a pointer, and futures that pass it on
+/// hold a pointer each rather than a copy of it.
+impl<S: ClientStream + ?Sized> ClientStream for Box<S> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_read_ready(cx)
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream for tokio_rustls::server::TlsStream<S> {
     /// rustls reads and decrypts into its own buffer, which it keeps anyway: ready once it
     /// holds plaintext, the end, or an error.
