@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Room a read asks for: HAProxy's default buffer size, which holds most request heads whole.
@@ -42,14 +42,6 @@ impl ClientStream for TcpStream {
 impl<S: ClientStream + ?Sized> ClientStream for Box<S> {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         (**self).poll_read_ready(cx)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream for tokio_rustls::server::TlsStream<S> {
-    /// rustls reads and decrypts into its own buffer, which it keeps anyway: ready once it
-    /// holds plaintext, the end, or an error.
-    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self).poll_fill_buf(cx).map_ok(|_| ())
     }
 }
 
@@ -201,7 +193,7 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
-    use crate::stick::alloc::CountingAlloc;
+    use crate::stick::CountingAlloc;
 
     const T: Duration = Duration::from_secs(5);
 

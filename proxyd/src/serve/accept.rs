@@ -200,14 +200,13 @@ fn set_nodelay(shared: &Shared, info: ClientInfo, stream: &TcpStream) {
 /// Runs the TLS handshake, then serves the decrypted connection.
 async fn serve_tls(shared: Arc<Shared>, info: ClientInfo, tls: TlsServer, stream: TcpStream) {
     set_nodelay(&shared, info, &stream);
-    // The handshake's state on the heap while it runs, and the TLS stream after it: rustls's
-    // connection is large, and inline it would be in this task (and in every future that
-    // passes it on, as each keeps its arguments) for as long as the connection lives.
-    let handshake = Box::pin(tls.accept(stream, shared.config.defaults.timeout_tls_handshake));
-    match handshake.await {
+    match tls
+        .accept(stream, shared.config.defaults.timeout_tls_handshake)
+        .await
+    {
         Ok((stream, alpn)) => {
             let info = ClientInfo { tls: true, ..info };
-            protocol(shared, info, alpn, Box::new(stream)).await;
+            protocol(shared, info, alpn, stream).await;
         }
         Err(e) => {
             shared.frontends[info.at.frontend]
