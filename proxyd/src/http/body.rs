@@ -1,7 +1,6 @@
 //! Streaming a message body from one side to the other by its framing (Content-Length,
 //! chunked, until close) without ever holding a whole body.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::pin::{Pin, pin};
@@ -16,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use super::fields;
 use super::head::Framing;
 use crate::net::Io;
+use crate::net::spares::{self, Spares};
 
 /// Longest chunk-size line or trailer line accepted.
 const MAX_LINE: usize = 4096;
@@ -388,7 +388,7 @@ async fn write_waits<W: AsyncWrite + Unpin>(
 }
 
 thread_local! {
-    static SPARE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    static SPARE: Spares<Box<[u8]>> = const { Spares::new(SPARE_BULK) };
 }
 
 /// A buffer holding bytes of a large body between their read and their write: a connection
@@ -402,8 +402,7 @@ impl Bulk {
             // A slow peer's small reads: no full-size buffer held while it takes its time.
             return Self(vec![0; want].into_boxed_slice());
         }
-        let spare = SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten();
-        Self(spare.unwrap_or_else(|| vec![0; BULK].into_boxed_slice()))
+        Self(spares::take(&SPARE).unwrap_or_else(|| vec![0; BULK].into_boxed_slice()))
     }
 }
 
@@ -412,14 +411,7 @@ impl Drop for Bulk {
         if self.0.len() != BULK {
             return;
         }
-        let buf = std::mem::take(&mut self.0);
-        // At thread exit the spares may be gone already: the buffer is then just freed.
-        let _ = SPARE.try_with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < SPARE_BULK {
-                s.push(buf);
-            }
-        });
+        spares::give(&SPARE, std::mem::take(&mut self.0));
     }
 }
 

@@ -29,71 +29,96 @@ enum Next {
 }
 
 /// Serves one accepted client connection (plain, or decrypted by TLS) until it closes.
+///
+/// What waits between requests is kept small, since every idle keep-alive connection holds it:
+/// the stream, without a read buffer ([`Io::fill_lazily`]); the state of a request in flight
+/// is on the heap only while it is ([`answer`]).
 pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, stream: C) {
-    let (frontend, peer) = (info.at.frontend, info.peer);
-    let redirect = shared.config.bind(info.at).redirect_https;
-    let fe = &shared.config.frontends[frontend];
     let mut client = Io::new(stream);
     let mut first = true;
     loop {
-        let (mut head, head_time) = match read_request_head(&shared, &mut client, first).await {
+        let (head, head_time) = match read_request_head(&shared, &mut client, first).await {
             Ok(Some(h)) => h,
             Ok(None) => break,
             Err(status) => {
                 tracing::debug!(status = status as u16, "refusing request");
+                let fe = &shared.config.frontends[info.at.frontend];
                 let answer = route::h1_error(status, &route::always(&fe.rules));
                 let _ = send(&mut client.stream, &answer).await;
-                log::access_log(&shared, frontend, peer, &Log::refused(status), None);
+                log::access_log(
+                    &shared,
+                    info.at.frontend,
+                    info.peer,
+                    &Log::refused(status),
+                    None,
+                );
                 break;
             }
         };
         first = false;
-        let _in_flight = log::in_flight(&shared);
-        let mut log = Log::start(if head.minor == 0 {
-            "HTTP/1.0"
-        } else {
-            "HTTP/1.1"
-        });
-        log.head_time = head_time;
-        let routed = route::route(&fe.rules, info, &mut head);
-        let edits = &routed.response;
-        let next = match (redirect, route::local(routed.decision, &head, info)) {
-            (Some(r), _) => redirect_https(&shared, &mut client, &head, r, &mut log, edits).await,
-            (None, Some(Ok(local))) => {
-                answer_locally(&shared, &mut client, &head, &local, &mut log, edits).await
-            }
-            (None, Some(Err(status))) => Next::Fail(status),
-            (None, None) => {
-                let backend = match routed.decision {
-                    Decision::Backend(b) => b,
-                    _ => fe.default_backend,
-                };
-                match exchange(&shared, info, &mut client, &mut head, backend, &mut log).await {
-                    Ok(answer) => {
-                        forward_response(&shared, &mut client, &head, answer, &mut log, edits).await
-                    }
-                    Err(Unanswered::ClientGone) => Next::Close,
-                    Err(Unanswered::Fail(status)) => Next::Fail(status),
-                }
-            }
-        };
-        if let Next::Fail(status) = next {
-            log.status = status as u16;
-            log.proxy_error = true;
-            log.bytes = status.response().len() as u64;
-        }
-        log::access_log(&shared, frontend, peer, &log, Some(&head));
-        match next {
-            Next::KeepAlive => continue,
-            Next::Close => break,
-            Next::Fail(status) => {
-                tracing::debug!(status = status as u16, "answering with an error");
-                let _ = send(&mut client.stream, &route::h1_error(status, edits)).await;
-                break;
-            }
+        if !Box::pin(answer(&shared, info, &mut client, head, head_time)).await {
+            break;
         }
     }
     close_gracefully(client).await;
+}
+
+/// Answers one request (through a server, a rule or the redirect to https) and logs it;
+/// whether the connection is kept for the next.
+async fn answer<C: ClientStream>(
+    shared: &Shared,
+    info: ClientInfo,
+    client: &mut Io<C>,
+    mut head: RequestHead,
+    head_time: Duration,
+) -> bool {
+    let (frontend, peer) = (info.at.frontend, info.peer);
+    let redirect = shared.config.bind(info.at).redirect_https;
+    let fe = &shared.config.frontends[frontend];
+    let _in_flight = log::in_flight(shared);
+    let mut log = Log::start(if head.minor == 0 {
+        "HTTP/1.0"
+    } else {
+        "HTTP/1.1"
+    });
+    log.head_time = head_time;
+    let routed = route::route(&fe.rules, info, &mut head);
+    let edits = &routed.response;
+    let next = match (redirect, route::local(routed.decision, &head, info)) {
+        (Some(r), _) => redirect_https(shared, client, &head, r, &mut log, edits).await,
+        (None, Some(Ok(local))) => {
+            answer_locally(shared, client, &head, &local, &mut log, edits).await
+        }
+        (None, Some(Err(status))) => Next::Fail(status),
+        (None, None) => {
+            let backend = match routed.decision {
+                Decision::Backend(b) => b,
+                _ => fe.default_backend,
+            };
+            match exchange(shared, info, client, &mut head, backend, &mut log).await {
+                Ok(answer) => {
+                    forward_response(shared, client, &head, answer, &mut log, edits).await
+                }
+                Err(Unanswered::ClientGone) => Next::Close,
+                Err(Unanswered::Fail(status)) => Next::Fail(status),
+            }
+        }
+    };
+    if let Next::Fail(status) = next {
+        log.status = status as u16;
+        log.proxy_error = true;
+        log.bytes = status.response().len() as u64;
+    }
+    log::access_log(shared, frontend, peer, &log, Some(&head));
+    match next {
+        Next::KeepAlive => true,
+        Next::Close => false,
+        Next::Fail(status) => {
+            tracing::debug!(status = status as u16, "answering with an error");
+            let _ = send(&mut client.stream, &route::h1_error(status, edits)).await;
+            false
+        }
+    }
 }
 
 impl<C: ClientStream> Downstream for Io<C> {
@@ -133,7 +158,7 @@ async fn close_gracefully<C: ClientStream>(mut client: Io<C>) {
     loop {
         client.buf.clear();
         let left = deadline.saturating_duration_since(Instant::now());
-        match client.fill(left).await {
+        match client.fill_lazily(left).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
@@ -176,7 +201,7 @@ async fn read_request_head<C: ClientStream>(
             None => d.timeout_http_keep_alive,
             Some(t) => d.timeout_http_request.saturating_sub(t.elapsed()),
         };
-        match client.fill(timeout).await {
+        match client.fill_lazily(timeout).await {
             Ok(0) => return Ok(None),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {

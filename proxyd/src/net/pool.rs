@@ -62,9 +62,9 @@ impl Pool {
         self.peak.fetch_max(n, Ordering::Relaxed);
     }
 
-    /// An idle connection (with its read buffer, empty) that still looks open, if any. It may
-    /// still turn out closed when used (the server may close it at any moment): callers retry
-    /// in that case.
+    /// An idle connection (without a read buffer: its next read takes one) that still looks
+    /// open, if any. It may still turn out closed when used (the server may close it at any
+    /// moment): callers retry in that case.
     pub fn take(&self) -> Option<Io<TcpStream>> {
         let now = Instant::now();
         loop {
@@ -94,7 +94,9 @@ impl Pool {
     /// here: what demand no longer needs goes at the next [`Pool::purge`], a part at a time,
     /// so that a burst that returns every connection at once does not close the ones the next
     /// burst needs.
-    pub fn put(&self, io: Io<TcpStream>) {
+    pub fn put(&self, mut io: Io<TcpStream>) {
+        // An idle connection keeps no buffer: the next request on it takes one.
+        super::spares::give_buffer(&mut io.buf);
         let now = Instant::now();
         let mut idle = self.lock();
         let before = idle.len();

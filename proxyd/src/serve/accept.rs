@@ -1,6 +1,7 @@
 //! One listener's accept loop: maxconn, the drain that takes what is already queued, and the
 //! hand-over of each connection to its transport (plain or TLS), then to its frontend's protocol.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -120,25 +121,45 @@ impl Acceptor {
 
     /// Counts the connection and serves it in its own task until it ends or the hard stop.
     fn spawn_conn(&self, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
-        let shared = self.shared.clone();
-        let hard_stop = self.hard_stop.clone();
-        let frontend = self.at.frontend;
+        let shared = &self.shared;
         let info = ClientInfo {
             peer,
             at: self.at,
             tls: false,
         };
-        let tls = self.tls.clone();
         shared
             .stats
             .active_connections
             .fetch_add(1, Ordering::Relaxed);
-        let fc = &shared.frontends[frontend];
+        let fc = &shared.frontends[self.at.frontend];
         fc.connections_active.fetch_add(1, Ordering::Relaxed);
         fc.connections_total.fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!("conn", client.addr = %peer);
-        // Served by the least loaded serving thread: another one takes the socket into its own
-        // reactor (out of this one's first).
+        // Plain and TLS connections are tasks of their own types: tokio keeps a task's future
+        // in the task itself, sized for its largest state, and a plain connection (waiting for
+        // its next request, most of the time) needs much less than a TLS one.
+        let shared = shared.clone();
+        match &self.tls {
+            None => self.spawn_task(stream, permit, span, move |s| serve_plain(shared, info, s)),
+            Some(tls) => {
+                let tls = tls.clone();
+                self.spawn_task(stream, permit, span, move |s| {
+                    serve_tls(shared, info, tls, s)
+                })
+            }
+        }
+    }
+
+    /// Runs `serve` on `stream` in its own task, on the least loaded serving thread, until it
+    /// ends or the hard stop, then uncounts the connection.
+    fn spawn_task<F: Future<Output = ()> + Send + 'static>(
+        &self,
+        stream: TcpStream,
+        permit: OwnedSemaphorePermit,
+        span: tracing::Span,
+        serve: impl FnOnce(TcpStream) -> F + Send + 'static,
+    ) {
+        // Another thread takes the socket into its own reactor (out of this one's first).
         let (elsewhere, counted) = self.spread.pick(crate::shared::serving_thread());
         let (stream, moved) = if elsewhere.is_none() {
             (Some(stream), None)
@@ -151,35 +172,34 @@ impl Acceptor {
                 }
             }
         };
-        // Boxed: tokio moves a task's future several times as it spawns it, and a pointer is
-        // cheaper to move than the 2 KiB of a connection's state.
-        let task = Box::pin(
-            async move {
-                let _counted = counted;
-                let stream = match (stream, moved) {
-                    (Some(s), _) => Some(s),
-                    (None, Some(std)) => TcpStream::from_std(std)
-                        .inspect_err(|e| tracing::warn!(error = %e, "cannot serve a connection"))
-                        .ok(),
-                    (None, None) => None,
-                };
-                if let Some(stream) = stream {
-                    tokio::select! {
-                        _ = dispatch(shared.clone(), info, tls, stream) => {}
-                        _ = hard_stop.cancelled() => {}
-                    }
+        let shared = self.shared.clone();
+        let hard_stop = self.hard_stop.clone();
+        let frontend = self.at.frontend;
+        let task = async move {
+            let _counted = counted;
+            let stream = match (stream, moved) {
+                (Some(s), _) => Some(s),
+                (None, Some(std)) => TcpStream::from_std(std)
+                    .inspect_err(|e| tracing::warn!(error = %e, "cannot serve a connection"))
+                    .ok(),
+                (None, None) => None,
+            };
+            if let Some(stream) = stream {
+                tokio::select! {
+                    _ = serve(stream) => {}
+                    _ = hard_stop.cancelled() => {}
                 }
-                shared
-                    .stats
-                    .active_connections
-                    .fetch_sub(1, Ordering::Relaxed);
-                shared.frontends[frontend]
-                    .connections_active
-                    .fetch_sub(1, Ordering::Relaxed);
-                drop(permit);
             }
-            .instrument(span),
-        );
+            shared
+                .stats
+                .active_connections
+                .fetch_sub(1, Ordering::Relaxed);
+            shared.frontends[frontend]
+                .connections_active
+                .fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        }
+        .instrument(span);
         match elsewhere {
             Some(handle) => self.connections.spawn_on(task, handle),
             None => self.connections.spawn(task),
@@ -187,36 +207,30 @@ impl Acceptor {
     }
 }
 
-/// Sets the accepted socket up, runs the TLS handshake on a TLS bind, and serves the
-/// connection with its frontend's protocol.
-async fn dispatch(
-    shared: Arc<Shared>,
-    info: ClientInfo,
-    tls: Option<TlsServer>,
-    stream: TcpStream,
-) {
-    // A head and its body go out in separate writes: with Nagle the second would wait for the
-    // client's (delayed) ACK of the first. A handshake's flights are written whole.
+/// Sets a plain connection up and serves it with its frontend's protocol (telling h2c from
+/// HTTP/1.x first on an `h2c` bind).
+async fn serve_plain(shared: Arc<Shared>, info: ClientInfo, stream: TcpStream) {
+    set_nodelay(&shared, info, &stream);
+    if shared.config.bind(info.at).h2c {
+        // On the heap: inline, the HTTP/2 connection's state would size every plain task.
+        return Box::pin(prior_knowledge(shared, info, stream)).await;
+    }
+    protocol(shared, info, None, stream).await;
+}
+
+/// A head and its body go out in separate writes: with Nagle the second would wait for the
+/// client's (delayed) ACK of the first. A handshake's flights are written whole.
+fn set_nodelay(shared: &Shared, info: ClientInfo, stream: &TcpStream) {
     if shared.config.frontends[info.at.frontend].mode == Mode::Http
         && let Err(e) = stream.set_nodelay(true)
     {
         tracing::debug!(error = %e, "set_nodelay failed");
     }
-    let Some(tls) = tls else {
-        if shared.config.bind(info.at).h2c {
-            // On the heap for the same reason as TLS below.
-            return Box::pin(prior_knowledge(shared, info, stream)).await;
-        }
-        return protocol(shared, info, None, stream).await;
-    };
-    // On the heap: the handshake and the protocol over TLS take some 7 KiB of state against
-    // 2 KiB for a plain connection, and every task of this function would otherwise carry
-    // (and tokio copy, several times per spawn) the larger.
-    Box::pin(serve_tls(shared, info, tls, stream)).await;
 }
 
 /// Runs the TLS handshake, then serves the decrypted connection.
 async fn serve_tls(shared: Arc<Shared>, info: ClientInfo, tls: TlsServer, stream: TcpStream) {
+    set_nodelay(&shared, info, &stream);
     match tls
         .accept(stream, shared.config.defaults.timeout_tls_handshake)
         .await
@@ -255,7 +269,7 @@ async fn prior_knowledge(shared: Arc<Shared>, info: ClientInfo, stream: TcpStrea
             break AppProtocol::H2;
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match io.fill(left).await {
+        match io.fill_lazily(left).await {
             Ok(0) | Err(_) if io.buf.is_empty() => return,
             // What came is served as HTTP/1.x, which answers a partial or late request.
             Ok(0) | Err(_) => break AppProtocol::Http1,
@@ -281,6 +295,52 @@ async fn protocol<C: ClientStream + Send + 'static>(
             // inline it would make every connection's task as large.
             Some(AppProtocol::H2) => Box::pin(crate::http::h2::serve(shared, info, stream)).await,
         },
-        Mode::Tcp => crate::tcp::serve(shared, info, stream).await,
+        // On the heap for the same reason: an HTTP/1.x connection is a task of the same type.
+        Mode::Tcp => Box::pin(crate::tcp::serve(shared, info, stream)).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BindRef;
+
+    /// Most bytes of a plain connection's future: every idle keep-alive connection holds it
+    /// (in its task), as it holds what its largest state needs.
+    const PLAIN_MAX: usize = 1024;
+
+    async fn accepted(l: &TcpListener) -> (TcpStream, TcpStream, ClientInfo) {
+        let client = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (stream, peer) = l.accept().await.expect("accept");
+        let info = ClientInfo {
+            peer,
+            at: BindRef {
+                frontend: 0,
+                bind: 0,
+            },
+            tls: false,
+        };
+        (stream, client, info)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_plain_connection_is_a_small_task() {
+        let text = "[global]\nadmin_socket = \"/x/a.sock\"\nfdkeeper_socket = \"/x/l.sock\"\n\
+                    [[frontend]]\nname = \"www\"\nbind = [\"127.0.0.1:80\"]\ndefault_backend = \"app\"\n\
+                    [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s1\"\naddress = \"127.0.0.1:81\"\n";
+        let config = crate::Config::from_source(common::SourceFile::from_text("t.toml", text))
+            .expect("config");
+        let shared = Arc::new(Shared::new(Arc::new(config), None, &Default::default()));
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (stream, _client, info) = accepted(&l).await;
+        let http = std::mem::size_of_val(&crate::http::conn::serve(shared.clone(), info, stream));
+        let (stream, _client, info) = accepted(&l).await;
+        let tcp = std::mem::size_of_val(&crate::tcp::serve(shared.clone(), info, stream));
+        let (stream, _client, info) = accepted(&l).await;
+        let plain = std::mem::size_of_val(&serve_plain(shared, info, stream));
+        eprintln!("futures: http/1.x {http} bytes, tcp {tcp}, a plain connection {plain}");
+        assert!(plain <= PLAIN_MAX, "{plain} bytes");
     }
 }

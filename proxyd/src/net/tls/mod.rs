@@ -1,6 +1,6 @@
 //! The TLS transport under the protocols: rustls's server settings of each `[[tls]]` (or a
 //! bind's own), and the handshake that turns an accepted TCP stream into a [`ClientStream`]
-//! bounded by its own timeout.
+//! ([`TlsStream`], on rustls's unbuffered API) bounded by its own timeout.
 //!
 //! `serve` runs the handshake inside the connection's task, after its `maxconn` slot is taken:
 //! a handshake counts as a connection, and one that stalls gives its slot back at the timeout.
@@ -11,6 +11,7 @@
 //! [`ClientStream`]: super::ClientStream
 
 pub mod sni;
+mod stream;
 pub mod tickets;
 
 use std::io;
@@ -20,14 +21,15 @@ use std::time::Duration;
 use rustls::ServerConfig;
 use rustls::version::{TLS12, TLS13};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
+
+pub use stream::TlsStream;
 
 use crate::config::tls::{AppProtocol, LoadedCert, Tls, TlsVersion, provider};
 
 /// The server side of one TLS setting, shared by its binds' connections.
 #[derive(Clone)]
 pub struct TlsServer {
-    acceptor: tokio_rustls::TlsAcceptor,
+    config: Arc<ServerConfig>,
     certs: Arc<sni::SniResolver>,
 }
 
@@ -61,7 +63,7 @@ impl TlsServer {
         config.alpn_protocols = tls.alpn.iter().map(|p| p.id().to_vec()).collect();
         config.ticketer = Arc::new(tickets::Ticketer::new(tickets.clone(), &tls.name));
         Ok(Self {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            config: Arc::new(config),
             certs,
         })
     }
@@ -71,21 +73,21 @@ impl TlsServer {
         self.certs.replace(certs);
     }
 
-    /// Runs the server side of a handshake on `stream` for at most `timeout`: the stream, and
-    /// the protocol agreed through ALPN (none when the client offered none).
+    /// Runs the server side of a handshake on `stream` for at most `timeout`: the stream (on
+    /// the heap: rustls's connection is large, and moves and futures that pass it on then
+    /// cost a pointer), and the protocol agreed through ALPN (none when the client offered
+    /// none).
     pub async fn accept(
         &self,
         stream: TcpStream,
         timeout: Duration,
-    ) -> Result<(TlsStream<TcpStream>, Option<AppProtocol>), HandshakeError> {
-        let tls = tokio::time::timeout(timeout, self.acceptor.accept(stream))
+    ) -> Result<(Box<TlsStream>, Option<AppProtocol>), HandshakeError> {
+        let mut tls =
+            Box::new(TlsStream::new(stream, self.config.clone()).map_err(io::Error::other)?);
+        tokio::time::timeout(timeout, tls.handshake())
             .await
             .map_err(|_| HandshakeError::TimedOut(timeout))??;
-        let alpn = tls
-            .get_ref()
-            .1
-            .alpn_protocol()
-            .and_then(AppProtocol::from_id);
+        let alpn = tls.session().alpn_protocol().and_then(AppProtocol::from_id);
         Ok((tls, alpn))
     }
 }
