@@ -10,6 +10,8 @@ pub mod grpc;
 pub mod seqpacket;
 pub mod signals;
 pub mod stick_key;
+#[cfg(feature = "test-nameserver")]
+pub mod test_nameserver;
 pub mod time;
 pub mod units;
 

@@ -8,14 +8,11 @@ mod util;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_resolver::proto::op::{Message, MessageType, ResponseCode};
-use hickory_resolver::proto::rr::rdata::A;
-use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
-use hickory_resolver::proto::serialize::binary::{BinDecodable, BinEncodable};
+use common::test_nameserver::nameserver;
 use proto::proxyd::v1 as api;
 use tokio_util::sync::CancellationToken;
 use util::{Action, Client, Reply, Seen, backend, backend_at, ok, start_fdkeeper};
@@ -385,61 +382,6 @@ async fn uri_and_hdr_hashes_keep_each_key_on_one_server_across_generations() {
     assert_eq!(rr, ["s0", "s1", "s2"], "no field: round robin");
 }
 
-/// A nameserver on loopback: `app.test` has the A record the test sets, other names do not
-/// exist.
-struct Nameserver {
-    addr: SocketAddr,
-    answer: Arc<Mutex<Ipv4Addr>>,
-    queries: Arc<AtomicUsize>,
-}
-
-async fn nameserver(first: Ipv4Addr) -> Nameserver {
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind dns");
-    let addr = socket.local_addr().expect("addr");
-    let answer = Arc::new(Mutex::new(first));
-    let queries = Arc::new(AtomicUsize::new(0));
-    let (a, q) = (answer.clone(), queries.clone());
-    let name = Name::from_ascii("app.test.").expect("name");
-    tokio::spawn(async move {
-        let mut buf = [0u8; 512];
-        loop {
-            let Ok((n, from)) = socket.recv_from(&mut buf).await else {
-                return;
-            };
-            let Ok(req) = Message::from_bytes(&buf[..n]) else {
-                continue;
-            };
-            q.fetch_add(1, Ordering::SeqCst);
-            let mut resp = Message::new();
-            resp.set_id(req.id())
-                .set_message_type(MessageType::Response)
-                .set_op_code(req.op_code())
-                .set_authoritative(true)
-                .set_recursion_desired(req.recursion_desired())
-                .set_recursion_available(true)
-                .add_queries(req.queries().to_vec());
-            for query in req.queries() {
-                if query.name() != &name {
-                    resp.set_response_code(ResponseCode::NXDomain);
-                } else if query.query_type() == RecordType::A {
-                    let ip = *a.lock().unwrap_or_else(|p| p.into_inner());
-                    resp.add_answer(Record::from_rdata(name.clone(), 1, RData::A(A(ip))));
-                }
-            }
-            if let Ok(bytes) = resp.to_bytes() {
-                let _ = socket.send_to(&bytes, from).await;
-            }
-        }
-    });
-    Nameserver {
-        addr,
-        answer,
-        queries,
-    }
-}
-
 #[tokio::test]
 async fn a_server_named_by_dns_moves_to_its_new_address_without_a_reload_or_a_failed_request() {
     let old_ip = Ipv4Addr::new(127, 0, 0, 2);
@@ -447,7 +389,7 @@ async fn a_server_named_by_dns_moves_to_its_new_address_without_a_reload_or_a_fa
     let old = backend_at(SocketAddr::new(old_ip.into(), 0), |_| ok("old")).await;
     let port = old.addr.port();
     let _new = backend_at(SocketAddr::new(new_ip.into(), port), |_| ok("new")).await;
-    let dns = nameserver(old_ip).await;
+    let dns = nameserver("app.test.", old_ip).await.expect("nameserver");
     let text = |dir: &Path, front: SocketAddr, host: &str| {
         config_text(
             dir,

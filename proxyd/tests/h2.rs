@@ -1,7 +1,7 @@
-//! HTTP/2 from clients (h2c with prior knowledge here; over TLS in tls.rs): curl and the h2
-//! crate's client against an in-process proxy on loopback, each stream an HTTP/1.1 request at
-//! the backend; the stream limit, a rapid-reset flood, a CONTINUATION flood and the two-step
-//! GOAWAY of a drain.
+//! HTTP/2 from clients (h2c with prior knowledge here; over TLS in tls_handshake.rs): curl and
+//! the h2 crate's client against an in-process proxy on loopback, each stream an HTTP/1.1
+//! request at the backend; the stream limit, a rapid-reset flood, a CONTINUATION flood and the
+//! two-step GOAWAY of a drain.
 
 mod util;
 

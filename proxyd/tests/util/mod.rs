@@ -1,5 +1,9 @@
-//! Helpers for proxyd's integration tests: a scriptable HTTP backend and a raw HTTP client.
+//! Helpers for proxyd's integration tests: a scriptable HTTP backend and a raw HTTP client;
+//! the real binary in [`master`], certificates and TLS clients in [`tls`].
 #![allow(dead_code)]
+
+pub mod master;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +18,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub const T: Duration = Duration::from_secs(5);
+
+/// The proxyd binary cargo built for these tests.
+pub const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
 
 /// What the backend does with one request.
 pub enum Action {

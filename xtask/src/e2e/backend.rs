@@ -4,15 +4,12 @@
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{Name, RData, Record, RecordType};
-use hickory_proto::serialize::binary::{BinDecodable, BinEncodable};
+use common::test_nameserver::nameserver;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -245,46 +242,9 @@ async fn cookie_insert(env: Env) -> Result<Outcome> {
     Ok(Outcome::Pass)
 }
 
+/// The server's name: the scenario's nameserver answers it with the A record the scenario sets.
 const NAME: &str = "app.e2e.test.";
 const RESOLVE_INTERVAL: Duration = Duration::from_millis(500);
-
-/// A nameserver on 127.0.0.1 that answers `NAME` with the A record the scenario sets, and
-/// NXDOMAIN for any other name.
-async fn nameserver(first: Ipv4Addr) -> Result<(SocketAddr, Arc<Mutex<Ipv4Addr>>)> {
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-    let addr = socket.local_addr()?;
-    let answer = Arc::new(Mutex::new(first));
-    let a = answer.clone();
-    let name = Name::from_ascii(NAME)?;
-    tokio::spawn(async move {
-        let mut buf = [0u8; 512];
-        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
-            let Ok(req) = Message::from_bytes(&buf[..n]) else {
-                continue;
-            };
-            let mut resp = Message::new();
-            resp.set_id(req.id())
-                .set_message_type(MessageType::Response)
-                .set_op_code(req.op_code())
-                .set_authoritative(true)
-                .set_recursion_desired(req.recursion_desired())
-                .set_recursion_available(true)
-                .add_queries(req.queries().to_vec());
-            for q in req.queries() {
-                if q.name() != &name {
-                    resp.set_response_code(ResponseCode::NXDomain);
-                } else if q.query_type() == RecordType::A {
-                    let ip = *a.lock().unwrap_or_else(|p| p.into_inner());
-                    resp.add_answer(Record::from_rdata(name.clone(), 1, RData::A(A(ip))));
-                }
-            }
-            if let Ok(bytes) = resp.to_bytes() {
-                let _ = socket.send_to(&bytes, from).await;
-            }
-        }
-    });
-    Ok((addr, answer))
-}
 
 async fn dns_change(mut env: Env) -> Result<Outcome> {
     let (old_ip, new_ip) = (Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3));
@@ -296,7 +256,8 @@ async fn dns_change(mut env: Env) -> Result<Outcome> {
     if new[0].1.port() != port {
         bail!("port {port} is taken on {new_ip}");
     }
-    let (dns, answer) = nameserver(old_ip).await?;
+    let ns = nameserver(NAME, old_ip).await?;
+    let (dns, answer) = (ns.addr, ns.answer);
     let fdk = cluster::start_fdkeeper(&env, "n1", "fdkeeper-n1").await?;
     let frontend = env.port_or_free(1, None)?;
     let admin = env.path("n1/proxyd-admin.sock");

@@ -209,7 +209,7 @@ async fn inject(
 
 /// The first node an event of `kind` may hit: node1's stickd is never killed, so that one stickd
 /// lives the whole run and its RSS can be judged past its warm-up (see
-/// `report::STICKD_WARM_UP_S`); the other nodes' stickd are killed often enough that none may.
+/// `report::rss::STICKD_WARM_UP_S`); the other nodes' stickd are killed often enough that none may.
 fn first_node(kind: EventKind) -> usize {
     usize::from(kind == EventKind::KillStickd)
 }
