@@ -26,6 +26,8 @@ const MAX_INCOMING: usize = 0xffff + READ_SIZE;
 /// Most plaintext one write encrypts: one record's worth, so that what waits to be sent stays
 /// about one buffer.
 const MAX_WRITE: usize = 16 * 1024;
+/// Room first offered to a handshake message or alert.
+const ENCODE_ROOM: usize = 512;
 /// What a record adds to its plaintext, at most (header, explicit nonce, tag, inner type).
 const RECORD_OVERHEAD: usize = 64;
 
@@ -155,7 +157,8 @@ impl TlsStream {
                     next
                 }
                 Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                    encode(&mut self.outgoing, |buf| e.encode(buf)).map(|()| None)
+                    write_out(&mut self.outgoing, ENCODE_ROOM, |buf| Ok(e.encode(buf)?))
+                        .map(|()| None)
                 }
                 // Encoded into `outgoing`, which goes out in order before anything after it.
                 Ok(ConnectionState::TransmitTlsData(t)) => {
@@ -175,11 +178,11 @@ impl TlsStream {
                     Out::Nothing => Ok(Some(Stop::Traffic(0))),
                     Out::Data(data) => {
                         let room = data.len() + RECORD_OVERHEAD * (data.len() / 16384 + 1);
-                        encrypt(&mut self.outgoing, room, |buf| w.encrypt(data, buf))
+                        write_out(&mut self.outgoing, room, |buf| Ok(w.encrypt(data, buf)?))
                             .map(|()| Some(Stop::Traffic(data.len())))
                     }
-                    Out::CloseNotify => encrypt(&mut self.outgoing, RECORD_OVERHEAD, |buf| {
-                        w.queue_close_notify(buf)
+                    Out::CloseNotify => write_out(&mut self.outgoing, RECORD_OVERHEAD, |buf| {
+                        Ok(w.queue_close_notify(buf)?)
                     })
                     .map(|()| Some(Stop::Traffic(0))),
                 },
@@ -203,7 +206,9 @@ impl TlsStream {
             let status = self.conn.process_tls_records(&mut []);
             match status.state {
                 Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                    if encode(&mut self.outgoing, |buf| enc.encode(buf)).is_err() {
+                    if write_out(&mut self.outgoing, ENCODE_ROOM, |buf| Ok(enc.encode(buf)?))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -265,39 +270,37 @@ impl TlsStream {
     }
 }
 
-/// `encode` into the free end of `outgoing`, grown to what it asks for.
-fn encode(
-    outgoing: &mut BytesMut,
-    mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
-) -> Result<(), rustls::Error> {
-    if outgoing.capacity() == 0 {
-        *outgoing = spares::buffer();
-    }
-    let start = outgoing.len();
-    let mut room = 512;
-    loop {
-        outgoing.resize(start + room, 0);
-        match encode(&mut outgoing[start..]) {
-            Ok(n) => {
-                outgoing.truncate(start + n);
-                return Ok(());
-            }
-            Err(EncodeError::InsufficientSize(s)) if s.required_size > room => {
-                room = s.required_size;
-            }
-            Err(e) => {
-                outgoing.truncate(start);
-                return Err(rustls::Error::General(e.to_string()));
-            }
+/// Why rustls wrote nothing into the room it was given.
+enum Short {
+    /// The room was too small: this much is needed.
+    Needs(usize),
+    Failed(String),
+}
+
+impl From<EncodeError> for Short {
+    fn from(e: EncodeError) -> Self {
+        match e {
+            EncodeError::InsufficientSize(s) => Self::Needs(s.required_size),
+            e => Self::Failed(e.to_string()),
         }
     }
 }
 
-/// `encrypt` into the free end of `outgoing`, `room` bytes first, then what it asks for.
-fn encrypt(
+impl From<EncryptError> for Short {
+    fn from(e: EncryptError) -> Self {
+        match e {
+            EncryptError::InsufficientSize(s) => Self::Needs(s.required_size),
+            e => Self::Failed(e.to_string()),
+        }
+    }
+}
+
+/// Lets rustls `write` (encode or encrypt) into the free end of `outgoing`: `room` bytes
+/// first, then what it asks for.
+fn write_out(
     outgoing: &mut BytesMut,
     mut room: usize,
-    mut encrypt: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, Short>,
 ) -> Result<(), rustls::Error> {
     if outgoing.capacity() == 0 {
         *outgoing = spares::buffer();
@@ -305,17 +308,19 @@ fn encrypt(
     let start = outgoing.len();
     loop {
         outgoing.resize(start + room, 0);
-        match encrypt(&mut outgoing[start..]) {
+        match write(&mut outgoing[start..]) {
             Ok(n) => {
                 outgoing.truncate(start + n);
                 return Ok(());
             }
-            Err(EncryptError::InsufficientSize(s)) if s.required_size > room => {
-                room = s.required_size;
-            }
-            Err(e) => {
+            Err(Short::Needs(n)) if n > room => room = n,
+            Err(Short::Needs(_)) => {
                 outgoing.truncate(start);
-                return Err(rustls::Error::General(e.to_string()));
+                return Err(rustls::Error::General("tls record does not fit".into()));
+            }
+            Err(Short::Failed(e)) => {
+                outgoing.truncate(start);
+                return Err(rustls::Error::General(e));
             }
         }
     }
