@@ -5,6 +5,7 @@
 //! answers the next request of each keep-alive connection with `Connection: close`.
 
 mod accept;
+mod park;
 mod threads;
 
 use std::collections::HashMap;
@@ -117,6 +118,13 @@ impl Proxy {
             .map(|f| Arc::new(Semaphore::new(f.maxconn)))
             .collect();
         let spread = Arc::new(threads::Spread::new(runtimes));
+        let parks: Arc<[park::Parking]> = runtimes
+            .iter()
+            .map(|rt| {
+                let _in = rt.enter();
+                park::Parking::start(self.connections.clone(), self.hard_stop.clone())
+            })
+            .collect();
         let mut loops = Vec::with_capacity(listeners.len() * runtimes.len());
         for (at, l) in listeners {
             l.set_nonblocking(true)?;
@@ -147,6 +155,7 @@ impl Proxy {
                 take_queue: self.take_queue.clone(),
                 limit: limits[at.frontend].clone(),
                 spread: spread.clone(),
+                parks: parks.clone(),
             };
             self.accepting
                 .spawn_on(acceptor.run(listener).instrument(span), rt);
