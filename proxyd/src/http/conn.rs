@@ -63,30 +63,29 @@ pub async fn serve<C: ClientStream>(
 ) -> Ended<C> {
     let mut client = Io::new(stream);
     loop {
-        let (head, head_time) = match read_request_head(&shared, &mut client, waiting, park_after)
-            .await
-        {
-            Ok(Read::Head(h, t)) => (h, t),
-            Ok(Read::Idle(until)) => {
-                spares::give_buffer(&mut client.buf);
-                return Ended::Idle(client.stream, until);
-            }
-            Ok(Read::Gone) => break,
-            Err(status) => {
-                tracing::debug!(status = status as u16, "refusing request");
-                let fe = &shared.config.frontends[info.at.frontend];
-                let answer = route::h1_error(status, &route::always(&fe.rules));
-                let _ = send(&mut client.stream, &answer).await;
-                log::access_log(
-                    &shared,
-                    info.at.frontend,
-                    info.peer,
-                    &Log::refused(status),
-                    None,
-                );
-                break;
-            }
-        };
+        let (head, head_time) =
+            match read_request_head(&shared, &mut client, waiting, park_after).await {
+                Ok(Read::Head(h, t)) => (h, t),
+                Ok(Read::Idle(until)) => {
+                    spares::give_buffer(&mut client.buf);
+                    return Ended::Idle(client.stream, until);
+                }
+                Ok(Read::Gone) => break,
+                Err(status) => {
+                    tracing::debug!(status = status as u16, "refusing request");
+                    let fe = &shared.config.frontends[info.at.frontend];
+                    let answer = route::h1_error(status, &route::always(&fe.rules));
+                    let _ = send(&mut client.stream, &answer).await;
+                    log::access_log(
+                        &shared,
+                        info.at.frontend,
+                        info.peer,
+                        &Log::refused(status),
+                        None,
+                    );
+                    break;
+                }
+            };
         if !Box::pin(answer(&shared, info, &mut client, head, head_time)).await {
             break;
         }

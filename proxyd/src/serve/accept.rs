@@ -13,13 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::tls::AppProtocol;
-use crate::config::{BindRef, Mode};
-use crate::http::h2;
-use crate::net::tls::TlsServer;
 use super::park::{self, Parkable, Parking};
 use super::threads;
+use crate::config::tls::AppProtocol;
+use crate::config::{BindRef, Mode};
 use crate::http::conn::Waiting;
+use crate::http::h2;
+use crate::net::tls::TlsServer;
 use crate::net::{ClientInfo, Io, Rewind};
 use crate::shared::Shared;
 
@@ -358,9 +358,10 @@ mod tests {
     use super::*;
     use crate::config::BindRef;
 
-    /// Most bytes of a plain connection's future: every idle keep-alive connection holds it
-    /// (in its task), as it holds what its largest state needs.
-    const PLAIN_MAX: usize = 1024;
+    /// Most bytes of a plain connection's future: a connection holds it (in its task) while a
+    /// request is in flight and for `park::PARK_AFTER` after, as it holds what its largest
+    /// state needs.
+    const PLAIN_MAX: usize = 2048;
 
     async fn accepted(l: &TcpListener) -> (TcpStream, TcpStream, ClientInfo) {
         let client = TcpStream::connect(l.local_addr().expect("addr"))
@@ -378,22 +379,49 @@ mod tests {
         (stream, client, info)
     }
 
+    /// Most bytes of a parked connection's future: every idle keep-alive connection holds it,
+    /// with the park's links to it, in one allocation.
+    const PARKED_MAX: usize = 320;
+
+    /// An accepted connection's counts, on the calling thread, with a permit of its own.
+    fn active(shared: &Arc<Shared>, info: ClientInfo) -> Active {
+        let spread = Arc::new(threads::Spread::new(&[tokio::runtime::Handle::current()]));
+        let (_, thread) = spread.pick(0);
+        let permit = Arc::new(Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("permit");
+        Active::new(shared.clone(), info, permit, thread)
+    }
+
     #[tokio::test(flavor = "current_thread")]
-    async fn a_plain_connection_is_a_small_task() {
+    async fn a_plain_connection_is_a_small_task_and_a_smaller_parked_one() {
         let text = "[global]\nadmin_socket = \"/x/a.sock\"\nfdkeeper_socket = \"/x/l.sock\"\n\
                     [[frontend]]\nname = \"www\"\nbind = [\"127.0.0.1:80\"]\ndefault_backend = \"app\"\n\
                     [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s1\"\naddress = \"127.0.0.1:81\"\n";
         let config = crate::Config::from_source(common::SourceFile::from_text("t.toml", text))
             .expect("config");
         let shared = Arc::new(Shared::new(Arc::new(config), None, &Default::default()));
+        let parking = Parking::start(TaskTracker::new(), CancellationToken::new());
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let (stream, _client, info) = accepted(&l).await;
-        let http = std::mem::size_of_val(&crate::http::conn::serve(shared.clone(), info, stream));
+        let http = std::mem::size_of_val(&crate::http::conn::serve(
+            shared.clone(),
+            info,
+            stream,
+            Waiting::First,
+            None,
+        ));
         let (stream, _client, info) = accepted(&l).await;
         let tcp = std::mem::size_of_val(&crate::tcp::serve(shared.clone(), info, stream));
         let (stream, _client, info) = accepted(&l).await;
-        let plain = std::mem::size_of_val(&serve_plain(shared, info, stream));
-        eprintln!("futures: http/1.x {http} bytes, tcp {tcp}, a plain connection {plain}");
+        let plain = std::mem::size_of_val(&serve_plain(active(&shared, info), parking, stream));
+        let (stream, _client, info) = accepted(&l).await;
+        let parked = park::waiting_size(stream, active(&shared, info));
+        eprintln!(
+            "futures: http/1.x {http} bytes, tcp {tcp}, a plain connection {plain}, \
+             a parked one {parked}"
+        );
         assert!(plain <= PLAIN_MAX, "{plain} bytes");
+        assert!(parked <= PARKED_MAX, "{parked} bytes parked");
     }
 }
