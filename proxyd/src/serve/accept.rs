@@ -258,13 +258,18 @@ impl Acceptor {
 
 /// Sets a plain connection up and serves it with its frontend's protocol (telling h2c from
 /// HTTP/1.x first on an `h2c` bind).
-async fn serve_plain(active: Active, parking: Parking, stream: TcpStream) {
-    set_nodelay(active.shared(), active.info(), &stream);
-    if active.shared().config.bind(active.info().at).h2c {
-        // On the heap: inline, the HTTP/2 connection's state would size every plain task.
-        return Box::pin(prior_knowledge(active, parking, stream)).await;
+///
+/// Not an `async fn`, nor is [`protocol`] or `park::http1`: an `async fn` keeps its arguments
+/// twice in its future, as arguments and as the locals they are moved to.
+fn serve_plain(active: Active, parking: Parking, stream: TcpStream) -> impl Future<Output = ()> {
+    async move {
+        set_nodelay(active.shared(), active.info(), &stream);
+        if active.shared().config.bind(active.info().at).h2c {
+            // On the heap: inline, the HTTP/2 connection's state would size every plain task.
+            return Box::pin(prior_knowledge(active, parking, stream)).await;
+        }
+        protocol(active, parking, None, stream).await;
     }
-    protocol(active, parking, None, stream).await;
 }
 
 /// A head and its body go out in separate writes: with Nagle the second would wait for the
@@ -332,24 +337,28 @@ async fn prior_knowledge(active: Active, parking: Parking, stream: TcpStream) {
 
 /// Serves a connection, plain or decrypted, with the protocol of its frontend and, over TLS,
 /// the one agreed through ALPN.
-async fn protocol<C: Parkable>(
+fn protocol<C: Parkable>(
     active: Active,
     parking: Parking,
     alpn: Option<AppProtocol>,
     stream: C,
-) {
-    let (shared, info) = (active.shared().clone(), active.info());
-    match shared.config.frontends[info.at.frontend].mode {
-        Mode::Http => match alpn {
-            None | Some(AppProtocol::Http1) => {
-                park::http1(active, parking, stream, Waiting::First).await
-            }
-            // On the heap: an HTTP/2 connection's state is larger than an HTTP/1.x one's, and
-            // inline it would make every connection's task as large.
-            Some(AppProtocol::H2) => Box::pin(crate::http::h2::serve(shared, info, stream)).await,
-        },
-        // On the heap for the same reason: an HTTP/1.x connection is a task of the same type.
-        Mode::Tcp => Box::pin(crate::tcp::serve(shared, info, stream)).await,
+) -> impl Future<Output = ()> {
+    async move {
+        let (shared, info) = (active.shared().clone(), active.info());
+        match shared.config.frontends[info.at.frontend].mode {
+            Mode::Http => match alpn {
+                None | Some(AppProtocol::Http1) => {
+                    park::http1(active, parking, stream, Waiting::First).await
+                }
+                // On the heap: an HTTP/2 connection's state is larger than an HTTP/1.x one's, and
+                // inline it would make every connection's task as large.
+                Some(AppProtocol::H2) => {
+                    Box::pin(crate::http::h2::serve(shared, info, stream)).await
+                }
+            },
+            // On the heap for the same reason: an HTTP/1.x connection is a task of the same type.
+            Mode::Tcp => Box::pin(crate::tcp::serve(shared, info, stream)).await,
+        }
     }
 }
 
@@ -361,7 +370,7 @@ mod tests {
     /// Most bytes of a plain connection's future: a connection holds it (in its task) while a
     /// request is in flight and for `park::PARK_AFTER` after, as it holds what its largest
     /// state needs.
-    const PLAIN_MAX: usize = 2048;
+    const PLAIN_MAX: usize = 1408;
 
     async fn accepted(l: &TcpListener) -> (TcpStream, TcpStream, ClientInfo) {
         let client = TcpStream::connect(l.local_addr().expect("addr"))

@@ -130,23 +130,25 @@ impl Parking {
 }
 
 /// Serves an HTTP/1.x connection in the calling task until it closes, or parks it once idle.
-pub(super) async fn http1<S: Parkable>(
+pub(super) fn http1<S: Parkable>(
     active: Active,
     parking: Parking,
     mut stream: S,
     mut waiting: Waiting,
-) {
-    loop {
-        let shared = active.shared().clone();
-        match conn::serve(shared, active.info(), stream, waiting, Some(PARK_AFTER)).await {
-            Ended::Closed => return,
-            Ended::Idle(idle, until) => match idle.into_parked() {
-                Ok(parked) => return parking.park(parked, active, until),
-                Err(unparked) => {
-                    stream = unparked;
-                    waiting = Waiting::Idle { until };
-                }
-            },
+) -> impl Future<Output = ()> {
+    async move {
+        loop {
+            let shared = active.shared().clone();
+            match conn::serve(shared, active.info(), stream, waiting, Some(PARK_AFTER)).await {
+                Ended::Closed => return,
+                Ended::Idle(idle, until) => match idle.into_parked() {
+                    Ok(parked) => return parking.park(parked, active, until),
+                    Err(unparked) => {
+                        stream = unparked;
+                        waiting = Waiting::Idle { until };
+                    }
+                },
+            }
         }
     }
 }
