@@ -261,6 +261,7 @@ impl Acceptor {
 ///
 /// Not an `async fn`, nor is [`protocol`] or `park::http1`: an `async fn` keeps its arguments
 /// twice in its future, as arguments and as the locals they are moved to.
+#[allow(clippy::manual_async_fn)]
 fn serve_plain(active: Active, parking: Parking, stream: TcpStream) -> impl Future<Output = ()> {
     async move {
         set_nodelay(active.shared(), active.info(), &stream);
@@ -337,6 +338,7 @@ async fn prior_knowledge(active: Active, parking: Parking, stream: TcpStream) {
 
 /// Serves a connection, plain or decrypted, with the protocol of its frontend and, over TLS,
 /// the one agreed through ALPN.
+#[allow(clippy::manual_async_fn)]
 fn protocol<C: Parkable>(
     active: Active,
     parking: Parking,

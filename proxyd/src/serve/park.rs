@@ -130,6 +130,7 @@ impl Parking {
 }
 
 /// Serves an HTTP/1.x connection in the calling task until it closes, or parks it once idle.
+#[allow(clippy::manual_async_fn)]
 pub(super) fn http1<S: Parkable>(
     active: Active,
     parking: Parking,
@@ -178,6 +179,7 @@ async fn run(mut arrivals: mpsc::UnboundedReceiver<Parked>, parking: Parking) {
 ///
 /// Not an `async fn`: its argument would be kept twice in the future, once as the argument
 /// and once as the local it is moved to.
+#[allow(clippy::manual_async_fn)]
 fn wait(mut conn: Parked) -> impl Future<Output = Parked> {
     async move {
         let mut deadline = pin!(tokio::time::sleep_until(conn.until));
