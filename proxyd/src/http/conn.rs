@@ -16,7 +16,7 @@ use super::redirect;
 use super::route;
 use super::tunnel;
 use crate::config::RedirectHttps;
-use crate::net::{ClientInfo, ClientStream, Io};
+use crate::net::{ClientInfo, ClientStream, Io, spares};
 use crate::rules::{Decision, HeaderEdit};
 use crate::shared::Shared;
 
@@ -28,39 +28,74 @@ enum Next {
     Fail(Status),
 }
 
-/// Serves one accepted client connection (plain, or decrypted by TLS) until it closes.
+/// How long a connection may wait for a request head before any byte of it came.
+#[derive(Clone, Copy, Debug)]
+pub enum Waiting {
+    /// Just accepted: `timeout_http_request`.
+    First,
+    /// Between requests: until its keep-alive timeout ends.
+    Idle { until: tokio::time::Instant },
+}
+
+/// How [`serve`] leaves a connection.
+#[derive(Debug)]
+pub enum Ended<C> {
+    /// Closed, or ended by the client.
+    Closed,
+    /// Silent between requests for the `park_after` it was given, with no byte unread and no
+    /// buffer: the caller waits for its next request (until its keep-alive deadline) and hands
+    /// it back to [`serve`] with [`Waiting::Idle`].
+    Idle(C, tokio::time::Instant),
+}
+
+/// Serves one accepted client connection (plain, or decrypted by TLS) until it closes, or,
+/// given `park_after`, until it has been idle between requests that long.
 ///
 /// What waits between requests is kept small, since every idle keep-alive connection holds it:
 /// the stream, without a read buffer ([`Io::fill_lazily`]); the state of a request in flight
 /// is on the heap only while it is ([`answer`]).
-pub async fn serve<C: ClientStream>(shared: Arc<Shared>, info: ClientInfo, stream: C) {
+pub async fn serve<C: ClientStream>(
+    shared: Arc<Shared>,
+    info: ClientInfo,
+    stream: C,
+    mut waiting: Waiting,
+    park_after: Option<Duration>,
+) -> Ended<C> {
     let mut client = Io::new(stream);
-    let mut first = true;
     loop {
-        let (head, head_time) = match read_request_head(&shared, &mut client, first).await {
-            Ok(Some(h)) => h,
-            Ok(None) => break,
-            Err(status) => {
-                tracing::debug!(status = status as u16, "refusing request");
-                let fe = &shared.config.frontends[info.at.frontend];
-                let answer = route::h1_error(status, &route::always(&fe.rules));
-                let _ = send(&mut client.stream, &answer).await;
-                log::access_log(
-                    &shared,
-                    info.at.frontend,
-                    info.peer,
-                    &Log::refused(status),
-                    None,
-                );
-                break;
-            }
-        };
-        first = false;
+        let (head, head_time) =
+            match read_request_head(&shared, &mut client, waiting, park_after).await {
+                Ok(Read::Head(h, t)) => (h, t),
+                Ok(Read::Idle(until)) => {
+                    spares::give_buffer(&mut client.buf);
+                    return Ended::Idle(client.stream, until);
+                }
+                Ok(Read::Gone) => break,
+                Err(status) => {
+                    tracing::debug!(status = status as u16, "refusing request");
+                    let fe = &shared.config.frontends[info.at.frontend];
+                    let answer = route::h1_error(status, &route::always(&fe.rules));
+                    let _ = send(&mut client.stream, &answer).await;
+                    log::access_log(
+                        &shared,
+                        info.at.frontend,
+                        info.peer,
+                        &Log::refused(status),
+                        None,
+                    );
+                    break;
+                }
+            };
         if !Box::pin(answer(&shared, info, &mut client, head, head_time)).await {
             break;
         }
+        let keep_alive = shared.config.defaults.timeout_http_keep_alive;
+        waiting = Waiting::Idle {
+            until: tokio::time::Instant::now() + keep_alive,
+        };
     }
     close_gracefully(client).await;
+    Ended::Closed
 }
 
 /// Answers one request (through a server, a rule or the redirect to https) and logs it;
@@ -165,13 +200,23 @@ async fn close_gracefully<C: ClientStream>(mut client: Io<C>) {
     }
 }
 
-/// Waits for the next complete request head, with the time from its first byte to its end;
-/// `Ok(None)` when the client is gone or stayed idle past the keep-alive timeout.
+/// What waiting for a request head gave.
+enum Read {
+    /// A complete head, with the time from its first byte to its end.
+    Head(RequestHead, Duration),
+    /// No byte of a request for `park_after`; the keep-alive deadline is still ahead.
+    Idle(tokio::time::Instant),
+    /// The client is gone, or stayed silent past its timeout.
+    Gone,
+}
+
+/// Waits for the next complete request head.
 async fn read_request_head<C: ClientStream>(
     shared: &Shared,
     client: &mut Io<C>,
-    first: bool,
-) -> Result<Option<(RequestHead, Duration)>, Status> {
+    waiting: Waiting,
+    park_after: Option<Duration>,
+) -> Result<Read, Status> {
     let d = &shared.config.defaults;
     let mut started: Option<Instant> = None;
     loop {
@@ -180,7 +225,7 @@ async fn read_request_head<C: ClientStream>(
             match head::parse_request(&client.buf) {
                 Ok(Some(h)) => {
                     client.buf.advance(h.len);
-                    return Ok(Some((h, began.elapsed())));
+                    return Ok(Read::Head(h, began.elapsed()));
                 }
                 Ok(None) => {}
                 Err(HeadError::TooLarge) => return Err(Status::HeadersTooLarge),
@@ -196,21 +241,28 @@ async fn read_request_head<C: ClientStream>(
         }
         // An idle connection waits for its next request however long the keep-alive timeout
         // allows, draining or not: closing it early would race the client's next request.
-        let timeout = match started {
-            None if first => d.timeout_http_request,
-            None => d.timeout_http_keep_alive,
-            Some(t) => d.timeout_http_request.saturating_sub(t.elapsed()),
+        let (timeout, parks) = match (started, waiting) {
+            (None, Waiting::First) => (d.timeout_http_request, None),
+            (None, Waiting::Idle { until }) => {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                match park_after {
+                    Some(after) if after < left => (after, Some(until)),
+                    _ => (left, None),
+                }
+            }
+            (Some(t), _) => (d.timeout_http_request.saturating_sub(t.elapsed()), None),
         };
         match client.fill_lazily(timeout).await {
-            Ok(0) => return Ok(None),
+            Ok(0) => return Ok(Read::Gone),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                return match started {
-                    None => Ok(None),
-                    Some(_) => Err(Status::RequestTimeout),
+                return match (started, parks) {
+                    (None, Some(until)) => Ok(Read::Idle(until)),
+                    (None, None) => Ok(Read::Gone),
+                    (Some(_), _) => Err(Status::RequestTimeout),
                 };
             }
-            Err(_) => return Ok(None),
+            Err(_) => return Ok(Read::Gone),
         }
     }
 }

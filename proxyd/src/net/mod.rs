@@ -133,6 +133,15 @@ impl<S> Rewind<S> {
     pub fn new(read: bytes::Bytes, inner: S) -> Self {
         Self { read, inner }
     }
+
+    /// The stream beneath once its first bytes are read again; itself while some are left.
+    pub fn into_inner(self) -> Result<S, Self> {
+        if self.read.is_empty() {
+            Ok(self.inner)
+        } else {
+            Err(self)
+        }
+    }
 }
 
 impl<S: ClientStream> ClientStream for Rewind<S> {

@@ -5,6 +5,7 @@
 //! answers the next request of each keep-alive connection with `Connection: close`.
 
 mod accept;
+mod park;
 mod threads;
 
 use std::collections::HashMap;
@@ -46,6 +47,8 @@ pub struct Proxy {
     tls: OnceLock<Vec<TlsServer>>,
     /// The session-ticket keys of every TLS setting; none until the master gives some.
     tickets: Arc<TicketKeys>,
+    /// Each serving thread's idle connections, once started.
+    parks: OnceLock<Arc<[park::Parking]>>,
 }
 
 impl Proxy {
@@ -68,6 +71,7 @@ impl Proxy {
             take_queue: Arc::new(AtomicBool::new(false)),
             tls: OnceLock::new(),
             tickets: Arc::new(TicketKeys::default()),
+            parks: OnceLock::new(),
         }
     }
 
@@ -84,6 +88,13 @@ impl Proxy {
 
     pub fn is_draining(&self) -> bool {
         self.shared.drain.is_cancelled()
+    }
+
+    /// The idle keep-alive connections parked now, out of tasks, on every serving thread.
+    pub fn parked_connections(&self) -> usize {
+        self.parks
+            .get()
+            .map_or(0, |parks| parks.iter().map(park::Parking::parked).sum())
     }
 
     /// Starts accepting on the caller's runtime; each listener comes with the bind it is for.
@@ -117,6 +128,15 @@ impl Proxy {
             .map(|f| Arc::new(Semaphore::new(f.maxconn)))
             .collect();
         let spread = Arc::new(threads::Spread::new(runtimes));
+        let parks = self.parks.get_or_init(|| {
+            runtimes
+                .iter()
+                .map(|rt| {
+                    let _in = rt.enter();
+                    park::Parking::start(self.connections.clone(), self.hard_stop.clone())
+                })
+                .collect()
+        });
         let mut loops = Vec::with_capacity(listeners.len() * runtimes.len());
         for (at, l) in listeners {
             l.set_nonblocking(true)?;
@@ -147,6 +167,7 @@ impl Proxy {
                 take_queue: self.take_queue.clone(),
                 limit: limits[at.frontend].clone(),
                 spread: spread.clone(),
+                parks: parks.clone(),
             };
             self.accepting
                 .spawn_on(acceptor.run(listener).instrument(span), rt);

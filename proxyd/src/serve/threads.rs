@@ -83,6 +83,13 @@ pub(super) struct Counted {
     index: usize,
 }
 
+impl Counted {
+    /// The index of the serving thread it is counted on.
+    pub(super) fn thread(&self) -> usize {
+        self.index
+    }
+}
+
 impl Drop for Counted {
     fn drop(&mut self) {
         self.spread.threads[self.index]
