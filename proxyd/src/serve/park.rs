@@ -236,7 +236,7 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
     use crate::config::BindRef;
@@ -272,11 +272,20 @@ mod tests {
 
     /// A proxy in front of `server()` with `defaults`; its address.
     async fn proxy(defaults: &str) -> (Proxy, std::net::SocketAddr) {
+        proxy_with(defaults, "", "\"127.0.0.1:80\"").await
+    }
+
+    /// A proxy in front of `server()` with `defaults`, more top-level `sections` and one `bind`.
+    async fn proxy_with(
+        defaults: &str,
+        sections: &str,
+        bind: &str,
+    ) -> (Proxy, std::net::SocketAddr) {
         let backend = server().await;
         let text = format!(
             "[global]\nadmin_socket = \"/x/a.sock\"\nfdkeeper_socket = \"/x/l.sock\"\n\
-             [defaults]\n{defaults}\n\
-             [[frontend]]\nname = \"www\"\nbind = [\"127.0.0.1:80\"]\ndefault_backend = \"app\"\n\
+             [defaults]\n{defaults}\n{sections}\n\
+             [[frontend]]\nname = \"www\"\nbind = [{bind}]\ndefault_backend = \"app\"\n\
              [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s1\"\naddress = \"{backend}\"\n"
         );
         let config = crate::Config::from_source(common::SourceFile::from_text("t.toml", text))
@@ -289,7 +298,7 @@ mod tests {
     }
 
     /// Sends a request on `c` and reads its whole answer; the answer.
-    async fn request(c: &mut TcpStream) -> String {
+    async fn request<C: AsyncRead + AsyncWrite + Unpin>(c: &mut C) -> String {
         c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             .await
             .expect("write");
@@ -336,6 +345,28 @@ mod tests {
     async fn a_parked_connection_serves_its_next_request() {
         let (proxy, addr) = proxy("").await;
         let mut c = TcpStream::connect(addr).await.expect("connect");
+        for _ in 0..3 {
+            let answer = request(&mut c).await;
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            until("parked", || proxy.parked_connections() == 1).await;
+        }
+        assert_eq!(proxy.stats().requests_total, 3);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_parked_tls_connection_serves_its_next_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = crate::config::tls::testing::pem(&["a.test"]);
+        let pem = dir.path().join("a.pem");
+        std::fs::write(&pem, format!("{cert}{key}")).expect("write");
+        let tls = format!("[[tls]]\nname = \"t\"\ncerts = [{:?}]\n", pem.display());
+        let bind = "{ address = \"127.0.0.1:80\", tls = \"t\" }";
+        let (proxy, addr) = proxy_with("", &tls, bind).await;
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("a.test").expect("name");
+        let connector =
+            tokio_rustls::TlsConnector::from(crate::config::tls::testing::any_certificate_client());
+        let mut c = connector.connect(name, tcp).await.expect("handshake");
         for _ in 0..3 {
             let answer = request(&mut c).await;
             assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");

@@ -258,9 +258,16 @@ impl TlsCheck<'_> {
     }
 }
 
-/// Certificates made at test time, for the tests of this module and of what sends them.
+/// Certificates made at test time, and a client that takes any, for the tests of this module
+/// and of what sends them.
 #[cfg(test)]
 pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
     /// A self-signed certificate for `names` and its key, in PEM.
     pub(crate) fn pem(names: &[&str]) -> (String, String) {
         let key = rcgen::KeyPair::generate().expect("key");
@@ -270,6 +277,59 @@ pub(crate) mod testing {
         .expect("params");
         let cert = params.self_signed(&key).expect("sign");
         (cert.pem(), key.serialize_pem())
+    }
+
+    /// A client that accepts any certificate.
+    pub(crate) fn any_certificate_client() -> Arc<rustls::ClientConfig> {
+        let client = rustls::ClientConfig::builder_with_provider(super::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+            .with_no_client_auth();
+        Arc::new(client)
+    }
+
+    /// Takes the server's word for it: what these tests test is what follows the handshake, not
+    /// the chain.
+    #[derive(Debug)]
+    struct AnyCertificate;
+
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            super::provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
     }
 }
 
