@@ -85,13 +85,10 @@ pub async fn serve<C: ClientStream + Send + 'static>(
     let timer = tokio::time::sleep(d.timeout_http_keep_alive);
     tokio::pin!(drain, timer);
     loop {
+        // In this order: the streams write their responses before the connection is polled to
+        // send them, and the rare events are looked at last.
         tokio::select! {
             biased;
-            () = &mut drain, if !going_away => {
-                conn.graceful_shutdown();
-                going_away = true;
-                timer.as_mut().reset(Instant::now() + GOAWAY_GRACE);
-            }
             Some(end) = streams.next(), if !streams.is_empty() => {
                 if end == End::ResetByClient {
                     resets += 1;
@@ -111,15 +108,6 @@ pub async fn serve<C: ClientStream + Send + 'static>(
                     timer.as_mut().reset(Instant::now() + wait);
                 }
             }
-            () = &mut timer, if streams.is_empty() => {
-                if going_away {
-                    tracing::debug!("http/2 connection did not close after goaway");
-                    break;
-                }
-                conn.graceful_shutdown();
-                going_away = true;
-                timer.as_mut().reset(Instant::now() + GOAWAY_GRACE);
-            }
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
                     accepted += 1;
@@ -132,6 +120,20 @@ pub async fn serve<C: ClientStream + Send + 'static>(
                 }
                 None => break,
             },
+            () = &mut timer, if streams.is_empty() => {
+                if going_away {
+                    tracing::debug!("http/2 connection did not close after goaway");
+                    break;
+                }
+                conn.graceful_shutdown();
+                going_away = true;
+                timer.as_mut().reset(Instant::now() + GOAWAY_GRACE);
+            }
+            () = &mut drain, if !going_away => {
+                conn.graceful_shutdown();
+                going_away = true;
+                timer.as_mut().reset(Instant::now() + GOAWAY_GRACE);
+            }
         }
     }
     // What is left of the streams ends with the connection: `streams` drops them.
