@@ -507,15 +507,22 @@ async fn a_drain_sends_goaway_and_finishes_the_streams_it_has() {
     let (proxy, addr) = start(&[b.addr], "");
     let proxy = Arc::new(proxy);
     let (client, conn) = connect(addr).await;
+    // Many at once on the one connection: each must finish, however the connection polls them.
+    const STREAMS: usize = 40;
     let mut tasks = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..STREAMS {
         let mut c = client.clone();
         tasks.push(tokio::spawn(async move {
             fetch(&mut c, request(Method::GET, addr, "/slow"), None).await
         }));
     }
-    // Let the five reach the backend, then drain with time to spare.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Let them reach the backend, then drain with time to spare.
+    let deadline = Instant::now() + T;
+    while b.requests.load(std::sync::atomic::Ordering::SeqCst) < STREAMS
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let p = proxy.clone();
     let finish = tokio::spawn(async move { p.finish(tokio::time::Instant::now() + T).await });
     for t in tasks {
@@ -541,5 +548,46 @@ async fn a_drain_sends_goaway_and_finishes_the_streams_it_has() {
             .await
             .is_err()
     );
-    assert_eq!(b.requests.load(std::sync::atomic::Ordering::SeqCst), 5);
+    assert_eq!(
+        b.requests.load(std::sync::atomic::Ordering::SeqCst),
+        STREAMS
+    );
+}
+
+#[tokio::test]
+async fn an_idle_connection_goes_away_but_not_while_a_stream_outlasts_the_idle_timeout() {
+    let b = backend(|_| Action::RespondAfter(Duration::from_millis(600), reply("late"))).await;
+    let (_proxy, addr) = start(&[b.addr], "timeout_http_keep_alive = \"200ms\"");
+    let (client, conn) = connect(addr).await;
+    let mut c = client.clone();
+    // Longer than the idle timeout, but the connection is not idle meanwhile.
+    let (status, _, body) = fetch(&mut c, request(Method::GET, addr, "/"), None)
+        .await
+        .expect("a stream that outlasts the idle timeout completes");
+    assert_eq!((status, body), (StatusCode::OK, b"late".to_vec()));
+    // Idle from then on: the proxy ends the connection with a graceful GOAWAY.
+    let ended = tokio::time::timeout(T, conn)
+        .await
+        .expect("the idle connection ends");
+    ended.expect("conn task").expect("a graceful goaway");
+}
+
+#[tokio::test]
+async fn the_cookie_fields_of_a_stream_reach_the_server_as_one() {
+    let (b, heads) = recording("x").await;
+    let (_proxy, addr) = start(&[b.addr], "");
+    let (client, _conn) = connect(addr).await;
+    let mut c = client.clone();
+    // HTTP/2 clients send each cookie as a field of its own (RFC 9113 §8.2.3).
+    let mut req = request(Method::GET, addr, "/");
+    for crumb in ["a=1", "b=2", "c=3"] {
+        req.headers_mut()
+            .append("cookie", http::HeaderValue::from_static(crumb));
+    }
+    let (status, _, _) = fetch(&mut c, req, None).await.expect("stream");
+    assert_eq!(status, StatusCode::OK);
+    let heads = heads.lock().expect("lock");
+    let head = heads[0].to_ascii_lowercase();
+    assert_eq!(head.matches("cookie:").count(), 1, "{head}");
+    assert!(head.contains("cookie: a=1; b=2; c=3\r\n"), "{head}");
 }

@@ -147,7 +147,7 @@ impl AsyncWrite for SendBody {
         }
     }
 
-    /// DATA frames leave with the connection's next write, which its own task drives.
+    /// DATA frames leave with the connection's next write, which the connection's task drives.
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }

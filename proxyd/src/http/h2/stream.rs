@@ -3,7 +3,7 @@
 
 use std::future::poll_fn;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -57,8 +57,9 @@ impl Respond {
 }
 
 /// The client side of a stream's exchange. The response handle sits behind a lock because
-/// the stream's task also watches it for a reset while the exchange runs; both only take it
-/// for a moment, never across a wait.
+/// the stream also watches it for a reset while the exchange runs (a lock, not a `RefCell`,
+/// for the connection's future to be `Send`); both only take it for a moment, never across a
+/// wait.
 struct Client<'a> {
     body: Io<RecvBody>,
     respond: &'a Mutex<Respond>,
@@ -104,56 +105,75 @@ fn lock(m: &Mutex<Respond>) -> std::sync::MutexGuard<'_, Respond> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Serves one stream to its end; a reset by the client cancels the exchange at once (its
-/// server slot and connection are given up), which is what a rapid-reset flood relies on us
-/// not doing.
-pub async fn serve(
-    shared: Arc<Shared>,
-    info: ClientInfo,
-    req: Request<RecvStream>,
+/// A stream the connection accepted, its request head checked; [`Stream::serve`] serves it.
+pub struct Stream {
+    head: Result<RequestHead, Status>,
+    recv: RecvStream,
     respond: SendResponse<Bytes>,
-) -> End {
-    let _in_flight = log::in_flight(&shared);
-    let frontend = info.at.frontend;
-    let mut log = Log::start("HTTP/2");
-    let respond = Mutex::new(Respond {
-        handle: respond,
-        answered: false,
-    });
-    let (parts, recv) = req.into_parts();
-    let mut head = match request_head(&parts, recv.is_end_stream()) {
-        Ok(h) => h,
-        Err(status) => {
-            tracing::debug!(status = status.code(), "refusing request");
-            let rules = &shared.config.frontends[frontend].rules;
-            respond_status(&respond, status, &route::always(rules));
-            log::access_log(&shared, frontend, info.peer, &Log::refused(status), None);
-            return End::Done;
+}
+
+impl Stream {
+    /// Checks the request's head, written as HTTP/1.1 into `scratch` (the connection's buffer
+    /// for it, so that no stream allocates its own).
+    pub fn new(
+        req: Request<RecvStream>,
+        respond: SendResponse<Bytes>,
+        scratch: &mut Vec<u8>,
+    ) -> Stream {
+        let (parts, recv) = req.into_parts();
+        let head = request_head(&parts, recv.is_end_stream(), scratch);
+        Stream {
+            head,
+            recv,
+            respond,
         }
-    };
-    let framing = match head.framing {
-        Framing::Chunked => body_io::Framing::Chunked,
-        _ => body_io::Framing::Plain,
-    };
-    let client = Client {
-        body: Io {
-            stream: RecvBody::new(recv, framing),
-            // Most requests have no body: no buffer until one is read.
-            buf: bytes::BytesMut::new(),
-        },
-        respond: &respond,
-    };
-    let work = answer(&shared, info, client, &mut head, &mut log);
-    let reset = poll_fn(|cx| lock(&respond).poll_reset(cx));
-    let end = tokio::select! {
-        end = work => end,
-        _ = reset => End::ResetByClient,
-    };
-    if end == End::ResetByClient {
-        log.status = 0;
     }
-    log::access_log(&shared, frontend, info.peer, &log, Some(&head));
-    end
+
+    /// Serves the stream to its end; a reset by the client cancels the exchange at once (its
+    /// server slot and connection are given up), which is what a rapid-reset flood relies on
+    /// us not doing.
+    pub async fn serve(self, shared: &Shared, info: ClientInfo) -> End {
+        let _in_flight = log::in_flight(shared);
+        let frontend = info.at.frontend;
+        let mut log = Log::start("HTTP/2");
+        let respond = Mutex::new(Respond {
+            handle: self.respond,
+            answered: false,
+        });
+        let mut head = match self.head {
+            Ok(h) => h,
+            Err(status) => {
+                tracing::debug!(status = status.code(), "refusing request");
+                let rules = &shared.config.frontends[frontend].rules;
+                respond_status(&respond, status, &route::always(rules));
+                log::access_log(shared, frontend, info.peer, &Log::refused(status), None);
+                return End::Done;
+            }
+        };
+        let framing = match head.framing {
+            Framing::Chunked => body_io::Framing::Chunked,
+            _ => body_io::Framing::Plain,
+        };
+        let client = Client {
+            body: Io {
+                stream: RecvBody::new(self.recv, framing),
+                // Most requests have no body: no buffer until one is read.
+                buf: bytes::BytesMut::new(),
+            },
+            respond: &respond,
+        };
+        let work = answer(shared, info, client, &mut head, &mut log);
+        let reset = poll_fn(|cx| lock(&respond).poll_reset(cx));
+        let end = tokio::select! {
+            end = work => end,
+            _ = reset => End::ResetByClient,
+        };
+        if end == End::ResetByClient {
+            log.status = 0;
+        }
+        log::access_log(shared, frontend, info.peer, &log, Some(&head));
+        end
+    }
 }
 
 /// Answers the request: a redirect on a bind that sends plain HTTP to https, else the server's
@@ -367,28 +387,21 @@ fn whole_body(framing: Framing, buf: &[u8]) -> Option<usize> {
 /// The response's end-to-end fields as HTTP/2 fields. A transfer coding other than chunked
 /// cannot be undone here, so such a response is refused rather than passed on garbled.
 ///
-/// The values are copied once into one buffer that they all share, and the map is sized once:
-/// an allocation per value showed in the profile of small responses.
+/// In one pass over the fields, the values copied into one buffer that they all share (an
+/// allocation per value showed in the profile of small responses); the head's length bounds
+/// what they need unless a field was added since (a persistence cookie), which then takes a
+/// second buffer.
 fn copy_fields(resp: &ResponseHead, to: &mut http::HeaderMap) -> Result<(), &'static str> {
-    let (mut count, mut size) = (0, 0);
-    for (_, value) in resp.fields() {
-        count += 1;
-        size += value.len();
-    }
-    let mut values = bytes::BytesMut::with_capacity(size);
-    for (_, value) in resp.fields() {
-        values.extend_from_slice(value);
-    }
-    let mut values = values.freeze();
-    to.reserve(count);
+    let mut values = bytes::BytesMut::with_capacity(resp.len);
     for (name, value) in resp.fields() {
-        let value = values.split_to(value.len());
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
             if !value.eq_ignore_ascii_case(b"chunked") {
                 return Err("transfer coding");
             }
             continue;
         }
+        values.extend_from_slice(value);
+        let value = values.split().freeze();
         let name = HeaderName::from_bytes(name).map_err(|_| "field name")?;
         let value = HeaderValue::from_maybe_shared(value).map_err(|_| "field value")?;
         to.append(name, value);
@@ -396,11 +409,18 @@ fn copy_fields(resp: &ResponseHead, to: &mut http::HeaderMap) -> Result<(), &'st
     Ok(())
 }
 
+/// Most of the head buffer a connection keeps between requests: a common head fits.
+const SCRATCH_KEPT: usize = 4096;
+
 /// The request as an HTTP/1.1 head, checked by the same parser as a request that came as
 /// one: `:authority` becomes `Host`, cookies are joined into one field (RFC 9113 §8.2.3), and
 /// a body of unknown length goes to the server chunked.
-fn request_head(parts: &http::request::Parts, end_stream: bool) -> Result<RequestHead, Status> {
-    let mut text = Vec::with_capacity(512);
+fn request_head(
+    parts: &http::request::Parts,
+    end_stream: bool,
+    text: &mut Vec<u8>,
+) -> Result<RequestHead, Status> {
+    text.clear();
     text.extend_from_slice(parts.method.as_str().as_bytes());
     text.push(b' ');
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -412,7 +432,6 @@ fn request_head(parts: &http::request::Parts, end_stream: bool) -> Result<Reques
         text.extend_from_slice(a.as_bytes());
         text.extend_from_slice(b"\r\n");
     }
-    let mut cookies = Vec::new();
     let mut length = false;
     for (name, value) in &parts.headers {
         if name == http::header::HOST {
@@ -425,10 +444,6 @@ fn request_head(parts: &http::request::Parts, end_stream: bool) -> Result<Reques
                 continue;
             }
         } else if name == http::header::COOKIE {
-            if !cookies.is_empty() {
-                cookies.extend_from_slice(b"; ");
-            }
-            cookies.extend_from_slice(value.as_bytes());
             continue;
         } else if name == http::header::CONTENT_LENGTH {
             length = true;
@@ -438,16 +453,31 @@ fn request_head(parts: &http::request::Parts, end_stream: bool) -> Result<Reques
         text.extend_from_slice(value.as_bytes());
         text.extend_from_slice(b"\r\n");
     }
-    if !cookies.is_empty() {
+    let mut cookies = parts
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .filter(|c| !c.is_empty());
+    if let Some(first) = cookies.next() {
         text.extend_from_slice(b"cookie: ");
-        text.extend_from_slice(&cookies);
+        text.extend_from_slice(first);
+        for c in cookies {
+            text.extend_from_slice(b"; ");
+            text.extend_from_slice(c);
+        }
         text.extend_from_slice(b"\r\n");
     }
     if !length && !end_stream {
         text.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     text.extend_from_slice(b"\r\n");
-    match head::parse_request(&text) {
+    let parsed = head::parse_request(text);
+    if text.capacity() > SCRATCH_KEPT {
+        // One large head must not leave its size with the connection for good.
+        *text = Vec::new();
+    }
+    match parsed {
         Ok(Some(h)) => Ok(h),
         // The head is complete by construction.
         Ok(None) => Err(Status::BadRequest),
