@@ -199,6 +199,8 @@ struct Shape {
     nofile: u64,
     h2load: String,
     openssl: String,
+    /// CPU µs of one RSA 2048 signature by OpenSSL on this machine (`openssl speed`), if it ran.
+    rsa_sign_us: Option<f64>,
     /// The ring build of proxyd, or why there is none.
     ring: std::result::Result<std::path::PathBuf, String>,
 }
@@ -217,6 +219,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         nofile: limit,
         h2load: first_line(&h2load, &["--version"]),
         openssl: first_line(std::path::Path::new("openssl"), &["version"]),
+        rsa_sign_us: rsa_sign_us(),
         ring: build_ring(),
     };
     let mut env = Env::new("bench-tls")?;
@@ -528,6 +531,26 @@ async fn measure_idle(target: &Target, n: usize) -> Result<Idle> {
     })
 }
 
+/// What one RSA 2048 signature costs OpenSSL here, in CPU µs: the floor of every full RSA
+/// handshake, whoever serves it. `openssl speed` times it in user CPU, so that a busy machine
+/// slows it less than it would a wall-clock figure.
+fn rsa_sign_us() -> Option<f64> {
+    let out = std::process::Command::new("openssl")
+        .args(["speed", "-seconds", "2", "rsa2048"])
+        .output()
+        .ok()?;
+    parse_rsa_sign_us(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The sign time of `openssl speed rsa2048`'s result line, `rsa 2048 bits 0.000364s 0.000019s
+/// 2750.5 51888.4`, in µs.
+fn parse_rsa_sign_us(text: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.starts_with("rsa 2048 bits"))?;
+    let sign = line.split_whitespace().nth(3)?.strip_suffix('s')?;
+    let us = sign.parse::<f64>().ok()? * 1e6;
+    (us > 0.0).then_some(us)
+}
+
 /// The first line a program prints about its version.
 fn first_line(prog: &std::path::Path, args: &[&str]) -> String {
     std::process::Command::new(prog)
@@ -542,4 +565,18 @@ fn first_line(prog: &std::path::Path, args: &[&str]) -> String {
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_rsa_sign_time_of_openssl_speed() {
+        let out = "version: 3.0.19\nCPUINFO: OPENSSL_ia32cap=0xfffa\n                  sign    verify    sign/s verify/s\nrsa 2048 bits 0.000364s 0.000019s   2750.5  51888.4\n";
+        let us = parse_rsa_sign_us(out).expect("a sign time");
+        assert!((us - 364.0).abs() < 1e-6, "{us}");
+        assert_eq!(parse_rsa_sign_us("rsa 2048 bits 0.000000s 0.000019s"), None);
+        assert_eq!(parse_rsa_sign_us("nothing here"), None);
+    }
 }
