@@ -294,7 +294,7 @@ async fn run_in(
             .await
             .with_context(|| format!("idle connections to {}", target.kind.label()))?;
         eprintln!(
-            "   idle {:<8} {} connections in {:.1} s: {:.0} -> {:.0} MiB, {:.1} KiB each",
+            "   idle {:<11} {} connections in {:.1} s: {:.0} -> {:.0} MiB, {:.1} KiB each",
             target.kind.label(),
             i.opened,
             i.seconds,
@@ -335,7 +335,7 @@ async fn run_in(
                     )
                 })?;
                 eprintln!(
-                    "   round {} {:<38} {:<8} {:>8.0} {:<12} cpu {:>6.1} µs  proxy {:>3.0} %  client {:>3.0} %  errors {}{}  ({:.1?})",
+                    "   round {} {:<38} {:<11} {:>8.0} {:<12} cpu {:>6.1} µs  proxy {:>3.0} %  client {:>3.0} %  errors {}  log {}{}  ({:.1?})",
                     round + 1,
                     load.title(),
                     target.kind.label(),
@@ -345,6 +345,7 @@ async fn run_in(
                     s.proxy_busy * 100.0,
                     s.client_busy * 100.0,
                     s.errors,
+                    s.log_lines.map_or("-".to_owned(), |n| n.to_string()),
                     s.resumed
                         .map_or(String::new(), |r| format!("  resumed {:.0} %", r * 100.0)),
                     t.elapsed(),
