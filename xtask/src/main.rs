@@ -105,7 +105,7 @@ enum Cmd {
         /// Directory for benchmarks.md and benchmarks.png.
         #[arg(long, default_value = "docs")]
         out: std::path::PathBuf,
-        /// What the http section proxies to: Debian's nginx, or xtask's demo backend.
+        /// What the http and tls sections proxy to: Debian's nginx, or xtask's demo backend.
         #[arg(long, value_enum, default_value_t)]
         backends: bench::BackendKind,
     },

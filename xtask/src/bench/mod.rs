@@ -5,9 +5,11 @@
 //! compared run alternately, round after round, so that a noisy neighbour hits all of them; the
 //! report gives medians and the spread (min..max) of the rounds, and ratios against HAProxy.
 
+mod backends;
 mod cache;
 mod http;
 mod kill;
+mod logs;
 mod peers;
 mod plot;
 mod reload;
@@ -38,11 +40,11 @@ pub struct Options {
     pub build: bool,
     /// Where the report goes (`docs/benchmarks.md` and `docs/benchmarks.png` by default).
     pub out_dir: PathBuf,
-    /// What the http section's targets proxy to.
+    /// What the http and tls sections' targets proxy to.
     pub backends: BackendKind,
 }
 
-/// The http section's backends.
+/// The backends of the http and tls sections.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
     /// Two Debian nginx instances: a server nobody here wrote.

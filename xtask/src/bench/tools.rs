@@ -1,10 +1,17 @@
 //! The programs the bench compares against and drives (HAProxy, nginx, wrk), found on PATH or
-//! installed from Debian's packages with `--install`, and the open-file limit they run under.
+//! installed from Debian's packages with `--install`, the open-file limit they run under, and
+//! how they are started: config checked first, then waited for until they listen.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+use super::Ctx;
+use crate::cluster::START_TIMEOUT;
+use crate::harness::{Env, Proc};
 
 /// Debian packages that provide what the bench needs, by the program that is looked for.
 const NEEDED: &[(&str, &str)] = &[
@@ -173,4 +180,84 @@ fn first_line(prog: &Path, args: &[&str]) -> String {
         .find(|l| !l.is_empty())
         .unwrap_or("unknown")
         .to_owned()
+}
+
+/// The user nginx's workers run as: as root they would switch to `nobody`, who cannot enter the
+/// 0700 temp dir, so root's own name then.
+pub fn run_as() -> Option<String> {
+    nix::unistd::geteuid()
+        .is_root()
+        .then(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+        })
+        .flatten()
+        .map(|u| u.name)
+}
+
+/// Waits until `addr` accepts, failing at once (with its log) if `proc` exits first.
+pub async fn wait_listening(mut proc: Proc, addr: SocketAddr) -> Result<Proc> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(proc);
+        }
+        if !proc.is_running() {
+            bail!(
+                "{} exited before listening on {addr}: {}",
+                proc.name(),
+                proc.log_text().trim()
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{} does not accept on {addr} after {START_TIMEOUT:?}",
+                proc.name()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `prog args.. config` (a config check) and fails with what it said.
+pub fn check_config(prog: &Path, args: &[&str], config: &Path) -> Result<()> {
+    let out = Command::new(prog)
+        .args(args)
+        .arg(config)
+        .output()
+        .with_context(|| format!("cannot run {}", prog.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} rejects {}: {}{}",
+            prog.display(),
+            config.display(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Checks `conf` and starts nginx on it in the foreground, with the prefix `prefix` and its
+/// errors to its stderr log.
+pub fn spawn_nginx(env: &Env, ctx: &Ctx, name: &str, prefix: &Path, conf: &Path) -> Result<Proc> {
+    let prefix_arg = format!("{}/", prefix.display());
+    check_config(
+        &ctx.tools.nginx,
+        &["-q", "-e", "stderr", "-p", &prefix_arg, "-t", "-c"],
+        conf,
+    )?;
+    env.spawn(
+        name,
+        &ctx.tools.nginx,
+        [
+            "-e".as_ref(),
+            "stderr".as_ref(),
+            "-p".as_ref(),
+            prefix_arg.as_ref(),
+            "-c".as_ref(),
+            conf.as_os_str(),
+        ],
+    )
 }

@@ -7,9 +7,7 @@
 //! backend). Targets run alternately, round after round (the order rotating each round), so
 //! that a busy neighbour on the shared machine hits all of them alike.
 
-mod backends;
 mod idle;
-mod logs;
 mod report;
 mod sessions;
 pub(super) mod targets;
@@ -22,11 +20,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use nix::sys::resource::{UsageWho, getrusage};
 
+use super::logs::{self, AccessLog};
 use super::stats;
-use super::{BackendKind, Ctx, Section, tools};
+use super::{BackendKind, Ctx, Section, backends, tools};
 use crate::configs::nginx::BIG_PATH;
 use crate::harness::{Env, Proc};
-use logs::AccessLog;
 use report::section;
 use targets::{start_haproxy, start_nginx, start_proxyd};
 use wrk::parse_wrk;

@@ -3,20 +3,15 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 
-use super::backends::spawn_nginx;
-use super::logs::AccessLog;
 use super::{CHECK_INTER, Kind, TABLE, TABLE_SIZE, TIMEOUT_IDLE, Target};
 use crate::bench::Ctx;
+use crate::bench::logs::{AccessLog, HTTPLOG_MARKER};
+use crate::bench::tools::{check_config, run_as, spawn_nginx, wait_listening};
 use crate::cluster::{self, START_TIMEOUT};
 use crate::configs::{self, haproxy, nginx, proxyd};
-
-/// What marks an access line in proxyd's log file: the two capture fields of HAProxy's httplog
-/// format, unused (` - - `), which no other line of proxyd's carries.
-pub(super) const HTTPLOG_MARKER: &str = " - - ";
 use crate::harness::{self, Env, Proc, ProcSpec};
 
 /// stickd.toml: one table like the seed's, but `TABLE_SIZE` entries.
@@ -285,20 +280,6 @@ fn nginx_config(
     }
 }
 
-/// The user nginx's workers run as: as root they would switch to `nobody`, who cannot enter the
-/// 0700 temp dir, so root's own name then.
-pub(super) fn run_as() -> Option<String> {
-    nix::unistd::geteuid()
-        .is_root()
-        .then(|| {
-            nix::unistd::User::from_uid(nix::unistd::getuid())
-                .ok()
-                .flatten()
-        })
-        .flatten()
-        .map(|u| u.name)
-}
-
 pub(super) async fn start_nginx(
     ctx: &Ctx,
     env: &mut Env,
@@ -322,49 +303,6 @@ pub(super) async fn start_nginx(
         marker: None,
     };
     Ok(Target::new(Kind::Nginx, frontend, pid, None, log))
-}
-
-/// Waits until `addr` accepts, failing at once (with its log) if `proc` exits first.
-pub(in crate::bench) async fn wait_listening(mut proc: Proc, addr: SocketAddr) -> Result<Proc> {
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(proc);
-        }
-        if !proc.is_running() {
-            bail!(
-                "{} exited before listening on {addr}: {}",
-                proc.name(),
-                proc.log_text().trim()
-            );
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "{} does not accept on {addr} after {START_TIMEOUT:?}",
-                proc.name()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Runs `prog args.. config` (a config check) and fails with what it said.
-pub(in crate::bench) fn check_config(prog: &Path, args: &[&str], config: &Path) -> Result<()> {
-    let out = std::process::Command::new(prog)
-        .args(args)
-        .arg(config)
-        .output()
-        .with_context(|| format!("cannot run {}", prog.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} rejects {}: {}{}",
-            prog.display(),
-            config.display(),
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

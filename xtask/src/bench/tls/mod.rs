@@ -2,8 +2,9 @@
 //! handshakes/s (ECDSA P-256 and RSA 2048), resumed handshakes/s, TLS keep-alive HTTP/1.1 req/s,
 //! HTTP/2 req/s by ALPN, and the memory an idle TLS connection costs each of them.
 //!
-//! Every target proxies to the http bench's two demo backends with one proxy thread, logs no
-//! request (as in the http bench) and serves both certificates, one port each. Loads run
+//! Every target proxies to the http bench's two backends (Debian's nginx by default) with one
+//! proxy thread and its access log on (as in the http bench), and serves both certificates, one
+//! port each. Loads run
 //! alternately, round after round with the order rotating, so that a busy neighbour on the
 //! shared machine hits all targets alike. The idle-connection memory is read first, on processes
 //! that have served nothing but a warm-up, so that no target reuses memory a load left behind.
@@ -21,12 +22,12 @@ use nix::sys::resource::{UsageWho, getrusage};
 
 use super::http::wrk::parse_wrk;
 use super::http::{loadavg, settle};
-use super::{Ctx, Section, stats, tools};
-use crate::cluster;
+use super::logs::{self, AccessLog};
+use super::{BackendKind, Ctx, Section, backends, stats, tools};
 use crate::harness::{self, Env, Proc};
 use targets::{Certs, Ports};
 
-/// Health checks of the demo backends, as in the http bench.
+/// Health checks of the backends, as in the http bench.
 const CHECK_INTER: &str = "2s";
 /// Client, request and keep-alive timeouts of every target: long enough that the idle
 /// connections of the memory run are still open when it reads the targets' memory.
@@ -104,6 +105,7 @@ struct Target {
     ports: Ports,
     /// Root of the proxy's own process tree.
     pid: u32,
+    log: AccessLog,
 }
 
 /// What the clients do in one run.
@@ -162,8 +164,12 @@ struct Sample {
     proxy_busy: f64,
     /// The client's (this process's, or wrk's and h2load's).
     client_busy: f64,
+    /// The backends'.
+    backends_busy: f64,
     /// Share of the handshakes that resumed (handshake runs).
     resumed: Option<f64>,
+    /// Access log lines the run wrote.
+    log_lines: Option<u64>,
 }
 
 /// Memory of one target before and after its idle connections opened.
@@ -185,6 +191,7 @@ impl Idle {
 
 /// What the run was given, for the report.
 struct Shape {
+    backends: BackendKind,
     secs: u64,
     rounds: usize,
     idle: usize,
@@ -192,6 +199,8 @@ struct Shape {
     nofile: u64,
     h2load: String,
     openssl: String,
+    /// CPU µs of one RSA 2048 signature by OpenSSL on this machine (`openssl speed`), if it ran.
+    rsa_sign_us: Option<f64>,
     /// The ring build of proxyd, or why there is none.
     ring: std::result::Result<std::path::PathBuf, String>,
 }
@@ -203,12 +212,14 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
     let nofile = tools::Nofile::raise();
     let limit = nofile.limit;
     let shape = Shape {
+        backends: ctx.opts.backends,
         secs: ctx.pick(2, 5),
         rounds: ctx.rounds(3),
         idle: nofile.idle_connections(ctx.pick(2_000, 10_000)),
         nofile: limit,
         h2load: first_line(&h2load, &["--version"]),
         openssl: first_line(std::path::Path::new("openssl"), &["version"]),
+        rsa_sign_us: rsa_sign_us(),
         ring: build_ring(),
     };
     let mut env = Env::new("bench-tls")?;
@@ -218,6 +229,9 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
     match result {
         Ok((samples, idle, targets)) => {
             let mut s = report::section(&samples, &idle, &targets, &shape);
+            if shape.backends == BackendKind::Demo {
+                s.id = "tls-demo".to_owned();
+            }
             s.text.push(format!(
                 "Machine load (1-minute load average, {} cores) at the start: {load_before}, at \
                  the end: {}; above the core count, other work shared the machine and the \
@@ -242,11 +256,11 @@ async fn run_in(
 ) -> Result<Results> {
     // Everything that must live until the end (dropping a `Proc` kills it).
     let mut procs: Vec<Proc> = Vec::new();
-    let names = vec!["app1".to_owned(), "app2".to_owned()];
-    let backends = cluster::start_backends(env, &names, 2, Duration::ZERO, None).await?;
+    let backends = backends::start(env, ctx, shape.backends, limit, &mut procs).await?;
     let servers: Vec<(String, SocketAddr)> =
-        backends.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
-    procs.extend(backends.into_iter().map(|(_, _, p)| p));
+        backends.iter().map(|b| (b.name.clone(), b.addr)).collect();
+    let backend_pids: Vec<u32> = backends.iter().map(|b| b.pid).collect();
+    let sink = logs::Sink::start().await?;
 
     let certs: Certs = targets::make_certs(&env.path("certs"))?;
     // Each target may hold every idle connection, with a margin, and no more than its files allow.
@@ -254,6 +268,7 @@ async fn run_in(
         certs,
         servers,
         maxconn: (shape.idle as u64 + 5_000).min(limit.saturating_sub(100) / 2),
+        sink: sink.addr(),
     };
     let t = Instant::now();
     let mut targets = vec![
@@ -279,7 +294,7 @@ async fn run_in(
             .await
             .with_context(|| format!("idle connections to {}", target.kind.label()))?;
         eprintln!(
-            "   idle {:<8} {} connections in {:.1} s: {:.0} -> {:.0} MiB, {:.1} KiB each",
+            "   idle {:<11} {} connections in {:.1} s: {:.0} -> {:.0} MiB, {:.1} KiB each",
             target.kind.label(),
             i.opened,
             i.seconds,
@@ -287,6 +302,7 @@ async fn run_in(
             i.after as f64 / 1048576.0,
             i.kib_per_conn()
         );
+        target.log.take(&sink)?;
         idle.push(i);
     }
 
@@ -298,18 +314,28 @@ async fn run_in(
             order.rotate_left(round % n);
             for target in order {
                 let t = Instant::now();
-                let s = measure(ctx, env, h2load, target, load, shape.secs, round)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "{} through {} (round {})",
-                            load.title(),
-                            target.kind.label(),
-                            round + 1
-                        )
-                    })?;
+                let s = measure(
+                    ctx,
+                    env,
+                    h2load,
+                    target,
+                    load,
+                    shape.secs,
+                    round,
+                    &backend_pids,
+                    &sink,
+                )
+                .await
+                .with_context(|| {
+                    format!(
+                        "{} through {} (round {})",
+                        load.title(),
+                        target.kind.label(),
+                        round + 1
+                    )
+                })?;
                 eprintln!(
-                    "   round {} {:<38} {:<8} {:>8.0} {:<12} cpu {:>6.1} µs  proxy {:>3.0} %  client {:>3.0} %  errors {}{}  ({:.1?})",
+                    "   round {} {:<38} {:<11} {:>8.0} {:<12} cpu {:>6.1} µs  proxy {:>3.0} %  client {:>3.0} %  errors {}  log {}{}  ({:.1?})",
                     round + 1,
                     load.title(),
                     target.kind.label(),
@@ -319,6 +345,7 @@ async fn run_in(
                     s.proxy_busy * 100.0,
                     s.client_busy * 100.0,
                     s.errors,
+                    s.log_lines.map_or("-".to_owned(), |n| n.to_string()),
                     s.resumed
                         .map_or(String::new(), |r| format!("  resumed {:.0} %", r * 100.0)),
                     t.elapsed(),
@@ -342,7 +369,9 @@ fn rusage(who: UsageWho) -> Duration {
     })
 }
 
-/// One run of `load` against `target`, with the CPU the proxy and the client used meanwhile.
+/// One run of `load` against `target`, with the CPU the proxy, the client and the backends used
+/// meanwhile, and the access log lines it wrote.
+#[allow(clippy::too_many_arguments)]
 async fn measure(
     ctx: &Ctx,
     env: &Env,
@@ -351,8 +380,18 @@ async fn measure(
     load: Load,
     secs: u64,
     round: usize,
+    backend_pids: &[u32],
+    sink: &logs::Sink,
 ) -> Result<Sample> {
     settle(&[target.pid]).await;
+    target.log.take(sink)?;
+    let backends_cpu = || {
+        backend_pids
+            .iter()
+            .map(|&p| stats::cpu_time(p))
+            .sum::<Duration>()
+    };
+    let backends_before = backends_cpu();
     let proxy_before = stats::cpu_time(target.pid);
     let (self_before, children_before) = (
         rusage(UsageWho::RUSAGE_SELF),
@@ -415,6 +454,7 @@ async fn measure(
         _ => rusage(UsageWho::RUSAGE_SELF).saturating_sub(self_before),
     };
     let proxy_run = stats::cpu_time(target.pid).saturating_sub(proxy_before);
+    let backends = backends_cpu().saturating_sub(backends_before);
     // Work the run caused but finished after it (closing connections) counts too.
     settle(&[target.pid]).await;
     let proxy = stats::cpu_time(target.pid).saturating_sub(proxy_before);
@@ -426,7 +466,9 @@ async fn measure(
         cpu_us: proxy.as_secs_f64() * 1e6 / ops.max(1) as f64,
         proxy_busy: proxy_run.as_secs_f64() / seconds,
         client_busy: client.as_secs_f64() / seconds,
+        backends_busy: backends.as_secs_f64() / seconds,
         resumed,
+        log_lines: target.log.take(sink)?,
     })
 }
 
@@ -490,6 +532,26 @@ async fn measure_idle(target: &Target, n: usize) -> Result<Idle> {
     })
 }
 
+/// What one RSA 2048 signature costs OpenSSL here, in CPU µs: the floor of every full RSA
+/// handshake, whoever serves it. `openssl speed` times it in user CPU, so that a busy machine
+/// slows it less than it would a wall-clock figure.
+fn rsa_sign_us() -> Option<f64> {
+    let out = std::process::Command::new("openssl")
+        .args(["speed", "-seconds", "2", "rsa2048"])
+        .output()
+        .ok()?;
+    parse_rsa_sign_us(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The sign time of `openssl speed rsa2048`'s result line, `rsa 2048 bits 0.000364s 0.000019s
+/// 2750.5 51888.4`, in µs.
+fn parse_rsa_sign_us(text: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.starts_with("rsa 2048 bits"))?;
+    let sign = line.split_whitespace().nth(3)?.strip_suffix('s')?;
+    let us = sign.parse::<f64>().ok()? * 1e6;
+    (us > 0.0).then_some(us)
+}
+
 /// The first line a program prints about its version.
 fn first_line(prog: &std::path::Path, args: &[&str]) -> String {
     std::process::Command::new(prog)
@@ -504,4 +566,18 @@ fn first_line(prog: &std::path::Path, args: &[&str]) -> String {
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_rsa_sign_time_of_openssl_speed() {
+        let out = "version: 3.0.19\nCPUINFO: OPENSSL_ia32cap=0xfffa\n                  sign    verify    sign/s verify/s\nrsa 2048 bits 0.000364s 0.000019s   2750.5  51888.4\n";
+        let us = parse_rsa_sign_us(out).expect("a sign time");
+        assert!((us - 364.0).abs() < 1e-6, "{us}");
+        assert_eq!(parse_rsa_sign_us("rsa 2048 bits 0.000000s 0.000019s"), None);
+        assert_eq!(parse_rsa_sign_us("nothing here"), None);
+    }
 }

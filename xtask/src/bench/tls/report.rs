@@ -6,7 +6,7 @@ use super::{
     WRK_CONNECTIONS,
 };
 use crate::bench::stats::{median, ratio, with_spread};
-use crate::bench::{Section, Table};
+use crate::bench::{BackendKind, Section, Table};
 
 /// One field of one (load, target) over the rounds.
 fn values(
@@ -28,26 +28,57 @@ pub(super) fn section(
     targets: &[Target],
     shape: &Shape,
 ) -> Section {
-    let mut s = Section::new("TLS: handshakes, keep-alive, HTTP/2, idle connections");
-    s.text.push(format!(
-        "proxyd (rustls on aws-lc-rs), HAProxy 2.6 (OpenSSL 3.0) and nginx 1.22 (OpenSSL 3.0) \
-         terminate TLS for the same two demo backends on loopback, each with one proxy thread \
-         (proxyd `threads = 1`, HAProxy `nbthread 1`, nginx `worker_processes 1`), logging no \
-         request (as in the http section), without stick rules (round robin; nginx's upstream \
-         with `keepalive 64`). Each serves a self-signed ECDSA P-256 certificate on one port and \
-         an RSA 2048 one on another, offers `h2` and `http/1.1` by ALPN, TLS 1.2 and 1.3 (every \
-         client here negotiates 1.3, X25519), and its default session tickets. Each load runs \
-         {} s per target, {} round(s), the target order rotating each round; figures are the \
-         median of the rounds with (min..max). Client: {}; {}.",
-        shape.secs, shape.rounds, shape.openssl, shape.h2load
+    let backends = match shape.backends {
+        BackendKind::Nginx => "nginx",
+        BackendKind::Demo => "demo",
+    };
+    let mut s = Section::new(&format!(
+        "TLS ({backends} backends): handshakes, keep-alive, HTTP/2, idle connections"
     ));
+    s.text.push(format!(
+        "proxyd (rustls on aws-lc-rs, its default build), HAProxy 2.6 (OpenSSL 3.0) and nginx \
+         1.22 (OpenSSL 3.0) terminate TLS for the same two backends on loopback ({}), each with \
+         one proxy thread (proxyd `threads = 1`, HAProxy `nbthread 1`, nginx `worker_processes \
+         1`), without stick rules (round robin; nginx's upstream with `keepalive 64`). Each \
+         serves a self-signed ECDSA P-256 certificate on one port and an RSA 2048 one on \
+         another, offers `h2` and `http/1.1` by ALPN, TLS 1.2 and 1.3 (every client here \
+         negotiates 1.3 and X25519, its first key share), and its default session \
+         tickets: two per full TLS 1.3 handshake from each (rustls's default and OpenSSL's). \
+         Each load runs {} s per target, {} round(s), the target order rotating each round; \
+         figures are the median of the rounds with (min..max). Client: {}; {}.",
+        match shape.backends {
+            BackendKind::Nginx =>
+                "two Debian nginx instances, one worker each, `access_log off`, as in the http \
+                 section",
+            BackendKind::Demo => "two instances of xtask's demo backend, as in the http section",
+        },
+        shape.secs,
+        shape.rounds,
+        shape.openssl,
+        shape.h2load
+    ));
+    s.text.push(
+        "**Access logs are on for every target**, as in the http section: proxyd its default \
+         access log (HAProxy's httplog format, to its stderr, a file here); HAProxy `option \
+         httplog` to a UDP syslog sink in the bench's process, with `option dontlognull` \
+         (Debian's default haproxy.cfg has it), so that it logs no line for a connection that \
+         sent no request, as proxyd and nginx log none; nginx `access_log` (`combined`) to a \
+         file. After each run the bench counts the lines it wrote; the log column is those lines \
+         per handshake or request: about 1.00 for the keep-alive and HTTP/2 loads, 0 for the \
+         handshake loads, which send no request."
+            .to_owned(),
+    );
     s.text.push(match &shape.ring {
         Ok(_) => "proxyd ring: the same proxyd built without its default `aws-lc-rs` feature \
                   (`cargo build --release -p proxyd --no-default-features`, in target/ring), \
                   rustls on ring instead of aws-lc-rs, the same config; it runs every load beside \
-                  the others. The targets below judge proxyd's default build (aws-lc-rs)."
+                  the others. The row \"proxyd\" is the default build (aws-lc-rs), and the \
+                  targets below judge it alone."
             .to_owned(),
-        Err(why) => format!("No ring build of proxyd in this run: {why}."),
+        Err(why) => format!(
+            "No ring build of proxyd in this run: {why}. The row \"proxyd\" is the default build \
+             (aws-lc-rs), which the targets below judge."
+        ),
     });
     s.text.push(format!(
         "Loads: **full handshakes**: xtask's own client (rustls on ring, in the bench's process, \
@@ -61,10 +92,10 @@ pub(super) fn section(
          -c{H2_CONNECTIONS} -m{H2_STREAMS}` ({H2_CONNECTIONS} connections × {H2_STREAMS} \
          streams, ALPN h2, checked). CPU µs/op: user+system time of the proxy's process tree \
          (/proc) from the start of the run until it is quiet again, divided by the handshakes \
-         or requests completed; proxy and client CPU: their CPU time over the run's wall time \
-         (100 % = one core). The machine has two cores for proxy, backends and client alike: \
-         when the proxy is well under 100 %, the client or the backends set the pace, and CPU \
-         µs/op is the fairer comparison."
+         or requests completed; proxy, client and backends CPU: their CPU time over the run's \
+         wall time (100 % = one core). The machine has two cores for proxy, backends and client \
+         alike: when the proxy is well under 100 %, the client or the backends set the pace, and \
+         CPU µs/op is the fairer comparison."
     ));
 
     let ours = |load, k| values(samples, load, k, |s| Some(s.rate));
@@ -79,7 +110,9 @@ pub(super) fn section(
             "vs nginx".to_owned(),
             "proxy CPU".to_owned(),
             "client CPU".to_owned(),
+            "backends CPU".to_owned(),
             "errors".to_owned(),
+            "log lines/op".to_owned(),
         ];
         if load.is_handshake() {
             header.push("resumed".to_owned());
@@ -118,11 +151,13 @@ pub(super) fn section(
                 ratio(median(&c), n_cpu),
                 pct(values(samples, load, k, |s| Some(s.proxy_busy))),
                 pct(values(samples, load, k, |s| Some(s.client_busy))),
+                pct(values(samples, load, k, |s| Some(s.backends_busy))),
                 if errors == 0 {
                     "0".to_owned()
                 } else {
                     format!("{errors} (of {ops})")
                 },
+                log_per_op(samples, load, k, ops),
             ];
             if load.is_handshake() {
                 row.push(pct(values(samples, load, k, |s| s.resumed)));
@@ -171,7 +206,51 @@ pub(super) fn section(
     s.text
         .extend(crate::bench::tools::idle_cap_text(shape.idle, shape.nofile));
     s.notes.extend(verdicts(samples, idle));
+    s.notes.extend(rsa_floor(samples, shape.rsa_sign_us));
     s
+}
+
+/// What the RSA signature alone leaves of the RSA target: its share of each full RSA handshake,
+/// and the most proxyd could reach against HAProxy per CPU second if everything else in its
+/// handshake cost nothing, or what it may cost for 1.5×.
+fn rsa_floor(samples: &[(Load, Kind, Sample)], sign_us: Option<f64>) -> Option<String> {
+    let sign = sign_us?;
+    let cpu = |k| median(&values(samples, Load::FullRsa, k, |s| Some(s.cpu_us)));
+    let (p, h) = (cpu(Kind::Proxyd), cpu(Kind::Haproxy));
+    if !(p > 0.0 && h > 0.0) {
+        return None;
+    }
+    Some(format!(
+        "RSA 2048 against its signature: one RSA 2048 signature costs {sign:.0} µs of CPU here \
+         (OpenSSL's, `openssl speed rsa2048`; aws-lc-rs, proxyd's provider, signs about as fast: \
+         measured apart, not by this run). That is {:.0} % of proxyd's {p:.0} µs per full RSA \
+         handshake and {:.0} % of HAProxy's {h:.0} µs; the rest, {:.0} µs against {:.0} µs, is \
+         where they differ. Signing with the same key, proxyd would reach at most {:.2}× \
+         HAProxy per CPU second with nothing else in its handshake, and 1.5× only with at most \
+         {:.0} µs around the signature.",
+        100.0 * sign / p,
+        100.0 * sign / h,
+        p - sign,
+        h - sign,
+        h / sign,
+        h / 1.5 - sign
+    ))
+}
+
+/// Access log lines per handshake or request over every round of (`load`, `kind`), of `ops`.
+fn log_per_op(samples: &[(Load, Kind, Sample)], load: Load, kind: Kind, ops: u64) -> String {
+    let lines: Vec<u64> = samples
+        .iter()
+        .filter(|(l, k, _)| *l == load && *k == kind)
+        .filter_map(|(_, _, s)| s.log_lines)
+        .collect();
+    if lines.is_empty() {
+        return "-".to_owned();
+    }
+    format!(
+        "{:.2}",
+        lines.iter().sum::<u64>() as f64 / ops.max(1) as f64
+    )
 }
 
 /// The targets for TLS, met or missed, from this run's medians.

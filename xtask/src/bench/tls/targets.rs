@@ -1,5 +1,6 @@
 //! The tls bench's targets: test certificates (ECDSA P-256 and RSA 2048, made with the openssl
-//! CLI), and proxyd, HAProxy and nginx terminating TLS on one port per certificate, started.
+//! CLI), and proxyd, HAProxy and nginx terminating TLS on one port per certificate, each with its
+//! access log on as in the http bench, started.
 //!
 //! The typed config builders of `crate::configs` have no TLS binds; these configs are written
 //! whole here, so that every line the comparison depends on is in one place beside the others.
@@ -12,7 +13,8 @@ use anyhow::{Context, Result, bail};
 
 use super::{CHECK_INTER, Kind, TIMEOUT_IDLE, Target};
 use crate::bench::Ctx;
-use crate::bench::http::targets::{check_config, wait_listening};
+use crate::bench::logs::{AccessLog, HTTPLOG_MARKER};
+use crate::bench::tools::{check_config, run_as, spawn_nginx, wait_listening};
 use crate::cluster::{self, START_TIMEOUT};
 use crate::harness::{self, Env, Proc, ProcSpec};
 
@@ -68,10 +70,12 @@ pub fn make_certs(dir: &Path) -> Result<Certs> {
 /// What every target is given.
 pub struct Setup {
     pub certs: Certs,
-    /// The demo backends.
+    /// The backends (Debian's nginx, or the demo backends).
     pub servers: Vec<(String, SocketAddr)>,
     /// Connections each target takes at once (its frontend's and its process's limit).
     pub maxconn: u64,
+    /// HAProxy's syslog target.
+    pub sink: SocketAddr,
 }
 
 /// Where a target listens: one port per certificate.
@@ -183,13 +187,18 @@ pub async fn start_proxyd(
         &format!("{tag}/proxyd.toml"),
         &proxyd_config(&admin, &fdkeeper.socket, ports, setup),
     )?;
-    // No access log: HAProxy and nginx log no request here either.
+    // proxyd's default logging, as in the http bench: `info`, and its access log in its default
+    // format (HAProxy's httplog) to stderr, the log file.
     let spec = ProcSpec::new(tag, bin)
         .arg("--config")
         .arg(&config)
-        .env("RUST_LOG", "info,proxyd::access=off");
+        .env("RUST_LOG", "info");
     let proxyd = env.spawn_spec(spec)?;
     let pid = proxyd.pid();
+    let log = AccessLog::File {
+        path: proxyd.log_path().to_owned(),
+        marker: Some(HTTPLOG_MARKER),
+    };
     procs.push(proxyd);
     harness::wait_for("proxyd to serve", START_TIMEOUT, || {
         let admin = admin.clone();
@@ -198,11 +207,19 @@ pub async fn start_proxyd(
     .await?;
     harness::wait_tcp(ports.ecdsa, START_TIMEOUT).await?;
     harness::wait_tcp(ports.rsa, START_TIMEOUT).await?;
-    Ok(Target { kind, ports, pid })
+    Ok(Target {
+        kind,
+        ports,
+        pid,
+        log,
+    })
 }
 
 /// haproxy.cfg: the seed's defaults and backend without the stick table, one thread, a TLS bind
-/// per certificate with `alpn h2,http/1.1`, the idle timeouts of `TIMEOUT_IDLE`.
+/// per certificate with `alpn h2,http/1.1`, the idle timeouts of `TIMEOUT_IDLE`, and `option
+/// httplog` to the syslog sink as in the http bench. `option dontlognull` (Debian's default
+/// haproxy.cfg has it) keeps it from logging the handshake runs' connections, which send no
+/// request: proxyd and nginx log no line for those either.
 fn haproxy_config(ports: Ports, setup: &Setup) -> String {
     let (certs, maxconn) = (&setup.certs, setup.maxconn);
     let mut s = format!(
@@ -210,9 +227,13 @@ fn haproxy_config(ports: Ports, setup: &Setup) -> String {
 global
     nbthread 1
     maxconn {maxconn}
+    log {sink} local0
 
 defaults
     mode http
+    log global
+    option httplog
+    option dontlognull
     option http-keep-alive
     option forwardfor except 127.0.0.0/8
     option redispatch
@@ -240,6 +261,7 @@ backend app
         rsa = certs.rsa.display(),
         ecdsa_port = ports.ecdsa,
         rsa_port = ports.rsa,
+        sink = setup.sink,
     );
     for (name, address) in &setup.servers {
         s.push_str(&format!(
@@ -271,13 +293,15 @@ pub async fn start_haproxy(
         kind: Kind::Haproxy,
         ports,
         pid,
+        log: AccessLog::Sink,
     })
 }
 
 /// nginx.conf: a master and one worker, the http bench's upstream (keepalive 64, no cookie
 /// hash: nothing here is sticky), a TLS server per certificate with `http2` on its `listen`
 /// (nginx 1.22 has no `http2 on;`), TLS 1.2 and 1.3 (1.22's default lacks 1.3), the idle
-/// timeouts of `TIMEOUT_IDLE`, and room for the idle connections of the memory run.
+/// timeouts of `TIMEOUT_IDLE`, room for the idle connections of the memory run, and the access
+/// log (`combined`) to `PREFIX/access.log`.
 fn nginx_config(prefix: &Path, ports: Ports, setup: &Setup, user: Option<&str>) -> String {
     let (certs, maxconn) = (&setup.certs, setup.maxconn);
     let p = prefix.display();
@@ -318,7 +342,7 @@ events {{
 }}
 
 http {{
-    access_log off;
+    access_log {p}/access.log;
     client_body_temp_path {p}/body;
     proxy_temp_path {p}/proxy;
     fastcgi_temp_path {p}/fastcgi;
@@ -352,38 +376,11 @@ pub async fn start_nginx(
     let ports = Ports::new(env)?;
     let prefix = env.path("nginx");
     std::fs::create_dir_all(&prefix)?;
-    // As root, nginx's worker would switch to `nobody`, who cannot enter the 0700 temp dir.
-    let user = nix::unistd::geteuid()
-        .is_root()
-        .then(|| {
-            nix::unistd::User::from_uid(nix::unistd::getuid())
-                .ok()
-                .flatten()
-        })
-        .flatten()
-        .map(|u| u.name);
     let conf = env.write(
         "nginx/nginx.conf",
-        &nginx_config(&prefix, ports, setup, user.as_deref()),
+        &nginx_config(&prefix, ports, setup, run_as().as_deref()),
     )?;
-    let prefix_arg = format!("{}/", prefix.display());
-    check_config(
-        &ctx.tools.nginx,
-        &["-q", "-e", "stderr", "-p", &prefix_arg, "-t", "-c"],
-        &conf,
-    )?;
-    let p = env.spawn(
-        "nginx",
-        &ctx.tools.nginx,
-        [
-            "-e".as_ref(),
-            "stderr".as_ref(),
-            "-p".as_ref(),
-            prefix_arg.as_ref(),
-            "-c".as_ref(),
-            conf.as_os_str(),
-        ],
-    )?;
+    let p = spawn_nginx(env, ctx, "nginx", &prefix, &conf)?;
     let pid = p.pid();
     let p = wait_listening(p, ports.ecdsa).await?;
     harness::wait_tcp(ports.rsa, START_TIMEOUT).await?;
@@ -392,6 +389,10 @@ pub async fn start_nginx(
         kind: Kind::Nginx,
         ports,
         pid,
+        log: AccessLog::File {
+            path: prefix.join("access.log"),
+            marker: None,
+        },
     })
 }
 
@@ -415,6 +416,7 @@ mod tests {
                     ("app2".to_owned(), "127.0.0.2:9002".parse().expect("addr")),
                 ],
                 maxconn: 15_000,
+                sink: "127.0.0.1:5140".parse().expect("addr"),
             },
         )
     }
@@ -452,6 +454,11 @@ mod tests {
         );
         assert!(h.contains("    maxconn 15000\n"), "{h}");
         assert!(h.contains("server app1 127.0.0.2:9001 check"), "{h}");
+        assert!(
+            h.contains("    log 127.0.0.1:5140 local0\n")
+                && h.contains("    log global\n    option httplog\n    option dontlognull\n"),
+            "{h}"
+        );
 
         let n = nginx_config(Path::new("/n"), ports, &setup, None);
         assert!(
@@ -465,5 +472,10 @@ mod tests {
             "{n}"
         );
         assert!(n.contains("server 127.0.0.2:9002 max_fails=3"), "{n}");
+        assert!(n.contains("    access_log /n/access.log;\n"), "{n}");
+        assert!(
+            !p.contains("access_log"),
+            "proxyd's default access log: {p}"
+        );
     }
 }

@@ -1,14 +1,14 @@
-//! The http bench's two backends: Debian's nginx (each its own instance in the temp dir, one
-//! worker, no access log) by default, or xtask's demo backend with `--backends demo`.
+//! The two backends the http and tls sections' targets proxy to: Debian's nginx (each its own
+//! instance in the temp dir, one worker, no access log) by default, or xtask's demo backend with
+//! `--backends demo`.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
 
-use super::targets::{check_config, run_as, wait_listening};
-use crate::bench::{BackendKind, Ctx};
+use super::tools::{run_as, spawn_nginx, wait_listening};
+use super::{BackendKind, Ctx};
 use crate::cluster;
 use crate::configs::nginx::{self, BIG_BYTES, BIG_PATH};
 use crate::harness::{Env, Proc};
@@ -88,32 +88,4 @@ async fn start_nginx(
     let p = spawn_nginx(env, ctx, &format!("backend-{name}"), &prefix, &conf)?;
     let pid = p.pid();
     Ok((pid, wait_listening(p, addr).await?))
-}
-
-/// Checks `conf` and starts nginx on it in the foreground, errors to its stderr log.
-pub(super) fn spawn_nginx(
-    env: &Env,
-    ctx: &Ctx,
-    name: &str,
-    prefix: &Path,
-    conf: &Path,
-) -> Result<Proc> {
-    let prefix_arg = format!("{}/", prefix.display());
-    check_config(
-        &ctx.tools.nginx,
-        &["-q", "-e", "stderr", "-p", &prefix_arg, "-t", "-c"],
-        conf,
-    )?;
-    env.spawn(
-        name,
-        &ctx.tools.nginx,
-        [
-            "-e".as_ref(),
-            "stderr".as_ref(),
-            "-p".as_ref(),
-            prefix_arg.as_ref(),
-            "-c".as_ref(),
-            conf.as_os_str(),
-        ],
-    )
 }

@@ -1,7 +1,8 @@
-//! The targets' access logs, on in every run: proxyd's to its stderr file, nginx's to a file,
-//! HAProxy's (`option httplog`) as syslog datagrams to a UDP sink in this process, which reads
-//! and counts them. After each run the lines it wrote are counted and dropped (files truncated),
-//! so that the report can show every target really logged every request.
+//! The targets' access logs, on in every run of the http and tls sections: proxyd's to its
+//! stderr file, nginx's to a file, HAProxy's (`option httplog`) as syslog datagrams to a UDP sink
+//! in this process, which reads and counts them. After each run the lines it wrote are counted
+//! and dropped (files truncated), so that the report can show every target really logged every
+//! request.
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -10,6 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
+
+/// What marks an access line in proxyd's log file: the two capture fields of HAProxy's httplog
+/// format, unused (` - - `), which no other line of proxyd's carries.
+pub(super) const HTTPLOG_MARKER: &str = " - - ";
 
 /// Where a target's access log goes.
 #[derive(Clone, Debug)]
@@ -118,7 +123,7 @@ mod tests {
         let sink = Sink::start().await.expect("sink");
         let log = AccessLog::File {
             path: path.clone(),
-            marker: Some(crate::bench::http::targets::HTTPLOG_MARKER),
+            marker: Some(HTTPLOG_MARKER),
         };
         assert_eq!(log.take(&sink).expect("take"), Some(2));
         assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);
