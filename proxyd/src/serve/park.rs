@@ -333,6 +333,18 @@ mod tests {
         }
     }
 
+    /// `n` connections that each had a request answered, once all are parked.
+    async fn parked_clients(proxy: &Proxy, addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            request(&mut c).await;
+            clients.push(c);
+        }
+        until("parked", || proxy.parked_connections() == n).await;
+        clients
+    }
+
     fn active(proxy: &Proxy) -> (u64, u64) {
         let s = proxy.shared();
         (
@@ -389,13 +401,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn the_hard_stop_closes_parked_connections() {
         let (proxy, addr) = proxy("").await;
-        let mut clients = Vec::new();
-        for _ in 0..3 {
-            let mut c = TcpStream::connect(addr).await.expect("connect");
-            request(&mut c).await;
-            clients.push(c);
-        }
-        until("parked", || proxy.parked_connections() == 3).await;
+        let mut clients = parked_clients(&proxy, addr, 3).await;
         proxy.stop().await;
         for c in &mut clients {
             assert!(closed(c).await, "still open");
@@ -409,13 +415,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn counts_and_maxconn_hold_across_park_and_resume() {
         let (proxy, addr) = proxy("maxconn = 3").await;
-        let mut clients = Vec::new();
-        for _ in 0..3 {
-            let mut c = TcpStream::connect(addr).await.expect("connect");
-            request(&mut c).await;
-            clients.push(c);
-        }
-        until("parked", || proxy.parked_connections() == 3).await;
+        let mut clients = parked_clients(&proxy, addr, 3).await;
         assert_eq!(active(&proxy), (3, 3));
         // Resumed and parked again: counted once all along.
         for c in &mut clients {
