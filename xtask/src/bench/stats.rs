@@ -44,6 +44,16 @@ pub fn ratio(ours: f64, theirs: f64) -> String {
     format!("{:.2}×", ours / theirs)
 }
 
+/// A ratio judged against `target` as "1.23": two digits, or three where two would print the
+/// target itself for a ratio on the other side of it (1.496 against 1.5).
+pub fn near(value: f64, target: f64) -> String {
+    let two = format!("{value:.2}");
+    if value != target && two == format!("{target:.2}") {
+        return format!("{value:.3}");
+    }
+    two
+}
+
 /// Clock ticks per second for /proc/PID/stat times.
 fn clock_ticks() -> f64 {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
@@ -101,6 +111,14 @@ pub fn rss_bytes(pid: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ratio_near_its_target_shows_the_digit_that_decides() {
+        assert_eq!(near(1.4963, 1.5), "1.496");
+        assert_eq!(near(1.5, 1.5), "1.50");
+        assert_eq!(near(1.4, 1.5), "1.40");
+        assert_eq!(near(0.8004, 0.8), "0.800");
+    }
 
     #[test]
     fn median_and_spread() {

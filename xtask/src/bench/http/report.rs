@@ -5,7 +5,7 @@ use super::idle::{self, Idle};
 use super::sessions::STICKY_CHECKS;
 use super::targets::{haproxy_maxconn, nofile_limit};
 use super::{Kind, Plan, ROWS, Row, SESSIONS, Sample, Shape, TABLE_SIZE, TIMEOUT_IDLE};
-use crate::bench::stats::{median, ratio, spread, with_spread};
+use crate::bench::stats::{median, near, ratio, spread, with_spread};
 use crate::bench::{BackendKind, Plot, PlotBar, Section, Table};
 use crate::configs::nginx::BIG_BYTES;
 
@@ -429,12 +429,16 @@ fn verdicts(samples: &[(Row, Kind, Sample)], idle: &[Idle]) -> Vec<String> {
             ("requests/s", "CPU µs/req")
         };
         notes.push(format!(
-            "Targets, {}: {rate} {rps:.2}× HAProxy (target ≥ 1.2×: {}); {per} {cpu:.2}× \
-             (≤ 0.8×: {}), {cpu_all:.2}× with stickd ({}); p99 {p99:.2}× (no worse, ≤ 1.0×: {}).",
+            "Targets, {}: {rate} {}× HAProxy (target ≥ 1.2×: {}); {per} {}× (≤ 0.8×: {}), {}× \
+             with stickd ({}); p99 {}× (no worse, ≤ 1.0×: {}).",
             row.title(),
+            near(rps, 1.2),
             mark(rps >= 1.2),
+            near(cpu, 0.8),
             mark(cpu <= 0.8),
+            near(cpu_all, 0.8),
             mark(cpu_all <= 0.8),
+            near(p99, 1.0),
             mark(p99 <= 1.0),
         ));
     }
@@ -458,9 +462,10 @@ fn verdicts(samples: &[(Row, Kind, Sample)], idle: &[Idle]) -> Vec<String> {
         let x = median(&b.rps) / median(&a.rps);
         notes.push(format!(
             "Target, 2 threads ≥ 1.6× one thread's requests/s, {}, {} connections: proxyd \
-             {x:.2}× ({}); {}.",
+             {}× ({}); {}.",
             two.shape.title(),
             two.connections,
+            near(x, 1.6),
             mark(x >= 1.6),
             limits(two, &b)
         ));

@@ -5,7 +5,7 @@ use super::{
     H2_CONNECTIONS, H2_STREAMS, HANDSHAKE_CONCURRENCY, Idle, Kind, Load, Sample, Shape, Target,
     WRK_CONNECTIONS,
 };
-use crate::bench::stats::{median, ratio, with_spread};
+use crate::bench::stats::{median, near, ratio, with_spread};
 use crate::bench::{BackendKind, Section, Table};
 
 /// One field of one (load, target) over the rounds.
@@ -268,10 +268,12 @@ fn verdicts(samples: &[(Load, Kind, Sample)], idle: &[Idle]) -> Vec<String> {
         let (r, c) = vs(load);
         if r.is_finite() && c.is_finite() {
             notes.push(format!(
-                "Target, {what}: ≥ {target:.1}× HAProxy's rate: {r:.2}× ({}); per CPU second \
+                "Target, {what}: ≥ {target:.1}× HAProxy's rate: {}× ({}); per CPU second \
                  (HAProxy's CPU µs/op over proxyd's), what each would do with a core to itself: \
-                 {c:.2}× ({}).",
+                 {}× ({}).",
+                near(r, target),
                 mark(r >= target),
+                near(c, target),
                 mark(c >= target)
             ));
         }
