@@ -88,10 +88,10 @@ async fn killed_worker_is_respawned_and_no_connection_is_refused() {
 async fn sigterm_drains_and_stops_everything() {
     let mut e = env("drain_timeout = \"5s\"").await;
     let (_, pid, _) = serving(&e.admin).await.expect("serving");
-    kill("-TERM", e.master.id());
+    kill("-TERM", e.running.master.id());
     let t0 = Instant::now();
     let status = loop {
-        if let Some(s) = e.master.try_wait().expect("wait") {
+        if let Some(s) = e.running.master.try_wait().expect("wait") {
             break s;
         }
         assert!(t0.elapsed() < Duration::from_secs(8), "master did not stop");
@@ -106,8 +106,8 @@ async fn sigterm_drains_and_stops_everything() {
 async fn workers_exit_when_the_master_dies() {
     let mut e = env("drain_timeout = \"5s\"").await;
     let (_, pid, _) = serving(&e.admin).await.expect("serving");
-    kill("-9", e.master.id());
-    let _ = e.master.wait();
+    kill("-9", e.running.master.id());
+    let _ = e.running.master.wait();
     wait_for(Duration::from_secs(5), || async { !alive(pid) }).await;
     let _ = &e.servers;
     let _ = e.dir.path();

@@ -5,13 +5,14 @@ mod util;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use util::tls::{Pki, Recorder, launch, serving};
-use util::{Client, PROXYD};
+use util::master::serving;
+use util::tls::{Pki, Recorder, launch};
+use util::{Client, cli};
 
 /// A client configuration that keeps its sessions, to resume them (TLS 1.2 only, or 1.3).
 fn resuming_client(tls12: bool) -> Arc<rustls::ClientConfig> {
@@ -85,7 +86,7 @@ async fn a_tls_session_resumes_on_the_generation_after_a_reload() {
     let pki = Pki::new();
     pki.write_pem("site.pem", &pki.leaf(&["a.test"]));
     let proxyd = launch(&pki, "{ certs = [\"site.pem\"] }", "").await;
-    let before = serving(&proxyd.admin).await;
+    let before = serving(&proxyd.admin).await.expect("serving");
     let tls13 = resuming_client(false);
     let tls12 = resuming_client(true);
     let session = pki.path("openssl.session");
@@ -100,17 +101,13 @@ async fn a_tls_session_resumes_on_the_generation_after_a_reload() {
         "resumed on the same worker"
     );
 
-    let out = Command::new(PROXYD)
-        .args(["reload", "--config"])
-        .arg(&proxyd.config)
-        .output()
-        .expect("proxyd reload");
+    let out = cli(&["reload"], &proxyd.config);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let after = serving(&proxyd.admin).await;
+    let after = serving(&proxyd.admin).await.expect("serving");
     assert!(
         after.0 > before.0 && after.1 != before.1,
         "{before:?} then {after:?}"

@@ -22,6 +22,17 @@ pub const T: Duration = Duration::from_secs(5);
 /// The proxyd binary cargo built for these tests.
 pub const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
 
+/// `proxyd ARGS --config FILE` (a command of the operator's: check, reload, status...), run to
+/// its end.
+pub fn cli(args: &[&str], config: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(PROXYD)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run proxyd")
+}
+
 /// What the backend does with one request.
 pub enum Action {
     Respond(Vec<u8>),
