@@ -300,15 +300,43 @@ pub fn config_text(
     servers: &[SocketAddr],
     extra_global: &str,
 ) -> String {
+    let servers: Vec<_> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("s{i}"), a.to_string(), ""))
+        .collect();
+    config_text_with(dir, bind, extra_global, "", &servers)
+}
+
+/// A proxyd config: `extra_global` after `[global]`'s keys (more keys or whole sections), one
+/// frontend on `bind`, and backend `app` with `backend` keys and `servers` (name, address, more
+/// keys).
+pub fn config_text_with(
+    dir: &std::path::Path,
+    bind: &str,
+    extra_global: &str,
+    backend: &str,
+    servers: &[(impl std::fmt::Display, String, &str)],
+) -> String {
+    // Keys, when there are any, end their line.
+    let keys = |k: &str| {
+        if k.is_empty() {
+            String::new()
+        } else {
+            format!("{k}\n")
+        }
+    };
     let mut s = format!(
         "[global]\nadmin_socket = \"{}/proxyd/admin.sock\"\nfdkeeper_socket = \"{}/fdk/lend.sock\"\n{extra_global}\n\n\
-         [[frontend]]\nname = \"www\"\nbind = [\"{bind}\"]\ndefault_backend = \"app\"\n\n[[backend]]\nname = \"app\"\n",
+         [[frontend]]\nname = \"www\"\nbind = [\"{bind}\"]\ndefault_backend = \"app\"\n\n[[backend]]\nname = \"app\"\n{}",
         dir.display(),
-        dir.display()
+        dir.display(),
+        keys(backend)
     );
-    for (i, a) in servers.iter().enumerate() {
+    for (name, address, extra) in servers {
         s.push_str(&format!(
-            "[[backend.server]]\nname = \"s{i}\"\naddress = \"{a}\"\n"
+            "[[backend.server]]\nname = \"{name}\"\naddress = \"{address}\"\n{}",
+            keys(extra)
         ));
     }
     s
