@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::test_nameserver::nameserver;
 use proto::proxyd::v1 as api;
-use util::master::{Env, admin, reload, start, status, wait_for};
+use util::master::{Env, admin, reload, start, wait_alone};
 use util::{Action, Client, Reply, Seen, backend, backend_at, cli, config_text_with, ok};
 
 /// Starts proxyd on the config `text` gives for its temp dir and frontend address.
@@ -30,12 +30,7 @@ async fn reload_with(e: &Env, text: &str) -> Result<(), String> {
     if !r.ok {
         return Err(r.message);
     }
-    wait_for(Duration::from_secs(10), || async {
-        status(&e.admin)
-            .await
-            .is_some_and(|s| s.generations.len() == 1)
-    })
-    .await;
+    wait_alone(&e.admin, Duration::from_secs(10)).await;
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use proto::proxyd::v1 as api;
 use util::master::{
-    alive, env, env_with, free_addr, kill, listens, reload, serving, status, wait_for,
+    alive, env, env_with, free_addr, kill, listens, reload, serving, status, wait_alone, wait_for,
 };
 use util::{Client, cli, get};
 
@@ -57,12 +57,7 @@ async fn reload_starts_a_new_generation_and_drains_the_old_one() {
     assert!(c.closed().await);
     // With no connection left the old worker exits long before its drain deadline.
     wait_for(Duration::from_secs(5), || async { !alive(pid1) }).await;
-    wait_for(Duration::from_secs(5), || async {
-        status(&e.admin)
-            .await
-            .is_some_and(|s| s.generations.len() == 1)
-    })
-    .await;
+    wait_alone(&e.admin, Duration::from_secs(5)).await;
     let mut c = Client::connect(e.front).await.expect("connect");
     assert_eq!(c.send(&get("/"), false).await.expect("reply").status, 200);
 
@@ -336,12 +331,7 @@ async fn a_worker_not_ready_in_time_fails_the_reload_and_is_killed() {
         "{}",
         err.message()
     );
-    wait_for(Duration::from_secs(3), || async {
-        status(&e.admin)
-            .await
-            .is_some_and(|s| s.generations.len() == 1)
-    })
-    .await;
+    wait_alone(&e.admin, Duration::from_secs(3)).await;
     assert_eq!(serving(&e.admin).await, Some(before));
     let mut c = Client::connect(e.front).await.expect("connect");
     assert_eq!(c.send(&get("/"), false).await.expect("reply").status, 200);

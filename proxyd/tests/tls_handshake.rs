@@ -4,12 +4,14 @@
 
 mod util;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rcgen::KeyPair;
 use rustls::SignatureScheme;
-use util::tls::{GLOBAL, Hello, Pki, curl, handshake, listener, recording_backend_heads, start};
+use util::tls::{
+    GLOBAL, Hello, Pki, curl, handshake, listener, recording_backend_heads, s_client, start,
+};
 use util::{Client, backend, ok};
 
 /// An RSA key: ring signs with RSA but does not make RSA keys.
@@ -87,18 +89,10 @@ async fn sni_picks_the_certificate_by_name_and_the_first_for_any_other() {
         (Some("other.test"), "a.test"),
         (None, "a.test"),
     ] {
-        let mut cmd = tokio::process::Command::new("openssl");
-        cmd.args(["s_client", "-connect", &addr.to_string()]);
-        match sni {
-            Some(name) => cmd.args(["-servername", name]),
-            None => cmd.arg("-noservername"),
+        let text = match sni {
+            Some(name) => s_client(addr, &["-servername", name]).await,
+            None => s_client(addr, &["-noservername"]).await,
         };
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .expect("openssl s_client");
-        let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             text.contains(&format!("subject=CN = {cn}\n")),
             "{sni:?}: {text}"

@@ -49,12 +49,8 @@ async fn curl_gets_the_backend_over_tls_with_x_forwarded_proto_https() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "from the backend");
     }
     // The same request on the plain bind says http.
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--max-time", "5", "-H", "X-Forwarded-Proto: https"])
-        .arg(format!("http://{plain}/plain"))
-        .output()
-        .await
-        .expect("curl");
+    let url = format!("http://{plain}/plain");
+    let out = util::curl(&["-H", "X-Forwarded-Proto: https", &url]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "from the backend");
     let heads = heads.lock().expect("lock").clone();
     assert_eq!(heads.len(), 3);

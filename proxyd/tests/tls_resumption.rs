@@ -5,13 +5,12 @@ mod util;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use util::master::serving;
-use util::tls::{Pki, Recorder, launch};
+use util::tls::{Pki, Recorder, launch, s_client};
 use util::{Client, cli};
 
 /// A client configuration that keeps its sessions, to resume them (TLS 1.2 only, or 1.3).
@@ -61,22 +60,9 @@ async fn resumed(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> bool {
 /// `openssl s_client` over TLS 1.2, saving its session to `out` or resuming the one in `input`:
 /// whether it says it reused it.
 async fn openssl_reused(addr: SocketAddr, session: &Path, resume: bool) -> bool {
-    let out = tokio::process::Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &addr.to_string(),
-            "-servername",
-            "a.test",
-            "-tls1_2",
-        ])
-        .arg(if resume { "-sess_in" } else { "-sess_out" })
-        .arg(session)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("openssl s_client");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let flag = if resume { "-sess_in" } else { "-sess_out" };
+    let session = session.display().to_string();
+    let text = s_client(addr, &["-servername", "a.test", "-tls1_2", flag, &session]).await;
     assert!(text.contains("a.test"), "{text}");
     text.contains("\nReused, ")
 }

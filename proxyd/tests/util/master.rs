@@ -145,6 +145,16 @@ pub async fn reload(path: &Path) -> Result<api::ReloadResult, tonic::Status> {
         .map(|r| r.into_inner().result.unwrap_or_default())
 }
 
+/// Waits until the master has one generation left, the ones before it gone.
+pub async fn wait_alone(admin: &Path, limit: Duration) {
+    wait_for(limit, || async {
+        status(admin)
+            .await
+            .is_some_and(|s| s.generations.len() == 1)
+    })
+    .await;
+}
+
 pub async fn wait_for<F, Fut>(limit: Duration, mut f: F)
 where
     F: FnMut() -> Fut,

@@ -269,6 +269,16 @@ pub fn get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").into_bytes()
 }
 
+/// `curl -sS ARGS`, bounded; awaited, since the proxy may run on the test's runtime.
+pub async fn curl(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .await
+        .expect("run curl")
+}
+
 /// A local port nobody listens on (bound and released).
 pub fn closed_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

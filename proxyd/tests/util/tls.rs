@@ -256,15 +256,22 @@ pub fn recording_backend_heads() -> (Arc<Mutex<Vec<String>>>, impl Fn(&util::See
     })
 }
 
-/// curl, trusting the test's CA; awaited, since the proxy runs on the test's runtime.
+/// [`util::curl`], trusting the test's CA.
 pub async fn curl(pki: &Pki, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new("curl")
-        .args(["-sS", "--max-time", "5", "--cacert"])
-        .arg(pki.ca_path())
+    let ca = pki.ca_path().display().to_string();
+    util::curl(&[&["--cacert", &ca], args].concat()).await
+}
+
+/// What `openssl s_client -connect ADDR ARGS` prints, its input closed at once.
+pub async fn s_client(addr: SocketAddr, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string()])
         .args(args)
+        .stdin(std::process::Stdio::null())
         .output()
         .await
-        .expect("run curl")
+        .expect("openssl s_client");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A running proxyd over a TLS bind, and where to reach it.
