@@ -38,15 +38,10 @@ impl Drop for Running {
 /// The real proxyd master on `config`, its log at `RUST_LOG` (warnings by default).
 pub fn command(config: &Path) -> Command {
     let mut c = Command::new(PROXYD);
-    c.arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        // A log file without colour codes between a field's name and its value.
-        .env("NO_COLOR", "1")
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        );
+    c.arg("--config").arg(config).stdin(Stdio::null()).env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+    );
     c
 }
 
@@ -95,7 +90,13 @@ pub async fn start(
     let front = free_addr();
     let config = dir.path().join("proxyd.toml");
     std::fs::write(&config, text(dir.path(), front)).expect("write config");
-    let running = Running::start(dir.path(), command(&config).stderr(stderr(dir.path())));
+    let running = Running::start(
+        dir.path(),
+        command(&config)
+            .stderr(stderr(dir.path()))
+            // A log file without colour codes between a field's name and its value.
+            .env("NO_COLOR", "1"),
+    );
     let env = Env {
         running,
         admin: dir.path().join("proxyd/admin.sock"),
