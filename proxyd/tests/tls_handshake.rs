@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rcgen::KeyPair;
 use rustls::SignatureScheme;
 use util::tls::{
-    GLOBAL, Hello, Pki, curl, handshake, listener, recording_backend_heads, s_client, start,
+    GLOBAL, Hello, Pki, curl, handshake, hello, listener, recording_backend_heads, s_client, start,
 };
 use util::{Client, backend, ok};
 
@@ -117,15 +117,7 @@ async fn ecdsa_first_and_rsa_for_a_client_that_verifies_only_rsa() {
         be.addr
     );
     let _proxy = start(&pki, &text, vec![l]);
-    let (_, got) = handshake(
-        addr,
-        Hello {
-            sni: Some("a.test"),
-            ..Hello::default()
-        },
-    )
-    .await
-    .expect("handshake");
+    let (_, got) = handshake(addr, hello()).await.expect("handshake");
     assert!(got == ec.der, "ECDSA is preferred for a name that has both");
     let rsa_only = vec![
         SignatureScheme::RSA_PSS_SHA256,
@@ -134,9 +126,8 @@ async fn ecdsa_first_and_rsa_for_a_client_that_verifies_only_rsa() {
     let (mut tls, got) = handshake(
         addr,
         Hello {
-            sni: Some("a.test"),
             schemes: Some(rsa_only.clone()),
-            ..Hello::default()
+            ..hello()
         },
     )
     .await
@@ -185,9 +176,8 @@ async fn alpn_agrees_on_http11_and_refuses_a_client_without_it() {
         let (tls, _) = handshake(
             addr,
             Hello {
-                sni: Some("a.test"),
                 alpn: offered,
-                ..Hello::default()
+                ..hello()
             },
         )
         .await
@@ -206,9 +196,8 @@ async fn alpn_agrees_on_http11_and_refuses_a_client_without_it() {
     let refused = handshake(
         addr,
         Hello {
-            sni: Some("a.test"),
             alpn: &["h2"],
-            ..Hello::default()
+            ..hello()
         },
     )
     .await;
@@ -270,9 +259,8 @@ async fn min_version_13_refuses_a_tls12_client() {
         handshake(
             addr,
             Hello {
-                sni: Some("a.test"),
                 tls12: true,
-                ..Hello::default()
+                ..hello()
             },
         )
     };
@@ -302,15 +290,9 @@ async fn a_client_that_never_says_hello_frees_its_slot_at_the_handshake_timeout(
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(proxy.stats().active_connections, 1);
     let began = Instant::now();
-    let (tls, _) = handshake(
-        addr,
-        Hello {
-            sni: Some("a.test"),
-            ..Hello::default()
-        },
-    )
-    .await
-    .expect("served once the silent one is gone");
+    let (tls, _) = handshake(addr, hello())
+        .await
+        .expect("served once the silent one is gone");
     let waited = began.elapsed();
     assert!(
         waited >= Duration::from_millis(200),

@@ -5,7 +5,9 @@ mod util;
 
 use std::time::Duration;
 
-use util::tls::{GLOBAL, Hello, Pki, curl, handshake, listener, recording_backend_heads, start};
+use util::tls::{
+    GLOBAL, Hello, Pki, curl, handshake, hello, listener, recording_backend_heads, start,
+};
 use util::{Action, Client, backend, ok};
 
 #[tokio::test]
@@ -198,15 +200,7 @@ async fn large_bodies_cross_tls_both_ways_on_a_kept_alive_connection() {
         be.addr
     );
     let _proxy = start(&pki, &text, vec![l]);
-    let (tls, _) = handshake(
-        addr,
-        Hello {
-            sni: Some("a.test"),
-            ..Hello::default()
-        },
-    )
-    .await
-    .expect("handshake");
+    let (tls, _) = handshake(addr, hello()).await.expect("handshake");
     let mut c = Client::over(tls);
     let upload = 1024 * 1024;
     for _ in 0..3 {
