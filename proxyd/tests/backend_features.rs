@@ -133,7 +133,7 @@ async fn cookie_insert_keeps_each_client_on_its_server_across_reloads_and_moves_
     let keeps = async |m: &Env| {
         for server in &clients {
             for _ in 0..3 {
-                let r = get(&m, "/", &format!("Cookie: a=1; SRV={server}\r\n")).await;
+                let r = get(m, "/", &format!("Cookie: a=1; SRV={server}\r\n")).await;
                 assert_eq!(r.text(), format!("{server}|a=1"));
                 assert_eq!(set_srv(&r), None, "{}", r.head);
                 assert!(!r.head.contains("Cache-Control"), "{}", r.head);
@@ -209,9 +209,9 @@ async fn uri_and_hdr_hashes_keep_each_key_on_one_server_across_generations() {
     let by_path = async |m: &Env| {
         let mut map = Vec::new();
         for i in 0..24 {
-            let first = server_of(&get(&m, &format!("/item/{i}"), "").await);
+            let first = server_of(&get(m, &format!("/item/{i}"), "").await);
             for q in 0..2 {
-                let again = get(&m, &format!("/item/{i}?q={q}"), "").await;
+                let again = get(m, &format!("/item/{i}?q={q}"), "").await;
                 assert_eq!(server_of(&again), first, "/item/{i}");
             }
             map.push(first);
