@@ -3,12 +3,11 @@
 
 mod util;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use util::{Client, backend, config_text, get, ok, start_fdkeeper};
+use util::master::{Running, command, kill, wait_for};
+use util::{Client, backend, config_text, get, ok};
 
-const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
 /// Requests per run, over this many keep-alive connections.
 const REQUESTS: usize = 300;
 const CONNECTIONS: usize = 10;
@@ -16,7 +15,6 @@ const CONNECTIONS: usize = 10;
 /// Runs proxyd with `extra_global`, sends the requests, stops it, and returns its stderr.
 async fn logged(extra_global: &str) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
-    let fdk_stop = start_fdkeeper(dir.path());
     let b = backend(|_| ok("hello")).await;
     let front = util::closed_port();
     let text = config_text(dir.path(), &front.to_string(), &[b.addr], extra_global);
@@ -24,31 +22,24 @@ async fn logged(extra_global: &str) -> String {
     std::fs::write(&config, text).expect("write config");
     let log_path = dir.path().join("stderr.log");
     let log_file = std::fs::File::create(&log_path).expect("log file");
-    let mut master = Command::new(PROXYD)
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stderr(log_file)
-        .env("RUST_LOG", "warn,proxyd::access=info")
-        .spawn()
-        .expect("spawn proxyd");
+    let mut running = Running::start(
+        dir.path(),
+        command(&config)
+            .stderr(log_file)
+            .env("RUST_LOG", "warn,proxyd::access=info"),
+    );
 
-    // Serving once a request gets through (bounded).
-    let t0 = Instant::now();
-    loop {
-        if let Ok(mut c) = Client::connect(front).await
-            && c.send(&get("/ready"), false)
+    // Serving once a request gets through.
+    wait_for(Duration::from_secs(15), || async {
+        match Client::connect(front).await {
+            Ok(mut c) => c
+                .send(&get("/ready"), false)
                 .await
-                .is_ok_and(|r| r.status == 200)
-        {
-            break;
+                .is_ok_and(|r| r.status == 200),
+            Err(_) => false,
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "proxyd never served"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 
     let mut tasks = Vec::new();
     for c in 0..CONNECTIONS {
@@ -71,20 +62,15 @@ async fn logged(extra_global: &str) -> String {
     }
 
     // SIGTERM: the master drains its worker, which writes what its log still holds.
-    let killed = Command::new("kill")
-        .args(["-TERM", &master.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    kill("-TERM", running.master.id());
     let t0 = Instant::now();
-    while master.try_wait().expect("wait").is_none() {
+    while running.master.try_wait().expect("wait").is_none() {
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "proxyd did not stop on SIGTERM"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    fdk_stop.cancel();
     std::fs::read_to_string(&log_path).expect("read log")
 }
 

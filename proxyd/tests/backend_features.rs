@@ -6,161 +6,45 @@
 mod util;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::test_nameserver::nameserver;
 use proto::proxyd::v1 as api;
-use tokio_util::sync::CancellationToken;
-use util::{Action, Client, Reply, Seen, backend, backend_at, ok, start_fdkeeper};
+use util::master::{Env, admin, reload, start, wait_alone};
+use util::{Action, Client, Reply, Seen, backend, backend_at, cli, config_text_with, ok};
 
-const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
-
-/// A running proxyd master with its fdkeeper, on a temp dir.
-struct Master {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    admin: PathBuf,
-    front: SocketAddr,
-    child: Child,
-    fdk_stop: CancellationToken,
+/// Starts proxyd on the config `text` gives for its temp dir and frontend address.
+async fn launch(text: impl FnOnce(&Path, SocketAddr) -> String) -> Env {
+    start(text, |_| Stdio::inherit()).await
 }
 
-impl Drop for Master {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.fdk_stop.cancel();
+/// Rewrites the config and reloads; once the new generation serves, waits for the old one to
+/// be gone, so that no later connection reaches it. A refused config is the error.
+async fn reload_with(e: &Env, text: &str) -> Result<(), String> {
+    std::fs::write(&e.config, text).expect("write config");
+    let r = reload(&e.admin).await.map_err(|e| e.message().to_owned())?;
+    if !r.ok {
+        return Err(r.message);
     }
+    wait_alone(&e.admin, Duration::from_secs(10)).await;
+    Ok(())
 }
 
-/// A proxyd.toml: `top` after `[global]`'s keys (more keys or whole sections), one frontend,
-/// and backend `app` with `backend` keys and `servers` (name, address, more keys).
-fn config_text(
-    dir: &Path,
-    front: SocketAddr,
-    top: &str,
-    backend: &str,
-    servers: &[(&str, String, &str)],
-) -> String {
-    let mut s = format!(
-        "[global]\nadmin_socket = \"{d}/proxyd/admin.sock\"\nfdkeeper_socket = \"{d}/fdk/lend.sock\"\n{top}\n\n\
-         [[frontend]]\nname = \"www\"\nbind = [\"{front}\"]\ndefault_backend = \"app\"\n\n\
-         [[backend]]\nname = \"app\"\n{backend}\n",
-        d = dir.display()
-    );
-    for (name, address, extra) in servers {
-        s.push_str(&format!(
-            "\n[[backend.server]]\nname = \"{name}\"\naddress = \"{address}\"\n{extra}\n"
-        ));
-    }
-    s
+/// A reload onto the same config.
+async fn reload_again(e: &Env) {
+    let text = std::fs::read_to_string(&e.config).expect("config");
+    reload_with(e, &text).await.expect("reload");
 }
 
-impl Master {
-    /// Starts proxyd on the config `text` gives for the temp dir and a free frontend address.
-    async fn start(text: impl Fn(&Path, SocketAddr) -> String) -> Master {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let fdk_stop = start_fdkeeper(dir.path());
-        let front = util::closed_port();
-        let config = dir.path().join("proxyd.toml");
-        std::fs::write(&config, text(dir.path(), front)).expect("write config");
-        let child = Command::new(PROXYD)
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .spawn()
-            .expect("spawn proxyd");
-        let admin = dir.path().join("proxyd/admin.sock");
-        let m = Master {
-            dir,
-            config,
-            admin,
-            front,
-            child,
-            fdk_stop,
-        };
-        let t0 = Instant::now();
-        while m.servers().await.is_none() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(15),
-                "proxyd did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        m
-    }
-
-    async fn admin(&self) -> Option<api::admin_client::AdminClient<tonic::transport::Channel>> {
-        let ch = common::grpc::connect_unix(&self.admin).await.ok()?;
-        Some(api::admin_client::AdminClient::new(ch))
-    }
-
-    /// The serving generation's servers (none before one serves).
-    async fn servers(&self) -> Option<Vec<api::ServerState>> {
-        let r = self
-            .admin()
-            .await?
-            .show_servers(api::ShowServersRequest::default())
-            .await
-            .ok()?;
-        let servers = r.into_inner().servers;
-        (!servers.is_empty()).then_some(servers)
-    }
-
-    /// Rewrites the config and reloads; once the new generation serves, waits for the old
-    /// one to be gone, so that no later connection reaches it. A refused config is the error.
-    async fn reload_with(&self, text: &str) -> Result<(), String> {
-        std::fs::write(&self.config, text).expect("write config");
-        let r = self
-            .admin()
-            .await
-            .expect("admin")
-            .reload(api::ReloadRequest {})
-            .await
-            .map_err(|e| e.message().to_owned())?
-            .into_inner()
-            .result
-            .unwrap_or_default();
-        if !r.ok {
-            return Err(r.message);
-        }
-        let t0 = Instant::now();
-        loop {
-            let st = self
-                .admin()
-                .await
-                .expect("admin")
-                .status(api::StatusRequest {})
-                .await;
-            if st.is_ok_and(|s| s.into_inner().generations.len() == 1) {
-                return Ok(());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "the old generation lingers"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn reload(&self) {
-        let text = std::fs::read_to_string(&self.config).expect("config");
-        self.reload_with(&text).await.expect("reload");
-    }
-
-    async fn get(&self, path: &str, fields: &str) -> Reply {
-        let mut c = Client::connect(self.front).await.expect("connect");
-        let raw = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{fields}\r\n");
-        c.send(raw.as_bytes(), false).await.expect("reply")
-    }
+/// `GET path` with more `fields` (each ending in CRLF) on a new connection.
+async fn get(e: &Env, path: &str, fields: &str) -> Reply {
+    let mut c = Client::connect(e.front).await.expect("connect");
+    let raw = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{fields}\r\n");
+    c.send(raw.as_bytes(), false).await.expect("reply")
 }
 
 /// A backend named `name` that answers `name|<the Cookie field it got, or ->`, and its health
@@ -204,10 +88,10 @@ async fn cookie_insert_keeps_each_client_on_its_server_across_reloads_and_moves_
     for (i, name) in ["s0", "s1", "s2"].into_iter().enumerate() {
         addrs.push(named(name, up[i].clone()).await.addr);
     }
-    let m = Master::start(|dir, front| {
-        config_text(
+    let m = launch(|dir, front| {
+        config_text_with(
             dir,
-            front,
+            &front.to_string(),
             "",
             "cookie = { name = \"SRV\", indirect = true, nocache = true, httponly = true }\n\
              check = { type = \"http\", path = \"/health\", inter = \"50ms\", rise = 1, fall = 1 }",
@@ -223,7 +107,7 @@ async fn cookie_insert_keeps_each_client_on_its_server_across_reloads_and_moves_
     // Six new clients: each response sets SRV naming the server that answered, uncacheable.
     let mut clients = Vec::new();
     for _ in 0..6 {
-        let r = m.get("/", "").await;
+        let r = get(&m, "/", "").await;
         assert_eq!(r.status, 200);
         let server = server_of(&r);
         assert_eq!(
@@ -246,10 +130,10 @@ async fn cookie_insert_keeps_each_client_on_its_server_across_reloads_and_moves_
 
     // With its cookie a client stays; the server never sees SRV (indirect), the other cookie
     // goes through, and a client whose cookie is right gets no Set-Cookie.
-    let keeps = async |m: &Master| {
+    let keeps = async |m: &Env| {
         for server in &clients {
             for _ in 0..3 {
-                let r = m.get("/", &format!("Cookie: a=1; SRV={server}\r\n")).await;
+                let r = get(m, "/", &format!("Cookie: a=1; SRV={server}\r\n")).await;
                 assert_eq!(r.text(), format!("{server}|a=1"));
                 assert_eq!(set_srv(&r), None, "{}", r.head);
                 assert!(!r.head.contains("Cache-Control"), "{}", r.head);
@@ -258,7 +142,7 @@ async fn cookie_insert_keeps_each_client_on_its_server_across_reloads_and_moves_
     };
     keeps(&m).await;
     for _ in 0..2 {
-        m.reload().await;
+        reload_again(&m).await;
         keeps(&m).await;
     }
 
@@ -269,7 +153,7 @@ async fn cookie_insert_keeps_each_client_on_its_server_across_reloads_and_moves_
     up[i].store(false, Ordering::SeqCst);
     let t0 = Instant::now();
     let moved = loop {
-        let r = m.get("/", &format!("Cookie: SRV={gone}\r\n")).await;
+        let r = get(&m, "/", &format!("Cookie: SRV={gone}\r\n")).await;
         assert_eq!(r.status, 200, "{}", r.head);
         if server_of(&r) != gone {
             break r;
@@ -286,12 +170,12 @@ async fn cookie_insert_keeps_each_client_on_its_server_across_reloads_and_moves_
         Some(format!("{new}; Path=/; HttpOnly").as_str())
     );
     for _ in 0..3 {
-        let r = m.get("/", &format!("Cookie: SRV={new}\r\n")).await;
+        let r = get(&m, "/", &format!("Cookie: SRV={new}\r\n")).await;
         assert_eq!(r.text(), format!("{new}|-"));
         assert_eq!(set_srv(&r), None);
     }
     // A cookie naming no server of the backend is balanced and set anew.
-    let r = m.get("/", "Cookie: SRV=elsewhere\r\n").await;
+    let r = get(&m, "/", "Cookie: SRV=elsewhere\r\n").await;
     assert_eq!(r.status, 200);
     assert_eq!(
         set_srv(&r).map(|v| v.split(';').next().unwrap_or_default().to_owned()),
@@ -306,9 +190,9 @@ async fn uri_and_hdr_hashes_keep_each_key_on_one_server_across_generations() {
         addrs.push(named(name, Arc::new(AtomicBool::new(true))).await.addr);
     }
     let text = |dir: &Path, front: SocketAddr, balance: &str| {
-        config_text(
+        config_text_with(
             dir,
-            front,
+            &front.to_string(),
             "",
             &format!("balance = {balance}"),
             &[
@@ -318,16 +202,16 @@ async fn uri_and_hdr_hashes_keep_each_key_on_one_server_across_generations() {
             ],
         )
     };
-    let m = Master::start(|d, f| text(d, f, "\"uri\"")).await;
+    let m = launch(|d, f| text(d, f, "\"uri\"")).await;
     let (dir, front) = (m.dir.path().to_owned(), m.front);
 
     // Every path on one server, whatever its query; the paths spread over the servers.
-    let by_path = async |m: &Master| {
+    let by_path = async |m: &Env| {
         let mut map = Vec::new();
         for i in 0..24 {
-            let first = server_of(&m.get(&format!("/item/{i}"), "").await);
+            let first = server_of(&get(m, &format!("/item/{i}"), "").await);
             for q in 0..2 {
-                let again = m.get(&format!("/item/{i}?q={q}"), "").await;
+                let again = get(m, &format!("/item/{i}?q={q}"), "").await;
                 assert_eq!(server_of(&again), first, "/item/{i}");
             }
             map.push(first);
@@ -339,7 +223,7 @@ async fn uri_and_hdr_hashes_keep_each_key_on_one_server_across_generations() {
     used.sort();
     used.dedup();
     assert_eq!(used.len(), 3, "{before:?}");
-    m.reload().await;
+    reload_again(&m).await;
     assert_eq!(
         by_path(&m).await,
         before,
@@ -347,26 +231,26 @@ async fn uri_and_hdr_hashes_keep_each_key_on_one_server_across_generations() {
     );
 
     // depth = 1: only the first directory counts.
-    m.reload_with(&text(&dir, front, "{ type = \"uri\", depth = 1 }"))
+    reload_with(&m, &text(&dir, front, "{ type = \"uri\", depth = 1 }"))
         .await
         .expect("reload");
     for dirname in ["a", "b", "c", "d"] {
-        let first = server_of(&m.get(&format!("/{dirname}/x"), "").await);
+        let first = server_of(&get(&m, &format!("/{dirname}/x"), "").await);
         for leaf in ["y", "z/w"] {
-            let again = m.get(&format!("/{dirname}/{leaf}"), "").await;
+            let again = get(&m, &format!("/{dirname}/{leaf}"), "").await;
             assert_eq!(server_of(&again), first, "/{dirname}/{leaf}");
         }
     }
 
     // hdr(X-User): each user on one server; without the field, round robin.
-    m.reload_with(&text(&dir, front, "\"hdr(X-User)\""))
+    reload_with(&m, &text(&dir, front, "\"hdr(X-User)\""))
         .await
         .expect("reload");
     let mut users = Vec::new();
     for u in 0..24 {
-        let first = server_of(&m.get("/", &format!("X-User: user{u}\r\n")).await);
+        let first = server_of(&get(&m, "/", &format!("X-User: user{u}\r\n")).await);
         for path in ["/a", "/b?c"] {
-            let again = m.get(path, &format!("X-User: user{u}\r\n")).await;
+            let again = get(&m, path, &format!("X-User: user{u}\r\n")).await;
             assert_eq!(server_of(&again), first, "user{u}");
         }
         users.push(first);
@@ -376,7 +260,7 @@ async fn uri_and_hdr_hashes_keep_each_key_on_one_server_across_generations() {
     assert_eq!(users.len(), 3);
     let mut rr = Vec::new();
     for _ in 0..3 {
-        rr.push(server_of(&m.get("/", "").await));
+        rr.push(server_of(&get(&m, "/", "").await));
     }
     rr.sort();
     assert_eq!(rr, ["s0", "s1", "s2"], "no field: round robin");
@@ -391,9 +275,9 @@ async fn a_server_named_by_dns_moves_to_its_new_address_without_a_reload_or_a_fa
     let _new = backend_at(SocketAddr::new(new_ip.into(), port), |_| ok("new")).await;
     let dns = nameserver("app.test.", old_ip).await.expect("nameserver");
     let text = |dir: &Path, front: SocketAddr, host: &str| {
-        config_text(
+        config_text_with(
             dir,
-            front,
+            &front.to_string(),
             &format!(
                 "[[resolvers]]\nname = \"dns\"\nnameservers = [\"{}\"]\ntimeout = \"200ms\"",
                 dns.addr
@@ -408,11 +292,7 @@ async fn a_server_named_by_dns_moves_to_its_new_address_without_a_reload_or_a_fa
     let bad = text(scratch.path(), util::closed_port(), "nope.test");
     let path = scratch.path().join("proxyd.toml");
     std::fs::write(&path, &bad).expect("write");
-    let out = Command::new(PROXYD)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run check");
+    let out = cli(&["check"], &path);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let line = bad
         .lines()
@@ -426,8 +306,8 @@ async fn a_server_named_by_dns_moves_to_its_new_address_without_a_reload_or_a_fa
         "{stderr}"
     );
 
-    let m = Master::start(|d, f| text(d, f, "app.test")).await;
-    assert_eq!(m.get("/", "").await.text(), "old");
+    let m = launch(|d, f| text(d, f, "app.test")).await;
+    assert_eq!(get(&m, "/", "").await.text(), "old");
 
     // Clients on keep-alive connections go on sending while the name moves: every request is
     // answered, and the answers come from the new address within a few resolve intervals.
@@ -461,7 +341,7 @@ async fn a_server_named_by_dns_moves_to_its_new_address_without_a_reload_or_a_fa
     *dns.answer.lock().unwrap_or_else(|p| p.into_inner()) = new_ip;
     let moved_at = Instant::now();
     let took = loop {
-        if m.get("/", "").await.text() == "new" {
+        if get(&m, "/", "").await.text() == "new" {
             break moved_at.elapsed();
         }
         assert!(
@@ -484,18 +364,25 @@ async fn a_server_named_by_dns_moves_to_its_new_address_without_a_reload_or_a_fa
     assert!(dns.queries.load(Ordering::SeqCst) > queries_before);
     // 200ms rounds: well within a second on an idle machine; 3s leaves room for a loaded one.
     assert!(took < Duration::from_secs(3), "moved after {took:?}");
-    let s = &m.servers().await.expect("servers")[0];
+    let servers = admin(&m.admin)
+        .await
+        .expect("admin")
+        .show_servers(api::ShowServersRequest::default())
+        .await
+        .expect("servers")
+        .into_inner()
+        .servers;
+    let s = &servers[0];
     assert_eq!(s.address, format!("{new_ip}:{port}"));
     println!("moved after {took:?}; {total} requests, none failed");
 
     // A reload onto a name that does not resolve is refused, and the running one serves on.
-    let refused = m
-        .reload_with(&text(m.dir.path(), m.front, "nope.test"))
+    let refused = reload_with(&m, &text(m.dir.path(), m.front, "nope.test"))
         .await
         .expect_err("refused");
     assert!(
         refused.contains(&format!(":{line}:11: cannot resolve server name 'nope.test' through resolvers 'dns': no such name")),
         "{refused}"
     );
-    assert_eq!(m.get("/", "").await.text(), "new");
+    assert_eq!(get(&m, "/", "").await.text(), "new");
 }

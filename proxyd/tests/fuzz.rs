@@ -2,6 +2,8 @@
 //! chunked decoder, and HTTP/2 frames as a client sends them to a running proxy. Each checks
 //! that what the proxy forwards reads back the same way, or that the proxy stays whole.
 
+mod util;
+
 use common::fuzz;
 use proxyd::http::body::{self, BodyError};
 use proxyd::http::head::{self, Framing, MAX_HEAD};
@@ -189,11 +191,7 @@ fn fuzz_h2_frames() {
         .build()
         .expect("runtime");
     let (addr, _proxy) = server_rt.block_on(async {
-        let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let backend_addr = backend.local_addr().expect("addr");
-        tokio::spawn(answer_every_request(backend));
+        let backend_addr = util::backend(|_| util::ok("ok")).await.addr;
         let text = format!(
             "[global]\nadmin_socket = \"/nonexistent/a.sock\"\nfdkeeper_socket = \"/nonexistent/f.sock\"\n\
              [defaults]\ntimeout_http_request = \"1s\"\ntimeout_client = \"1s\"\n\
@@ -274,41 +272,5 @@ async fn read_until_data(tcp: &mut tokio::net::TcpStream, got: &mut Vec<u8>) {
         if got.windows(2).any(|w| w == b"ok") {
             return;
         }
-    }
-}
-
-/// A backend that answers `ok` to every request head it can read, on every connection.
-async fn answer_every_request(listener: tokio::net::TcpListener) {
-    while let Ok((stream, _)) = listener.accept().await {
-        tokio::spawn(async move {
-            let mut io = Io::new(stream);
-            loop {
-                let req = loop {
-                    match head::parse_request(&io.buf) {
-                        Ok(Some(h)) => break h,
-                        Ok(None) => {}
-                        Err(_) => return,
-                    }
-                    match io.fill(std::time::Duration::from_secs(2)).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
-                    }
-                };
-                bytes::Buf::advance(&mut io.buf, req.len);
-                let mut sink = Vec::new();
-                let mut out = Vec::new();
-                let timeout = std::time::Duration::from_secs(2);
-                if body::forward(&mut io, &mut sink, req.framing, &mut out, timeout)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                if io.stream.write_all(reply).await.is_err() {
-                    return;
-                }
-            }
-        });
     }
 }

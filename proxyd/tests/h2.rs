@@ -116,13 +116,15 @@ async fn curl_speaks_h2c_and_http11_on_the_same_bind() {
     let (_proxy, addr) = start(&[b.addr], "forwarded = true");
     let url = format!("http://{addr}/page?x=1");
     for (flag, version) in [("--http2-prior-knowledge", "2"), ("--http1.1", "1.1")] {
-        let out = tokio::process::Command::new("curl")
-            .args(["-sS", "--max-time", "5", flag, "-w", "\n%{http_version}"])
-            .args(["-H", "Forwarded: for=203.0.113.9;proto=https"])
-            .arg(&url)
-            .output()
-            .await
-            .expect("run curl");
+        let out = util::curl(&[
+            flag,
+            "-w",
+            "\n%{http_version}",
+            "-H",
+            "Forwarded: for=203.0.113.9;proto=https",
+            &url,
+        ])
+        .await;
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(
             text,

@@ -12,9 +12,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use util::{Action, backend, start_fdkeeper};
+use util::master::{Running, command};
+use util::{Action, PROXYD, backend};
 
-const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
 const HAPROXY: &str = "/usr/sbin/haproxy";
 
 /// The request fields the fixture's rules set, add or delete, as the backend saw them.
@@ -264,19 +264,7 @@ async fn haproxy_and_proxyd_on_its_import_answer_alike() {
         })
         .collect();
     std::fs::write(&toml_path, toml).expect("write proxyd.toml");
-    let fdk_stop = start_fdkeeper(dir.path());
-    let proxyd = Killed(
-        Command::new(PROXYD)
-            .arg("--config")
-            .arg(&toml_path)
-            .stdin(Stdio::null())
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .spawn()
-            .expect("spawn proxyd"),
-    );
+    let _proxyd = Running::start(dir.path(), &mut command(&toml_path));
     wait_listening(ha_front, "haproxy").await;
     wait_listening(px_front, "proxyd").await;
 
@@ -300,7 +288,4 @@ async fn haproxy_and_proxyd_on_its_import_answer_alike() {
             .all(|s| statuses.contains(s)),
         "{statuses:?}"
     );
-    // proxyd first: it would warn of fdkeeper gone.
-    drop(proxyd);
-    fdk_stop.cancel();
 }

@@ -3,11 +3,10 @@
 
 mod util;
 
-use std::process::Command;
 use std::time::Duration;
 
 use util::master::{env, free_addr, status, wait_for};
-use util::{Client, PROXYD, config_text, get};
+use util::{Client, cli, config_text, get};
 
 #[test]
 fn check_reports_file_line_and_exits_64() {
@@ -15,12 +14,7 @@ fn check_reports_file_line_and_exits_64() {
     let path = dir.path().join("p.toml");
     let text = config_text(dir.path(), "127.0.0.1:8080", &[free_addr()], "");
     std::fs::write(&path, &text).expect("write");
-    let out = Command::new(PROXYD)
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .expect("run");
+    let out = cli(&["check"], &path);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -58,12 +52,7 @@ fn check_reports_file_line_and_exits_64() {
     ];
     for (bad, line, why) in cases {
         std::fs::write(&path, &bad).expect("write");
-        let out = Command::new(PROXYD)
-            .arg("check")
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .expect("run");
+        let out = cli(&["check"], &path);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{err}");
         assert!(
@@ -72,10 +61,7 @@ fn check_reports_file_line_and_exits_64() {
         );
         assert!(err.contains(why), "{err}");
     }
-    let out = Command::new(PROXYD)
-        .args(["check", "--config", "/nonexistent/p.toml"])
-        .output()
-        .expect("run");
+    let out = cli(&["check"], std::path::Path::new("/nonexistent/p.toml"));
     assert_eq!(out.status.code(), Some(64));
 }
 
@@ -99,11 +85,7 @@ async fn status_counts_connections_and_requests() {
         })
     })
     .await;
-    let out = Command::new(PROXYD)
-        .args(["status", "--config"])
-        .arg(&e.config)
-        .output()
-        .expect("proxyd status");
+    let out = cli(&["status"], &e.config);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -120,12 +102,7 @@ async fn status_counts_connections_and_requests() {
 async fn servers_and_set_server_speak_to_the_running_master() {
     let e = env("").await;
     let run = |args: &[&str]| {
-        let out = Command::new(PROXYD)
-            .args(args)
-            .arg("--config")
-            .arg(&e.config)
-            .output()
-            .expect("run proxyd");
+        let out = cli(args, &e.config);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

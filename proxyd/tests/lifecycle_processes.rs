@@ -4,14 +4,15 @@
 
 mod util;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use util::master::{alive, env, free_addr, kill, reload, serving, status, wait_for};
-use util::{Client, PROXYD, backend, config_text, get, ok, start_fdkeeper};
+use util::master::{
+    Running, alive, command, env, free_addr, kill, reload, serving, status, wait_for,
+};
+use util::{Client, backend, config_text, get, ok};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_worker_is_respawned_and_no_connection_is_refused() {
@@ -88,10 +89,10 @@ async fn killed_worker_is_respawned_and_no_connection_is_refused() {
 async fn sigterm_drains_and_stops_everything() {
     let mut e = env("drain_timeout = \"5s\"").await;
     let (_, pid, _) = serving(&e.admin).await.expect("serving");
-    kill("-TERM", e.master.id());
+    kill("-TERM", e.running.master.id());
     let t0 = Instant::now();
     let status = loop {
-        if let Some(s) = e.master.try_wait().expect("wait") {
+        if let Some(s) = e.running.master.try_wait().expect("wait") {
             break s;
         }
         assert!(t0.elapsed() < Duration::from_secs(8), "master did not stop");
@@ -106,8 +107,8 @@ async fn sigterm_drains_and_stops_everything() {
 async fn workers_exit_when_the_master_dies() {
     let mut e = env("drain_timeout = \"5s\"").await;
     let (_, pid, _) = serving(&e.admin).await.expect("serving");
-    kill("-9", e.master.id());
-    let _ = e.master.wait();
+    kill("-9", e.running.master.id());
+    let _ = e.running.master.wait();
     wait_for(Duration::from_secs(5), || async { !alive(pid) }).await;
     let _ = &e.servers;
     let _ = e.dir.path();
@@ -116,7 +117,6 @@ async fn workers_exit_when_the_master_dies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tells_systemd_ready_reloading_and_stopping() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let fdk_stop = start_fdkeeper(dir.path());
     let b = backend(|_| ok("one")).await;
     let front = free_addr();
     let config = dir.path().join("proxyd.toml");
@@ -130,13 +130,10 @@ async fn tells_systemd_ready_reloading_and_stopping() {
     notify
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    let mut master = Command::new(PROXYD)
-        .arg("--config")
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("spawn");
+    let mut running = Running::start(
+        dir.path(),
+        command(&config).env("NOTIFY_SOCKET", &notify_path),
+    );
     let next = || {
         let mut buf = [0u8; 4096];
         let n = notify.recv(&mut buf).expect("a notification");
@@ -159,11 +156,10 @@ async fn tells_systemd_ready_reloading_and_stopping() {
         ready.contains("READY=1") && ready.contains("STATUS=generation 2"),
         "{ready}"
     );
-    kill("-TERM", master.id());
+    kill("-TERM", running.master.id());
     let stopping = next();
     assert!(stopping.contains("STOPPING=1"), "{stopping}");
-    assert!(master.wait().expect("wait").success());
-    fdk_stop.cancel();
+    assert!(running.master.wait().expect("wait").success());
 }
 
 /// The names of a process's threads, from /proc.

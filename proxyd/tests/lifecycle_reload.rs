@@ -4,15 +4,14 @@
 
 mod util;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use proto::proxyd::v1 as api;
 use util::master::{
-    alive, env, env_with, free_addr, kill, listens, reload, serving, status, wait_for,
+    alive, env, env_with, free_addr, kill, listens, reload, serving, status, wait_alone, wait_for,
 };
-use util::{Client, PROXYD, get};
+use util::{Client, cli, get};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_starts_a_new_generation_and_drains_the_old_one() {
@@ -58,21 +57,12 @@ async fn reload_starts_a_new_generation_and_drains_the_old_one() {
     assert!(c.closed().await);
     // With no connection left the old worker exits long before its drain deadline.
     wait_for(Duration::from_secs(5), || async { !alive(pid1) }).await;
-    wait_for(Duration::from_secs(5), || async {
-        status(&e.admin)
-            .await
-            .is_some_and(|s| s.generations.len() == 1)
-    })
-    .await;
+    wait_alone(&e.admin, Duration::from_secs(5)).await;
     let mut c = Client::connect(e.front).await.expect("connect");
     assert_eq!(c.send(&get("/"), false).await.expect("reply").status, 200);
 
     // `proxyd reload` finds the admin socket in the config.
-    let out = Command::new(PROXYD)
-        .args(["reload", "--config"])
-        .arg(&e.config)
-        .output()
-        .expect("proxyd reload");
+    let out = cli(&["reload"], &e.config);
     assert!(
         out.status.success(),
         "{}",
@@ -81,7 +71,7 @@ async fn reload_starts_a_new_generation_and_drains_the_old_one() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("generation {}", g2 + 1)));
 
     // SIGUSR2 reloads too.
-    kill("-USR2", e.master.id());
+    kill("-USR2", e.running.master.id());
     wait_for(Duration::from_secs(10), || async {
         serving(&e.admin).await.is_some_and(|(g, _, _)| g == g2 + 2)
     })
@@ -109,7 +99,7 @@ async fn broken_config_is_refused_and_the_old_generation_keeps_serving() {
     assert!(err.message().contains("nope"));
 
     // The file parses; validation refuses it: a configuration error, 64 as for `check`.
-    let out = proxyd_reload(&e.config);
+    let out = cli(&["reload"], &e.config);
     assert_eq!(
         out.status.code(),
         Some(64),
@@ -137,7 +127,7 @@ async fn broken_config_is_refused_and_the_old_generation_keeps_serving() {
         ),
     )
     .expect("write");
-    let out = proxyd_reload(&e.config);
+    let out = cli(&["reload"], &e.config);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(
@@ -156,7 +146,7 @@ async fn broken_config_is_refused_and_the_old_generation_keeps_serving() {
     assert!(err.message().contains("borrow"), "{}", err.message());
     assert_eq!(serving(&e.admin).await, Some((g1, pid1, 0)));
     // A valid config whose worker fails is no configuration error: 1.
-    let out = proxyd_reload(&e.config);
+    let out = cli(&["reload"], &e.config);
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -185,13 +175,8 @@ async fn a_reload_names_the_settings_only_a_restart_applies() {
     .expect("write");
 
     // The operator's command, pointed at the running master's socket (the config names another).
-    let out = Command::new(PROXYD)
-        .args(["reload", "--config"])
-        .arg(&e.config)
-        .arg("--admin-socket")
-        .arg(&e.admin)
-        .output()
-        .expect("proxyd reload");
+    let admin = e.admin.display().to_string();
+    let out = cli(&["reload", "--admin-socket", &admin], &e.config);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -262,18 +247,9 @@ async fn a_reload_names_the_settings_only_a_restart_applies() {
     std::fs::write(&e.config, &good).expect("write");
     let res = reload(&e.admin).await.expect("reload ok");
     assert!(res.restart_only.is_empty(), "{:?}", res.restart_only);
-    let out = proxyd_reload(&e.config);
+    let out = cli(&["reload"], &e.config);
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("not applied"));
-}
-
-/// `proxyd reload --config FILE`, run to its end.
-fn proxyd_reload(config: &Path) -> std::process::Output {
-    Command::new(PROXYD)
-        .args(["reload", "--config"])
-        .arg(config)
-        .output()
-        .expect("proxyd reload")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,12 +331,7 @@ async fn a_worker_not_ready_in_time_fails_the_reload_and_is_killed() {
         "{}",
         err.message()
     );
-    wait_for(Duration::from_secs(3), || async {
-        status(&e.admin)
-            .await
-            .is_some_and(|s| s.generations.len() == 1)
-    })
-    .await;
+    wait_alone(&e.admin, Duration::from_secs(3)).await;
     assert_eq!(serving(&e.admin).await, Some(before));
     let mut c = Client::connect(e.front).await.expect("connect");
     assert_eq!(c.send(&get("/"), false).await.expect("reply").status, 200);

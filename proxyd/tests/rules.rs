@@ -6,14 +6,12 @@
 mod util;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
-use util::{Action, backend, start_fdkeeper};
+use util::master::{self, Env};
+use util::{Action, backend, cli};
 
-const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
 /// The rules' `Strict-Transport-Security`, as the lower-cased heads read it.
 const HSTS: &str = "max-age=63072000; includesubdomains";
 /// curl's flag for HTTP/2 without TLS.
@@ -21,22 +19,6 @@ const H2C: &str = "--http2-prior-knowledge";
 
 /// The rules under test, which the e2e routing-matrix scenario runs over HTTP/1.1.
 const RULES: &str = include_str!("fixtures/routing-rules.toml");
-
-/// fdkeeper in this process, proxyd as a real master + worker, three echoing backends.
-struct Env {
-    _dir: tempfile::TempDir,
-    master: Child,
-    fdk_stop: CancellationToken,
-    front: SocketAddr,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = self.master.kill();
-        let _ = self.master.wait();
-        self.fdk_stop.cancel();
-    }
-}
 
 /// A backend that answers with its name, then the request head it got.
 async fn echo(name: &'static str) -> SocketAddr {
@@ -54,58 +36,32 @@ async fn echo(name: &'static str) -> SocketAddr {
     .addr
 }
 
+/// proxyd as a real master + worker on the rules, in front of three echoing backends.
 async fn start() -> Env {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let fdk_stop = start_fdkeeper(dir.path());
     let (web, api, stat) = (echo("web").await, echo("api").await, echo("static").await);
-    let front = util::closed_port();
-    let d = dir.path().display();
-    let text = format!(
-        "[global]\nadmin_socket = \"{d}/proxyd/admin.sock\"\nfdkeeper_socket = \"{d}/fdk/lend.sock\"\n\n\
-         [defaults]\nretries = 1\n\n\
-         [[frontend]]\nname = \"www\"\nbind = [{{ address = \"{front}\", h2c = true }}]\ndefault_backend = \"web\"\n{RULES}\n\
-         [[backend]]\nname = \"web\"\n[[backend.server]]\nname = \"web1\"\naddress = \"{web}\"\n\
-         [[backend]]\nname = \"api\"\n[[backend.server]]\nname = \"api1\"\naddress = \"{api}\"\n\
-         [[backend]]\nname = \"static\"\n[[backend.server]]\nname = \"static1\"\naddress = \"{stat}\"\n\
-         [[backend]]\nname = \"down\"\n[[backend.server]]\nname = \"gone\"\naddress = \"{}\"\n",
-        util::closed_port()
-    );
-    let config = dir.path().join("proxyd.toml");
-    std::fs::write(&config, text).expect("write config");
-    let check = Command::new(PROXYD)
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run check");
+    let down = util::closed_port();
+    let env = master::start(
+        |dir, front| {
+            let d = dir.display();
+            format!(
+                "[global]\nadmin_socket = \"{d}/proxyd/admin.sock\"\nfdkeeper_socket = \"{d}/fdk/lend.sock\"\n\n\
+                 [defaults]\nretries = 1\n\n\
+                 [[frontend]]\nname = \"www\"\nbind = [{{ address = \"{front}\", h2c = true }}]\ndefault_backend = \"web\"\n{RULES}\n\
+                 [[backend]]\nname = \"web\"\n[[backend.server]]\nname = \"web1\"\naddress = \"{web}\"\n\
+                 [[backend]]\nname = \"api\"\n[[backend.server]]\nname = \"api1\"\naddress = \"{api}\"\n\
+                 [[backend]]\nname = \"static\"\n[[backend.server]]\nname = \"static1\"\naddress = \"{stat}\"\n\
+                 [[backend]]\nname = \"down\"\n[[backend.server]]\nname = \"gone\"\naddress = \"{down}\"\n"
+            )
+        },
+        |_| Stdio::inherit(),
+    )
+    .await;
+    let check = cli(&["check"], &env.config);
     assert!(
         check.status.success(),
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
-    let master = Command::new(PROXYD)
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .spawn()
-        .expect("spawn proxyd");
-    let env = Env {
-        _dir: dir,
-        master,
-        fdk_stop,
-        front,
-    };
-    let t0 = Instant::now();
-    while tokio::net::TcpStream::connect(front).await.is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "proxyd never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     env
 }
 
@@ -132,13 +88,8 @@ impl Got {
 }
 
 async fn curl(env: &Env, path: &str, args: &[&str]) -> Got {
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "-i", "--max-time", "10"])
-        .args(args)
-        .arg(format!("http://{}{path}", env.front))
-        .output()
-        .await
-        .expect("run curl");
+    let url = format!("http://{}{path}", env.front);
+    let out = util::curl(&[&["-i"], args, &[&url]].concat()).await;
     assert!(out.status.success(), "curl {args:?} {path}: {out:?}");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").expect("a head");

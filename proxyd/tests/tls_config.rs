@@ -4,10 +4,9 @@
 mod util;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use rcgen::KeyPair;
-use util::PROXYD;
+use util::cli;
 use util::tls::{GLOBAL, Pki, load};
 
 #[test]
@@ -107,11 +106,7 @@ fn check(pki: &Pki, certs: &str) -> (Option<i32>, String, String, PathBuf) {
              [[backend]]\nname = \"app\"\n[[backend.server]]\nname = \"s\"\naddress = \"127.0.0.1:9\"\n"
         ),
     );
-    let out = Command::new(PROXYD)
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .expect("proxyd check");
+    let out = cli(&["check"], &config);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

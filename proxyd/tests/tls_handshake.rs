@@ -4,12 +4,14 @@
 
 mod util;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rcgen::KeyPair;
 use rustls::SignatureScheme;
-use util::tls::{GLOBAL, Hello, Pki, curl, handshake, listener, recording_backend_heads, start};
+use util::tls::{
+    GLOBAL, Hello, Pki, curl, handshake, hello, listener, recording_backend_heads, s_client, start,
+};
 use util::{Client, backend, ok};
 
 /// An RSA key: ring signs with RSA but does not make RSA keys.
@@ -87,18 +89,10 @@ async fn sni_picks_the_certificate_by_name_and_the_first_for_any_other() {
         (Some("other.test"), "a.test"),
         (None, "a.test"),
     ] {
-        let mut cmd = tokio::process::Command::new("openssl");
-        cmd.args(["s_client", "-connect", &addr.to_string()]);
-        match sni {
-            Some(name) => cmd.args(["-servername", name]),
-            None => cmd.arg("-noservername"),
+        let text = match sni {
+            Some(name) => s_client(addr, &["-servername", name]).await,
+            None => s_client(addr, &["-noservername"]).await,
         };
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .expect("openssl s_client");
-        let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             text.contains(&format!("subject=CN = {cn}\n")),
             "{sni:?}: {text}"
@@ -123,15 +117,7 @@ async fn ecdsa_first_and_rsa_for_a_client_that_verifies_only_rsa() {
         be.addr
     );
     let _proxy = start(&pki, &text, vec![l]);
-    let (_, got) = handshake(
-        addr,
-        Hello {
-            sni: Some("a.test"),
-            ..Hello::default()
-        },
-    )
-    .await
-    .expect("handshake");
+    let (_, got) = handshake(addr, hello()).await.expect("handshake");
     assert!(got == ec.der, "ECDSA is preferred for a name that has both");
     let rsa_only = vec![
         SignatureScheme::RSA_PSS_SHA256,
@@ -140,9 +126,8 @@ async fn ecdsa_first_and_rsa_for_a_client_that_verifies_only_rsa() {
     let (mut tls, got) = handshake(
         addr,
         Hello {
-            sni: Some("a.test"),
             schemes: Some(rsa_only.clone()),
-            ..Hello::default()
+            ..hello()
         },
     )
     .await
@@ -191,9 +176,8 @@ async fn alpn_agrees_on_http11_and_refuses_a_client_without_it() {
         let (tls, _) = handshake(
             addr,
             Hello {
-                sni: Some("a.test"),
                 alpn: offered,
-                ..Hello::default()
+                ..hello()
             },
         )
         .await
@@ -212,9 +196,8 @@ async fn alpn_agrees_on_http11_and_refuses_a_client_without_it() {
     let refused = handshake(
         addr,
         Hello {
-            sni: Some("a.test"),
             alpn: &["h2"],
-            ..Hello::default()
+            ..hello()
         },
     )
     .await;
@@ -276,9 +259,8 @@ async fn min_version_13_refuses_a_tls12_client() {
         handshake(
             addr,
             Hello {
-                sni: Some("a.test"),
                 tls12: true,
-                ..Hello::default()
+                ..hello()
             },
         )
     };
@@ -308,15 +290,9 @@ async fn a_client_that_never_says_hello_frees_its_slot_at_the_handshake_timeout(
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(proxy.stats().active_connections, 1);
     let began = Instant::now();
-    let (tls, _) = handshake(
-        addr,
-        Hello {
-            sni: Some("a.test"),
-            ..Hello::default()
-        },
-    )
-    .await
-    .expect("served once the silent one is gone");
+    let (tls, _) = handshake(addr, hello())
+        .await
+        .expect("served once the silent one is gone");
     let waited = began.elapsed();
     assert!(
         waited >= Duration::from_millis(200),

@@ -5,7 +5,9 @@ mod util;
 
 use std::time::Duration;
 
-use util::tls::{GLOBAL, Hello, Pki, curl, handshake, listener, recording_backend_heads, start};
+use util::tls::{
+    GLOBAL, Hello, Pki, curl, handshake, hello, listener, recording_backend_heads, start,
+};
 use util::{Action, Client, backend, ok};
 
 #[tokio::test]
@@ -49,12 +51,8 @@ async fn curl_gets_the_backend_over_tls_with_x_forwarded_proto_https() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "from the backend");
     }
     // The same request on the plain bind says http.
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--max-time", "5", "-H", "X-Forwarded-Proto: https"])
-        .arg(format!("http://{plain}/plain"))
-        .output()
-        .await
-        .expect("curl");
+    let url = format!("http://{plain}/plain");
+    let out = util::curl(&["-H", "X-Forwarded-Proto: https", &url]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "from the backend");
     let heads = heads.lock().expect("lock").clone();
     assert_eq!(heads.len(), 3);
@@ -202,15 +200,7 @@ async fn large_bodies_cross_tls_both_ways_on_a_kept_alive_connection() {
         be.addr
     );
     let _proxy = start(&pki, &text, vec![l]);
-    let (tls, _) = handshake(
-        addr,
-        Hello {
-            sni: Some("a.test"),
-            ..Hello::default()
-        },
-    )
-    .await
-    .expect("handshake");
+    let (tls, _) = handshake(addr, hello()).await.expect("handshake");
     let mut c = Client::over(tls);
     let upload = 1024 * 1024;
     for _ in 0..3 {

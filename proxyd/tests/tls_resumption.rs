@@ -5,13 +5,13 @@ mod util;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use util::tls::{Pki, Recorder, launch, serving};
-use util::{Client, PROXYD};
+use util::master::serving;
+use util::tls::{Pki, Recorder, launch, s_client};
+use util::{Client, cli};
 
 /// A client configuration that keeps its sessions, to resume them (TLS 1.2 only, or 1.3).
 fn resuming_client(tls12: bool) -> Arc<rustls::ClientConfig> {
@@ -60,22 +60,9 @@ async fn resumed(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> bool {
 /// `openssl s_client` over TLS 1.2, saving its session to `out` or resuming the one in `input`:
 /// whether it says it reused it.
 async fn openssl_reused(addr: SocketAddr, session: &Path, resume: bool) -> bool {
-    let out = tokio::process::Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &addr.to_string(),
-            "-servername",
-            "a.test",
-            "-tls1_2",
-        ])
-        .arg(if resume { "-sess_in" } else { "-sess_out" })
-        .arg(session)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("openssl s_client");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let flag = if resume { "-sess_in" } else { "-sess_out" };
+    let session = session.display().to_string();
+    let text = s_client(addr, &["-servername", "a.test", "-tls1_2", flag, &session]).await;
     assert!(text.contains("a.test"), "{text}");
     text.contains("\nReused, ")
 }
@@ -85,7 +72,7 @@ async fn a_tls_session_resumes_on_the_generation_after_a_reload() {
     let pki = Pki::new();
     pki.write_pem("site.pem", &pki.leaf(&["a.test"]));
     let proxyd = launch(&pki, "{ certs = [\"site.pem\"] }", "").await;
-    let before = serving(&proxyd.admin).await;
+    let before = serving(&proxyd.admin).await.expect("serving");
     let tls13 = resuming_client(false);
     let tls12 = resuming_client(true);
     let session = pki.path("openssl.session");
@@ -100,17 +87,13 @@ async fn a_tls_session_resumes_on_the_generation_after_a_reload() {
         "resumed on the same worker"
     );
 
-    let out = Command::new(PROXYD)
-        .args(["reload", "--config"])
-        .arg(&proxyd.config)
-        .output()
-        .expect("proxyd reload");
+    let out = cli(&["reload"], &proxyd.config);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let after = serving(&proxyd.admin).await;
+    let after = serving(&proxyd.admin).await.expect("serving");
     assert!(
         after.0 > before.0 && after.1 != before.1,
         "{before:?} then {after:?}"

@@ -5,12 +5,12 @@
 mod util;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use proto::proxyd::v1 as api;
-use util::tls::{Leaf, Pki, admin, handshake, hello, launch, serving, status};
-use util::{Client, PROXYD};
+use util::master::{admin, serving, status};
+use util::tls::{Leaf, Pki, handshake, hello, launch};
+use util::{Client, cli};
 
 /// The certificate new connections get, once it is `want`: how long that took.
 async fn served_within(addr: SocketAddr, want: &Leaf, limit: Duration) -> Duration {
@@ -49,13 +49,7 @@ async fn a_reload_with_a_broken_certificate_is_refused_and_tls_keeps_serving() {
     let (addr, config) = (proxyd.addr, &proxyd.config);
     let served = handshake(addr, hello()).await.expect("serving");
     assert!(served.1 == first.der);
-    let reload = || {
-        Command::new(PROXYD)
-            .args(["reload", "--config"])
-            .arg(config)
-            .output()
-            .expect("proxyd reload")
-    };
+    let reload = || cli(&["reload"], config);
 
     // Another key under the same certificate: the reload is refused, with the file named.
     let other = pki.leaf(&["b.test"]);
@@ -91,20 +85,7 @@ async fn a_reload_with_a_broken_certificate_is_refused_and_tls_keeps_serving() {
     );
     // The old generation may take a last connection from the shared queue between the new
     // one's Ready and its own Drain: a new handshake gets the new certificate soon, not at once.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let (_, got) = handshake(addr, hello())
-            .await
-            .expect("serving after reload");
-        if got == renewed.der {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the renewed certificate is not served 3 s after the reload"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    served_within(addr, &renewed, Duration::from_secs(3)).await;
     drop(served);
 }
 
@@ -123,7 +104,7 @@ async fn a_certificate_rotated_on_disk_serves_new_connections_without_a_reload()
         "[[tls]]\nname = \"site\"\ncerts = [\"site.pem\"]\n",
     )
     .await;
-    let before = serving(&proxyd.admin).await;
+    let before = serving(&proxyd.admin).await.expect("serving");
     // Kept open across both rotations: it keeps the certificate it got.
     let (mut open, got) = handshake(proxyd.addr, hello()).await.expect("handshake");
     assert!(got == first.der);
@@ -142,7 +123,9 @@ async fn a_certificate_rotated_on_disk_serves_new_connections_without_a_reload()
     eprintln!("written in place: served after {took:?}");
 
     // No reload: the same generation and worker, alone.
-    assert_eq!(serving(&proxyd.admin).await, before);
+    assert_eq!(serving(&proxyd.admin).await, Some(before));
+    let st = status(&proxyd.admin).await.expect("status");
+    assert_eq!(st.generations.len(), 1);
     // The connection opened before the rotations still works.
     let r = Client::over(&mut open)
         .send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", false)
@@ -152,7 +135,6 @@ async fn a_certificate_rotated_on_disk_serves_new_connections_without_a_reload()
     assert!(open.get_ref().1.peer_certificates().expect("certs")[0].as_ref() == first.der);
 
     // Status and /metrics tell what is served and when it expires.
-    let st = status(&proxyd.admin).await;
     let tls = &st.tls[0];
     assert_eq!(tls.name, "site");
     assert_eq!((tls.rotations_loaded, tls.rotations_refused), (2, 0));
@@ -194,7 +176,7 @@ async fn a_rotation_to_a_key_that_does_not_match_is_refused_and_the_old_certific
         "",
     )
     .await;
-    let before = serving(&proxyd.admin).await;
+    let before = serving(&proxyd.admin).await.expect("serving");
 
     // Another key beside the same certificate.
     let other = pki.leaf(&["a.test"]);
@@ -206,7 +188,7 @@ async fn a_rotation_to_a_key_that_does_not_match_is_refused_and_the_old_certific
     );
     let began = Instant::now();
     let refused = loop {
-        let st = status(&proxyd.admin).await;
+        let st = status(&proxyd.admin).await.expect("status");
         if let Some(last) = st.tls[0].last_rotation.clone() {
             break (last, st.tls[0].rotations_refused);
         }
@@ -229,7 +211,7 @@ async fn a_rotation_to_a_key_that_does_not_match_is_refused_and_the_old_certific
         .await
         .expect("reply");
     assert_eq!(r.text(), "hi");
-    let st = status(&proxyd.admin).await;
+    let st = status(&proxyd.admin).await.expect("status");
     assert_eq!(st.tls[0].certificates[0].serial, first.serial);
     let text = metrics(proxyd.metrics).await;
     assert!(
@@ -239,7 +221,7 @@ async fn a_rotation_to_a_key_that_does_not_match_is_refused_and_the_old_certific
 
     // A worker that dies now comes back with the certificate the master serves, not with
     // the broken files on disk.
-    let (generation, pid, _) = serving(&proxyd.admin).await;
+    let (generation, pid, _) = serving(&proxyd.admin).await.expect("serving");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
         nix::sys::signal::Signal::SIGKILL,
@@ -248,7 +230,7 @@ async fn a_rotation_to_a_key_that_does_not_match_is_refused_and_the_old_certific
     let began = Instant::now();
     loop {
         let now = serving(&proxyd.admin).await;
-        if now.0 == generation && now.1 != pid && now.1 != 0 {
+        if now.is_some_and(|(g, p, _)| g == generation && p != pid) {
             break;
         }
         assert!(
@@ -265,6 +247,7 @@ async fn a_rotation_to_a_key_that_does_not_match_is_refused_and_the_old_certific
     // Asking says why too, and loads nothing.
     let e = admin(&proxyd.admin)
         .await
+        .expect("admin")
         .reload_certificates(api::ReloadCertificatesRequest {})
         .await
         .expect_err("refused");
@@ -279,6 +262,7 @@ async fn a_rotation_to_a_key_that_does_not_match_is_refused_and_the_old_certific
     pki.write("site.key", &renewed.key);
     let reply = admin(&proxyd.admin)
         .await
+        .expect("admin")
         .reload_certificates(api::ReloadCertificatesRequest {})
         .await
         .expect("loaded")
@@ -291,14 +275,15 @@ async fn a_rotation_to_a_key_that_does_not_match_is_refused_and_the_old_certific
     let (_, got) = handshake(proxyd.addr, hello()).await.expect("handshake");
     assert!(got == renewed.der, "served as soon as the call returned");
     assert_eq!(
-        serving(&proxyd.admin).await.0,
-        before.0,
+        serving(&proxyd.admin).await.map(|s| s.0),
+        Some(before.0),
         "no new generation"
     );
 
     // Asked again, nothing changed.
     let reply = admin(&proxyd.admin)
         .await
+        .expect("admin")
         .reload_certificates(api::ReloadCertificatesRequest {})
         .await
         .expect("unchanged")

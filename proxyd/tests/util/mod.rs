@@ -22,6 +22,17 @@ pub const T: Duration = Duration::from_secs(5);
 /// The proxyd binary cargo built for these tests.
 pub const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
 
+/// `proxyd ARGS --config FILE` (a command of the operator's: check, reload, status...), run to
+/// its end.
+pub fn cli(args: &[&str], config: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(PROXYD)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run proxyd")
+}
+
 /// What the backend does with one request.
 pub enum Action {
     Respond(Vec<u8>),
@@ -258,6 +269,16 @@ pub fn get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").into_bytes()
 }
 
+/// `curl -sS ARGS`, bounded; awaited, since the proxy may run on the test's runtime.
+pub async fn curl(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .await
+        .expect("run curl")
+}
+
 /// A local port nobody listens on (bound and released).
 pub fn closed_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -289,15 +310,43 @@ pub fn config_text(
     servers: &[SocketAddr],
     extra_global: &str,
 ) -> String {
+    let servers: Vec<_> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("s{i}"), a.to_string(), ""))
+        .collect();
+    config_text_with(dir, bind, extra_global, "", &servers)
+}
+
+/// A proxyd config: `extra_global` after `[global]`'s keys (more keys or whole sections), one
+/// frontend on `bind`, and backend `app` with `backend` keys and `servers` (name, address, more
+/// keys).
+pub fn config_text_with(
+    dir: &std::path::Path,
+    bind: &str,
+    extra_global: &str,
+    backend: &str,
+    servers: &[(impl std::fmt::Display, String, &str)],
+) -> String {
+    // Keys, when there are any, end their line.
+    let keys = |k: &str| {
+        if k.is_empty() {
+            String::new()
+        } else {
+            format!("{k}\n")
+        }
+    };
     let mut s = format!(
         "[global]\nadmin_socket = \"{}/proxyd/admin.sock\"\nfdkeeper_socket = \"{}/fdk/lend.sock\"\n{extra_global}\n\n\
-         [[frontend]]\nname = \"www\"\nbind = [\"{bind}\"]\ndefault_backend = \"app\"\n\n[[backend]]\nname = \"app\"\n",
+         [[frontend]]\nname = \"www\"\nbind = [\"{bind}\"]\ndefault_backend = \"app\"\n\n[[backend]]\nname = \"app\"\n{}",
         dir.display(),
-        dir.display()
+        dir.display(),
+        keys(backend)
     );
-    for (i, a) in servers.iter().enumerate() {
+    for (name, address, extra) in servers {
         s.push_str(&format!(
-            "[[backend.server]]\nname = \"s{i}\"\naddress = \"{a}\"\n"
+            "[[backend.server]]\nname = \"{name}\"\naddress = \"{address}\"\n{}",
+            keys(extra)
         ));
     }
     s

@@ -3,13 +3,11 @@
 //! or as the real binary.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use proto::proxyd::v1 as api;
 use proxyd::config::BindRef;
 use proxyd::serve::Proxy;
 use rcgen::{
@@ -21,9 +19,9 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tokio_util::sync::CancellationToken;
 
-use crate::util::{self, Action, PROXYD, backend, ok, start_fdkeeper};
+use crate::util::master::{Running, command, wait_for};
+use crate::util::{self, Action, backend, ok};
 
 /// A CA and the certificates it signs, written in a temp dir (where the configs are too, so
 /// that they name the files relative to themselves).
@@ -258,29 +256,22 @@ pub fn recording_backend_heads() -> (Arc<Mutex<Vec<String>>>, impl Fn(&util::See
     })
 }
 
-/// curl, trusting the test's CA; awaited, since the proxy runs on the test's runtime.
+/// [`util::curl`], trusting the test's CA.
 pub async fn curl(pki: &Pki, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new("curl")
-        .args(["-sS", "--max-time", "5", "--cacert"])
-        .arg(pki.ca_path())
+    let ca = pki.ca_path().display().to_string();
+    util::curl(&[&["--cacert", &ca], args].concat()).await
+}
+
+/// What `openssl s_client -connect ADDR ARGS` prints, its input closed at once.
+pub async fn s_client(addr: SocketAddr, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string()])
         .args(args)
+        .stdin(std::process::Stdio::null())
         .output()
         .await
-        .expect("run curl")
-}
-
-/// The real proxyd (master and worker) over an in-process fdkeeper.
-struct Running {
-    master: Child,
-    fdk_stop: CancellationToken,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.master.kill();
-        let _ = self.master.wait();
-        self.fdk_stop.cancel();
-    }
+        .expect("openssl s_client");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A running proxyd over a TLS bind, and where to reach it.
@@ -309,23 +300,11 @@ pub async fn launch(pki: &Pki, tls: &str, sections: &str) -> Launched {
             be.addr
         ),
     );
-    let fdk_stop = start_fdkeeper(pki.dir.path());
-    let master = Command::new(PROXYD)
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
-        )
-        .spawn()
-        .expect("spawn proxyd");
-    let running = Running { master, fdk_stop };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while handshake(addr, hello()).await.is_err() {
-        assert!(Instant::now() < deadline, "proxyd never served TLS");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let running = Running::start(pki.dir.path(), &mut command(&config));
+    wait_for(Duration::from_secs(10), || async {
+        handshake(addr, hello()).await.is_ok()
+    })
+    .await;
     Launched {
         _running: running,
         config,
@@ -341,35 +320,4 @@ pub fn hello() -> Hello<'static> {
         sni: Some("a.test"),
         ..Hello::default()
     }
-}
-
-pub async fn admin(path: &Path) -> api::admin_client::AdminClient<tonic::transport::Channel> {
-    let channel = common::grpc::connect_unix(path)
-        .await
-        .expect("admin socket");
-    api::admin_client::AdminClient::new(channel)
-}
-
-pub async fn status(path: &Path) -> api::StatusReply {
-    admin(path)
-        .await
-        .status(api::StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner()
-}
-
-/// The serving generation's number and worker pid, and how many generations there are.
-pub async fn serving(path: &Path) -> (u64, u32, usize) {
-    let s = status(path).await;
-    let g = s
-        .generations
-        .iter()
-        .find(|g| g.state == api::GenerationState::Serving as i32)
-        .expect("a serving generation");
-    (
-        g.generation,
-        g.worker.as_ref().map_or(0, |w| w.pid),
-        s.generations.len(),
-    )
 }
