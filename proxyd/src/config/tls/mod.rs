@@ -5,6 +5,7 @@
 //! - this file: the validated settings ([`Tls`]) and their validation from the raw tables;
 //! - `certs`: reading PEM chains and keys, key against certificate, names, serial and dates;
 //! - `x509`: the serial and the validity dates, read from a certificate's DER;
+//! - `hkdf`: TLS 1.3's key schedule on aws-lc-rs, cheaper than the library's own;
 //! - `watch`: the fingerprint of a setting's files on disk, by which the master notices a
 //!   certificate rotated without a reload.
 //!
@@ -12,6 +13,8 @@
 //! runs, and a worker checks the bytes it is sent with [`from_files`].
 
 mod certs;
+#[cfg(feature = "aws-lc-rs")]
+mod hkdf;
 mod watch;
 mod x509;
 
@@ -33,13 +36,20 @@ use super::raw::{RawTls, Shorthand};
 /// A certificate that expires sooner than this is worth a warning from `proxyd check`.
 pub const EXPIRY_WARNING_SECS: i64 = 14 * 86_400;
 
-/// The one crypto provider of proxyd's TLS: aws-lc-rs (the default `aws-lc-rs` feature), or
-/// ring, which tonic already brings, in a build without it.
+/// The one crypto provider of proxyd's TLS: aws-lc-rs (the default `aws-lc-rs` feature) with
+/// its TLS 1.3 key schedule on kept HMAC keys (`hkdf`), or ring, which tonic already brings, in a
+/// build without it.
 pub fn provider() -> Arc<CryptoProvider> {
     #[cfg(not(feature = "aws-lc-rs"))]
     let provider = rustls::crypto::ring::default_provider();
     #[cfg(feature = "aws-lc-rs")]
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let provider = {
+        let stock = rustls::crypto::aws_lc_rs::default_provider();
+        CryptoProvider {
+            cipher_suites: hkdf::with_kept_keys(&stock.cipher_suites),
+            ..stock
+        }
+    };
     Arc::new(provider)
 }
 
