@@ -108,6 +108,15 @@ impl Spread {
         }
     }
 
+    /// The connections each serving thread holds now, in thread order: those in a task and
+    /// those in the thread's park alike, as a connection's count lives as long as it does.
+    pub(super) fn connections(&self) -> Vec<u64> {
+        self.threads
+            .iter()
+            .map(|t| t.1.load(Ordering::Relaxed) as u64)
+            .collect()
+    }
+
     /// The thread to serve a new connection accepted on thread `here`: the least loaded, `here`
     /// on a tie (a connection moved to another thread costs two `epoll_ctl`). `None` for `here`.
     pub(super) fn pick(self: &Arc<Self>, here: usize) -> (Option<&Handle>, Counted) {
