@@ -140,3 +140,27 @@ impl Spread {
         (handle, counted)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn each_thread_counts_the_connections_it_was_given_until_they_drop() {
+        let here = Handle::current();
+        let spread = Arc::new(Spread::new(&[here.clone(), here]));
+        assert_eq!(spread.connections(), [0, 0]);
+        // A tie stays where the connection was accepted; then the least loaded takes it.
+        let (moved, first) = spread.pick(0);
+        assert!(moved.is_none());
+        let (moved, second) = spread.pick(0);
+        assert!(moved.is_some());
+        let (_, third) = spread.pick(1);
+        assert_eq!((first.thread(), second.thread(), third.thread()), (0, 1, 1));
+        assert_eq!(spread.connections(), [1, 2]);
+        drop(second);
+        assert_eq!(spread.connections(), [1, 1]);
+        drop((first, third));
+        assert_eq!(spread.connections(), [0, 0]);
+    }
+}
