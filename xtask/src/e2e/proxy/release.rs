@@ -360,7 +360,7 @@ async fn upgrade_old_generation_crash(mut env: Env) -> Result<Outcome> {
                 Ok(generation(&st, old_gen)
                     .filter(|g| g.state == GenerationState::Draining as i32)
                     .filter(|g| now_ms - g.draining_since_unix_ms >= 400)
-                    .and_then(|g| g.worker.as_ref())
+                    .and_then(|g| g.worker.clone())
                     .filter(|w| w.active_connections <= 1 && w.requests_in_flight == 0))
             }
         },
