@@ -162,16 +162,17 @@ pub fn status(config_path: &Path, admin_socket: Option<PathBuf>) -> i32 {
         println!("master pid {} config {}", s.master_pid, s.config_path);
         for g in &s.generations {
             let state = GenerationState::try_from(g.state).map_or("unknown", |st| st.as_str_name());
-            let w = g.worker.unwrap_or_default();
+            let w = g.worker.clone().unwrap_or_default();
             println!(
-                "generation {} {state} pid {} restarts {} connections {} requests {} in flight {} tunnels {}",
+                "generation {} {state} pid {} restarts {} connections {} requests {} in flight {} tunnels {} threads {}",
                 g.generation,
                 w.pid,
                 w.restarts,
                 w.active_connections,
                 w.requests_total,
                 w.requests_in_flight,
-                w.tunnels_active
+                w.tunnels_active,
+                threads_holding(&w.thread_connections)
             );
         }
         match &s.last_reload {
@@ -186,6 +187,13 @@ pub fn status(config_path: &Path, admin_socket: Option<PathBuf>) -> i32 {
         }
         EXIT_OK
     })
+}
+
+/// How many serving threads hold a connection, of how many: `8/8` when the connections are
+/// spread over every thread (`proxyd status`; the counts themselves are in `/metrics`).
+fn threads_holding(thread_connections: &[u64]) -> String {
+    let holding = thread_connections.iter().filter(|&&n| n > 0).count();
+    format!("{holding}/{}", thread_connections.len())
 }
 
 /// `proxyd servers`: every server with its state, as HAProxy's `show servers state` lists
@@ -383,5 +391,13 @@ mod tests {
         );
         assert_eq!(reload_exit_code(tonic::Code::Internal), EXIT_FAILURE);
         assert_eq!(reload_exit_code(tonic::Code::Unavailable), EXIT_FAILURE);
+    }
+
+    #[test]
+    fn status_counts_the_threads_holding_a_connection() {
+        assert_eq!(threads_holding(&[3, 0, 1, 0]), "2/4");
+        assert_eq!(threads_holding(&[2, 2]), "2/2");
+        // A worker that has not accepted yet reports no thread.
+        assert_eq!(threads_holding(&[]), "0/0");
     }
 }

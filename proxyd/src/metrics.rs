@@ -87,56 +87,7 @@ async fn render(handle: &Handle) -> String {
             "proxyd_reloads_total{{result=\"failed\"}} {}",
             st.reloads_failed
         );
-        metric(
-            &mut out,
-            "proxyd_connections_active",
-            "gauge",
-            "client connections per generation",
-        );
-        metric(
-            &mut out,
-            "proxyd_requests_total",
-            "counter",
-            "requests per generation",
-        );
-        metric(
-            &mut out,
-            "proxyd_tunnels_active",
-            "gauge",
-            "switched connections (WebSocket) per generation",
-        );
-        for g in &st.generations {
-            let state = match api::GenerationState::try_from(g.state) {
-                Ok(api::GenerationState::Serving) => "serving",
-                Ok(api::GenerationState::Draining) => "draining",
-                _ => "starting",
-            };
-            if let Some(w) = &g.worker {
-                let l = format!("generation=\"{}\",state=\"{state}\"", g.generation);
-                let _ = writeln!(
-                    out,
-                    "proxyd_connections_active{{{l}}} {}",
-                    w.active_connections
-                );
-                let _ = writeln!(out, "proxyd_requests_total{{{l}}} {}", w.requests_total);
-                let _ = writeln!(out, "proxyd_tunnels_active{{{l}}} {}", w.tunnels_active);
-            }
-        }
-        metric(
-            &mut out,
-            "proxyd_access_log_dropped_total",
-            "counter",
-            "access log lines dropped because the log destination could not keep up",
-        );
-        for g in &st.generations {
-            if let Some(w) = &g.worker {
-                let _ = writeln!(
-                    out,
-                    "proxyd_access_log_dropped_total{{generation=\"{}\"}} {}",
-                    g.generation, w.access_log_dropped
-                );
-            }
-        }
+        generations(&mut out, &st.generations);
         certificates(&mut out, &st.tls);
     }
     if let Some((_, servers, stick, frontends, backends)) = servers {
@@ -367,6 +318,83 @@ async fn render(handle: &Handle) -> String {
     out
 }
 
+/// Each generation's worker: its connections (in all and by serving thread), requests,
+/// tunnels and dropped log lines.
+fn generations(out: &mut String, generations: &[api::Generation]) {
+    metric(
+        out,
+        "proxyd_connections_active",
+        "gauge",
+        "client connections per generation",
+    );
+    metric(
+        out,
+        "proxyd_requests_total",
+        "counter",
+        "requests per generation",
+    );
+    metric(
+        out,
+        "proxyd_tunnels_active",
+        "gauge",
+        "switched connections (WebSocket) per generation",
+    );
+    for g in generations {
+        if let Some(w) = &g.worker {
+            let l = generation_labels(g);
+            let _ = writeln!(
+                out,
+                "proxyd_connections_active{{{l}}} {}",
+                w.active_connections
+            );
+            let _ = writeln!(out, "proxyd_requests_total{{{l}}} {}", w.requests_total);
+            let _ = writeln!(out, "proxyd_tunnels_active{{{l}}} {}", w.tunnels_active);
+        }
+    }
+    metric(
+        out,
+        "proxyd_access_log_dropped_total",
+        "counter",
+        "access log lines dropped because the log destination could not keep up",
+    );
+    for g in generations {
+        if let Some(w) = &g.worker {
+            let _ = writeln!(
+                out,
+                "proxyd_access_log_dropped_total{{generation=\"{}\"}} {}",
+                g.generation, w.access_log_dropped
+            );
+        }
+    }
+    metric(
+        out,
+        "proxyd_thread_connections_active",
+        "gauge",
+        "client connections per serving thread of each generation, idle keep-alive ones included",
+    );
+    for g in generations {
+        if let Some(w) = &g.worker {
+            let l = generation_labels(g);
+            for (thread, n) in w.thread_connections.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "proxyd_thread_connections_active{{{l},thread=\"{thread}\"}} {n}"
+                );
+            }
+        }
+    }
+}
+
+/// The labels naming a generation: its number and its state.
+fn generation_labels(g: &api::Generation) -> String {
+    let state = match api::GenerationState::try_from(g.state) {
+        Ok(api::GenerationState::Serving) => "serving",
+        Ok(api::GenerationState::Draining) => "draining",
+        _ => "starting",
+    };
+    format!("generation=\"{}\",state=\"{state}\"", g.generation)
+}
+
 /// Each certificate's expiry, one series per DNS name (what an alert names), and the rotations
 /// of each TLS setting.
 fn certificates(out: &mut String, tls: &[api::TlsCertificates]) {
@@ -465,6 +493,42 @@ mod tests {
     fn label_values_are_escaped() {
         assert_eq!(escape("web [::1]:443"), "web [::1]:443");
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn each_serving_thread_has_its_connections() {
+        let worker = |thread_connections: Vec<u64>| api::Worker {
+            active_connections: thread_connections.iter().sum(),
+            thread_connections,
+            ..Default::default()
+        };
+        let reported = [
+            api::Generation {
+                generation: 1,
+                state: api::GenerationState::Draining as i32,
+                worker: Some(worker(vec![0, 2])),
+                ..Default::default()
+            },
+            api::Generation {
+                generation: 2,
+                state: api::GenerationState::Serving as i32,
+                worker: Some(worker(vec![3, 4])),
+                ..Default::default()
+            },
+        ];
+        let mut out = String::new();
+        generations(&mut out, &reported);
+        for line in [
+            "# TYPE proxyd_thread_connections_active gauge\n",
+            "proxyd_thread_connections_active{generation=\"1\",state=\"draining\",thread=\"0\"} 0\n",
+            "proxyd_thread_connections_active{generation=\"1\",state=\"draining\",thread=\"1\"} 2\n",
+            "proxyd_thread_connections_active{generation=\"2\",state=\"serving\",thread=\"0\"} 3\n",
+            "proxyd_thread_connections_active{generation=\"2\",state=\"serving\",thread=\"1\"} 4\n",
+            "proxyd_connections_active{generation=\"2\",state=\"serving\"} 7\n",
+        ] {
+            assert!(out.contains(line), "{line} in\n{out}");
+        }
+        assert_eq!(out.matches("proxyd_thread_connections_active{").count(), 4);
     }
 
     #[test]

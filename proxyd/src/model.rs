@@ -101,9 +101,12 @@ impl AtomicAdminState {
 }
 
 /// A worker's connection and request counters at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
     pub active_connections: u64,
+    /// `active_connections` by serving thread (index = thread); empty before the worker
+    /// accepts.
+    pub thread_connections: Vec<u64>,
     pub requests_total: u64,
     pub requests_in_flight: u64,
     pub tunnels_active: u64,

@@ -58,9 +58,12 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// These counters now; what is counted beside them (by serving thread, dropped log lines)
+    /// the proxy adds (`serve::Proxy::stats`).
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             active_connections: self.active_connections.load(Ordering::Relaxed),
+            thread_connections: Vec::new(),
             requests_total: self.requests_total.load(Ordering::Relaxed),
             requests_in_flight: self.requests_in_flight.load(Ordering::Relaxed),
             tunnels_active: self.tunnels_active.load(Ordering::Relaxed),

@@ -535,6 +535,7 @@ fn stats_msg(proxy: &Proxy) -> pb::WorkerToMaster {
     });
     to_master(pb::worker_to_master::Kind::Stats(pb::Stats {
         active_connections: s.active_connections,
+        thread_connections: s.thread_connections,
         requests_total: s.requests_total,
         requests_in_flight: s.requests_in_flight,
         tunnels_active: s.tunnels_active,

@@ -93,7 +93,9 @@ async fn status_counts_connections_and_requests() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("generation 1 SERVING") && text.contains("connections 3 requests 6"),
+        text.contains("generation 1 SERVING")
+            && text.contains("connections 3 requests 6")
+            && text.contains("threads 1/1"),
         "{text}"
     );
 }

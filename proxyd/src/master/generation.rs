@@ -156,6 +156,7 @@ impl Generation {
                 restarts: self.crashes.restarts,
                 started_unix_ms: unix_ms(w.started),
                 active_connections: w.stats.active_connections,
+                thread_connections: w.stats.thread_connections.clone(),
                 requests_total: w.stats.requests_total,
                 requests_in_flight: w.stats.requests_in_flight,
                 tunnels_active: w.stats.tunnels_active,

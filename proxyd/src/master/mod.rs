@@ -482,6 +482,7 @@ impl Master {
                             w.backends = s.backends;
                             w.stats = crate::model::StatsSnapshot {
                                 active_connections: s.active_connections,
+                                thread_connections: s.thread_connections,
                                 requests_total: s.requests_total,
                                 requests_in_flight: s.requests_in_flight,
                                 tunnels_active: s.tunnels_active,

@@ -49,6 +49,8 @@ pub struct Proxy {
     tickets: Arc<TicketKeys>,
     /// Each serving thread's idle connections, once started.
     parks: OnceLock<Arc<[park::Parking]>>,
+    /// The serving threads with the connections each holds, once started (`parks`' order).
+    spread: OnceLock<Arc<threads::Spread>>,
 }
 
 impl Proxy {
@@ -72,6 +74,7 @@ impl Proxy {
             tls: OnceLock::new(),
             tickets: Arc::new(TicketKeys::default()),
             parks: OnceLock::new(),
+            spread: OnceLock::new(),
         }
     }
 
@@ -81,6 +84,7 @@ impl Proxy {
 
     pub fn stats(&self) -> StatsSnapshot {
         StatsSnapshot {
+            thread_connections: self.spread.get().map_or_else(Vec::new, |s| s.connections()),
             access_log_dropped: self.shared.access_log.dropped(),
             ..self.shared.stats.snapshot()
         }
@@ -105,7 +109,8 @@ impl Proxy {
 
     /// Starts accepting on each of `runtimes` (a worker's serving threads): every runtime gets
     /// its own copy of each listener, polled by its own reactor, and each connection accepted
-    /// is served to its end by the runtime with the fewest connections.
+    /// is served to its end by the runtime with the fewest connections. A later call adds
+    /// listeners to the same threads: it must pass the same runtimes.
     pub fn start_on(
         &self,
         listeners: Vec<(BindRef, std::net::TcpListener)>,
@@ -127,7 +132,9 @@ impl Proxy {
             .iter()
             .map(|f| Arc::new(Semaphore::new(f.maxconn)))
             .collect();
-        let spread = Arc::new(threads::Spread::new(runtimes));
+        let spread = self
+            .spread
+            .get_or_init(|| Arc::new(threads::Spread::new(runtimes)));
         let parks = self.parks.get_or_init(|| {
             runtimes
                 .iter()

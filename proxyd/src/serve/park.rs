@@ -345,11 +345,15 @@ mod tests {
         clients
     }
 
-    fn active(proxy: &Proxy) -> (u64, u64) {
-        let s = proxy.shared();
+    /// The connections counted by the worker, its frontend and its (one) serving thread.
+    fn active(proxy: &Proxy) -> (u64, u64, Vec<u64>) {
+        let s = proxy.stats();
         (
-            s.stats.active_connections.load(Ordering::Relaxed),
-            s.frontends[0].connections_active.load(Ordering::Relaxed),
+            s.active_connections,
+            proxy.shared().frontends[0]
+                .connections_active
+                .load(Ordering::Relaxed),
+            s.thread_connections,
         )
     }
 
@@ -394,7 +398,7 @@ mod tests {
         request(&mut c).await;
         until("parked", || proxy.parked_connections() == 1).await;
         assert!(closed(&mut c).await, "still open");
-        until("uncounted", || active(&proxy) == (0, 0)).await;
+        until("uncounted", || active(&proxy) == (0, 0, vec![0])).await;
         assert_eq!(proxy.parked_connections(), 0);
     }
 
@@ -406,24 +410,25 @@ mod tests {
         for c in &mut clients {
             assert!(closed(c).await, "still open");
         }
-        assert_eq!(active(&proxy), (0, 0));
+        assert_eq!(active(&proxy), (0, 0, vec![0]));
         assert_eq!(proxy.parked_connections(), 0);
     }
 
-    /// Parked connections stay counted (worker, frontend) and keep their maxconn permit: a
-    /// connection past maxconn waits in the accept queue until one of them closes.
+    /// Parked connections stay counted (worker, frontend, serving thread) and keep their
+    /// maxconn permit: a connection past maxconn waits in the accept queue until one of them
+    /// closes.
     #[tokio::test(flavor = "current_thread")]
     async fn counts_and_maxconn_hold_across_park_and_resume() {
         let (proxy, addr) = proxy("maxconn = 3").await;
         let mut clients = parked_clients(&proxy, addr, 3).await;
-        assert_eq!(active(&proxy), (3, 3));
+        assert_eq!(active(&proxy), (3, 3, vec![3]));
         // Resumed and parked again: counted once all along.
         for c in &mut clients {
             request(c).await;
         }
-        assert_eq!(active(&proxy), (3, 3));
+        assert_eq!(active(&proxy), (3, 3, vec![3]));
         until("parked again", || proxy.parked_connections() == 3).await;
-        assert_eq!(active(&proxy), (3, 3));
+        assert_eq!(active(&proxy), (3, 3, vec![3]));
         let mut fourth = TcpStream::connect(addr)
             .await
             .expect("queued by the kernel");
@@ -434,9 +439,9 @@ mod tests {
             .expect("answered once a permit is free")
             .expect("task");
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert_eq!(active(&proxy), (3, 3));
+        assert_eq!(active(&proxy), (3, 3, vec![3]));
         drop(clients);
-        until("one left", || active(&proxy) == (1, 1)).await;
+        until("one left", || active(&proxy) == (1, 1, vec![1])).await;
         assert_eq!(proxy.stats().requests_total, 7);
     }
 
@@ -469,7 +474,7 @@ mod tests {
         };
         let (finished, closed) = tokio::join!(finished, clients);
         assert!(finished >= closed, "finished before its connections closed");
-        assert_eq!(active(&proxy), (0, 0));
+        assert_eq!(active(&proxy), (0, 0, vec![0]));
         assert_eq!(proxy.stats().requests_total, 3);
     }
 }

@@ -108,6 +108,15 @@ impl Spread {
         }
     }
 
+    /// The connections each serving thread holds now, in thread order: those in a task and
+    /// those in the thread's park alike, as a connection's count lives as long as it does.
+    pub(super) fn connections(&self) -> Vec<u64> {
+        self.threads
+            .iter()
+            .map(|t| t.1.load(Ordering::Relaxed) as u64)
+            .collect()
+    }
+
     /// The thread to serve a new connection accepted on thread `here`: the least loaded, `here`
     /// on a tie (a connection moved to another thread costs two `epoll_ctl`). `None` for `here`.
     pub(super) fn pick(self: &Arc<Self>, here: usize) -> (Option<&Handle>, Counted) {
@@ -129,5 +138,29 @@ impl Spread {
         };
         let handle = (best != here).then(|| &self.threads[best].0);
         (handle, counted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn each_thread_counts_the_connections_it_was_given_until_they_drop() {
+        let here = Handle::current();
+        let spread = Arc::new(Spread::new(&[here.clone(), here]));
+        assert_eq!(spread.connections(), [0, 0]);
+        // A tie stays where the connection was accepted; then the least loaded takes it.
+        let (moved, first) = spread.pick(0);
+        assert!(moved.is_none());
+        let (moved, second) = spread.pick(0);
+        assert!(moved.is_some());
+        let (_, third) = spread.pick(1);
+        assert_eq!((first.thread(), second.thread(), third.thread()), (0, 1, 1));
+        assert_eq!(spread.connections(), [1, 2]);
+        drop(second);
+        assert_eq!(spread.connections(), [1, 1]);
+        drop((first, third));
+        assert_eq!(spread.connections(), [0, 0]);
     }
 }

@@ -360,7 +360,7 @@ async fn upgrade_old_generation_crash(mut env: Env) -> Result<Outcome> {
                 Ok(generation(&st, old_gen)
                     .filter(|g| g.state == GenerationState::Draining as i32)
                     .filter(|g| now_ms - g.draining_since_unix_ms >= 400)
-                    .and_then(|g| g.worker)
+                    .and_then(|g| g.worker.clone())
                     .filter(|w| w.active_connections <= 1 && w.requests_in_flight == 0))
             }
         },
@@ -378,7 +378,7 @@ async fn upgrade_old_generation_crash(mut env: Env) -> Result<Outcome> {
     while killed.elapsed() < Duration::from_secs(2) {
         let st = node.status().await?;
         if let Some(w) = generation(&st, old_gen)
-            .and_then(|g| g.worker)
+            .and_then(|g| g.worker.as_ref())
             .filter(|w| w.pid != old.pid && w.pid != 0)
         {
             seen.push(format!("generation {old_gen} worker {} in Status", w.pid));
