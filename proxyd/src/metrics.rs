@@ -319,36 +319,39 @@ async fn render(handle: &Handle) -> String {
 }
 
 /// Each generation's worker: its connections (in all and by serving thread), requests,
-/// tunnels and dropped log lines.
+/// tunnels and dropped log lines. Each family's samples follow its own HELP and TYPE lines, as
+/// the exposition format wants.
 fn generations(out: &mut String, generations: &[api::Generation]) {
-    metric(
-        out,
-        "proxyd_connections_active",
-        "gauge",
-        "client connections per generation",
-    );
-    metric(
-        out,
-        "proxyd_requests_total",
-        "counter",
-        "requests per generation",
-    );
-    metric(
-        out,
-        "proxyd_tunnels_active",
-        "gauge",
-        "switched connections (WebSocket) per generation",
-    );
-    for g in generations {
-        if let Some(w) = &g.worker {
-            let l = generation_labels(g);
-            let _ = writeln!(
-                out,
-                "proxyd_connections_active{{{l}}} {}",
-                w.active_connections
-            );
-            let _ = writeln!(out, "proxyd_requests_total{{{l}}} {}", w.requests_total);
-            let _ = writeln!(out, "proxyd_tunnels_active{{{l}}} {}", w.tunnels_active);
+    type Sample = fn(&api::Worker) -> u64;
+    let families: [(&str, &str, &str, Sample); 3] = [
+        (
+            "proxyd_connections_active",
+            "gauge",
+            "client connections per generation",
+            |w| w.active_connections,
+        ),
+        (
+            "proxyd_requests_total",
+            "counter",
+            "requests per generation",
+            |w| w.requests_total,
+        ),
+        (
+            "proxyd_tunnels_active",
+            "gauge",
+            "switched connections (WebSocket) per generation",
+            |w| w.tunnels_active,
+        ),
+    ];
+    let workers = || {
+        generations
+            .iter()
+            .filter_map(|g| Some((g, g.worker.as_ref()?)))
+    };
+    for (name, kind, help, sample) in families {
+        metric(out, name, kind, help);
+        for (g, w) in workers() {
+            let _ = writeln!(out, "{name}{{{}}} {}", generation_labels(g), sample(w));
         }
     }
     metric(
@@ -357,14 +360,12 @@ fn generations(out: &mut String, generations: &[api::Generation]) {
         "counter",
         "access log lines dropped because the log destination could not keep up",
     );
-    for g in generations {
-        if let Some(w) = &g.worker {
-            let _ = writeln!(
-                out,
-                "proxyd_access_log_dropped_total{{generation=\"{}\"}} {}",
-                g.generation, w.access_log_dropped
-            );
-        }
+    for (g, w) in workers() {
+        let _ = writeln!(
+            out,
+            "proxyd_access_log_dropped_total{{generation=\"{}\"}} {}",
+            g.generation, w.access_log_dropped
+        );
     }
     metric(
         out,
@@ -372,15 +373,13 @@ fn generations(out: &mut String, generations: &[api::Generation]) {
         "gauge",
         "client connections per serving thread of each generation, idle keep-alive ones included",
     );
-    for g in generations {
-        if let Some(w) = &g.worker {
-            let l = generation_labels(g);
-            for (thread, n) in w.thread_connections.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "proxyd_thread_connections_active{{{l},thread=\"{thread}\"}} {n}"
-                );
-            }
+    for (g, w) in workers() {
+        let l = generation_labels(g);
+        for (thread, n) in w.thread_connections.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "proxyd_thread_connections_active{{{l},thread=\"{thread}\"}} {n}"
+            );
         }
     }
 }
@@ -529,6 +528,21 @@ mod tests {
             assert!(out.contains(line), "{line} in\n{out}");
         }
         assert_eq!(out.matches("proxyd_thread_connections_active{").count(), 4);
+        // Each family is one group: its HELP, its TYPE, then its samples and nothing else.
+        let mut family = "";
+        let mut seen = Vec::new();
+        for line in out.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                family = rest.split(' ').next().unwrap_or_default();
+                assert!(!seen.contains(&family), "{family} twice in\n{out}");
+                seen.push(family);
+            } else if !line.starts_with('#') {
+                assert!(
+                    line.starts_with(&format!("{family}{{")),
+                    "{line} outside {family}"
+                );
+            }
+        }
     }
 
     #[test]
