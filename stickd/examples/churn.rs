@@ -66,6 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         c.store(pb::StoreRequest {
             table: table.clone(),
             items,
+            omit_entries: false,
         })
         .await?;
         sent += batch as u64;

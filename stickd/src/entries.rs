@@ -121,6 +121,7 @@ impl Entries {
         }
     }
 
+    #[cfg(test)]
     pub fn contains_key(&self, key: &str) -> bool {
         matches!(self.find(key), Found::At(_))
     }

@@ -70,9 +70,15 @@ impl pb::stick_server::Stick for LocalService {
         let r = r.into_inner();
         let store = self.store.clone();
         let entries = blocking(move || {
-            let r = store.store(&r.table, &r.items);
+            let stored = if r.omit_entries {
+                store
+                    .store_unreturned(&r.table, &r.items)
+                    .map(|_| Vec::new())
+            } else {
+                store.store(&r.table, &r.items)
+            };
             store.backpressure();
-            r
+            stored
         })
         .await?;
         Ok(Response::new(pb::StoreReply { entries }))

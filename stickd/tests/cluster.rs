@@ -136,6 +136,7 @@ async fn concurrent_writes_of_one_key_converge_to_one_value() {
                 server: server.into(),
                 expires_unix_ms: 0,
             }],
+            omit_entries: false,
         };
         let (mut a, mut b) = (a, b);
         let (ra, rb) = tokio::join!(a.store(req("appA")), b.store(req("appB")));

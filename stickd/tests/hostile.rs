@@ -62,6 +62,7 @@ async fn an_expiry_past_the_table_expire_is_clamped() {
                 server: "app1".into(),
                 expires_unix_ms: i64::MAX,
             }],
+            omit_entries: false,
         })
         .await
         .unwrap()
@@ -94,6 +95,7 @@ async fn an_expiry_past_the_table_expire_is_clamped() {
                 server: "app1".into(),
                 expires_unix_ms: soon,
             }],
+            omit_entries: false,
         })
         .await
         .unwrap()
@@ -117,6 +119,7 @@ async fn control_characters_and_long_keys_are_refused_naming_the_problem() {
                     server: "app1".into(),
                     expires_unix_ms: 0,
                 }],
+                omit_entries: false,
             })
             .await
             .unwrap_err();
@@ -141,6 +144,7 @@ async fn control_characters_and_long_keys_are_refused_naming_the_problem() {
                 server: "app1".into(),
                 expires_unix_ms: 0,
             }],
+            omit_entries: false,
         })
         .await
         .unwrap_err();
@@ -165,6 +169,7 @@ async fn a_60_mb_request_is_refused_on_both_ports() {
         .store(pb::StoreRequest {
             table: "web".into(),
             items: big,
+            omit_entries: false,
         })
         .await
         .unwrap_err();
@@ -429,6 +434,7 @@ expire = "5m"
             .store(pb::StoreRequest {
                 table: "web".into(),
                 items,
+                omit_entries: false,
             })
             .await
             .unwrap();

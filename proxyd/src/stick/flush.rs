@@ -74,7 +74,7 @@ async fn flush(cache: &StickCache, client: &mut StickClient<Channel>) -> Result<
     for ((t, key), server) in &taken.stores {
         stores[*t].push(pb::StoreItem {
             key: key.clone(),
-            server: server.to_string(),
+            server: String::from(&**server),
             expires_unix_ms: 0,
         });
     }
@@ -84,11 +84,13 @@ async fn flush(cache: &StickCache, client: &mut StickClient<Channel>) -> Result<
     }
     let result = async {
         for (t, items) in stores.into_iter().enumerate() {
-            for chunk in items.chunks(BATCH) {
-                let n = chunk.len() as u64;
+            for items in batches(items) {
+                let n = items.len() as u64;
                 let req = pb::StoreRequest {
                     table: cache.tables[t].name.clone(),
-                    items: chunk.to_vec(),
+                    items,
+                    // The entries come back on the Watch stream, which applies them.
+                    omit_entries: true,
                 };
                 match client.store(req).await {
                     Ok(_) => {}
@@ -102,11 +104,11 @@ async fn flush(cache: &StickCache, client: &mut StickClient<Channel>) -> Result<
             }
         }
         for (t, keys) in touches.into_iter().enumerate() {
-            for chunk in keys.chunks(BATCH) {
-                let n = chunk.len() as u64;
+            for keys in batches(keys) {
+                let n = keys.len() as u64;
                 let req = pb::TouchRequest {
                     table: cache.tables[t].name.clone(),
-                    keys: chunk.to_vec(),
+                    keys,
                 };
                 match client.touch(req).await {
                     Ok(_) => {}
@@ -139,4 +141,29 @@ async fn flush(cache: &StickCache, client: &mut StickClient<Channel>) -> Result<
         }
     }
     result
+}
+
+/// `items` in calls of at most `BATCH`, moved rather than copied.
+fn batches<T>(mut items: Vec<T>) -> impl Iterator<Item = Vec<T>> {
+    std::iter::from_fn(move || {
+        if items.is_empty() {
+            return None;
+        }
+        let rest = items.split_off(items.len().min(BATCH));
+        Some(std::mem::replace(&mut items, rest))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_keep_every_item_in_order() {
+        let items: Vec<u32> = (0..2 * BATCH as u32 + 7).collect();
+        let sizes: Vec<usize> = batches(items.clone()).map(|b| b.len()).collect();
+        assert_eq!(sizes, [BATCH, BATCH, 7]);
+        assert_eq!(batches(items.clone()).flatten().collect::<Vec<_>>(), items);
+        assert_eq!(batches(Vec::<u32>::new()).count(), 0);
+    }
 }

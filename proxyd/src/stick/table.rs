@@ -163,6 +163,8 @@ impl Shard {
             };
             self.entries
                 .insert_unique(hash, slot, |e| hash_key(hasher, e.key.as_bytes()));
+            // A table that has just grown is filled now (see `TableAlloc::advise_huge`).
+            self.entries.allocator().advise_huge();
         }
     }
 

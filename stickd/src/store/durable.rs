@@ -192,14 +192,13 @@ impl Store {
         }
         let journal = queue.journal;
         let meta = queue.meta;
-        let log = log::chunks(queue.log);
         if !journal.is_empty() {
             disk.journal_bytes += journal_cost(journal.len());
             self.journal
                 .insert(disk.journal_next.to_be_bytes(), journal)?;
             disk.journal_next += 1;
         }
-        for (first, chunk) in log {
+        for (first, chunk) in queue.log.chunks(log::LOG_CHUNK) {
             self.log.insert(crate::disk::seq_key(first), chunk)?;
         }
         for (k, v) in meta {

@@ -9,6 +9,7 @@ use prost::Message;
 use proto::stick::v1 as pb;
 use tokio::sync::watch;
 
+use super::queue::Journal;
 use super::{Inner, Store, StoreError};
 use crate::disk::{seq_key, u64_at};
 
@@ -94,24 +95,6 @@ pub(super) fn first_seq(log: &sled::Tree, head: u64) -> Result<u64, StoreError> 
     })
 }
 
-/// Queued log records as sled values: chunks of at most `LOG_CHUNK` records, each keyed by
-/// the sequence of its first.
-pub(super) fn chunks(records: Vec<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
-    let mut log: Vec<(u64, Vec<u8>)> = Vec::new();
-    let mut in_chunk = 0;
-    for (seq, change) in records {
-        if log.is_empty() || in_chunk == LOG_CHUNK {
-            log.push((seq, Vec::new()));
-            in_chunk = 0;
-        }
-        if let Some((_, buf)) = log.last_mut() {
-            crate::disk::batch_push(buf, &change);
-        }
-        in_chunk += 1;
-    }
-    log
-}
-
 impl Store {
     pub fn epoch(&self) -> u64 {
         self.epoch
@@ -130,13 +113,16 @@ impl Store {
         self.head_tx.subscribe()
     }
 
-    /// Appends a local change to the log (the caller holds the lock; `publish` then moves the
-    /// head watchers see).
-    pub(super) fn append(&self, inner: &mut Inner, change: pb::Change) {
+    /// Appends a local change to the log: its record goes to `j`, which the caller hands to the
+    /// queue before `publish` moves the head watchers and pushers see (the caller holds the
+    /// lock throughout).
+    pub(super) fn append(&self, inner: &mut Inner, change: pb::Change, j: &mut Journal) {
         inner.head += 1;
-        let seq = inner.head;
-        let change = pb::Change { seq, ..change };
-        self.pending.log(seq, change.encode_to_vec());
+        let change = pb::Change {
+            seq: inner.head,
+            ..change
+        };
+        j.log.push(&change);
         inner.tail.push_back(change);
     }
 

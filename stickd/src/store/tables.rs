@@ -121,10 +121,45 @@ impl Table {
         old
     }
 
-    /// Inserts or replaces, and queues the write for sled.
-    pub fn put(&mut self, key: &str, rec: Rec) {
-        self.pending.entry(&self.name, key, Some(&rec));
-        self.set(key, rec);
+    /// A local write (a store, a touch, a tombstone), with one lookup of its key. The write for
+    /// sled goes to `j`; an eviction hands `j` to the queue first, so that the queue keeps the
+    /// order of the changes (as in `merge`).
+    pub fn put(&mut self, key: String, rec: Rec, j: &mut Journal, evicted: &AtomicU64) {
+        match self.entries.find(&key) {
+            Found::At(slot) => {
+                j.entry(&self.name, &key, Some(&rec));
+                self.replace_at(slot, rec);
+            }
+            Found::Vacant(hash) => {
+                if self.entries.len() as u64 >= self.def.size {
+                    self.pending.append(j);
+                    self.make_room(evicted);
+                }
+                j.entry(&self.name, &key, Some(&rec));
+                self.insert_at(hash, key.into_boxed_str(), rec);
+            }
+        }
+    }
+
+    /// Replaces the record in `slot`, keeping the live count right.
+    fn replace_at(&mut self, slot: u32, rec: Rec) {
+        if !rec.deleted {
+            self.live += 1;
+        }
+        if let Some(old) = self.entries.replace(slot, rec)
+            && !old.deleted
+        {
+            self.live -= 1;
+        }
+    }
+
+    /// Inserts a key the table does not hold (`hash` from `Entries::find`), keeping the live
+    /// count right.
+    fn insert_at(&mut self, hash: u32, key: Box<str>, rec: Rec) {
+        if !rec.deleted {
+            self.live += 1;
+        }
+        self.entries.insert_new(hash, key, rec);
     }
 
     /// Evicts the entries nearest to expiry until one more fits.
@@ -166,22 +201,12 @@ impl Table {
                     _ => {}
                 }
                 m.journal.entry(&self.name, k, Some(&rec));
-                if !rec.deleted {
-                    self.live += 1;
-                }
-                if let Some(old) = self.entries.replace(slot, rec)
-                    && !old.deleted
-                {
-                    self.live -= 1;
-                }
+                self.replace_at(slot, rec);
             }
             Found::Vacant(hash) if (self.entries.len() as u64) < self.def.size => {
                 m.journal.entry(&self.name, &key, Some(&rec));
-                if !rec.deleted {
-                    self.live += 1;
-                }
                 let event = event(&key);
-                self.entries.insert_new(hash, key.into_boxed_str(), rec);
+                self.insert_at(hash, key.into_boxed_str(), rec);
                 return Merged::Applied(event);
             }
             Found::Vacant(_) => {

@@ -8,31 +8,42 @@ use std::sync::atomic::Ordering;
 
 use proto::stick::v1 as pb;
 
+use super::queue::Journal;
 use super::tables::check_server;
 use super::{Event, Inner, Store, StoreError, durable};
 use crate::record::Rec;
 use common::time::now_ms;
 
+/// About what one store's journal write takes (table, key, record), so that a batch's buffer
+/// grows once.
+const JOURNAL_BYTES_PER_STORE: usize = 96;
+
+/// Whether a store's entries go back to its caller as well as to the watchers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    Returned,
+    Unreturned,
+}
+
 impl Store {
     /// One local write (a store or a tombstone): makes room for a new key, keeps the record and
-    /// logs it for the peers. Callers count and publish once per call of theirs.
+    /// logs it for the peers, both into `j` (which the caller hands to the queue before it
+    /// publishes). Callers count and publish once per call of theirs.
     fn write_local(
         &self,
         inner: &mut Inner,
         table: &str,
-        key: &str,
+        key: String,
         rec: Rec,
         now: i64,
+        j: &mut Journal,
     ) -> Result<pb::Entry, StoreError> {
-        let entry = rec.to_pb(key, now);
+        let entry = rec.to_pb(&key, now);
         let t = inner
             .tables
             .get_mut(table)
             .ok_or_else(|| StoreError::UnknownTable(table.to_owned()))?;
-        if !t.entries.contains_key(key) {
-            t.make_room(&self.counters.evicted);
-        }
-        t.put(key, rec);
+        t.put(key, rec, j, &self.counters.evicted);
         self.append(
             inner,
             pb::Change {
@@ -40,15 +51,36 @@ impl Store {
                 table: table.to_owned(),
                 kind: Some(pb::change::Kind::Entry(entry.clone())),
             },
+            j,
         );
         Ok(entry)
     }
 
-    /// Stores (key, server) pairs with new versions.
+    /// Stores (key, server) pairs with new versions; returns the entries as stored.
     pub fn store(
         &self,
         table: &str,
         items: &[pb::StoreItem],
+    ) -> Result<Vec<pb::Entry>, StoreError> {
+        self.store_items(table, items, Stored::Returned)
+    }
+
+    /// [`Store::store`] for a writer that sees its entries on its Watch stream: they go to the
+    /// watchers without a copy for the caller. Returns how many were stored.
+    pub fn store_unreturned(
+        &self,
+        table: &str,
+        items: &[pb::StoreItem],
+    ) -> Result<usize, StoreError> {
+        self.store_items(table, items, Stored::Unreturned)
+            .map(|_| items.len())
+    }
+
+    fn store_items(
+        &self,
+        table: &str,
+        items: &[pb::StoreItem],
+        stored: Stored,
     ) -> Result<Vec<pb::Entry>, StoreError> {
         if items.is_empty() {
             return Err(StoreError::Empty("no items"));
@@ -68,6 +100,7 @@ impl Store {
         let expire = t.expire_ms();
         let now = now_ms();
         let mut out = Vec::with_capacity(items.len());
+        let mut j = Journal::with_capacity(items.len() * JOURNAL_BYTES_PER_STORE);
         for (it, key) in items.iter().zip(keyed) {
             let version = inner.hlc.now(now);
             let rec = Rec {
@@ -83,16 +116,25 @@ impl Store {
                 origin: self.local.clone(),
                 deleted: false,
             };
-            out.push(self.write_local(&mut inner, table, &key, rec, now)?);
+            match self.write_local(&mut inner, table, key, rec, now, &mut j) {
+                Ok(e) => out.push(e),
+                Err(e) => {
+                    self.pending.append(&mut j);
+                    return Err(e);
+                }
+            }
         }
+        self.pending.append(&mut j);
         self.counters
             .local_writes
             .fetch_add(out.len() as u64, Ordering::Relaxed);
-        // Copied for watchers only (checked under the lock, under which `watch` subscribes).
-        let entries = if self.events.receiver_count() > 0 {
-            out.clone()
-        } else {
-            Vec::new()
+        // Checked under the lock, under which `watch` subscribes.
+        let watched = self.events.receiver_count() > 0;
+        let (entries, returned) = match stored {
+            Stored::Returned if watched => (out.clone(), out),
+            Stored::Returned => (Vec::new(), out),
+            Stored::Unreturned if watched => (out, Vec::new()),
+            Stored::Unreturned => (Vec::new(), Vec::new()),
         };
         self.publish(
             &inner,
@@ -101,7 +143,7 @@ impl Store {
                 entries,
             },
         );
-        Ok(out)
+        Ok(returned)
     }
 
     /// Refreshes the expiry of live keys; the version stays, so a touch never wins over a store.
@@ -121,6 +163,7 @@ impl Store {
         let now = now_ms();
         let expires = now.saturating_add(t.expire_ms());
         let mut changed = Vec::new();
+        let mut j = Journal::default();
         for key in canon {
             let Some(t) = inner.tables.get_mut(table) else {
                 break;
@@ -136,7 +179,7 @@ impl Store {
                 ..old.clone()
             };
             let entry = rec.to_pb(&key, now);
-            t.put(&key, rec);
+            t.put(key, rec, &mut j, &self.counters.evicted);
             self.append(
                 &mut inner,
                 pb::Change {
@@ -144,9 +187,11 @@ impl Store {
                     table: table.to_owned(),
                     kind: Some(pb::change::Kind::Entry(entry.clone())),
                 },
+                &mut j,
             );
             changed.push(entry);
         }
+        self.pending.append(&mut j);
         let n = changed.len() as u32;
         if !changed.is_empty() {
             self.counters
@@ -190,7 +235,10 @@ impl Store {
             origin: self.local.clone(),
             deleted: true,
         };
-        let entry = self.write_local(&mut inner, table, &key, rec, now)?;
+        let mut j = Journal::default();
+        let written = self.write_local(&mut inner, table, key, rec, now, &mut j);
+        self.pending.append(&mut j);
+        let entry = written?;
         self.counters.local_writes.fetch_add(1, Ordering::Relaxed);
         self.publish(
             &inner,
@@ -215,6 +263,7 @@ impl Store {
             origin: self.local.to_string(),
         };
         let removed = self.apply_clear(&mut inner, &cleared);
+        let mut j = Journal::default();
         self.append(
             &mut inner,
             pb::Change {
@@ -222,7 +271,9 @@ impl Store {
                 table: table.to_owned(),
                 kind: Some(pb::change::Kind::Cleared(cleared.clone())),
             },
+            &mut j,
         );
+        self.pending.append(&mut j);
         self.counters.local_writes.fetch_add(1, Ordering::Relaxed);
         self.publish(&inner, Event::Cleared(cleared));
         Ok((removed, version))

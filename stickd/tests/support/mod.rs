@@ -170,6 +170,7 @@ impl Node {
             .store(pb::StoreRequest {
                 table: table.into(),
                 items,
+                omit_entries: false,
             })
             .await
             .expect("store");

@@ -64,6 +64,7 @@ pub(super) async fn saturate(node: &Node, tag: u8, count: usize, dur: Duration) 
                 c.store(pb::StoreRequest {
                     table: TABLE.into(),
                     items: items(tag, first..end),
+                    omit_entries: false,
                 })
                 .await
                 .context("Store")?;
@@ -100,6 +101,7 @@ pub(super) async fn paced(node: &Node, tag: u8, dur: Duration) -> Result<Written
         c.store(pb::StoreRequest {
             table: TABLE.into(),
             items: items(tag, n..n + PACED_BATCH),
+            omit_entries: false,
         })
         .await
         .context("Store")?;

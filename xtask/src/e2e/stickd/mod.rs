@@ -183,6 +183,7 @@ impl StickNode {
             .store(pb::StoreRequest {
                 table: table.into(),
                 items,
+                omit_entries: false,
             })
             .await
             .with_context(|| format!("Store on {}", self.name))?

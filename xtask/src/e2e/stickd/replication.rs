@@ -176,6 +176,7 @@ pub(super) async fn lww(env: Env) -> Result<Outcome> {
                 server: server.into(),
                 expires_unix_ms: 0,
             }],
+            omit_entries: false,
         };
         let (ra, rb) = tokio::join!(a.store(req("appA")), b.store(req("appB")));
         let (ea, eb) = (ra?.into_inner().entries, rb?.into_inner().entries);

@@ -207,6 +207,7 @@ pub(super) async fn restart_stickd(lab: &Lab) -> Result<()> {
         .store(pb::StoreRequest {
             table: table.into(),
             items: items.clone(),
+            omit_entries: false,
         })
         .await
         .context("Store")?;
@@ -327,6 +328,7 @@ pub(super) async fn restart_stickd(lab: &Lab) -> Result<()> {
                 server: server.clone(),
                 expires_unix_ms: 0,
             }],
+            omit_entries: false,
         })
         .await
         .context("Store after the restart")?;
