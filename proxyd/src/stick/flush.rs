@@ -144,13 +144,11 @@ async fn flush(cache: &StickCache, client: &mut StickClient<Channel>) -> Result<
 }
 
 /// `items` in calls of at most `BATCH`, moved rather than copied.
-fn batches<T>(mut items: Vec<T>) -> impl Iterator<Item = Vec<T>> {
+fn batches<T>(items: Vec<T>) -> impl Iterator<Item = Vec<T>> {
+    let mut items = items.into_iter().peekable();
     std::iter::from_fn(move || {
-        if items.is_empty() {
-            return None;
-        }
-        let rest = items.split_off(items.len().min(BATCH));
-        Some(std::mem::replace(&mut items, rest))
+        items.peek()?;
+        Some(items.by_ref().take(BATCH).collect())
     })
 }
 
