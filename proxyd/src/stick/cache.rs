@@ -183,8 +183,8 @@ impl StickCache {
             first
         };
         // A new session goes to stickd (and on to the peers) at once, not after a timer: the
-        // first store wakes the flusher, and the stores made while its call is in flight form
-        // the next batch. Under load the batches grow by themselves, with no added delay.
+        // first store wakes the flusher. Under a steady flow, the stores made while a call is
+        // in flight or just after it go together in the next (see `flush::STORE_GATHER`).
         if first {
             self.wake.notify_one();
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use proto::stick::v1 as pb;
 use proto::stick::v1::stick_client::StickClient;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -17,10 +18,21 @@ use super::{BACKOFF_MAX, MAX_PENDING, StickCache, connect};
 const BATCH: usize = 1000;
 /// How long touches gather before a flush; a store wakes the flusher at once (see `store`).
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
+/// Under a steady flow of new sessions, calls to stickd start at most this often, and the stores
+/// made meanwhile go together. A call costs proxyd and stickd about the same whatever its size:
+/// gRPC on both sides, stickd's hand-off to the thread that holds its store, the Watch echo and
+/// the wake-ups of both. At 40k new sessions/s, calls as fast as they came back (some 600/s)
+/// cost the two daemons 0.9 µs more per new session than calls at least 5 ms apart (23.5
+/// against 22.6 µs, means of 9 runs each), and 2 of their 9 runs had a p99 above 9 ms, against
+/// none above 5.4 ms. A store
+/// after a quiet spell still goes at once; one made within this of the last call waits at most
+/// this long to reach stickd and, from there, the peers.
+const STORE_GATHER: Duration = Duration::from_millis(5);
 
 pub(super) async fn flush_loop(cache: Arc<StickCache>, socket: PathBuf, stop: CancellationToken) {
     let mut client: Option<StickClient<Channel>> = None;
     let mut backoff = Duration::from_millis(50);
+    let mut last_call: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => {
@@ -36,6 +48,12 @@ pub(super) async fn flush_loop(cache: Arc<StickCache>, socket: PathBuf, stop: Ca
         if cache.pending_len() == 0 {
             continue;
         }
+        if let Some(due) = last_call.map(|t| t + STORE_GATHER) {
+            let now = Instant::now();
+            if now < due {
+                sleep_or_stop(&stop, due - now).await;
+            }
+        }
         if client.is_none() {
             match connect(&socket).await {
                 Ok(c) => client = Some(c),
@@ -48,8 +66,12 @@ pub(super) async fn flush_loop(cache: Arc<StickCache>, socket: PathBuf, stop: Ca
             }
         }
         let Some(c) = client.as_mut() else { continue };
+        let began = Instant::now();
         match flush(&cache, c).await {
-            Ok(()) => backoff = Duration::from_millis(50),
+            Ok(()) => {
+                backoff = Duration::from_millis(50);
+                last_call = Some(began);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, pending = cache.pending_len(), "cannot write to stickd, will resend");
                 client = None;
