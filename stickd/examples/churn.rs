@@ -67,6 +67,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             table: table.clone(),
             items,
             omit_entries: false,
+            watcher: 0,
+            batch: 0,
         })
         .await?;
         sent += batch as u64;

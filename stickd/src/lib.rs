@@ -115,6 +115,7 @@ pub async fn run(
         peers: peers.clone(),
         started: Instant::now(),
         shutdown: shutdown.clone(),
+        next_watcher: std::sync::atomic::AtomicU64::new(1),
     };
     let router = tonic::transport::Server::builder()
         .add_service(

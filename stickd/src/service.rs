@@ -2,7 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures::Stream;
@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::peer::Peers;
-use crate::store::{Event, Store, StoreError};
+use crate::store::{Event, Store, StoreError, Writer};
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
@@ -34,6 +34,8 @@ pub struct LocalService {
     pub peers: Arc<Peers>,
     pub started: Instant,
     pub shutdown: CancellationToken,
+    /// The id of the next Watch stream (from 1: 0 names none).
+    pub next_watcher: AtomicU64,
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
@@ -71,8 +73,12 @@ impl pb::stick_server::Stick for LocalService {
         let store = self.store.clone();
         let entries = blocking(move || {
             let stored = if r.omit_entries {
+                let writer = (r.watcher != 0).then_some(Writer {
+                    watcher: r.watcher,
+                    batch: r.batch,
+                });
                 store
-                    .store_unreturned(&r.table, &r.items)
+                    .store_unreturned(&r.table, &r.items, writer)
                     .map(|_| Vec::new())
             } else {
                 store.store(&r.table, &r.items)
@@ -104,6 +110,7 @@ impl pb::stick_server::Stick for LocalService {
     async fn watch(&self, r: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let tables = r.into_inner().tables;
         let (snapshot, mut rx) = self.store.watch(&tables)?;
+        let me = self.next_watcher.fetch_add(1, Ordering::Relaxed);
         let (tx, out) = mpsc::channel(64);
         let shutdown = self.shutdown.clone();
         let store = self.store.clone();
@@ -121,7 +128,10 @@ impl pb::stick_server::Stick for LocalService {
                     return;
                 }
             }
-            let end = pb::watch_event::Event::SnapshotEnd(pb::SnapshotEnd { entries: n });
+            let end = pb::watch_event::Event::SnapshotEnd(pb::SnapshotEnd {
+                entries: n,
+                watcher: me,
+            });
             let mut open = tx.send(event(end)).await.is_ok();
             while open {
                 let ev = tokio::select! {
@@ -134,7 +144,19 @@ impl pb::stick_server::Stick for LocalService {
                         continue;
                     }
                     Ok(ev) => match &*ev {
-                        Event::Changes { table, entries } => {
+                        // Our own writer's stores: it has them, it only learns where they were
+                        // applied.
+                        Event::Changes {
+                            table,
+                            writer: Some(w),
+                            ..
+                        } if w.watcher == me => {
+                            event(pb::watch_event::Event::Applied(pb::StoreApplied {
+                                table: table.to_string(),
+                                batch: w.batch,
+                            }))
+                        }
+                        Event::Changes { table, entries, .. } => {
                             event(pb::watch_event::Event::Changes(pb::EntryBatch {
                                 table: table.to_string(),
                                 entries: entries.clone(),

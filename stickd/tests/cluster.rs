@@ -137,6 +137,8 @@ async fn concurrent_writes_of_one_key_converge_to_one_value() {
                 expires_unix_ms: 0,
             }],
             omit_entries: false,
+            watcher: 0,
+            batch: 0,
         };
         let (mut a, mut b) = (a, b);
         let (ra, rb) = tokio::join!(a.store(req("appA")), b.store(req("appB")));
@@ -346,6 +348,72 @@ async fn watch_sends_a_snapshot_then_local_and_remote_changes() {
         }
     }
     assert_eq!(seen, ["local@node1", "remote@node2", "clear@node2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_names_its_stream_is_told_where_its_stores_went_and_others_get_them() {
+    use pb::watch_event::Event;
+    let c = Cluster::start(1, |_| TABLES.to_owned());
+    let mut client = c.nodes[0].client().await;
+    // Two watchers: each stream's id comes with the end of its snapshot.
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut w = client
+            .watch(pb::WatchRequest {
+                tables: vec!["web".into()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let id = loop {
+            match w.message().await.unwrap().unwrap().event.unwrap() {
+                Event::SnapshotEnd(end) => break end.watcher,
+                Event::Snapshot(_) => {}
+                other => panic!("unexpected before the end of the snapshot: {other:?}"),
+            }
+        };
+        streams.push((w, id));
+    }
+    let (mine, theirs) = (streams[0].1, streams[1].1);
+    assert!(
+        mine != 0 && theirs != 0 && mine != theirs,
+        "{mine} {theirs}"
+    );
+    let store = |key: &str, watcher: u64| pb::StoreRequest {
+        table: "web".into(),
+        items: vec![pb::StoreItem {
+            key: key.into(),
+            server: "app1".into(),
+            expires_unix_ms: 0,
+        }],
+        omit_entries: true,
+        watcher,
+        batch: 7,
+    };
+    client.store(store("named", mine)).await.unwrap();
+    client.store(store("unnamed", 0)).await.unwrap();
+    let mut next = async |i: usize| {
+        tokio::time::timeout(Duration::from_secs(5), streams[i].0.message())
+            .await
+            .expect("an event within 5 s")
+            .unwrap()
+            .unwrap()
+            .event
+            .unwrap()
+    };
+    let keys = |e: Event| match e {
+        Event::Changes(b) => b.entries.into_iter().map(|e| e.key).collect::<Vec<_>>(),
+        other => panic!("unexpected {other:?}"),
+    };
+    // The writer's stream: the marker where its entries would be, then the other store.
+    match next(0).await {
+        Event::Applied(a) => assert_eq!((a.table.as_str(), a.batch), ("web", 7)),
+        other => panic!("expected the marker, got {other:?}"),
+    }
+    assert_eq!(keys(next(0).await), ["unnamed"]);
+    // Any other stream: both stores' entries.
+    assert_eq!(keys(next(1).await), ["named"]);
+    assert_eq!(keys(next(1).await), ["unnamed"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

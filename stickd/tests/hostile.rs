@@ -63,6 +63,8 @@ async fn an_expiry_past_the_table_expire_is_clamped() {
                 expires_unix_ms: i64::MAX,
             }],
             omit_entries: false,
+            watcher: 0,
+            batch: 0,
         })
         .await
         .unwrap()
@@ -96,6 +98,8 @@ async fn an_expiry_past_the_table_expire_is_clamped() {
                 expires_unix_ms: soon,
             }],
             omit_entries: false,
+            watcher: 0,
+            batch: 0,
         })
         .await
         .unwrap()
@@ -120,6 +124,8 @@ async fn control_characters_and_long_keys_are_refused_naming_the_problem() {
                     expires_unix_ms: 0,
                 }],
                 omit_entries: false,
+                watcher: 0,
+                batch: 0,
             })
             .await
             .unwrap_err();
@@ -145,6 +151,8 @@ async fn control_characters_and_long_keys_are_refused_naming_the_problem() {
                 expires_unix_ms: 0,
             }],
             omit_entries: false,
+            watcher: 0,
+            batch: 0,
         })
         .await
         .unwrap_err();
@@ -170,6 +178,8 @@ async fn a_60_mb_request_is_refused_on_both_ports() {
             table: "web".into(),
             items: big,
             omit_entries: false,
+            watcher: 0,
+            batch: 0,
         })
         .await
         .unwrap_err();
@@ -435,6 +445,8 @@ expire = "5m"
                 table: "web".into(),
                 items,
                 omit_entries: false,
+                watcher: 0,
+                batch: 0,
             })
             .await
             .unwrap();

@@ -1,7 +1,7 @@
 //! The cache proper: lookups and local stores on the request path, the buffer of writes for
 //! stickd, and stickd's snapshots and changes applied on top of it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -9,6 +9,7 @@ use foldhash::fast::RandomState;
 use proto::stick::v1 as pb;
 use tokio::sync::Notify;
 
+use super::sent::{Sent, Stores};
 use super::table::{SHARDS, Shard, Slot, Table};
 use common::time::coarse_now_ms;
 
@@ -20,7 +21,7 @@ pub const MAX_PENDING: usize = 100_000;
 #[derive(Debug, Default)]
 pub struct Pending {
     // foldhash as in the tables: a store hashes its key here too, on a new session's path.
-    pub(super) stores: HashMap<(usize, String), Arc<str>, RandomState>,
+    pub(super) stores: Stores,
     pub(super) touches: HashSet<(usize, String), RandomState>,
 }
 
@@ -48,6 +49,8 @@ pub struct StickStats {
 pub struct StickCache {
     pub tables: Vec<Table>,
     pub(super) pending: Mutex<Pending>,
+    /// What was sent and is not yet shown applied on the Watch stream (locked after `pending`).
+    pub(super) sent: Mutex<Sent>,
     pub(super) wake: Notify,
     /// Where the sweep resumes: table, shard, bucket.
     pub(super) sweep_at: Mutex<(usize, usize, usize)>,
@@ -71,6 +74,7 @@ impl StickCache {
                 .map(|(name, kind)| Table::new(name, kind))
                 .collect(),
             pending: Mutex::new(Pending::default()),
+            sent: Mutex::new(Sent::default()),
             wake: Notify::new(),
             sweep_at: Mutex::new((0, 0, 0)),
             stats: StickStats::default(),
@@ -274,27 +278,36 @@ impl StickCache {
         }
     }
 
+    pub(super) fn sent(&self) -> std::sync::MutexGuard<'_, Sent> {
+        self.sent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Applies entries from stickd's Watch stream (changes, local and remote): an entry that
     /// is deleted or expired goes, any other replaces the cached one, except while a local
-    /// store of the same key is still unsent.
+    /// store of the same key is unsent, or sent and not yet shown applied (see `sent`).
     pub fn apply(&self, t: usize, entries: Vec<pb::Entry>) {
         let table = &self.tables[t];
         let now = coarse_now_ms();
-        let unsent: HashSet<String> = {
+        let outranked: HashSet<String> = {
             let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            if p.stores.is_empty() {
+            let sent = self.sent();
+            if p.stores.is_empty() && sent.is_empty() {
                 HashSet::new()
             } else {
                 entries
                     .iter()
-                    .filter(|e| p.stores.contains_key(&(t, e.key.clone())))
+                    .filter(|e| {
+                        let k = (t, e.key.clone());
+                        p.stores.contains_key(&k) || sent.contains(&k)
+                    })
                     .map(|e| e.key.clone())
                     .collect()
             }
         };
         for e in entries {
-            // Our own newer store is on its way to stickd: it wins, as it will there.
-            if unsent.contains(&e.key) {
+            // Our own newer store is on its way to stickd, or there after this change: it wins,
+            // as it does there.
+            if outranked.contains(&e.key) {
                 continue;
             }
             let hash = table.hash(&e.key);
@@ -314,13 +327,26 @@ impl StickCache {
         }
     }
 
+    /// stickd cleared table `t` (entries below `version` are gone there). Local stores that
+    /// are unsent, or sent and not yet shown applied, stay: stickd applies them after the clear.
+    /// Those shown applied, which stickd did not echo (version 0), were applied before it.
     pub(super) fn clear(&self, t: usize, version: u64) {
         let table = &self.tables[t];
+        let keep: HashSet<Vec<u8>> = {
+            let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let sent = self.sent();
+            p.stores
+                .keys()
+                .filter(|(ti, _)| *ti == t)
+                .map(|(_, k)| k.as_str())
+                .chain(sent.keys(t))
+                .map(|k| k.as_bytes().to_vec())
+                .collect()
+        };
         for i in 0..SHARDS {
-            table
-                .shard_at(i)
-                .entries
-                .retain(|e| e.version >= version && e.version != 0);
+            table.shard_at(i).entries.retain(|e| {
+                (e.version >= version && e.version != 0) || keep.contains(e.key.as_bytes())
+            });
         }
     }
 }
@@ -460,16 +486,50 @@ mod tests {
     }
 
     #[test]
-    fn clear_keeps_only_newer_entries() {
+    fn sent_stores_win_until_the_stream_shows_them_applied() {
+        let c = cache();
+        c.sent().restart(5);
+        c.store(0, "k", "app2");
+        let ids = c
+            .sent()
+            .hold(c.take_pending().stores)
+            .expect("a numbered stream");
+        let remote = entry("k", "app1", coarse_now_ms() + 60_000);
+        // Applied in stickd before our store, which outranks it there.
+        c.apply(0, vec![remote.clone()]);
+        assert_eq!(c.lookup(0, "k").as_deref(), Some("app2"));
+        // After the marker, a change is newer than our store.
+        c.sent().applied(ids.watcher, ids.batch);
+        c.apply(0, vec![remote]);
+        assert_eq!(c.lookup(0, "k").as_deref(), Some("app1"));
+    }
+
+    #[test]
+    fn clear_keeps_newer_entries_and_stores_applied_after_it() {
         let c = cache();
         let now = coarse_now_ms();
         let mut newer = entry("new", "app1", now + 60_000);
         newer.version = 10;
         c.apply(0, vec![entry("old", "app1", now + 60_000), newer]);
-        c.store(0, "mine", "app2");
+        c.sent().restart(1);
+        // Shown applied before the clear: gone with it.
+        c.store(0, "applied", "app2");
+        let ids = c
+            .sent()
+            .hold(c.take_pending().stores)
+            .expect("a numbered stream");
+        c.sent().applied(ids.watcher, ids.batch);
+        // Sent, not yet shown applied; and not sent yet: stickd applies both after the clear.
+        c.store(0, "sent", "app2");
+        c.sent()
+            .hold(c.take_pending().stores)
+            .expect("a numbered stream");
+        c.store(0, "unsent", "app2");
         c.clear(0, 5);
         assert!(c.lookup(0, "old").is_none());
-        assert!(c.lookup(0, "mine").is_none());
+        assert!(c.lookup(0, "applied").is_none());
         assert_eq!(c.lookup(0, "new").as_deref(), Some("app1"));
+        assert_eq!(c.lookup(0, "sent").as_deref(), Some("app2"));
+        assert_eq!(c.lookup(0, "unsent").as_deref(), Some("app2"));
     }
 }

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use super::sent::{CallIds, Store};
 use super::{BACKOFF_MAX, MAX_PENDING, StickCache, connect};
 
 /// Items per Store or Touch call.
@@ -89,41 +90,60 @@ async fn sleep_or_stop(stop: &CancellationToken, d: Duration) {
     }
 }
 
-/// Sends everything pending; on failure the unsent part goes back (behind newer writes).
+/// Sends everything pending; on failure what did not go through goes back (behind newer writes).
 async fn flush(cache: &StickCache, client: &mut StickClient<Channel>) -> Result<(), String> {
     let taken = cache.take_pending();
-    let mut stores: Vec<Vec<pb::StoreItem>> = cache.tables.iter().map(|_| Vec::new()).collect();
-    for ((t, key), server) in &taken.stores {
-        stores[*t].push(pb::StoreItem {
-            key: key.clone(),
-            server: String::from(&**server),
-            expires_unix_ms: 0,
-        });
+    let mut by_table: Vec<Vec<Store>> = cache.tables.iter().map(|_| Vec::new()).collect();
+    for (k, server) in taken.stores {
+        by_table[k.0].push((k, server));
     }
+    // Each table's stores, in calls of at most `BATCH`.
+    let mut calls = by_table.into_iter().flat_map(batches);
     let mut touches: Vec<Vec<String>> = cache.tables.iter().map(|_| Vec::new()).collect();
     for (t, key) in &taken.touches {
         touches[*t].push(key.clone());
     }
     let result = async {
-        for (t, items) in stores.into_iter().enumerate() {
-            for items in batches(items) {
-                let n = items.len() as u64;
-                let req = pb::StoreRequest {
-                    table: cache.tables[t].name.clone(),
-                    items,
-                    // The entries come back on the Watch stream, which applies them.
-                    omit_entries: true,
-                };
-                match client.store(req).await {
-                    Ok(_) => {}
-                    // A refused item (e.g. a key stickd finds invalid) would be resent for ever.
-                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                        tracing::warn!(table = %cache.tables[t].name, error = %s.message(), "stickd refused a batch of stores; dropped");
-                    }
-                    Err(s) => return Err(format!("Store: {}", s.message())),
+        for call in calls.by_ref() {
+            let Some(t) = call.first().map(|((t, _), _)| *t) else {
+                continue;
+            };
+            let items = call
+                .iter()
+                .map(|((_, key), server)| pb::StoreItem {
+                    key: key.clone(),
+                    server: String::from(&**server),
+                    expires_unix_ms: 0,
+                })
+                .collect();
+            let n = call.len() as u64;
+            // Held from before the call: its marker may come on the Watch stream before its reply.
+            let (ids, unheld) = match cache.sent().hold(call.into_iter().collect()) {
+                Ok(ids) => (ids, None),
+                Err(stores) => (CallIds::default(), Some(stores)),
+            };
+            let req = pb::StoreRequest {
+                table: cache.tables[t].name.clone(),
+                items,
+                // Our Watch stream applies them: stickd echoes them there, or only says where
+                // they were applied if the call names the stream.
+                omit_entries: true,
+                watcher: ids.watcher,
+                batch: ids.batch,
+            };
+            match client.store(req).await {
+                Ok(_) => {}
+                // A refused item (e.g. a key stickd finds invalid) would be resent for ever.
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    cache.sent().release(ids);
+                    tracing::warn!(table = %cache.tables[t].name, error = %s.message(), "stickd refused a batch of stores; dropped");
                 }
-                cache.stats.stores_sent.fetch_add(n, Ordering::Relaxed);
+                Err(s) => {
+                    let back = unheld.or_else(|| cache.sent().release(ids));
+                    return Err((format!("Store: {}", s.message()), back));
+                }
             }
+            cache.stats.stores_sent.fetch_add(n, Ordering::Relaxed);
         }
         for (t, keys) in touches.into_iter().enumerate() {
             for keys in batches(keys) {
@@ -135,7 +155,7 @@ async fn flush(cache: &StickCache, client: &mut StickClient<Channel>) -> Result<
                 match client.touch(req).await {
                     Ok(_) => {}
                     Err(s) if s.code() == tonic::Code::InvalidArgument => {}
-                    Err(s) => return Err(format!("Touch: {}", s.message())),
+                    Err(s) => return Err((format!("Touch: {}", s.message()), None)),
                 }
                 cache.stats.touches_sent.fetch_add(n, Ordering::Relaxed);
             }
@@ -143,26 +163,27 @@ async fn flush(cache: &StickCache, client: &mut StickClient<Channel>) -> Result<
         Ok(())
     }
     .await;
-    if result.is_err() {
-        // Resend everything (stores are idempotent), newer writes made meanwhile win.
-        let mut p = cache.pending.lock().unwrap_or_else(|p| p.into_inner());
-        for (k, v) in taken.stores {
-            if p.len() >= MAX_PENDING {
-                cache.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            p.stores.entry(k).or_insert(v);
+    let Err((why, failed)) = result else {
+        return Ok(());
+    };
+    // Resend what did not go through (stores are idempotent); newer writes made meanwhile win.
+    let mut p = cache.pending.lock().unwrap_or_else(|p| p.into_inner());
+    for (k, v) in failed.into_iter().flatten().chain(calls.flatten()) {
+        if p.len() >= MAX_PENDING {
+            cache.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
         }
-        for k in taken.touches {
-            if p.len() >= MAX_PENDING {
-                break;
-            }
-            if !p.stores.contains_key(&k) {
-                p.touches.insert(k);
-            }
+        p.stores.entry(k).or_insert(v);
+    }
+    for k in taken.touches {
+        if p.len() >= MAX_PENDING {
+            break;
+        }
+        if !p.stores.contains_key(&k) {
+            p.touches.insert(k);
         }
     }
-    result
+    Err(why)
 }
 
 /// `items` in calls of at most `BATCH`, moved rather than copied.

@@ -14,6 +14,7 @@
 //! reconnect's snapshot replaces the cache, with the unsent writes on top.
 //!
 //! - `cache`: lookups, local stores and the write buffer; stickd's snapshots and changes.
+//! - `sent`: the stores sent to stickd that the Watch stream has not yet shown applied.
 //! - `table`: one table's shards and their compact entries.
 //! - `alloc`: the shard tables' allocator (huge pages, prefetch) and the counting allocator of
 //!   the memory figures; the only `unsafe` of the stick cache.
@@ -24,6 +25,7 @@ mod alloc;
 mod cache;
 mod flush;
 mod rules;
+mod sent;
 mod sweep;
 mod table;
 #[cfg(test)]

@@ -45,7 +45,7 @@ impl SlotKey {
         }
     }
 
-    fn as_bytes(&self) -> &[u8] {
+    pub(super) fn as_bytes(&self) -> &[u8] {
         match self {
             SlotKey::Inline(n, b) => &b[..usize::from(*n)],
             SlotKey::Boxed(k) => k.as_bytes(),

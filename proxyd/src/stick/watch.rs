@@ -28,6 +28,8 @@ pub(super) async fn watch_loop(
     let mut backoff = Duration::from_millis(50);
     loop {
         let end = watch_once(&cache, &socket, &stop, &mut first).await;
+        // The stream's markers are gone with it.
+        cache.sent().restart(0);
         // A link that was up starts its retries over from the shortest wait: the backoff is for
         // a stickd that stays away, and a restarted one is back within a few hundred ms.
         if cache.stats.link_up.swap(false, Ordering::Relaxed) {
@@ -78,6 +80,8 @@ async fn watch_once(
     };
     let mut snapshot: Vec<Vec<pb::Entry>> = cache.tables.iter().map(|_| Vec::new()).collect();
     let mut in_snapshot = true;
+    // What stickd numbered this stream (0: a stickd that echoes every store).
+    let mut watcher = 0;
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => return WatchEnd::Stopped,
@@ -98,6 +102,8 @@ async fn watch_once(
                 for (t, entries) in snapshot.iter_mut().enumerate() {
                     cache.install_snapshot(t, std::mem::take(entries));
                 }
+                watcher = end.watcher;
+                cache.sent().restart(watcher);
                 in_snapshot = false;
                 cache.stats.link_up.store(true, Ordering::Relaxed);
                 tracing::info!(entries = end.entries, "stick cache loaded from stickd");
@@ -115,6 +121,9 @@ async fn watch_once(
                         cache.apply(t, b.entries);
                     }
                 }
+            }
+            Some(pb::watch_event::Event::Applied(a)) => {
+                cache.sent().applied(watcher, a.batch);
             }
             Some(pb::watch_event::Event::Cleared(c)) => {
                 if let Some(t) = cache.table_index(&c.table) {

@@ -55,8 +55,19 @@ pub enum Event {
     Changes {
         table: Arc<str>,
         entries: Vec<pb::Entry>,
+        /// The local writer that made them and watches too: its own stream is told where they
+        /// were applied instead of being sent them.
+        writer: Option<Writer>,
     },
     Cleared(pb::TableCleared),
+}
+
+/// A Store call of a writer that watches: its Watch stream and the call's number (see
+/// `StoreRequest.watcher` in stick.proto).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Writer {
+    pub watcher: u64,
+    pub batch: u64,
 }
 
 impl Event {

@@ -66,12 +66,15 @@ impl Store {
                             applied += 1;
                             let Some(e) = e else { continue };
                             match events.last_mut() {
-                                Some(Event::Changes { table, entries }) if **table == *c.table => {
+                                Some(Event::Changes { table, entries, .. })
+                                    if **table == *c.table =>
+                                {
                                     entries.push(e);
                                 }
                                 _ => events.push(Event::Changes {
                                     table: Arc::from(c.table.as_str()),
                                     entries: vec![e],
+                                    writer: None,
                                 }),
                             }
                         }
@@ -196,6 +199,7 @@ impl Store {
             events.push(Event::Changes {
                 table: Arc::from(table.as_str()),
                 entries: changed,
+                writer: None,
             });
         }
         for ev in events {

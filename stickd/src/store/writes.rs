@@ -10,7 +10,7 @@ use proto::stick::v1 as pb;
 
 use super::queue::Journal;
 use super::tables::check_server;
-use super::{Event, Inner, Store, StoreError, durable};
+use super::{Event, Inner, Store, StoreError, Writer, durable};
 use crate::record::Rec;
 use common::time::now_ms;
 
@@ -18,11 +18,12 @@ use common::time::now_ms;
 /// grows once.
 const JOURNAL_BYTES_PER_STORE: usize = 96;
 
-/// Whether a store's entries go back to its caller as well as to the watchers.
+/// Where a store's entries go besides the log: back to its caller as well as to the watchers,
+/// or to the watchers only, the caller's own stream excepted if it names one.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Stored {
     Returned,
-    Unreturned,
+    Unreturned(Option<Writer>),
 }
 
 impl Store {
@@ -65,14 +66,16 @@ impl Store {
         self.store_items(table, items, Stored::Returned)
     }
 
-    /// [`Store::store`] for a writer that sees its entries on its Watch stream: they go to the
-    /// watchers without a copy for the caller. Returns how many were stored.
+    /// [`Store::store`] for a writer that keeps what it stores: the entries go to the watchers
+    /// without a copy for the caller, and `writer`'s own stream, if it names one, is told where
+    /// they were applied instead. Returns how many were stored.
     pub fn store_unreturned(
         &self,
         table: &str,
         items: &[pb::StoreItem],
+        writer: Option<Writer>,
     ) -> Result<usize, StoreError> {
-        self.store_items(table, items, Stored::Unreturned)
+        self.store_items(table, items, Stored::Unreturned(writer))
             .map(|_| items.len())
     }
 
@@ -130,17 +133,18 @@ impl Store {
             .fetch_add(out.len() as u64, Ordering::Relaxed);
         // Checked under the lock, under which `watch` subscribes.
         let watched = self.events.receiver_count() > 0;
-        let (entries, returned) = match stored {
-            Stored::Returned if watched => (out.clone(), out),
-            Stored::Returned => (Vec::new(), out),
-            Stored::Unreturned if watched => (out, Vec::new()),
-            Stored::Unreturned => (Vec::new(), Vec::new()),
+        let (entries, returned, writer) = match stored {
+            Stored::Returned if watched => (out.clone(), out, None),
+            Stored::Returned => (Vec::new(), out, None),
+            Stored::Unreturned(writer) if watched => (out, Vec::new(), writer),
+            Stored::Unreturned(writer) => (Vec::new(), Vec::new(), writer),
         };
         self.publish(
             &inner,
             Event::Changes {
                 table: Arc::from(table),
                 entries,
+                writer,
             },
         );
         Ok(returned)
@@ -202,6 +206,7 @@ impl Store {
                 Event::Changes {
                     table: Arc::from(table),
                     entries: changed,
+                    writer: None,
                 },
             );
         }
@@ -245,6 +250,7 @@ impl Store {
             Event::Changes {
                 table: Arc::from(table),
                 entries: vec![entry],
+                writer: None,
             },
         );
         Ok(existed)

@@ -171,6 +171,8 @@ impl Node {
                 table: table.into(),
                 items,
                 omit_entries: false,
+                watcher: 0,
+                batch: 0,
             })
             .await
             .expect("store");

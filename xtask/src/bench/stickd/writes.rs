@@ -65,6 +65,8 @@ pub(super) async fn saturate(node: &Node, tag: u8, count: usize, dur: Duration) 
                     table: TABLE.into(),
                     items: items(tag, first..end),
                     omit_entries: false,
+                    watcher: 0,
+                    batch: 0,
                 })
                 .await
                 .context("Store")?;
@@ -102,6 +104,8 @@ pub(super) async fn paced(node: &Node, tag: u8, dur: Duration) -> Result<Written
             table: TABLE.into(),
             items: items(tag, n..n + PACED_BATCH),
             omit_entries: false,
+            watcher: 0,
+            batch: 0,
         })
         .await
         .context("Store")?;

@@ -184,6 +184,8 @@ impl StickNode {
                 table: table.into(),
                 items,
                 omit_entries: false,
+                watcher: 0,
+                batch: 0,
             })
             .await
             .with_context(|| format!("Store on {}", self.name))?

@@ -177,6 +177,8 @@ pub(super) async fn lww(env: Env) -> Result<Outcome> {
                 expires_unix_ms: 0,
             }],
             omit_entries: false,
+            watcher: 0,
+            batch: 0,
         };
         let (ra, rb) = tokio::join!(a.store(req("appA")), b.store(req("appB")));
         let (ea, eb) = (ra?.into_inner().entries, rb?.into_inner().entries);

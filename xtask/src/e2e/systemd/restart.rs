@@ -208,6 +208,8 @@ pub(super) async fn restart_stickd(lab: &Lab) -> Result<()> {
             table: table.into(),
             items: items.clone(),
             omit_entries: false,
+            watcher: 0,
+            batch: 0,
         })
         .await
         .context("Store")?;
@@ -329,6 +331,8 @@ pub(super) async fn restart_stickd(lab: &Lab) -> Result<()> {
                 expires_unix_ms: 0,
             }],
             omit_entries: false,
+            watcher: 0,
+            batch: 0,
         })
         .await
         .context("Store after the restart")?;
