@@ -414,7 +414,7 @@ mod tests {
     /// went. A measurement, not a check; run it in release mode and alone on the machine:
     /// `cargo test --release -p stickd --lib -- --ignored --nocapture persistence_cost`.
     #[test]
-    #[ignore]
+    #[ignore = "a measurement: run it alone, in release mode"]
     fn persistence_cost_per_entry_of_a_growing_table() {
         const ENTRIES: usize = 650_000;
         const BATCH: usize = 70;
@@ -437,7 +437,7 @@ mod tests {
                 item(&format!("{h:016x}{i:016x}"), ["app1", "app2"][i % 2])
             }));
             s.store_unreturned("sessions", &items).expect("store");
-            if (n + BATCH) % PER_PERSIST != 0 {
+            if !(n + BATCH).is_multiple_of(PER_PERSIST) {
                 continue;
             }
             let before = cpu_now().0;
@@ -451,7 +451,7 @@ mod tests {
                 checkpoint += after - before;
                 checkpoints += 1;
             }
-            if (n + BATCH) % PER_FLUSH == 0 {
+            if (n + BATCH).is_multiple_of(PER_FLUSH) {
                 s.db.flush().expect("flush");
                 flush += cpu_now().0 - after;
             }
