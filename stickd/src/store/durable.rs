@@ -18,7 +18,11 @@ use common::time::now_ms;
 
 /// Queued sled writes past which writers wait for sled (see `Store::backpressure`).
 const PENDING_HIGH_WATER: usize = 100_000;
-/// Entries per checkpoint value (and per hold of the store's lock while writing one).
+/// Entries per checkpoint value (and per hold of the store's lock while writing one). sled
+/// copies a value some ten times whatever its size (node splits and consolidations), so the size
+/// matters little: measured from 128 to 4096 entries alike per entry; values small enough to
+/// keep sled's nodes out of its blob files (under 128 KiB) only moved the copying to sled's
+/// writer threads, and cost more end to end; 16384 cost more.
 const CHECKPOINT_CHUNK: usize = 4096;
 /// Journal cost (see `journal_cost`) that calls for a checkpoint, at least (else: the last
 /// checkpoint's size). sled keeps the journal in memory until a checkpoint removes it, so this is
@@ -381,6 +385,91 @@ mod tests {
         }
         // At most CHECKPOINT_AFTER's worth of values at their overhead each (2731).
         assert!((1..=3000).contains(&most), "{most} journal values");
+    }
+
+    /// CPU time in ns that the scheduler accounts to `/proc/.../schedstat` (finer than
+    /// getrusage's ticks).
+    fn cpu_ns(schedstat: &std::path::Path) -> u64 {
+        std::fs::read_to_string(schedstat)
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// CPU time of this thread, and of the whole process (sled's threads too).
+    fn cpu_now() -> (u64, u64) {
+        let thread = cpu_ns("/proc/thread-self/schedstat".as_ref());
+        let process = std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|t| cpu_ns(&t.path().join("schedstat")))
+            .sum();
+        (thread, process)
+    }
+
+    /// What persistence costs per stored entry in proxyd's shape of load: new 32-byte session
+    /// keys in batches of 70, a persist every 840 entries (20 ms at 42k a second), a flush every
+    /// 25 persists (500 ms), until the table holds 650k. Prints CPU per entry, split by where it
+    /// went. A measurement, not a check; run it in release mode and alone on the machine:
+    /// `cargo test --release -p stickd --lib -- --ignored --nocapture persistence_cost`.
+    #[test]
+    #[ignore = "a measurement: run it alone, in release mode"]
+    fn persistence_cost_per_entry_of_a_growing_table() {
+        const ENTRIES: usize = 650_000;
+        const BATCH: usize = 70;
+        const PER_PERSIST: usize = 840;
+        const PER_FLUSH: usize = PER_PERSIST * 25;
+        let dir = tempfile::tempdir().expect("tmp");
+        let table = "[[tables]]\nname = \"sessions\"\ntype = \"string\"\nlen = 32\n\
+                     size = \"1m\"\nexpire = \"5m\"\n";
+        let s = Store::open(&config(dir.path(), "a", table)).expect("open");
+        let (mut store, mut persist, mut checkpoint, mut flush) = (0, 0, 0, 0);
+        let mut checkpoints = 0;
+        let (thread_start, start) = cpu_now();
+        let mut mark = thread_start;
+        let mut items = Vec::with_capacity(BATCH);
+        for n in (0..ENTRIES).step_by(BATCH) {
+            items.clear();
+            items.extend((n..n + BATCH).map(|i| {
+                // Spread over the key space as session ids are, not in order.
+                let h = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                item(&format!("{h:016x}{i:016x}"), ["app1", "app2"][i % 2])
+            }));
+            s.store_unreturned("sessions", &items, None).expect("store");
+            if !(n + BATCH).is_multiple_of(PER_PERSIST) {
+                continue;
+            }
+            let before = cpu_now().0;
+            store += before - mark;
+            let generation = s.disk().generation;
+            s.persist().expect("persist");
+            let after = cpu_now().0;
+            if s.disk().generation == generation {
+                persist += after - before;
+            } else {
+                checkpoint += after - before;
+                checkpoints += 1;
+            }
+            if (n + BATCH).is_multiple_of(PER_FLUSH) {
+                s.db.flush().expect("flush");
+                flush += cpu_now().0 - after;
+            }
+            mark = cpu_now().0;
+        }
+        let (thread, end) = cpu_now();
+        store += thread - mark;
+        let per = |ns: u64| ns as f64 / 1e3 / ENTRIES as f64;
+        println!(
+            "µs per entry: {:.3} = store (and making keys) {:.3} + persist {:.3} + {checkpoints} checkpoints {:.3} \
+             + flush {:.3} + sled's threads {:.3}",
+            per(end - start),
+            per(store),
+            per(persist),
+            per(checkpoint),
+            per(flush),
+            per((end - start).saturating_sub(thread - thread_start)),
+        );
     }
 
     #[test]
