@@ -258,8 +258,8 @@ pub(super) fn section(
     s.notes.push(
         "Why stickd's tables lag while sessions arrive: a proxyd worker never waits on stickd in \
          the request path; it writes a new session into its own cache at once and sends stores \
-         to stickd in batches (`FLUSH_EVERY` in proxyd/src/stick/flush.rs), and stickd then pushes \
-         them to its peers. HAProxy writes the entry in the request path and its peers applet \
+         to stickd in batches (under a steady flow, a call per `STORE_GATHER`, 5 ms, in \
+         proxyd/src/stick/flush.rs), and stickd then pushes them to its peers. HAProxy writes the entry in the request path and its peers applet \
          pushes it right away."
             .to_owned(),
     );
