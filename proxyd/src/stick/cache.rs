@@ -9,7 +9,7 @@ use foldhash::fast::RandomState;
 use proto::stick::v1 as pb;
 use tokio::sync::Notify;
 
-use super::sent::{Sent, Stores};
+use super::sent::{Sent, Store, Stores};
 use super::table::{SHARDS, Shard, Slot, Table};
 use common::time::coarse_now_ms;
 
@@ -236,6 +236,32 @@ impl StickCache {
     /// Everything buffered for stickd, taken out (what a flush sends).
     pub fn take_pending(&self) -> Pending {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Stores taken out that stickd may not have: buffered again to be resent (stores are
+    /// idempotent), behind the writes made meanwhile, which win. Touches likewise, unless a
+    /// store of the same key is buffered.
+    pub(super) fn put_back(
+        &self,
+        stores: impl IntoIterator<Item = Store>,
+        touches: impl IntoIterator<Item = (usize, String)>,
+    ) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, v) in stores {
+            if p.len() >= MAX_PENDING {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            p.stores.entry(k).or_insert(v);
+        }
+        for k in touches {
+            if p.len() >= MAX_PENDING {
+                break;
+            }
+            if !p.stores.contains_key(&k) {
+                p.touches.insert(k);
+            }
+        }
     }
 
     /// Replaces table `t` with a snapshot; unsent local stores stay on top.
@@ -488,7 +514,7 @@ mod tests {
     #[test]
     fn sent_stores_win_until_the_stream_shows_them_applied() {
         let c = cache();
-        c.sent().restart(5);
+        assert!(c.sent().restart(5).is_empty());
         c.store(0, "k", "app2");
         let ids = c
             .sent()
@@ -511,7 +537,7 @@ mod tests {
         let mut newer = entry("new", "app1", now + 60_000);
         newer.version = 10;
         c.apply(0, vec![entry("old", "app1", now + 60_000), newer]);
-        c.sent().restart(1);
+        assert!(c.sent().restart(1).is_empty());
         // Shown applied before the clear: gone with it.
         c.store(0, "applied", "app2");
         let ids = c

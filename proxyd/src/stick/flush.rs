@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use super::sent::{CallIds, Store};
-use super::{BACKOFF_MAX, MAX_PENDING, StickCache, connect};
+use super::{BACKOFF_MAX, StickCache, connect};
 
 /// Items per Store or Touch call.
 const BATCH: usize = 1000;
@@ -21,13 +21,12 @@ const BATCH: usize = 1000;
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
 /// Under a steady flow of new sessions, calls to stickd start at most this often, and the stores
 /// made meanwhile go together. A call costs proxyd and stickd about the same whatever its size:
-/// gRPC on both sides, stickd's hand-off to the thread that holds its store, the Watch echo and
-/// the wake-ups of both. At 40k new sessions/s, calls as fast as they came back (some 600/s)
-/// cost the two daemons 0.9 µs more per new session than calls at least 5 ms apart (23.5
+/// gRPC on both sides, stickd's hand-off to the thread that holds its store, the Watch event
+/// and the wake-ups of both. At 40k new sessions/s, calls as fast as they came back (some
+/// 600/s) cost the two daemons 0.9 µs more per new session than calls at least 5 ms apart (23.5
 /// against 22.6 µs, means of 9 runs each), and 2 of their 9 runs had a p99 above 9 ms, against
-/// none above 5.4 ms. A store
-/// after a quiet spell still goes at once; one made within this of the last call waits at most
-/// this long to reach stickd and, from there, the peers.
+/// none above 5.4 ms. A store after a quiet spell still goes at once; one made within this of
+/// the last call waits at most this long to reach stickd and, from there, the peers.
 const STORE_GATHER: Duration = Duration::from_millis(5);
 
 pub(super) async fn flush_loop(cache: Arc<StickCache>, socket: PathBuf, stop: CancellationToken) {
@@ -166,23 +165,10 @@ async fn flush(cache: &StickCache, client: &mut StickClient<Channel>) -> Result<
     let Err((why, failed)) = result else {
         return Ok(());
     };
-    // Resend what did not go through (stores are idempotent); newer writes made meanwhile win.
-    let mut p = cache.pending.lock().unwrap_or_else(|p| p.into_inner());
-    for (k, v) in failed.into_iter().flatten().chain(calls.flatten()) {
-        if p.len() >= MAX_PENDING {
-            cache.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        p.stores.entry(k).or_insert(v);
-    }
-    for k in taken.touches {
-        if p.len() >= MAX_PENDING {
-            break;
-        }
-        if !p.stores.contains_key(&k) {
-            p.touches.insert(k);
-        }
-    }
+    cache.put_back(
+        failed.into_iter().flatten().chain(calls.flatten()),
+        taken.touches,
+    );
     Err(why)
 }
 

@@ -71,11 +71,14 @@ impl Sent {
     }
 
     /// A new stream (`watcher`; 0: none, or one from a stickd that echoes): the markers of the
-    /// calls sent before will not come on it. Those calls are in its snapshot if stickd applied
-    /// them before, and on it as changes if after.
-    pub fn restart(&mut self, watcher: u64) {
+    /// calls sent before will not come on it. Returns their stores, whose calls may have failed
+    /// with the stream (stickd restarting): the caller buffers them again, to be resent.
+    pub fn restart(&mut self, watcher: u64) -> Vec<Store> {
         self.watcher = watcher;
-        self.calls.clear();
+        std::mem::take(&mut self.calls)
+            .into_iter()
+            .flat_map(|(_, stores)| stores)
+            .collect()
     }
 
     pub fn contains(&self, key: &(usize, String)) -> bool {
@@ -116,7 +119,7 @@ mod tests {
     #[test]
     fn a_call_is_held_until_its_marker_or_a_newer_one() {
         let mut s = Sent::default();
-        s.restart(7);
+        assert!(s.restart(7).is_empty());
         let one = s.hold(stores(&["a"])).expect("held");
         let two = s.hold(stores(&["b"])).expect("held");
         assert_eq!((one.watcher, one.batch, two.batch), (7, 1, 2));
@@ -132,16 +135,18 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_call_gives_its_stores_back_and_a_new_stream_drops_the_rest() {
+    fn a_failed_call_and_a_new_stream_give_the_stores_back() {
         let mut s = Sent::default();
-        s.restart(3);
+        assert!(s.restart(3).is_empty());
         let one = s.hold(stores(&["a"])).expect("held");
         let two = s.hold(stores(&["b", "c"])).expect("held");
         assert_eq!(s.release(two).map(|s| s.len()), Some(2));
         assert_eq!(s.release(two), None);
-        s.restart(4);
+        // The old stream's call is handed back, to be resent: it may have failed with it.
+        let back = s.restart(4);
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].0, (0, "a".to_owned()));
         assert!(s.is_empty());
-        // The old stream's call is gone with it.
         assert_eq!(s.release(one), None);
         assert_eq!(s.hold(stores(&["d"])).expect("held").watcher, 4);
     }

@@ -28,8 +28,10 @@ pub(super) async fn watch_loop(
     let mut backoff = Duration::from_millis(50);
     loop {
         let end = watch_once(&cache, &socket, &stop, &mut first).await;
-        // The stream's markers are gone with it.
-        cache.sent().restart(0);
+        // The stream's markers are gone with it: the calls still awaiting one are buffered
+        // again, to be resent (they may have failed with it; stores are idempotent).
+        let unmarked = cache.sent().restart(0);
+        cache.put_back(unmarked, []);
         // A link that was up starts its retries over from the shortest wait: the backoff is for
         // a stickd that stays away, and a restarted one is back within a few hundred ms.
         if cache.stats.link_up.swap(false, Ordering::Relaxed) {
@@ -103,7 +105,8 @@ async fn watch_once(
                     cache.install_snapshot(t, std::mem::take(entries));
                 }
                 watcher = end.watcher;
-                cache.sent().restart(watcher);
+                let unmarked = cache.sent().restart(watcher);
+                cache.put_back(unmarked, []);
                 in_snapshot = false;
                 cache.stats.link_up.store(true, Ordering::Relaxed);
                 tracing::info!(entries = end.entries, "stick cache loaded from stickd");
