@@ -355,6 +355,14 @@ async fn run_in(env: &mut Env, ctx: &Ctx, plan: &Plan) -> Result<Section> {
             }
         }
 
+        // A run starts once every process of this set and the backends are quiet, not only its
+        // own target's: the target before it may still be closing its connections or writing
+        // its log, and the rotation puts the same target after the same one in most rounds.
+        let quiet: Vec<u32> = set
+            .iter()
+            .flat_map(|t| t.proxy_pid.into_iter().chain(t.stickd_pid))
+            .chain(backend_pids.iter().copied())
+            .collect();
         for round in 0..plan.rounds {
             for &row in &rows {
                 let mut order: Vec<&Target> = set.iter().filter(|t| t.kind.runs(row)).collect();
@@ -371,6 +379,7 @@ async fn run_in(env: &mut Env, ctx: &Ctx, plan: &Plan) -> Result<Section> {
                         plan.secs,
                         round,
                         &backend_pids,
+                        &quiet,
                         &sink,
                     )
                     .await
@@ -465,6 +474,7 @@ async fn measure(
     secs: u64,
     round: usize,
     backend_pids: &[u32],
+    quiet: &[u32],
     sink: &logs::Sink,
 ) -> Result<Sample> {
     let pids: Vec<u32> = target
@@ -472,8 +482,9 @@ async fn measure(
         .into_iter()
         .chain(target.stickd_pid)
         .collect();
-    // Start from quiet processes: stickd may still be writing the last run's sessions.
-    settle(&pids).await;
+    // Start from quiet processes: stickd may still be writing the last run's sessions, the
+    // target before this one closing its connections.
+    settle(quiet).await;
     target.log.take(sink)?;
     let cpu_sum = |pids: &[u32]| pids.iter().map(|&p| stats::cpu_time(p)).sum::<Duration>();
     let proxy_before = target.proxy_pid.map(stats::cpu_time);

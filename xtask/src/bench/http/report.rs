@@ -83,7 +83,8 @@ pub(super) fn section(samples: &[(Row, Kind, Sample)], idle: &[Idle], plan: &Pla
     ));
     s.text.push(format!(
         "wrk 4.1 (`--latency`, {} s per run, one wrk thread per proxy thread) against each target \
-         in turn, {} round(s), the target order rotating each round; figures are the median of \
+         in turn, {} round(s), the target order rotating each round, each run once every \
+         target's and backend's processes are quiet (at most 3 s); figures are the median of \
          the rounds with (min..max). All targets proxy to the same two backends on loopback: {}. \
          Rows with 1 thread: proxyd `threads = 1`, HAProxy `nbthread 1`, nginx \
          `worker_processes 1`; with 2 threads: `threads = 2`, `nbthread 2`, `worker_processes 2` \
