@@ -44,6 +44,11 @@ fn event(e: pb::watch_event::Event) -> Result<pb::WatchEvent, Status> {
     Ok(pb::WatchEvent { event: Some(e) })
 }
 
+/// Whether `ev` holds the stores of the writer that watches on stream `me`.
+fn is_writers(ev: &Event, me: u64) -> bool {
+    matches!(ev, Event::Changes { writer: Some(w), .. } if w.watcher == me)
+}
+
 /// The store's methods take its lock and touch sled: keep them off the async workers.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
@@ -140,7 +145,12 @@ impl pb::stick_server::Stick for LocalService {
                     ev = rx.recv() => ev,
                 };
                 let msg = match ev {
-                    Ok(ev) if !tables.is_empty() && !tables.iter().any(|t| t == ev.table()) => {
+                    // Our own writer's marker comes whatever the table: the writer awaits it.
+                    Ok(ev)
+                        if !is_writers(&ev, me)
+                            && !tables.is_empty()
+                            && !tables.iter().any(|t| t == ev.table()) =>
+                    {
                         continue;
                     }
                     Ok(ev) => match &*ev {

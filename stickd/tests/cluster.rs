@@ -414,6 +414,15 @@ async fn a_writer_that_names_its_stream_is_told_where_its_stores_went_and_others
     // Any other stream: both stores' entries.
     assert_eq!(keys(next(1).await), ["named"]);
     assert_eq!(keys(next(1).await), ["unnamed"]);
+    // The writer's marker comes even for a table its stream does not watch.
+    let mut other_table = store("10.0.0.9", mine);
+    other_table.table = "ips".into();
+    other_table.batch = 8;
+    client.store(other_table).await.unwrap();
+    match next(0).await {
+        Event::Applied(a) => assert_eq!((a.table.as_str(), a.batch), ("ips", 8)),
+        other => panic!("expected the marker, got {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
